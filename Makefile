@@ -1,0 +1,42 @@
+# Lynx: one Makefile for set-up, demo, tests, models and benchmarks (see README.md).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lynx-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint models bench bench-quick prometheus clean-venv
+
+# Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing lynx + sglang==0.5.23 into $(VENV) (first time: ~5 minutes)"
+	@$(PY) -m pip install -q -e '.[runtime,dev]' 2>&1 | grep -v -E "is ignored|^WARNING: Location" || true
+	@$(PY) -c "import sglang, lynx, lynx_policy, lynx_protocol" 
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Real Prometheus server (Debian package) for the integration tests.
+prometheus:
+	@bash scripts/ensure_prometheus.sh
+
+demo: setup
+	$(PY) -m lynx.serving.demo
+
+test: setup prometheus
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Quick loop for development: everything but the end-to-end server tests.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+models: setup
+	$(PY) -m lynx.reference.train --model all
+	$(PY) -m lynx.reference.evaluate --model all
+
+clean-venv:
+	rm -rf $(VENV)

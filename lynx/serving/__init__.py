@@ -1,0 +1,1 @@
+"""Serving SGLang on the CPU default with the project's reference models."""

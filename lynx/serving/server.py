@@ -1,0 +1,142 @@
+"""Start, probe and stop an SGLang server on the CPU default (a real ``sglang.launch_server``).
+
+CPU default flags and why:
+- ``SGLANG_USE_CPU_ENGINE=1`` + ``--device cpu``: SGLang's CPU engine is opt-in.
+- ``--attention-backend torch_native``: the x86 default (intel_amx) needs the AMX sgl_kernel build.
+- ``--max-total-tokens 4096``: without a cap the default KV cache takes ~14.5 GB of RAM.
+- ``--sleep-on-idle``: otherwise the idle scheduler spins a whole core.
+- ``--enable-metrics``: Prometheus ``/metrics`` (latency histograms the controller reads).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+CPU_DEFAULT_FLAGS: tuple[str, ...] = (
+    "--device", "cpu",
+    "--attention-backend", "torch_native",
+    "--max-total-tokens", "4096",
+    "--sleep-on-idle",
+    "--enable-metrics",
+)
+
+
+class ServeError(RuntimeError):
+    """The server could not be started or did not become ready; the message is one line."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SglangServer:
+    """One ``sglang.launch_server`` process on the CPU default; use as a context manager."""
+
+    model_path: Path
+    port: int
+    host: str = "127.0.0.1"
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    ready_timeout_s: float = 240.0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", str(self.model_path),
+            "--host", self.host, "--port", str(self.port),
+            *CPU_DEFAULT_FLAGS, *self.extra_args,
+        ]
+
+    def start(self) -> SglangServer:
+        if not port_is_free(self.host, self.port):
+            raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **self.env}
+        log = self.log_path or Path(f"/tmp/lynx-sglang-{self.port}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log
+        with log.open("wb") as fh:
+            self.process = subprocess.Popen(
+                self.command(), stdout=fh, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServeError(
+                    f"sglang exited with code {self.process.returncode} during start-up; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ServeError(f"sglang not ready after {self.ready_timeout_s:.0f}s; see {self.log_path}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        kept = [line for line in text if "is ignored" not in line]
+        return "\n".join(kept[-lines:])
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the server and all its children by process group (pid of the launcher)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=timeout_s)
+        try:  # children (scheduler, detokenizer) share the group
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> SglangServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,116 @@
+"""The policy a runtime applies: the one data type the controller and the runtime both own.
+
+A `PolicySpec` is what the local config file/env gives the runtime at start-up and what the
+controller sends in a `PolicyUpdate`. It is plain data (msgspec), torch-free, validated by
+`validate_policy` against a model's shape before a runtime accepts it.
+
+Knob meanings (units in brackets):
+- ``name``: ``off`` (stock routing), ``budget`` (keep at most ``m`` experts per layer and step,
+  every valid token keeps its top-1), ``affinity`` (published AffinityBinning, knobs
+  ``alpha``/``beta``), ``piggyback`` (each token keeps its top-``k0``; other slots only on
+  experts the batch already uses).
+- ``budgets``: for ``budget``; a table of batch-size buckets. A step with ``n`` real decode rows
+  uses the first bucket with ``n <= max_batch`` (the last bucket covers everything above).
+  Each bucket gives ``per_layer`` budgets [experts] (length = number of MoE layers) or a single
+  ``all_layers`` budget. A budget >= the model's expert count means "no pruning".
+- ``prune_mixed``: prune the decode rows of a mixed prefill+decode (chunked-prefill) step.
+  Prefill rows are never pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PolicyName = Literal["off", "budget", "affinity", "piggyback"]
+POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback")
+
+
+class BudgetBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Expert budget for steps whose real decode row count is <= ``max_batch``."""
+
+    max_batch: int
+    all_layers: int | None = None
+    per_layer: list[int] | None = None
+
+    def budget_for_layer(self, layer: int) -> int:
+        if self.per_layer is not None:
+            return self.per_layer[layer]
+        assert self.all_layers is not None
+        return self.all_layers
+
+
+class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: PolicyName = "off"
+    budgets: list[BudgetBucket] = msgspec.field(default_factory=list)
+    alpha: float = 3.0
+    beta: int = 2
+    k0: int = 1
+    prune_mixed: bool = True
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be applied; the message says which field and why."""
+
+
+def validate_policy(
+    spec: PolicySpec, *, num_layers: int | None = None, num_experts: int | None = None,
+    top_k: int | None = None,
+) -> PolicySpec:
+    """Check a policy's internal consistency and, when given, its fit to a model's shape.
+
+    Returns the same spec; raises `PolicyError` with a one-line reason otherwise.
+    """
+    if spec.name not in POLICY_NAMES:
+        raise PolicyError(f"unknown policy {spec.name!r}; expected one of {POLICY_NAMES}")
+    if not (0.0 < spec.alpha <= 64.0):
+        raise PolicyError(f"alpha must be in (0, 64], got {spec.alpha}")
+    if not (0 <= spec.beta <= 64):
+        raise PolicyError(f"beta must be in [0, 64], got {spec.beta}")
+    if spec.k0 < 1:
+        raise PolicyError(f"k0 must be >= 1, got {spec.k0}")
+    if top_k is not None and spec.k0 > top_k:
+        raise PolicyError(f"k0={spec.k0} exceeds the model's top_k={top_k}")
+    if spec.name == "budget" and not spec.budgets:
+        raise PolicyError("policy 'budget' needs at least one entry in 'budgets'")
+    last = 0
+    for i, bucket in enumerate(spec.budgets):
+        where = f"budgets[{i}]"
+        if bucket.max_batch <= last:
+            raise PolicyError(f"{where}.max_batch must increase and be >= 1, got {bucket.max_batch}")
+        last = bucket.max_batch
+        if (bucket.all_layers is None) == (bucket.per_layer is None):
+            raise PolicyError(f"{where}: give exactly one of 'all_layers' or 'per_layer'")
+        values = bucket.per_layer if bucket.per_layer is not None else [bucket.all_layers]
+        for v in values:
+            assert v is not None
+            if v < 1:
+                raise PolicyError(f"{where}: a budget must be >= 1 expert, got {v}")
+        if bucket.per_layer is not None and num_layers is not None:
+            if len(bucket.per_layer) != num_layers:
+                raise PolicyError(
+                    f"{where}.per_layer has {len(bucket.per_layer)} entries, "
+                    f"the model has {num_layers} MoE layers"
+                )
+    del num_experts  # budgets above the expert count are legal and mean "no pruning"
+    return spec
+
+
+def bucket_for(spec: PolicySpec, n_rows: int) -> BudgetBucket | None:
+    """The budget bucket a step with ``n_rows`` real decode rows uses (None if no table)."""
+    for bucket in spec.budgets:
+        if n_rows <= bucket.max_batch:
+            return bucket
+    return spec.budgets[-1] if spec.budgets else None
+
+
+def decode_policy_json(raw: bytes | str) -> PolicySpec:
+    """Parse and validate a policy from JSON (config file, env var or admin request)."""
+    try:
+        spec = msgspec.json.decode(raw, type=PolicySpec)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(f"invalid policy: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise PolicyError(f"policy is not valid JSON: {exc}") from None
+    return validate_policy(spec)
