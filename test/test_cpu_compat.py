@@ -51,7 +51,7 @@ def test_assign_rejects_overflowing_request() -> None:
 def test_unknown_op_resolves_but_raises_naming_it() -> None:
     module = build_module("sgl_kernel")
     op = module.fused_experts_cpu  # import-time resolution must succeed
-    with pytest.raises(StandInOpMissing, match="sgl_kernel.fused_experts_cpu"):
+    with pytest.raises(StandInOpMissing, match=r"sgl_kernel\.fused_experts_cpu"):
         op(torch.zeros(1))
     assert module.assign_req_to_token_pool_cpu is assign_req_to_token_pool_cpu
 

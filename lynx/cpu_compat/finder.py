@@ -1,9 +1,10 @@
-"""Import hook that falls back to the pure-torch ``sgl_kernel`` stand-in, never shadowing a real build.
+"""Import hook: falls back to the pure-torch ``sgl_kernel`` stand-in, never shadowing a real build.
 
-On the first ``import sgl_kernel`` the finder imports the real package. If that raises (ImportError or
-OSError, e.g. ``libcuda.so.1: cannot open shared object file``), the half-imported modules are removed
-and the stand-in (`lynx.cpu_compat.stand_in`) is served for ``sgl_kernel`` and every
-``sgl_kernel.<submodule>``. If the real package imports, the finder steps aside for good.
+On the first ``import sgl_kernel`` the finder imports the real package. If that raises
+(ImportError or OSError, e.g. ``libcuda.so.1: cannot open shared object file``), the
+half-imported modules are removed and the stand-in (`lynx.cpu_compat.stand_in`) is served
+for ``sgl_kernel`` and every ``sgl_kernel.<submodule>``. If the real package imports, the
+finder steps aside for good.
 """
 
 from __future__ import annotations

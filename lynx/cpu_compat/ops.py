@@ -29,7 +29,9 @@ def assign_req_to_token_pool_cpu(
     order). In place, like the kernel it stands in for.
     """
     if req_to_token.shape[1] != pool_len:
-        raise ValueError(f"pool_len={pool_len} but req_to_token has {req_to_token.shape[1]} columns")
+        raise ValueError(
+            f"pool_len={pool_len} but req_to_token has {req_to_token.shape[1]} columns"
+        )
     lengths = (end_offset - start_offset).to(torch.int64)
     if bool((lengths < 0).any()):
         raise ValueError("end_offset must be >= start_offset for every request")

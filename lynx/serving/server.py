@@ -10,6 +10,7 @@ CPU default flags and why:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -130,10 +131,8 @@ class SglangServer:
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
             self.process.wait(timeout=timeout_s)
-        try:  # children (scheduler, detokenizer) share the group
+        with contextlib.suppress(ProcessLookupError):  # children share the process group
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def __enter__(self) -> SglangServer:
         return self.start()

@@ -1,0 +1,82 @@
+"""``lynx-serve``: run SGLang on the CPU default with a reference model, with or without Lynx."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from lynx.serving.models import ModelError, resolve_model
+from lynx.serving.server import ServeError, SglangServer
+
+
+def lynx_env(
+    enabled: bool, policy: str | None = None, controller: str | None = None
+) -> dict[str, str]:
+    """Environment that turns the plugin on (or leaves SGLang stock)."""
+    env = {"LYNX_ENABLED": "1" if enabled else "0"}
+    if policy:
+        env["LYNX_POLICY"] = policy
+    if controller:
+        env["LYNX_CONTROLLER"] = controller
+    return env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model)
+    if args.policy:
+        json.loads(args.policy)  # fail early on malformed JSON; the plugin validates the rest
+    server = SglangServer(model, args.port, host=args.host,
+                          env=lynx_env(args.lynx, args.policy, args.controller))
+    print(f"starting SGLang on the CPU: {model} at http://{args.host}:{args.port} "
+          f"(Lynx {'on' if args.lynx else 'off'}; log {server.log_path or 'in /tmp'})", flush=True)
+    with server:
+        print(f"ready: {server.url}  (Ctrl-C to stop)", flush=True)
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop and server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lynx-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one SGLang server in the foreground")
+    serve.add_argument("model", help="reference model (mixtral-mini, qwen3-moe-mini) or folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--lynx", action="store_true", help="enable the Lynx plugin")
+    serve.add_argument("--policy", help="start-up policy as JSON (see lynx_protocol.policy)")
+    serve.add_argument("--controller", help="policy controller endpoint (ipc:// or tcp://)")
+    demo = sub.add_parser("demo", help="stock vs Lynx on the same prompts")
+    demo.add_argument("--model", default="mixtral-mini")
+    demo.add_argument("--port", type=int, default=0, help="0: pick free ports")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        from lynx.serving.demo import run_demo
+
+        return run_demo(args.model, args.port)
+    except (ModelError, ServeError, json.JSONDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lynx-serve: error: {first_line}", file=sys.stderr)
+        rest = str(exc).splitlines()[1:]
+        if rest:
+            print("\n".join(rest), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Lynx's SGLang plugin: the one extension point, entry point ``sglang.srt.plugins: lynx``.
+
+Contract of `install` (called by SGLang's ``load_plugins()`` in every process it starts):
+- ``LYNX_ENABLED`` not set to 1/true/yes: registers nothing; SGLang runs stock.
+- enabled: validates the configuration (`lynx.sglang_plugin.config`, a bad value raises
+  `LynxConfigError` and the process refuses to start), then registers HookRegistry hooks:
+  AROUND ``TopK.forward_native|forward_cuda|forward_cpu`` (mask the router logits of prunable rows),
+  AROUND ``ModelRunner.forward`` (per-step state: forward mode, real rows, decode rows, knobs),
+  BEFORE ``ModelRunner.init_cuda_graphs`` (allocate device knobs before any graph capture).
+SGLang applies the hooks right after all plugins ran. ``SGLANG_PLUGINS`` (a whitelist of entry
+point names) is honoured by SGLang itself: leave ``lynx`` out of it and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lynx.sglang_plugin.config import load_config, plugin_enabled
+
+logger = logging.getLogger("lynx.plugin")
+
+TOPK_TARGETS = (
+    "sglang.srt.layers.moe.topk.TopK.forward_native",
+    "sglang.srt.layers.moe.topk.TopK.forward_cuda",
+    "sglang.srt.layers.moe.topk.TopK.forward_cpu",
+)
+MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if not plugin_enabled() or _installed:
+        return
+    config = load_config()  # raises LynxConfigError on bad input, before anything is hooked
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from lynx.sglang_plugin import hooks
+
+    hooks.configure(config)
+    for target in TOPK_TARGETS:
+        HookRegistry.register(target, hooks.around_topk_forward, HookType.AROUND)
+    HookRegistry.register(f"{MODEL_RUNNER}.forward", hooks.around_model_runner_forward,
+                          HookType.AROUND)
+    HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", hooks.before_init_cuda_graphs,
+                          HookType.BEFORE)
+    _installed = True
+    logger.info("Lynx plugin installed (policy=%s, controller=%s)",
+                config.policy.name if config.policy else "default", config.controller or "none")
+
+
+def hooks_applied() -> bool:
+    """True when every Lynx target is wrapped (HookRegistry only logs failures)."""
+    import pkgutil
+
+    targets = [*TOPK_TARGETS, f"{MODEL_RUNNER}.forward"]
+    for target in targets:
+        owner, attr = target.rsplit(".", 1)
+        if not hasattr(getattr(pkgutil.resolve_name(owner), attr), "__wrapped__"):
+            return False
+    return True

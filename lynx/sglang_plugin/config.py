@@ -1,0 +1,115 @@
+# ruff: noqa: E501  (the table below is documentation)
+"""The plugin's configuration, read once per process from the environment.
+
+| variable | meaning | default |
+|---|---|---|
+| ``LYNX_ENABLED`` | ``1``/``true``/``yes`` turns the plugin on; otherwise it registers nothing | off |
+| ``LYNX_POLICY`` | the start-up policy as JSON (`lynx_protocol.policy.PolicySpec`) | `default_policy` |
+| ``LYNX_POLICY_FILE`` | path of a JSON file holding the start-up policy (instead of ``LYNX_POLICY``) | — |
+| ``LYNX_CONTROLLER`` | ZMQ endpoint of the policy controller (``ipc://…`` or ``tcp://host:port``) | none |
+| ``LYNX_REPLICA_ID`` | name this runtime registers under at the controller | host:pid |
+| ``LYNX_STALE_AFTER_S`` | controller silence [s] after which the safe policy applies | 10 |
+| ``LYNX_SAFE_POLICY`` | ``keep`` (last good policy) or a JSON policy (default ``off``) | ``{"name":"off"}`` |
+| ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
+
+Bad values raise `LynxConfigError` with a one-line reason; the scheduler refuses to start rather
+than silently serving a policy nobody asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec, decode_policy_json
+
+TRUE_VALUES = ("1", "true", "yes", "on")
+
+
+
+def default_policy(num_experts: int, top_k: int) -> PolicySpec:
+    """The default operating point for a model shape.
+
+    ``budget``; no pruning below 4 decode rows (little to gain there); above, at most
+    max(2*top_k, E/4) experts per layer, with every token's top-1 expert kept on top of that.
+    """
+    budget = max(2 * top_k, num_experts // 4)
+    return PolicySpec(
+        name="budget",
+        budgets=[
+            BudgetBucket(max_batch=3, all_layers=max(num_experts, 1)),
+            BudgetBucket(max_batch=1_000_000, all_layers=budget),
+        ],
+    )
+
+
+class LynxConfigError(ValueError):
+    """Invalid Lynx configuration; the message names the variable and the problem."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    enabled: bool
+    policy: PolicySpec | None  # None: `default_policy` for the served model's shape
+    controller: str | None
+    replica_id: str
+    stale_after_s: float
+    safe_policy: PolicySpec | None  # None: keep the last good policy
+    stats_interval_s: float
+
+
+def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
+    return env.get("LYNX_ENABLED", "").strip().lower() in TRUE_VALUES
+
+
+def _policy_from(name: str, raw: str) -> PolicySpec:
+    try:
+        return decode_policy_json(raw)
+    except PolicyError as exc:
+        raise LynxConfigError(f"{name}: {exc}") from None
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LynxConfigError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
+        raise LynxConfigError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
+    enabled = plugin_enabled(env)
+    if env.get("LYNX_POLICY") and env.get("LYNX_POLICY_FILE"):
+        raise LynxConfigError("set LYNX_POLICY or LYNX_POLICY_FILE, not both")
+    policy: PolicySpec | None = None
+    if env.get("LYNX_POLICY"):
+        policy = _policy_from("LYNX_POLICY", env["LYNX_POLICY"])
+    elif env.get("LYNX_POLICY_FILE"):
+        path = Path(env["LYNX_POLICY_FILE"])
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LynxConfigError(f"LYNX_POLICY_FILE: cannot read {path}: {exc.strerror}") from None
+        policy = _policy_from(f"LYNX_POLICY_FILE ({path})", raw)
+    controller = env.get("LYNX_CONTROLLER") or None
+    if controller is not None and not controller.startswith(("ipc://", "tcp://")):
+        raise LynxConfigError(f"LYNX_CONTROLLER={controller!r}: expected ipc://PATH or tcp://HOST:PORT")
+    safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
+    safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
+    return PluginConfig(
+        enabled=enabled,
+        policy=policy,
+        controller=controller,
+        replica_id=env.get("LYNX_REPLICA_ID") or f"{socket.gethostname()}:{os.getpid()}",
+        stale_after_s=_positive_float(env, "LYNX_STALE_AFTER_S", 10.0),
+        safe_policy=safe_policy,
+        stats_interval_s=_positive_float(env, "LYNX_STATS_INTERVAL_S", 1.0),
+    )

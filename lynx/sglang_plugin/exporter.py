@@ -1,0 +1,164 @@
+"""Step statistics: accumulated on the device by the TopK hook, exported to Prometheus on an
+interval from the scheduler process (SGLang's multiprocess collector serves them on /metrics).
+
+Reading the accumulator is the only host sync the plugin does, once per interval, after a step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lynx.sglang_plugin.config import PluginConfig
+from lynx.sglang_plugin.selection_glue import STAT_FIELDS
+from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+
+_FIELD = {name: i for i, name in enumerate(STAT_FIELDS)}
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class WindowSummary:
+    """What the last export window saw (also what the controller link reports)."""
+
+    window_s: float = 0.0
+    steps: dict[str, int] = field(default_factory=dict)  # by mode
+    pruned_steps: int = 0
+    batch_hist: dict[int, int] = field(default_factory=dict)  # bucket upper bound -> steps
+    experts_kept: list[float] = field(default_factory=list)  # per layer, mean over pruned steps
+    stock_union: list[float] = field(default_factory=list)
+    mass_kept: float = 1.0
+    top1_kept: float = 1.0
+    step_ms: list[float] = field(default_factory=list)
+
+
+def _batch_bucket(n: int) -> int:
+    return next((b for b in BATCH_BUCKETS if n <= b), BATCH_BUCKETS[-1] * 2)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.steps = Counter("lynx_steps", "Forward steps seen by Lynx", ["mode", "pruned"])
+        self.layer_steps = Counter("lynx_layer_pruned_steps", "Pruned MoE layer-steps", ["layer"])
+        self.kept_total = Counter("lynx_experts_kept", "Experts kept, summed over pruned "
+                                  "layer-steps", ["layer"])
+        self.union_total = Counter("lynx_experts_stock_union", "Experts the stock router would "
+                                   "use, summed over pruned layer-steps", ["layer"])
+        self.kept_mean = Gauge("lynx_experts_kept_mean", "Mean experts kept per pruned step, "
+                               "last window", ["layer"], multiprocess_mode="livemostrecent")
+        self.union_mean = Gauge("lynx_experts_stock_union_mean", "Mean stock expert union per "
+                                "pruned step, last window", ["layer"],
+                                multiprocess_mode="livemostrecent")
+        self.mass_kept = Counter("lynx_routing_mass_kept", "Stock top-k routing mass that "
+                                 "landed on kept experts (pruned rows)")
+        self.mass_total = Counter("lynx_routing_mass", "Stock top-k routing mass of pruned rows")
+        self.top1_kept = Counter("lynx_top1_kept_rows", "Pruned rows whose top-1 expert was kept")
+        self.rows = Counter("lynx_pruned_rows", "Rows that went through expert selection")
+        self.policy_version = Gauge("lynx_policy_version", "Version of the applied policy",
+                                    multiprocess_mode="livemostrecent")
+        self.policy_info = Gauge("lynx_policy_active", "1 for the applied policy name",
+                                 ["policy"], multiprocess_mode="livemostrecent")
+        self.step_seconds = Histogram(
+            "lynx_step_duration_seconds", "Forward step wall time (host side)", ["mode", "pruned"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.controller_connected = Gauge(
+            "lynx_controller_connected", "1 while the policy controller is heard from",
+            multiprocess_mode="livemostrecent",
+        )
+
+
+class StatsExporter:
+    def __init__(self, state: RuntimeState, config: PluginConfig, tp_rank: int = 0) -> None:
+        self.config = config
+        self.export = tp_rank == 0
+        self.accumulator = torch.zeros(state.num_layers, len(STAT_FIELDS), dtype=torch.float64,
+                                       device=state.device)
+        self._last = torch.zeros_like(self.accumulator, device="cpu")
+        self._last_export = time.monotonic()
+        self._pending = WindowSummary()
+        self.last_window = WindowSummary()
+        self._metrics: _Metrics | None = None
+        self._policy_shown: tuple[str, int] | None = None
+
+    @property
+    def metrics(self) -> _Metrics:
+        if self._metrics is None:  # lazily: PROMETHEUS_MULTIPROC_DIR is set by then
+            self._metrics = _Metrics()
+        return self._metrics
+
+    def accumulate(self, layer: int, stats: torch.Tensor) -> None:
+        self.accumulator[layer].add_(stats.to(self.accumulator.dtype))
+
+    def before_step(self, state: RuntimeState) -> None:
+        if time.monotonic() - self._last_export >= self.config.stats_interval_s:
+            self.flush(state)
+
+    def after_step(self, state: RuntimeState, layout: StepLayout, seconds: float) -> None:
+        pruned = state.step_active
+        window = self._pending
+        window.steps[layout.mode] = window.steps.get(layout.mode, 0) + 1
+        if layout.n_decode_rows:
+            bucket = _batch_bucket(layout.n_decode_rows)
+            window.batch_hist[bucket] = window.batch_hist.get(bucket, 0) + 1
+        window.pruned_steps += int(pruned)
+        window.step_ms.append(seconds * 1e3)
+        if self.export and layout.mode != "idle":
+            self.metrics.steps.labels(mode=layout.mode, pruned=str(pruned).lower()).inc()
+            self.metrics.step_seconds.labels(mode=layout.mode, pruned=str(pruned).lower()
+                                             ).observe(seconds)
+
+    def flush(self, state: RuntimeState) -> WindowSummary:
+        """Close the window: read the device accumulator once, update metrics and summary."""
+        now = time.monotonic()
+        current = self.accumulator.to("cpu", copy=True)
+        delta = current - self._last
+        self._last = current
+        window, self._pending = self._pending, WindowSummary()
+        window.window_s = now - self._last_export
+        self._last_export = now
+        layer_steps = delta[:, _FIELD["layer_steps"]]
+        seen = layer_steps > 0
+        safe = layer_steps.clamp_min(1)
+        window.experts_kept = torch.where(seen, delta[:, _FIELD["kept"]] / safe, 0).tolist()
+        window.stock_union = torch.where(seen, delta[:, _FIELD["stock_union"]] / safe, 0).tolist()
+        mass_total = float(delta[:, _FIELD["mass_total"]].sum())
+        rows = float(delta[:, _FIELD["rows"]].sum())
+        mass_kept = float(delta[:, _FIELD["mass_kept"]].sum())
+        window.mass_kept = mass_kept / mass_total if mass_total else 1.0
+        window.top1_kept = float(delta[:, _FIELD["top1_kept"]].sum()) / rows if rows else 1.0
+        self.last_window = window
+        if self.export:
+            self._export(state, delta, seen, window)
+        return window
+
+    def _export(self, state: RuntimeState, delta: torch.Tensor, seen: torch.Tensor,
+                window: WindowSummary) -> None:
+        m = self.metrics
+        for layer in torch.nonzero(seen).flatten().tolist():
+            label = str(layer)
+            d = delta[layer]
+            m.layer_steps.labels(layer=label).inc(float(d[_FIELD["layer_steps"]]))
+            m.kept_total.labels(layer=label).inc(float(d[_FIELD["kept"]]))
+            m.union_total.labels(layer=label).inc(float(d[_FIELD["stock_union"]]))
+            m.kept_mean.labels(layer=label).set(window.experts_kept[layer])
+            m.union_mean.labels(layer=label).set(window.stock_union[layer])
+        m.mass_kept.inc(float(delta[:, _FIELD["mass_kept"]].sum()))
+        m.mass_total.inc(float(delta[:, _FIELD["mass_total"]].sum()))
+        m.top1_kept.inc(float(delta[:, _FIELD["top1_kept"]].sum()))
+        m.rows.inc(float(delta[:, _FIELD["rows"]].sum()))
+        shown = (state.policy.name, state.policy_version)
+        if shown != self._policy_shown:
+            if self._policy_shown is not None:
+                m.policy_info.labels(policy=self._policy_shown[0]).set(0)
+            m.policy_info.labels(policy=state.policy.name).set(1)
+            m.policy_version.set(state.policy_version)
+            self._policy_shown = shown
+
+    def snapshot(self) -> Any:
+        return self.last_window

@@ -1,0 +1,66 @@
+"""Bridge between SGLang's TopK call and the engine-agnostic selection library.
+
+Builds the row masks from the step's device knobs, asks `lynx.selection` for the batch's keep
+set, turns it into an additive masking bias for the prunable rows, and computes the layer's
+statistics — all static-shape device math (no host sync), so it is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lynx.sglang_plugin.step_state import RuntimeState
+
+MASK_VALUE = -1.0e4  # finite: -inf makes NaN inside some fused kernels
+STAT_FIELDS = ("layer_steps", "kept", "stock_union", "mass_kept", "mass_total", "top1_kept", "rows")
+
+
+def row_masks(runtime: RuntimeState, num_rows: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    knobs = runtime.knobs
+    rows = torch.arange(num_rows, device=device)
+    valid = rows < knobs.n_valid
+    prunable = valid & (rows >= knobs.prunable_start) & knobs.enabled
+    return valid, prunable
+
+
+def layer_statistics(probs: torch.Tensor, top_k: int, keep: torch.Tensor,
+                     prunable: torch.Tensor) -> torch.Tensor:
+    """[len(STAT_FIELDS)] statistics of one layer-step over the prunable rows (device tensor)."""
+    num_experts = probs.shape[-1]
+    stock_mass, stock_ids = probs.topk(top_k, dim=-1)  # [T,K]
+    weight = prunable.to(probs.dtype)  # [T]
+    votes = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    votes.index_add_(0, stock_ids.flatten(), weight.repeat_interleave(top_k))
+    rows = weight.sum()
+    any_row = (rows > 0).to(probs.dtype)
+    kept_of_stock = keep[stock_ids].to(probs.dtype)  # [T,K]
+    return torch.stack([
+        any_row,
+        keep.sum().to(probs.dtype) * any_row,
+        (votes > 0).sum().to(probs.dtype),
+        (stock_mass * kept_of_stock).sum(-1).mul(weight).sum(),
+        stock_mass.sum(-1).mul(weight).sum(),
+        kept_of_stock[:, 0].mul(weight).sum(),
+        rows,
+    ])
+
+
+def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_config: Any,
+                     layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masking bias [T,E] fp32, stats [len(STAT_FIELDS)]) for one MoE layer in this step."""
+    from lynx.selection import batch_keep_mask
+
+    logits = router_logits.float()
+    valid, prunable = row_masks(runtime, logits.shape[0], logits.device)
+    knobs = runtime.knobs
+    keep = batch_keep_mask(
+        runtime.policy.name, logits, top_k=topk_config.top_k, row_valid=valid,
+        row_prunable=prunable, budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta,
+        k0=knobs.k0,
+    )
+    bias = torch.where(prunable[:, None] & ~keep[None, :], MASK_VALUE, 0.0)
+    probs = torch.softmax(logits, dim=-1)
+    return bias, layer_statistics(probs, topk_config.top_k, keep, prunable)

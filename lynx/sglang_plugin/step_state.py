@@ -1,0 +1,132 @@
+"""Per-process runtime state: the applied policy, its device knobs and the per-step row layout.
+
+Host side (`StepLayout`, `RuntimeState.begin_step`) runs once per forward in the
+``ModelRunner.forward`` hook; device side (`DeviceKnobs`) is what the TopK hook's static-shape
+math reads, so a CUDA graph captured once keeps following knob changes (``fill_``/``copy_``
+into preallocated tensors; no recapture).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
+
+NO_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Rows of one forward: ``[0, prunable_start)`` never pruned, ``[prunable_start, n_valid)``
+    are decode rows that may be pruned, rows ``>= n_valid`` are padding."""
+
+    mode: str  # "decode" | "mixed" | "prefill" | "idle"
+    n_valid: int
+    prunable_start: int
+
+    @property
+    def n_decode_rows(self) -> int:
+        return max(self.n_valid - self.prunable_start, 0)
+
+
+def layout_from_forward_batch(forward_batch: object) -> StepLayout:
+    """Read the row layout of an SGLang ``ForwardBatch`` (no device sync)."""
+    mode = forward_batch.forward_mode  # type: ignore[attr-defined]
+    if mode.is_idle():
+        return StepLayout("idle", 0, 0)
+    if mode.is_decode():
+        n = int(forward_batch.batch_size)  # type: ignore[attr-defined]
+        return StepLayout("decode", n, 0)
+    lens = getattr(forward_batch, "extend_seq_lens_cpu", None) or []
+    total = int(sum(lens))
+    if mode.is_mixed():
+        # mix_with_running appends the running decode requests last, one token each.
+        n_decode = 0
+        for length in reversed(lens):
+            if length != 1:
+                break
+            n_decode += 1
+        return StepLayout("mixed", total, total - n_decode)
+    return StepLayout("prefill", total, total)
+
+
+class DeviceKnobs:
+    """Preallocated device tensors the selection math reads (never reallocated)."""
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        def scalar(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(value, dtype=dtype, device=device)
+
+        self.budget = torch.full((num_layers,), NO_LIMIT, dtype=torch.int64, device=device)
+        self.enabled = scalar(False, torch.bool)
+        self.alpha = scalar(3.0, torch.float32)
+        self.beta = scalar(2.0, torch.float32)
+        self.k0 = scalar(1, torch.int64)
+        self.n_valid = scalar(0, torch.int64)
+        self.prunable_start = scalar(0, torch.int64)
+
+
+class RuntimeState:
+    """The scheduler process's Lynx state (one per process; TP ranks each own one)."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int,
+                 device: torch.device, policy: PolicySpec) -> None:
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.device = device
+        self.knobs = DeviceKnobs(num_layers, device)
+        self.lock = threading.Lock()  # guards staged policy (set from the controller link)
+        self.policy = policy
+        self.policy_version = 0
+        self._staged: tuple[PolicySpec, int] | None = None
+        self._bucket_tables: dict[int, torch.Tensor] = {}
+        self.step_active = False
+        self.layout = StepLayout("idle", 0, 0)
+        self._apply(policy, 0)
+
+    # -- policy -----------------------------------------------------------------------------
+    def stage_policy(self, policy: PolicySpec, version: int) -> None:
+        """Validate and stage a policy; it takes effect at the start of the next step."""
+        validate_policy(policy, num_layers=self.num_layers, num_experts=self.num_experts,
+                        top_k=self.top_k)
+        with self.lock:
+            self._staged = (policy, version)
+
+    def _apply(self, policy: PolicySpec, version: int) -> None:
+        self.policy = policy
+        self.policy_version = version
+        self.knobs.alpha.fill_(policy.alpha)
+        self.knobs.beta.fill_(float(policy.beta))
+        self.knobs.k0.fill_(policy.k0)
+
+    def budget_row(self, n_decode_rows: int) -> list[int]:
+        bucket = bucket_for(self.policy, n_decode_rows)
+        if bucket is None:
+            return [NO_LIMIT] * self.num_layers
+        return [min(bucket.budget_for_layer(i), NO_LIMIT) for i in range(self.num_layers)]
+
+    # -- per step ---------------------------------------------------------------------------
+    def begin_step(self, layout: StepLayout) -> bool:
+        """Apply a staged policy and write this step's knobs; returns whether rows get pruned."""
+        with self.lock:
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            self._apply(*staged)
+        prune = self.policy.name != "off" and layout.n_decode_rows > 0 and (
+            layout.mode == "decode" or (layout.mode == "mixed" and self.policy.prune_mixed)
+        )
+        if prune and self.policy.name == "budget":
+            row = self.budget_row(layout.n_decode_rows)
+            prune = any(b < self.num_experts for b in row)
+            if prune:
+                self.knobs.budget.copy_(torch.tensor(row, dtype=torch.int64))
+        self.knobs.enabled.fill_(prune)
+        self.knobs.n_valid.fill_(layout.n_valid)
+        self.knobs.prunable_start.fill_(layout.prunable_start)
+        self.layout = layout
+        self.step_active = prune
+        return prune

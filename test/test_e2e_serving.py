@@ -1,0 +1,79 @@
+"""End to end: the real SGLang server on the CPU serving each trained reference model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
+
+from lynx.serving.client import generate_greedy
+from lynx.serving.metrics_reader import samples
+from lynx.serving.server import port_is_free
+
+from .conftest import model_card_scores
+
+pytestmark = pytest.mark.slow
+N_PROBLEMS = 64
+
+
+@pytest.mark.parametrize("model", ["mixtral-mini", "qwen3-moe-mini"])
+def test_server_answers_arithmetic_and_exports_latency(server_factory, model: str) -> None:
+    server = server_factory(model)
+    problems = heldout_problems(N_PROBLEMS)
+    prompts = [arithmetic_prompt(a, b) for a, b in problems]
+    completions, _ = generate_greedy(server.url, prompts, 6)
+    correct = sum(
+        parse_answer(c.text) == a + b for c, (a, b) in zip(completions, problems, strict=True)
+    )
+    card = model_card_scores(model)["arithmetic_exact_match"]
+    # Greedy decoding through SGLang agrees with transformers' batched generate (model card),
+    # up to a few bf16 tie-breaks on this 64-problem sample.
+    assert correct / N_PROBLEMS >= card - 0.05, (correct, card)
+
+    a, b = problems[0]
+    reply = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": model, "prompt": arithmetic_prompt(a, b), "max_tokens": 6, "temperature": 0})
+    reply.raise_for_status()
+    assert parse_answer(reply.json()["choices"][0]["text"]) == a + b
+
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    ttft = samples(metrics, "sglang:time_to_first_token_seconds_count")
+    itl = samples(metrics, "sglang:inter_token_latency_seconds_bucket")
+    assert ttft and sum(v for _, v in ttft) >= 1
+    assert itl and max(v for _, v in itl) > 0
+
+    pid = server.process.pid
+    server.stop()
+    assert server.process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert port_is_free(server.host, server.port)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lynx.serving.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_bad_models_and_busy_port(tmp_path, server_factory) -> None:
+    missing = _cli("serve", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"lynx-serve: error: model folder {tmp_path / 'nope'} does not exist"]
+    unknown = _cli("serve", "gpt-17")
+    assert unknown.returncode == 2 and "unknown model 'gpt-17'" in unknown.stderr
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    bad = _cli("serve", str(corrupt))
+    assert bad.returncode == 2 and "corrupt JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+    server = server_factory("mixtral-mini")
+    busy = _cli("serve", "mixtral-mini", "--port", str(server.port))
+    assert busy.returncode == 2
+    assert f"port {server.port} on 127.0.0.1 is busy" in busy.stderr
+    assert "Traceback" not in busy.stderr

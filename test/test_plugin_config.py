@@ -1,0 +1,107 @@
+"""Plugin configuration, registration and per-step state (no server)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lynx.sglang_plugin.config import LynxConfigError, default_policy, load_config
+from lynx.sglang_plugin.step_state import NO_LIMIT, RuntimeState, StepLayout
+from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec
+
+
+def test_disabled_by_default_and_enabled_by_env() -> None:
+    assert not load_config({}).enabled
+    assert load_config({"LYNX_ENABLED": "1"}).enabled
+    assert not load_config({"LYNX_ENABLED": "0"}).enabled
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"LYNX_POLICY": '{"name": "magic"}'}, "LYNX_POLICY: invalid policy"),
+    ({"LYNX_POLICY": '{"name": "affinity", "alpha": -1}'}, "alpha must be in (0, 64]"),
+    ({"LYNX_POLICY": '{"name": "budget"}'}, "needs at least one entry"),
+    ({"LYNX_POLICY": "{oops"}, "not valid JSON"),
+    ({"LYNX_POLICY": '{"name": "off", "typo": 1}'}, "invalid policy"),
+    ({"LYNX_POLICY_FILE": "/nonexistent/policy.json"}, "cannot read /nonexistent/policy.json"),
+    ({"LYNX_CONTROLLER": "http://x"}, "expected ipc://PATH or tcp://HOST:PORT"),
+    ({"LYNX_STALE_AFTER_S": "-3"}, "must be > 0"),
+    ({"LYNX_STATS_INTERVAL_S": "soon"}, "is not a number"),
+])
+def test_bad_config_is_a_clear_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(LynxConfigError) as info:
+        load_config({"LYNX_ENABLED": "1", **env})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_plugin_registers_nothing_when_disabled_and_everything_when_enabled() -> None:
+    code = (
+        "import os, lynx.sglang_plugin as p\n"
+        "from sglang.srt.plugins.hook_registry import HookRegistry\n"
+        "p.install(); print(len(HookRegistry._hooks))\n"
+        "os.environ['LYNX_ENABLED'] = '1'; p.install(); print(sorted(HookRegistry._hooks))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin"})
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "0", out.stderr[-2000:]
+    targets = eval(lines[1])  # a printed list of strings
+    assert "sglang.srt.layers.moe.topk.TopK.forward_native" in targets
+    assert "sglang.srt.layers.moe.topk.TopK.forward_cuda" in targets
+    assert "sglang.srt.layers.moe.topk.TopK.forward_cpu" in targets
+    assert "sglang.srt.model_executor.model_runner.ModelRunner.forward" in targets
+
+
+def test_entry_point_is_installed() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert names.get("lynx") == "lynx.sglang_plugin:install"
+
+
+def _state(policy: PolicySpec, layers: int = 3) -> RuntimeState:
+    return RuntimeState(layers, 8, 2, torch.device("cpu"), policy)
+
+
+def test_step_knobs_follow_layout_and_buckets() -> None:
+    policy = PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=3, all_layers=8),
+        BudgetBucket(max_batch=16, per_layer=[4, 5, 6]),
+        BudgetBucket(max_batch=1000, all_layers=3),
+    ])
+    state = _state(policy)
+    assert not state.begin_step(StepLayout("decode", 2, 0))  # budget 8 = all experts: no pruning
+    assert not bool(state.knobs.enabled)
+    assert state.begin_step(StepLayout("decode", 10, 0))
+    assert state.knobs.budget.tolist() == [4, 5, 6] and bool(state.knobs.enabled)
+    assert state.begin_step(StepLayout("decode", 40, 0))
+    assert state.knobs.budget.tolist() == [3, 3, 3]
+    assert not state.begin_step(StepLayout("prefill", 40, 40))  # prefill rows never pruned
+    assert state.begin_step(StepLayout("mixed", 50, 10))  # 40 decode rows at the tail
+    assert int(state.knobs.prunable_start) == 10 and int(state.knobs.n_valid) == 50
+
+
+def test_staged_policy_applies_at_next_step_and_is_validated() -> None:
+    state = _state(PolicySpec(name="off"))
+    assert not state.begin_step(StepLayout("decode", 32, 0))
+    state.stage_policy(PolicySpec(name="budget", budgets=[BudgetBucket(1000, all_layers=2)]), 7)
+    assert state.policy_version == 0  # not before the step boundary
+    assert state.begin_step(StepLayout("decode", 32, 0))
+    assert state.policy_version == 7 and state.knobs.budget.tolist() == [2, 2, 2]
+    with pytest.raises(PolicyError, match="per_layer has 2 entries"):
+        bad = PolicySpec(name="budget", budgets=[BudgetBucket(9, per_layer=[1, 2])])
+        state.stage_policy(bad, 8)
+    state.stage_policy(PolicySpec(name="budget", prune_mixed=False,
+                                  budgets=[BudgetBucket(1000, all_layers=2)]), 9)
+    assert not state.begin_step(StepLayout("mixed", 50, 10))
+
+
+def test_default_policy_scales_with_model_shape() -> None:
+    mixtral = default_policy(8, 2)
+    assert mixtral.budgets[-1].all_layers == 4 and mixtral.budgets[0].all_layers == 8
+    qwen = default_policy(64, 4)
+    assert qwen.budgets[-1].all_layers == 16
+    assert NO_LIMIT > 1_000_000
