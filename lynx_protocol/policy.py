@@ -78,7 +78,9 @@ def validate_policy(
     for i, bucket in enumerate(spec.budgets):
         where = f"budgets[{i}]"
         if bucket.max_batch <= last:
-            raise PolicyError(f"{where}.max_batch must increase and be >= 1, got {bucket.max_batch}")
+            raise PolicyError(
+                f"{where}.max_batch must increase and be >= 1, got {bucket.max_batch}"
+            )
         last = bucket.max_batch
         if (bucket.all_layers is None) == (bucket.per_layer is None):
             raise PolicyError(f"{where}: give exactly one of 'all_layers' or 'per_layer'")
@@ -87,12 +89,12 @@ def validate_policy(
             assert v is not None
             if v < 1:
                 raise PolicyError(f"{where}: a budget must be >= 1 expert, got {v}")
-        if bucket.per_layer is not None and num_layers is not None:
-            if len(bucket.per_layer) != num_layers:
-                raise PolicyError(
-                    f"{where}.per_layer has {len(bucket.per_layer)} entries, "
-                    f"the model has {num_layers} MoE layers"
-                )
+        if (bucket.per_layer is not None and num_layers is not None
+                and len(bucket.per_layer) != num_layers):
+            raise PolicyError(
+                f"{where}.per_layer has {len(bucket.per_layer)} entries, "
+                f"the model has {num_layers} MoE layers"
+            )
     del num_experts  # budgets above the expert count are legal and mean "no pruning"
     return spec
 

@@ -1,0 +1,270 @@
+"""Admin HTTP API (FastAPI): read state and replicas; change policy, SLO, mode, quality floor.
+
+Every ``/v1`` route needs ``Authorization: Bearer <token>`` (401 when missing, 403 when
+wrong). Bodies are decoded and validated with msgspec (the same types the runtime uses); a bad
+body is a 422 whose ``detail`` says which field and why. Accepted changes become a new policy
+version, persisted before they are sent; accepted, unchanged and rejected change attempts and
+auth failures on changes all go to the audit log (who: ``X-Lynx-Actor`` header + client
+address; never the token). ``/healthz`` and ``/metrics`` are open, ``/docs`` and
+``/openapi.json`` document the API.
+"""
+
+import hmac
+import re
+import time
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import msgspec
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from lynx_policy.config import (
+    Mode,
+    QualityFloor,
+    SloTarget,
+    validate_floor_fits,
+    validate_slo,
+)
+from lynx_policy.decide import enforce_floor
+from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
+
+if TYPE_CHECKING:
+    from lynx_policy.service import Controller
+
+ACTOR_HEADER = "X-Lynx-Actor"
+MAX_BODY_BYTES = 1 << 20
+_ACTOR_RE = re.compile(r"^[\w.@:-]{1,64}$")
+T = TypeVar("T")
+
+
+class ModeBody(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Mode
+
+
+class SloBody(msgspec.Struct, forbid_unknown_fields=True):
+    targets: list[SloTarget]
+
+
+_BODY_TYPES = (PolicySpec, ModeBody, SloBody, QualityFloor)
+_BODY_REFS, _COMPONENTS = msgspec.json.schema_components(
+    _BODY_TYPES, ref_template="#/components/schemas/{name}")
+
+
+def _body_doc(cls: type) -> dict[str, Any]:
+    schema = _BODY_REFS[_BODY_TYPES.index(cls)]
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def _caller(request: Request) -> tuple[str, str]:
+    actor = request.headers.get(ACTOR_HEADER, "admin")
+    if not _ACTOR_RE.match(actor):
+        actor = "invalid-actor-header"
+    client = request.client.host if request.client else "unknown"
+    return actor, client
+
+
+def create_admin_app(controller: "Controller", token: str) -> FastAPI:
+    app = FastAPI(title="Lynx policy controller", version="1",
+                  description=__doc__.split("\n\n", 1)[1] if __doc__ else "")
+    bearer = HTTPBearer(auto_error=False, description="LYNX_ADMIN_TOKEN")
+    expected = token.encode()
+    audit = controller.keeper.audit
+
+    def authorized(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        actor, client = _caller(request)
+        mutating = request.method not in ("GET", "HEAD", "OPTIONS")
+        if credentials is None:
+            if mutating:
+                audit.record(actor=actor, client=client, action=request.url.path,
+                             outcome="unauthenticated")
+            raise HTTPException(401, "missing bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(credentials.credentials.encode(), expected):
+            if mutating:
+                audit.record(actor=actor, client=client, action=request.url.path,
+                             outcome="forbidden")
+            raise HTTPException(403, "invalid bearer token")
+        return actor
+
+    Authorized = Annotated[str, Depends(authorized)]
+
+    async def read_body(request: Request, cls: type[T], action: str) -> T:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            reject(request, action, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            return msgspec.json.decode(raw, type=cls)
+        except msgspec.ValidationError as exc:
+            reject(request, action, 422, str(exc))
+        except msgspec.DecodeError as exc:
+            reject(request, action, 422, f"body is not valid JSON: {exc}")
+        raise AssertionError("unreachable")
+
+    def reject(request: Request, action: str, status: int, reason: str) -> NoReturn:
+        actor, client = _caller(request)
+        audit.record(actor=actor, client=client, action=action, outcome="rejected",
+                     status=status, reason=reason[:500])
+        raise HTTPException(status, reason)
+
+    def apply(request: Request, action: str, **fields: Any) -> None:
+        actor, client = _caller(request)
+        current = controller.keeper.state
+        if all(getattr(current, name) == value for name, value in fields.items()):
+            audit.record(actor=actor, client=client, action=action, outcome="unchanged",
+                         version=current.version)
+            return
+        controller.change(actor=actor, client=client, action=action, **fields)
+
+    def check_fits_replicas(request: Request, action: str, spec: PolicySpec) -> None:
+        try:
+            validate_floor_fits(spec, controller.keeper.state.floor)
+            for replica in controller.hub.connected():
+                reg = replica.registration
+                where = f"replica {reg.replica_id}"
+                if spec.name not in reg.policies:
+                    raise PolicyError(f"{where} does not support policy {spec.name!r}")
+                try:
+                    validate_policy(spec, num_layers=reg.num_layers,
+                                    num_experts=reg.num_experts, top_k=reg.top_k)
+                except PolicyError as exc:
+                    raise PolicyError(f"{where}: {exc}") from None
+        except PolicyError as exc:
+            reject(request, action, 422, str(exc))
+
+    def policy_view() -> dict[str, Any]:
+        state = controller.keeper.state
+        return {"version": state.version, "mode": state.mode,
+                "policy": msgspec.to_builtins(state.policy),
+                "effective_policy": msgspec.to_builtins(state.effective_policy())}
+
+    health_cache: dict[str, Any] = {"at": float("-inf"), "response": None}
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness and loop health (cached briefly)")
+    def healthz() -> Response:
+        now = time.monotonic()
+        if now - health_cache["at"] < controller.config.admin.health_cache_s:
+            return health_cache["response"]
+        loop = controller.loop
+        longest_wait = max(controller.config.loop.interval_s, *controller.config.loop.backoff_s)
+        stuck = now - loop.last_tick_monotonic > 3 * longest_wait + 10.0
+        failing = not controller.tasks_alive() or stuck
+        status = "failing" if failing else ("degraded" if loop.degraded else "ok")
+        body = {"status": status, "mode": controller.keeper.state.mode,
+                "policy_version": controller.keeper.state.version,
+                "replicas_connected": len(controller.hub.connected()),
+                "loop_error": loop.last_error}
+        response = JSONResponse(body, status_code=503 if failing else 200)
+        health_cache.update(at=now, response=response)
+        return response
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (lynx_controller_*)")
+    def metrics() -> Response:
+        controller.hub.housekeeping()
+        return Response(controller.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/state", tags=["read"], summary="Mode, policy, SLO, floor, loop and link state")
+    def get_state(_: Authorized) -> dict[str, Any]:
+        state = controller.keeper.state
+        report = controller.loop.last_report
+        return {
+            **policy_view(), "controller_id": state.controller_id,
+            "slo": msgspec.to_builtins(state.slo), "floor": msgspec.to_builtins(state.floor),
+            "updated_at": state.updated_at, "started_at": controller.started_at,
+            "resumed": controller.keeper.resumed, "link": controller.config.link.bind,
+            "replicas_connected": len(controller.hub.connected()),
+            "replicas_known": len(controller.hub.replicas),
+            "messages_received": controller.hub.received,
+            "messages_rejected": controller.hub.rejected,
+            "loop": {"degraded": controller.loop.degraded, "ticks": controller.loop.ticks,
+                     "last_error": controller.loop.last_error,
+                     "last_tick": None if report is None else report.__dict__},
+        }
+
+    @app.get("/v1/replicas", tags=["read"], summary="Known replicas and their last statistics")
+    def get_replicas(_: Authorized) -> dict[str, Any]:
+        now = controller.hub.clock()
+        stale_s = controller.config.link.replica_stale_s
+        return {"replicas": [r.view(now, stale_s) for r in controller.hub.replicas.values()]}
+
+    @app.get("/v1/policy", tags=["policy"], summary="Stored and effective policy with version")
+    def get_policy(_: Authorized) -> dict[str, Any]:
+        return policy_view()
+
+    @app.put("/v1/policy", tags=["policy"], summary="Replace the policy (new version)",
+             openapi_extra=_body_doc(PolicySpec))
+    async def put_policy(request: Request, _: Authorized) -> dict[str, Any]:
+        spec = await read_body(request, PolicySpec, "put_policy")
+        try:
+            validate_policy(spec)
+        except PolicyError as exc:
+            reject(request, "put_policy", 422, str(exc))
+        check_fits_replicas(request, "put_policy", spec)
+        apply(request, "put_policy", policy=spec)
+        return policy_view()
+
+    @app.get("/v1/mode", tags=["policy"], summary="Controller mode: off, static or adaptive")
+    def get_mode(_: Authorized) -> dict[str, Any]:
+        return {"mode": controller.keeper.state.mode}
+
+    @app.put("/v1/mode", tags=["policy"], summary="Change the mode (new version)",
+             openapi_extra=_body_doc(ModeBody))
+    async def put_mode(request: Request, _: Authorized) -> dict[str, Any]:
+        body = await read_body(request, ModeBody, "put_mode")
+        apply(request, "put_mode", mode=body.mode)
+        return {"mode": controller.keeper.state.mode, "version": controller.keeper.state.version}
+
+    @app.get("/v1/slo", tags=["policy"], summary="SLO targets")
+    def get_slo(_: Authorized) -> dict[str, Any]:
+        return {"targets": msgspec.to_builtins(controller.keeper.state.slo)}
+
+    @app.put("/v1/slo", tags=["policy"], summary="Replace the SLO targets",
+             openapi_extra=_body_doc(SloBody))
+    async def put_slo(request: Request, _: Authorized) -> dict[str, Any]:
+        body = await read_body(request, SloBody, "put_slo")
+        try:
+            validate_slo(body.targets)
+        except ValueError as exc:
+            reject(request, "put_slo", 422, str(exc))
+        apply(request, "put_slo", slo=body.targets)
+        return {"targets": msgspec.to_builtins(controller.keeper.state.slo),
+                "version": controller.keeper.state.version}
+
+    @app.get("/v1/floor", tags=["policy"], summary="Quality floor (minimum budgets)")
+    def get_floor(_: Authorized) -> dict[str, Any]:
+        return msgspec.to_builtins(controller.keeper.state.floor)
+
+    @app.put("/v1/floor", tags=["policy"], summary="Replace the quality floor",
+             openapi_extra=_body_doc(QualityFloor))
+    async def put_floor(request: Request, _: Authorized) -> dict[str, Any]:
+        floor = await read_body(request, QualityFloor, "put_floor")
+        num_experts = controller.num_experts()
+        for replica in controller.hub.connected():
+            layers = replica.registration.num_layers
+            if floor.per_layer is not None and len(floor.per_layer) != layers:
+                reject(request, "put_floor", 422, f"per_layer has {len(floor.per_layer)} "
+                       f"entries, replica {replica.replica_id} has {layers} MoE layers")
+        if floor.highest() > num_experts:
+            reject(request, "put_floor", 422,
+                   f"floor {floor.highest()} exceeds the expert count {num_experts}")
+        policy = enforce_floor(controller.keeper.state.policy, floor, num_experts)
+        apply(request, "put_floor", floor=floor, policy=policy)
+        return {**msgspec.to_builtins(controller.keeper.state.floor),
+                "version": controller.keeper.state.version}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version,
+                              description=app.description, routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(_COMPONENTS)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

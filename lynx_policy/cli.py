@@ -1,0 +1,72 @@
+"""``lynx-policy``: run or check the policy controller.
+
+    lynx-policy serve --config controller.toml      # run until SIGTERM/SIGINT
+    lynx-policy check-config --config controller.toml
+
+Exit codes: 0 clean stop, 2 bad configuration or state (one line on stderr), 1 crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import msgspec
+
+from lynx_policy.config import ConfigError, load_config, read_admin_token
+from lynx_policy.state import StateError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynx-policy", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the controller"),
+                       ("check-config", "validate the config and print it as JSON")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", help="TOML or JSON file (env LYNX_POLICY__* overrides)")
+        sub.add_argument("--log-level", default="INFO",
+                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+        if args.command == "check-config":
+            sys.stdout.write(msgspec.json.format(msgspec.json.encode(config)).decode() + "\n")
+            return 0
+        token = read_admin_token(config)
+    except ConfigError as exc:
+        print(f"lynx-policy: {exc}", file=sys.stderr)
+        return 2
+    return _serve(config, token)
+
+
+def _serve(config: object, token: str) -> int:
+    from lynx_policy.service import Controller
+
+    async def run() -> None:
+        controller = Controller(config, token)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        # uvicorn takes over SIGINT/SIGTERM while it serves and re-raises them afterwards;
+        # these handlers cover the time before and after, so a stop is always graceful.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(controller.request_stop))
+        await controller.run()
+
+    try:
+        asyncio.run(run())
+    except StateError as exc:
+        print(f"lynx-policy: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Decide: a pure function from (observation, current policy, memory, settings) to a decision.
+
+No I/O, no clock, no globals: the control loop (`lynx_policy.loop`) observes, calls `decide`,
+and acts on the result. Aggressiveness is the expert ``budget`` per batch-size bucket: a
+*tighten* step lowers budgets (more reduction), a *relax* step raises them.
+
+- SLO signal (`classify`): ``violated`` if any quantile is above its target, ``headroom`` if
+  all observed quantiles are below ``target * (1 - headroom)``, ``within`` in between,
+  ``no_data`` when nothing was observed.
+- Hysteresis: ``tighten_after_ticks`` consecutive violated ticks before a tighten step,
+  ``relax_after_ticks`` consecutive headroom ticks before a relax step; a ``within`` or
+  ``no_data`` tick resets both streaks, and every step restarts its streak. A steady latency
+  therefore moves the budgets monotonically or not at all: no oscillation.
+- Per bucket: tighten only buckets that are active (>= ``min_active_fraction`` of recent decode
+  steps; all of them when no batch statistics are known) and not below ``min_batch``; relax
+  every bucket that still prunes. Budgets stay within [quality floor, num_experts].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
+from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
+
+Signal = Literal["violated", "within", "headroom", "no_data"]
+Direction = Literal["tighten", "relax", "hold"]
+DIRECTIONS: tuple[str, ...] = ("tighten", "relax", "hold")
+
+
+@dataclass(frozen=True)
+class LatencyReading:
+    target: SloTarget
+    observed_s: float | None
+    """Observed quantile [s]; None when there was no traffic in the window."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    latencies: tuple[LatencyReading, ...]
+    batch_steps: dict[int, int] | None
+    """Recent decode steps by batch size (bucket upper bound) over all replicas; None: unknown."""
+    num_experts: int
+    """Budget meaning "no pruning" (smallest expert count among replicas)."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What decide carries from one tick to the next (the hysteresis streaks)."""
+
+    violated_ticks: int = 0
+    headroom_ticks: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    policy: PolicySpec
+    memory: Memory
+    signal: Signal
+    direction: Direction
+    reason: str
+    changed_buckets: tuple[int, ...] = ()
+    """Indices (in the new policy's table) of buckets whose budget moved."""
+
+
+def classify(latencies: tuple[LatencyReading, ...], headroom: float) -> Signal:
+    pairs = [(r.observed_s, r.target.target_ms / 1000.0) for r in latencies
+             if r.observed_s is not None]
+    if not pairs:
+        return "no_data"
+    if any(observed > target for observed, target in pairs):
+        return "violated"
+    if all(observed < target * (1.0 - headroom) for observed, target in pairs):
+        return "headroom"
+    return "within"
+
+
+def adaptive_table(policy: PolicySpec, settings: AdaptiveConfig, num_experts: int) -> PolicySpec:
+    """The policy as a ``budget`` table; a fresh table (no pruning anywhere) if it is not one."""
+    if policy.name == "budget" and policy.budgets:
+        return policy
+    budgets = [BudgetBucket(max_batch=b, all_layers=num_experts) for b in settings.buckets]
+    return msgspec.structs.replace(policy, name="budget", budgets=budgets)
+
+
+def bucket_shares(policy: PolicySpec, batch_steps: dict[int, int] | None) -> list[float] | None:
+    """Share of recent decode steps that each bucket of ``policy`` served (None: unknown)."""
+    if batch_steps is None:
+        return None
+    total = sum(batch_steps.values())
+    if total <= 0:
+        return None
+    shares = [0.0] * len(policy.budgets)
+    for batch_size, steps in batch_steps.items():
+        chosen = bucket_for(policy, batch_size)
+        if chosen is not None:
+            shares[policy.budgets.index(chosen)] += steps / total
+    return shares
+
+
+def _shift(values: list[int], delta: int, floors: list[int], num_experts: int) -> list[int]:
+    shifted = []
+    for value, low in zip(values, floors, strict=True):
+        current = min(value, num_experts)
+        if delta < 0:
+            new = min(current, max(low, current + delta))
+        else:
+            new = max(current, min(num_experts, current + delta))
+        shifted.append(value if new == current else new)
+    return shifted
+
+
+def _shift_bucket(bucket: BudgetBucket, delta: int, floor: QualityFloor, num_experts: int
+                  ) -> BudgetBucket:
+    if bucket.per_layer is not None:
+        floors = [floor.for_layer(i) for i in range(len(bucket.per_layer))]
+        return msgspec.structs.replace(
+            bucket, per_layer=_shift(bucket.per_layer, delta, floors, num_experts))
+    assert bucket.all_layers is not None
+    (value,) = _shift([bucket.all_layers], delta, [floor.highest()], num_experts)
+    return msgspec.structs.replace(bucket, all_layers=value)
+
+
+def step_policy(
+    policy: PolicySpec, direction: Direction, shares: list[float] | None,
+    settings: AdaptiveConfig, floor: QualityFloor, num_experts: int,
+) -> tuple[PolicySpec, tuple[int, ...]]:
+    """Apply one tighten/relax step to a budget table; returns (policy, changed bucket indices)."""
+    if direction == "hold":
+        return policy, ()
+    delta = -settings.step_experts if direction == "tighten" else settings.step_experts
+    new_buckets: list[BudgetBucket] = []
+    changed: list[int] = []
+    for i, bucket in enumerate(policy.budgets):
+        eligible = True
+        if direction == "tighten":
+            active = shares is None or shares[i] >= settings.min_active_fraction
+            eligible = active and bucket.max_batch >= settings.min_batch
+        new_bucket = _shift_bucket(bucket, delta, floor, num_experts) if eligible else bucket
+        if new_bucket != bucket:
+            changed.append(i)
+        new_buckets.append(new_bucket)
+    if not changed:
+        return policy, ()
+    return msgspec.structs.replace(policy, budgets=new_buckets), tuple(changed)
+
+
+def decide(
+    observation: Observation, policy: PolicySpec, memory: Memory, *, mode: Mode,
+    settings: AdaptiveConfig, floor: QualityFloor,
+) -> Decision:
+    """One control decision. Only ``adaptive`` mode ever changes the policy."""
+    signal = classify(observation.latencies, settings.headroom)
+    if mode != "adaptive":
+        return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
+    if signal == "violated":
+        memory = Memory(violated_ticks=memory.violated_ticks + 1)
+        wanted: Direction = ("tighten" if memory.violated_ticks >= settings.tighten_after_ticks
+                             else "hold")
+    elif signal == "headroom":
+        memory = Memory(headroom_ticks=memory.headroom_ticks + 1)
+        wanted = "relax" if memory.headroom_ticks >= settings.relax_after_ticks else "hold"
+    else:
+        return Decision(policy, Memory(), signal, "hold", f"latency {signal.replace('_', ' ')}")
+    if wanted == "hold":
+        streak = max(memory.violated_ticks, memory.headroom_ticks)
+        return Decision(policy, memory, signal, "hold", f"{signal} for {streak} tick(s)")
+    table = adaptive_table(policy, settings, observation.num_experts)
+    shares = bucket_shares(table, observation.batch_steps)
+    new_policy, changed = step_policy(table, wanted, shares, settings, floor,
+                                      observation.num_experts)
+    memory = Memory()  # every step (or a blocked one) restarts its streak
+    if not changed:
+        limit = "the quality floor" if wanted == "tighten" else "no pruning"
+        return Decision(policy, memory, signal, "hold",
+                        f"{signal} but every eligible bucket is at {limit}")
+    return Decision(new_policy, memory, signal, wanted,
+                    f"{signal}: {wanted} buckets {list(changed)}", changed)
+
+
+def enforce_floor(policy: PolicySpec, floor: QualityFloor, num_experts: int) -> PolicySpec:
+    """Raise any budget below the floor up to it (used when the floor itself is raised)."""
+    if policy.name != "budget":
+        return policy
+    buckets = []
+    for bucket in policy.budgets:
+        if bucket.per_layer is not None:
+            values = [max(v, floor.for_layer(i)) for i, v in enumerate(bucket.per_layer)]
+            buckets.append(msgspec.structs.replace(bucket, per_layer=values))
+        else:
+            assert bucket.all_layers is not None
+            buckets.append(msgspec.structs.replace(
+                bucket, all_layers=max(bucket.all_layers, min(floor.highest(), num_experts))))
+    return msgspec.structs.replace(policy, budgets=buckets)
+
+
+def mean_budgets(policy: PolicySpec, num_experts: int) -> list[tuple[int, float]]:
+    """(max_batch, mean budget over layers, capped at num_experts) per bucket, for metrics."""
+    rows = []
+    for bucket in policy.budgets:
+        values = bucket.per_layer if bucket.per_layer is not None else [bucket.all_layers or 0]
+        mean = sum(min(v, num_experts) for v in values) / max(1, len(values))
+        rows.append((bucket.max_batch, mean))
+    return rows

@@ -1,0 +1,252 @@
+"""The controller's ZMQ ROUTER: receives runtime messages, keeps the replica registry, sends.
+
+Every reply and update is sent non-blocking with ``ROUTER_MANDATORY``: a replica that went
+away or stopped reading costs a dropped (counted) message, never a stalled controller.
+Garbage on the socket is rejected with a reason (counted, logged rate-limited) and the
+receive loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from lynx_policy.config import LinkConfig
+from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.throttle import RateLimitedLog
+from lynx_protocol.messages import (
+    TO_CONTROLLER,
+    Ack,
+    ControllerMessage,
+    Heartbeat,
+    PolicyUpdate,
+    ProtocolError,
+    Register,
+    StepStats,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    registration: Register
+    identity: bytes
+    registered_at: float
+    """Unix time of the (latest) Register [s]."""
+    last_seen: float
+    """Monotonic time of the latest valid message [s]."""
+    applied_version: int = 0
+    refused_version: int = 0
+    refused_reason: str = ""
+    recent_stats: deque[tuple[float, StepStats]] = field(default_factory=lambda: deque(maxlen=64))
+    stats_gaps: int = 0
+    """StepStats lost in transit (from ``seq`` gaps)."""
+    messages: int = 0
+    last_sent_version: int = 0
+    last_sent_at: float = float("-inf")
+
+    @property
+    def replica_id(self) -> str:
+        return self.registration.replica_id
+
+    def view(self, now: float, connected_within_s: float) -> dict[str, Any]:
+        last_stats = self.recent_stats[-1][1] if self.recent_stats else None
+        return {
+            "replica_id": self.replica_id,
+            "connected": now - self.last_seen <= connected_within_s,
+            "last_seen_s_ago": round(now - self.last_seen, 3),
+            "registered_at": self.registered_at,
+            "registration": msgspec.to_builtins(self.registration),
+            "applied_policy_version": self.applied_version,
+            "refused_policy_version": self.refused_version,
+            "refused_reason": self.refused_reason,
+            "messages": self.messages,
+            "stats_gaps": self.stats_gaps,
+            "last_stats": msgspec.to_builtins(last_stats) if last_stats else None,
+        }
+
+
+class Hub:
+    def __init__(self, config: LinkConfig, metrics: ControllerMetrics,
+                 current_update: Callable[[], PolicyUpdate],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.current_update = current_update
+        self.clock = clock
+        self.replicas: dict[str, Replica] = {}
+        self.received = 0
+        self.rejected = 0
+        self._reject_log = RateLimitedLog(log)
+        self._context = zmq.asyncio.Context(io_threads=1)
+        self._socket = self._context.socket(zmq.ROUTER)
+        for option, value in (
+            (zmq.LINGER, 0), (zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, config.send_queue),
+            (zmq.RCVHWM, config.send_queue), (zmq.MAXMSGSIZE, 4 * config.max_message_bytes),
+        ):
+            self._socket.setsockopt(option, value)
+        self._socket.bind(config.bind)
+
+    async def serve(self) -> None:
+        """Receive forever; every message is handled before the next one is read."""
+        while True:
+            try:
+                frames = await self._socket.recv_multipart(copy=True)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    return
+                log.error("ZMQ receive failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                self.handle(frames)
+            except Exception:  # a bug in one handler must not end the receive loop
+                log.exception("unexpected error while handling a runtime message")
+
+    def handle(self, frames: list[bytes]) -> None:
+        identity, payloads = frames[0], frames[1:]
+        if len(payloads) != 1:
+            self._reject("malformed", f"{len(payloads)} payload frames, expected 1")
+            return
+        try:
+            msg = decode(payloads[0], accept=TO_CONTROLLER,
+                         max_bytes=self.config.max_message_bytes)
+        except ProtocolError as exc:
+            self._reject(exc.reason, exc.detail)
+            return
+        now = self.clock()
+        self.received += 1
+        self.metrics.messages_received.labels(type=_TAGS[type(msg)]).inc()
+        if isinstance(msg, Register):
+            self._on_register(identity, msg, now)
+            return
+        replica = self.replicas.get(msg.replica_id)
+        if replica is None:
+            self._send(identity, Ack(registered=False, policy_version=self._version(),
+                                     controller_id=self.current_update().controller_id))
+            return
+        replica.identity = identity
+        replica.last_seen = now
+        replica.messages += 1
+        if isinstance(msg, Heartbeat):
+            replica.applied_version = msg.applied_policy_version
+            replica.refused_version = msg.rejected_policy_version
+            replica.refused_reason = msg.rejected_reason
+            update = self.current_update()
+            self._send(identity, Ack(registered=True, policy_version=update.version,
+                                     controller_id=update.controller_id))
+            self._resend_if_lagging(replica, now)
+        elif isinstance(msg, StepStats):
+            if replica.recent_stats:
+                previous = replica.recent_stats[-1][1]
+                if msg.seq > previous.seq + 1:
+                    replica.stats_gaps += msg.seq - previous.seq - 1
+            replica.recent_stats.append((now, msg))
+            replica.applied_version = msg.applied_policy_version
+
+    def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
+        known = msg.replica_id in self.replicas
+        self.replicas[msg.replica_id] = Replica(registration=msg, identity=identity,
+                                                registered_at=time.time(), last_seen=now,
+                                                messages=1)
+        if not known:
+            log.info("replica %s registered: model=%s layers=%d experts=%d top_k=%d tp=%d",
+                     msg.replica_id, msg.model, msg.num_layers, msg.num_experts, msg.top_k,
+                     msg.tp_size)
+        update = self.current_update()
+        self._send(identity, Ack(registered=True, policy_version=update.version,
+                                 controller_id=update.controller_id))
+        self._send_update(self.replicas[msg.replica_id], update, now)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected += 1
+        self.metrics.messages_rejected.labels(reason=reason).inc()
+        self._reject_log.warning(reason, "rejected runtime message (%s): %s", reason, detail)
+
+    def _version(self) -> int:
+        return self.current_update().version
+
+    def _send(self, identity: bytes, msg: ControllerMessage) -> bool:
+        future = self._socket.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+        if future.done() and future.exception() is None:
+            return True
+        self.metrics.updates_dropped.inc()
+        return False
+
+    def _send_update(self, replica: Replica, update: PolicyUpdate, now: float) -> None:
+        if self._send(replica.identity, update):
+            self.metrics.updates_sent.inc()
+        replica.last_sent_version = update.version
+        replica.last_sent_at = now
+
+    def _resend_if_lagging(self, replica: Replica, now: float) -> None:
+        update = self.current_update()
+        lagging = replica.applied_version != update.version
+        refused = replica.refused_version == update.version
+        if lagging and not refused and now - replica.last_sent_at >= self.config.resend_s:
+            self._send_update(replica, update, now)
+
+    # --- used by the control loop and the admin API -------------------------------------
+
+    def broadcast(self) -> int:
+        """Send the current update to every connected replica; returns how many were sent."""
+        now = self.clock()
+        update = self.current_update()
+        targets = self.connected(now)
+        for replica in targets:
+            self._send_update(replica, update, now)
+        return len(targets)
+
+    def connected(self, now: float | None = None) -> list[Replica]:
+        now = self.clock() if now is None else now
+        return [r for r in self.replicas.values()
+                if now - r.last_seen <= self.config.replica_stale_s]
+
+    def housekeeping(self) -> None:
+        """Forget long-gone replicas and refresh the connected gauge."""
+        now = self.clock()
+        for replica_id, replica in list(self.replicas.items()):
+            if now - replica.last_seen > self.config.replica_forget_s:
+                log.info("forgetting replica %s (unheard for %.0fs)", replica_id,
+                         now - replica.last_seen)
+                del self.replicas[replica_id]
+        self.metrics.replicas_connected.set(len(self.connected(now)))
+
+    def batch_steps(self, window_s: float) -> dict[int, int] | None:
+        """Decode steps by batch-size bucket bound over connected replicas' recent stats."""
+        now = self.clock()
+        steps: dict[int, int] = {}
+        for replica in self.connected(now):
+            for at, stats in replica.recent_stats:
+                if now - at > window_s:
+                    continue
+                bounds = [*stats.batch_size_edges, (stats.batch_size_edges or [0])[-1] + 1]
+                for bound, count in zip(bounds, stats.batch_size_counts, strict=True):
+                    if count:
+                        steps[bound] = steps.get(bound, 0) + count
+        return steps or None
+
+    def num_experts(self) -> int | None:
+        counts = [r.registration.num_experts for r in self.connected()]
+        return min(counts) if counts else None
+
+    def close(self) -> None:
+        self._socket.close(0)
+        self._context.term()
+
+
+_TAGS: dict[type, str] = {Register: "register", StepStats: "step_stats", Heartbeat: "heartbeat"}

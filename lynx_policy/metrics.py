@@ -1,0 +1,96 @@
+"""The controller's own Prometheus metrics (``lynx_controller_*``), in a private registry.
+
+A private `CollectorRegistry` per controller keeps several controllers in one process (tests)
+apart and keeps Python's default process metrics out of the way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from lynx_policy.config import MODES
+from lynx_policy.decide import DIRECTIONS
+from lynx_protocol.messages import REJECT_REASONS, TO_CONTROLLER
+
+SLO_ATTAINMENT_TICKS = 120
+"""Ticks (with latency data) the SLO attainment ratio is computed over."""
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # the controller process only; keeps /metrics readable
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.mode = Gauge("lynx_controller_mode", "1 for the controller's current mode",
+                          ["mode"], registry=r)
+        self.policy_version = Gauge("lynx_controller_policy_version",
+                                    "Version of the policy the controller sends", registry=r)
+        self.decisions = Counter("lynx_controller_decisions", "Control decisions by direction",
+                                 ["direction"], registry=r)
+        self.slo_attainment = Gauge(
+            "lynx_controller_slo_attainment_ratio",
+            f"Share of the last {SLO_ATTAINMENT_TICKS} ticks with data where every SLO was met",
+            registry=r)
+        self.latency = Gauge("lynx_controller_observed_latency_seconds",
+                             "Latest observed latency quantile per SLO target",
+                             ["metric", "quantile"], registry=r)
+        self.slo_target = Gauge("lynx_controller_slo_target_seconds", "SLO target per metric",
+                                ["metric", "quantile"], registry=r)
+        self.replicas_connected = Gauge("lynx_controller_replicas_connected",
+                                        "Replicas heard from within link.replica_stale_s",
+                                        registry=r)
+        self.messages_received = Counter("lynx_controller_messages_received",
+                                         "Valid messages from runtimes by type", ["type"],
+                                         registry=r)
+        self.messages_rejected = Counter("lynx_controller_messages_rejected",
+                                         "Messages from runtimes rejected, by reason",
+                                         ["reason"], registry=r)
+        self.updates_sent = Counter("lynx_controller_policy_updates_sent",
+                                    "PolicyUpdate messages handed to ZMQ", registry=r)
+        self.updates_dropped = Counter("lynx_controller_policy_updates_dropped",
+                                       "PolicyUpdate/Ack sends dropped (peer gone or queue full)",
+                                       registry=r)
+        self.loop_duration = Histogram(
+            "lynx_controller_loop_duration_seconds", "Duration of one observe-decide-act tick",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r)
+        self.loop_degraded = Gauge("lynx_controller_loop_degraded",
+                                   "1 while control-loop ticks fail (backing off)", registry=r)
+        self.budget = Gauge("lynx_controller_budget_experts",
+                            "Mean expert budget over layers per batch-size bucket",
+                            ["max_batch"], registry=r)
+        for mode in MODES:
+            self.mode.labels(mode=mode)
+        for direction in DIRECTIONS:
+            self.decisions.labels(direction=direction)
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason=reason)
+        for kind in sorted(TO_CONTROLLER):
+            self.messages_received.labels(type=kind)
+        self.slo_attainment.set(float("nan"))  # no tick with data yet
+        self._attainment: deque[bool] = deque(maxlen=SLO_ATTAINMENT_TICKS)
+
+    def set_mode(self, mode: str) -> None:
+        for name in MODES:
+            self.mode.labels(mode=name).set(1.0 if name == mode else 0.0)
+
+    def set_budgets(self, rows: list[tuple[int, float]]) -> None:
+        self.budget.clear()
+        for max_batch, mean in rows:
+            self.budget.labels(max_batch=str(max_batch)).set(mean)
+
+    def record_attainment(self, met: bool) -> None:
+        self._attainment.append(met)
+        self.slo_attainment.set(sum(self._attainment) / len(self._attainment))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

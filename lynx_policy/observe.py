@@ -1,0 +1,148 @@
+"""Observe: current latency quantiles for each SLO target.
+
+Two sources, chosen by config:
+- `PrometheusObserver` (``observe.prometheus_url`` set): one instant PromQL query per target,
+  ``histogram_quantile(q, sum by (le) (rate(<histogram>_bucket{<selector>}[<window>s])))``.
+- `ScrapeObserver` (no Prometheus): GETs every runtime ``/metrics`` (configured URLs plus
+  those runtimes registered), keeps the scrapes of the last window and computes the quantile
+  from the bucket deltas across the window, summed over runtimes.
+
+Both return one `LatencyReading` per target; ``observed_s`` is None when the window held no
+traffic. Both raise `ObserveError` when the source cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import httpx
+
+from lynx_policy.config import SLO_HISTOGRAMS, ObserveConfig, SloTarget
+from lynx_policy.decide import LatencyReading
+from lynx_policy.quantiles import (
+    CumulativeBuckets,
+    bucket_delta,
+    histogram_quantile,
+    merge,
+    parse_histograms,
+)
+from lynx_policy.throttle import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+class ObserveError(RuntimeError):
+    """The latency source could not be read (the tick fails and the loop backs off)."""
+
+
+class Observer(Protocol):
+    async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]: ...
+
+
+def promql_for(target: SloTarget, config: ObserveConfig) -> str:
+    selector = f"{{{config.label_selector}}}" if config.label_selector else ""
+    window = f"{max(1, round(config.rate_window_s))}s"
+    histogram = SLO_HISTOGRAMS[target.metric]
+    return (f"histogram_quantile({target.quantile:g}, sum by (le) "
+            f"(rate({histogram}_bucket{selector}[{window}])))")
+
+
+class PrometheusObserver:
+    def __init__(self, config: ObserveConfig, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+        self.url = config.prometheus_url.rstrip("/") + "/api/v1/query"
+
+    async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
+        readings = []
+        for target in targets:
+            query = promql_for(target, self.config)
+            try:
+                response = await self.client.get(self.url, params={"query": query},
+                                                 timeout=self.config.timeout_s)
+                body = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise ObserveError(f"Prometheus query failed: {type(exc).__name__}: {exc}"
+                                   ) from None
+            if response.status_code != 200 or body.get("status") != "success":
+                raise ObserveError(f"Prometheus answered {response.status_code}: "
+                                   f"{body.get('error', '')[:200]}")
+            readings.append(LatencyReading(target, _first_finite(body.get("data", {}))))
+        return tuple(readings)
+
+
+def _first_finite(data: dict) -> float | None:
+    if data.get("resultType") != "vector" or not data.get("result"):
+        return None
+    try:
+        value = float(data["result"][0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class ScrapeObserver:
+    def __init__(self, config: ObserveConfig, client: httpx.AsyncClient,
+                 registered_urls: Callable[[], list[str]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.client = client
+        self.registered_urls = registered_urls
+        self.clock = clock
+        self._scrapes: dict[str, deque[tuple[float, dict[str, CumulativeBuckets]]]] = {}
+        self._failure_log = RateLimitedLog(log, every_s=60.0)
+
+    def urls(self) -> list[str]:
+        return sorted({*self.config.scrape_urls, *(u for u in self.registered_urls() if u)})
+
+    async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
+        names = {SLO_HISTOGRAMS[t.metric] for t in targets}
+        urls = self.urls()
+        totals: dict[str, CumulativeBuckets] = {name: {} for name in names}
+        failures = 0
+        for url in urls:
+            try:
+                response = await self.client.get(url, timeout=self.config.timeout_s)
+                response.raise_for_status()
+                histograms = parse_histograms(response.text, names)
+            except (httpx.HTTPError, ValueError) as exc:
+                failures += 1
+                self._failure_log.warning(url, "scrape of %s failed: %s", url, exc)
+                continue
+            for name, buckets in self._window_delta(url, histograms).items():
+                merge(totals[name], buckets)
+        for gone in set(self._scrapes) - set(urls):
+            del self._scrapes[gone]
+        if urls and failures == len(urls):
+            raise ObserveError(f"all {len(urls)} runtime /metrics scrapes failed")
+        return tuple(
+            LatencyReading(t, histogram_quantile(t.quantile, totals[SLO_HISTOGRAMS[t.metric]]))
+            for t in targets
+        )
+
+    def _window_delta(self, url: str, histograms: dict[str, CumulativeBuckets]
+                      ) -> dict[str, CumulativeBuckets]:
+        """Bucket deltas between this scrape and the oldest one still inside the window."""
+        now = self.clock()
+        history = self._scrapes.setdefault(url, deque())
+        history.append((now, histograms))
+        horizon = now - self.config.rate_window_s
+        while len(history) > 2 and history[1][0] <= horizon:
+            history.popleft()
+        if len(history) < 2:
+            return {}
+        base = history[0][1]
+        return {name: bucket_delta(buckets, base.get(name)) for name, buckets in
+                histograms.items()}
+
+
+def make_observer(config: ObserveConfig, client: httpx.AsyncClient,
+                  registered_urls: Callable[[], list[str]]) -> Observer:
+    if config.prometheus_url:
+        return PrometheusObserver(config, client)
+    return ScrapeObserver(config, client, registered_urls)

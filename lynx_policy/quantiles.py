@@ -1,0 +1,69 @@
+"""Histogram arithmetic for scraping runtimes directly (no Prometheus server).
+
+`histogram_quantile` follows Prometheus' function of the same name: find the bucket holding
+the rank ``q * total``, interpolate linearly inside it, answer the highest finite bound if the
+rank falls in the ``+Inf`` bucket, and assume the lowest bucket starts at 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client.parser import text_string_to_metric_families
+
+CumulativeBuckets = dict[float, float]
+"""Upper bound ``le`` → cumulative count (``+Inf`` included)."""
+
+
+def histogram_quantile(q: float, buckets: CumulativeBuckets) -> float | None:
+    """The ``q`` quantile of a cumulative histogram; None when it holds no observations."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    bounds = sorted(buckets)
+    if not bounds or not math.isinf(bounds[-1]):
+        return None
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    previous_bound, previous_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank and count > previous_count:
+            if math.isinf(bound):
+                return bounds[-2] if len(bounds) > 1 else None
+            if bound <= 0:
+                return bound
+            start = previous_bound if previous_bound < bound else 0.0
+            return start + (bound - start) * (rank - previous_count) / (count - previous_count)
+        previous_bound, previous_count = bound, count
+    return bounds[-2] if len(bounds) > 1 else None
+
+
+def parse_histograms(text: str, names: set[str]) -> dict[str, CumulativeBuckets]:
+    """Cumulative buckets of each histogram in ``names``, summed over all label sets."""
+    found: dict[str, CumulativeBuckets] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in names or family.type != "histogram":
+            continue
+        buckets = found.setdefault(family.name, {})
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket") or "le" not in sample.labels:
+                continue
+            bound = float(sample.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return found
+
+
+def bucket_delta(newer: CumulativeBuckets, older: CumulativeBuckets | None) -> CumulativeBuckets:
+    """Observations between two scrapes of one target; a counter reset restarts from 0."""
+    if older is None:
+        return dict(newer)
+    if any(newer.get(bound, 0.0) < count for bound, count in older.items()):
+        return dict(newer)  # the runtime restarted between the two scrapes
+    return {bound: count - older.get(bound, 0.0) for bound, count in newer.items()}
+
+
+def merge(into: CumulativeBuckets, other: CumulativeBuckets) -> None:
+    for bound, count in other.items():
+        into[bound] = into.get(bound, 0.0) + count

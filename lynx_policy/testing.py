@@ -1,0 +1,163 @@
+"""Run a real controller process for tests, benchmarks and demos (cf. kopf's KopfRunner).
+
+    with ControllerProcess.launch(tmp_path, overrides={"mode": "static"}) as ctl:
+        ctl.admin.put("/v1/policy", json={...})
+
+The controller is started as ``python -m lynx_policy.cli serve`` with a JSON config in a
+private directory (state, audit log, ipc socket, log file), on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_TOKEN = "lynx-test-token-0123456789abcdef"
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class ControllerProcess:
+    workdir: Path
+    config: dict[str, Any]
+    token: str = DEFAULT_TOKEN
+    process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def launch(cls, workdir: Path, overrides: dict[str, Any] | None = None,
+               token: str = DEFAULT_TOKEN, timeout_s: float = 30.0) -> ControllerProcess:
+        workdir.mkdir(parents=True, exist_ok=True)
+        base = {
+            "link": {"bind": f"ipc://{workdir}/link.sock", "replica_stale_s": 5.0},
+            "admin": {"host": "127.0.0.1", "port": free_tcp_port(), "health_cache_s": 0.0},
+            "state": {"dir": str(workdir / "state")},
+            "loop": {"interval_s": 0.5, "backoff_s": [0.5, 1.0]},
+        }
+        runner = cls(workdir, deep_merge(base, overrides or {}), token)
+        runner.start(timeout_s)
+        return runner
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "controller.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "controller.log"
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.config["link"]["bind"])
+
+    @property
+    def admin_url(self) -> str:
+        admin = self.config["admin"]
+        return f"http://{admin['host']}:{admin['port']}"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config["state"]["dir"])
+
+    @property
+    def admin(self) -> httpx.Client:
+        """A client that sends the bearer token (a fresh one per access; close not needed)."""
+        return httpx.Client(base_url=self.admin_url, timeout=10.0,
+                            headers={"Authorization": f"Bearer {self.token}",
+                                     "X-Lynx-Actor": "test"})
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        env = {**os.environ, "LYNX_ADMIN_TOKEN": self.token, **self.extra_env}
+        env = {k: v for k, v in env.items() if not k.startswith("LYNX_POLICY__")}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lynx_policy.cli", "serve", "--config",
+                 str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"controller exited with {self.process.returncode}:\n"
+                                   f"{self.log_text()[-3000:]}")
+            try:
+                if httpx.get(self.admin_url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"controller not healthy after {timeout_s}s:\n"
+                           f"{self.log_text()[-3000:]}")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        self.stop()
+        self.start(timeout_s)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one sample from the controller's /metrics."""
+        text = httpx.get(self.admin_url + "/metrics", timeout=5.0).text
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+        target = f"{name}{{{wanted}}}" if wanted else name
+        for line in text.splitlines():
+            if line.startswith(target + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(f"{target} not in /metrics")
+
+    def __enter__(self) -> ControllerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,302 @@
+"""Runtime side of the controller link: used by the plugin on TP rank 0 of each scheduler.
+
+Torch-free and thread-free. Every call is non-blocking: sends that would wait are dropped
+and counted, receives take what has already arrived. Call `RuntimeLink.poll_update` once per
+scheduler iteration; it drains the socket, keeps the link alive (Register/Heartbeat every
+``heartbeat_s``) and returns the newest acceptable `PolicyUpdate`, if any.
+
+States (`LinkState`):
+- ``connecting``: nothing heard yet from the controller since start, still within staleness.
+- ``connected``: the controller answered recently.
+- ``stale``: the runtime has been talking for more than ``staleness_s`` without any valid
+  answer (controller dead, wedged or unreachable). The plugin then applies its safe policy.
+
+Staleness counts from the first unanswered message we sent, not from the last message heard,
+so a scheduler that did not poll for a while (a long forward) does not flip to stale on its
+own: evidence of a silent controller needs a question it did not answer.
+
+Version rules: an update is delivered if its version is newer than the last one delivered
+from the same controller lineage (``controller_id``), or equal to it after a stale period
+(so the plugin re-applies it after having fallen back), or from a new lineage (the
+controller lost its state). Updates that do not fit the registered model or name a policy
+this runtime did not offer are refused and reported back in the next Heartbeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import zmq
+
+from lynx_protocol.endpoints import default_endpoint, validate_endpoint
+from lynx_protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    TO_RUNTIME,
+    Ack,
+    Heartbeat,
+    Message,
+    PolicyUpdate,
+    ProtocolError,
+    Register,
+    decode,
+    encode,
+)
+from lynx_protocol.policy import PolicyError, validate_policy
+
+LinkState = Literal["connecting", "connected", "stale"]
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    endpoint: str = field(default_factory=default_endpoint)
+    """Controller endpoint, ``ipc:///path`` or ``tcp://host:port``."""
+    staleness_s: float = 10.0
+    """Seconds without an answer to our messages before the link is ``stale``."""
+    heartbeat_s: float = 1.0
+    """Seconds between Heartbeats (or Register, while the controller does not know us)."""
+    send_queue: int = 64
+    """Messages ZMQ may buffer towards the controller; beyond that, sends are dropped."""
+    receive_queue: int = 64
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_receive_per_poll: int = 256
+    """Bound on messages drained by one poll, so a flood cannot stall a scheduler step."""
+
+    def __post_init__(self) -> None:
+        validate_endpoint(self.endpoint)
+        if self.staleness_s <= 0 or self.heartbeat_s <= 0:
+            raise ValueError("staleness_s and heartbeat_s must be > 0")
+        if self.heartbeat_s >= self.staleness_s:
+            raise ValueError("heartbeat_s must be shorter than staleness_s")
+
+
+@dataclass(frozen=True)
+class LinkTransition:
+    old: LinkState
+    new: LinkState
+    at: float
+    """Monotonic time of the transition [s]."""
+    reason: str
+
+
+@dataclass
+class LinkCounters:
+    sent: int = 0
+    dropped: int = 0
+    """Messages not sent because the queue was full or no controller was connected."""
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Undecodable messages from the controller, by `ProtocolError` reason."""
+    updates_delivered: int = 0
+    updates_superseded: int = 0
+    """Older or repeated versions dropped."""
+    updates_refused: int = 0
+    """Updates that did not fit this runtime (see ``Heartbeat.rejected_reason``)."""
+
+
+class RuntimeLink:
+    """DEALER socket to the controller's ROUTER; one per scheduler (TP rank 0)."""
+
+    def __init__(
+        self, registration: Register, settings: LinkSettings | None = None, *,
+        on_transition: Callable[[LinkTransition], None] | None = None,
+        clock: Callable[[], float] = time.monotonic, context: zmq.Context | None = None,
+    ) -> None:
+        self.registration = registration
+        self.settings = settings or LinkSettings()
+        self.counters = LinkCounters()
+        self._on_transition = on_transition
+        self._clock = clock
+        self._owns_context = context is None
+        self._context = context or zmq.Context(io_threads=1)
+        self._socket = self._context.socket(zmq.DEALER)
+        for option, value in (
+            (zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, self.settings.send_queue),
+            (zmq.RCVHWM, self.settings.receive_queue), (zmq.RECONNECT_IVL, 100),
+            (zmq.RECONNECT_IVL_MAX, 2000),
+            (zmq.MAXMSGSIZE, 4 * self.settings.max_message_bytes),
+        ):
+            self._socket.setsockopt(option, value)
+        self._socket.connect(self.settings.endpoint)
+        now = clock()
+        self._state: LinkState = "connecting"
+        self._transitions: list[LinkTransition] = []
+        self._registered = False
+        self._unanswered_since: float | None = None
+        self._last_heard: float | None = None
+        self._next_keepalive = now
+        self._applied_version = 0
+        self._controller_id: str | None = None
+        self._delivered_version = 0
+        self._redeliver = False
+        self._refused: tuple[int, str] = (0, "")
+        self.controller_policy_version = 0
+        """Newest policy version the controller said it has (from Acks)."""
+
+    # --- public API -------------------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    def poll_update(self, now: float | None = None) -> PolicyUpdate | None:
+        """Drain what arrived, keep the link alive; return the newest deliverable update."""
+        now = self._clock() if now is None else now
+        newest = self._drain(now)
+        self._refresh_state(now)
+        if now >= self._next_keepalive:
+            self._send_keepalive(now)
+        if newest is None:
+            return None
+        self._delivered_version = newest.version
+        self._redeliver = False
+        self.counters.updates_delivered += 1
+        return newest
+
+    def send(self, msg: Message, now: float | None = None) -> bool:
+        """Queue one message for the controller without blocking; False if it was dropped."""
+        try:
+            self._socket.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters.dropped += 1
+            sent = False
+        else:
+            self.counters.sent += 1
+            sent = True
+        if self._unanswered_since is None:
+            self._unanswered_since = self._clock() if now is None else now
+        return sent
+
+    def controller_stale(self, now: float | None = None) -> bool:
+        """True when the link is ``stale`` at ``now`` (updates `state`)."""
+        self._refresh_state(self._clock() if now is None else now)
+        return self._state == "stale"
+
+    def take_transitions(self) -> list[LinkTransition]:
+        """State changes since the last call, oldest first (each one happens once)."""
+        taken, self._transitions = self._transitions, []
+        return taken
+
+    def mark_applied(self, version: int) -> None:
+        """The plugin reports the controller policy version in force (0: local/safe policy)."""
+        self._applied_version = version
+
+    def report_refused(self, version: int, reason: str) -> None:
+        """The plugin refused an update it received; told to the controller in Heartbeats."""
+        self._refused = (version, reason[:256])
+
+    def close(self) -> None:
+        self._socket.close(0)
+        if self._owns_context:
+            self._context.term()
+
+    def __enter__(self) -> RuntimeLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals --------------------------------------------------------------------
+
+    def _drain(self, now: float) -> PolicyUpdate | None:
+        newest: PolicyUpdate | None = None
+        for _ in range(self.settings.max_receive_per_poll):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if len(frames) != 1:
+                self.counters.rejected["malformed"] += 1
+                continue
+            try:
+                msg = decode(frames[0], accept=TO_RUNTIME,
+                             max_bytes=self.settings.max_message_bytes)
+            except ProtocolError as exc:
+                self.counters.rejected[exc.reason] += 1
+                continue
+            self.counters.received += 1
+            self._last_heard = now
+            self._unanswered_since = None
+            if isinstance(msg, Ack):
+                self._on_ack(msg, now)
+            elif isinstance(msg, PolicyUpdate) and self._acceptable(msg):
+                if newest is not None:
+                    self.counters.updates_superseded += 1
+                    if msg.controller_id == newest.controller_id and (
+                            msg.version < newest.version):
+                        continue
+                newest = msg
+        return newest
+
+    def _on_ack(self, ack: Ack, now: float) -> None:
+        self.controller_policy_version = ack.policy_version
+        if ack.registered:
+            self._registered = True
+        elif self._registered:  # the controller forgot us (restart): re-register right away
+            self._registered = False
+            self._next_keepalive = now
+
+    def _acceptable(self, update: PolicyUpdate) -> bool:
+        lineage_changed = (update.controller_id != self._controller_id
+                           and self._controller_id is not None)
+        if self._controller_id is None or lineage_changed:
+            self._controller_id = update.controller_id
+            self._delivered_version = 0
+        newer = update.version > self._delivered_version
+        repeat_after_stale = update.version == self._delivered_version and self._redeliver
+        if not (newer or repeat_after_stale):
+            self.counters.updates_superseded += 1
+            return False
+        reg = self.registration
+        try:
+            if update.policy.name not in reg.policies:
+                raise PolicyError(f"policy {update.policy.name!r} not supported here")
+            validate_policy(update.policy, num_layers=reg.num_layers,
+                            num_experts=reg.num_experts, top_k=reg.top_k)
+        except PolicyError as exc:
+            self.counters.updates_refused += 1
+            self._refused = (update.version, str(exc)[:256])
+            return False
+        return True
+
+    def _send_keepalive(self, now: float) -> None:
+        if self._registered:
+            version, reason = self._refused
+            msg: Message = Heartbeat(
+                replica_id=self.registration.replica_id,
+                applied_policy_version=self._applied_version,
+                rejected_policy_version=version, rejected_reason=reason,
+            )
+        else:
+            msg = self.registration
+        self.send(msg, now)
+        self._next_keepalive = now + self.settings.heartbeat_s
+
+    def _refresh_state(self, now: float) -> None:
+        silent = (self._unanswered_since is not None
+                  and now - self._unanswered_since > self.settings.staleness_s)
+        if silent:
+            target: LinkState = "stale"
+        elif self._last_heard is None:
+            target = "connecting"
+        else:
+            target = "connected"
+        if target == self._state or (target == "connecting" and self._state == "stale"):
+            return
+        reason = ("no answer for more than "
+                  f"{self.settings.staleness_s:g}s" if target == "stale" else "controller answered")
+        transition = LinkTransition(self._state, target, now, reason)
+        self._state = target
+        if target == "stale":
+            self._registered = False
+            self._redeliver = True
+        self._transitions.append(transition)
+        if self._on_transition is not None:
+            self._on_transition(transition)
