@@ -121,13 +121,12 @@ class RuntimeLink:
         ):
             self._socket.setsockopt(option, value)
         self._socket.connect(self.settings.endpoint)
-        now = clock()
         self._state: LinkState = "connecting"
         self._transitions: list[LinkTransition] = []
         self._registered = False
         self._unanswered_since: float | None = None
         self._last_heard: float | None = None
-        self._next_keepalive = now
+        self._next_keepalive = float("-inf")  # Register on the first poll
         self._applied_version = 0
         self._controller_id: str | None = None
         self._delivered_version = 0
@@ -276,8 +275,10 @@ class RuntimeLink:
             )
         else:
             msg = self.registration
-        self.send(msg, now)
-        self._next_keepalive = now + self.settings.heartbeat_s
+        sent = self.send(msg, now)
+        # Not connected yet (or queue full): retry soon rather than a whole heartbeat later.
+        retry_s = self.settings.heartbeat_s if sent else min(self.settings.heartbeat_s, 0.1)
+        self._next_keepalive = now + retry_s
 
     def _refresh_state(self, now: float) -> None:
         silent = (self._unanswered_since is not None

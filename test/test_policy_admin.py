@@ -1,0 +1,182 @@
+"""Admin HTTP API of a real controller process: auth, validation, audit, persistence, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lynx_policy.testing import ControllerProcess
+from lynx_protocol.link import LinkSettings, RuntimeLink
+from lynx_protocol.messages import Register
+
+BUDGET = {"name": "budget", "budgets": [{"max_batch": 16, "all_layers": 6},
+                                        {"max_batch": 4096, "per_layer": [4, 5]}]}
+REGISTER = Register(replica_id="admin-test-0", model="m", num_layers=2, num_experts=8, top_k=2,
+                    policies=["off", "budget"])
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]:
+    with ControllerProcess.launch(tmp_path_factory.mktemp("admin"),
+                                  {"mode": "static"}) as ctl:
+        yield ctl
+
+
+@pytest.fixture(scope="module")
+def replica(controller: ControllerProcess) -> Iterator[RuntimeLink]:
+    """A registered runtime (2 MoE layers, 8 experts) so shape checks have something to hit."""
+    link = RuntimeLink(REGISTER, LinkSettings(endpoint=controller.endpoint, heartbeat_s=0.2,
+                                              staleness_s=5.0))
+    deadline = time.monotonic() + 10
+    while not link.registered:
+        assert time.monotonic() < deadline, "replica did not register"
+        link.poll_update()
+        time.sleep(0.01)
+    yield link
+    link.close()
+
+
+def test_auth_is_required_on_every_v1_route(controller: ControllerProcess) -> None:
+    routes = [("GET", p) for p in ("/v1/state", "/v1/replicas", "/v1/policy", "/v1/mode",
+                                   "/v1/slo", "/v1/floor")]
+    routes += [("PUT", p) for p in ("/v1/policy", "/v1/mode", "/v1/slo", "/v1/floor")]
+    with httpx.Client(base_url=controller.admin_url) as anonymous:
+        for method, path in routes:
+            missing = anonymous.request(method, path, json={})
+            assert missing.status_code == 401, (method, path)
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = anonymous.request(method, path, json={},
+                                      headers={"Authorization": "Bearer not-the-token"})
+            assert wrong.status_code == 403, (method, path)
+            basic = anonymous.request(method, path, headers={"Authorization": "Basic eDp5"})
+            assert basic.status_code == 401
+        assert anonymous.get("/healthz").json()["status"] == "ok"
+        assert anonymous.get("/metrics").status_code == 200
+        assert controller.admin.get("/v1/state").status_code == 200
+
+
+def test_openapi_documents_bodies_and_bearer_auth(controller: ControllerProcess) -> None:
+    doc = httpx.get(controller.admin_url + "/openapi.json").json()
+    assert {"/v1/policy", "/v1/mode", "/v1/slo", "/v1/floor", "/v1/state", "/v1/replicas",
+            "/healthz", "/metrics"} <= set(doc["paths"])
+    body = doc["paths"]["/v1/policy"]["put"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"] == "#/components/schemas/PolicySpec"
+    assert "BudgetBucket" in doc["components"]["schemas"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert httpx.get(controller.admin_url + "/docs").status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "expected"), [
+    ("/v1/policy", b"{not json", "not valid JSON"),
+    ("/v1/policy", {"name": "budget"}, "needs at least one entry"),
+    ("/v1/policy", {"name": "turbo"}, "$.name"),
+    ("/v1/policy", {"name": "off", "colour": "red"}, "colour"),
+    ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": 8, "all_layers": 1}]},
+     "quality floor"),
+    ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": 8, "per_layer": [4, 4, 4]}]},
+     "replica admin-test-0"),
+    ("/v1/policy", {"name": "affinity"}, "does not support policy 'affinity'"),
+    ("/v1/mode", {"mode": "fast"}, "$.mode"),
+    ("/v1/slo", {"targets": []}, "at least one"),
+    ("/v1/slo", {"targets": [{"metric": "itl", "quantile": 1.5}]}, "$.targets[0].quantile"),
+    ("/v1/floor", {"min_budget": 0}, "$.min_budget"),
+    ("/v1/floor", {"min_budget": 2, "per_layer": [2, 2, 2]}, "MoE layers"),
+    ("/v1/floor", {"min_budget": 9}, "exceeds the expert count 8"),
+])
+def test_bad_changes_are_422_with_a_reason(controller: ControllerProcess, replica: RuntimeLink,
+                                           path: str, body: object, expected: str) -> None:
+    before = controller.admin.get("/v1/state").json()["version"]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = controller.admin.put(path, content=content)
+    assert response.status_code == 422, response.text
+    assert expected in response.json()["detail"]
+    assert controller.admin.get("/v1/state").json()["version"] == before
+
+
+def test_changes_bump_the_version_reach_the_replica_and_are_audited(
+        controller: ControllerProcess, replica: RuntimeLink) -> None:
+    admin = controller.admin
+    version = admin.get("/v1/policy").json()["version"]
+    response = admin.put("/v1/policy", json=BUDGET)
+    assert response.status_code == 200
+    assert response.json()["version"] == version + 1
+    assert response.json()["effective_policy"]["budgets"][1]["per_layer"] == [4, 5]
+    update = None
+    deadline = time.monotonic() + 5
+    while update is None or update.version != version + 1:
+        assert time.monotonic() < deadline, "update never reached the runtime"
+        update = replica.poll_update() or update
+        time.sleep(0.01)
+    assert update.policy.budgets[0].all_layers == 6
+    # Same body again: nothing changes, no new version.
+    assert admin.put("/v1/policy", json=BUDGET).json()["version"] == version + 1
+    # Raising the floor lifts budgets below it in the same version.
+    floor = admin.put("/v1/floor", json={"min_budget": 5})
+    assert floor.status_code == 200 and floor.json()["version"] == version + 2
+    policy = admin.get("/v1/policy").json()["policy"]
+    assert policy["budgets"][1]["per_layer"] == [5, 5]
+    assert admin.put("/v1/slo", json={"targets": [{"metric": "tpot", "target_ms": 50}]}
+                     ).status_code == 200
+    assert admin.get("/v1/slo").json()["targets"][0]["metric"] == "tpot"
+    replicas = admin.get("/v1/replicas").json()["replicas"]
+    assert [r["replica_id"] for r in replicas] == ["admin-test-0"]
+    assert replicas[0]["connected"] and replicas[0]["registration"]["num_experts"] == 8
+
+    entries = [json.loads(line) for line in
+               (controller.state_dir / "audit.jsonl").read_text().splitlines()]
+    applied = [e for e in entries if e["action"] == "put_policy" and e["outcome"] == "applied"]
+    assert applied and applied[-1]["actor"] == "test" and applied[-1]["client"] == "127.0.0.1"
+    assert applied[-1]["after"]["policy"]["name"] == "budget"
+    outcomes = {e["outcome"] for e in entries}
+    assert {"applied", "rejected", "unchanged", "forbidden", "unauthenticated"} <= outcomes
+    for text in ((controller.state_dir / "audit.jsonl").read_text(), controller.log_text(),
+                 (controller.state_dir / "state.json").read_text()):
+        assert controller.token not in text
+
+
+def test_metrics_are_exported_under_their_names(controller: ControllerProcess,
+                                                replica: RuntimeLink) -> None:
+    text = httpx.get(controller.admin_url + "/metrics").text
+    for name in ("lynx_controller_mode{mode=\"static\"} 1.0", "lynx_controller_policy_version ",
+                 "lynx_controller_decisions_total{direction=\"hold\"}",
+                 "lynx_controller_slo_attainment_ratio ", "lynx_controller_replicas_connected 1.0",
+                 "lynx_controller_messages_received_total{type=\"register\"}",
+                 "lynx_controller_messages_rejected_total{reason=\"invalid\"}",
+                 "lynx_controller_loop_duration_seconds_bucket",
+                 "lynx_controller_loop_degraded 0.0", "lynx_controller_budget_experts"):
+        assert name in text, name
+    state = controller.admin.get("/v1/state").json()
+    assert controller.metric("lynx_controller_policy_version") == state["version"]
+
+
+def test_state_survives_restart_and_sigkill(tmp_path: Path) -> None:
+    with ControllerProcess.launch(tmp_path / "ctl", {"mode": "off"}) as ctl:
+        admin = ctl.admin
+        assert admin.put("/v1/mode", json={"mode": "static"}).status_code == 200
+        put = admin.put("/v1/policy", json=BUDGET).json()
+        controller_id = admin.get("/v1/state").json()["controller_id"]
+        assert ctl.stop() == 0
+        assert "stopped at policy version" in ctl.log_text()
+
+        ctl.start()
+        state = ctl.admin.get("/v1/state").json()
+        assert state["resumed"] and state["mode"] == "static"
+        assert state["policy"] == put["policy"] and state["controller_id"] == controller_id
+        assert state["version"] > put["version"]
+        restarted = state["version"]
+
+        assert ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).json()["version"] == (
+            restarted + 1)
+        ctl.kill()  # SIGKILL right after an acknowledged change: it must have been persisted
+        ctl.start()
+        state = ctl.admin.get("/v1/state").json()
+        assert state["mode"] == "adaptive" and state["version"] > restarted + 1
+        assert not list(ctl.state_dir.glob(".*.tmp"))
+        actions = [json.loads(line)["action"] for line in
+                   (ctl.state_dir / "audit.jsonl").read_text().splitlines()]
+        assert actions[0] == "init" and actions.count("restart") == 2
