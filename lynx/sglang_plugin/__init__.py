@@ -25,6 +25,9 @@ TOPK_TARGETS = (
     "sglang.srt.layers.moe.topk.TopK.forward_cpu",
 )
 MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+RECEIVER_PULL = ("sglang.srt.managers.scheduler_components.request_receiver."
+                 "SchedulerRequestReceiver._pull_raw_reqs")
+SCHEDULER_INPUT = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
 
 _installed = False
 
@@ -45,6 +48,12 @@ def install() -> None:
                           HookType.AROUND)
     HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", hooks.before_init_cuda_graphs,
                           HookType.BEFORE)
+    if config.controller:
+        from lynx.sglang_plugin import controller_glue
+
+        HookRegistry.register(RECEIVER_PULL, controller_glue.after_pull_raw_reqs, HookType.AFTER)
+        HookRegistry.register(SCHEDULER_INPUT, controller_glue.before_process_input_requests,
+                              HookType.BEFORE)
     _installed = True
     logger.info("Lynx plugin installed (policy=%s, controller=%s)",
                 config.policy.name if config.policy else "default", config.controller or "none")

@@ -29,6 +29,10 @@ def state() -> RuntimeState | None:
     return _state
 
 
+def exporter() -> Any:
+    return _exporter
+
+
 def _moe_shape(hf_config: Any) -> tuple[int, int, int]:
     text_config = getattr(hf_config, "text_config", None) or hf_config
     experts = getattr(text_config, "num_local_experts", None) or getattr(
@@ -55,6 +59,13 @@ def prepare(model_runner: Any) -> RuntimeState:
     from lynx.sglang_plugin.exporter import StatsExporter
 
     _exporter = StatsExporter(_state, _config, tp_rank=int(getattr(model_runner, "tp_rank", 0)))
+    if _config.controller:
+        from lynx.sglang_plugin import controller_glue
+
+        model = str(getattr(model_runner.model_config, "model_path", "") or "")
+        controller_glue.configure(controller_glue.ControllerGlue(
+            _config.controller, _config.replica_id, _config.stale_after_s, _config.safe_policy,
+            model=model[-512:]))
     logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s",
                 layers, experts, top_k, policy.name, device)
     return _state

@@ -1,0 +1,168 @@
+"""The runtime end of the controller link, riding SGLang's own request path.
+
+On the scheduler that owns the tokenizer socket (TP rank 0), an AFTER hook on
+``SchedulerRequestReceiver._pull_raw_reqs`` polls the controller without blocking (that method
+runs every scheduler iteration, and at least once a second when idle with ``--sleep-on-idle``)
+and appends a `PolicyMessage` to the received requests. SGLang broadcasts that list to every TP
+rank; a BEFORE hook on ``Scheduler.process_input_requests`` takes the messages out again on
+every rank and stages the policy, so all ranks switch at the same step boundary. The forward
+path never waits on the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lynx.sglang_plugin import hooks
+from lynx.sglang_plugin.exporter import BATCH_BUCKETS, WindowSummary
+from lynx_protocol.policy import POLICY_NAMES, PolicyError, PolicySpec, validate_policy
+
+logger = logging.getLogger("lynx.plugin")
+
+SAFE_POLICY_VERSION = 0
+
+
+@dataclass(frozen=True)
+class PolicyMessage:
+    """A policy to stage on every TP rank (picklable; travels with SGLang's request broadcast)."""
+
+    policy: PolicySpec
+    version: int
+    reason: str
+
+
+class ControllerGlue:
+    def __init__(self, endpoint: str, replica_id: str, stale_after_s: float,
+                 safe_policy: PolicySpec | None, model: str) -> None:
+        self.endpoint = endpoint
+        self.replica_id = replica_id
+        self.stale_after_s = stale_after_s
+        self.safe_policy = safe_policy
+        self.model = model
+        self.link: Any = None
+        self._stats_seq = 0
+        self._last_window: WindowSummary | None = None
+
+    def _ensure_link(self) -> Any:
+        if self.link is None:
+            from lynx_protocol.link import LinkSettings, RuntimeLink
+            from lynx_protocol.messages import Register
+
+            state = hooks.state()
+            assert state is not None
+            metrics_port = os.environ.get("LYNX_METRICS_URL", "")
+            registration = Register(
+                replica_id=self.replica_id, model=self.model, num_layers=state.num_layers,
+                num_experts=state.num_experts, top_k=state.top_k,
+                policies=list(POLICY_NAMES), pid=os.getpid(), metrics_url=metrics_port,
+            )
+            heartbeat = min(1.0, self.stale_after_s / 4)
+            self.link = RuntimeLink(registration, LinkSettings(
+                endpoint=self.endpoint, staleness_s=self.stale_after_s, heartbeat_s=heartbeat))
+        return self.link
+
+    def poll(self) -> list[PolicyMessage]:
+        """Non-blocking: what the controller said since the last call, as messages to stage."""
+        state = hooks.state()
+        if state is None:
+            return []
+        link = self._ensure_link()
+        out: list[PolicyMessage] = []
+        update = link.poll_update()
+        for transition in link.take_transitions():
+            self._on_transition(transition, out)
+        if update is not None:
+            try:  # validate here; every rank stages it from the broadcast
+                validate_policy(update.policy, num_layers=state.num_layers,
+                                num_experts=state.num_experts, top_k=state.top_k)
+            except PolicyError as exc:
+                link.report_refused(update.version, str(exc))
+                logger.warning("Lynx: refused policy v%d from the controller: %s",
+                               update.version, exc)
+            else:
+                out.append(PolicyMessage(update.policy, update.version, "controller"))
+                link.mark_applied(update.version)
+        self._send_stats(link)
+        return out
+
+    def _on_transition(self, transition: Any, out: list[PolicyMessage]) -> None:
+        exporter = hooks.exporter()
+        connected = transition.new == "connected"
+        if exporter is not None and exporter.export:
+            exporter.metrics.controller_connected.set(1 if connected else 0)
+        if transition.new == "stale":
+            if self.safe_policy is None:
+                logger.warning("Lynx: controller %s silent for %.0fs (%s); keeping the last "
+                               "good policy", self.endpoint, self.stale_after_s, transition.reason)
+            else:
+                logger.warning("Lynx: controller %s silent for %.0fs (%s); applying the safe "
+                               "policy %r", self.endpoint, self.stale_after_s, transition.reason,
+                               self.safe_policy.name)
+                out.append(PolicyMessage(self.safe_policy, SAFE_POLICY_VERSION, "stale"))
+                self.link.mark_applied(SAFE_POLICY_VERSION)
+        elif connected:
+            logger.warning("Lynx: controller %s is back (%s)", self.endpoint, transition.reason)
+
+    def _send_stats(self, link: Any) -> None:
+        exporter = hooks.exporter()
+        state = hooks.state()
+        if exporter is None or state is None or exporter.last_window is self._last_window:
+            return
+        window = exporter.last_window
+        self._last_window = window
+        if window.window_s <= 0:
+            return
+        from lynx_protocol.messages import StepStats
+
+        counts = [window.batch_hist.get(edge, 0) for edge in BATCH_BUCKETS]
+        counts.append(sum(v for k, v in window.batch_hist.items() if k > BATCH_BUCKETS[-1]))
+        step_ms = sorted(window.step_ms) or [0.0]
+        self._stats_seq += 1
+        link.send(StepStats(
+            replica_id=self.replica_id, seq=self._stats_seq, window_s=window.window_s,
+            batch_size_edges=list(BATCH_BUCKETS), batch_size_counts=counts,
+            decode_steps=window.steps.get("decode", 0),
+            prefill_steps=window.steps.get("prefill", 0),
+            mixed_steps=window.steps.get("mixed", 0),
+            experts_kept_mean=window.experts_kept, stock_union_mean=window.stock_union,
+            routing_mass_kept=min(max(window.mass_kept, 0.0), 1.0),
+            step_latency_p50_ms=step_ms[len(step_ms) // 2],
+            step_latency_p99_ms=step_ms[min(len(step_ms) - 1, int(len(step_ms) * 0.99))],
+            applied_policy_version=state.policy_version,
+        ))
+
+
+_glue: ControllerGlue | None = None
+
+
+def configure(glue: ControllerGlue | None) -> None:
+    global _glue
+    _glue = glue
+
+
+def after_pull_raw_reqs(result: list | None, *args: Any, **kwargs: Any) -> list | None:
+    if result is None or _glue is None:
+        return result
+    try:
+        messages = _glue.poll()
+    except Exception:  # the link must never take the scheduler down
+        logger.exception("Lynx: controller link poll failed; continuing with the current policy")
+        return result
+    return [*result, *messages] if messages else result
+
+
+def before_process_input_requests(scheduler: Any, recv_reqs: list, *args: Any,
+                                  **kwargs: Any) -> tuple[tuple, dict] | None:
+    if not any(isinstance(r, PolicyMessage) for r in recv_reqs):
+        return None
+    state = hooks.state()
+    for message in (r for r in recv_reqs if isinstance(r, PolicyMessage)):
+        if state is not None:
+            state.stage_policy(message.policy, message.version)
+            logger.info("Lynx: staged policy %s v%d (%s)", message.policy.name,
+                        message.version, message.reason)
+    kept = [r for r in recv_reqs if not isinstance(r, PolicyMessage)]
+    return (scheduler, kept, *args), kwargs
