@@ -45,11 +45,20 @@ class Observer(Protocol):
 
 
 def promql_for(target: SloTarget, config: ObserveConfig) -> str:
+    """Quantile query; matches the histogram under both spellings of its name.
+
+    prometheus_client >= 0.22 serves OpenMetrics with ``escaping=underscores`` to scrapers that
+    do not ask for UTF-8 names (Prometheus 2.x), so ``sglang:x`` is stored as ``sglang_x``
+    there and as ``sglang:x`` by Prometheus 3. ``or`` keeps the first spelling that has data,
+    never both.
+    """
     selector = f"{{{config.label_selector}}}" if config.label_selector else ""
     window = f"{max(1, round(config.rate_window_s))}s"
     histogram = SLO_HISTOGRAMS[target.metric]
-    return (f"histogram_quantile({target.quantile:g}, sum by (le) "
-            f"(rate({histogram}_bucket{selector}[{window}])))")
+    spellings = dict.fromkeys([histogram, histogram.replace(":", "_")])
+    rates = " or ".join(f"sum by (le) (rate({name}_bucket{selector}[{window}]))"
+                        for name in spellings)
+    return f"histogram_quantile({target.quantile:g}, {rates})"
 
 
 class PrometheusObserver:

@@ -41,12 +41,17 @@ def histogram_quantile(q: float, buckets: CumulativeBuckets) -> float | None:
 
 
 def parse_histograms(text: str, names: set[str]) -> dict[str, CumulativeBuckets]:
-    """Cumulative buckets of each histogram in ``names``, summed over all label sets."""
+    """Cumulative buckets of each histogram in ``names``, summed over all label sets.
+
+    ``sglang:x`` and ``sglang_x`` are the same histogram (OpenMetrics name escaping).
+    """
+    wanted = {name.replace(":", "_"): name for name in names}
     found: dict[str, CumulativeBuckets] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in names or family.type != "histogram":
+        name = wanted.get(family.name.replace(":", "_"))
+        if name is None or family.type != "histogram":
             continue
-        buckets = found.setdefault(family.name, {})
+        buckets = found.setdefault(name, {})
         for sample in family.samples:
             if not sample.name.endswith("_bucket") or "le" not in sample.labels:
                 continue

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,3 +162,90 @@ class ControllerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LatencySource:
+    """A runtime-like ``/metrics`` endpoint whose inter-token latency the test sets.
+
+    A background thread observes ``latency_s`` into ``sglang:inter_token_latency_seconds``
+    ``rate_hz`` times per second, so the histogram's recent quantiles follow ``latency_s``.
+    """
+
+    BUCKETS = (0.02, 0.04, 0.08, 0.09, 0.15, 0.3, 0.6)
+
+    def __init__(self, latency_s: float, rate_hz: float = 100.0) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+        self.latency_s = latency_s
+        self.registry = CollectorRegistry()
+        self.histogram = Histogram("sglang:inter_token_latency_seconds", "test-controlled ITL",
+                                   ["model_name"], buckets=self.BUCKETS, registry=self.registry)
+        self.port = free_tcp_port()
+        self._server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._observe, args=(1.0 / rate_hz,), daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def _observe(self, period_s: float) -> None:
+        child = self.histogram.labels(model_name="test")
+        while not self._stop.wait(period_s):
+            child.observe(self.latency_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.shutdown()
+
+
+class FakeReplica:
+    """A RuntimeLink pumped by a thread like a scheduler loop, sending StepStats periodically.
+
+    Applies every update it receives (``applied``) and reports a fixed decode batch size.
+    """
+
+    def __init__(self, registration: Any, endpoint: str, batch_size: int = 32,
+                 stats_every_s: float = 0.5) -> None:
+        from lynx_protocol.link import LinkSettings, RuntimeLink
+
+        self.registration = registration
+        self.link = RuntimeLink(registration, LinkSettings(endpoint=endpoint, heartbeat_s=0.2,
+                                                           staleness_s=3.0))
+        self.batch_size = batch_size
+        self.stats_every_s = stats_every_s
+        self.applied: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from lynx_protocol.messages import StepStats
+
+        seq = 0
+        next_stats = time.monotonic()
+        layers = self.registration.num_layers
+        while not self._stop.wait(0.01):
+            update = self.link.poll_update()
+            if update is not None:
+                self.applied.append(update)
+                self.link.mark_applied(update.version)
+            if time.monotonic() >= next_stats and self.link.registered:
+                seq += 1
+                next_stats = time.monotonic() + self.stats_every_s
+                version = self.applied[-1].version if self.applied else 0
+                self.link.send(StepStats(
+                    replica_id=self.registration.replica_id, seq=seq,
+                    window_s=self.stats_every_s, batch_size_edges=[self.batch_size],
+                    batch_size_counts=[50, 0], decode_steps=50, prefill_steps=0,
+                    mixed_steps=0, experts_kept_mean=[4.0] * layers,
+                    stock_union_mean=[6.0] * layers, routing_mass_kept=0.95,
+                    step_latency_p50_ms=20.0, step_latency_p99_ms=40.0,
+                    applied_policy_version=version))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.link.close()
