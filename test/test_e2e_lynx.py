@@ -1,0 +1,50 @@
+"""End to end: the Lynx plugin inside a real SGLang CPU server with each reference model."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
+from lynx.serving.client import generate_greedy
+from lynx.serving.metrics_reader import metric_sum, read_layer_gauges
+
+pytestmark = pytest.mark.slow
+N_PROBLEMS = 128  # one batched request: decode batches well above 16 rows
+STOCK_WITHOUT_PLUGIN = {"SGLANG_PLUGINS": "none-but-this-name", "LYNX_ENABLED": "1"}
+
+
+def _exact_match(url: str) -> tuple[float, list[str]]:
+    problems = heldout_problems(N_PROBLEMS)
+    completions, _ = generate_greedy(url, [arithmetic_prompt(a, b) for a, b in problems], 6)
+    texts = [c.text for c in completions]
+    correct = sum(parse_answer(t) == a + b for t, (a, b) in zip(texts, problems, strict=True))
+    return correct / len(problems), texts
+
+
+@pytest.mark.parametrize("model", ["mixtral-mini", "qwen3-moe-mini"])
+def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
+    server_factory, model: str
+) -> None:
+    stock = server_factory(model, env=STOCK_WITHOUT_PLUGIN)
+    stock_em, stock_texts = _exact_match(stock.url)
+    stock.stop()
+
+    off = server_factory(model, env={"LYNX_ENABLED": "0"})
+    _, off_texts = _exact_match(off.url)
+    assert "lynx_" not in httpx.get(f"{off.url}/metrics", timeout=10).text
+    off.stop()
+    assert off_texts == stock_texts  # plugin installed but off: byte-identical greedy outputs
+
+    lynx = server_factory(model, env={"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2"})
+    lynx_em, _ = _exact_match(lynx.url)
+    _exact_match(lynx.url)  # a second window so the exporter has flushed the first
+    metrics = httpx.get(f"{lynx.url}/metrics", timeout=10).text
+    kept_total = metric_sum(metrics, "lynx_experts_kept_total")
+    union_total = metric_sum(metrics, "lynx_experts_stock_union_total")
+    assert union_total > 0, "no pruned decode step was recorded"
+    assert kept_total < union_total  # fewer experts computed than the stock router's union
+    assert read_layer_gauges(metrics, "lynx_experts_kept_mean")
+    rows = metric_sum(metrics, "lynx_pruned_rows_total")
+    assert metric_sum(metrics, "lynx_top1_kept_rows_total") == rows  # top-1 always kept
+    assert lynx_em >= stock_em - 0.01, (lynx_em, stock_em)
