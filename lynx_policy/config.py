@@ -52,7 +52,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class SloTarget(_Section):
+class SloTarget(_Section, frozen=True):
     """Latency objective: the ``quantile`` of ``metric`` must stay <= ``target_ms``."""
 
     metric: SloMetric = "itl"
@@ -60,7 +60,7 @@ class SloTarget(_Section):
     target_ms: Annotated[float, msgspec.Meta(gt=0.0, le=3_600_000.0)] = 100.0
 
 
-class QualityFloor(_Section):
+class QualityFloor(_Section, frozen=True):
     """Most aggressive reduction allowed: the adaptive loop never goes below these budgets."""
 
     min_budget: Annotated[int, msgspec.Meta(ge=1)] = 2
@@ -77,7 +77,7 @@ class QualityFloor(_Section):
         return max([self.min_budget, *(self.per_layer or [])])
 
 
-class LinkConfig(_Section):
+class LinkConfig(_Section, frozen=True):
     bind: str = msgspec.field(default_factory=default_endpoint)
     """ZMQ ROUTER endpoint runtimes connect to: ``ipc:///path`` or ``tcp://host:5790``."""
     max_message_bytes: PositiveInt = MAX_MESSAGE_BYTES
@@ -90,7 +90,7 @@ class LinkConfig(_Section):
     send_queue: PositiveInt = 1000
 
 
-class AdminConfig(_Section):
+class AdminConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 5791
     token_file: str = ""
@@ -98,12 +98,12 @@ class AdminConfig(_Section):
     health_cache_s: Annotated[float, msgspec.Meta(ge=0.0)] = 2.0
 
 
-class StateConfig(_Section):
+class StateConfig(_Section, frozen=True):
     dir: str = "./lynx-policy-state"
     """Directory for ``state.json`` (atomic) and ``audit.jsonl`` (append-only)."""
 
 
-class LoopConfig(_Section):
+class LoopConfig(_Section, frozen=True):
     interval_s: PositiveFloat = 5.0
     """Seconds between two observe → decide → act ticks while healthy."""
     backoff_s: list[PositiveFloat] = msgspec.field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0,
@@ -113,7 +113,7 @@ class LoopConfig(_Section):
     """StepStats older than this do not count towards the live batch-size mix [s]."""
 
 
-class ObserveConfig(_Section):
+class ObserveConfig(_Section, frozen=True):
     prometheus_url: str = ""
     """Prometheus server (e.g. ``http://prometheus:9090``); empty: scrape runtimes directly."""
     scrape_urls: list[str] = msgspec.field(default_factory=list)
@@ -125,7 +125,7 @@ class ObserveConfig(_Section):
     timeout_s: PositiveFloat = 2.0
 
 
-class AdaptiveConfig(_Section):
+class AdaptiveConfig(_Section, frozen=True):
     buckets: list[PositiveInt] = msgspec.field(default_factory=lambda: [4, 16, 64, 256, 4096])
     """Batch-size buckets (max decode rows) of the table adaptive mode builds from scratch."""
     min_batch: PositiveInt = 8
@@ -152,7 +152,7 @@ def _default_slo() -> list[SloTarget]:
     return [SloTarget()]
 
 
-class ControllerConfig(_Section):
+class ControllerConfig(_Section, frozen=True):
     mode: Mode = "off"
     policy: PolicySpec = msgspec.field(default_factory=PolicySpec)
     slo: list[SloTarget] = msgspec.field(default_factory=_default_slo)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -134,6 +134,7 @@ class Hub:
         if isinstance(msg, Register):
             self._on_register(identity, msg, now)
             return
+        assert isinstance(msg, StepStats | Heartbeat)  # decode(accept=TO_CONTROLLER) guarantees
         replica = self.replicas.get(msg.replica_id)
         if replica is None:
             self._send(identity, Ack(registered=False, policy_version=self._version(),
@@ -181,7 +182,9 @@ class Hub:
         return self.current_update().version
 
     def _send(self, identity: bytes, msg: ControllerMessage) -> bool:
-        future = self._socket.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+        # With NOBLOCK the future is already resolved: sent, or failed (EAGAIN, EHOSTUNREACH).
+        future = cast(asyncio.Future, self._socket.send_multipart([identity, encode(msg)],
+                                                                  flags=zmq.NOBLOCK))
         if future.done() and future.exception() is None:
             return True
         self.metrics.updates_dropped.inc()

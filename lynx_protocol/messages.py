@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated
+from typing import Annotated, cast
 
 import msgspec
 
@@ -59,7 +59,7 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     v: int = PROTOCOL_VERSION
 
 
-class Register(_Message, tag="register"):
+class Register(_Message, tag="register", frozen=True):
     """First message of a runtime, re-sent whenever the controller does not know it."""
 
     replica_id: ReplicaId
@@ -80,7 +80,7 @@ class Register(_Message, tag="register"):
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 
 
-class StepStats(_Message, tag="step_stats"):
+class StepStats(_Message, tag="step_stats", frozen=True):
     """Aggregates over the last ``window_s`` seconds of forward steps of one runtime."""
 
     replica_id: ReplicaId
@@ -91,7 +91,8 @@ class StepStats(_Message, tag="step_stats"):
                                 msgspec.Meta(max_length=MAX_BUCKETS)]
     """Inclusive upper bounds [decode rows] of the batch-size histogram, increasing."""
     batch_size_counts: Annotated[list[Count], msgspec.Meta(max_length=MAX_BUCKETS + 1)]
-    """Steps per bucket; one more entry than edges: the last counts steps above the last edge."""
+    """Decode and mixed steps by their number of decode rows, per bucket; one more entry than
+    edges: the last counts steps above the last edge."""
     decode_steps: Count
     prefill_steps: Count
     mixed_steps: Count
@@ -122,7 +123,7 @@ class StepStats(_Message, tag="step_stats"):
                 raise ValueError("non-finite float")
 
 
-class Heartbeat(_Message, tag="heartbeat"):
+class Heartbeat(_Message, tag="heartbeat", frozen=True):
     """Liveness every ``heartbeat_s``; the controller answers with an `Ack`."""
 
     replica_id: ReplicaId
@@ -132,7 +133,7 @@ class Heartbeat(_Message, tag="heartbeat"):
     rejected_reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
-class PolicyUpdate(_Message, tag="policy_update"):
+class PolicyUpdate(_Message, tag="policy_update", frozen=True):
     """The policy every replica should apply; ``version`` only ever increases per controller."""
 
     version: Annotated[int, msgspec.Meta(ge=1)]
@@ -144,7 +145,7 @@ class PolicyUpdate(_Message, tag="policy_update"):
         validate_policy(self.policy)
 
 
-class Ack(_Message, tag="ack"):
+class Ack(_Message, tag="ack", frozen=True):
     """Controller's answer to Register/Heartbeat (and to stats from an unknown replica)."""
 
     registered: bool
@@ -213,7 +214,7 @@ def decode(
     if accept is not None and envelope.type not in accept:
         raise ProtocolError("wrong_direction", f"{envelope.type!r} is not accepted here")
     try:
-        return decoder.decode(data)
+        return cast(Message, decoder.decode(data))
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ProtocolError("invalid", f"{envelope.type}: {_short(exc)}") from None
 

@@ -119,3 +119,18 @@ def test_backoff_steps_and_recovers() -> None:
     assert not backoff.degraded and not backoff.succeeded()
     assert [backoff.failed() for _ in range(5)] == [1.0, 2.0, 5.0, 5.0, 5.0]
     assert backoff.degraded and backoff.succeeded() and not backoff.degraded
+
+
+def test_shipped_example_config_is_valid_and_documents_every_key() -> None:
+    import lynx_policy
+    from lynx_policy.config import ControllerConfig
+
+    example = Path(lynx_policy.__file__).parent / "controller.example.toml"
+    config = load_config(example, environ={})
+    assert config.mode == "adaptive"
+    text = example.read_text()
+    for section in ControllerConfig.__struct_fields__:
+        sub = getattr(config, section)
+        for key in getattr(type(sub), "__struct_fields__", ()):
+            if section not in ("policy", "slo"):
+                assert f"\n{key} = " in text or f"# {key} = " in text, f"{section}.{key}"

@@ -125,7 +125,8 @@ def test_registers_then_heartbeats_and_delivers_the_newest_update(
         assert link.take_transitions() == transitions and link.take_transitions() == []
 
         controller.send(budget(1), budget(3), budget(2))
-        update = poll_until(link, 0.5, lambda u: u is not None)
+        time.sleep(0.2)  # all three are queued before the next poll
+        update = link.poll_update(0.5)
         assert update is not None and update.version == 3
         controller.send(budget(2), budget(3))  # older and repeated versions are dropped
         time.sleep(0.1)
