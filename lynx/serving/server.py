@@ -80,7 +80,8 @@ class SglangServer:
     def start(self) -> SglangServer:
         if not port_is_free(self.host, self.port):
             raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
-        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", **self.env}
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
+               "LYNX_METRICS_URL": f"{self.url}/metrics", **self.env}
         log = self.log_path or Path(f"/tmp/lynx-sglang-{self.port}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
