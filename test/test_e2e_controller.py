@@ -87,7 +87,8 @@ def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
 
         ctl.start()
         restored = ctl.admin.get("/v1/policy").json()
-        assert restored["policy"] == {**restored["policy"], **BUDGET_POLICY}
+        assert restored["policy"]["name"] == "budget"
+        assert restored["policy"]["budgets"][0]["all_layers"] == 2
         assert restored["version"] > version  # versions keep increasing across restarts
         _wait_for("runtime re-applies the restored policy", lambda: _runtime_metric(
             server.url, "lynx_policy_active", {"policy": "budget"}) == 1, timeout_s=30)
