@@ -1,24 +1,32 @@
-"""``make demo``: the reference model on SGLang's CPU engine, stock and with Lynx, same prompts.
+"""``make demo``: a reference MoE on SGLang's CPU engine, stock then Lynx steered by the controller.
 
-Starts a real ``sglang.launch_server`` twice (plugin off, then on with the default policy), sends
-the same batch of held-out addition problems as one batched greedy request, and prints answers,
-exact match, latency and — from Lynx's own Prometheus metrics — experts kept per layer against
-the union the stock router would have used.
+1. Stock SGLang (plugin off) answers a batch of held-out additions in one batched greedy request.
+2. SGLang with Lynx and the policy controller beside it (``lynx-policy``, static mode) answers
+   the same batch with the default policy; Lynx's metrics give experts kept per layer vs the
+   union the stock router would have used.
+3. One policy change through the controller's admin API (a tighter budget); the demo waits
+   until the runtime reports the new policy version and runs the batch again.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+import msgspec
 
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.cli import lynx_env
 from lynx.serving.client import generate_greedy
-from lynx.serving.metrics_reader import read_layer_gauges
-from lynx.serving.models import resolve_model
+from lynx.serving.metrics_reader import metric_sum, read_layer_gauges
+from lynx.serving.models import moe_shape, resolve_model, validate_checkpoint
 from lynx.serving.server import SglangServer, free_port
+from lynx.sglang_plugin.config import default_policy
+from lynx_policy.testing import ControllerProcess
 
 BATCH = 32
 MAX_NEW_TOKENS = 6
@@ -34,43 +42,82 @@ class RunResult:
     union: dict[int, float]
 
 
-def _run(label: str, model: str, port: int, lynx: bool) -> RunResult:
+def _batch(server: SglangServer, label: str) -> RunResult:
     problems = heldout_problems(BATCH)
     prompts = [arithmetic_prompt(a, b) for a, b in problems]
-    server = SglangServer(resolve_model(model), port or free_port(), env=lynx_env(lynx))
-    print(f"[{label}] starting SGLang (CPU engine) on {server.url} ...", flush=True)
-    with server:
-        generate_greedy(server.url, prompts[:2], MAX_NEW_TOKENS)  # warm-up
-        completions, wall = generate_greedy(server.url, prompts, MAX_NEW_TOKENS)
-        metrics_text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    completions, wall = generate_greedy(server.url, prompts, MAX_NEW_TOKENS)
+    time.sleep(0.5)  # let the plugin's statistics window close
+    generate_greedy(server.url, prompts[:1], 1)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
     answers = [c.text for c in completions]
     correct = sum(
-        parse_answer(text) == a + b for text, (a, b) in zip(answers, problems, strict=True)
+        parse_answer(t) == a + b for t, (a, b) in zip(answers, problems, strict=True)
     )
-    kept = read_layer_gauges(metrics_text, "lynx_experts_kept_mean")
-    union = read_layer_gauges(metrics_text, "lynx_experts_stock_union_mean")
-    return RunResult(label, answers, correct / len(problems), wall, kept, union)
+    return RunResult(label, answers, correct / BATCH, wall,
+                     read_layer_gauges(text, "lynx_experts_kept_mean"),
+                     read_layer_gauges(text, "lynx_experts_stock_union_mean"))
+
+
+def _print_run(run: RunResult) -> None:
+    print(f"[{run.label}] exact match {run.exact_match:6.1%}   batch of {BATCH} in "
+          f"{run.wall_s:.3f}s")
+    for layer in sorted(run.kept):
+        print(f"    layer {layer}: experts kept {run.kept[layer]:5.2f}  "
+              f"(stock router union {run.union.get(layer, 0.0):5.2f})")
+
+
+def _wait_policy_version(server: SglangServer, version: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        generate_greedy(server.url, [arithmetic_prompt(1, 2)], 1)  # a step applies staged policy
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        if metric_sum(text, "lynx_policy_version") == version:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"runtime did not apply policy version {version} in {timeout_s}s")
 
 
 def run_demo(model: str = "mixtral-mini", port: int = 0) -> int:
-    stock = _run("stock", model, port, lynx=False)
-    lynx = _run("lynx", model, port, lynx=True)
+    path = resolve_model(model)
+    _, experts, top_k = moe_shape(validate_checkpoint(path))
     problems = heldout_problems(BATCH)
-    print(f"\nmodel {model}: {BATCH} held-out additions in one batched greedy request\n")
-    print(f"{'problem':>12}  {'stock':>10}  {'lynx':>10}")
-    for (a, b), s, lx in list(zip(problems, stock.answers, lynx.answers, strict=True))[:8]:
-        print(f"{f'{a}+{b}':>12}  {s.strip()!s:>10}  {lx.strip()!s:>10}")
-    print("  ...")
-    print(f"\nexact match   stock {stock.exact_match:6.1%}   lynx {lynx.exact_match:6.1%}")
-    print(f"batch latency stock {stock.wall_s:6.3f}s   lynx {lynx.wall_s:6.3f}s   "
-          f"(ratio {stock.wall_s / lynx.wall_s:.2f}x; one run, noisy)")
-    if lynx.kept:
-        print("\nexperts per MoE layer in pruned decode steps (mean): kept by Lynx vs stock union")
-        for layer in sorted(lynx.kept):
-            stock_union = lynx.union.get(layer, 0.0)
-            print(f"  layer {layer}: kept {lynx.kept[layer]:5.2f}  vs stock {stock_union:5.2f}")
-    else:
-        print("\n(no Lynx metrics: no decode step was pruned)")
+    print(f"model {model} ({experts} experts, top-{top_k}) on SGLang's CPU engine\n")
+
+    with SglangServer(path, port or free_port(), env=lynx_env(False)) as stock_server:
+        stock = _batch(stock_server, "stock")
+    _print_run(stock)
+
+    with tempfile.TemporaryDirectory(prefix="lynx-demo-") as workdir:
+        start_policy = msgspec.to_builtins(default_policy(experts, top_k))
+        controller = ControllerProcess.launch(Path(workdir), overrides={
+            "mode": "static", "policy": start_policy})
+        try:
+            env = lynx_env(True, controller=controller.endpoint)
+            env["LYNX_STATS_INTERVAL_S"] = "0.2"
+            with SglangServer(path, free_port(), env=env) as server:
+                print(f"\ncontroller at {controller.admin_url} (link {controller.endpoint})")
+                default = _batch(server, "lynx, default policy")
+                _print_run(default)
+                tighter = {"name": "budget", "budgets": [
+                    {"max_batch": 3, "all_layers": experts},
+                    {"max_batch": 100000, "all_layers": top_k}]}
+                print(f"\nPUT /v1/policy {tighter}")
+                reply = controller.admin.put("/v1/policy", json=tighter)
+                reply.raise_for_status()
+                version = int(reply.json()["version"])
+                _wait_policy_version(server, version)
+                print(f"runtime applied policy version {version}")
+                tight = _batch(server, f"lynx, budget {top_k} (v{version})")
+                _print_run(tight)
+        finally:
+            controller.stop()
+
+    print(f"\n{'problem':>10} {'stock':>8} {'default':>8} {'tight':>8}   (answers reversed)")
+    for i, (a, b) in enumerate(problems[:6]):
+        print(f"{f'{a}+{b}':>10} {stock.answers[i].strip():>8} {default.answers[i].strip():>8} "
+              f"{tight.answers[i].strip():>8}")
+    print(f"\nexact match: stock {stock.exact_match:.1%}, lynx default {default.exact_match:.1%}, "
+          f"lynx tight {tight.exact_match:.1%}  (single runs on a shared CPU: latency is noisy)")
     return 0
 
 

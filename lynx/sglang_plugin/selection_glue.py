@@ -13,7 +13,6 @@ import torch
 
 from lynx.sglang_plugin.step_state import RuntimeState
 
-MASK_VALUE = -1.0e4  # finite: -inf makes NaN inside some fused kernels
 STAT_FIELDS = ("layer_steps", "kept", "stock_union", "mass_kept", "mass_total", "top1_kept", "rows")
 
 
@@ -51,7 +50,7 @@ def layer_statistics(probs: torch.Tensor, top_k: int, keep: torch.Tensor,
 def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_config: Any,
                      layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(masking bias [T,E] fp32, stats [len(STAT_FIELDS)]) for one MoE layer in this step."""
-    from lynx.selection import batch_keep_mask
+    from lynx.selection import batch_keep_mask, masking_bias
 
     logits = router_logits.float()
     valid, prunable = row_masks(runtime, logits.shape[0], logits.device)
@@ -61,6 +60,6 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
         row_prunable=prunable, budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta,
         k0=knobs.k0,
     )
-    bias = torch.where(prunable[:, None] & ~keep[None, :], MASK_VALUE, 0.0)
+    bias = masking_bias(keep, prunable)
     probs = torch.softmax(logits, dim=-1)
     return bias, layer_statistics(probs, topk_config.top_k, keep, prunable)
