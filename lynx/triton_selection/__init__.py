@@ -1,0 +1,1 @@
+"""Triton kernels for the selection hot path; `lynx.selection` (torch) is their specification."""
