@@ -55,11 +55,16 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
     logits = router_logits.float()
     valid, prunable = row_masks(runtime, logits.shape[0], logits.device)
     knobs = runtime.knobs
-    keep = batch_keep_mask(
-        runtime.policy.name, logits, top_k=topk_config.top_k, row_valid=valid,
-        row_prunable=prunable, budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta,
-        k0=knobs.k0,
-    )
+    if logits.is_cuda and runtime.policy.name == "budget":  # Triton kernel for the row work
+        from lynx.triton_selection.launcher import keep_budget_triton
+
+        keep = keep_budget_triton(logits, topk_config.top_k, prunable, knobs.budget[layer])
+    else:
+        keep = batch_keep_mask(
+            runtime.policy.name, logits, top_k=topk_config.top_k, row_valid=valid,
+            row_prunable=prunable, budget=knobs.budget[layer], alpha=knobs.alpha,
+            beta=knobs.beta, k0=knobs.k0,
+        )
     bias = masking_bias(keep, prunable)
     probs = torch.softmax(logits, dim=-1)
     return bias, layer_statistics(probs, topk_config.top_k, keep, prunable)
