@@ -8,13 +8,12 @@ import sys
 
 import httpx
 import pytest
-from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
+from conftest import model_card_scores
 
+from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import samples
 from lynx.serving.server import port_is_free
-
-from .conftest import model_card_scores
 
 pytestmark = pytest.mark.slow
 N_PROBLEMS = 64
