@@ -6,10 +6,12 @@ import torch
 
 from lynx.selection.policies import (
     batch_importance,
+    ensure_groups,
     keep_affinity,
     keep_all,
     keep_budget,
     keep_piggyback,
+    restrict_to_groups,
 )
 from lynx.selection.routing import masking_bias, route_stock, route_with_keep
 
@@ -33,6 +35,7 @@ def batch_keep_mask(policy: str, logits: torch.Tensor, *, top_k: int, row_valid:
 
 
 __all__ = [
-    "POLICIES", "batch_importance", "batch_keep_mask", "keep_affinity", "keep_all",
-    "keep_budget", "keep_piggyback", "masking_bias", "route_stock", "route_with_keep",
+    "POLICIES", "batch_importance", "batch_keep_mask", "ensure_groups", "keep_affinity",
+    "keep_all", "keep_budget", "keep_piggyback", "masking_bias", "restrict_to_groups",
+    "route_stock", "route_with_keep",
 ]

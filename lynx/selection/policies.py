@@ -103,5 +103,44 @@ def keep_affinity(logits: torch.Tensor, top_k: int, row_valid: torch.Tensor,
     return _with_floor(keep, importance, top1_votes, top_k)
 
 
+def restrict_to_groups(choice_logits: torch.Tensor, num_groups: int, topk_group: int,
+                       top2_sum: bool) -> torch.Tensor:
+    """Each row's choice logits outside the ``topk_group`` groups it routes to set to -1e4
+    (group score: best expert, or the sum of the top-2 scores for sigmoid+bias routers)."""
+    rows, experts = choice_logits.shape
+    grouped = choice_logits.view(rows, num_groups, experts // num_groups)
+    if top2_sum:
+        group_score = grouped.exp().topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+    else:
+        group_score = grouped.max(dim=-1).values
+    chosen = torch.zeros_like(group_score, dtype=torch.bool)
+    chosen.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+    allowed = chosen[:, :, None].expand_as(grouped).reshape(rows, experts)
+    return torch.where(allowed, choice_logits, -1.0e4)
+
+
 def keep_all(num_experts: int, device: torch.device) -> torch.Tensor:
     return torch.ones(num_experts, dtype=torch.bool, device=device)
+
+
+def ensure_groups(keep: torch.Tensor, importance: torch.Tensor, num_groups: int,
+                  topk_group: int, min_per_group: int = 1) -> torch.Tensor:
+    """Grouped routers: make sure ``topk_group`` groups, and every group that already holds a
+    kept expert, hold at least ``min_per_group`` kept experts (softmax groups score by their
+    best expert: 1; sigmoid+bias groups by the sum of their top-2: 2), adding the most
+    important missing experts."""
+    experts = keep.shape[0]
+    per_group = experts // num_groups
+    grouped_keep = keep.view(num_groups, per_group)
+    grouped_importance = importance.view(num_groups, per_group)
+    kept_count = grouped_keep.sum(dim=1)
+    group_score = (grouped_importance.max(dim=1).values
+                   + kept_count.to(importance.dtype) * RANK_FIRST)
+    chosen_groups = (_rank_of(group_score) < topk_group) | (kept_count > 0)
+    for _ in range(min(min_per_group, per_group)):
+        needs = chosen_groups & (grouped_keep.sum(dim=1) < min_per_group)
+        candidate = torch.where(grouped_keep, -RANK_FIRST, grouped_importance).argmax(dim=1)
+        add = torch.zeros_like(grouped_keep)
+        add.scatter_(1, candidate[:, None], True)
+        grouped_keep = grouped_keep | (add & needs[:, None])
+    return grouped_keep.reshape(experts)

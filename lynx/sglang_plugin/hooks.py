@@ -107,21 +107,44 @@ def around_topk_forward(original: Any, topk: Any, hidden_states: torch.Tensor,
     ):
         return original(topk, hidden_states, router_logits, *args, **kwargs)
     config = topk.topk_config
-    if config.correction_bias is not None or config.scoring_func != "softmax":
-        has_bias = config.correction_bias is not None
-        _log_unsupported_once(f"scoring={config.scoring_func}, correction bias={has_bias}")
+    if config.scoring_func not in ("softmax", "sigmoid") or config.custom_routing_function:
+        _log_unsupported_once(f"scoring={config.scoring_func}, custom routing function")
         return original(topk, hidden_states, router_logits, *args, **kwargs)
     layer = int(topk.layer_id)
-    masking_bias, stats = select_for_layer(runtime, router_logits, config, layer)
-    masked_logits = (router_logits.float() + masking_bias).to(router_logits.dtype)
-    output = original(topk, hidden_states, masked_logits, *args, **kwargs)
+    bias, stats = select_for_layer(runtime, router_logits, config, layer)
     if _exporter is not None:
         _exporter.accumulate(layer, stats)
-    if not config.renormalize and hasattr(output, "topk_weights"):
+    if config.correction_bias is not None:
+        return _call_with_masked_correction_bias(original, topk, hidden_states, router_logits,
+                                                 bias, layer, runtime, *args, **kwargs)
+    masked_logits = (router_logits.float() + bias).to(router_logits.dtype)
+    output = original(topk, hidden_states, masked_logits, *args, **kwargs)
+    if config.scoring_func == "softmax" and not config.renormalize and hasattr(
+            output, "topk_weights"):
         output = _restore_gate_mass(output, router_logits, config.top_k, runtime)
     if hasattr(output, "router_logits") and hasattr(output, "_replace"):
         output = output._replace(router_logits=router_logits)
     return output
+
+
+def _call_with_masked_correction_bias(
+    original: Any, topk: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+    expert_bias: torch.Tensor, layer: int, runtime: RuntimeState, *args: Any, **kwargs: Any,
+) -> Any:
+    """Sigmoid + correction-bias routers select by ``score + bias``: masking logits would let a
+    masked expert win on its bias alone, so mask the bias. The effective bias lives in a
+    per-layer buffer written in place (a captured graph keeps reading the same memory)."""
+    config = topk.topk_config
+    stock_bias = config.correction_bias
+    effective = runtime.effective_bias.get(layer)
+    if effective is None or effective.shape != stock_bias.shape:
+        effective = runtime.effective_bias[layer] = torch.empty_like(stock_bias)
+    effective.copy_(stock_bias + expert_bias.to(stock_bias.dtype))
+    config.correction_bias = effective
+    try:
+        return original(topk, hidden_states, router_logits, *args, **kwargs)
+    finally:
+        config.correction_bias = stock_bias
 
 
 def _restore_gate_mass(output: Any, router_logits: torch.Tensor, top_k: int,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lynx.selection.routing import MASK_VALUE
 from lynx.sglang_plugin.step_state import RuntimeState
 
 STAT_FIELDS = ("layer_steps", "kept", "stock_union", "mass_kept", "mass_total", "top1_kept", "rows")
@@ -47,24 +48,63 @@ def layer_statistics(probs: torch.Tensor, top_k: int, keep: torch.Tensor,
     ])
 
 
+def choice_logits(router_logits: torch.Tensor, topk_config: Any) -> torch.Tensor:
+    """Logits whose softmax ranks experts the way the router chooses them.
+
+    Softmax or plain sigmoid routers: the router logits. Routers with a correction bias
+    (DeepSeek-V3 style) choose by ``score(z) + bias``: log of that, so its softmax is the
+    normalised choice score (a batch-importance proxy with the router's exact ranking)."""
+    logits = router_logits.float()
+    bias = topk_config.correction_bias
+    if bias is None:
+        return logits
+    scores = torch.sigmoid(logits) if topk_config.scoring_func == "sigmoid" else torch.softmax(
+        logits, dim=-1)
+    return torch.log((scores + bias.float()[None, :]).clamp_min(1e-6))
+
+
 def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_config: Any,
                      layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masking bias [T,E] fp32, stats [len(STAT_FIELDS)]) for one MoE layer in this step."""
-    from lynx.selection import batch_keep_mask, masking_bias
+    """(bias, stats [len(STAT_FIELDS)]) for one MoE layer in this step.
 
-    logits = router_logits.float()
+    The bias is a logit bias [T,E] for routers without a correction bias, and an expert bias
+    [E] to add to the correction bias otherwise (there the bias is shared by all rows, so only
+    pure-decode steps are pruned). Static-shape device math only.
+    """
+    from lynx.selection import (
+        batch_importance,
+        batch_keep_mask,
+        ensure_groups,
+        masking_bias,
+        restrict_to_groups,
+    )
+
+    logits = choice_logits(router_logits, topk_config)
+    biased = topk_config.correction_bias is not None
+    grouped = bool(topk_config.use_grouped_topk and topk_config.num_expert_group)
+    if grouped:  # a row's top-1 is the best expert of the groups it actually routes to
+        logits = restrict_to_groups(logits, topk_config.num_expert_group,
+                                    topk_config.topk_group or 1, top2_sum=biased)
     valid, prunable = row_masks(runtime, logits.shape[0], logits.device)
     knobs = runtime.knobs
+    if biased:
+        prunable = prunable & (knobs.prunable_start == 0)
+    top_k = topk_config.top_k
     if logits.is_cuda and runtime.policy.name == "budget":  # Triton kernel for the row work
         from lynx.triton_selection.launcher import keep_budget_triton
 
-        keep = keep_budget_triton(logits, topk_config.top_k, prunable, knobs.budget[layer])
+        keep = keep_budget_triton(logits, top_k, prunable, knobs.budget[layer])
     else:
         keep = batch_keep_mask(
-            runtime.policy.name, logits, top_k=topk_config.top_k, row_valid=valid,
-            row_prunable=prunable, budget=knobs.budget[layer], alpha=knobs.alpha,
-            beta=knobs.beta, k0=knobs.k0,
+            runtime.policy.name, logits, top_k=top_k, row_valid=valid, row_prunable=prunable,
+            budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta, k0=knobs.k0,
         )
-    bias = masking_bias(keep, prunable)
     probs = torch.softmax(logits, dim=-1)
-    return bias, layer_statistics(probs, topk_config.top_k, keep, prunable)
+    if grouped:
+        importance = batch_importance(probs, top_k, prunable)[0]
+        keep = ensure_groups(keep, importance, topk_config.num_expert_group,
+                             topk_config.topk_group or 1, min_per_group=2 if biased else 1)
+    stats = layer_statistics(probs, top_k, keep, prunable)
+    if biased:
+        return torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0), stats
+    return masking_bias(keep, prunable), stats

@@ -83,7 +83,7 @@ class RuntimeState:
         self.policy = policy
         self.policy_version = 0
         self._staged: tuple[PolicySpec, int] | None = None
-        self._bucket_tables: dict[int, torch.Tensor] = {}
+        self.effective_bias: dict[int, torch.Tensor] = {}  # sigmoid+bias routers, per layer
         self.step_active = False
         self.layout = StepLayout("idle", 0, 0)
         self._apply(policy, 0)
