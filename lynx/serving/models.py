@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "models"
+# LYNX_MODELS_DIR: another folder holding mixtral-mini/ and qwen3-moe-mini/ (e.g. retrained).
+MODELS_DIR = Path(os.environ.get("LYNX_MODELS_DIR") or REPO_ROOT / "models")
 REFERENCE_MODELS: dict[str, Path] = {
     "mixtral-mini": MODELS_DIR / "mixtral-mini",
     "qwen3-moe-mini": MODELS_DIR / "qwen3-moe-mini",
