@@ -105,3 +105,23 @@ def test_default_policy_scales_with_model_shape() -> None:
     qwen = default_policy(64, 4)
     assert qwen.budgets[-1].all_layers == 16
     assert NO_LIMIT > 1_000_000
+
+
+def test_bad_config_stops_the_process_instead_of_serving_stock() -> None:
+    # SGLang's load_plugins swallows ordinary exceptions; a bad Lynx config must not be ignored.
+    code = "from sglang.srt.plugins import load_plugins; load_plugins(); print('served stock')"
+    env = {"PATH": "/usr/bin:/bin", "LYNX_ENABLED": "1", "LYNX_POLICY": '{"name": "magic"}'}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode != 0
+    assert "served stock" not in out.stdout
+    assert "lynx: invalid configuration: LYNX_POLICY: invalid policy" in out.stderr
+
+
+def test_cli_rejects_bad_policy_before_starting_a_server() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lynx.serving.cli", "serve", "mixtral-mini", "--lynx",
+         "--policy", '{"name": "budget"}'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "lynx-serve: error: LYNX_POLICY: policy 'budget' needs at least one entry in 'budgets'")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
 
 from lynx.serving.models import ModelError, resolve_model
 from lynx.serving.server import ServeError, SglangServer
+from lynx.sglang_plugin.config import LynxConfigError, load_config
 
 
 def lynx_env(
@@ -25,11 +25,10 @@ def lynx_env(
 
 
 def _serve(args: argparse.Namespace) -> int:
+    env = lynx_env(args.lynx, args.policy, args.controller)
+    load_config(env)  # the plugin's own validation, before a server is started
     model = resolve_model(args.model)
-    if args.policy:
-        json.loads(args.policy)  # fail early on malformed JSON; the plugin validates the rest
-    server = SglangServer(model, args.port, host=args.host,
-                          env=lynx_env(args.lynx, args.policy, args.controller))
+    server = SglangServer(model, args.port, host=args.host, env=env)
     print(f"starting SGLang on the CPU: {model} at http://{args.host}:{args.port} "
           f"(Lynx {'on' if args.lynx else 'off'}; log {server.log_path or 'in /tmp'})", flush=True)
     with server:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from lynx.serving.demo import run_demo
 
         return run_demo(args.model, args.port)
-    except (ModelError, ServeError, json.JSONDecodeError) as exc:
+    except (ModelError, ServeError, LynxConfigError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"lynx-serve: error: {first_line}", file=sys.stderr)
         rest = str(exc).splitlines()[1:]

@@ -2,8 +2,9 @@
 
 Contract of `install` (called by SGLang's ``load_plugins()`` in every process it starts):
 - ``LYNX_ENABLED`` not set to 1/true/yes: registers nothing; SGLang runs stock.
-- enabled: validates the configuration (`lynx.sglang_plugin.config`, a bad value raises
-  `LynxConfigError` and the process refuses to start), then registers HookRegistry hooks:
+- enabled: validates the configuration (`lynx.sglang_plugin.config`); a bad value stops the
+  process with ``SystemExit`` and a one-line reason (SGLang swallows ordinary exceptions from
+  plugins, which would silently serve stock SGLang). Then registers HookRegistry hooks:
   AROUND ``TopK.forward_native|forward_cuda|forward_cpu`` (mask the router logits of prunable rows),
   AROUND ``ModelRunner.forward`` (per-step state: forward mode, real rows, decode rows, knobs),
   BEFORE ``ModelRunner.init_cuda_graphs`` (allocate device knobs before any graph capture).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from lynx.sglang_plugin.config import load_config, plugin_enabled
+from lynx.sglang_plugin.config import LynxConfigError, load_config, plugin_enabled
 
 logger = logging.getLogger("lynx.plugin")
 
@@ -36,7 +37,13 @@ def install() -> None:
     global _installed
     if not plugin_enabled() or _installed:
         return
-    config = load_config()  # raises LynxConfigError on bad input, before anything is hooked
+    try:
+        config = load_config()
+    except LynxConfigError as exc:
+        # SGLang's load_plugins logs and swallows exceptions, which would serve stock SGLang
+        # while the operator asked for Lynx. SystemExit is not swallowed: refuse to start.
+        logger.error("lynx: invalid configuration: %s", exc)
+        raise SystemExit(f"lynx: invalid configuration: {exc}") from None
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from lynx.sglang_plugin import hooks
