@@ -1,0 +1,343 @@
+"""MoE-layer microbenchmark: SGLang's own CPU MoE path, stock routing vs Lynx, per decode batch.
+
+    python benchmark/moe_layer.py [--quick] [--tiny] [--out benchmark/results/moe_layer.json]
+
+What one "layer" is, exactly as SGLang's CPU engine runs it on a machine without AMX:
+- stock: ``select_experts`` (torch-native softmax top-k) then ``moe_forward_native`` (loops over
+  experts, skips experts no token routes to: fewer distinct experts = fewer weights read);
+- Lynx: the plugin's own per-layer selection (``lynx.sglang_plugin.selection_glue.
+  select_for_layer``: keep set from ``lynx.selection`` + masking bias + statistics), the masked
+  logits through the same ``select_experts``, then the same ``moe_forward_native``.
+Expert weights are random bf16 (values do not matter for time); router logits are real routing
+of the trained reference models where E and k match, else the skewed synthetic distribution of
+``benchmark.routing_data`` (the ``logits`` field says which).
+
+Per shape and batch, ``--draws`` decode batches are timed as one pass; stock, every policy/knob
+and every selection-only pass run round-robin in a shuffled order for ``--reps`` repetitions
+(one process, ``--threads`` torch threads); times are medians per pass / draws.
+- ``speedup`` = stock_ms / lynx_ms; ``experts_*`` = mean distinct experts the layer computes;
+- ``bound`` = sum of stock unions / sum of kept unions over the draws (expert weights read);
+- ``fraction_of_bound`` = speedup / bound (1.0 = every saved expert turned into saved time);
+  ``gain_fraction`` = (speedup - 1) / (bound - 1), the stricter share of the possible gain
+  (null where bound < 1.02);
+- ``overhead_share`` = time of the selection step alone / Lynx layer time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.common import (
+    RESULTS_DIR,
+    Variant,
+    default_variant,
+    interleaved_medians,
+    machine_description,
+    policy_grid,
+    rounded,
+    write_json,
+)
+from benchmark.routing_data import SyntheticSkew, draw_batches, reference_logits
+
+BATCHES = (1, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int  # per-expert FFN width
+    logits_from: str | None  # reference model whose real routing fits E and k
+    note: str
+    fine_grained: bool = False
+
+    def scaled(self, factor: int) -> Shape:
+        return Shape(self.name, self.num_experts, self.top_k, max(16, self.hidden // factor),
+                     max(16, self.intermediate // factor), self.logits_from, self.note,
+                     self.fine_grained)
+
+
+SHAPES: tuple[Shape, ...] = (
+    Shape("mixtral-mini", 8, 2, 128, 256, "mixtral-mini", "reference model as trained"),
+    Shape("qwen3-moe-mini", 32, 4, 128, 64, "qwen3-moe-mini", "reference model as trained",
+          fine_grained=True),
+    Shape("mixtral-mini-wide16", 8, 2, 128, 4096, "mixtral-mini", "reference, experts x16 wide"),
+    Shape("qwen3-moe-mini-wide16", 32, 4, 128, 1024, "qwen3-moe-mini",
+          "reference, experts x16 wide", fine_grained=True),
+    Shape("Mixtral-8x7B/8", 8, 2, 512, 1792, "mixtral-mini",
+          "Mixtral-8x7B (H 4096, I 14336) scaled 1/8"),
+    Shape("Qwen3-30B-A3B/4", 128, 8, 512, 192, None, "Qwen3-30B-A3B (H 2048, I 768) scaled 1/4",
+          fine_grained=True),
+    Shape("DeepSeek-V2-Lite/4", 64, 6, 512, 352, None,
+          "DeepSeek-V2-Lite routed experts (H 2048, I 1408) scaled 1/4; shared experts omitted",
+          fine_grained=True),
+)
+QUICK_SHAPES = ("qwen3-moe-mini-wide16", "Qwen3-30B-A3B/4")
+# Also measured in bf16 (the checkpoints' dtype) to show the compute-bound CPU fallback.
+BF16_SHAPES = ("qwen3-moe-mini-wide16", "Mixtral-8x7B/8", "Qwen3-30B-A3B/4")
+
+
+class MoeLayerBench:
+    """One shape's expert weights and SGLang's routing/MoE callables."""
+
+    def __init__(self, shape: Shape, dtype: torch.dtype, seed: int = 0) -> None:
+        from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+        from sglang.srt.layers.moe.topk import TopKConfig
+
+        gen = torch.Generator().manual_seed(seed)
+        e, h, i = shape.num_experts, shape.hidden, shape.intermediate
+        self.shape = shape
+        self.dtype = dtype
+        self.layer = SimpleNamespace(
+            num_experts=e,
+            w13_weight=(torch.randn(e, 2 * i, h, generator=gen) * 0.02).to(dtype),
+            w2_weight=(torch.randn(e, h, i, generator=gen) * 0.02).to(dtype),
+        )
+        self.runner_config = MoeRunnerConfig(activation="silu")
+        self.topk_config = TopKConfig(top_k=shape.top_k, renormalize=True, torch_native=True)
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor) -> Any:
+        from sglang.srt.layers.moe.topk import select_experts
+
+        return select_experts(hidden_states=x, router_logits=logits, topk_config=self.topk_config)
+
+    def experts(self, x: torch.Tensor, topk_output: Any) -> torch.Tensor:
+        from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
+
+        return moe_forward_native(self.layer, x, topk_output, self.runner_config)
+
+    def runtime(self, variant: Variant, batch: int) -> tuple[Any, bool]:
+        """The plugin's per-process state for ``variant`` at a pure-decode step of ``batch``."""
+        from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+
+        state = RuntimeState(1, self.shape.num_experts, self.shape.top_k, torch.device("cpu"),
+                             variant.spec)
+        prune = state.begin_step(StepLayout("decode", batch, 0))
+        return state, prune
+
+    def select(self, runtime: Any, logits: torch.Tensor) -> torch.Tensor:
+        """The plugin's selection step for one layer: masked logits (what the TopK hook passes
+        on to SGLang's router)."""
+        from lynx.sglang_plugin.selection_glue import select_for_layer
+
+        bias, _stats = select_for_layer(runtime, logits, self.topk_config, 0)
+        return (logits.float() + bias).to(logits.dtype)
+
+
+def _distinct(topk_output: Any) -> int:
+    return int(torch.unique(topk_output.topk_ids).numel())
+
+
+def _top1_kept(stock: Any, logits: torch.Tensor, masked: torch.Tensor) -> int:
+    """Rows whose stock top-1 expert survived the selection (its logit was not masked)."""
+    top1 = stock.topk_ids[:, :1].long()
+    return int((masked.gather(1, top1) == logits.gather(1, top1)).sum())
+
+
+def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list[Any],
+                      batch: int, reps: int, seed: int) -> list[dict[str, Any]]:
+    """Rows for every variant at one (shape, batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [(torch.randn(batch, bench.shape.hidden, generator=gen).to(bench.dtype), z)
+              for _, z in draws]
+    stock_union = [_distinct(bench.route(x, z)) for x, z in inputs]
+    runs: dict[str, Callable[[], None]] = {}
+
+    def stock_pass() -> None:
+        for x, z in inputs:
+            bench.experts(x, bench.route(x, z))
+
+    runs["stock"] = stock_pass
+    meta: dict[str, tuple[Variant, list[int], list[int]]] = {}
+    for variant in variants:
+        runtime, prune = bench.runtime(variant, batch)
+        masked = [bench.select(runtime, z) if prune else z for _, z in inputs]
+        kept = [_distinct(bench.route(x, m)) for (x, _), m in zip(inputs, masked, strict=True)]
+        top1 = [_top1_kept(bench.route(x, z), z, m) for (x, z), m in zip(inputs, masked,
+                                                                       strict=True)]
+        meta[variant.label] = (variant, kept, top1)
+
+        def lynx_pass(runtime: Any = runtime, prune: bool = prune) -> None:
+            for x, z in inputs:
+                routed = bench.route(x, bench.select(runtime, z) if prune else z)
+                bench.experts(x, routed)
+
+        def select_pass(runtime: Any = runtime, prune: bool = prune) -> None:
+            if prune:
+                for _, z in inputs:
+                    bench.select(runtime, z)
+
+        runs[f"lynx|{variant.label}"] = lynx_pass
+        runs[f"select|{variant.label}"] = select_pass
+    medians = interleaved_medians(runs, reps, seed=seed)
+    n = len(inputs)
+    stock_ms = medians["stock"] / n * 1e3
+    rows = []
+    for label, (variant, kept, top1) in meta.items():
+        lynx_ms = medians[f"lynx|{label}"] / n * 1e3
+        select_ms = medians[f"select|{label}"] / n * 1e3
+        speedup = stock_ms / lynx_ms
+        bound = sum(stock_union) / sum(kept)
+        rows.append({
+            "shape": bench.shape.name, "E": bench.shape.num_experts, "k": bench.shape.top_k,
+            "batch": batch, "policy": variant.policy, "knob": variant.knob,
+            "stock_ms": rounded(stock_ms), "lynx_ms": rounded(lynx_ms),
+            "speedup": rounded(speedup), "experts_stock": rounded(sum(stock_union) / n, 3),
+            "experts_kept": rounded(sum(kept) / n, 3), "bound": rounded(bound),
+            "fraction_of_bound": rounded(speedup / bound),
+            "gain_fraction": rounded((speedup - 1) / (bound - 1)) if bound >= 1.02 else None,
+            "overhead_share": rounded(select_ms / lynx_ms),
+            "select_ms": rounded(select_ms, 5),
+            "top1_kept_rate": rounded(sum(top1) / (n * batch)),
+            "default": variant == default_variant(bench.shape.num_experts, bench.shape.top_k),
+        })
+    return rows
+
+
+def logits_for(shape: Shape, synthetic_only: bool, skew: SyntheticSkew
+               ) -> tuple[torch.Tensor, str]:
+    if shape.logits_from and not synthetic_only:
+        real = reference_logits(shape.logits_from)
+        if real is not None and real.shape[-1] == shape.num_experts:
+            return real, f"real routing of {shape.logits_from} (held-out code + arithmetic)"
+    return skew.logits(4, 4096, shape.num_experts), skew.describe()
+
+
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def run(configs: list[tuple[Shape, torch.dtype]], batches: list[int], quick: bool, draws: int,
+        reps: int, threads: int, synthetic_only: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Rows for every (shape, dtype) configuration, batch, policy and knob."""
+    torch.set_num_threads(threads)
+    skew = SyntheticSkew()
+    rows: list[dict[str, Any]] = []
+    shape_info = []
+    for shape, dtype in configs:
+        tag = DTYPE_TAGS[dtype]
+        label = f"{shape.name} {tag}"
+        logits, source = logits_for(shape, synthetic_only, skew)
+        bench = MoeLayerBench(shape, dtype)
+        variants = policy_grid(shape.num_experts, shape.top_k, quick)
+        weights_mb = (bench.layer.w13_weight.nbytes + bench.layer.w2_weight.nbytes) / 2**20
+        shape_info.append({"shape": label, "E": shape.num_experts, "k": shape.top_k,
+                           "hidden": shape.hidden, "intermediate": shape.intermediate,
+                           "dtype": tag, "expert_weights_mib": round(weights_mb, 1),
+                           "logits": source, "note": shape.note,
+                           "fine_grained": shape.fine_grained})
+        for batch in batches:
+            batch_draws = draw_batches(logits, batch, draws, seed=1)
+            new = bench_shape_batch(bench, variants, batch_draws, batch, reps, seed=batch)
+            for row in new:
+                row["shape"] = label
+                row["dtype"] = tag
+                row["fine_grained"] = shape.fine_grained
+                row["logits"] = "real" if source.startswith("real") else "synthetic"
+            rows.extend(new)
+            if progress:
+                best = max(new, key=lambda r: r["speedup"])
+                print(f"[moe_layer] {label:27s} B={batch:3d} stock {new[0]['stock_ms']:8.3f} ms"
+                      f"  best {best['policy']}:{best['knob']} x{best['speedup']:.2f}"
+                      f" (bound {best['bound']:.2f})", flush=True)
+        del bench
+    return {"machine": machine_description(), "threads": threads, "draws": draws,
+            "reps": reps, "batches": batches, "shapes": shape_info, "rows": rows}
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [s["shape"] for s in result["shapes"]]
+    cols = min(3, len(shapes))
+    nrows = (len(shapes) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, shapes, strict=False):
+        rows = [r for r in result["rows"] if r["shape"] == name]
+        labels = sorted({f"{r['policy']}:{r['knob']}" for r in rows})
+        for label in labels:
+            sel = sorted((r for r in rows if f"{r['policy']}:{r['knob']}" == label),
+                         key=lambda r: r["batch"])
+            is_default = sel[0]["default"]
+            ax.plot([r["batch"] for r in sel], [r["speedup"] for r in sel],
+                    marker="o", lw=2.5 if is_default else 1, alpha=1 if is_default else 0.6,
+                    label=label + (" (default)" if is_default else ""))
+            if is_default:
+                ax.plot([r["batch"] for r in sel], [r["bound"] for r in sel], "k--", lw=1,
+                        label="bound (default)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("decode batch")
+        ax.set_ylabel("layer speedup vs stock")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.axis("off")
+    fig.suptitle("SGLang moe_forward_native on the CPU: Lynx speedup per layer (medians)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, batches and knobs")
+    parser.add_argument("--tiny", action="store_true",
+                        help="hidden sizes /8 on top (smoke test: seconds, not minutes)")
+    parser.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    parser.add_argument("--batches", default="", help="comma-separated decode batch sizes")
+    parser.add_argument("--draws", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", default="",
+                        help="float32,bfloat16 (default: float32 for every shape, bfloat16 for "
+                             "BF16_SHAPES; quick: float32 only)")
+    parser.add_argument("--synthetic-only", action="store_true",
+                        help="never load a reference checkpoint (synthetic logits everywhere)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "moe_layer.json")
+    args = parser.parse_args(argv)
+    names = [s for s in args.shapes.split(",") if s] or (
+        list(QUICK_SHAPES) if args.quick else [s.name for s in SHAPES])
+    by_name = {s.name: s for s in SHAPES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; known: {list(by_name)}")
+    shapes = [by_name[n].scaled(8) if args.tiny else by_name[n] for n in names]
+    if args.dtypes:
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+        configs = [(shape, dtype) for dtype in dtypes for shape in shapes]
+    else:
+        configs = [(shape, torch.float32) for shape in shapes]
+        if not args.quick:
+            configs += [(s, torch.bfloat16) for s in shapes if s.name in BF16_SHAPES]
+    batches = [int(b) for b in args.batches.split(",") if b] or (
+        [1, 16, 64] if args.quick else list(BATCHES))
+    draws = args.draws or (6 if args.quick else 10)
+    reps = args.reps or (3 if args.quick else 5)
+    result = run(configs, batches, args.quick, draws, reps, args.threads, args.synthetic_only)
+    write_json(args.out, result)
+    png = plot(result, args.out.with_suffix(".png"))
+    print(f"[moe_layer] wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
