@@ -1,0 +1,286 @@
+"""The Lynx Grafana dashboard as code (grafana-foundation-sdk), written to
+``docker/grafana/dashboards/lynx.json``.
+
+Panels are declared as data (`ROWS`) so that the PromQL they run is also available to tests
+(`dashboard_queries`, `referenced_metric_names`). The datasource is the ``$datasource`` template
+variable; the provisioned uid lives only in Grafana's provisioning file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lynx.deploy import constants as c
+from lynx.deploy.promql import all_metric_names, metric_names, substitute
+
+R = "$__rate_interval"
+SEL = 'instance=~"$replica"'
+"""Label matcher of the replica picker (runtime series)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    description: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    kind: Literal["timeseries", "stat"] = "timeseries"
+    width: int = 12
+    min_value: float | None = None
+    max_value: float | None = None
+    bars: bool = False
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    title: str
+    panels: tuple[PanelSpec, ...] = field(default_factory=tuple)
+
+
+def _q(expr: str, legend: str) -> Query:
+    return Query(expr, legend)
+
+
+def _ratio(num: str, den: str, by: str) -> str:
+    return (f"sum by ({by}) (rate({num}{{{SEL}}}[{R}])) "
+            f"/ sum by ({by}) (rate({den}{{{SEL}}}[{R}]))")
+
+
+def _quantile(q: float, hist: str, by: str = "instance", sel: str = SEL) -> str:
+    return f"histogram_quantile({q:g}, sum by (le, {by}) (rate({hist}_bucket{{{sel}}}[{R}])))"
+
+
+ITL, TTFT = "sglang:inter_token_latency_seconds", "sglang:time_to_first_token_seconds"
+
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("Policy and controller", (
+        PanelSpec("Controller mode", "The controller's mode: off (stock), static (the stored "
+                  "policy) or adaptive (SLO-driven budget).",
+                  (_q("lynx_controller_mode == 1", "{{mode}}"),), kind="stat", width=6),
+        PanelSpec("Policy version: controller vs replicas", "Version the controller sends and "
+                  "version each replica has applied; a replica that lags behind for more than a "
+                  "few seconds is not receiving updates.",
+                  (_q("lynx_controller_policy_version", "controller"),
+                   _q(f"lynx_policy_version{{{SEL}}}", "{{instance}}")), width=9),
+        PanelSpec("Applied policy per replica", "1 for the policy each replica applies now "
+                  "(off, budget, affinity, piggyback); the safe policy shows here while the "
+                  "controller is stale.",
+                  (_q(f"lynx_policy_active{{{SEL}}} == 1", "{{instance}}: {{policy}}"),),
+                  kind="stat", width=9),
+        PanelSpec("Controller link", "Per replica, 1 while the controller is heard from "
+                  "(lynx_controller_connected); the controller's count of connected replicas; "
+                  "and whether Prometheus reaches the controller (up).",
+                  (_q(f"lynx_controller_connected{{{SEL}}}", "{{instance}} connected"),
+                   _q("lynx_controller_replicas_connected", "replicas connected (controller)"),
+                   _q(f'up{{job="{c.CONTROLLER_JOB}"}}', "controller up")), width=12),
+        PanelSpec("Controller decisions", "Control-loop decisions per interval by direction: "
+                  "tighten (SLO violated, fewer experts), relax (headroom, more experts), hold.",
+                  (_q(f"sum by (direction) (increase(lynx_controller_decisions_total[{R}]))",
+                      "{{direction}}"),), bars=True, width=12),
+        PanelSpec("Budget per batch-size bucket", "Mean experts per layer the current policy "
+                  "allows, per batch-size bucket (max decode rows); adaptive mode moves these.",
+                  (_q("lynx_controller_budget_experts", "batch <= {{max_batch}}"),), width=12),
+        PanelSpec("Controller messages and loop", "Runtime messages the controller accepts "
+                  "(by type) and rejects (by reason), per second; and the loop's degraded flag.",
+                  (_q(f"sum by (type) (rate(lynx_controller_messages_received_total[{R}]))",
+                      "received {{type}}"),
+                   _q(f"sum by (reason) (rate(lynx_controller_messages_rejected_total[{R}]))",
+                      "rejected {{reason}}"),
+                   _q("lynx_controller_loop_degraded", "loop degraded")), width=12),
+    )),
+    RowSpec("Expert reduction", (
+        PanelSpec("Experts kept vs stock union (per replica and layer)", "Mean experts a "
+                  "pruned decode step reads per layer (kept) against the experts the stock "
+                  "router would have read (the union of the batch's top-k), last export window.",
+                  (_q(f"lynx_experts_kept_mean{{{SEL}}}", "{{instance}} L{{layer}} kept"),
+                   _q(f"lynx_experts_stock_union_mean{{{SEL}}}",
+                      "{{instance}} L{{layer}} stock union")), width=12),
+        PanelSpec("Kept / stock union ratio", "Share of the stock expert union that is still "
+                  "read, from the counters: per layer, and all layers together per replica. "
+                  "1 - this is the expert-weight traffic Lynx saves.",
+                  (_q(_ratio("lynx_experts_kept_total", "lynx_experts_stock_union_total",
+                             "instance, layer"), "{{instance}} L{{layer}}"),
+                   _q(_ratio("lynx_experts_kept_total", "lynx_experts_stock_union_total",
+                             "instance"), "{{instance}} all layers")),
+                  unit="percentunit", min_value=0, max_value=1, width=12),
+        PanelSpec("Routing mass kept", "Share of the stock top-k routing weight of pruned rows "
+                  "that lands on kept experts (1 = nothing lost), and the share of pruned rows "
+                  "that kept their top-1 expert (must be exactly 1).",
+                  (_q(_ratio("lynx_routing_mass_kept_total", "lynx_routing_mass_total",
+                             "instance"), "{{instance}} routing mass kept"),
+                   _q(_ratio("lynx_top1_kept_rows_total", "lynx_pruned_rows_total", "instance"),
+                      "{{instance}} top-1 kept")),
+                  unit="percentunit", max_value=1, width=12),
+        PanelSpec("Steps by mode", "Forward steps per second by mode (decode, prefill, mixed) "
+                  "and whether Lynx pruned them.",
+                  (_q(f"sum by (instance, mode, pruned) (rate(lynx_steps_total{{{SEL}}}[{R}]))",
+                      "{{instance}} {{mode}} pruned={{pruned}}"),), unit="ops", width=12),
+    )),
+    RowSpec("Latency and SLO", (
+        PanelSpec("Inter-token latency P50/P99 vs SLO", "P50 and P99 inter-token latency per "
+                  "replica from SGLang's histogram, with the controller's ITL target (the SLO "
+                  "line). The LynxItlSloBreach alert fires when P99 stays above it.",
+                  (_q(_quantile(0.5, ITL), "{{instance}} p50"),
+                   _q(_quantile(0.99, ITL), "{{instance}} p99"),
+                   _q('lynx_controller_slo_target_seconds{metric="itl"}', "SLO p{{quantile}}")),
+                  unit="s", width=12),
+        PanelSpec("Time to first token P50/P99 vs SLO", "P50 and P99 time to first token per "
+                  "replica, with the controller's TTFT target. Lynx never prunes prefill, so "
+                  "TTFT mostly reflects queueing and load.",
+                  (_q(_quantile(0.5, TTFT), "{{instance}} p50"),
+                   _q(_quantile(0.99, TTFT), "{{instance}} p99"),
+                   _q('lynx_controller_slo_target_seconds{metric="ttft"}',
+                      "SLO p{{quantile}}")), unit="s", width=12),
+        PanelSpec("Controller's observed latency and SLO attainment", "The latency quantiles "
+                  "the controller itself acts on (through Prometheus or scrapes) and the share "
+                  "of recent ticks where every SLO held.",
+                  (_q("lynx_controller_observed_latency_seconds", "observed {{metric}} "
+                      "p{{quantile}}"),
+                   _q("lynx_controller_slo_attainment_ratio", "SLO attainment")), width=12),
+        PanelSpec("Lynx step duration P50/P99", "Host-side wall time of a forward step by mode, "
+                  "pruned or not (includes Lynx's selection).",
+                  (_q(_quantile(0.5, "lynx_step_duration_seconds", "instance, mode"),
+                      "{{instance}} {{mode}} p50"),
+                   _q(_quantile(0.99, "lynx_step_duration_seconds", "instance, mode"),
+                      "{{instance}} {{mode}} p99")), unit="s", width=12),
+    )),
+    RowSpec("Load", (
+        PanelSpec("Batch size (running and queued requests)", "Requests in the running decode "
+                  "batch and in the queue per replica (SGLang refreshes these gauges every "
+                  "--decode-log-interval steps). Lynx prunes more as this grows.",
+                  (_q(f"sglang:num_running_reqs{{{SEL}}}", "{{instance}} running"),
+                   _q(f"sglang:num_queue_reqs{{{SEL}}}", "{{instance}} queued")), width=8),
+        PanelSpec("Throughput (generated tokens/s)", "Output tokens per second per replica and "
+                  "in total.",
+                  (_q(f"sum by (instance) (rate(sglang:generation_tokens_total{{{SEL}}}[{R}]))",
+                      "{{instance}}"),
+                   _q(f"sum(rate(sglang:generation_tokens_total{{{SEL}}}[{R}]))", "total")),
+                  unit="short", width=8),
+        PanelSpec("Router responses", "Responses per second of the sglang-router in front of "
+                  "the replicas, by HTTP status (5xx: no healthy replica or upstream errors).",
+                  (_q(f"sum by (status_code) (rate(smg_http_responses_total[{R}]))",
+                      "{{status_code}}"),), unit="reqps", width=8),
+    )),
+)
+
+
+def panels() -> list[PanelSpec]:
+    return [p for row in ROWS for p in row.panels]
+
+
+def _build_panel(spec: PanelSpec, panel_id: int) -> Any:
+    from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+    from grafana_foundation_sdk.builders.common import (
+        ReduceDataOptions,
+        VizLegendOptions,
+        VizTooltipOptions,
+    )
+    from grafana_foundation_sdk.models import common
+    from grafana_foundation_sdk.models.dashboard import DataSourceRef
+
+    builder: Any = stat.Panel() if spec.kind == "stat" else timeseries.Panel()
+    builder = (builder.id(panel_id).title(spec.title).description(spec.description)
+               .datasource(DataSourceRef(type_val="prometheus", uid="${datasource}"))
+               .unit(spec.unit).height(8).span(spec.width))
+    if spec.min_value is not None:
+        builder = builder.min(spec.min_value)
+    if spec.max_value is not None:
+        builder = builder.max(spec.max_value)
+    if spec.kind == "timeseries":
+        builder = (builder.fill_opacity(80 if spec.bars else 10)
+                   .legend(VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+                           .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+                   .tooltip(VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                            .sort(common.SortOrder.DESCENDING)))
+        if spec.bars:
+            builder = builder.draw_style(common.GraphDrawStyle.BARS)
+    else:
+        builder = (builder.reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
+                   .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+                   .color_mode(common.BigValueColorMode.VALUE)
+                   .graph_mode(common.BigValueGraphMode.NONE))
+    for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
+        builder = builder.with_target(
+            prometheus.Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref))
+    return builder
+
+
+def build_dashboard() -> dict[str, Any]:
+    """The dashboard model as plain JSON-able data."""
+    from grafana_foundation_sdk.builders.dashboard import (
+        Dashboard,
+        DatasourceVariable,
+        QueryVariable,
+        Row,
+    )
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+
+    replica = (QueryVariable("replica").label("Replica")
+               .datasource(DataSourceRef(type_val="prometheus", uid="${datasource}"))
+               .query(f'label_values(up{{job="{c.RUNTIME_JOB}"}}, instance)')
+               .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+               .multi(True).include_all(True).all_value(".*"))
+    board = (Dashboard("Lynx: batch-aware expert reduction").uid(c.DASHBOARD_UID)
+             .description("Lynx runtimes, policy controller, SGLang latency and load. "
+                          "Generated by lynx/deploy/dashboard.py; do not edit by hand.")
+             .tags(["lynx", "sglang", "moe"]).refresh("10s").time("now-30m", "now")
+             .timezone("browser").editable()
+             .with_variable(DatasourceVariable("datasource").label("Prometheus")
+                            .type("prometheus"))
+             .with_variable(replica))
+    panel_id = 1
+    for row in ROWS:
+        board = board.with_row(Row(row.title).id(panel_id))
+        panel_id += 1
+        for spec in row.panels:
+            board = board.with_panel(_build_panel(spec, panel_id))
+            panel_id += 1
+    data: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    data["annotations"] = {"list": []}
+    for variable in data["templating"]["list"]:
+        variable.pop("id", None)  # the SDK writes an all-zero uuid for every variable
+    return data
+
+
+def render_dashboard() -> str:
+    return json.dumps(build_dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+def raw_dashboard_queries() -> list[str]:
+    """Every panel's PromQL as written in the dashboard (Grafana variables unreplaced)."""
+    return [q.expr for p in panels() for q in p.queries]
+
+
+def dashboard_queries(rate_interval: str = "1m", replica: str = ".*") -> list[str]:
+    """Every panel's PromQL with Grafana variables replaced, ready for Prometheus' HTTP API."""
+    values = {"$__rate_interval": rate_interval, "$replica": replica}
+    return [substitute(e, values) for e in raw_dashboard_queries()]
+
+
+def variable_queries() -> list[str]:
+    """The metric selectors inside template-variable queries (``label_values(sel, label)``)."""
+    return [f'up{{job="{c.RUNTIME_JOB}"}}']
+
+
+def referenced_metric_names() -> set[str]:
+    """Every metric the dashboard and the alert rules read, minus Prometheus' synthetic ``up``.
+
+    Each must appear on a live ``/metrics`` page of a runtime, the controller or the router.
+    """
+    from lynx.deploy.prometheus import rule_expressions
+
+    exprs = [*raw_dashboard_queries(), *variable_queries(), *rule_expressions()]
+    return all_metric_names(exprs)
+
+
+def panel_metric_names(spec: PanelSpec) -> set[str]:
+    return set().union(*(metric_names(q.expr) for q in spec.queries))
