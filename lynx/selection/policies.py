@@ -1,146 +1,131 @@
-"""Batch-aware expert selection: which experts a layer computes in one decode step.
+"""Keep-set policies: which experts one MoE layer computes in one step, shared by the batch.
 
-Pure functions over tensors; no engine import, no globals, no host sync (no ``.item()``,
-``nonzero``, boolean indexing or Python branching on tensor values), so every function traces
-into one CUDA graph / ``torch.compile(fullgraph=True)`` graph. Knobs are 0-dim device tensors:
-changing one is a ``fill_``, never a recompile.
+Shape legend: T rows (tokens) of the step, E experts, K top_k.
 
-Shapes: T rows (tokens) in the step, E experts, K the router's top-k.
-- ``probs``      [T,E] float32  router probabilities (softmax of the logits)
-- ``row_valid``  [T]   bool     real rows (padding rows: False; they never vote)
-- ``prunable``   [T]   bool     valid decode rows that may be pruned (prefill rows: False)
-- result         [E]   bool     the batch's keep set for this layer and step
+A policy is ``fn(inputs: PolicyInputs, knobs: SelectionKnobs) -> keep [E] bool``; the step
+(`lynx.selection.step`) then applies `keep_rules.finalize_keep`, so a policy only states its
+idea. Policies are pure static-shape tensor math: no ``.item()``, ``nonzero``, boolean
+indexing or Python branching on tensor values; knobs are 0-dim device tensors, so a captured
+CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without recapture.
 
-Guarantees of every policy (property-tested): each prunable row's top-1 expert is kept; at
-least K experts are kept; the set depends only on prunable rows.
+- ``off``: keep everything (stock routing).
+- ``budget`` (ours): rank experts must-keep first (every pruned row's top-1), then by batch
+  importance (summed stock top-K gate mass of the pruned rows), lower index on ties; keep the
+  first ``max(m, #must-keep, K)``. One fixed ranking, so a smaller m keeps a subset.
+- ``affinity``: the published AffinityBinning (`lynx.selection.affinity`), B = valid rows.
+- ``piggyback`` (OEA-style): each pruned row keeps its top-``k0``; the union is the active set
+  the rows' other slots are re-routed onto.
+- ``by_code``: whichever of the above ``knobs.policy_code`` names (index into POLICY_NAMES),
+  for engines that capture one graph and let a controller switch policies at run time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import NamedTuple
+
 import torch
 
-RANK_FIRST = 1.0e9  # score offset that puts must-keep experts ahead of every other expert
+from lynx.selection.affinity import affinity_choices, rank_descending
+from lynx.selection.keep_rules import RANK_FIRST, BatchRouting
+from lynx.selection.routers import RouterSpec, affinity_logits
+
+POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback")  # code = index
+NO_BUDGET_LIMIT = 1 << 30
 
 
-def _rank_of(score: torch.Tensor) -> torch.Tensor:
-    """Rank of each expert by descending score, ties broken by expert index. [E] int64."""
-    order = torch.argsort(score, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(0, order, torch.arange(score.shape[0], device=score.device))
-    return ranks
+class SelectionKnobs(NamedTuple):
+    """Run-time knobs as preallocated 0-dim device tensors (change them with ``fill_``)."""
+
+    enabled: torch.Tensor  # bool: prune at all in this step
+    budget: torch.Tensor  # int64 [experts]: ``budget`` policy's m for this layer
+    alpha: torch.Tensor  # float32: ``affinity`` bin width 1/alpha logits
+    beta: torch.Tensor  # float32: ``affinity`` clamp depth (<= 0: no clamp)
+    k0: torch.Tensor  # int64: ``piggyback`` slots each row keeps (clamped to [1, K])
+    policy_code: torch.Tensor  # int64: index into POLICY_NAMES, read by ``by_code`` only
 
 
-def batch_importance(probs: torch.Tensor, top_k: int, prunable: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance [E], top-1 votes [E]): stock top-k routing mass and top-1 counts over the
-    prunable rows."""
-    num_experts = probs.shape[-1]
-    weight = prunable.to(probs.dtype)
-    top_values, top_ids = probs.topk(top_k, dim=-1)
-    importance = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
-    importance.index_add_(0, top_ids.flatten(), (top_values * weight[:, None]).flatten())
-    top1_votes = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
-    top1_votes.index_add_(0, top_ids[:, 0], weight)
-    return importance, top1_votes
+def make_knobs(device: torch.device | str | None = None, *, enabled: bool = True,
+               budget: int = NO_BUDGET_LIMIT, alpha: float = 3.0, beta: float = 2.0,
+               k0: int = 1, policy: str = "off") -> SelectionKnobs:
+    """Allocate a knob set once (before any graph capture)."""
+    def scalar(value: bool | int | float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(value, dtype=dtype, device=device)
+
+    return SelectionKnobs(
+        enabled=scalar(enabled, torch.bool), budget=scalar(budget, torch.int64),
+        alpha=scalar(alpha, torch.float32), beta=scalar(beta, torch.float32),
+        k0=scalar(k0, torch.int64), policy_code=scalar(POLICY_NAMES.index(policy), torch.int64),
+    )
 
 
-def _with_floor(keep: torch.Tensor, importance: torch.Tensor, top1_votes: torch.Tensor,
-                top_k: int) -> torch.Tensor:
-    """Add every voted top-1 expert and, if fewer than K remain, the most important others."""
-    keep = keep | (top1_votes > 0)
-    score = importance + (top1_votes > 0).to(importance.dtype) * RANK_FIRST
-    score = score + keep.to(importance.dtype) * (2 * RANK_FIRST)
-    return keep | (_rank_of(score) < top_k)
+class PolicyInputs(NamedTuple):
+    """Everything a policy may read about one layer-step (all on the step's device)."""
+
+    logits: torch.Tensor  # [T,E] fp32 router logits
+    router: RouterSpec
+    correction_bias: torch.Tensor | None  # [E] for biased routers
+    row_valid: torch.Tensor  # [T] bool real rows (vote in batch scores)
+    rows: torch.Tensor  # [T] bool rows this step prunes (valid, prunable, enabled)
+    batch: BatchRouting  # stock routing and per-expert totals over ``rows``
+    must: torch.Tensor  # [E] bool experts no policy may drop
 
 
-def keep_budget(probs: torch.Tensor, top_k: int, prunable: torch.Tensor,
-                budget: torch.Tensor) -> torch.Tensor:
-    """``budget``: at most ``m = max(budget, distinct top-1 experts, K)`` experts.
-
-    Experts are ranked must-keep first (the top-1 of some prunable row), then by batch
-    importance (summed stock top-k probability of the prunable rows). Keeping a prefix of one
-    fixed ranking makes the policy monotone: a smaller budget keeps a subset.
-    """
-    importance, top1_votes = batch_importance(probs, top_k, prunable)
-    must = top1_votes > 0
-    score = importance + must.to(importance.dtype) * RANK_FIRST
-    limit = torch.maximum(budget.to(torch.int64), must.sum().clamp_min(top_k))
-    return _rank_of(score) < limit
+KeepPolicy = Callable[[PolicyInputs, SelectionKnobs], torch.Tensor]
 
 
-def keep_piggyback(probs: torch.Tensor, top_k: int, prunable: torch.Tensor,
-                   k0: torch.Tensor) -> torch.Tensor:
-    """``piggyback`` (OEA-style): each prunable row keeps its top-``k0``; the union is the set
-    the rows' other slots are remapped onto."""
-    ranks_in_row = torch.argsort(torch.argsort(probs, dim=-1, descending=True, stable=True),
-                                 dim=-1)  # [T,E] rank of each expert within its row
-    own = (ranks_in_row < k0) & prunable[:, None]
-    keep = own.any(dim=0)
-    importance, top1_votes = batch_importance(probs, top_k, prunable)
-    return _with_floor(keep, importance, top1_votes, top_k)
+def keep_off(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    return torch.ones(inputs.logits.shape[-1], dtype=torch.bool, device=inputs.logits.device)
 
 
-def keep_affinity(logits: torch.Tensor, top_k: int, row_valid: torch.Tensor,
-                  prunable: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
-                  ) -> torch.Tensor:
-    """``affinity``: the published AffinityBinning method (arXiv 2411.08982), batch-aware.
-
-    Bins q = ceil(alpha * (z - max z)) clamped at -beta (beta <= 0: no clamp); batch score
-    c_e = sum over valid rows of B^q (B = number of valid rows, not the padded size); each
-    prunable row re-ranks by q + (c - own)/B and keeps its top-K; the union is the keep set.
-    """
-    z = logits.float()
-    bins = torch.ceil(alpha * (z - z.max(dim=-1, keepdim=True).values))
-    bins = torch.where(beta > 0, torch.maximum(bins, -beta), bins)
-    n_valid = row_valid.sum().clamp_min(2).to(z.dtype)
-    support = torch.exp(bins * torch.log(n_valid)) * row_valid[:, None].to(z.dtype)
-    batch_score = support.sum(dim=0)
-    reranked = bins + (batch_score[None, :] - support) / n_valid
-    chosen = torch.zeros_like(z, dtype=torch.bool)
-    chosen.scatter_(1, reranked.topk(top_k, dim=-1).indices, True)
-    keep = (chosen & prunable[:, None]).any(dim=0)
-    importance, top1_votes = batch_importance(torch.softmax(z, dim=-1), top_k, prunable)
-    return _with_floor(keep, importance, top1_votes, top_k)
+def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    must = inputs.must
+    score = must.to(torch.float32) * RANK_FIRST + inputs.batch.importance
+    limit = torch.maximum(knobs.budget.to(torch.int64),
+                          must.sum().clamp_min(inputs.router.top_k))
+    return rank_descending(score) < limit
 
 
-def restrict_to_groups(choice_logits: torch.Tensor, num_groups: int, topk_group: int,
-                       top2_sum: bool) -> torch.Tensor:
-    """Each row's choice logits outside the ``topk_group`` groups it routes to set to -1e4
-    (group score: best expert, or the sum of the top-2 scores for sigmoid+bias routers)."""
-    rows, experts = choice_logits.shape
-    grouped = choice_logits.view(rows, num_groups, experts // num_groups)
-    if top2_sum:
-        group_score = grouped.exp().topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-    else:
-        group_score = grouped.max(dim=-1).values
-    chosen = torch.zeros_like(group_score, dtype=torch.bool)
-    chosen.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
-    allowed = chosen[:, :, None].expand_as(grouped).reshape(rows, experts)
-    return torch.where(allowed, choice_logits, -1.0e4)
+def keep_affinity(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    scores = affinity_logits(inputs.logits, inputs.router, inputs.correction_bias)
+    return affinity_choices(scores, inputs.router.top_k, inputs.row_valid, inputs.rows,
+                            knobs.alpha, knobs.beta)
 
 
-def keep_all(num_experts: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(num_experts, dtype=torch.bool, device=device)
+def keep_piggyback(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    ids = inputs.batch.stock.ids  # [T,K]
+    top_k = ids.shape[1]
+    slots = torch.arange(top_k, device=ids.device) < knobs.k0.clamp(1, top_k)  # [K]
+    own = torch.zeros(inputs.logits.shape, dtype=torch.bool, device=ids.device)
+    own.scatter_(1, ids, inputs.rows[:, None] & slots[None, :])
+    return own.any(dim=0)
 
 
-def ensure_groups(keep: torch.Tensor, importance: torch.Tensor, num_groups: int,
-                  topk_group: int, min_per_group: int = 1) -> torch.Tensor:
-    """Grouped routers: make sure ``topk_group`` groups, and every group that already holds a
-    kept expert, hold at least ``min_per_group`` kept experts (softmax groups score by their
-    best expert: 1; sigmoid+bias groups by the sum of their top-2: 2), adding the most
-    important missing experts."""
-    experts = keep.shape[0]
-    per_group = experts // num_groups
-    grouped_keep = keep.view(num_groups, per_group)
-    grouped_importance = importance.view(num_groups, per_group)
-    kept_count = grouped_keep.sum(dim=1)
-    group_score = (grouped_importance.max(dim=1).values
-                   + kept_count.to(importance.dtype) * RANK_FIRST)
-    chosen_groups = (_rank_of(group_score) < topk_group) | (kept_count > 0)
-    for _ in range(min(min_per_group, per_group)):
-        needs = chosen_groups & (grouped_keep.sum(dim=1) < min_per_group)
-        candidate = torch.where(grouped_keep, -RANK_FIRST, grouped_importance).argmax(dim=1)
-        add = torch.zeros_like(grouped_keep)
-        add.scatter_(1, candidate[:, None], True)
-        grouped_keep = grouped_keep | (add & needs[:, None])
-    return grouped_keep.reshape(experts)
+def keep_by_code(inputs: PolicyInputs, knobs: SelectionKnobs,
+                 policies: Mapping[str, KeepPolicy] | None = None) -> torch.Tensor:
+    """Every named policy, then the one ``knobs.policy_code`` selects (device-side choice)."""
+    table = policies if policies is not None else KEEP_POLICIES
+    keep = keep_off(inputs, knobs)
+    for code, name in enumerate(POLICY_NAMES):
+        if name != "off":
+            keep = torch.where(knobs.policy_code == code, table[name](inputs, knobs), keep)
+    return keep
+
+
+KEEP_POLICIES: Mapping[str, KeepPolicy] = MappingProxyType({
+    "off": keep_off,
+    "budget": keep_budget,
+    "affinity": keep_affinity,
+    "piggyback": keep_piggyback,
+    "by_code": keep_by_code,
+})
+
+
+def keep_policy(name: str, policies: Mapping[str, KeepPolicy] | None = None) -> KeepPolicy:
+    """The policy registered under ``name`` (ValueError naming the known ones otherwise)."""
+    table = policies if policies is not None else KEEP_POLICIES
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown selection policy {name!r}; known: {sorted(table)}") from None

@@ -1,40 +1,146 @@
-"""Launchers for the Triton selection kernels (GPU, or the CPU under ``TRITON_INTERPRET=1``)."""
+"""Launchers for the Triton selection kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+
+Shape legend: T rows, E experts, K top_k, N = cdiv(T, BLOCK_ROWS) kernel programs.
+
+Each launcher allocates its outputs with static shapes and launches a fixed grid, so it can be
+captured in a CUDA graph; device knobs are passed as pointers (no ``.item()``). Routers the
+kernels do not cover (grouped, or with a correction bias) use the torch specification.
+`select_layer_step_triton` is `lynx.selection.select_layer_step` with the kernels plugged in.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
+import triton
 
-from lynx.selection.policies import RANK_FIRST, _rank_of
+from lynx.selection.affinity import (
+    MIN_BIN,
+    radix_weights,
+    rank_descending,
+    support_depth,
+    valid_row_count,
+)
+from lynx.selection.keep_rules import BatchRouting, finalize_keep, must_keep
+from lynx.selection.policies import (
+    KEEP_POLICIES,
+    KeepPolicy,
+    PolicyInputs,
+    SelectionKnobs,
+    keep_budget,
+)
+from lynx.selection.routers import RouterSpec, StockRouting, affinity_logits
+from lynx.selection.step import LayerSelection, select_layer_step, torch_batch_routing
+from lynx.triton_selection.affinity_kernels import (
+    affinity_choice_kernel,
+    affinity_support_kernel,
+)
+from lynx.triton_selection.stock_topk_kernel import stock_topk_kernel
+
+BLOCK_ROWS = 16
 
 
-def batch_importance_triton(probs_or_logits: torch.Tensor, top_k: int, prunable: torch.Tensor,
-                            *, from_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `lynx.selection.policies.batch_importance` (input: router logits)."""
-    import triton
+def _block_experts(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))
 
-    from lynx.triton_selection.batch_importance_kernel import batch_importance_kernel
 
-    if not from_logits:
-        raise ValueError("the kernel takes router logits (it computes the softmax itself)")
-    logits = probs_or_logits.contiguous()
-    rows, experts = logits.shape
-    importance = torch.zeros(experts, dtype=torch.float32, device=logits.device)
-    top1_votes = torch.zeros(experts, dtype=torch.float32, device=logits.device)
-    if rows == 0:
-        return importance, top1_votes
-    batch_importance_kernel[(rows,)](
-        logits, prunable.to(torch.int32).contiguous(), importance, top1_votes,
-        experts, logits.stride(0),
-        TOP_K=top_k, BLOCK_E=triton.next_power_of_2(experts),
+def _programs(num_rows: int) -> int:
+    return max(1, triton.cdiv(num_rows, BLOCK_ROWS))
+
+
+def kernel_covers(router: RouterSpec) -> bool:
+    """Whether `stock_topk_kernel` implements this router (plain softmax or sigmoid)."""
+    return not router.grouped and not router.has_correction_bias
+
+
+def triton_batch_routing(logits: torch.Tensor, router: RouterSpec,
+                         correction_bias: torch.Tensor | None, rows: torch.Tensor
+                         ) -> BatchRouting:
+    """`lynx.selection.torch_batch_routing` with the per-row work in `stock_topk_kernel`."""
+    if not kernel_covers(router):
+        return torch_batch_routing(logits, router, correction_bias, rows)
+    logits = logits.contiguous()
+    num_rows, num_experts = logits.shape
+    programs = _programs(num_rows)
+    device = logits.device
+    ids = torch.empty(num_rows, router.top_k, dtype=torch.int64, device=device)
+    gate = torch.empty(num_rows, router.top_k, dtype=torch.float32, device=device)
+    partial_importance = torch.empty(programs, num_experts, dtype=torch.float32, device=device)
+    partial_top1 = torch.empty(programs, num_experts, dtype=torch.float32, device=device)
+    stock_topk_kernel[(programs,)](
+        logits, rows.to(torch.int32), ids, gate, partial_importance, partial_top1,
+        num_rows, num_experts, logits.stride(0),
+        TOP_K=router.top_k, SIGMOID=router.scoring == "sigmoid",
+        BLOCK_T=BLOCK_ROWS, BLOCK_E=_block_experts(num_experts),
     )
-    return importance, top1_votes
+    stock = StockRouting(logits.float(), ids, gate)
+    return BatchRouting(stock, partial_importance.sum(dim=0), partial_top1.sum(dim=0))
+
+
+def affinity_choices_triton(scores: torch.Tensor, top_k: int, row_valid: torch.Tensor,
+                            rows: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+                            ) -> torch.Tensor:
+    """`lynx.selection.affinity_choices` with the per-row work in the affinity kernels."""
+    scores = scores.contiguous()
+    num_rows, num_experts = scores.shape
+    programs = _programs(num_rows)
+    device = scores.device
+    n_valid = valid_row_count(row_valid)
+    depth = support_depth(n_valid, beta)
+    partial_keys = torch.empty(programs, num_experts, dtype=torch.int64, device=device)
+    block = {"BLOCK_T": BLOCK_ROWS, "BLOCK_E": _block_experts(num_experts)}
+    affinity_support_kernel[(programs,)](
+        scores, row_valid.to(torch.int32), alpha, depth, radix_weights(n_valid, depth),
+        partial_keys, num_rows, num_experts, scores.stride(0), **block,
+    )
+    support_rank = rank_descending(partial_keys.sum(dim=0))
+    partial_picks = torch.empty(programs, num_experts, dtype=torch.int32, device=device)
+    affinity_choice_kernel[(programs,)](
+        scores, rows.to(torch.int32), alpha, beta, support_rank, partial_picks,
+        num_rows, num_experts, scores.stride(0), TOP_K=top_k, MIN_BIN=MIN_BIN, **block,
+    )
+    return partial_picks.sum(dim=0) > 0
+
+
+def keep_affinity_triton(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    scores = affinity_logits(inputs.logits, inputs.router, inputs.correction_bias)
+    return affinity_choices_triton(scores, inputs.router.top_k, inputs.row_valid,
+                                   inputs.rows, knobs.alpha, knobs.beta)
+
+
+TRITON_POLICIES: Mapping[str, KeepPolicy] = MappingProxyType(
+    {**KEEP_POLICIES, "affinity": keep_affinity_triton})
+
+
+def select_layer_step_triton(
+    policy: str, logits: torch.Tensor, router: RouterSpec, knobs: SelectionKnobs,
+    row_valid: torch.Tensor, row_prunable: torch.Tensor,
+    correction_bias: torch.Tensor | None = None,
+) -> LayerSelection:
+    """Same contract and results as `lynx.selection.select_layer_step`, kernels inside."""
+    return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
+                             correction_bias, policies=TRITON_POLICIES,
+                             batch_routing=triton_batch_routing)
+
+
+# -- the first launcher API (softmax routers, keep set only), kept for existing callers -----
+
+def batch_importance_triton(logits: torch.Tensor, top_k: int, prunable: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance [E], top-1 votes [E]) over the prunable rows of a softmax router."""
+    batch = triton_batch_routing(logits.float(), RouterSpec(top_k=top_k), None, prunable)
+    return batch.importance, batch.top1_votes
 
 
 def keep_budget_triton(logits: torch.Tensor, top_k: int, prunable: torch.Tensor,
                        budget: torch.Tensor) -> torch.Tensor:
-    """`lynx.selection.policies.keep_budget` with the per-row work in the Triton kernel."""
-    importance, top1_votes = batch_importance_triton(logits, top_k, prunable)
-    must = top1_votes > 0
-    score = importance + must.to(importance.dtype) * RANK_FIRST
-    limit = torch.maximum(budget.to(torch.int64), must.sum().clamp_min(top_k))
-    return _rank_of(score) < limit
+    """``budget`` keep set [E] of a softmax router, per-row work in the kernel."""
+    router = RouterSpec(top_k=top_k)
+    z = logits.float()
+    batch = triton_batch_routing(z, router, None, prunable)
+    must = must_keep(batch, router, prunable)
+    inputs = PolicyInputs(z, router, None, prunable, prunable, batch, must)
+    knobs = SelectionKnobs(prunable.new_ones(()), budget, *(budget.new_zeros(()),) * 4)
+    return finalize_keep(keep_budget(inputs, knobs), batch, must, router, prunable)

@@ -1,0 +1,158 @@
+"""Router kinds and their stock (unpruned) routing, computed the way SGLang computes it.
+
+Shape legend: T rows (tokens) of the step, E experts, K top_k, G expert groups.
+
+Every router scores each expert (``gate``: softmax or sigmoid of the logits), *chooses* by a
+score (``choice``: the logits, or ``gate + correction_bias`` for DeepSeek-V3 style routers),
+optionally first restricts each row to its ``topk_group`` best groups, takes the top-K by
+choice and gives each chosen expert its gate value as weight (renormalised over the K when
+``renormalize``). `stock_routing` reproduces that selection in fp32 with deterministic ties
+(lower expert index first); it is the ground truth the policies and statistics are built on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+RENORMALIZE_EPSILON = 1.0e-20  # SGLang's _RENORMALIZE_SUM_EPSILON
+EXCLUDED = -1.0e4  # logit-domain value of experts outside a row's chosen groups (finite)
+MIN_CHOICE_SCORE = 1.0e-6  # floor before the log of a biased choice score
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Static description of one MoE layer's router (a Python constant per layer).
+
+    ``scoring``: how gate values come from logits. ``num_expert_group``/``topk_group``: grouped
+    routing (DeepSeek); groups score by their best expert, or by the sum of their top-2 choice
+    scores when the router has a correction bias. ``has_correction_bias``: the router chooses by
+    ``gate + bias`` (a [E] tensor passed next to the logits); Lynx then masks that bias, never
+    the logits.
+    """
+
+    top_k: int
+    renormalize: bool = True
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    has_correction_bias: bool = False
+
+    @property
+    def grouped(self) -> bool:
+        return bool(self.num_expert_group and self.num_expert_group > 1 and self.topk_group)
+
+    @property
+    def groups_score_top2(self) -> bool:
+        """Groups are scored by the sum of their two best choice scores (biased routers)."""
+        return self.grouped and self.has_correction_bias
+
+    def min_active_per_group(self) -> int:
+        """Active experts a chosen group needs so a row still finds K experts in its groups
+        (and, for top-2 group scores, so the group's score is not dominated by a mask)."""
+        assert self.topk_group is not None
+        need = -(-self.top_k // self.topk_group)
+        return max(need, 2) if self.groups_score_top2 else need
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError if the spec cannot route ``num_experts`` experts."""
+        if not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, {num_experts}]")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unsupported scoring {self.scoring!r}")
+        if self.grouped:
+            groups, chosen = self.num_expert_group or 0, self.topk_group or 0
+            if num_experts % groups:
+                raise ValueError(f"{num_experts} experts do not split into {groups} groups")
+            per_group = num_experts // groups
+            if not 1 <= chosen <= groups or chosen * per_group < self.top_k:
+                raise ValueError(f"topk_group={chosen} of {groups} groups of {per_group} "
+                                 f"experts cannot hold top_k={self.top_k}")
+            if self.groups_score_top2 and per_group < 2:
+                raise ValueError("top-2 group scores need at least 2 experts per group")
+
+
+class StockRouting(NamedTuple):
+    """The router's own decision for every row (fp32)."""
+
+    choice: torch.Tensor  # [T,E] score the router ranks by; outside chosen groups: -inf
+    ids: torch.Tensor  # [T,K] int64, best first (ids[:, 0] is the row's top-1)
+    gate: torch.Tensor  # [T,K] gate value of each chosen expert, before renormalisation
+
+
+def gate_scores(logits: torch.Tensor, router: RouterSpec) -> torch.Tensor:
+    """[T,E] gate value of every expert."""
+    z = logits.float()
+    return torch.softmax(z, dim=-1) if router.scoring == "softmax" else torch.sigmoid(z)
+
+
+def choice_scores(logits: torch.Tensor, router: RouterSpec,
+                  correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """[T,E] the score the router ranks experts by, before any group restriction.
+
+    Without a correction bias this is the logits themselves (softmax and sigmoid are monotone,
+    so the ranking is the same and nothing is lost to rounding). ``correction_bias`` may be [E]
+    or per row [T,E]."""
+    z = logits.float()
+    if not router.has_correction_bias:
+        return z
+    if correction_bias is None:
+        raise ValueError("router has a correction bias but none was passed")
+    bias = correction_bias.float()
+    return gate_scores(z, router) + (bias if bias.dim() == 2 else bias[None, :])
+
+
+def chosen_groups(choice: torch.Tensor, router: RouterSpec) -> torch.Tensor:
+    """[T,G] bool: the ``topk_group`` groups each row routes within (ties: lower group)."""
+    rows, experts = choice.shape
+    groups = router.num_expert_group
+    assert groups is not None and router.topk_group is not None
+    grouped = choice.view(rows, groups, experts // groups)
+    if router.groups_score_top2:
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_score = grouped.max(dim=-1).values
+    order = torch.argsort(group_score, dim=-1, descending=True, stable=True)
+    chosen = torch.zeros_like(group_score, dtype=torch.bool)
+    return chosen.scatter_(1, order[:, : router.topk_group], True)
+
+
+def restrict_to_chosen_groups(scores: torch.Tensor, chosen: torch.Tensor,
+                              fill: float | torch.Tensor) -> torch.Tensor:
+    """``scores`` [T,E] with every expert outside the row's chosen groups set to ``fill``
+    (a number, or a tensor broadcastable to [T,E])."""
+    rows, experts = scores.shape
+    groups = chosen.shape[1]
+    allowed = chosen[:, :, None].expand(rows, groups, experts // groups).reshape(rows, experts)
+    return torch.where(allowed, scores, torch.as_tensor(fill, dtype=scores.dtype,
+                                                        device=scores.device))
+
+
+def stock_routing(logits: torch.Tensor, router: RouterSpec,
+                  correction_bias: torch.Tensor | None = None) -> StockRouting:
+    """The router's top-K for every row (ids best first, stable ties)."""
+    choice = choice_scores(logits, router, correction_bias)
+    if router.grouped:
+        choice = restrict_to_chosen_groups(choice, chosen_groups(choice, router), -torch.inf)
+    order = torch.argsort(choice, dim=-1, descending=True, stable=True)
+    ids = order[:, : router.top_k]
+    gate = gate_scores(logits, router).gather(1, ids)
+    return StockRouting(choice, ids, gate)
+
+
+def affinity_logits(logits: torch.Tensor, router: RouterSpec,
+                    correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """[T,E] logit-domain scores with the router's ranking, for AffinityBinning's bins.
+
+    Routers without a bias: the logits. Biased routers: log of the choice score (floored at
+    MIN_CHOICE_SCORE). Grouped routers: experts outside the row's groups sit EXCLUDED below
+    the row's best expert, so they fall into the deepest bin."""
+    z = logits.float()
+    if router.has_correction_bias:
+        z = torch.log(choice_scores(z, router, correction_bias).clamp_min(MIN_CHOICE_SCORE))
+    if not router.grouped:
+        return z
+    chosen = chosen_groups(choice_scores(logits, router, correction_bias), router)
+    return restrict_to_chosen_groups(z, chosen, z.max(dim=-1, keepdim=True).values + EXCLUDED)
