@@ -1,133 +1,266 @@
-"""Property tests of every selection policy (hypothesis) and of routing with a keep set."""
+"""Properties of every selection policy on every router kind (hypothesis), checked through the
+reference routing the engine performs on the masked inputs.
+
+Shape legend: T rows, E experts, K top_k."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lynx.selection import batch_keep_mask, keep_budget, route_stock, route_with_keep
-from lynx.sglang_plugin.selection_glue import layer_statistics
+from lynx.selection import (
+    POLICY_NAMES,
+    LayerSelection,
+    RouterSpec,
+    SelectionKnobs,
+    make_knobs,
+    route_reference,
+    select_layer_step,
+    stock_gate_mass,
+    stock_routing,
+)
 
+EXAMPLES = int(os.environ.get("LYNX_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a long run
+FAST = settings(max_examples=EXAMPLES, deadline=None)
 POLICIES = ("off", "budget", "affinity", "piggyback")
-FAST = settings(max_examples=60, deadline=None)
+ROUTER_KINDS = ("softmax", "softmax-raw", "sigmoid", "grouped-softmax", "biased", "biased-grouped")
+
+
+@dataclass
+class Step:
+    logits: torch.Tensor  # [T,E] (fp32 or bf16)
+    router: RouterSpec
+    correction_bias: torch.Tensor | None  # [E]
+    row_valid: torch.Tensor  # [T]
+    row_prunable: torch.Tensor  # [T]
+    knobs: SelectionKnobs
+
+    def select(self, policy: str) -> LayerSelection:
+        return select_layer_step(policy, self.logits, self.router, self.knobs, self.row_valid,
+                                 self.row_prunable, self.correction_bias)
 
 
 @st.composite
-def steps(draw: st.DrawFn) -> dict:
-    experts = draw(st.sampled_from([4, 8, 16, 32, 64]))
-    top_k = draw(st.integers(1, min(8, experts)))
-    rows = draw(st.integers(1, 48))
-    seed = draw(st.integers(0, 2**31 - 1))
+def steps(draw: st.DrawFn, kinds: tuple[str, ...] = ROUTER_KINDS) -> Step:
+    kind = draw(st.sampled_from(kinds))
+    grouped = kind in ("grouped-softmax", "biased-grouped")
+    if grouped:
+        groups, per_group = draw(st.sampled_from([2, 4, 8])), draw(st.sampled_from([2, 4, 8]))
+        experts, topk_group = groups * per_group, draw(st.integers(1, groups))
+        top_k = draw(st.integers(1, min(8, topk_group * per_group)))
+    else:
+        groups = topk_group = None  # type: ignore[assignment]
+        experts = draw(st.sampled_from([4, 8, 16, 32, 64]))
+        top_k = draw(st.integers(1, min(8, experts)))
+    renormalize = {"softmax": True, "softmax-raw": False}.get(kind, draw(st.booleans()))
+    router = RouterSpec(
+        top_k=top_k, renormalize=renormalize,
+        scoring="sigmoid" if kind in ("sigmoid", "biased", "biased-grouped") else "softmax",
+        num_expert_group=groups, topk_group=topk_group,
+        has_correction_bias=kind in ("biased", "biased-grouped"),
+    )
+    router.check(experts)
+    rows = draw(st.integers(1, 40))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     skew = draw(st.floats(0.0, 3.0))
-    gen = torch.Generator().manual_seed(seed)
-    popularity = torch.randn(experts, generator=gen) * skew
-    logits = popularity[None, :] + torch.randn(rows, experts, generator=gen) * 1.5
+    logits = (torch.randn(experts, generator=gen) * skew)[None, :] + torch.randn(
+        rows, experts, generator=gen) * draw(st.sampled_from([0.5, 1.5, 4.0]))
+    if draw(st.booleans()):
+        logits = logits.to(torch.bfloat16)  # real routers: bf16 logits, ties happen
+    bias = (torch.randn(experts, generator=gen) * 0.3) if router.has_correction_bias else None
     n_valid = draw(st.integers(1, rows))
-    prefill = draw(st.integers(0, n_valid - 1))
     index = torch.arange(rows)
-    return {
-        "logits": logits, "top_k": top_k, "row_valid": index < n_valid,
-        "row_prunable": (index < n_valid) & (index >= prefill),
-        "budget": torch.tensor(draw(st.integers(1, experts + 2))),
-        "alpha": torch.tensor(draw(st.sampled_from([0.7, 1.0, 2.0, 3.0]))),
-        "beta": torch.tensor(float(draw(st.sampled_from([0, 1, 2, 4])))),
-        "k0": torch.tensor(draw(st.integers(1, top_k))),
-    }
+    prefill_share = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    row_prunable = (torch.rand(rows, generator=gen) >= prefill_share) & (index < n_valid)
+    knobs = make_knobs(
+        budget=draw(st.integers(1, experts + 2)), alpha=draw(st.sampled_from([0.7, 1.0, 3.0])),
+        beta=float(draw(st.sampled_from([0, 1, 2, 4]))), k0=draw(st.integers(1, top_k)),
+    )
+    return Step(logits, router, bias, index < n_valid, row_prunable, knobs)
 
 
-def _keep(policy: str, step: dict) -> torch.Tensor:
-    return batch_keep_mask(policy, step["logits"], top_k=step["top_k"],
-                           row_valid=step["row_valid"], row_prunable=step["row_prunable"],
-                           budget=step["budget"], alpha=step["alpha"], beta=step["beta"],
-                           k0=step["k0"])
+def engine_routing(step: Step, selection: LayerSelection | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) the engine computes with the selection's masking inputs (None: stock)."""
+    stock = stock_routing(step.logits, step.router, step.correction_bias)
+    mass = None if step.router.renormalize else stock_gate_mass(stock)
+    if selection is None:
+        return route_reference(step.logits, step.router, correction_bias=step.correction_bias,
+                               stock_mass=mass)
+    if step.router.has_correction_bias:
+        assert selection.logit_bias is None and selection.correction_bias is not None
+        return route_reference(step.logits, step.router,
+                               correction_bias=selection.correction_bias, stock_mass=mass)
+    assert selection.correction_bias is None and selection.logit_bias is not None
+    return route_reference(step.logits, step.router, logit_bias=selection.logit_bias,
+                           correction_bias=step.correction_bias, stock_mass=mass)
 
 
 @FAST
 @given(steps(), st.sampled_from(POLICIES))
-def test_top1_kept_and_at_least_top_k(step: dict, policy: str) -> None:
-    keep = _keep(policy, step)
-    top1 = step["logits"].argmax(-1)
-    assert bool(keep[top1[step["row_prunable"]]].all())
-    assert int(keep.sum()) >= step["top_k"]
+def test_pruned_rows_keep_top1_and_route_only_to_kept_experts(step: Step, policy: str) -> None:
+    selection = step.select(policy)
+    weights, ids = engine_routing(step, selection)
+    stock_weights, stock_ids = engine_routing(step, None)
+    pruned = selection.apply_rows
+    assert torch.equal(pruned, step.row_valid & step.row_prunable)
+    assert bool(selection.keep[stock_ids[:, 0][pruned]].all()), "a pruned row lost its top-1"
+    assert torch.equal(ids[:, 0][pruned], stock_ids[:, 0][pruned]), "top-1 is no longer first"
+    assert bool(selection.keep[ids[pruned]].all()), "a pruned row was routed to a dropped expert"
+    assert int(selection.keep.sum()) >= step.router.top_k
+    for tensor in (weights, selection.stats, selection.logit_bias, selection.correction_bias):
+        assert tensor is None or bool(torch.isfinite(tensor).all())
+    # weights sum as the original router's: 1 when renormalised, else the stock gate mass
+    assert torch.allclose(weights.sum(-1), stock_weights.sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES))
+def test_rows_not_pruned_route_exactly_stock(step: Step, policy: str) -> None:
+    weights, ids = engine_routing(step, step.select(policy))
+    stock_weights, stock_ids = engine_routing(step, None)
+    fixed = ~(step.row_valid & step.row_prunable)
+    assert torch.equal(ids[fixed], stock_ids[fixed])
+    assert torch.equal(weights[fixed], stock_weights[fixed])
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES))
+def test_disabled_step_changes_nothing(step: Step, policy: str) -> None:
+    step.knobs.enabled.fill_(False)
+    selection = step.select(policy)
+    assert bool(selection.keep.all()) and not bool(selection.apply_rows.any())
+    if selection.logit_bias is not None:
+        assert bool((selection.logit_bias == 0).all())
+    else:
+        assert torch.equal(selection.correction_bias,
+                           step.correction_bias.float()[None].expand_as(selection.correction_bias))
+    assert float(selection.stats.abs().sum()) == 0.0
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES), st.integers(1, 12), st.sampled_from([50.0, 1e4]))
+def test_padding_rows_neither_vote_nor_get_pruned(step: Step, policy: str, pad: int,
+                                                  scale: float) -> None:
+    selection = step.select(policy)
+    experts = step.logits.shape[1]
+    garbage = torch.randn(pad, experts) * scale
+    garbage[0, 0] = float("inf")
+    garbage[-1, -1] = float("nan")
+    no = torch.zeros(pad, dtype=torch.bool)
+    padded = Step(torch.cat([step.logits, garbage.to(step.logits.dtype)]), step.router,
+                  step.correction_bias, torch.cat([step.row_valid, no]),
+                  torch.cat([step.row_prunable, ~no]), step.knobs)
+    with_padding = padded.select(policy)
+    assert torch.equal(with_padding.keep, selection.keep)
+    assert torch.allclose(with_padding.stats, selection.stats)  # sums of more (zero) terms
+    assert not bool(with_padding.apply_rows[-pad:].any())
+    bias = with_padding.logit_bias if with_padding.logit_bias is not None else (
+        with_padding.correction_bias - step.correction_bias.float())
+    assert bool((bias[-pad:] == 0).all()) and bool(torch.isfinite(bias).all())
 
 
 @FAST
 @given(steps())
-def test_budget_respected_and_monotone(step: dict) -> None:
-    probs = torch.softmax(step["logits"], -1)
-    prunable, top_k = step["row_prunable"], step["top_k"]
-    distinct_top1 = int(probs.argmax(-1)[prunable].unique().numel())
+def test_budget_bound_and_monotone_in_m(step: Step) -> None:
+    router, experts = step.router, step.logits.shape[1]
+    stock = stock_routing(step.logits, router, step.correction_bias)
+    pruned = step.row_valid & step.row_prunable
+    distinct_top1 = int(stock.ids[:, 0][pruned].unique().numel())
     previous = None
-    for m in range(probs.shape[1] + 1, 0, -1):
-        keep = keep_budget(probs, top_k, prunable, torch.tensor(m))
-        assert int(keep.sum()) == min(probs.shape[1], max(m, distinct_top1, top_k))
+    for m in sorted({experts + 1, experts, *range(1, experts, max(1, experts // 8))},
+                    reverse=True):
+        step.knobs.budget.fill_(m)
+        keep = step.select("budget").keep
+        kept = int(keep.sum())
+        if not bool(pruned.any()):
+            assert kept == experts
+        elif not router.grouped:
+            assert kept == min(experts, max(m, distinct_top1, router.top_k))
+        else:  # grouped: the floor also holds whole viable groups
+            assert kept >= min(experts, max(m, distinct_top1, router.top_k))
         if previous is not None:
             assert bool((keep <= previous).all()), "a smaller budget kept a new expert"
         previous = keep
 
 
 @FAST
-@given(steps(), st.sampled_from(POLICIES), st.integers(1, 16))
-def test_padding_rows_do_not_vote(step: dict, policy: str, pad: int) -> None:
-    keep = _keep(policy, step)
-    garbage = torch.randn(pad, step["logits"].shape[1]) * 50
-    padded = {**step, "logits": torch.cat([step["logits"], garbage]),
-              "row_valid": torch.cat([step["row_valid"], torch.zeros(pad, dtype=torch.bool)]),
-              "row_prunable": torch.cat([step["row_prunable"],
-                                         torch.zeros(pad, dtype=torch.bool)])}
-    assert torch.equal(_keep(policy, padded), keep)
-
-
-@FAST
-@given(steps(), st.sampled_from(POLICIES), st.booleans())
-def test_prefill_rows_untouched_and_weights_keep_router_mass(
-    step: dict, policy: str, renormalize: bool
-) -> None:
-    keep = _keep(policy, step)
-    logits, top_k, prunable = step["logits"], step["top_k"], step["row_prunable"]
-    weights, ids = route_with_keep(logits, top_k, renormalize, keep, prunable)
-    stock_w, stock_ids = route_stock(logits, top_k, renormalize)
-    fixed = ~prunable
-    assert torch.equal(ids[fixed], stock_ids[fixed])
-    assert torch.allclose(weights[fixed], stock_w[fixed])
-    assert bool(keep[ids[prunable]].all()), "a pruned row was routed to a dropped expert"
-    assert torch.isfinite(weights).all()
-    assert torch.allclose(weights.sum(-1), stock_w.sum(-1), atol=1e-5)
-    assert torch.equal(ids[:, 0][prunable], stock_ids[:, 0][prunable])  # top-1 survives
+@given(steps(kinds=("softmax", "softmax-raw", "grouped-softmax")))
+def test_piggyback_keeps_union_of_each_rows_top_k0(step: Step) -> None:
+    keep = step.select("piggyback").keep
+    stock = stock_routing(step.logits, step.router)
+    pruned = step.row_valid & step.row_prunable
+    own = set(stock.ids[pruned][:, : int(step.knobs.k0)].flatten().tolist())
+    assert own <= set(torch.nonzero(keep).flatten().tolist())
+    if not step.router.grouped and len(own) >= step.router.top_k:
+        assert int(keep.sum()) == len(own)
 
 
 @FAST
 @given(steps(), st.sampled_from(POLICIES))
-def test_layer_statistics_match_a_plain_loop(step: dict, policy: str) -> None:
-    keep = _keep(policy, step)
-    probs = torch.softmax(step["logits"], -1)
-    top_k, prunable = step["top_k"], step["row_prunable"]
-    stats = layer_statistics(probs.double(), top_k, keep, prunable).tolist()
+def test_policy_code_selects_the_same_keep_set_as_the_name(step: Step, policy: str) -> None:
+    step.knobs.policy_code.fill_(POLICY_NAMES.index(policy))
+    assert torch.equal(step.select("by_code").keep, step.select(policy).keep)
+
+
+@FAST
+@given(steps(kinds=("softmax", "softmax-raw", "sigmoid")), st.sampled_from(POLICIES))
+def test_statistics_match_a_plain_loop(step: Step, policy: str) -> None:
+    selection = step.select(policy)
+    keep = selection.keep.tolist()
+    logits = step.logits.double()
+    top_k = step.router.top_k
     union: set[int] = set()
     mass_kept = mass_total = top1_kept = 0.0
     rows = 0
-    for t in range(probs.shape[0]):
-        if not prunable[t]:
+    for t in range(logits.shape[0]):
+        if not (bool(step.row_valid[t]) and bool(step.row_prunable[t])):
             continue
         rows += 1
-        values, ids = probs[t].double().topk(top_k)
-        union.update(ids.tolist())
-        for v, e in zip(values.tolist(), ids.tolist(), strict=True):
-            mass_total += v
-            mass_kept += v if keep[e] else 0.0
-        top1_kept += 1.0 if keep[ids[0]] else 0.0
-    expected = [1.0 if rows else 0.0, float(keep.sum()) if rows else 0.0, float(len(union)),
-                mass_kept, mass_total, top1_kept, float(rows)]
-    assert all(abs(a - b) < 1e-6 for a, b in zip(stats, expected, strict=True)), (stats, expected)
+        row = logits[t].tolist()
+        chosen = sorted(range(len(row)), key=lambda e, r=row: (-r[e], e))[:top_k]
+        if step.router.scoring == "softmax":
+            gates = torch.softmax(logits[t], -1).tolist()
+        else:
+            gates = torch.sigmoid(logits[t]).tolist()
+        union.update(chosen)
+        for e in chosen:
+            mass_total += gates[e]
+            mass_kept += gates[e] if keep[e] else 0.0
+        top1_kept += 1.0 if keep[chosen[0]] else 0.0
+    expected = [float(rows > 0), float(sum(keep)) * (rows > 0), float(len(union)), mass_kept,
+                mass_total, top1_kept, float(rows)]
+    got = selection.stats.tolist()
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, expected, strict=True)
+               ), (got, expected)
 
 
-def test_budget_cuts_the_union_on_a_skewed_batch() -> None:
+def test_budget_cuts_the_stock_union_on_a_skewed_batch() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(32, 64, generator=gen) * 2.0 + torch.randn(64, generator=gen)[None] * 2
-    probs = torch.softmax(logits, -1)
     everyone = torch.ones(32, dtype=torch.bool)
-    stock_union = probs.topk(6, -1).indices.unique().numel()
-    keep = keep_budget(probs, 6, everyone, torch.tensor(16))
-    distinct_top1 = probs.argmax(-1).unique().numel()
-    assert int(keep.sum()) == max(16, distinct_top1) < stock_union
+    step = Step(logits, RouterSpec(top_k=6), None, everyone, everyone, make_knobs(budget=16))
+    stats = dict(zip(("layer_steps", "kept", "stock_union"), step.select("budget").stats.tolist(),
+                     strict=False))
+    distinct_top1 = logits.argmax(-1).unique().numel()
+    assert stats["kept"] == max(16, distinct_top1) < stats["stock_union"]
+
+
+@settings(max_examples=EXAMPLES + 20, deadline=None)
+@given(steps(kinds=("grouped-softmax", "biased-grouped")), st.sampled_from(POLICIES[1:]))
+def test_grouped_routers_stay_viable_under_the_tightest_knobs(step: Step, policy: str) -> None:
+    """Budget 1, k0 1, narrow bins: the keep set is as small as the rules allow, so a row's
+    chosen groups (re-chosen on masked inputs) must still hold its top-1 and K kept experts."""
+    step.knobs.budget.fill_(1)
+    step.knobs.k0.fill_(1)
+    step.knobs.alpha.fill_(8.0)
+    selection = step.select(policy)
+    _, ids = engine_routing(step, selection)
+    _, stock_ids = engine_routing(step, None)
+    pruned = selection.apply_rows
+    assert torch.equal(ids[:, 0][pruned], stock_ids[:, 0][pruned]), "top-1 is no longer first"
+    assert bool(selection.keep[ids[pruned]].all()), "a pruned row was routed to a dropped expert"

@@ -54,7 +54,8 @@ def affinity_bins(logits: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def support_keys(bins: torch.Tensor, row_valid: torch.Tensor, depth: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
     """[E] int64 exact batch score key: sum over valid rows of (B+1)^(D + max(q, -D))."""
-    digit = (depth + torch.maximum(bins, -depth.to(bins.dtype)).to(torch.int64))  # [T,E]
+    digit = depth + torch.maximum(bins, -depth.to(bins.dtype)).to(torch.int64)  # [T,E]
+    digit = digit.clamp(0, MAX_SUPPORT_DEPTH)  # only NaN rows can fall outside
     contribution = weights[digit] * row_valid[:, None].to(torch.int64)
     return contribution.sum(dim=0)
 

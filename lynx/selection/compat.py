@@ -43,7 +43,7 @@ def batch_keep_mask(policy: str, logits: torch.Tensor, *, top_k: int, row_valid:
     enabled = torch.ones((), dtype=torch.bool, device=z.device)
     knobs = SelectionKnobs(enabled, budget, alpha, beta, k0, torch.zeros_like(budget))
     batch = batch_totals(stock_routing(z, router), rows)
-    must = must_keep(batch, router, rows)
+    must = must_keep(batch)
     inputs = PolicyInputs(z, router, None, row_valid, rows, batch, must)
     return finalize_keep(keep_policy(policy)(inputs, knobs), batch, must, router, rows)
 

@@ -2,12 +2,14 @@
 
 Shape legend: T rows, E experts, K top_k, G expert groups, P = E // G experts per group.
 
-- every pruned row keeps its own top-1 expert (and, for grouped routers scored by top-2 sums,
-  the two best experts of that expert's group, so the row's group still wins);
+- every pruned row keeps its own top-1 expert;
 - at least K experts are active;
 - grouped routers: at least ``topk_group`` groups hold active experts and every group that
   holds any holds enough (`RouterSpec.min_active_per_group`) for a row to find K experts in
-  its chosen groups;
+  its chosen groups. Groups scored by top-2 sums (biased routers) also activate every group a
+  pruned row routes within: there each pruned row is confined to its stock groups by its own
+  correction-bias mask (`routing.masked_correction_bias`), since a group chosen only after
+  masking could hold an expert that outranks the row's top-1;
 - with no pruned row in the step, every expert is kept.
 All additions follow a fixed order (importance, then lower index), so a policy whose own set
 only grows with its knob (``budget``) stays monotone after these rules.
@@ -44,30 +46,18 @@ def batch_totals(stock: StockRouting, rows: torch.Tensor) -> BatchRouting:
     return BatchRouting(stock, importance, top1_votes)
 
 
-def top1_group_anchors(stock: StockRouting, router: RouterSpec, rows: torch.Tensor
-                       ) -> torch.Tensor:
-    """[E] bool: for each row, the two best experts (by choice) of its top-1's group."""
+def must_keep(batch: BatchRouting) -> torch.Tensor:
+    """[E] bool: experts no policy may drop (the top-1 of every pruned row)."""
+    return batch.top1_votes > 0
+
+
+def groups_in_use(stock: StockRouting, router: RouterSpec, rows: torch.Tensor) -> torch.Tensor:
+    """[G] bool: groups that some row of ``rows`` routes within (stock group choice)."""
     rows_n, experts = stock.choice.shape
     groups = router.num_expert_group
     assert groups is not None
-    per_group = experts // groups
-    top1_group = stock.ids[:, 0] // per_group  # [T]
-    own_group = stock.choice.view(rows_n, groups, per_group).gather(
-        1, top1_group[:, None, None].expand(rows_n, 1, per_group)).squeeze(1)  # [T,P]
-    best_two = torch.argsort(own_group, dim=-1, descending=True, stable=True)[:, :2]
-    anchor_ids = top1_group[:, None] * per_group + best_two  # [T,2]
-    marked = torch.zeros(rows_n, experts, dtype=torch.bool, device=rows.device)
-    marked.scatter_(1, anchor_ids, rows[:, None].expand(rows_n, 2))
-    return marked.any(dim=0)
-
-
-def must_keep(batch: BatchRouting, router: RouterSpec, rows: torch.Tensor) -> torch.Tensor:
-    """[E] bool: experts no policy may drop (top-1 of every pruned row, plus group anchors
-    for top-2-scored grouped routers)."""
-    must = batch.top1_votes > 0
-    if router.groups_score_top2:
-        must = must | top1_group_anchors(batch.stock, router, rows)
-    return must
+    allowed = torch.isfinite(stock.choice) & rows[:, None]  # [T,E]
+    return allowed.view(rows_n, groups, experts // groups).any(dim=2).any(dim=0)
 
 
 def with_top_k_floor(keep: torch.Tensor, importance: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -76,20 +66,23 @@ def with_top_k_floor(keep: torch.Tensor, importance: torch.Tensor, top_k: int) -
     return keep | (rank_descending(score) < top_k)
 
 
-def with_viable_groups(keep: torch.Tensor, importance: torch.Tensor, must: torch.Tensor,
-                       router: RouterSpec) -> torch.Tensor:
+def with_viable_groups(keep: torch.Tensor, batch: BatchRouting, must: torch.Tensor,
+                       router: RouterSpec, rows: torch.Tensor) -> torch.Tensor:
     """Grouped routers: the ``topk_group`` groups ranked first (groups holding a must-keep
-    expert, then by total importance) and every group holding a kept expert get their
-    `min_active_per_group` most important experts."""
+    expert, then by total importance), every group holding a kept expert and, for top-2
+    scored routers, every group a pruned row routes within get their `min_active_per_group`
+    most important experts."""
     assert router.num_expert_group is not None and router.topk_group is not None
-    return fill_groups(keep, importance, must, router.num_expert_group, router.topk_group,
-                       router.min_active_per_group())
+    forced = groups_in_use(batch.stock, router, rows) if router.groups_score_top2 else None
+    return fill_groups(keep, batch.importance, must, router.num_expert_group,
+                       router.topk_group, router.min_active_per_group(), forced)
 
 
 def fill_groups(keep: torch.Tensor, importance: torch.Tensor, priority_experts: torch.Tensor,
-                num_groups: int, min_groups: int, min_per_group: int) -> torch.Tensor:
+                num_groups: int, min_groups: int, min_per_group: int,
+                forced_groups: torch.Tensor | None = None) -> torch.Tensor:
     """`with_viable_groups` with explicit numbers: groups holding ``priority_experts`` [E] rank
-    first among the ``min_groups`` forced groups."""
+    first among the ``min_groups`` groups made active; ``forced_groups`` [G] are active too."""
     experts = keep.shape[0]
     per_group = experts // num_groups
     need = min(min_per_group, per_group)
@@ -98,6 +91,8 @@ def fill_groups(keep: torch.Tensor, importance: torch.Tensor, priority_experts: 
     priority = (priority_experts.view(num_groups, per_group).any(dim=1).to(importance.dtype)
                 * RANK_FIRST + grouped_importance.sum(dim=1))
     active = grouped_keep.any(dim=1) | (rank_descending(priority) < min_groups)
+    if forced_groups is not None:
+        active = active | forced_groups
     order = torch.argsort(grouped_importance, dim=1, descending=True, stable=True)
     best_in_group = torch.zeros_like(grouped_keep).scatter_(1, order[:, :need], True)
     return (grouped_keep | (best_in_group & active[:, None])).reshape(experts)
@@ -108,5 +103,5 @@ def finalize_keep(keep: torch.Tensor, batch: BatchRouting, must: torch.Tensor,
     """Apply every rule above to a policy's keep set [E]."""
     keep = with_top_k_floor(keep | must, batch.importance, router.top_k)
     if router.grouped:
-        keep = with_viable_groups(keep, batch.importance, must, router)
+        keep = with_viable_groups(keep, batch, must, router, rows)
     return keep | ~rows.any()

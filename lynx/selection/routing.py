@@ -33,18 +33,30 @@ def masking_bias(keep: torch.Tensor, apply_rows: torch.Tensor) -> torch.Tensor:
 
 
 def masked_correction_bias(correction_bias: torch.Tensor, keep: torch.Tensor,
-                           apply_rows: torch.Tensor) -> torch.Tensor:
+                           apply_rows: torch.Tensor,
+                           row_allowed: torch.Tensor | None = None) -> torch.Tensor:
     """[T,E] fp32 per-row correction bias: the router's bias, plus MASK_VALUE on dropped
-    experts of pruned rows (rows that are not pruned see exactly the router's bias)."""
-    return correction_bias.float()[None, :] + masking_bias(keep, apply_rows)
+    experts of pruned rows (rows that are not pruned see exactly the router's bias).
+
+    ``row_allowed`` [T,E] (top-2 scored grouped routers: ``isfinite(stock.choice)``, the
+    experts of each row's stock groups) also masks, for pruned rows, every expert outside
+    them, so a pruned row routes within its own groups as the stock router did."""
+    dropped = ~keep[None, :] if row_allowed is None else ~keep[None, :] | ~row_allowed
+    mask = torch.where(apply_rows[:, None] & dropped, MASK_VALUE, 0.0)
+    return correction_bias.float()[None, :] + mask
 
 
 def shared_masked_correction_bias(correction_bias: torch.Tensor, keep: torch.Tensor,
-                                  row_valid: torch.Tensor, apply_rows: torch.Tensor
-                                  ) -> torch.Tensor:
+                                  row_valid: torch.Tensor, apply_rows: torch.Tensor,
+                                  router: RouterSpec) -> torch.Tensor:
     """[E] fp32 one bias for all rows, for engines that read the bias by pointer: masked only
-    when every valid row is pruned (a prefill row in the step leaves it unmasked)."""
+    when every valid row is pruned (a prefill row in the step leaves it unmasked).
+
+    Top-2 scored grouped routers get their stock bias back (no pruning): their guarantees
+    need the per-row group confinement of `masked_correction_bias`."""
     all_pruned = apply_rows.any() & ~(row_valid & ~apply_rows).any()
+    if router.groups_score_top2:
+        all_pruned = torch.zeros_like(all_pruned)
     return correction_bias.float() + torch.where(all_pruned & ~keep, MASK_VALUE, 0.0)
 
 

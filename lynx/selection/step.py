@@ -80,15 +80,16 @@ def select_layer_step(
     ``policies`` replaces the policy table and ``batch_routing`` the stock-routing pass (the
     Triton package passes its kernels through these)."""
     choose = resolve_policy(policy, policies)
-    z = logits.float()
+    z = torch.where(row_valid[:, None], logits.float(), 0.0)  # padding may hold inf/NaN
     rows = row_valid & row_prunable & knobs.enabled
     batch = batch_routing(z, router, correction_bias, rows)
-    must = must_keep(batch, router, rows)
+    must = must_keep(batch)
     inputs = PolicyInputs(z, router, correction_bias, row_valid, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)
     stats = layer_statistics(batch.stock, keep, rows)
     if router.has_correction_bias:
         assert correction_bias is not None
+        allowed = torch.isfinite(batch.stock.choice) if router.groups_score_top2 else None
         return LayerSelection(keep, rows, None,
-                              masked_correction_bias(correction_bias, keep, rows), stats)
+                              masked_correction_bias(correction_bias, keep, rows, allowed), stats)
     return LayerSelection(keep, rows, masking_bias(keep, rows), None, stats)

@@ -39,7 +39,7 @@ def _tile_bins(logits_ptr, alpha_ptr, row_offsets, expert_offsets, num_rows, num
 def affinity_support_kernel(
     logits_ptr, valid_ptr, alpha_ptr, depth_ptr, radix_weights_ptr, partial_keys_ptr,
     num_rows, num_experts, logits_row_stride,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    MAX_DEPTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     tile = tl.program_id(0)
     row_offsets = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -48,7 +48,7 @@ def affinity_support_kernel(
                                 num_experts, logits_row_stride)
     depth = tl.load(depth_ptr)  # int64
     digit = depth + tl.maximum(bins, -depth.to(tl.float32)).to(tl.int64)
-    digit = tl.where(in_range, digit, 0)
+    digit = tl.where(in_range, tl.minimum(tl.maximum(digit, 0), MAX_DEPTH), 0)
     weight = tl.load(radix_weights_ptr + digit, mask=in_range, other=0)  # [BLOCK_T, BLOCK_E]
     valid = tl.load(valid_ptr + row_offsets, mask=row_offsets < num_rows, other=0)
     keys = tl.sum(weight * valid.to(tl.int64)[:, None], axis=0)  # [BLOCK_E] int64

@@ -17,6 +17,7 @@ import torch
 import triton
 
 from lynx.selection.affinity import (
+    MAX_SUPPORT_DEPTH,
     MIN_BIN,
     radix_weights,
     rank_descending,
@@ -93,7 +94,8 @@ def affinity_choices_triton(scores: torch.Tensor, top_k: int, row_valid: torch.T
     block = {"BLOCK_T": BLOCK_ROWS, "BLOCK_E": _block_experts(num_experts)}
     affinity_support_kernel[(programs,)](
         scores, row_valid.to(torch.int32), alpha, depth, radix_weights(n_valid, depth),
-        partial_keys, num_rows, num_experts, scores.stride(0), **block,
+        partial_keys, num_rows, num_experts, scores.stride(0), MAX_DEPTH=MAX_SUPPORT_DEPTH,
+        **block,
     )
     support_rank = rank_descending(partial_keys.sum(dim=0))
     partial_picks = torch.empty(programs, num_experts, dtype=torch.int32, device=device)
@@ -140,7 +142,7 @@ def keep_budget_triton(logits: torch.Tensor, top_k: int, prunable: torch.Tensor,
     router = RouterSpec(top_k=top_k)
     z = logits.float()
     batch = triton_batch_routing(z, router, None, prunable)
-    must = must_keep(batch, router, prunable)
+    must = must_keep(batch)
     inputs = PolicyInputs(z, router, None, prunable, prunable, batch, must)
     knobs = SelectionKnobs(prunable.new_ones(()), budget, *(budget.new_zeros(()),) * 4)
     return finalize_keep(keep_budget(inputs, knobs), batch, must, router, prunable)
