@@ -1,0 +1,1 @@
+"""Training, evaluation and widening of the project's own reference MoE models."""
