@@ -95,7 +95,9 @@ AFFINITY_KNOBS: tuple[tuple[float, int], ...] = ((0.7, 1), (1.0, 1), (1.0, 2), (
 
 def policy_grid(num_experts: int, top_k: int, quick: bool) -> list[Variant]:
     """Every policy and knob value the benchmarks sweep for one model shape."""
-    grid = [budget_variant(m) for m in budget_knobs(num_experts, top_k, quick)]
+    default = default_variant(num_experts, top_k)
+    grid = [default if m == default.knob else budget_variant(m)
+            for m in budget_knobs(num_experts, top_k, quick)]
     affinity = ((3.0, 2),) if quick else AFFINITY_KNOBS
     grid += [affinity_variant(a, b) for a, b in affinity]
     k0s = [1] if quick else sorted({1, max(1, top_k // 2)})
@@ -104,7 +106,27 @@ def policy_grid(num_experts: int, top_k: int, quick: bool) -> list[Variant]:
 
 
 def default_variant(num_experts: int, top_k: int) -> Variant:
-    return budget_variant(default_budget(num_experts, top_k))
+    """The plugin's default policy (``budget`` m = max(2k, E/4), no pruning below 4 rows)."""
+    from lynx.sglang_plugin.config import default_policy
+
+    return Variant("budget", default_budget(num_experts, top_k),
+                   default_policy(num_experts, top_k))
+
+
+def selection_knobs(variant: Variant, batch: int, layer: int, num_experts: int) -> Any:
+    """``lynx.selection.SelectionKnobs`` for ``variant`` at a pure-decode step of ``batch`` rows
+    (``enabled`` is False where the plugin would not prune: policy off, or a budget >= E)."""
+    from lynx.selection import NO_BUDGET_LIMIT, make_knobs
+    from lynx_protocol.policy import bucket_for
+
+    spec = variant.spec
+    budget = NO_BUDGET_LIMIT
+    if spec.name == "budget":
+        bucket = bucket_for(spec, batch)
+        budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
+    enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
+    return make_knobs("cpu", enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
+                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name)
 
 
 # --- timing ---------------------------------------------------------------------------------

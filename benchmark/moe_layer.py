@@ -5,9 +5,9 @@
 What one "layer" is, exactly as SGLang's CPU engine runs it on a machine without AMX:
 - stock: ``select_experts`` (torch-native softmax top-k) then ``moe_forward_native`` (loops over
   experts, skips experts no token routes to: fewer distinct experts = fewer weights read);
-- Lynx: the plugin's own per-layer selection (``lynx.sglang_plugin.selection_glue.
-  select_for_layer``: keep set from ``lynx.selection`` + masking bias + statistics), the masked
-  logits through the same ``select_experts``, then the same ``moe_forward_native``.
+- Lynx: the per-layer selection step the plugin runs in SGLang's TopK hook
+  (``lynx.selection.select_layer_step``: keep set, masking bias, statistics), the masked logits
+  through the same ``select_experts``, then the same ``moe_forward_native``.
 Expert weights are random bf16 (values do not matter for time); router logits are real routing
 of the trained reference models where E and k match, else the skewed synthetic distribution of
 ``benchmark.routing_data`` (the ``logits`` field says which).
@@ -45,6 +45,7 @@ from benchmark.common import (
     machine_description,
     policy_grid,
     rounded,
+    selection_knobs,
     write_json,
 )
 from benchmark.routing_data import SyntheticSkew, draw_batches, reference_logits
@@ -107,6 +108,9 @@ class MoeLayerBench:
         )
         self.runner_config = MoeRunnerConfig(activation="silu")
         self.topk_config = TopKConfig(top_k=shape.top_k, renormalize=True, torch_native=True)
+        from lynx.selection import RouterSpec
+
+        self.router = RouterSpec(top_k=shape.top_k, renormalize=True)
 
     def route(self, x: torch.Tensor, logits: torch.Tensor) -> Any:
         from sglang.srt.layers.moe.topk import select_experts
@@ -118,22 +122,26 @@ class MoeLayerBench:
 
         return moe_forward_native(self.layer, x, topk_output, self.runner_config)
 
-    def runtime(self, variant: Variant, batch: int) -> tuple[Any, bool]:
-        """The plugin's per-process state for ``variant`` at a pure-decode step of ``batch``."""
-        from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+    def knobs(self, variant: Variant, batch: int) -> tuple[Any, bool]:
+        knobs = selection_knobs(variant, batch, 0, self.shape.num_experts)
+        return knobs, bool(knobs.enabled)
 
-        state = RuntimeState(1, self.shape.num_experts, self.shape.top_k, torch.device("cpu"),
-                             variant.spec)
-        prune = state.begin_step(StepLayout("decode", batch, 0))
-        return state, prune
+    def select(self, knobs: Any, logits: torch.Tensor) -> torch.Tensor:
+        """The selection step of one layer as the plugin runs it in SGLang's TopK hook:
+        ``lynx.selection.select_layer_step`` (keep set, masking bias, statistics), then the
+        masked logits SGLang's router gets."""
+        from lynx.selection import select_layer_step
 
-    def select(self, runtime: Any, logits: torch.Tensor) -> torch.Tensor:
-        """The plugin's selection step for one layer: masked logits (what the TopK hook passes
-        on to SGLang's router)."""
-        from lynx.sglang_plugin.selection_glue import select_for_layer
+        rows = torch.ones(logits.shape[0], dtype=torch.bool)
+        selection = select_layer_step(knobs_policy(knobs), logits, self.router, knobs, rows,
+                                      rows)
+        return logits.float() + selection.logit_bias
 
-        bias, _stats = select_for_layer(runtime, logits, self.topk_config, 0)
-        return (logits.float() + bias).to(logits.dtype)
+
+def knobs_policy(knobs: Any) -> str:
+    from lynx.selection import POLICY_NAMES
+
+    return POLICY_NAMES[int(knobs.policy_code)]
 
 
 def _distinct(topk_output: Any) -> int:
@@ -162,22 +170,22 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
     runs["stock"] = stock_pass
     meta: dict[str, tuple[Variant, list[int], list[int]]] = {}
     for variant in variants:
-        runtime, prune = bench.runtime(variant, batch)
-        masked = [bench.select(runtime, z) if prune else z for _, z in inputs]
+        knobs, prune = bench.knobs(variant, batch)
+        masked = [bench.select(knobs, z) if prune else z for _, z in inputs]
         kept = [_distinct(bench.route(x, m)) for (x, _), m in zip(inputs, masked, strict=True)]
         top1 = [_top1_kept(bench.route(x, z), z, m) for (x, z), m in zip(inputs, masked,
                                                                        strict=True)]
         meta[variant.label] = (variant, kept, top1)
 
-        def lynx_pass(runtime: Any = runtime, prune: bool = prune) -> None:
+        def lynx_pass(knobs: Any = knobs, prune: bool = prune) -> None:
             for x, z in inputs:
-                routed = bench.route(x, bench.select(runtime, z) if prune else z)
+                routed = bench.route(x, bench.select(knobs, z) if prune else z)
                 bench.experts(x, routed)
 
-        def select_pass(runtime: Any = runtime, prune: bool = prune) -> None:
+        def select_pass(knobs: Any = knobs, prune: bool = prune) -> None:
             if prune:
                 for _, z in inputs:
-                    bench.select(runtime, z)
+                    bench.select(knobs, z)
 
         runs[f"lynx|{variant.label}"] = lynx_pass
         runs[f"select|{variant.label}"] = select_pass

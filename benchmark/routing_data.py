@@ -9,9 +9,10 @@ is B tokens drawn without replacement from one layer (B requests at different po
 
 Synthetic (``SyntheticSkew``): per layer, an expert popularity vector p ~ Dirichlet(c * 1_E);
 token t's logits are z[t, e] = s * log p[e] + sigma * N(0, 1), i.i.d. over tokens and experts.
-Small c concentrates the batch on few experts (load-balanced production routers sit between
-this and uniform); the defaults are fitted to the trained fine-grained reference model
-(``python benchmark/routing_data.py --calibrate``).
+Small c concentrates the batch on few experts. The defaults (c = 1, s = 1, sigma = 1.5) are
+fitted to the trained fine-grained reference model (qwen3-moe-mini, E=32 k=4: mean stock union
+22.1 / 25.7 / 28.3 experts at B = 16 / 32 / 64 for real routing vs 21.1 / 24.9 / 27.3
+synthetic; ``python benchmark/routing_data.py --calibrate``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ARITH_PROBLEMS = 256
 
 @dataclass(frozen=True)
 class SyntheticSkew:
-    concentration: float = 0.3  # Dirichlet c of the per-layer expert popularity
+    concentration: float = 1.0  # Dirichlet c of the per-layer expert popularity
     scale: float = 1.0  # s: weight of log-popularity in the logits
     sigma: float = 1.5  # per-token, per-expert Gaussian noise
     seed: int = 0

@@ -1,0 +1,283 @@
+"""End-to-end decode on SGLang's CPU server: stock vs Lynx (same install, plugin off vs on).
+
+    python benchmark/e2e_decode.py [--quick] [--models qwen3-moe-mini,mixtral-mini]
+
+Per reference model:
+1. Latency on the *widened* model (every expert FFN x``--widen``, function-preserving, written
+   in float32 under ``.cache/bench/models/``): a stock server and a Lynx server run side by side
+   (``benchmark.serving_pair``), the Lynx policy switched live through the real controller.
+   For each concurrency C, closed-loop rounds of C streaming requests (``--output-len`` tokens,
+   ``ignore_eos``) alternate between the two servers in a shuffled order; TPOT and ITL medians
+   and P99 over all requests, output throughput = tokens / wall. The default policy is swept
+   over every concurrency; every other policy/knob of the frontier at ``--frontier-c``.
+2. Accuracy: arithmetic exact match through the same servers (held-out additions, batches of B
+   prompts per call = real batched greedy decoding, B in ``--em-batches``); held-out code
+   perplexity and next-token agreement with transformers on the float32 checkpoint, the same
+   selection applied to the router logits by a forward hook (``benchmark.accuracy``); the
+   top-1-kept rate from the plugin's counters (``lynx_top1_kept_rows_total`` /
+   ``lynx_pruned_rows_total``) over all of the variant's requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.accuracy import code_scores, compare_code, exact_match_server
+from benchmark.common import (
+    CACHE_DIR,
+    OFF,
+    RESULTS_DIR,
+    Variant,
+    default_variant,
+    machine_description,
+    models_dir,
+    policy_grid,
+    rounded,
+    write_json,
+)
+from benchmark.loadgen import RequestTiming, run_load, summarize
+from benchmark.serving_pair import ServingPair, counter_delta, process_group_cpu_s
+
+MODELS = ("qwen3-moe-mini", "mixtral-mini")
+
+
+def widened(model: str, factor: int) -> Path:
+    """The float32 widened copy of a reference checkpoint (built once, cached)."""
+    from lynx.reference.widen import widen_checkpoint
+
+    src = models_dir() / model
+    dst = CACHE_DIR / "models" / f"{model}-wide{factor}-f32"
+    stamp = dst / "widen.json"
+    src_mtime = max(p.stat().st_mtime for p in src.glob("*.safetensors"))
+    if not stamp.is_file() or stamp.stat().st_mtime < src_mtime:
+        widen_checkpoint(src, factor, dst, dtype="float32")
+    return dst
+
+
+def prompts_for_load(count: int = 64) -> list[str]:
+    from lynx.reference.tasks import arithmetic_prompt, heldout_problems
+
+    return [arithmetic_prompt(a, b) for a, b in heldout_problems(count)]
+
+
+def measure_latency(pair: ServingPair, concurrency: int, output_len: int, waves: int,
+                    reps: int, seed: int, progress: bool) -> dict[str, dict[str, float]]:
+    """Interleaved closed-loop runs against the stock and the Lynx server at one concurrency."""
+    prompts = prompts_for_load()
+    timings: dict[str, list[RequestTiming]] = {"stock": [], "lynx": []}
+    walls = {"stock": 0.0, "lynx": 0.0}
+    cpu = {"stock": 0.0, "lynx": 0.0}
+    rng = random.Random(seed)
+    for _ in range(reps):
+        order = ["stock", "lynx"]
+        rng.shuffle(order)
+        for name in order:
+            server = pair.stock if name == "stock" else pair.lynx
+            cpu_before = process_group_cpu_s(server)
+            results, wall = run_load(server.url, prompts, concurrency, concurrency * waves,
+                                     output_len, label=f"{name} C={concurrency}",
+                                     progress=progress)
+            cpu[name] += process_group_cpu_s(server) - cpu_before
+            timings[name].extend(results)
+            walls[name] += wall
+    out = {}
+    for name in timings:
+        out[name] = summarize(timings[name], walls[name])
+        tokens = out[name]["output_tokens"]
+        out[name]["cpu_ms_per_token"] = cpu[name] * 1e3 / tokens if tokens else float("nan")
+    return out
+
+
+def latency_row(model: str, variant: Variant, concurrency: int,
+                lat: dict[str, dict[str, float]]) -> dict[str, Any]:
+    stock, lynx = lat["stock"], lat["lynx"]
+    return {
+        "model": model, "concurrency": concurrency, "policy": variant.policy,
+        "knob": variant.knob,
+        "tpot_stock_ms": rounded(stock["tpot_median_ms"], 2),
+        "tpot_lynx_ms": rounded(lynx["tpot_median_ms"], 2),
+        "tpot_ratio": rounded(stock["tpot_median_ms"] / lynx["tpot_median_ms"]),
+        "tpot_p99_stock_ms": rounded(stock["tpot_p99_ms"], 2),
+        "tpot_p99_lynx_ms": rounded(lynx["tpot_p99_ms"], 2),
+        "itl_median_stock_ms": rounded(stock["itl_median_ms"], 2),
+        "itl_median_lynx_ms": rounded(lynx["itl_median_ms"], 2),
+        "itl_p99_stock_ms": rounded(stock["itl_p99_ms"], 2),
+        "itl_p99_lynx_ms": rounded(lynx["itl_p99_ms"], 2),
+        "throughput_stock_tok_s": rounded(stock["output_throughput_tok_s"], 2),
+        "throughput_lynx_tok_s": rounded(lynx["output_throughput_tok_s"], 2),
+        "throughput_ratio": rounded(lynx["output_throughput_tok_s"]
+                                    / stock["output_throughput_tok_s"]),
+        "cpu_ms_per_token_stock": rounded(stock["cpu_ms_per_token"], 3),
+        "cpu_ms_per_token_lynx": rounded(lynx["cpu_ms_per_token"], 3),
+        "cpu_ratio": rounded(stock["cpu_ms_per_token"] / lynx["cpu_ms_per_token"]),
+        "requests": int(stock["requests"] + lynx["requests"]),
+        "failed": int(stock["failed"] + lynx["failed"]),
+        "default": False,
+    }
+
+
+def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    from lynx.reference.loading import load_reference
+    from lynx.serving.models import moe_shape, read_config
+
+    base = models_dir() / model
+    layers, experts, top_k = moe_shape(read_config(base))
+    default = default_variant(experts, top_k)
+    variants = policy_grid(experts, top_k, args.quick)
+    if args.quick:
+        variants = [default]
+    wide = widened(model, args.widen)
+    log = print
+    log(f"[e2e] {model}: E={experts} k={top_k}, serving {wide.name}", flush=True)
+    out: dict[str, Any] = {"model": model, "served": wide.name, "widen": args.widen,
+                           "E": experts, "k": top_k, "layers": layers,
+                           "default": default.label, "latency": [], "accuracy": []}
+    t0 = time.time()
+    with ServingPair.launch(wide) as pair:
+        out["startup_s"] = round(time.time() - t0, 1)
+        for server in (pair.stock, pair.lynx):  # warm-up (first requests pay one-off costs)
+            run_load(server.url, prompts_for_load(), 4, 4, 4)
+        em_stock = {b: exact_match_server(pair.stock.url, args.problems_for(b), b)
+                    for b in args.em_batches}
+        log(f"[e2e] {model}: stock exact match {em_stock}", flush=True)
+        for variant in variants:
+            pair.set_policy(variant)
+            before = pair.lynx_counters()
+            sweep = args.concurrency if variant == default else [args.frontier_c]
+            for concurrency in sweep:
+                lat = measure_latency(pair, concurrency, args.output_len, args.waves, args.reps,
+                                      seed=concurrency, progress=args.progress)
+                row = latency_row(model, variant, concurrency, lat)
+                row["default"] = variant == default
+                out["latency"].append(row)
+                log(f"[e2e] {model} {variant.label} C={concurrency}: TPOT stock "
+                    f"{row['tpot_stock_ms']:.1f} ms, Lynx {row['tpot_lynx_ms']:.1f} ms "
+                    f"(x{row['tpot_ratio']:.2f})", flush=True)
+            batches = args.em_batches if variant == default else [args.frontier_c]
+            for batch in batches:
+                em = exact_match_server(pair.lynx.url, args.problems_for(batch), batch)
+                out["accuracy"].append({"variant": variant.label, "batch": batch,
+                                        "exact_match_stock": em_stock.get(batch),
+                                        "exact_match_lynx": em})
+            stats = counter_delta(before, pair.lynx_counters())
+            out.setdefault("plugin_stats", {})[variant.label] = stats
+            log(f"[e2e] {model} {variant.label}: exact match "
+                f"{[a for a in out['accuracy'] if a['variant'] == variant.label]}, top-1 kept "
+                f"{stats['top1_kept_rate']:.4f}, kept/union {stats['kept_over_union']:.3f}",
+                flush=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_obj, tok = load_reference(base, dtype=torch.float32)
+    out["code"] = []
+    for batch in args.ppl_batches:
+        stock = code_scores(model_obj, tok, OFF, batch, args.windows, args.window_len)
+        for variant in variants:
+            if variant != default and batch != args.frontier_c:
+                continue
+            scores = compare_code(stock, code_scores(model_obj, tok, variant, batch,
+                                                     args.windows, args.window_len))
+            out["code"].append({"variant": variant.label, "batch": batch,
+                                **{k: rounded(v, 5) for k, v in scores.items()}})
+    return out
+
+
+def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``e2e`` rows of summary.json: one per latency measurement, with the accuracy of the
+    same variant at the batch size closest to the concurrency."""
+    def nearest(items: list[dict[str, Any]], variant: str, batch: int) -> dict[str, Any] | None:
+        mine = [i for i in items if i["variant"] == variant]
+        return min(mine, key=lambda i: abs(i["batch"] - batch)) if mine else None
+
+    rows = []
+    for model in result["models"]:
+        for lat in model["latency"]:
+            label = f"{lat['policy']}:{lat['knob']}"
+            em = nearest(model["accuracy"], label, lat["concurrency"])
+            code = nearest(model["code"], label, lat["concurrency"])
+            stats = model["plugin_stats"].get(label, {})
+            rows.append({
+                **{k: lat[k] for k in ("model", "concurrency", "policy", "knob",
+                                       "tpot_stock_ms", "tpot_lynx_ms", "tpot_ratio")},
+                "exact_match_stock": em["exact_match_stock"] if em else None,
+                "exact_match_lynx": em["exact_match_lynx"] if em else None,
+                "ppl_stock": code["ppl_stock"] if code else None,
+                "ppl_lynx": code["ppl_lynx"] if code else None,
+                "top1_kept_rate": rounded(stats.get("top1_kept_rate", 1.0)),
+                "accuracy_batch": em["batch"] if em else None,
+                "ppl_batch": code["batch"] if code else None,
+                "next_token_agreement": code["next_token_agreement"] if code else None,
+                **{k: lat[k] for k in lat
+                   if k.startswith(("itl_", "tpot_p99", "throughput", "cpu_"))},
+                "served": model["served"], "default": lat["default"],
+            })
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="")
+    parser.add_argument("--widen", type=int, default=16)
+    parser.add_argument("--concurrency", default="")
+    parser.add_argument("--frontier-c", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=None)
+    parser.add_argument("--waves", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--em-batches", default="")
+    parser.add_argument("--problems", type=int, default=None)
+    parser.add_argument("--ppl-batches", default="")
+    parser.add_argument("--windows", type=int, default=None)
+    parser.add_argument("--window-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "e2e.json")
+    args = parser.parse_args(argv)
+    q = args.quick
+    ints = lambda text, default: [int(x) for x in text.split(",") if x] or default  # noqa: E731
+    args.models = [m for m in args.models.split(",") if m] or (
+        [MODELS[0]] if q else list(MODELS))
+    args.concurrency = ints(args.concurrency, [1, 32] if q else [1, 4, 8, 16, 32, 64])
+    args.output_len = args.output_len or (16 if q else 32)
+    args.waves = args.waves or 1
+    args.reps = args.reps or (1 if q else 2)
+    args.em_batches = ints(args.em_batches, [32] if q else [1, 8, 32, 64])
+    args.problems = args.problems or (64 if q else 256)
+    args.ppl_batches = ints(args.ppl_batches, [32] if q else [8, 32])
+    args.windows = args.windows or (32 if q else 64)
+    problems = args.problems
+    args.problems_for = lambda b: min(problems, 32 * b)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [m for m in args.models if not (models_dir() / m / "config.json").is_file()]
+    if missing:
+        print(f"e2e_decode: no checkpoint for {missing} under {models_dir()} "
+              "(run `make models` or set LYNX_MODELS_DIR)", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {"machine": machine_description(),
+                              "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+                              "config": {k: v for k, v in vars(args).items()
+                                         if k not in ("problems_for", "out")},
+                              "models": [run_model(m, args) for m in args.models]}
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    result["rows"] = summary_rows(result)
+    write_json(args.out, result)
+    print(f"[e2e] wrote {args.out}")
+    print(json.dumps(result["rows"], indent=1)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
