@@ -124,55 +124,63 @@ def latency_row(model: str, variant: Variant, concurrency: int,
     }
 
 
-def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_model(model: str, args: argparse.Namespace, pair: ServingPair | None = None
+              ) -> dict[str, Any]:
+    """Latency and accuracy of one reference model (on ``pair`` if given, else on a freshly
+    launched stock + Lynx pair of its widened copy)."""
+    if pair is not None:
+        return _run_on_pair(model, args, pair, startup_s=0.0)
+    t0 = time.time()
+    with ServingPair.launch(widened(model, args.widen)) as own:
+        return _run_on_pair(model, args, own, startup_s=time.time() - t0)
+
+
+def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startup_s: float
+                 ) -> dict[str, Any]:
     from lynx.reference.loading import load_reference
     from lynx.serving.models import moe_shape, read_config
 
     base = models_dir() / model
     layers, experts, top_k = moe_shape(read_config(base))
     default = default_variant(experts, top_k)
-    variants = policy_grid(experts, top_k, args.quick)
-    if args.quick:
-        variants = [default]
-    wide = widened(model, args.widen)
+    # Lynx with policy off first (the plugin's fixed cost), then every policy and knob.
+    variants = [default] if args.quick else [OFF, *policy_grid(experts, top_k, False)]
     log = print
-    log(f"[e2e] {model}: E={experts} k={top_k}, serving {wide.name}", flush=True)
-    out: dict[str, Any] = {"model": model, "served": wide.name, "widen": args.widen,
+    log(f"[e2e] {model}: E={experts} k={top_k}, serving {pair.model_path.name}", flush=True)
+    out: dict[str, Any] = {"model": model, "served": pair.model_path.name, "widen": args.widen,
                            "E": experts, "k": top_k, "layers": layers,
-                           "default": default.label, "latency": [], "accuracy": []}
-    t0 = time.time()
-    with ServingPair.launch(wide) as pair:
-        out["startup_s"] = round(time.time() - t0, 1)
-        for server in (pair.stock, pair.lynx):  # warm-up (first requests pay one-off costs)
-            run_load(server.url, prompts_for_load(), 4, 4, 4)
-        em_stock = {b: exact_match_server(pair.stock.url, args.problems_for(b), b)
-                    for b in args.em_batches}
-        log(f"[e2e] {model}: stock exact match {em_stock}", flush=True)
-        for variant in variants:
-            pair.set_policy(variant)
-            before = pair.lynx_counters()
-            sweep = args.concurrency if variant == default else [args.frontier_c]
-            for concurrency in sweep:
-                lat = measure_latency(pair, concurrency, args.output_len, args.waves, args.reps,
-                                      seed=concurrency, progress=args.progress)
-                row = latency_row(model, variant, concurrency, lat)
-                row["default"] = variant == default
-                out["latency"].append(row)
-                log(f"[e2e] {model} {variant.label} C={concurrency}: TPOT stock "
-                    f"{row['tpot_stock_ms']:.1f} ms, Lynx {row['tpot_lynx_ms']:.1f} ms "
-                    f"(x{row['tpot_ratio']:.2f})", flush=True)
-            batches = args.em_batches if variant == default else [args.frontier_c]
-            for batch in batches:
-                em = exact_match_server(pair.lynx.url, args.problems_for(batch), batch)
-                out["accuracy"].append({"variant": variant.label, "batch": batch,
-                                        "exact_match_stock": em_stock.get(batch),
-                                        "exact_match_lynx": em})
-            stats = counter_delta(before, pair.lynx_counters())
-            out.setdefault("plugin_stats", {})[variant.label] = stats
-            log(f"[e2e] {model} {variant.label}: exact match "
-                f"{[a for a in out['accuracy'] if a['variant'] == variant.label]}, top-1 kept "
-                f"{stats['top1_kept_rate']:.4f}, kept/union {stats['kept_over_union']:.3f}",
-                flush=True)
+                           "default": default.label, "latency": [], "accuracy": [],
+                           "startup_s": round(startup_s, 1)}
+    for server in (pair.stock, pair.lynx):  # warm-up (first requests pay one-off costs)
+        run_load(server.url, prompts_for_load(), 4, 4, 4)
+    em_stock = {b: exact_match_server(pair.stock.url, args.problems_for(b), b)
+                for b in args.em_batches}
+    log(f"[e2e] {model}: stock exact match {em_stock}", flush=True)
+    for variant in variants:
+        pair.set_policy(variant)
+        before = pair.lynx_counters()
+        sweep = args.concurrency if variant == default else [args.frontier_c]
+        for concurrency in sweep:
+            lat = measure_latency(pair, concurrency, args.output_len, args.waves, args.reps,
+                                  seed=concurrency, progress=args.progress)
+            row = latency_row(model, variant, concurrency, lat)
+            row["default"] = variant == default
+            out["latency"].append(row)
+            log(f"[e2e] {model} {variant.label} C={concurrency}: TPOT stock "
+                f"{row['tpot_stock_ms']:.1f} ms, Lynx {row['tpot_lynx_ms']:.1f} ms "
+                f"(x{row['tpot_ratio']:.2f})", flush=True)
+        batches = args.em_batches if variant == default else [args.frontier_c]
+        for batch in batches:
+            em = exact_match_server(pair.lynx.url, args.problems_for(batch), batch)
+            out["accuracy"].append({"variant": variant.label, "batch": batch,
+                                    "exact_match_stock": em_stock.get(batch),
+                                    "exact_match_lynx": em})
+        stats = counter_delta(before, pair.lynx_counters())
+        out.setdefault("plugin_stats", {})[variant.label] = stats
+        log(f"[e2e] {model} {variant.label}: exact match "
+            f"{[a for a in out['accuracy'] if a['variant'] == variant.label]}, top-1 kept "
+            f"{stats['top1_kept_rate']:.4f}, kept/union {stats['kept_over_union']:.3f}",
+            flush=True)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -254,9 +262,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.problems = args.problems or (64 if q else 256)
     args.ppl_batches = ints(args.ppl_batches, [32] if q else [8, 32])
     args.windows = args.windows or (32 if q else 64)
+    args.em_batches = sorted({*args.em_batches, args.frontier_c})
+    args.ppl_batches = sorted({*args.ppl_batches, args.frontier_c})
     problems = args.problems
     args.problems_for = lambda b: min(problems, 32 * b)
     return args
+
+
+def finish(args: argparse.Namespace, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Assemble, write and return the e2e result of the measured models."""
+    result: dict[str, Any] = {"machine": machine_description(),
+                              "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
+                              "config": {k: v for k, v in vars(args).items()
+                                         if k not in ("problems_for", "out")},
+                              "models": models}
+    result["config"]["out"] = str(args.out)
+    result["rows"] = summary_rows(result)
+    write_json(args.out, result)
+    print(f"[e2e] wrote {args.out}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,15 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"e2e_decode: no checkpoint for {missing} under {models_dir()} "
               "(run `make models` or set LYNX_MODELS_DIR)", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"machine": machine_description(),
-                              "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-                              "config": {k: v for k, v in vars(args).items()
-                                         if k not in ("problems_for", "out")},
-                              "models": [run_model(m, args) for m in args.models]}
-    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    result["rows"] = summary_rows(result)
-    write_json(args.out, result)
-    print(f"[e2e] wrote {args.out}")
+    result = finish(args, [run_model(m, args) for m in args.models])
     print(json.dumps(result["rows"], indent=1)[:2000])
     return 0
 

@@ -28,6 +28,7 @@ class RequestTiming:
     e2e_s: float = 0.0
     tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
+    itl_at_s: list[float] = field(default_factory=list)  # perf_counter at each gap's end
     chunk_times_s: list[float] = field(default_factory=list)  # absolute perf_counter
     error: str = ""
 
@@ -68,6 +69,7 @@ async def stream_generate(client: httpx.AsyncClient, url: str, prompt: str,
                 else:  # a chunk of n tokens counts as n equal gaps
                     gap = (now - last) / (tokens - seen)
                     timing.itl_s.extend([gap] * (tokens - seen))
+                    timing.itl_at_s.extend([now] * (tokens - seen))
                 timing.chunk_times_s.append(now)
                 seen, last = tokens, now
         timing.tokens = seen

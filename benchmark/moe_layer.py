@@ -304,7 +304,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, batches and knobs")
@@ -331,19 +331,30 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [by_name[n].scaled(8) if args.tiny else by_name[n] for n in names]
     if args.dtypes:
         dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
-        configs = [(shape, dtype) for dtype in dtypes for shape in shapes]
+        args.configs = [(shape, dtype) for dtype in dtypes for shape in shapes]
     else:
-        configs = [(shape, torch.float32) for shape in shapes]
+        args.configs = [(shape, torch.float32) for shape in shapes]
         if not args.quick:
-            configs += [(s, torch.bfloat16) for s in shapes if s.name in BF16_SHAPES]
-    batches = [int(b) for b in args.batches.split(",") if b] or (
+            args.configs += [(s, torch.bfloat16) for s in shapes if s.name in BF16_SHAPES]
+    args.batches = [int(b) for b in args.batches.split(",") if b] or (
         [1, 16, 64] if args.quick else list(BATCHES))
-    draws = args.draws or (6 if args.quick else 10)
-    reps = args.reps or (3 if args.quick else 5)
-    result = run(configs, batches, args.quick, draws, reps, args.threads, args.synthetic_only)
+    args.draws = args.draws or (6 if args.quick else 10)
+    args.reps = args.reps or (3 if args.quick else 5)
+    return args
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Run, write the JSON and the PNG, return the result."""
+    result = run(args.configs, args.batches, args.quick, args.draws, args.reps, args.threads,
+                 args.synthetic_only)
     write_json(args.out, result)
     png = plot(result, args.out.with_suffix(".png"))
-    print(f"[moe_layer] wrote {args.out} and {png}")
+    print(f"[moe_layer] wrote {args.out} and {png}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_from_args(parse_args(argv))
     return 0
 
 

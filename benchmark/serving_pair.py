@@ -139,12 +139,12 @@ class ServingPair:
             httpx.post(f"{self.lynx.url}/generate", timeout=60, json={
                 "text": "1+1=", "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
 
-    def _wait_version(self, version: int) -> None:
+    def _wait_version(self, version: int, timeout_s: float = 60.0) -> None:
         def applied() -> bool:
             self.poke()
             return metric_value(self.lynx.url, "lynx_policy_version") >= version
 
-        wait_for(f"the runtime to apply policy version {version}", applied)
+        wait_for(f"the runtime to apply policy version {version}", applied, timeout_s)
 
     def set_policy(self, variant: Variant) -> None:
         """Static mode with ``variant``'s policy, applied by the runtime before returning."""
@@ -156,9 +156,12 @@ class ServingPair:
         self._wait_version(int(reply.json()["version"]))
 
     def set_mode(self, mode: str) -> None:
+        """Change the controller's mode; waits (briefly) for the runtime to take the new
+        version when the effective policy changes with it."""
         reply = self.controller.admin.put("/v1/mode", json={"mode": mode})
         reply.raise_for_status()
-        self._wait_version(int(reply.json()["version"]))
+        with contextlib.suppress(TimeoutError):
+            self._wait_version(int(reply.json()["version"]), timeout_s=10.0)
 
     def put(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         reply = self.controller.admin.put(path, json=body)

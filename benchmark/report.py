@@ -1,0 +1,185 @@
+"""summary.json (the issue's schema, exactly), the frontier plot and RESULTS.md from the three
+benchmarks' JSON outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmark.common import PUBLISHED, markdown_table, rounded
+
+MOE_KEYS = ("shape", "E", "k", "batch", "policy", "knob", "stock_ms", "lynx_ms", "speedup",
+            "experts_stock", "experts_kept", "bound", "fraction_of_bound", "overhead_share")
+E2E_KEYS = ("model", "concurrency", "policy", "knob", "tpot_stock_ms", "tpot_lynx_ms",
+            "tpot_ratio", "exact_match_stock", "exact_match_lynx", "ppl_stock", "ppl_lynx",
+            "top1_kept_rate")
+
+
+def summary(machine: str, moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any]
+            ) -> dict[str, Any]:
+    return {
+        "machine": machine,
+        "moe_layer": [{k: row[k] for k in MOE_KEYS} for row in moe["rows"]],
+        "e2e": [{k: row[k] for k in E2E_KEYS} for row in e2e["rows"]],
+        "slo": {"slo_ms": slo["slo_ms"],
+                "runs": [{k: run[k] for k in ("mode", "throughput_within_slo", "slo_attainment")}
+                         for run in slo["runs"]]},
+    }
+
+
+def frontier_points(e2e: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
+    points = []
+    for row in e2e["rows"]:
+        if row["concurrency"] != concurrency or row["policy"] == "off":
+            continue
+        points.append({"model": row["model"], "label": f"{row['policy']}:{row['knob']}",
+                       "policy": row["policy"], "speedup": row["tpot_ratio"],
+                       "throughput_ratio": row.get("throughput_ratio"),
+                       "em_delta_points": 100 * (row["exact_match_lynx"]
+                                                 - row["exact_match_stock"]),
+                       "ppl_rise": row["ppl_lynx"] / row["ppl_stock"] - 1,
+                       "default": row["default"]})
+    return points
+
+
+def plot_frontier(e2e: dict[str, Any], concurrency: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = frontier_points(e2e, concurrency)
+    models = sorted({p["model"] for p in points}) or ["(no data)"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.6), squeeze=False)
+    markers = {"budget": "o", "affinity": "s", "piggyback": "^"}
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [p for p in points if p["model"] == model]
+        for policy, marker in markers.items():
+            sel = [p for p in mine if p["policy"] == policy]
+            ax.scatter([p["speedup"] for p in sel], [p["em_delta_points"] for p in sel],
+                       marker=marker, s=45, label=policy)
+            for p in sel:
+                ax.annotate(p["label"].split(":")[1], (p["speedup"], p["em_delta_points"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for p in mine:
+            if p["default"]:
+                ax.scatter([p["speedup"]], [p["em_delta_points"]], marker="*", s=260,
+                           facecolors="none", edgecolors="red", label="default operating point")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.axvline(PUBLISHED["latency_v1"], color="C3", ls="--", lw=1,
+                   label="published Lynx v1: 1.55x latency")
+        ax.axvline(PUBLISHED["throughput_v3"], color="C4", ls=":", lw=1.2,
+                   label="published Lynx v3: 1.30x throughput")
+        ax.axhline(-PUBLISHED["max_loss_points"], color="C2", ls="--", lw=1,
+                   label="published: < 1 point loss")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel(f"TPOT speedup vs stock at concurrency {concurrency} (x)")
+        ax.set_ylabel(f"exact-match delta at batch {concurrency} [points]")
+        ax.set_title(model)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Speedup vs accuracy per policy (SGLang CPU server, widened reference models)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _moe_tables(moe: dict[str, Any]) -> str:
+    parts = []
+    header = ["shape", "B", "stock ms", "Lynx ms", "speedup", "experts stock→kept", "bound",
+              "speedup/bound", "gain frac.", "overhead"]
+    rows = [r for r in moe["rows"] if r["default"]]
+    parts.append("Default policy (budget m = max(2k, E/4); no pruning below 4 rows):\n")
+    parts.append(markdown_table(header, [
+        [r["shape"], r["batch"], r["stock_ms"], r["lynx_ms"], r["speedup"],
+         f"{r['experts_stock']:.1f}→{r['experts_kept']:.1f}", r["bound"],
+         r["fraction_of_bound"], "-" if r["gain_fraction"] is None else r["gain_fraction"],
+         f"{100 * r['overhead_share']:.1f}%"] for r in rows]))
+    best = {}
+    for r in moe["rows"]:
+        key = (r["shape"], r["batch"])
+        if r["batch"] >= 16 and (key not in best or r["speedup"] > best[key]["speedup"]):
+            best[key] = r
+    parts.append("\n\nFastest policy/knob per shape at B >= 16:\n")
+    parts.append(markdown_table(["shape", "B", "policy:knob", "speedup", "bound",
+                                 "speedup/bound", "overhead"], [
+        [r["shape"], r["batch"], f"{r['policy']}:{r['knob']}", r["speedup"], r["bound"],
+         r["fraction_of_bound"], f"{100 * r['overhead_share']:.1f}%"] for r in best.values()]))
+    return "".join(parts)
+
+
+def _e2e_tables(e2e: dict[str, Any]) -> str:
+    parts = []
+    for model in e2e["models"]:
+        rows = [r for r in e2e["rows"] if r["model"] == model["model"]]
+        parts.append(f"\n**{model['model']}** (E={model['E']}, k={model['k']}; latency on "
+                     f"`{model['served']}`, default {model['default']}):\n\n")
+        parts.append(markdown_table(
+            ["policy:knob", "C", "TPOT stock", "TPOT Lynx", "ratio", "P99 TPOT s/L",
+             "ITL med s/L", "ITL P99 s/L", "tok/s s/L", "CPU ms/tok s/L", "EM s/L (B)",
+             "ppl s/L (B)", "agree", "top-1 kept"],
+            [[f"{r['policy']}:{r['knob']}" + (" *" if r["default"] else ""), r["concurrency"],
+              r["tpot_stock_ms"], r["tpot_lynx_ms"], r["tpot_ratio"],
+              f"{r['tpot_p99_stock_ms']:.0f}/{r['tpot_p99_lynx_ms']:.0f}",
+              f"{r['itl_median_stock_ms']:.0f}/{r['itl_median_lynx_ms']:.0f}",
+              f"{r['itl_p99_stock_ms']:.0f}/{r['itl_p99_lynx_ms']:.0f}",
+              f"{r['throughput_stock_tok_s']:.0f}/{r['throughput_lynx_tok_s']:.0f}",
+              f"{r['cpu_ms_per_token_stock']:.2f}/{r['cpu_ms_per_token_lynx']:.2f}",
+              f"{r['exact_match_stock']:.3f}/{r['exact_match_lynx']:.3f} ({r['accuracy_batch']})",
+              f"{r['ppl_stock']:.2f}/{r['ppl_lynx']:.2f} ({r['ppl_batch']})",
+              r["next_token_agreement"], r["top1_kept_rate"]] for r in rows]))
+        parts.append("\n\nAccuracy by batch size (exact match through the server; code "
+                     "perplexity with the router hook):\n\n")
+        parts.append(markdown_table(["policy:knob", "B", "EM stock", "EM Lynx"], [
+            [a["variant"], a["batch"], a["exact_match_stock"], a["exact_match_lynx"]]
+            for a in model["accuracy"]]))
+        parts.append("\n\n")
+        parts.append(markdown_table(["policy:knob", "B", "ppl stock", "ppl Lynx", "rise",
+                                     "next-token agreement", "top-1 kept (hook)"], [
+            [c["variant"], c["batch"], c["ppl_stock"], c["ppl_lynx"],
+             f"{100 * c['ppl_rise']:.2f}%", c["next_token_agreement"],
+             c["hook_top1_kept_rate"]] for c in model["code"]]))
+        parts.append("\n")
+    return "".join(parts)
+
+
+def _slo_table(slo: dict[str, Any]) -> str:
+    return markdown_table(["mode", "within-SLO tok/s", "SLO attainment", "all tok/s",
+                           "requests done"], [
+        [r["mode"], r["throughput_within_slo"], r["slo_attainment"], r["throughput"],
+         r["requests_completed"]] for r in slo["runs"]])
+
+
+def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
+            frontier_c: int) -> list[list[Any]]:
+    """The issue's targets next to the measured values."""
+    fine = [r for r in moe["rows"] if r.get("fine_grained") and 16 <= r["batch"] <= 64
+            and r["dtype"] == "fp32" and r["bound"] >= 1.02]
+    best_frac = max((r["fraction_of_bound"] for r in fine), default=float("nan"))
+    dflt = [r["fraction_of_bound"] for r in fine if r["default"]]
+    overhead = [r["overhead_share"] for r in moe["rows"] if r["default"] and r["batch"] >= 4]
+    ok_points = [p for p in frontier_points(e2e, frontier_c) if p["em_delta_points"] >= -1
+                 and p["ppl_rise"] <= 0.02]
+    best_e2e = max(ok_points, key=lambda p: p["speedup"], default=None)
+    runs = {r["mode"]: r for r in slo["runs"]}
+    off = runs.get("off", {}).get("throughput_within_slo", 0.0)
+    adaptive = runs.get("adaptive", {}).get("throughput_within_slo", 0.0)
+    return [
+        ["MoE layer: >= 90% of bound, B=16..64, fine-grained (fp32)",
+         f"default: {min(dflt, default=float('nan')):.2f}..{max(dflt, default=float('nan')):.2f}"
+         f", best policy {best_frac:.2f}"],
+        ["Selection overhead <= 2% of layer time (default, B >= 4)",
+         f"{100 * min(overhead, default=float('nan')):.1f}%.."
+         f"{100 * max(overhead, default=float('nan')):.1f}%"],
+        [f">= 2.0x TPOT at C={frontier_c}, <= 1 pt EM loss, <= 2% ppl rise",
+         "none qualifies" if best_e2e is None else
+         f"{best_e2e['speedup']:.2f}x ({best_e2e['model']} {best_e2e['label']}, "
+         f"EM {best_e2e['em_delta_points']:+.1f} pt, ppl {100 * best_e2e['ppl_rise']:+.2f}%)"],
+        ["Adaptive within-SLO throughput >= 2x off",
+         f"{adaptive:.1f} vs {off:.1f} tok/s ({adaptive / off:.2f}x)" if off else
+         f"{adaptive:.1f} vs {off:.1f} tok/s"],
+    ]
+
+
+def rounded_or(value: Any, digits: int = 3) -> Any:
+    return rounded(value, digits) if isinstance(value, float) else value

@@ -1,0 +1,118 @@
+"""Smoke tests of the benchmarks: the MoE-layer bench in quick mode at a tiny size, and the
+schema of ``benchmark/results/summary.json`` (the file ``make bench`` writes)."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = REPO / "benchmark" / "results" / "summary.json"
+MOE_KEYS = {"shape": str, "E": int, "k": int, "batch": int, "policy": str,
+            "knob": (int, float, str), "stock_ms": float, "lynx_ms": float, "speedup": float,
+            "experts_stock": float,
+            "experts_kept": float, "bound": float, "fraction_of_bound": float,
+            "overhead_share": float}
+E2E_KEYS = {"model": str, "concurrency": int, "policy": str, "knob": (int, float, str),
+            "tpot_stock_ms": float, "tpot_lynx_ms": float, "tpot_ratio": float,
+            "exact_match_stock": float, "exact_match_lynx": float, "ppl_stock": float,
+            "ppl_lynx": float, "top1_kept_rate": float}
+
+
+def _check_row(row: dict[str, Any], spec: dict[str, Any], where: str) -> None:
+    assert set(row) == set(spec), f"{where}: keys {sorted(row)} != {sorted(spec)}"
+    for key, kind in spec.items():
+        value = row[key]
+        if kind is float:  # any JSON number
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+        assert ok, f"{where}: {key}={value!r} is not {kind}"
+
+
+def check_summary(summary: dict[str, Any]) -> None:
+    """The issue's summary.json schema, exactly; stock and Lynx numbers present and positive."""
+    assert set(summary) == {"machine", "moe_layer", "e2e", "slo"}
+    assert isinstance(summary["machine"], str) and summary["machine"]
+    assert summary["moe_layer"], "no MoE-layer rows"
+    for i, row in enumerate(summary["moe_layer"]):
+        _check_row(row, MOE_KEYS, f"moe_layer[{i}]")
+        assert row["stock_ms"] > 0 and row["lynx_ms"] > 0 and row["speedup"] > 0
+        assert 0 < row["experts_kept"] <= row["E"] and 0 < row["experts_stock"] <= row["E"]
+        assert row["bound"] > 0 and row["overhead_share"] >= 0
+    assert summary["e2e"], "no end-to-end rows"
+    for i, row in enumerate(summary["e2e"]):
+        _check_row(row, E2E_KEYS, f"e2e[{i}]")
+        assert row["tpot_stock_ms"] > 0 and row["tpot_lynx_ms"] > 0
+        assert row["ppl_stock"] > 0 and row["ppl_lynx"] > 0
+        for key in ("exact_match_stock", "exact_match_lynx", "top1_kept_rate"):
+            assert 0.0 <= row[key] <= 1.0, f"e2e[{i}].{key}={row[key]} not a fraction"
+    slo = summary["slo"]
+    assert set(slo) == {"slo_ms", "runs"} and slo["slo_ms"] > 0
+    assert {run["mode"] for run in slo["runs"]} == {"adaptive", "off", "static"}
+    for run in slo["runs"]:
+        assert set(run) == {"mode", "throughput_within_slo", "slo_attainment"}
+        assert run["throughput_within_slo"] >= 0 and 0 <= run["slo_attainment"] <= 1
+
+
+@pytest.mark.slow  # ~30 s: SGLang import plus a few hundred timed layer calls
+def test_moe_layer_quick_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "moe_layer.json"
+    cmd = [sys.executable, str(REPO / "benchmark" / "moe_layer.py"), "--quick", "--tiny",
+           "--synthetic-only", "--shapes", "qwen3-moe-mini-wide16,Qwen3-30B-A3B/4",
+           "--batches", "1,16", "--draws", "2", "--reps", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = result["rows"]
+    assert {r["shape"].split()[0] for r in rows} == {"qwen3-moe-mini-wide16", "Qwen3-30B-A3B/4"}
+    assert {r["batch"] for r in rows} == {1, 16}
+    assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback"}
+    for row in rows:
+        _check_row({k: row[k] for k in MOE_KEYS}, MOE_KEYS, row["shape"])
+        assert row["stock_ms"] > 0 and row["lynx_ms"] > 0
+        assert row["top1_kept_rate"] == 1.0  # every token keeps its top-1 expert
+        if row["batch"] == 1:
+            assert row["experts_kept"] == row["experts_stock"] == row["k"]  # nothing to drop
+        else:
+            assert row["experts_kept"] <= row["experts_stock"]
+    defaults = [r for r in rows if r["default"] and r["batch"] == 16]
+    assert len(defaults) == 2 and all(r["bound"] > 1 for r in defaults)
+
+
+def test_summary_json_schema() -> None:
+    if not SUMMARY.is_file():
+        pytest.skip("no benchmark/results/summary.json yet: run `make bench-quick`")
+    check_summary(json.loads(SUMMARY.read_text()))
+
+
+def test_schema_check_rejects_missing_or_extra_fields() -> None:
+    row = {k: 1.0 for k in E2E_KEYS} | {"model": "m", "policy": "budget", "knob": 4,
+                                         "concurrency": 32}
+    summary = {"machine": "cpu", "e2e": [row], "slo": {"slo_ms": 1.0, "runs": [
+        {"mode": m, "throughput_within_slo": 1.0, "slo_attainment": 1.0}
+        for m in ("adaptive", "off", "static")]},
+        "moe_layer": [{k: 1.0 for k in MOE_KEYS} | {"shape": "s", "E": 8, "k": 2, "batch": 16,
+                                                   "policy": "budget", "knob": 4}]}
+    check_summary(summary)
+    broken = json.loads(json.dumps(summary))
+    del broken["e2e"][0]["ppl_lynx"]
+    with pytest.raises(AssertionError):
+        check_summary(broken)
+    broken = json.loads(json.dumps(summary))
+    broken["moe_layer"][0]["extra"] = 1
+    with pytest.raises(AssertionError):
+        check_summary(broken)
+    broken = json.loads(json.dumps(summary))
+    broken["e2e"][0]["tpot_lynx_ms"] = 0.0
+    with pytest.raises(AssertionError):
+        check_summary(broken)
