@@ -29,7 +29,7 @@ from lynx.deploy.prometheus import (
     rule_expressions,
     rule_queries,
 )
-from lynx.deploy.promql import metric_names, substitute
+from lynx.deploy.promql import either_spelling, metric_names, substitute
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: make prometheus")
@@ -84,13 +84,13 @@ def test_dashboard_covers_the_required_panels() -> None:
                    "rate(lynx_experts_kept_total", "rate(lynx_experts_stock_union_total",
                    "rate(lynx_routing_mass_kept_total", "rate(lynx_routing_mass_total",
                    "lynx_policy_version", "lynx_controller_mode",
-                   "histogram_quantile(0.5, sum by (le, instance) "
-                   "(rate(sglang:inter_token_latency_seconds_bucket",
-                   "histogram_quantile(0.99, sum by (le, instance) "
-                   "(rate(sglang:time_to_first_token_seconds_bucket",
+                   'histogram_quantile(0.5, sum by (le, instance) '
+                   '(rate({__name__=~"sglang[:_]inter_token_latency_seconds_bucket"',
+                   'histogram_quantile(0.99, sum by (le, instance) '
+                   '(rate({__name__=~"sglang[:_]time_to_first_token_seconds_bucket"',
                    'lynx_controller_slo_target_seconds{metric="itl"}',
-                   "lynx_controller_decisions_total", "sglang:num_running_reqs",
-                   "rate(sglang:generation_tokens_total"):
+                   "lynx_controller_decisions_total", 'sglang[:_]num_running_reqs"',
+                   'rate({__name__=~"sglang[:_]generation_tokens_total"'):
         assert needle in exprs, needle
     by_layer = [q for q in raw_dashboard_queries() if "layer" in q]
     assert by_layer, "no per-layer panel"
@@ -101,6 +101,10 @@ def test_metric_name_extraction() -> None:
             ' > on() group_left() (max(lynx_t{metric="itl"}) or on() vector(0.1))')
     assert metric_names(expr) == {"sglang:x_bucket", "lynx_t"}
     assert metric_names('up{job="lynx-controller"} == 0') == {"up"}
+    either = 'rate({__name__=~"sglang[:_]x_total", instance=~"$r"}[1m])'
+    assert metric_names(either) == {"sglang:x_total"}
+    assert either_spelling("sglang:x_total", 'a="b"') == '{__name__=~"sglang[:_]x_total", a="b"}'
+
     assert "lynx_pruned_rows_total" in referenced_metric_names()
     assert "up" not in referenced_metric_names()
     with pytest.raises(ValueError, match="unsubstituted"):
@@ -144,9 +148,11 @@ def test_runtime_metrics_exist_in_the_plugin_exporter() -> None:
 
 
 def test_sglang_metrics_exist_in_sglang_source() -> None:
-    import sglang
+    import importlib.util
 
-    source = (Path(sglang.__file__).parent / "srt" / "observability" /
+    spec = importlib.util.find_spec("sglang")  # no import: sglang's __init__ is slow
+    assert spec is not None and spec.origin is not None
+    source = (Path(spec.origin).parent / "srt" / "observability" /
               "metrics_collector.py").read_text()
     for name in c.SGLANG_METRICS:
         base = re.sub(r"_bucket$", "", name)

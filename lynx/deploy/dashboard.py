@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lynx.deploy import constants as c
-from lynx.deploy.promql import all_metric_names, metric_names, substitute
+from lynx.deploy.promql import all_metric_names, either_spelling, metric_names, substitute
 
 R = "$__rate_interval"
 SEL = 'instance=~"$replica"'
@@ -55,7 +55,14 @@ def _ratio(num: str, den: str, by: str) -> str:
 
 
 def _quantile(q: float, hist: str, by: str = "instance", sel: str = SEL) -> str:
-    return f"histogram_quantile({q:g}, sum by (le, {by}) (rate({hist}_bucket{{{sel}}}[{R}])))"
+    series = (either_spelling(f"{hist}_bucket", sel) if ":" in hist
+              else f"{hist}_bucket{{{sel}}}")
+    return f"histogram_quantile({q:g}, sum by (le, {by}) (rate({series}[{R}])))"
+
+
+def _sg(name: str) -> str:
+    """An SGLang series of the selected replicas, under either stored spelling."""
+    return either_spelling(name, SEL)
 
 
 ITL, TTFT = "sglang:inter_token_latency_seconds", "sglang:time_to_first_token_seconds"
@@ -156,13 +163,15 @@ ROWS: tuple[RowSpec, ...] = (
         PanelSpec("Batch size (running and queued requests)", "Requests in the running decode "
                   "batch and in the queue per replica (SGLang refreshes these gauges every "
                   "--decode-log-interval steps). Lynx prunes more as this grows.",
-                  (_q(f"sglang:num_running_reqs{{{SEL}}}", "{{instance}} running"),
-                   _q(f"sglang:num_queue_reqs{{{SEL}}}", "{{instance}} queued")), width=8),
+                  (_q(f"max by (instance) ({_sg('sglang:num_running_reqs')})",
+                      "{{instance}} running"),
+                   _q(f"max by (instance) ({_sg('sglang:num_queue_reqs')})",
+                      "{{instance}} queued")), width=8),
         PanelSpec("Throughput (generated tokens/s)", "Output tokens per second per replica and "
                   "in total.",
-                  (_q(f"sum by (instance) (rate(sglang:generation_tokens_total{{{SEL}}}[{R}]))",
+                  (_q(f"sum by (instance) (rate({_sg('sglang:generation_tokens_total')}[{R}]))",
                       "{{instance}}"),
-                   _q(f"sum(rate(sglang:generation_tokens_total{{{SEL}}}[{R}]))", "total")),
+                   _q(f"sum(rate({_sg('sglang:generation_tokens_total')}[{R}]))", "total")),
                   unit="short", width=8),
         PanelSpec("Router responses", "Responses per second of the sglang-router in front of "
                   "the replicas, by HTTP status (5xx: no healthy replica or upstream errors).",

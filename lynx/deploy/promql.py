@@ -18,6 +18,7 @@ KEYWORDS = frozenset({
 SYNTHETIC_METRICS = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 """Series Prometheus makes itself (not found on any /metrics page)."""
 
+_EITHER_SPELLING = re.compile(r'__name__=~"([A-Za-z_]\w*)\[:_\](\w+)"')
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
@@ -31,13 +32,29 @@ GRAFANA_DEFAULTS: dict[str, str] = {
 }
 
 
+def either_spelling(name: str, matchers: str = "") -> str:
+    """Selector of a ``prefix:rest`` metric under both of its stored names.
+
+    prometheus_client >= 0.22 answers Prometheus 2.x's OpenMetrics scrape with
+    ``escaping=underscores``: ``sglang:x`` is stored as ``sglang_x`` there, and as ``sglang:x`` by
+    Prometheus 3 or a text-format scrape. Only one spelling exists in a given server, so
+    aggregating over the regex name loses nothing and double-counts nothing.
+    """
+    prefix, sep, rest = name.partition(":")
+    if not sep:
+        raise ValueError(f"{name!r} has no ':'")
+    extra = f", {matchers}" if matchers else ""
+    return f'{{__name__=~"{prefix}[:_]{rest}"{extra}}}'
+
+
 def metric_names(expr: str) -> set[str]:
-    """Metric names an expression selects (Prometheus' synthetic ``up`` included)."""
+    """Metric names an expression selects (Prometheus' synthetic ``up`` included); a
+    `either_spelling` selector counts as its canonical ``prefix:rest`` name."""
+    names = {f"{m.group(1)}:{m.group(2)}" for m in _EITHER_SPELLING.finditer(expr)}
     text = _STRING.sub('""', expr)
     text = _MATCHERS.sub("", text)
     text = _BRACKETS.sub("", text)
     text = _GROUPING.sub("", text)
-    names: set[str] = set()
     for match in _IDENT.finditer(text):
         name, call = match.group(1), match.group(2)
         if call or name.lower() in KEYWORDS:
