@@ -257,7 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrency = ints(args.concurrency, [1, 32] if q else [1, 4, 8, 16, 32, 64])
     args.output_len = args.output_len or (16 if q else 32)
     args.waves = args.waves or 1
-    args.reps = args.reps or (1 if q else 2)
+    args.reps = args.reps or (1 if q else 3)
     args.em_batches = ints(args.em_batches, [32] if q else [1, 8, 32, 64])
     args.problems = args.problems or (64 if q else 256)
     args.ppl_batches = ints(args.ppl_batches, [32] if q else [8, 32])

@@ -266,6 +266,7 @@ def run(configs: list[tuple[Shape, torch.dtype]], batches: list[int], quick: boo
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
+    """Per shape: the default policy, the best knob of each policy per batch, the bound."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,32 +275,35 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     shapes = [s["shape"] for s in result["shapes"]]
     cols = min(3, len(shapes))
     nrows = (len(shapes) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    colors = {"budget": "C0", "affinity": "C2", "piggyback": "C1"}
     for ax, name in zip(axes.flat, shapes, strict=False):
         rows = [r for r in result["rows"] if r["shape"] == name]
-        labels = sorted({f"{r['policy']}:{r['knob']}" for r in rows})
-        for label in labels:
-            sel = sorted((r for r in rows if f"{r['policy']}:{r['knob']}" == label),
-                         key=lambda r: r["batch"])
-            is_default = sel[0]["default"]
-            ax.plot([r["batch"] for r in sel], [r["speedup"] for r in sel],
-                    marker="o", lw=2.5 if is_default else 1, alpha=1 if is_default else 0.6,
-                    label=label + (" (default)" if is_default else ""))
-            if is_default:
-                ax.plot([r["batch"] for r in sel], [r["bound"] for r in sel], "k--", lw=1,
-                        label="bound (default)")
+        batches = sorted({r["batch"] for r in rows})
+        default = sorted((r for r in rows if r["default"]), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in default], [r["bound"] for r in default], "k--", lw=1,
+                label="bound (default)")
+        ax.plot([r["batch"] for r in default], [r["speedup"] for r in default], "r-o", lw=2.5,
+                label=f"default {default[0]['policy']}:{default[0]['knob']}" if default else "")
+        for policy, color in colors.items():
+            best = [max((r["speedup"] for r in rows if r["policy"] == policy
+                         and r["batch"] == b), default=None) for b in batches]
+            if any(v is not None for v in best):
+                ax.plot(batches, best, "-", marker=".", color=color, lw=1,
+                        label=f"best {policy} knob")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("decode batch")
         ax.set_ylabel("layer speedup vs stock")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
     fig.suptitle("SGLang moe_forward_native on the CPU: Lynx speedup per layer (medians)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -338,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.configs += [(s, torch.bfloat16) for s in shapes if s.name in BF16_SHAPES]
     args.batches = [int(b) for b in args.batches.split(",") if b] or (
         [1, 16, 64] if args.quick else list(BATCHES))
-    args.draws = args.draws or (6 if args.quick else 10)
+    args.draws = args.draws or (6 if args.quick else 8)
     args.reps = args.reps or (3 if args.quick else 5)
     return args
 

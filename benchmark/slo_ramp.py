@@ -10,6 +10,7 @@ controller (``lynx-policy``, SLO on P99 inter-token latency read from the runtim
 in the window, output tokens, and the mean experts kept per pruned layer-step (plugin counters).
 - ``slo_attainment`` = share of windows whose P99 ITL <= SLO;
 - ``throughput_within_slo`` = output tokens streamed in windows that met the SLO / ramp time.
+Every mode runs ``--reps`` ramps, modes rotated between repetitions; the numbers are means.
 ``--slo-ms auto``: 0.85 x the P99 ITL of plugin-off serving at the ramp's peak concurrency
 (measured first), so unreduced serving misses the SLO at the peak and meets it at low load.
 """
@@ -162,6 +163,21 @@ def run_mode(pair: ServingPair, mode: str, num_experts: int, top_k: int, args: A
             "requests_failed": sum(1 for t in timings if not t.ok), "windows": wins}
 
 
+def aggregate(mode: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over repetitions; the first repetition's windows are kept for the plot."""
+    def mean(key: str) -> float:
+        return rounded(sum(r[key] for r in results) / len(results), 4)
+
+    return {"mode": mode, "throughput_within_slo": mean("throughput_within_slo"),
+            "slo_attainment": mean("slo_attainment"), "throughput": mean("throughput"),
+            "requests_completed": sum(r["requests_completed"] for r in results),
+            "requests_failed": sum(r["requests_failed"] for r in results),
+            "per_rep": [{k: r[k] for k in ("throughput_within_slo", "slo_attainment",
+                                           "throughput")} for r in results],
+            "windows": results[0]["windows"],
+            "rep_windows": [r["windows"] for r in results[1:]]}
+
+
 def calibrate_slo(pair: ServingPair, peak: int, output_len: int, seconds: float) -> float:
     from benchmark.e2e_decode import prompts_for_load
 
@@ -180,15 +196,19 @@ def run(pair: ServingPair, model: str, num_experts: int, top_k: int, args: Any
     pair.put("/v1/slo", {"targets": [{"metric": "itl", "quantile": 0.99, "target_ms": slo_ms}]})
     print(f"[slo] {model}: SLO P99 ITL <= {slo_ms} ms, ramp {args.stages} x {args.stage_s}s",
           flush=True)
-    runs = []
-    for mode in args.modes:
-        result = run_mode(pair, mode, num_experts, top_k, args, slo_ms)
-        runs.append(result)
-        print(f"[slo] {mode}: attainment {result['slo_attainment']:.2f}, within-SLO "
-              f"{result['throughput_within_slo']:.1f} tok/s of {result['throughput']:.1f}",
-              flush=True)
+    per_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    for rep in range(args.reps):  # modes in a rotated order per repetition
+        shift = rep % len(args.modes)
+        for mode in args.modes[shift:] + args.modes[:shift]:
+            result = run_mode(pair, mode, num_experts, top_k, args, slo_ms)
+            per_mode[mode].append(result)
+            print(f"[slo] rep {rep} {mode}: attainment {result['slo_attainment']:.2f}, "
+                  f"within-SLO {result['throughput_within_slo']:.1f} tok/s of "
+                  f"{result['throughput']:.1f}", flush=True)
+    runs = [aggregate(mode, results) for mode, results in per_mode.items()]
     return {"model": model, "served": pair.model_path.name, "slo_ms": slo_ms,
             "stages": args.stages, "stage_s": args.stage_s, "window_s": args.window_s,
+            "reps": args.reps,
             "static_policy": budget_variant(top_k).label, "runs": runs}
 
 
@@ -213,7 +233,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[2].set_xlabel("time [s]")
     ramp = axes[2].twinx()
     wins = result["runs"][0]["windows"]
-    ramp.step([w["t0_s"] for w in wins], [w["target_concurrency"] for w in wins], "k:",
+    ramp.step([w["t0_s"] for w in wins] + [wins[-1]["t1_s"]],
+              [w["target_concurrency"] for w in wins] + [wins[-1]["target_concurrency"]], "k:",
               where="post", label="concurrency")
     ramp.set_ylabel("concurrency (dotted)")
     for ax in axes:
@@ -237,11 +258,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=None)
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--reps", type=int, default=None,
+                        help="ramps per mode, modes rotated (default: quick 1, full 2)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_ramp.json")
     args = parser.parse_args(argv)
     args.stages = [int(s) for s in args.stages.split(",") if s] or (
         [4, 32, 4] if args.quick else [1, 4, 8, 16, 32, 48, 64, 48, 32, 16, 8, 4, 1])
-    args.stage_s = args.stage_s or (6.0 if args.quick else 15.0)
+    args.stage_s = args.stage_s or (6.0 if args.quick else 8.0)
+    args.reps = args.reps or (1 if args.quick else 2)
     args.window_s = args.window_s or (3.0 if args.quick else 5.0)
     args.output_len = args.output_len or (16 if args.quick else 32)
     args.modes = [m for m in args.modes.split(",") if m]
