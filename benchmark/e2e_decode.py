@@ -7,7 +7,8 @@ Per reference model:
    in float32 under ``.cache/bench/models/``): a stock server and a Lynx server run side by side
    (``benchmark.serving_pair``), the Lynx policy switched live through the real controller.
    For each concurrency C, closed-loop rounds of C streaming requests (``--output-len`` tokens,
-   ``ignore_eos``) alternate between the two servers in a shuffled order; TPOT and ITL medians
+   ``ignore_eos``; at least ``MIN_REQUESTS`` requests per round) alternate between the two
+   servers in a shuffled order, ``--reps`` rounds each; TPOT and ITL medians
    and P99 over all requests, output throughput = tokens / wall. The default policy is swept
    over every concurrency; every other policy/knob of the frontier at ``--frontier-c``.
 2. Accuracy: arithmetic exact match through the same servers (held-out additions, batches of B
@@ -47,6 +48,7 @@ from benchmark.loadgen import RequestTiming, run_load, summarize
 from benchmark.serving_pair import ServingPair, counter_delta, process_group_cpu_s
 
 MODELS = ("qwen3-moe-mini", "mixtral-mini")
+MIN_REQUESTS = 8  # per server and repetition: small concurrencies run several waves
 
 
 def widened(model: str, factor: int) -> Path:
@@ -82,9 +84,9 @@ def measure_latency(pair: ServingPair, concurrency: int, output_len: int, waves:
         for name in order:
             server = pair.stock if name == "stock" else pair.lynx
             cpu_before = process_group_cpu_s(server)
-            results, wall = run_load(server.url, prompts, concurrency, concurrency * waves,
-                                     output_len, label=f"{name} C={concurrency}",
-                                     progress=progress)
+            requests = concurrency * max(waves, -(-MIN_REQUESTS // concurrency))
+            results, wall = run_load(server.url, prompts, concurrency, requests, output_len,
+                                     label=f"{name} C={concurrency}", progress=progress)
             cpu[name] += process_group_cpu_s(server) - cpu_before
             timings[name].extend(results)
             walls[name] += wall
