@@ -133,7 +133,8 @@ def make_sampler(pair: ServingPair, target: dict[str, int]) -> Any:
             budget = bucket.budget_for_layer(0) if bucket is not None else None
         except (httpx.HTTPError, KeyError, ValueError):
             pass
-        return {"experts_kept": d_kept / d_steps if d_steps > 0 else None, "budget": budget}
+        kept_mean = d_kept / d_steps if d_steps > 0 and d_kept > 0 else None  # torn reads: skip
+        return {"experts_kept": kept_mean, "budget": budget}
 
     return sample
 
@@ -228,7 +229,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                      label=run["mode"])
     axes[0].axhline(result["slo_ms"], color="red", ls="--", label="SLO")
     axes[0].set_ylabel("P99 ITL [ms]")
-    axes[1].set_ylabel("experts kept / layer-step")
+    axes[1].set_ylabel("experts kept / pruned layer-step\n(off: none pruned)")
     axes[2].set_ylabel("output tok/s")
     axes[2].set_xlabel("time [s]")
     ramp = axes[2].twinx()
@@ -239,7 +240,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ramp.set_ylabel("concurrency (dotted)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"SLO ramp on {result['served']}: off vs static vs adaptive controller")
+    fig.suptitle(f"SLO ramp on {result['served']}: off vs static vs adaptive controller "
+                 "(first repetition)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
