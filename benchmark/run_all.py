@@ -234,6 +234,18 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,summary}}.json`.
 ## Reading
 {reading(moe, e2e, slo, c)}
 
+## Not measured here
+- No GPU was lent: SGLang's fused-MoE Triton kernel and Lynx's Triton selection kernels (the
+  production path) are not timed; on a GPU, decode MoE is bound by reading expert weights, so
+  the bound column is the relevant ceiling there, and the selection step runs as a few
+  microsecond-scale kernels (CUDA graph captured) instead of CPU torch ops.
+- The production shapes are scaled down (hidden sizes 1/4 to 1/8, E and k kept) to fit this
+  machine; DeepSeek-V2-Lite's two shared experts (dense, never pruned) are left out of its
+  layer time, which overstates its speedup slightly.
+- Exact match is from 256 held-out problems per point (one problem = 0.4 points); the
+  arithmetic task is easy for qwen3-moe-mini (1.000 everywhere), so code perplexity is the
+  more sensitive accuracy signal there.
+
 ## MoE layer
 ![MoE layer]({images}/moe_layer.png)
 
