@@ -242,9 +242,9 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,summary}}.json`.
 - The production shapes are scaled down (hidden sizes 1/4 to 1/8, E and k kept) to fit this
   machine; DeepSeek-V2-Lite's two shared experts (dense, never pruned) are left out of its
   layer time, which overstates its speedup slightly.
-- Exact match is from 256 held-out problems per point (one problem = 0.4 points); the
-  arithmetic task is easy for qwen3-moe-mini (1.000 everywhere), so code perplexity is the
-  more sensitive accuracy signal there.
+- Exact match is from 256 held-out problems per point (32 at batch 1; one problem = 0.4
+  points); the arithmetic task is easy for qwen3-moe-mini, so code perplexity is the more
+  sensitive accuracy signal there.
 
 ## MoE layer
 ![MoE layer]({images}/moe_layer.png)
