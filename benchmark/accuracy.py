@@ -67,7 +67,9 @@ class SelectionHook:
         rows = torch.ones(self.batch, dtype=torch.bool)
         steps = [select_layer_step(self.variant.policy, per_pos[:, t], self.router, self.knobs,
                                    rows, rows) for t in range(per_pos.shape[1])]
-        bias = torch.stack([s.logit_bias for s in steps], dim=1)  # [batch, positions, E]
+        biases = [s.logit_bias for s in steps]
+        assert all(b is not None for b in biases), "softmax routers get a logit bias"
+        bias = torch.stack(biases, dim=1)  # type: ignore[arg-type]  # [batch, positions, E]
         weights, ids = route_stock((per_pos + bias).reshape(-1, experts), self.router.top_k,
                                    self.router.renormalize)
         stock_top1 = z.argmax(-1, keepdim=True)

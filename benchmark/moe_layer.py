@@ -135,6 +135,7 @@ class MoeLayerBench:
         rows = torch.ones(logits.shape[0], dtype=torch.bool)
         selection = select_layer_step(knobs_policy(knobs), logits, self.router, knobs, rows,
                                       rows)
+        assert selection.logit_bias is not None  # softmax router: a logit bias, no corr. bias
         return logits.float() + selection.logit_bias
 
 

@@ -106,7 +106,7 @@ def _moe_tables(moe: dict[str, Any]) -> str:
          f"{r['experts_stock']:.1f}→{r['experts_kept']:.1f}", r["bound"],
          r["fraction_of_bound"], "-" if r["gain_fraction"] is None else r["gain_fraction"],
          f"{100 * r['overhead_share']:.1f}%"] for r in rows]))
-    best = {}
+    best: dict[tuple[str, int], dict[str, Any]] = {}
     for r in moe["rows"]:
         key = (r["shape"], r["batch"])
         if r["batch"] >= 16 and (key not in best or r["speedup"] > best[key]["speedup"]):

@@ -84,8 +84,10 @@ def collect_real(folder: Path, threads: int = 2) -> torch.Tensor:
     packer = ArithmeticPacker(tok)
     arith = [packer.problem(a, b)[0] for a, b in heldout_problems(ARITH_PROBLEMS)]
     width = max(len(ids) for ids in arith)
-    arith_ids = torch.tensor([ids + [packer.pad] * (width - len(ids)) for ids in arith])
-    arith_mask = arith_ids != packer.pad
+    pad = packer.pad
+    assert isinstance(pad, int)
+    arith_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in arith])
+    arith_mask = torch.ne(arith_ids, pad)
     per_layer: list[list[torch.Tensor]] = []
     for ids, mask in ((windows, torch.ones_like(windows, dtype=torch.bool)),
                       (arith_ids, arith_mask)):

@@ -114,10 +114,10 @@ class ServingPair:
                 except BaseException as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=start, args=(s,)) for s in (stock, lynx)]
-            for thread in threads:
+            starters = [threading.Thread(target=start, args=(s,)) for s in (stock, lynx)]
+            for thread in starters:
                 thread.start()
-            for thread in threads:
+            for thread in starters:
                 thread.join()
             if errors:
                 raise errors[0]
