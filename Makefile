@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lynx-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint models bench bench-quick prometheus clean-venv
+.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -37,6 +37,20 @@ lint: setup
 models: setup
 	$(PY) -m lynx.reference.train --model all
 	$(PY) -m lynx.reference.evaluate --model all
+
+# Stock vs Lynx benchmarks: JSON + PNG under benchmark/results/, benchmark/RESULTS.md.
+bench: setup
+	$(PY) benchmark/run_all.py
+
+bench-quick: setup
+	$(PY) benchmark/run_all.py --quick
+
+# Deployment files (compose, Prometheus, Grafana dashboard) are generated from lynx/deploy.
+dashboards: setup
+	$(PY) -m lynx.deploy generate
+
+deploy-check: setup
+	$(PY) -m lynx.deploy generate --check
 
 clean-venv:
 	rm -rf $(VENV)
