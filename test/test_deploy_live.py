@@ -92,6 +92,7 @@ class Traffic(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.stop_event, self.ok, self.failed = url, threading.Event(), 0, 0
+        self.errors: list[str] = []
 
     def _one(self, i: int) -> None:
         # Streaming: SGLang records inter-token latency for streamed requests only.
@@ -103,8 +104,9 @@ class Traffic(threading.Thread):
                 chunks = sum(1 for line in reply.iter_lines() if line.startswith("data:"))
             assert chunks > 1
             self.ok += 1
-        except (httpx.HTTPError, AssertionError):
+        except (httpx.HTTPError, AssertionError) as error:
             self.failed += 1
+            self.errors.append(repr(error))
 
     def run(self) -> None:
         i = 0
@@ -152,6 +154,12 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
                                               timeout=2).status_code == 200, 60)
         _wait_for("prometheus", lambda: httpx.get(f"{prom}/-/ready", timeout=2)
                   .status_code == 200, 60)
+
+        def router_serves() -> bool:
+            reply = httpx.post(f"http://127.0.0.1:{router_port}/generate", timeout=30, json={
+                "text": "1+1=", "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
+            return reply.status_code == 200
+        _wait_for("the router to route a request to its worker", router_serves, 120)
         admin = controller.admin
         admin.put("/v1/policy", json=BUDGET).raise_for_status()
         admin.put("/v1/mode", json={"mode": "static"}).raise_for_status()
@@ -173,7 +181,7 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
             _wait_for("every dashboard/rule query to return data", all_return_data, 240)
         except AssertionError:
             pytest.fail(f"queries without data: {missing}")
-        assert traffic.ok > 0 and traffic.failed == 0
+        assert traffic.ok > 0 and traffic.failed == 0, traffic.errors[:5]
 
         pages = "\n".join(httpx.get(url, timeout=10).text for url in (
             f"{runtime.url}/metrics", f"{controller.admin_url}/metrics",

@@ -39,7 +39,17 @@ def test_server_answers_arithmetic_and_exports_latency(server_factory, model: st
     reply.raise_for_status()
     assert parse_answer(reply.json()["choices"][0]["text"]) == a + b
 
+    # SGLang records inter-token latency for streamed requests only.
+    with httpx.stream("POST", f"{server.url}/generate", timeout=60, json={
+            "text": arithmetic_prompt(a, b), "stream": True,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0}}) as streamed:
+        streamed.raise_for_status()
+        chunks = [line for line in streamed.iter_lines() if line.startswith("data:")]
+    assert len(chunks) > 2, chunks
+
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    e2e = samples(metrics, "sglang:e2e_request_latency_seconds_count")
+    assert e2e and sum(v for _, v in e2e) >= N_PROBLEMS + 2, e2e
     ttft = samples(metrics, "sglang:time_to_first_token_seconds_count")
     itl = samples(metrics, "sglang:inter_token_latency_seconds_bucket")
     assert ttft and sum(v for _, v in ttft) >= 1
