@@ -104,7 +104,47 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
         importance = batch_importance(probs, top_k, prunable)[0]
         keep = ensure_groups(keep, importance, topk_config.num_expert_group,
                              topk_config.topk_group or 1, min_per_group=2 if biased else 1)
-    stats = layer_statistics(probs, top_k, keep, prunable)
     if biased:
-        return torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0), stats
-    return masking_bias(keep, prunable), stats
+        expert_bias = torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0)
+        if grouped:
+            expert_bias, keep = _unless_a_top1_moves(router_logits, topk_config, expert_bias,
+                                                     keep, prunable)
+        return expert_bias, layer_statistics(probs, top_k, keep, prunable)
+    return masking_bias(keep, prunable), layer_statistics(probs, top_k, keep, prunable)
+
+
+def _unless_a_top1_moves(router_logits: torch.Tensor, topk_config: Any,
+                         expert_bias: torch.Tensor, keep: torch.Tensor, prunable: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped routers scoring groups by their top-2 ``score + bias`` with one bias shared by
+    all rows: masking an expert lowers its group's score, which can move a row into other
+    groups and off its own top-1 expert. Replay the router with the masked bias; rows that
+    lose their top-1 get their stock top-K experts back, and if a replay still moves a row off
+    its top-1 this layer-step is not pruned (stock bias, stock keep set).
+    Static-shape device math (a second routing pass over [T,E]), no host sync."""
+    from lynx.selection.routers import RouterSpec, stock_routing
+
+    spec = RouterSpec(top_k=topk_config.top_k, renormalize=bool(topk_config.renormalize),
+                      scoring=topk_config.scoring_func,
+                      num_expert_group=topk_config.num_expert_group,
+                      topk_group=topk_config.topk_group or 1, has_correction_bias=True)
+    if not spec.groups_score_top2:
+        return expert_bias, keep
+    stock_bias = topk_config.correction_bias.float()
+    stock_ids = stock_routing(router_logits, spec, stock_bias).ids
+
+    def moved_rows(bias: torch.Tensor) -> torch.Tensor:  # [T] pruned rows off their top-1
+        routed_ids = stock_routing(router_logits, spec, stock_bias + bias).ids
+        return prunable & ~(routed_ids == stock_ids[:, :1]).any(-1)
+
+    def experts_of(rows: torch.Tensor) -> torch.Tensor:  # [E] stock experts of these rows
+        votes = torch.zeros(keep.shape[0], device=keep.device).index_add_(
+            0, stock_ids.flatten(), rows.float().repeat_interleave(spec.top_k))
+        return votes > 0
+
+    # One repair round: rows that moved get their whole stock top-K back, then re-check.
+    repaired = keep | experts_of(moved_rows(expert_bias))
+    repaired_bias = torch.where(prunable.any() & ~repaired, MASK_VALUE, 0.0)
+    safe = ~moved_rows(repaired_bias).any()
+    return (torch.where(safe, repaired_bias, 0.0),
+            torch.where(safe, repaired, keep | experts_of(prunable)))
