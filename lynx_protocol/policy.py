@@ -24,7 +24,7 @@ from typing import Literal
 import msgspec
 
 PolicyName = Literal["off", "budget", "affinity", "piggyback"]
-POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback")
+POLICY_NAMES: tuple[PolicyName, ...] = ("off", "budget", "affinity", "piggyback")
 
 
 class BudgetBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
