@@ -1,8 +1,10 @@
 """Bridge between SGLang's TopK call and the engine-agnostic selection library.
 
-Builds the row masks from the step's device knobs, asks `lynx.selection` for the batch's keep
-set, turns it into an additive masking bias for the prunable rows, and computes the layer's
-statistics — all static-shape device math (no host sync), so it is CUDA-graph capturable.
+Builds the row masks from the step's device knobs and runs `lynx.selection.select_layer_step`
+(the specification; its Triton variant on CUDA) for the layer: keep set, additive masking bias
+for the prunable rows, statistics. Correction-bias routers (DeepSeek-V3 style) get an expert
+bias for the router's shared correction bias instead. All static-shape device math (no host
+sync), so it is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from typing import Any
 
 import torch
 
+from lynx.selection import select_layer_step
+from lynx.selection.routers import RouterSpec
 from lynx.selection.routing import MASK_VALUE
+from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.step_state import RuntimeState
 
-STAT_FIELDS = ("layer_steps", "kept", "stock_union", "mass_kept", "mass_total", "top1_kept", "rows")
+__all__ = ["STAT_FIELDS", "router_spec", "row_masks", "select_for_layer"]
 
 
 def row_masks(runtime: RuntimeState, num_rows: int, device: torch.device
@@ -63,54 +68,71 @@ def choice_logits(router_logits: torch.Tensor, topk_config: Any) -> torch.Tensor
     return torch.log((scores + bias.float()[None, :]).clamp_min(1e-6))
 
 
+def router_spec(topk_config: Any) -> RouterSpec:
+    """The library's description of an SGLang ``TopKConfig`` (a constant per layer)."""
+    grouped = bool(topk_config.use_grouped_topk and topk_config.num_expert_group)
+    return RouterSpec(
+        top_k=int(topk_config.top_k), renormalize=bool(topk_config.renormalize),
+        scoring=topk_config.scoring_func,
+        num_expert_group=topk_config.num_expert_group if grouped else None,
+        topk_group=(topk_config.topk_group or 1) if grouped else None,
+        has_correction_bias=topk_config.correction_bias is not None)
+
+
 def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_config: Any,
                      layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(bias, stats [len(STAT_FIELDS)]) for one MoE layer in this step.
 
-    The bias is a logit bias [T,E] for routers without a correction bias, and an expert bias
-    [E] to add to the correction bias otherwise (there the bias is shared by all rows, so only
-    pure-decode steps are pruned). Static-shape device math only.
+    Routers without a correction bias: ``lynx.selection.select_layer_step`` (the Triton
+    variant on CUDA), and the bias is its logit bias [T,E]. Routers with one: an expert bias
+    [E] to add to the correction bias SGLang reads (shared by all rows, so only pure-decode
+    steps are pruned; see `_select_for_biased_router`). Static-shape device math only.
     """
+    spec = router_spec(topk_config)
+    if spec.has_correction_bias:
+        return _select_for_biased_router(runtime, router_logits, topk_config, layer)
+    valid, prunable = row_masks(runtime, router_logits.shape[0], router_logits.device)
+    step = select_layer_step
+    if router_logits.is_cuda:
+        from lynx.triton_selection.launcher import select_layer_step_triton as step
+    selection = step(runtime.policy.name, router_logits, spec, runtime.knobs.for_layer(layer),
+                     valid, prunable)
+    assert selection.logit_bias is not None
+    return selection.logit_bias, selection.stats
+
+
+def _select_for_biased_router(runtime: RuntimeState, router_logits: torch.Tensor,
+                              topk_config: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     from lynx.selection import (
         batch_importance,
         batch_keep_mask,
         ensure_groups,
-        masking_bias,
         restrict_to_groups,
     )
 
     logits = choice_logits(router_logits, topk_config)
-    biased = topk_config.correction_bias is not None
     grouped = bool(topk_config.use_grouped_topk and topk_config.num_expert_group)
     if grouped:  # a row's top-1 is the best expert of the groups it actually routes to
         logits = restrict_to_groups(logits, topk_config.num_expert_group,
-                                    topk_config.topk_group or 1, top2_sum=biased)
+                                    topk_config.topk_group or 1, top2_sum=True)
     valid, prunable = row_masks(runtime, logits.shape[0], logits.device)
     knobs = runtime.knobs
-    if biased:
-        prunable = prunable & (knobs.prunable_start == 0)
+    prunable = prunable & (knobs.prunable_start == 0)  # one bias for all rows: pure decode
     top_k = topk_config.top_k
-    if logits.is_cuda and runtime.policy.name == "budget":  # Triton kernel for the row work
-        from lynx.triton_selection.launcher import keep_budget_triton
-
-        keep = keep_budget_triton(logits, top_k, prunable, knobs.budget[layer])
-    else:
-        keep = batch_keep_mask(
-            runtime.policy.name, logits, top_k=top_k, row_valid=valid, row_prunable=prunable,
-            budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta, k0=knobs.k0,
-        )
+    keep = batch_keep_mask(
+        runtime.policy.name, logits, top_k=top_k, row_valid=valid, row_prunable=prunable,
+        budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta, k0=knobs.k0,
+    )
     probs = torch.softmax(logits, dim=-1)
     if grouped:
         importance = batch_importance(probs, top_k, prunable)[0]
         keep = ensure_groups(keep, importance, topk_config.num_expert_group,
-                             topk_config.topk_group or 1, min_per_group=2 if biased else 1)
-    if biased:
-        expert_bias = torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0)
-        if grouped:
-            expert_bias, keep = _unless_a_top1_moves(router_logits, topk_config, expert_bias,
-                                                     keep, prunable)
-        return expert_bias, layer_statistics(probs, top_k, keep, prunable)
-    return masking_bias(keep, prunable), layer_statistics(probs, top_k, keep, prunable)
+                             topk_config.topk_group or 1, min_per_group=2)
+    expert_bias = torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0)
+    if grouped:
+        expert_bias, keep = _unless_a_top1_moves(router_logits, topk_config, expert_bias,
+                                                 keep, prunable)
+    return expert_bias, layer_statistics(probs, top_k, keep, prunable)
 
 
 def _unless_a_top1_moves(router_logits: torch.Tensor, topk_config: Any,
@@ -122,12 +144,9 @@ def _unless_a_top1_moves(router_logits: torch.Tensor, topk_config: Any,
     lose their top-1 get their stock top-K experts back, and if a replay still moves a row off
     its top-1 this layer-step is not pruned (stock bias, stock keep set).
     Static-shape device math (a second routing pass over [T,E]), no host sync."""
-    from lynx.selection.routers import RouterSpec, stock_routing
+    from lynx.selection.routers import stock_routing
 
-    spec = RouterSpec(top_k=topk_config.top_k, renormalize=bool(topk_config.renormalize),
-                      scoring=topk_config.scoring_func,
-                      num_expert_group=topk_config.num_expert_group,
-                      topk_group=topk_config.topk_group or 1, has_correction_bias=True)
+    spec = router_spec(topk_config)
     if not spec.groups_score_top2:
         return expert_bias, keep
     stock_bias = topk_config.correction_bias.float()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lynx.selection.policies import SelectionKnobs
 from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
 
 NO_LIMIT = 1 << 30
@@ -67,6 +68,14 @@ class DeviceKnobs:
         self.k0 = scalar(1, torch.int64)
         self.n_valid = scalar(0, torch.int64)
         self.prunable_start = scalar(0, torch.int64)
+        self.policy_code = scalar(0, torch.int64)  # unused: the policy name is a constant
+        self._per_layer = [SelectionKnobs(self.enabled, self.budget[layer], self.alpha,
+                                          self.beta, self.k0, self.policy_code)
+                           for layer in range(num_layers)]
+
+    def for_layer(self, layer: int) -> SelectionKnobs:
+        """The library's knob tuple for one layer (views of these tensors, built once)."""
+        return self._per_layer[layer]
 
 
 class RuntimeState:
