@@ -171,6 +171,8 @@ def test_budget_bound_and_monotone_in_m(step: Step) -> None:
     stock = stock_routing(step.logits, router, step.correction_bias)
     pruned = step.row_valid & step.row_prunable
     distinct_top1 = int(stock.ids[:, 0][pruned].unique().numel())
+    union = torch.zeros(experts, dtype=torch.bool)
+    union[stock.ids[pruned].flatten()] = True
     previous = None
     for m in sorted({experts + 1, experts, *range(1, experts, max(1, experts // 8))},
                     reverse=True):
@@ -179,10 +181,11 @@ def test_budget_bound_and_monotone_in_m(step: Step) -> None:
         kept = int(keep.sum())
         if not bool(pruned.any()):
             assert kept == experts
-        elif not router.grouped:
-            assert kept == min(experts, max(m, distinct_top1, router.top_k))
+        elif not router.grouped:  # never an expert outside the pruned rows' stock union
+            assert kept == min(int(union.sum()), max(m, distinct_top1, router.top_k))
+            assert bool((keep <= union).all())
         else:  # grouped: the floor also holds whole viable groups
-            assert kept >= min(experts, max(m, distinct_top1, router.top_k))
+            assert kept >= min(int(union.sum()), max(m, distinct_top1, router.top_k))
         if previous is not None:
             assert bool((keep <= previous).all()), "a smaller budget kept a new expert"
         previous = keep

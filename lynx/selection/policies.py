@@ -11,7 +11,8 @@ CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without
 - ``off``: keep everything (stock routing).
 - ``budget`` (ours): rank experts must-keep first (every pruned row's top-1), then by batch
   importance (summed stock top-K gate mass of the pruned rows), lower index on ties; keep the
-  first ``max(m, #must-keep, K)``. One fixed ranking, so a smaller m keeps a subset.
+  first ``max(m, #must-keep, K)`` of the experts the pruned rows' stock top-K use (never one
+  outside that union). One fixed ranking, so a smaller m keeps a subset.
 - ``affinity``: the published AffinityBinning (`lynx.selection.affinity`), B = valid rows.
 - ``piggyback`` (OEA-style): each pruned row keeps its top-``k0``; the union is the active set
   the rows' other slots are re-routed onto.
@@ -84,7 +85,9 @@ def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     score = must.to(torch.float32) * RANK_FIRST + inputs.batch.importance
     limit = torch.maximum(knobs.budget.to(torch.int64),
                           must.sum().clamp_min(inputs.router.top_k))
-    return rank_descending(score) < limit
+    # Experts no pruned row routes to carry no importance: keeping them would only give the
+    # rows' remapped slots somewhere new to go, so the keep set stays inside the stock union.
+    return (rank_descending(score) < limit) & (inputs.batch.importance > 0)
 
 
 def keep_affinity(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
