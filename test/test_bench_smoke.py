@@ -116,3 +116,24 @@ def test_schema_check_rejects_missing_or_extra_fields() -> None:
     broken["e2e"][0]["tpot_lynx_ms"] = 0.0
     with pytest.raises(AssertionError):
         check_summary(broken)
+
+
+def test_plugin_overhead_times_the_real_hooks_and_restores_them(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmark" / "plugin_overhead.py"),
+                           "--steps", "300", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["topk_passthrough_us"] > 0 and result["forward_hook_us"] > 0
+    assert result["per_step_us"] == pytest.approx(
+        result["forward_hook_us"] + result["layers"] * result["topk_passthrough_us"], abs=0.05)
+    assert "us per step with policy off" in done.stdout
+
+    sys.path.insert(0, str(REPO))
+    from benchmark import plugin_overhead
+    from lynx.sglang_plugin import hooks
+
+    before = hooks._state, hooks._exporter
+    plugin_overhead.measure(50)
+    assert (hooks._state, hooks._exporter) == before
