@@ -123,3 +123,39 @@ def test_biased_grouped_router_never_moves_a_row_off_its_top1(runtime: RuntimeSt
         if ours.topk_ids.unique().numel() < stock.topk_ids.unique().numel():
             pruned += 1
     assert pruned >= 30, pruned  # the guard repairs most steps instead of skipping them
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid-bias"])
+def test_policy_switch_reaches_a_captured_step_without_recapture(kind: str) -> None:
+    """Where CUDA graphs capture the TopK hook (``graph_safe``), the policy is picked on the
+    device: one compiled (fullgraph) trace of the glue follows budget → piggyback → affinity →
+    off switches made by `stage_policy`, each matching the eager named policy exactly."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from lynx.sglang_plugin.selection_glue import select_for_layer
+
+    torch._dynamo.reset()
+    config = _kinds()[kind]
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(T, E, generator=gen) * 1.5 + torch.randn(E, generator=gen)[None]
+    budget = PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=10_000, all_layers=6)])
+    captured = RuntimeState(1, E, K, torch.device("cpu"), budget)
+    captured.graph_safe = True
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda z: select_for_layer(captured, z, config, 0),
+                             fullgraph=True, backend=counter)
+    policies = [budget, PolicySpec(name="piggyback", k0=1), PolicySpec(name="affinity"),
+                PolicySpec(name="off")]
+    seen = []
+    for version, policy in enumerate(policies, start=1):
+        captured.stage_policy(policy, version)
+        captured.begin_step(StepLayout("decode", T, 0))
+        eager_state = RuntimeState(1, E, K, torch.device("cpu"), policy)
+        eager_state.begin_step(StepLayout("decode", T, 0))
+        bias, stats = compiled(logits)
+        want_bias, want_stats = select_for_layer(eager_state, logits, config, 0)
+        assert torch.equal(bias, want_bias), policy.name
+        assert torch.equal(stats, want_stats), policy.name
+        seen.append(int((bias < -1).sum()))
+    assert counter.frame_count == 1  # one trace served every policy
+    assert len(set(seen[:3])) > 1 and seen[3] == 0  # the policies really differ; off prunes none

@@ -35,13 +35,16 @@ def batch_importance(probs: torch.Tensor, top_k: int, prunable: torch.Tensor
 
 def batch_keep_mask(policy: str, logits: torch.Tensor, *, top_k: int, row_valid: torch.Tensor,
                     row_prunable: torch.Tensor, budget: torch.Tensor, alpha: torch.Tensor,
-                    beta: torch.Tensor, k0: torch.Tensor) -> torch.Tensor:
-    """The keep set [E] for one layer-step of a softmax router under ``policy``."""
+                    beta: torch.Tensor, k0: torch.Tensor,
+                    policy_code: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep set [E] for one layer-step of a softmax router under ``policy``
+    (``by_code``: the policy ``policy_code`` names, chosen on the device)."""
     z = logits.float()
     router = RouterSpec(top_k=top_k)
     rows = row_valid & row_prunable
     enabled = torch.ones((), dtype=torch.bool, device=z.device)
-    knobs = SelectionKnobs(enabled, budget, alpha, beta, k0, torch.zeros_like(budget))
+    code = torch.zeros_like(budget) if policy_code is None else policy_code
+    knobs = SelectionKnobs(enabled, budget, alpha, beta, k0, code)
     batch = batch_totals(stock_routing(z, router), rows)
     must = must_keep(batch)
     inputs = PolicyInputs(z, router, None, row_valid, rows, batch, must)

@@ -19,7 +19,7 @@ from lynx.selection.routing import MASK_VALUE
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.step_state import RuntimeState
 
-__all__ = ["STAT_FIELDS", "router_spec", "row_masks", "select_for_layer"]
+__all__ = ["STAT_FIELDS", "policy_for_step", "router_spec", "row_masks", "select_for_layer"]
 
 
 def row_masks(runtime: RuntimeState, num_rows: int, device: torch.device
@@ -68,6 +68,13 @@ def choice_logits(router_logits: torch.Tensor, topk_config: Any) -> torch.Tensor
     return torch.log((scores + bias.float()[None, :]).clamp_min(1e-6))
 
 
+def policy_for_step(runtime: RuntimeState) -> str:
+    """The policy name the selection math is traced with: ``by_code`` where a CUDA graph may
+    capture it (the device-side ``knobs.policy_code`` then picks the policy at replay, so a
+    policy switch needs no recapture), the applied policy's own name otherwise."""
+    return "by_code" if runtime.graph_safe else runtime.policy.name
+
+
 def router_spec(topk_config: Any) -> RouterSpec:
     """The library's description of an SGLang ``TopKConfig`` (a constant per layer)."""
     grouped = bool(topk_config.use_grouped_topk and topk_config.num_expert_group)
@@ -95,8 +102,8 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
     step = select_layer_step
     if router_logits.is_cuda:
         from lynx.triton_selection.launcher import select_layer_step_triton as step
-    selection = step(runtime.policy.name, router_logits, spec, runtime.knobs.for_layer(layer),
-                     valid, prunable)
+    selection = step(policy_for_step(runtime), router_logits, spec,
+                     runtime.knobs.for_layer(layer), valid, prunable)
     assert selection.logit_bias is not None
     return selection.logit_bias, selection.stats
 
@@ -120,8 +127,9 @@ def _select_for_biased_router(runtime: RuntimeState, router_logits: torch.Tensor
     prunable = prunable & (knobs.prunable_start == 0)  # one bias for all rows: pure decode
     top_k = topk_config.top_k
     keep = batch_keep_mask(
-        runtime.policy.name, logits, top_k=top_k, row_valid=valid, row_prunable=prunable,
+        policy_for_step(runtime), logits, top_k=top_k, row_valid=valid, row_prunable=prunable,
         budget=knobs.budget[layer], alpha=knobs.alpha, beta=knobs.beta, k0=knobs.k0,
+        policy_code=knobs.policy_code,
     )
     probs = torch.softmax(logits, dim=-1)
     if grouped:

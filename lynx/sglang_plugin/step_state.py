@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lynx.selection.policies import SelectionKnobs
-from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
+from lynx_protocol.policy import POLICY_NAMES, PolicySpec, bucket_for, validate_policy
 
 NO_LIMIT = 1 << 30
 
@@ -68,7 +68,7 @@ class DeviceKnobs:
         self.k0 = scalar(1, torch.int64)
         self.n_valid = scalar(0, torch.int64)
         self.prunable_start = scalar(0, torch.int64)
-        self.policy_code = scalar(0, torch.int64)  # unused: the policy name is a constant
+        self.policy_code = scalar(0, torch.int64)  # index into POLICY_NAMES ("by_code")
         self._per_layer = [SelectionKnobs(self.enabled, self.budget[layer], self.alpha,
                                           self.beta, self.k0, self.policy_code)
                            for layer in range(num_layers)]
@@ -92,6 +92,10 @@ class RuntimeState:
         self.policy = policy
         self.policy_version = 0
         self._staged: tuple[PolicySpec, int] | None = None
+        # Captured CUDA graphs bake Python constants in: there the selection picks the policy
+        # on the device (``by_code`` reading ``knobs.policy_code``), so a controller's policy
+        # switch reaches a replayed graph. Eager CPU steps use the named policy (cheaper).
+        self.graph_safe = device.type == "cuda"
         self.effective_bias: dict[int, torch.Tensor] = {}  # sigmoid+bias routers, per layer
         self.step_active = False
         self.layout = StepLayout("idle", 0, 0)
@@ -108,6 +112,7 @@ class RuntimeState:
     def _apply(self, policy: PolicySpec, version: int) -> None:
         self.policy = policy
         self.policy_version = version
+        self.knobs.policy_code.fill_(POLICY_NAMES.index(policy.name))
         self.knobs.alpha.fill_(policy.alpha)
         self.knobs.beta.fill_(float(policy.beta))
         self.knobs.k0.fill_(policy.k0)
