@@ -49,7 +49,19 @@ def _median_us(fn: Any, steps: int) -> float:
 
 
 def measure(steps: int) -> dict[str, Any]:
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="lynx-prom-"))
+    """Median host cost of the hooks; leaves the caller's environment and hook state as found
+    (the multiprocess directory is set only for prometheus_client imported from here on)."""
+    saved_env = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if saved_env is None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lynx-prom-")
+    try:
+        return _measure(steps)
+    finally:
+        if saved_env is None:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def _measure(steps: int) -> dict[str, Any]:
     import torch
 
     from lynx.sglang_plugin import hooks

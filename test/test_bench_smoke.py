@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,6 @@ def test_plugin_overhead_times_the_real_hooks_and_restores_them(tmp_path: Path) 
     from benchmark import plugin_overhead
     from lynx.sglang_plugin import hooks
 
-    before = hooks._state, hooks._exporter
+    before = hooks._state, hooks._exporter, os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     plugin_overhead.measure(50)
-    assert (hooks._state, hooks._exporter) == before
+    assert (hooks._state, hooks._exporter, os.environ.get("PROMETHEUS_MULTIPROC_DIR")) == before
