@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from lynx.selection import select_layer_step
-from lynx.selection.routers import RouterSpec
+from lynx.selection.routers import RouterSpec, StockRouting, stock_routing
 from lynx.selection.routing import MASK_VALUE
-from lynx.selection.statistics import STAT_FIELDS
+from lynx.selection.statistics import STAT_FIELDS, layer_statistics
 from lynx.sglang_plugin.step_state import RuntimeState
 
 __all__ = ["STAT_FIELDS", "policy_for_step", "router_spec", "row_masks", "select_for_layer"]
@@ -29,28 +29,6 @@ def row_masks(runtime: RuntimeState, num_rows: int, device: torch.device
     valid = rows < knobs.n_valid
     prunable = valid & (rows >= knobs.prunable_start) & knobs.enabled
     return valid, prunable
-
-
-def layer_statistics(probs: torch.Tensor, top_k: int, keep: torch.Tensor,
-                     prunable: torch.Tensor) -> torch.Tensor:
-    """[len(STAT_FIELDS)] statistics of one layer-step over the prunable rows (device tensor)."""
-    num_experts = probs.shape[-1]
-    stock_mass, stock_ids = probs.topk(top_k, dim=-1)  # [T,K]
-    weight = prunable.to(probs.dtype)  # [T]
-    votes = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
-    votes.index_add_(0, stock_ids.flatten(), weight.repeat_interleave(top_k))
-    rows = weight.sum()
-    any_row = (rows > 0).to(probs.dtype)
-    kept_of_stock = keep[stock_ids].to(probs.dtype)  # [T,K]
-    return torch.stack([
-        any_row,
-        keep.sum().to(probs.dtype) * any_row,
-        (votes > 0).sum().to(probs.dtype),
-        (stock_mass * kept_of_stock).sum(-1).mul(weight).sum(),
-        stock_mass.sum(-1).mul(weight).sum(),
-        kept_of_stock[:, 0].mul(weight).sum(),
-        rows,
-    ])
 
 
 def choice_logits(router_logits: torch.Tensor, topk_config: Any) -> torch.Tensor:
@@ -97,7 +75,7 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
     """
     spec = router_spec(topk_config)
     if spec.has_correction_bias:
-        return _select_for_biased_router(runtime, router_logits, topk_config, layer)
+        return _select_for_biased_router(runtime, router_logits, topk_config, spec, layer)
     valid, prunable = row_masks(runtime, router_logits.shape[0], router_logits.device)
     step = select_layer_step
     if router_logits.is_cuda:
@@ -109,7 +87,8 @@ def select_for_layer(runtime: RuntimeState, router_logits: torch.Tensor, topk_co
 
 
 def _select_for_biased_router(runtime: RuntimeState, router_logits: torch.Tensor,
-                              topk_config: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              topk_config: Any, spec: RouterSpec, layer: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     from lynx.selection import (
         batch_importance,
         batch_keep_mask,
@@ -138,26 +117,25 @@ def _select_for_biased_router(runtime: RuntimeState, router_logits: torch.Tensor
                              topk_config.topk_group or 1, min_per_group=2)
     expert_bias = torch.where(prunable.any() & ~keep, MASK_VALUE, 0.0)
     if grouped:
-        expert_bias, keep = _unless_a_top1_moves(router_logits, topk_config, expert_bias,
-                                                 keep, prunable)
-    return expert_bias, layer_statistics(probs, top_k, keep, prunable)
+        expert_bias, keep = _unless_a_top1_moves(router_logits, topk_config.correction_bias,
+                                                 spec, expert_bias, keep, prunable)
+    stock_mass, stock_ids = probs.topk(top_k, dim=-1)
+    return expert_bias, layer_statistics(StockRouting(probs, stock_ids, stock_mass), keep,
+                                         prunable)
 
 
-def _unless_a_top1_moves(router_logits: torch.Tensor, topk_config: Any,
-                         expert_bias: torch.Tensor, keep: torch.Tensor, prunable: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _unless_a_top1_moves(router_logits: torch.Tensor, correction_bias: torch.Tensor,
+                         spec: RouterSpec, expert_bias: torch.Tensor, keep: torch.Tensor,
+                         prunable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped routers scoring groups by their top-2 ``score + bias`` with one bias shared by
     all rows: masking an expert lowers its group's score, which can move a row into other
     groups and off its own top-1 expert. Replay the router with the masked bias; rows that
     lose their top-1 get their stock top-K experts back, and if a replay still moves a row off
     its top-1 this layer-step is not pruned (stock bias, stock keep set).
     Static-shape device math (a second routing pass over [T,E]), no host sync."""
-    from lynx.selection.routers import stock_routing
-
-    spec = router_spec(topk_config)
     if not spec.groups_score_top2:
         return expert_bias, keep
-    stock_bias = topk_config.correction_bias.float()
+    stock_bias = correction_bias.float()
     stock_ids = stock_routing(router_logits, spec, stock_bias).ids
 
     def moved_rows(bias: torch.Tensor) -> torch.Tensor:  # [T] pruned rows off their top-1

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lynx.selection.policies import SelectionKnobs
-from lynx_protocol.policy import POLICY_NAMES, PolicySpec, bucket_for, validate_policy
+from lynx.selection.policies import POLICY_NAMES, SelectionKnobs
+from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
 
 NO_LIMIT = 1 << 30
 
@@ -68,7 +68,8 @@ class DeviceKnobs:
         self.k0 = scalar(1, torch.int64)
         self.n_valid = scalar(0, torch.int64)
         self.prunable_start = scalar(0, torch.int64)
-        self.policy_code = scalar(0, torch.int64)  # index into POLICY_NAMES ("by_code")
+        # index into lynx.selection's POLICY_NAMES, the table ``by_code`` reads
+        self.policy_code = scalar(0, torch.int64)
         self._per_layer = [SelectionKnobs(self.enabled, self.budget[layer], self.alpha,
                                           self.beta, self.k0, self.policy_code)
                            for layer in range(num_layers)]
