@@ -67,7 +67,7 @@ class PolicyInputs(NamedTuple):
     logits: torch.Tensor  # [T,E] fp32 router logits
     router: RouterSpec
     correction_bias: torch.Tensor | None  # [E] for biased routers
-    row_valid: torch.Tensor  # [T] bool real rows (vote in batch scores)
+    row_valid: torch.Tensor  # [T] bool real rows with finite logits (vote in batch scores)
     rows: torch.Tensor  # [T] bool rows this step prunes (valid, prunable, enabled)
     batch: BatchRouting  # stock routing and per-expert totals over ``rows``
     must: torch.Tensor  # [E] bool experts no policy may drop
@@ -85,9 +85,9 @@ def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     score = must.to(torch.float32) * RANK_FIRST + inputs.batch.importance
     limit = torch.maximum(knobs.budget.to(torch.int64),
                           must.sum().clamp_min(inputs.router.top_k))
-    # Experts no pruned row routes to carry no importance: keeping them would only give the
-    # rows' remapped slots somewhere new to go, so the keep set stays inside the stock union.
-    return (rank_descending(score) < limit) & (inputs.batch.importance > 0)
+    # Experts no pruned row routes to would only give the rows' remapped slots somewhere new
+    # to go, so the keep set stays inside the stock union.
+    return (rank_descending(score) < limit) & inputs.batch.union
 
 
 def keep_affinity(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:

@@ -5,9 +5,21 @@ Shape legend: T rows (tokens) of the step, E experts, K top_k, G expert groups.
 Every router scores each expert (``gate``: softmax or sigmoid of the logits), *chooses* by a
 score (``choice``: the logits, or ``gate + correction_bias`` for DeepSeek-V3 style routers),
 optionally first restricts each row to its ``topk_group`` best groups, takes the top-K by
-choice and gives each chosen expert its gate value as weight (renormalised over the K when
-``renormalize``). `stock_routing` reproduces that selection in fp32 with deterministic ties
-(lower expert index first); it is the ground truth the policies and statistics are built on.
+choice and gives each chosen expert a weight: its gate value (renormalised over the K when
+``renormalize``), or its raw logit for runners that route on raw logits (SGLang's flashinfer
+TRT-LLM routed path; softmax over the K when ``renormalize``); times the routed scaling factor
+where SGLang applies it inside TopK (``scale_on_output``). `stock_routing` reproduces the
+selection in fp32 with deterministic ties (lower expert index first); it is the ground truth
+the policies and statistics are built on.
+
+Router kinds of SGLang 0.5.23 and their `RouterSpec` (from the checkpoints' config.json):
+- softmax top-K, renormalised or not (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS with router bias);
+- grouped softmax (DeepSeek-V2: groups scored by their best expert);
+- sigmoid + correction bias, one group or grouped by top-2 sums (DeepSeek-V3, GLM-4.5, Kimi-K2);
+- fused shared experts (``shared_slots``: SGLang appends them as the last TopK columns; Lynx
+  never prunes or counts them: the library routes the ``top_k`` routed experts only).
+Custom routing functions (Llama-4) are not router kinds here: the engine glue passes them
+through.
 """
 
 from __future__ import annotations
@@ -33,12 +45,16 @@ class RouterSpec:
     the logits.
     """
 
-    top_k: int
+    top_k: int  # routed experts per row (fused shared slots excluded)
     renormalize: bool = True
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     num_expert_group: int | None = None
     topk_group: int | None = None
     has_correction_bias: bool = False
+    weights: Literal["gate", "raw_logits"] = "gate"  # raw_logits: weight = the chosen logit
+    routed_scaling_factor: float | None = None
+    scale_on_output: bool = False  # the factor multiplies the TopK weights (else: later)
+    shared_slots: int = 0  # fused shared-expert columns the engine appends (never pruned)
 
     @property
     def grouped(self) -> bool:
@@ -49,12 +65,12 @@ class RouterSpec:
         """Groups are scored by the sum of their two best choice scores (biased routers)."""
         return self.grouped and self.has_correction_bias
 
-    def min_active_per_group(self) -> int:
-        """Active experts a chosen group needs so a row still finds K experts in its groups
-        (and, for top-2 group scores, so the group's score is not dominated by a mask)."""
-        assert self.topk_group is not None
-        need = -(-self.top_k // self.topk_group)
-        return max(need, 2) if self.groups_score_top2 else need
+    @property
+    def output_scale(self) -> float:
+        """Factor the routed weights carry in the TopK output (1 unless ``scale_on_output``)."""
+        if self.scale_on_output and self.routed_scaling_factor is not None:
+            return float(self.routed_scaling_factor)
+        return 1.0
 
     def check(self, num_experts: int) -> None:
         """Raise ValueError if the spec cannot route ``num_experts`` experts."""
@@ -62,6 +78,9 @@ class RouterSpec:
             raise ValueError(f"top_k={self.top_k} must be in [1, {num_experts}]")
         if self.scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"unsupported scoring {self.scoring!r}")
+        if self.weights == "raw_logits" and (self.scoring != "softmax" or self.grouped
+                                             or self.has_correction_bias):
+            raise ValueError("raw-logit weights exist only for plain softmax routers")
         if self.grouped:
             groups, chosen = self.num_expert_group or 0, self.topk_group or 0
             if num_experts % groups:

@@ -1,15 +1,22 @@
-"""From a keep set to what the engine's router consumes, and the reference routing it yields.
+"""From a keep set to routing: the router's own rule restricted to the kept experts.
 
-Shape legend: T rows, E experts, K top_k.
+Shape legend: T rows, E experts, K top_k (routed experts; fused shared slots are the engine's).
 
-- Softmax and plain sigmoid routers: an additive logit bias [T,E] (0, or MASK_VALUE on dropped
-  experts of pruned rows); the engine's own top-K then never picks a dropped expert.
-- Routers with a correction bias (choose by ``gate + bias``): masking logits is wrong there (a
-  masked expert still scores its bias and can win with weight 0), so the *bias* is masked:
-  per row ([T,E]), or shared ([E]) when the engine reads one bias for all rows.
-- `route_reference` is the engine's routing on those inputs; with ``renormalize=False`` it
-  rescales pruned rows' weights to the row's stock top-K gate mass (rows that are not pruned
-  are reproduced bit for bit, so the rescale is 1 there).
+- `row_allowed`: what a pruned row may route to: kept experts of the groups its stock routing
+  chose (groups never change under Lynx); rows that are not pruned may route anywhere.
+- `route_restricted`: the router's rule (choice score incl. correction bias, renormalize,
+  raw-logit weights, routed scaling factor where SGLang applies it) over the allowed experts.
+  Dropped experts are excluded exactly (a boolean, not a finite penalty), so no logit scale
+  makes a pruned row reach one. Rows allowed everything get the stock routing.
+- `masking_logit_bias`: for engines that route from logits themselves (SGLang's bypassed and
+  Triton-kernel TopK formats), a finite additive mask relative to each row's own logit span:
+  every dropped expert ends at least ``MASK_MARGIN`` below every allowed one whatever the scale
+  (a plain ``-inf`` can turn into NaN inside fused kernels). Valid for routers without a
+  correction bias only (with one, a masked expert still competes on its bias).
+
+Weights without renormalisation are rescaled to the row's stock top-K gate mass (the published
+method's S_t: Lynx moves a row's weaker slots, it does not shrink the row's output); raw-logit
+weights are never rescaled (they are not a mass).
 """
 
 from __future__ import annotations
@@ -21,83 +28,65 @@ from lynx.selection.routers import (
     RouterSpec,
     StockRouting,
     gate_scores,
-    stock_routing,
 )
 
-MASK_VALUE = -1.0e4  # finite: -inf turns into NaN inside some fused kernels
+MASK_MARGIN = 1.0e4  # logits: dropped experts end this far below the row's smallest logit
+MIN_MASS = 1.0e-30
 
 
-def masking_bias(keep: torch.Tensor, apply_rows: torch.Tensor) -> torch.Tensor:
-    """[T,E] fp32 additive bias: MASK_VALUE where a pruned row meets a dropped expert, else 0."""
-    return torch.where(apply_rows[:, None] & ~keep[None, :], MASK_VALUE, 0.0)
-
-
-def masked_correction_bias(correction_bias: torch.Tensor, keep: torch.Tensor,
-                           apply_rows: torch.Tensor,
-                           row_allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """[T,E] fp32 per-row correction bias: the router's bias, plus MASK_VALUE on dropped
-    experts of pruned rows (rows that are not pruned see exactly the router's bias).
-
-    ``row_allowed`` [T,E] (top-2 scored grouped routers: ``isfinite(stock.choice)``, the
-    experts of each row's stock groups) also masks, for pruned rows, every expert outside
-    them, so a pruned row routes within its own groups as the stock router did."""
-    dropped = ~keep[None, :] if row_allowed is None else ~keep[None, :] | ~row_allowed
-    mask = torch.where(apply_rows[:, None] & dropped, MASK_VALUE, 0.0)
-    return correction_bias.float()[None, :] + mask
-
-
-def shared_masked_correction_bias(correction_bias: torch.Tensor, keep: torch.Tensor,
-                                  row_valid: torch.Tensor, apply_rows: torch.Tensor,
-                                  router: RouterSpec) -> torch.Tensor:
-    """[E] fp32 one bias for all rows, for engines that read the bias by pointer: masked only
-    when every valid row is pruned (a prefill row in the step leaves it unmasked).
-
-    Top-2 scored grouped routers get their stock bias back (no pruning): their guarantees
-    need the per-row group confinement of `masked_correction_bias`."""
-    all_pruned = apply_rows.any() & ~(row_valid & ~apply_rows).any()
-    if router.groups_score_top2:
-        all_pruned = torch.zeros_like(all_pruned)
-    return correction_bias.float() + torch.where(all_pruned & ~keep, MASK_VALUE, 0.0)
+def row_allowed(keep: torch.Tensor, apply_rows: torch.Tensor, stock: StockRouting
+                ) -> torch.Tensor:
+    """[T,E] bool: kept experts of the row's stock groups for pruned rows, all for others."""
+    return ~apply_rows[:, None] | (keep[None, :] & torch.isfinite(stock.choice))
 
 
 def stock_gate_mass(stock: StockRouting) -> torch.Tensor:
     """[T] each row's stock top-K gate mass (the scale of its un-renormalised weights)."""
-    return stock.gate.sum(dim=-1)
+    return stock.gate.float().sum(dim=-1)
 
 
-def route_reference(logits: torch.Tensor, router: RouterSpec, *,
-                    logit_bias: torch.Tensor | None = None,
-                    correction_bias: torch.Tensor | None = None,
-                    stock_mass: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T,K] fp32, ids [T,K] int64) the engine routes to on masked inputs.
+def routed_weights(logits: torch.Tensor, router: RouterSpec, ids: torch.Tensor,
+                   stock_mass: torch.Tensor) -> torch.Tensor:
+    """[T,K] fp32 weights of the chosen ``ids`` [T,K] under the router's rule.
 
-    ``logit_bias`` [T,E] is added to the logits; ``correction_bias`` ([E] or [T,E], possibly
-    masked) replaces the router's bias. Weights are gate values of the chosen experts,
-    renormalised (SGLang's epsilon) when ``router.renormalize``; otherwise, if ``stock_mass``
-    [T] (`stock_gate_mass` of the unmasked routing) is given, rescaled to it."""
-    z = logits.float() if logit_bias is None else logits.float() + logit_bias
-    routed = stock_routing(z, router, correction_bias)
-    weights = gate_scores(z, router).gather(1, routed.ids)
-    if router.renormalize:
-        return weights / (weights.sum(dim=-1, keepdim=True) + RENORMALIZE_EPSILON), routed.ids
-    if stock_mass is not None:
-        weights = rescale_to_stock_mass(weights, stock_mass)
-    return weights, routed.ids
-
-
-def route_with_mask(logits: torch.Tensor, bias: torch.Tensor, top_k: int, renormalize: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stock softmax top-K routing of ``logits + bias`` (weights [T,K], ids [T,K]).
-
-    With ``renormalize=False`` the kept weights are rescaled to the row's original top-K gate
-    mass, so every row's weights sum as the unpruned router's do."""
-    router = RouterSpec(top_k=top_k, renormalize=renormalize)
-    mass = None if renormalize else stock_gate_mass(stock_routing(logits, router))
-    return route_reference(logits, router, logit_bias=bias, stock_mass=mass)
+    ``stock_mass`` [T]: `stock_gate_mass` of the unrestricted routing (the target of the
+    rescale when the router does not renormalise)."""
+    z = logits.float()
+    if router.weights == "raw_logits":
+        chosen = z.gather(1, ids)
+        weights = torch.softmax(chosen, dim=-1) if router.renormalize else chosen
+    else:
+        weights = gate_scores(z, router).gather(1, ids)
+        if router.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORMALIZE_EPSILON)
+        else:
+            mass = weights.sum(dim=-1, keepdim=True).clamp_min(MIN_MASS)
+            weights = weights * (stock_mass.float()[:, None] / mass)
+    return weights * router.output_scale
 
 
-def rescale_to_stock_mass(weights: torch.Tensor, stock_mass: torch.Tensor) -> torch.Tensor:
-    """Engine-side helper: scale each row's routed weights [T,K] to its stock gate mass [T]."""
-    mass = weights.float().sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return (weights.float() * (stock_mass.float()[:, None] / mass)).to(weights.dtype)
+def route_restricted(logits: torch.Tensor, router: RouterSpec, stock: StockRouting,
+                     allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T,K] fp32, ids [T,K] int64 best first): each row's top-K by the router's
+    choice score among its ``allowed`` [T,E] experts (ties: lower index), weighted by
+    `routed_weights`. ``stock`` is `stock_routing` of the same logits and bias. A row needs
+    K allowed experts (`keep_rules` guarantees it for pruned rows)."""
+    choice = torch.where(allowed, stock.choice, -torch.inf)
+    order = torch.argsort(choice, dim=-1, descending=True, stable=True)
+    ids = order[:, : router.top_k]
+    return routed_weights(logits, router, ids, stock_gate_mass(stock)), ids
+
+
+def masking_logit_bias(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[T,E] fp32 additive bias: 0 where allowed, else ``-(row span + MASK_MARGIN)``.
+
+    ``logits`` [T,E] must be finite in the rows that hold a disallowed expert."""
+    z = logits.float()
+    span = z.max(dim=-1, keepdim=True).values - z.min(dim=-1, keepdim=True).values
+    return torch.where(allowed, 0.0, -(span + MASK_MARGIN))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``logits + bias`` in the logits' dtype, clamped to its finite range (never -inf)."""
+    low = torch.finfo(logits.dtype).min
+    return (logits.float() + bias).clamp_min(low).to(logits.dtype)

@@ -1,14 +1,15 @@
 """Per layer-step statistics of a keep set, as one small device tensor (no host sync).
 
-Shape legend: T rows, E experts, K top_k. Sums run over the pruned rows only; add the
-vectors of many steps on the device and read them on the host when exporting.
+Shape legend: T rows, E experts, K top_k. Sums run over the pruned rows only (``torch.where``,
+never a multiplication by a row flag, so a NaN outside them cannot leak in); add the vectors of
+many steps on the device and read them on the host when exporting.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lynx.selection.routers import StockRouting
+from lynx.selection.keep_rules import BatchRouting
 
 STAT_FIELDS: tuple[str, ...] = (
     "layer_steps",  # 1 if the step pruned any row, else 0
@@ -18,29 +19,28 @@ STAT_FIELDS: tuple[str, ...] = (
     "mass_total",  # stock top-K gate mass of pruned rows
     "top1_kept",  # pruned rows whose top-1 expert is kept
     "rows",  # pruned rows
+    "nonfinite_rows",  # valid rows whose router logits hold NaN/inf (routed stock, not counted)
 )
 
 
-def layer_statistics(stock: StockRouting, keep: torch.Tensor, rows: torch.Tensor
-                     ) -> torch.Tensor:
-    """[len(STAT_FIELDS)] fp32 statistics of one layer-step over ``rows`` [T] bool."""
-    experts = keep.shape[0]
-    weight = rows.to(torch.float32)  # [T]
-    gate = stock.gate.float()  # [T,K]
-    rows_n, top_k = stock.ids.shape
-    in_stock = torch.zeros(rows_n, experts, dtype=torch.float32, device=keep.device)
-    in_stock.scatter_(1, stock.ids, weight[:, None].expand(rows_n, top_k))
-    kept_of_stock = keep[stock.ids].to(torch.float32)  # [T,K]
-    n_rows = weight.sum()
+def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor,
+                     nonfinite_rows: torch.Tensor) -> torch.Tensor:
+    """[len(STAT_FIELDS)] fp32 statistics of one layer-step over ``rows`` [T] bool (the
+    pruned rows of ``batch``); ``nonfinite_rows`` [T] bool are only counted."""
+    stock = batch.stock
+    gate = torch.where(rows[:, None], stock.gate.float(), 0.0)  # [T,K]
+    kept_of_stock = keep[stock.ids]  # [T,K]
+    n_rows = rows.sum().to(torch.float32)
     any_row = (n_rows > 0).to(torch.float32)
     return torch.stack([
         any_row,
         keep.sum().to(torch.float32) * any_row,
-        (in_stock.sum(dim=0) > 0).sum().to(torch.float32),
-        ((gate * kept_of_stock).sum(dim=-1) * weight).sum(),
-        (gate.sum(dim=-1) * weight).sum(),
-        (kept_of_stock[:, 0] * weight).sum(),
+        batch.union.sum().to(torch.float32),
+        torch.where(kept_of_stock, gate, 0.0).sum(),
+        gate.sum(),
+        (kept_of_stock[:, 0] & rows).sum().to(torch.float32),
         n_rows,
+        nonfinite_rows.sum().to(torch.float32),
     ])
 
 

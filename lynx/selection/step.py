@@ -1,24 +1,29 @@
-"""One MoE layer in one step: router logits and knobs in, masking inputs and statistics out.
+"""One MoE layer in one step: router logits and knobs in, routing and statistics out.
 
-Shape legend: T rows (tokens, padded size), E experts, K top_k.
+Shape legend: T rows (tokens, padded size), E experts, K top_k (routed experts).
 
-`select_layer_step` is the function an engine plugin calls inside its top-k hook (and that a
-CUDA graph captures): static shapes, no host sync, knobs read from device tensors. The
+`select_layer_step` is the one function an engine plugin calls inside its top-k hook (and that
+a CUDA graph captures): static shapes, no host sync, knobs read from device tensors. The
 policy name and the `RouterSpec` are Python constants of the captured graph; everything that
 changes at run time (enabled, budget, alpha, beta, k0, policy_code, valid/prunable rows) is a
 tensor.
 
 What the plugin passes:
 - ``logits`` [T,E] router logits as the engine computed them (any float dtype);
-- ``router``: the layer's `RouterSpec` (top-K, renormalize, scoring, groups, bias or not);
+- ``router``: the layer's `RouterSpec` (every router kind: softmax, grouped, sigmoid + bias,
+  renormalize, raw-logit weights, routed scaling factor and where it applies);
 - ``knobs``: `SelectionKnobs` (see `make_knobs`; ``budget`` may be a view ``budgets[layer]``);
-- ``row_valid`` [T] bool: real rows (False for CUDA-graph padding: they neither vote nor get
-  pruned), ``row_prunable`` [T] bool: decode rows (prefill rows: False, routed exactly stock);
+- ``row_valid`` [T] bool: real rows (False for CUDA-graph padding: they neither vote, nor get
+  pruned, nor enter any statistic, whatever their values), ``row_prunable`` [T] bool: decode
+  rows (prefill rows: False, routed exactly stock);
 - ``correction_bias`` [E]: the router's bias, for routers with ``has_correction_bias``.
 
-What it gets back (`LayerSelection`): the keep set, the rows pruned, and either a logit bias
-to add to the logits before the engine's top-K or a per-row masked correction bias to route
-with instead of the router's own (see `lynx.selection.routing`), plus `STAT_FIELDS` stats.
+What it gets back (`LayerSelection`): the keep set, the rows pruned, the experts each row may
+route to, the routing itself (pruned rows: the router's rule restricted to ``allowed``, see
+`lynx.selection.routing`; other rows: the stock routing of the library, which an engine
+replaces by its own output so that they stay bit for bit stock), and `STAT_FIELDS` stats.
+A valid row whose logits hold NaN/inf is never pruned and never voted with; it is counted in
+``nonfinite_rows``.
 """
 
 from __future__ import annotations
@@ -38,15 +43,16 @@ from lynx.selection.policies import (
     keep_policy,
 )
 from lynx.selection.routers import RouterSpec, stock_routing
-from lynx.selection.routing import masked_correction_bias, masking_bias
+from lynx.selection.routing import route_restricted, row_allowed
 from lynx.selection.statistics import layer_statistics
 
 
 class LayerSelection(NamedTuple):
     keep: torch.Tensor  # [E] bool experts this layer computes for the pruned rows
-    apply_rows: torch.Tensor  # [T] bool rows pruned this step (valid, prunable, enabled)
-    logit_bias: torch.Tensor | None  # [T,E] fp32 add to logits; None for biased routers
-    correction_bias: torch.Tensor | None  # [T,E] fp32 masked bias; biased routers only
+    apply_rows: torch.Tensor  # [T] bool rows pruned this step (valid, finite, prunable, on)
+    allowed: torch.Tensor  # [T,E] bool experts each row may route to (all for other rows)
+    topk_weights: torch.Tensor  # [T,K] fp32 routing weights (see module doc)
+    topk_ids: torch.Tensor  # [T,K] int64 routed expert ids, best first
     stats: torch.Tensor  # [len(STAT_FIELDS)] fp32
 
 
@@ -75,21 +81,21 @@ def select_layer_step(
     policies: Mapping[str, KeepPolicy] | None = None,
     batch_routing: BatchRoutingFn = torch_batch_routing,
 ) -> LayerSelection:
-    """Keep set, masking inputs and statistics for one layer-step (see the module doc).
+    """Keep set, routing and statistics for one layer-step (see the module doc).
 
     ``policies`` replaces the policy table and ``batch_routing`` the stock-routing pass (the
-    Triton package passes its kernels through these)."""
+    Triton package passes its kernels through these). Raises ValueError for an unknown
+    policy name or a biased router without ``correction_bias``."""
     choose = resolve_policy(policy, policies)
-    z = torch.where(row_valid[:, None], logits.float(), 0.0)  # padding may hold inf/NaN
-    rows = row_valid & row_prunable & knobs.enabled
+    finite = torch.isfinite(logits).all(dim=-1)  # [T]
+    usable = row_valid & finite
+    z = torch.where(usable[:, None], logits.float(), 0.0)  # padding may hold inf/NaN
+    rows = usable & row_prunable & knobs.enabled
     batch = batch_routing(z, router, correction_bias, rows)
     must = must_keep(batch)
-    inputs = PolicyInputs(z, router, correction_bias, row_valid, rows, batch, must)
+    inputs = PolicyInputs(z, router, correction_bias, usable, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)
-    stats = layer_statistics(batch.stock, keep, rows)
-    if router.has_correction_bias:
-        assert correction_bias is not None
-        allowed = torch.isfinite(batch.stock.choice) if router.groups_score_top2 else None
-        return LayerSelection(keep, rows, None,
-                              masked_correction_bias(correction_bias, keep, rows, allowed), stats)
-    return LayerSelection(keep, rows, masking_bias(keep, rows), None, stats)
+    allowed = row_allowed(keep, rows, batch.stock)
+    weights, ids = route_restricted(z, router, batch.stock, allowed)
+    stats = layer_statistics(batch, keep, rows, row_valid & ~finite)
+    return LayerSelection(keep, rows, allowed, weights, ids, stats)

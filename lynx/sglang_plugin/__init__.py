@@ -1,11 +1,13 @@
 """Lynx's SGLang plugin: the one extension point, entry point ``sglang.srt.plugins: lynx``.
 
-Contract of `install` (called by SGLang's ``load_plugins()`` in every process it starts):
+Contract of `install` (called by SGLang's ``load_plugins()`` in every process it starts; it
+builds one `LynxRuntime`, the plugin's only state, and registers its bound methods):
 - ``LYNX_ENABLED`` not set to 1/true/yes: registers nothing; SGLang runs stock.
 - enabled: validates the configuration (`lynx.sglang_plugin.config`); a bad value stops the
   process with ``SystemExit`` and a one-line reason (SGLang swallows ordinary exceptions from
   plugins, which would silently serve stock SGLang). Then registers HookRegistry hooks:
-  AROUND ``TopK.forward_native|forward_cuda|forward_cpu`` (mask the router logits of prunable rows),
+  AROUND ``TopK.forward_native|forward_cuda|forward_cpu`` (prune decode rows per output
+  format, see `lynx.sglang_plugin.formats`),
   AROUND ``ModelRunner.forward`` (per-step state: forward mode, real rows, decode rows, knobs),
   BEFORE ``ModelRunner.init_cuda_graphs`` (allocate device knobs before any graph capture).
 SGLang applies the hooks right after all plugins ran. ``SGLANG_PLUGINS`` (a whitelist of entry
@@ -15,28 +17,31 @@ point names) is honoured by SGLang itself: leave ``lynx`` out of it and nothing 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from lynx.sglang_plugin.config import LynxConfigError, load_config, plugin_enabled
 
+if TYPE_CHECKING:
+    from lynx.sglang_plugin.runtime import LynxRuntime
+
 logger = logging.getLogger("lynx.plugin")
 
-TOPK_TARGETS = (
-    "sglang.srt.layers.moe.topk.TopK.forward_native",
-    "sglang.srt.layers.moe.topk.TopK.forward_cuda",
-    "sglang.srt.layers.moe.topk.TopK.forward_cpu",
-)
+TOPK_TARGETS = {
+    "sglang.srt.layers.moe.topk.TopK.forward_native": "native",
+    "sglang.srt.layers.moe.topk.TopK.forward_cuda": "cuda",
+    "sglang.srt.layers.moe.topk.TopK.forward_cpu": "cpu",
+}
 MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
 RECEIVER_PULL = ("sglang.srt.managers.scheduler_components.request_receiver."
                  "SchedulerRequestReceiver._pull_raw_reqs")
 SCHEDULER_INPUT = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
 
-_installed = False
 
-
-def install() -> None:
-    global _installed
-    if not plugin_enabled() or _installed:
-        return
+def install() -> LynxRuntime | None:
+    """Build this process's `LynxRuntime` and register its hooks (idempotent: a second call
+    in the same process registers nothing and returns the runtime already registered)."""
+    if not plugin_enabled():
+        return None
     try:
         config = load_config()
     except LynxConfigError as exc:
@@ -46,24 +51,38 @@ def install() -> None:
         raise SystemExit(f"lynx: invalid configuration: {exc}") from None
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from lynx.sglang_plugin import hooks
+    from lynx.sglang_plugin.runtime import LynxRuntime
 
-    hooks.configure(config)
-    for target in TOPK_TARGETS:
-        HookRegistry.register(target, hooks.around_topk_forward, HookType.AROUND)
-    HookRegistry.register(f"{MODEL_RUNNER}.forward", hooks.around_model_runner_forward,
+    existing = registered_runtime()
+    if existing is not None:
+        return existing
+    runtime = LynxRuntime(config)
+    for target, path in TOPK_TARGETS.items():
+        HookRegistry.register(target, runtime.topk_hook(path), HookType.AROUND)
+    HookRegistry.register(f"{MODEL_RUNNER}.forward", runtime.around_model_runner_forward,
                           HookType.AROUND)
-    HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", hooks.before_init_cuda_graphs,
+    HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", runtime.before_init_cuda_graphs,
                           HookType.BEFORE)
     if config.controller:
-        from lynx.sglang_plugin import controller_glue
-
-        HookRegistry.register(RECEIVER_PULL, controller_glue.after_pull_raw_reqs, HookType.AFTER)
-        HookRegistry.register(SCHEDULER_INPUT, controller_glue.before_process_input_requests,
+        HookRegistry.register(RECEIVER_PULL, runtime.after_pull_raw_reqs, HookType.AFTER)
+        HookRegistry.register(SCHEDULER_INPUT, runtime.before_process_input_requests,
                               HookType.BEFORE)
-    _installed = True
     logger.info("Lynx plugin installed (policy=%s, controller=%s)",
                 config.policy.name if config.policy else "default", config.controller or "none")
+    return runtime
+
+
+def registered_runtime() -> LynxRuntime | None:
+    """The `LynxRuntime` whose hooks HookRegistry holds in this process, if any."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from lynx.sglang_plugin.runtime import LynxRuntime
+
+    for _type, hook, _source in HookRegistry._hooks.get(f"{MODEL_RUNNER}.forward", []):
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, LynxRuntime):
+            return owner
+    return None
 
 
 def hooks_applied() -> bool:

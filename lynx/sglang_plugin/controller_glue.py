@@ -6,7 +6,8 @@ runs every scheduler iteration, and at least once a second when idle with ``--sl
 and appends a `PolicyMessage` to the received requests. SGLang broadcasts that list to every TP
 rank; a BEFORE hook on ``Scheduler.process_input_requests`` takes the messages out again on
 every rank and stages the policy, so all ranks switch at the same step boundary. The forward
-path never waits on the controller.
+path never waits on the controller. The hooks themselves are methods of
+`lynx.sglang_plugin.runtime.LynxRuntime`; this module holds the link's state.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lynx.sglang_plugin import hooks
 from lynx.sglang_plugin.exporter import BATCH_BUCKETS, WindowSummary
 from lynx_protocol.policy import POLICY_NAMES, PolicyError, PolicySpec, validate_policy
+
+if TYPE_CHECKING:
+    from lynx.sglang_plugin.runtime import LynxRuntime
 
 logger = logging.getLogger("lynx.plugin")
 
@@ -35,12 +38,16 @@ class PolicyMessage:
 
 
 class ControllerGlue:
-    def __init__(self, endpoint: str, replica_id: str, stale_after_s: float,
-                 safe_policy: PolicySpec | None, model: str) -> None:
-        self.endpoint = endpoint
-        self.replica_id = replica_id
-        self.stale_after_s = stale_after_s
-        self.safe_policy = safe_policy
+    """The runtime's end of the controller link (one per scheduler process)."""
+
+    def __init__(self, runtime: LynxRuntime, model: str) -> None:
+        config = runtime.config
+        assert config.controller is not None
+        self.runtime = runtime
+        self.endpoint = config.controller
+        self.replica_id = config.replica_id
+        self.stale_after_s = config.stale_after_s
+        self.safe_policy = config.safe_policy
         self.model = model
         self.link: Any = None
         self._stats_seq = 0
@@ -51,7 +58,7 @@ class ControllerGlue:
             from lynx_protocol.link import LinkSettings, RuntimeLink
             from lynx_protocol.messages import Register
 
-            state = hooks.state()
+            state = self.runtime.state
             assert state is not None
             metrics_port = os.environ.get("LYNX_METRICS_URL", "")
             registration = Register(
@@ -66,7 +73,7 @@ class ControllerGlue:
 
     def poll(self) -> list[PolicyMessage]:
         """Non-blocking: what the controller said since the last call, as messages to stage."""
-        state = hooks.state()
+        state = self.runtime.state
         if state is None:
             return []
         link = self._ensure_link()
@@ -89,7 +96,7 @@ class ControllerGlue:
         return out
 
     def _on_transition(self, transition: Any, out: list[PolicyMessage]) -> None:
-        exporter = hooks.exporter()
+        exporter = self.runtime.exporter
         connected = transition.new == "connected"
         if exporter is not None and exporter.export:
             exporter.metrics.controller_connected.set(1 if connected else 0)
@@ -107,8 +114,8 @@ class ControllerGlue:
             logger.warning("Lynx: controller %s is back (%s)", self.endpoint, transition.reason)
 
     def _send_stats(self, link: Any) -> None:
-        exporter = hooks.exporter()
-        state = hooks.state()
+        exporter = self.runtime.exporter
+        state = self.runtime.state
         if exporter is None or state is None or exporter.last_window is self._last_window:
             return
         window = exporter.last_window
@@ -133,36 +140,3 @@ class ControllerGlue:
             step_latency_p99_ms=step_ms[min(len(step_ms) - 1, int(len(step_ms) * 0.99))],
             applied_policy_version=state.policy_version,
         ))
-
-
-_glue: ControllerGlue | None = None
-
-
-def configure(glue: ControllerGlue | None) -> None:
-    global _glue
-    _glue = glue
-
-
-def after_pull_raw_reqs(result: list | None, *args: Any, **kwargs: Any) -> list | None:
-    if result is None or _glue is None:
-        return result
-    try:
-        messages = _glue.poll()
-    except Exception:  # the link must never take the scheduler down
-        logger.exception("Lynx: controller link poll failed; continuing with the current policy")
-        return result
-    return [*result, *messages] if messages else result
-
-
-def before_process_input_requests(scheduler: Any, recv_reqs: list, *args: Any,
-                                  **kwargs: Any) -> tuple[tuple, dict] | None:
-    if not any(isinstance(r, PolicyMessage) for r in recv_reqs):
-        return None
-    state = hooks.state()
-    for message in (r for r in recv_reqs if isinstance(r, PolicyMessage)):
-        if state is not None:
-            state.stage_policy(message.policy, message.version)
-            logger.info("Lynx: staged policy %s v%d (%s)", message.policy.name,
-                        message.version, message.reason)
-    kept = [r for r in recv_reqs if not isinstance(r, PolicyMessage)]
-    return (scheduler, kept, *args), kwargs

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.config import PluginConfig
-from lynx.sglang_plugin.selection_glue import STAT_FIELDS
+from lynx.sglang_plugin.formats import PASS_THROUGH_REASONS
 from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
 
 _FIELD = {name: i for i, name in enumerate(STAT_FIELDS)}
@@ -59,6 +60,12 @@ class _Metrics:
         self.mass_total = Counter("lynx_routing_mass", "Stock top-k routing mass of pruned rows")
         self.top1_kept = Counter("lynx_top1_kept_rows", "Pruned rows whose top-1 expert was kept")
         self.rows = Counter("lynx_pruned_rows", "Rows that went through expert selection")
+        self.nonfinite_rows = Counter(
+            "lynx_nonfinite_router_rows", "Valid rows whose router logits held NaN/inf "
+            "(routed stock, kept out of every statistic), summed over layer-steps")
+        self.passed_through = Gauge(
+            "lynx_layers_passed_through", "MoE layers whose TopK Lynx passes through unpruned",
+            ["reason"], multiprocess_mode="livemostrecent")
         self.policy_version = Gauge("lynx_policy_version", "Version of the applied policy",
                                     multiprocess_mode="livemostrecent")
         self.policy_info = Gauge("lynx_policy_active", "1 for the applied policy name",
@@ -85,12 +92,21 @@ class StatsExporter:
         self.last_window = WindowSummary()
         self._metrics: _Metrics | None = None
         self._policy_shown: tuple[str, int] | None = None
+        self.passed_through: dict[str, int] = dict.fromkeys(PASS_THROUGH_REASONS, 0)
 
     @property
     def metrics(self) -> _Metrics:
         if self._metrics is None:  # lazily: PROMETHEUS_MULTIPROC_DIR is set by then
             self._metrics = _Metrics()
+            for reason, layers in self.passed_through.items():  # exported from the start
+                self._metrics.passed_through.labels(reason=reason).set(layers)
         return self._metrics
+
+    def set_passed_through(self, reason: str, layers: int) -> None:
+        """Export how many MoE layers pass through unpruned for ``reason``."""
+        self.passed_through[reason] = layers
+        if self.export:
+            self.metrics.passed_through.labels(reason=reason).set(layers)
 
     def accumulate(self, layer: int, stats: torch.Tensor) -> None:
         self.accumulator[layer].add_(stats.to(self.accumulator.dtype))
@@ -152,6 +168,7 @@ class StatsExporter:
         m.mass_total.inc(float(delta[:, _FIELD["mass_total"]].sum()))
         m.top1_kept.inc(float(delta[:, _FIELD["top1_kept"]].sum()))
         m.rows.inc(float(delta[:, _FIELD["rows"]].sum()))
+        m.nonfinite_rows.inc(float(delta[:, _FIELD["nonfinite_rows"]].sum()))
         shown = (state.policy.name, state.policy_version)
         if shown != self._policy_shown:
             if self._policy_shown is not None:

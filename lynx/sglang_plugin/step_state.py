@@ -97,7 +97,6 @@ class RuntimeState:
         # on the device (``by_code`` reading ``knobs.policy_code``), so a controller's policy
         # switch reaches a replayed graph. Eager CPU steps use the named policy (cheaper).
         self.graph_safe = device.type == "cuda"
-        self.effective_bias: dict[int, torch.Tensor] = {}  # sigmoid+bias routers, per layer
         self.step_active = False
         self.layout = StepLayout("idle", 0, 0)
         self._apply(policy, 0)

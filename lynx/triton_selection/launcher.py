@@ -24,14 +24,8 @@ from lynx.selection.affinity import (
     support_depth,
     valid_row_count,
 )
-from lynx.selection.keep_rules import BatchRouting, finalize_keep, must_keep
-from lynx.selection.policies import (
-    KEEP_POLICIES,
-    KeepPolicy,
-    PolicyInputs,
-    SelectionKnobs,
-    keep_budget,
-)
+from lynx.selection.keep_rules import BatchRouting
+from lynx.selection.policies import KEEP_POLICIES, KeepPolicy, PolicyInputs, SelectionKnobs
 from lynx.selection.routers import RouterSpec, StockRouting, affinity_logits
 from lynx.selection.step import LayerSelection, select_layer_step, torch_batch_routing
 from lynx.triton_selection.affinity_kernels import (
@@ -77,7 +71,9 @@ def triton_batch_routing(logits: torch.Tensor, router: RouterSpec,
         BLOCK_T=BLOCK_ROWS, BLOCK_E=_block_experts(num_experts),
     )
     stock = StockRouting(logits.float(), ids, gate)
-    return BatchRouting(stock, partial_importance.sum(dim=0), partial_top1.sum(dim=0))
+    union = torch.zeros(num_rows, num_experts, dtype=torch.bool, device=device).scatter_(
+        1, ids, rows[:, None].expand_as(ids)).any(dim=0)
+    return BatchRouting(stock, partial_importance.sum(dim=0), partial_top1.sum(dim=0), union)
 
 
 def affinity_choices_triton(scores: torch.Tensor, top_k: int, row_valid: torch.Tensor,
@@ -125,24 +121,3 @@ def select_layer_step_triton(
     return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
                              correction_bias, policies=TRITON_POLICIES,
                              batch_routing=triton_batch_routing)
-
-
-# -- the first launcher API (softmax routers, keep set only), kept for existing callers -----
-
-def batch_importance_triton(logits: torch.Tensor, top_k: int, prunable: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance [E], top-1 votes [E]) over the prunable rows of a softmax router."""
-    batch = triton_batch_routing(logits.float(), RouterSpec(top_k=top_k), None, prunable)
-    return batch.importance, batch.top1_votes
-
-
-def keep_budget_triton(logits: torch.Tensor, top_k: int, prunable: torch.Tensor,
-                       budget: torch.Tensor) -> torch.Tensor:
-    """``budget`` keep set [E] of a softmax router, per-row work in the kernel."""
-    router = RouterSpec(top_k=top_k)
-    z = logits.float()
-    batch = triton_batch_routing(z, router, None, prunable)
-    must = must_keep(batch)
-    inputs = PolicyInputs(z, router, None, prunable, prunable, batch, must)
-    knobs = SelectionKnobs(prunable.new_ones(()), budget, *(budget.new_zeros(()),) * 4)
-    return finalize_keep(keep_budget(inputs, knobs), batch, must, router, prunable)

@@ -1,0 +1,152 @@
+"""Per SGLang ``TopK`` layer: prune its output format on purpose, or pass it through.
+
+Shape legend: T rows, E routed experts, K routed top_k, S fused shared slots (K + S columns).
+
+SGLang 0.5.23's ``TopK`` returns one of these (``TopKConfig.output_format``, fixed per layer):
+- STANDARD (``forward_native``/``forward_cpu`` always; ``forward_cuda`` by default): SGLang
+  routes every row itself; Lynx then overwrites the K routed columns of the pruned rows with
+  the library's routing restricted to the kept experts (`lynx.selection.select_layer_step`).
+  Rows that are not pruned keep SGLang's own output bit for bit, the S shared columns are never
+  touched, and no shared bias or logit penalty is involved, so every router kind is pruned
+  (grouped, correction bias, renormalize off, routed scaling factor in the weights or later,
+  raw-logit weights of the flashinfer TRT-LLM routed runner).
+- BYPASSED (flashinfer TRT-LLM / mxfp4 kernels route inside the MoE kernel) and TRITON_KERNEL
+  (GPT-OSS on Hopper: routed from the logits by triton_kernels): Lynx can only change the
+  logits those kernels read, so it hands them a finite per-row mask (`masking_logit_bias`).
+  That equals the router's rule restricted to the kept experts only when the weights are
+  renormalised over the K and no correction bias takes part (the kernels read one bias shared
+  by all rows, and a softmax over all E changes with masked logits); otherwise: pass through.
+- anything else passes through unchanged, counted per reason (`PASS_THROUGH_REASONS`), logged
+  once: custom routing functions (Llama-4), other scoring functions, EPLB / per-rank shared
+  slot remapping (ids are physical there), Waterfill expansion, packed FlashInfer ids,
+  per-token dynamic expert bias, speculative draft layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lynx.selection import RouterSpec
+
+PASS_THROUGH_REASONS: tuple[str, ...] = (
+    "custom_routing", "scoring", "expert_remapping", "waterfill", "packed_ids",
+    "dynamic_expert_bias", "draft", "bypassed_shared_bias", "bypassed_unnormalized",
+    "triton_kernel_router", "unexpected_output",
+)
+
+Mode = Literal["standard", "logits", "pass"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the hook does with one TopK layer (decided once per layer and call path)."""
+
+    mode: Mode
+    reason: str = ""  # one of PASS_THROUGH_REASONS when mode == "pass"
+    router: RouterSpec | None = None
+
+
+def _pass(reason: str) -> LayerPlan:
+    return LayerPlan("pass", reason)
+
+
+def _sglang_remaps_ids(num_shared_slots: int) -> bool:
+    """EPLB logical->physical maps or per-rank shared-slot layouts (DeepEP): ids are not the
+    router's logical expert ids, so the library's routing cannot be written into them."""
+    from sglang.srt.layers.moe.topk import is_expert_remapping_enabled
+    from sglang.srt.layers.moe.utils import has_per_rank_fused_shared_slots
+
+    try:
+        per_rank = has_per_rank_fused_shared_slots(num_shared_slots)
+    except (ValueError, AttributeError):  # no published server config (unit tests)
+        per_rank = False
+    return per_rank or is_expert_remapping_enabled()
+
+
+def output_format_of(topk: Any, path: str) -> str:
+    """Name of the TopK output format the call ``path`` ("native", "cpu", "cuda") produces."""
+    if path != "cuda":
+        return "STANDARD"
+    fmt = topk.topk_config.output_format
+    return "STANDARD" if fmt is None else fmt.name
+
+
+def router_spec(config: Any, *, raw_logits: bool = False) -> RouterSpec:
+    """The library's description of an SGLang ``TopKConfig`` (routed experts only)."""
+    grouped = bool(config.use_grouped_topk and config.num_expert_group
+                   and config.num_expert_group > 1)
+    shared = int(config.num_shared_topk_slots)
+    return RouterSpec(
+        top_k=int(config.top_k) - shared, renormalize=bool(config.renormalize),
+        scoring=config.scoring_func,
+        num_expert_group=int(config.num_expert_group) if grouped else None,
+        topk_group=int(config.topk_group or 1) if grouped else None,
+        has_correction_bias=config.correction_bias is not None,
+        weights="raw_logits" if raw_logits else "gate",
+        routed_scaling_factor=(float(config.routed_scaling_factor)
+                               if config.routed_scaling_factor is not None else None),
+        scale_on_output=bool(config.apply_routed_scaling_factor_on_output),
+        shared_slots=shared,
+    )
+
+
+def _raw_logit_runner(config: Any, path: str) -> bool:
+    """SGLang's flashinfer TRT-LLM routed runner takes the top-K of the raw logits and uses
+    them as weights (``fused_topk_softmax_torch_raw_logits``) on the CUDA STANDARD path."""
+    backend = config.runner_backend
+    return (path == "cuda" and backend is not None and backend.is_flashinfer_trtllm_routed()
+            and config.scoring_func == "softmax" and config.correction_bias is None
+            and not config.use_grouped_topk)
+
+
+def plan_layer(topk: Any, path: str) -> LayerPlan:
+    """Decide how one TopK call is handled (see the module doc). Never raises for a config
+    SGLang accepts: what Lynx cannot prune correctly becomes a pass-through with a reason."""
+    config = topk.topk_config
+    if getattr(topk, "is_draft", False):
+        return _pass("draft")
+    if config.custom_routing_function is not None:
+        return _pass("custom_routing")
+    if config.scoring_func not in ("softmax", "sigmoid") or getattr(
+            config, "sqrtsoftplus_log1p", False):
+        return _pass("scoring")
+    if getattr(topk, "enable_waterfill", False):
+        return _pass("waterfill")
+    if _sglang_remaps_ids(int(config.num_shared_topk_slots)):
+        return _pass("expert_remapping")
+    fmt = output_format_of(topk, path)
+    if fmt == "STANDARD":
+        return LayerPlan("standard", router=router_spec(
+            config, raw_logits=_raw_logit_runner(config, path)))
+    if fmt == "BYPASSED":
+        if config.correction_bias is not None:
+            return _pass("bypassed_shared_bias")
+        if not config.renormalize:
+            return _pass("bypassed_unnormalized")
+        return LayerPlan("logits", router=router_spec(config))
+    if fmt == "TRITON_KERNEL":
+        # triton_kernels' routing is a plain softmax top-K of the logits (no groups, bias or
+        # shared slots) and renormalises only with sm_first=False.
+        if (config.correction_bias is not None or config.use_grouped_topk
+                or not config.renormalize or config.num_shared_topk_slots):
+            return _pass("triton_kernel_router")
+        return LayerPlan("logits", router=router_spec(config))
+    return _pass("unexpected_output")
+
+
+def merge_standard_output(output: Any, routed_weights: Any, routed_ids: Any,
+                          apply_rows: Any, top_k: int) -> Any:
+    """SGLang's STANDARD output with the first ``top_k`` (routed) columns of ``apply_rows``
+    [T] replaced by ``routed_weights``/``routed_ids`` [T,K]; shared columns and other rows
+    untouched (same dtypes, static shapes: capturable)."""
+    import torch
+
+    ids, weights = output.topk_ids, output.topk_weights
+    rows = apply_rows[:, None]
+    new_ids = torch.where(rows, routed_ids.to(ids.dtype), ids[:, :top_k])
+    new_weights = torch.where(rows, routed_weights.to(weights.dtype), weights[:, :top_k])
+    if ids.shape[1] > top_k:
+        new_ids = torch.cat([new_ids, ids[:, top_k:]], dim=1)
+        new_weights = torch.cat([new_weights, weights[:, top_k:]], dim=1)
+    return output._replace(topk_ids=new_ids, topk_weights=new_weights)

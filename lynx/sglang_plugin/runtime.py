@@ -1,0 +1,206 @@
+"""The plugin's one state object: `LynxRuntime` holds the configuration, the per-process step
+state (device knobs), the statistics exporter and the controller link, and its methods are
+the hooks SGLang calls. `lynx.sglang_plugin.install` builds one per process and registers its
+bound methods; tests build their own and call the same methods.
+
+All selection math lives in `lynx.selection`; what to do per TopK output format in
+`lynx.sglang_plugin.formats`. Nothing here raises inside a forward: a layer Lynx cannot prune
+is passed through unchanged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from lynx.selection import apply_logit_bias, masking_logit_bias, select_layer_step
+from lynx.selection.step import LayerSelection
+from lynx.sglang_plugin.config import PluginConfig, default_policy
+from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
+from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
+
+logger = logging.getLogger("lynx.plugin")
+
+
+def moe_shape(hf_config: Any) -> tuple[int, int, int]:
+    """(layers, routed experts, routed top_k) of a Hugging Face config; ValueError if the
+    model has no routed experts."""
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    experts = getattr(text_config, "num_local_experts", None) or getattr(
+        text_config, "num_experts", None) or getattr(text_config, "n_routed_experts", None)
+    if not experts:
+        raise ValueError(
+            f"Lynx: model {getattr(hf_config, 'architectures', '?')} has no routed experts "
+            "(num_local_experts / num_experts / n_routed_experts); disable Lynx for it"
+        )
+    return int(text_config.num_hidden_layers), int(experts), int(text_config.num_experts_per_tok)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class LynxRuntime:
+    """One per scheduler process: config, step state, exporter, controller link, hooks."""
+
+    def __init__(self, config: PluginConfig) -> None:
+        self.config = config
+        self.state: RuntimeState | None = None
+        self.exporter: Any = None  # StatsExporter, built with the state
+        self.controller: Any = None  # ControllerGlue when a controller is configured
+        self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
+        self._reasons_logged: set[str] = set()
+
+    # -- start-up ---------------------------------------------------------------------------
+    def prepare(self, model_runner: Any) -> RuntimeState:
+        """Allocate the state from the served model's config (before any graph capture)."""
+        if self.state is not None:
+            return self.state
+        layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
+        policy = self.config.policy or default_policy(experts, top_k)
+        device = torch.device(model_runner.device)
+        state = RuntimeState(layers, experts, top_k, device, policy)
+        state.stage_policy(policy, 0)  # validates against the model shape (clear error if not)
+        from lynx.sglang_plugin.exporter import StatsExporter
+
+        self.state = state
+        self.exporter = StatsExporter(state, self.config,
+                                      tp_rank=int(getattr(model_runner, "tp_rank", 0)))
+        if self.config.controller:
+            from lynx.sglang_plugin.controller_glue import ControllerGlue
+
+            model = str(getattr(model_runner.model_config, "model_path", "") or "")
+            self.controller = ControllerGlue(self, model=model[-512:])
+        logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s",
+                    layers, experts, top_k, policy.name, device)
+        return state
+
+    def before_init_cuda_graphs(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
+        if not getattr(model_runner, "is_draft_worker", False):
+            self.prepare(model_runner)
+        return None
+
+    # -- per step ---------------------------------------------------------------------------
+    def around_model_runner_forward(self, original: Any, model_runner: Any, forward_batch: Any,
+                                    *args: Any, **kwargs: Any) -> Any:
+        if getattr(model_runner, "is_draft_worker", False):
+            return original(model_runner, forward_batch, *args, **kwargs)
+        state = self.state or self.prepare(model_runner)
+        if self.exporter is not None:
+            self.exporter.before_step(state)
+        layout = layout_from_forward_batch(forward_batch)
+        state.begin_step(layout)
+        start = time.perf_counter()
+        try:
+            return original(model_runner, forward_batch, *args, **kwargs)
+        finally:
+            if self.exporter is not None:
+                self.exporter.after_step(state, layout, time.perf_counter() - start)
+            state.step_active = False
+
+    # -- per layer --------------------------------------------------------------------------
+    def topk_hook(self, path: str) -> Any:
+        """The AROUND hook for ``TopK.forward_<path>`` (path: "native", "cpu", "cuda")."""
+        return partial(self.around_topk_forward, path=path)
+
+    def around_topk_forward(self, original: Any, topk: Any, hidden_states: torch.Tensor,
+                            router_logits: torch.Tensor, *args: Any, path: str = "native",
+                            **kwargs: Any) -> Any:
+        state = self.state
+        if state is None or not (state.step_active or _capturing()):
+            return original(topk, hidden_states, router_logits, *args, **kwargs)
+        layer = int(topk.layer_id)
+        if kwargs.get("dynamic_expert_bias") is not None:  # a per-call [T,E] bias: SGLang's
+            self.record_plan(layer, path, LayerPlan("pass", "dynamic_expert_bias"))
+            return original(topk, hidden_states, router_logits, *args, **kwargs)
+        plan = self.plan_for(topk, layer, path)
+        if plan.mode == "pass":
+            return original(topk, hidden_states, router_logits, *args, **kwargs)
+        assert plan.router is not None
+        selection = self.select(state, router_logits, plan, topk.topk_config, layer)
+        if plan.mode == "logits":
+            masked = apply_logit_bias(router_logits,
+                                      masking_logit_bias(router_logits, selection.allowed))
+            output = original(topk, hidden_states, masked, *args, **kwargs)
+        else:
+            output = original(topk, hidden_states, router_logits, *args, **kwargs)
+            if type(output).__name__ != "StandardTopKOutput" or (
+                    output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots):
+                self.record_plan(layer, path, LayerPlan("pass", "packed_ids" if hasattr(
+                    output, "packed_topk_ids") else "unexpected_output"))
+                return output
+            output = merge_standard_output(output, selection.topk_weights, selection.topk_ids,
+                                           selection.apply_rows, plan.router.top_k)
+        if self.exporter is not None:
+            self.exporter.accumulate(layer, selection.stats)
+        return output
+
+    def plan_for(self, topk: Any, layer: int, path: str) -> LayerPlan:
+        """The layer's plan, decided on its first call (the output format is fixed per layer)."""
+        plan = self.plans.get((layer, path))
+        if plan is None or plan.reason == "dynamic_expert_bias":
+            plan = plan_layer(topk, path)
+            self.record_plan(layer, path, plan)
+        return plan
+
+    def record_plan(self, layer: int, path: str, plan: LayerPlan) -> None:
+        """Remember a layer's plan; a pass-through is logged once per reason and counted."""
+        self.plans[(layer, path)] = plan
+        if plan.mode != "pass":
+            return
+        if plan.reason not in self._reasons_logged:
+            self._reasons_logged.add(plan.reason)
+            logger.warning("Lynx: passing TopK layers through unpruned (%s); first: layer %d",
+                           plan.reason, layer)
+        if self.exporter is not None:
+            passed = {key[0] for key, p in self.plans.items()
+                      if p.mode == "pass" and p.reason == plan.reason}
+            self.exporter.set_passed_through(plan.reason, len(passed))
+
+    def select(self, state: RuntimeState, router_logits: torch.Tensor, plan: LayerPlan,
+               config: Any, layer: int) -> LayerSelection:
+        """`lynx.selection.select_layer_step` (its Triton variant on CUDA) for one layer."""
+        assert plan.router is not None
+        knobs = state.knobs
+        rows = torch.arange(router_logits.shape[0], device=router_logits.device)
+        valid = rows < knobs.n_valid
+        prunable = rows >= knobs.prunable_start
+        step = select_layer_step
+        if router_logits.is_cuda:
+            from lynx.triton_selection.launcher import select_layer_step_triton as step
+        # Under CUDA graphs the policy is picked on the device (by_code reads policy_code), so
+        # a controller's switch reaches replayed graphs without recapture.
+        policy = "by_code" if state.graph_safe else state.policy.name
+        bias = config.correction_bias if plan.router.has_correction_bias else None
+        return step(policy, router_logits, plan.router, knobs.for_layer(layer), valid,
+                    prunable, bias)
+
+    # -- controller link (on SGLang's request path) -----------------------------------------
+    def after_pull_raw_reqs(self, result: list | None, *args: Any, **kwargs: Any
+                            ) -> list | None:
+        if result is None or self.controller is None:
+            return result
+        try:
+            messages = self.controller.poll()
+        except Exception:  # the link must never take the scheduler down
+            logger.exception("Lynx: controller link poll failed; keeping the current policy")
+            return result
+        return [*result, *messages] if messages else result
+
+    def before_process_input_requests(self, scheduler: Any, recv_reqs: list, *args: Any,
+                                      **kwargs: Any) -> tuple[tuple, dict] | None:
+        from lynx.sglang_plugin.controller_glue import PolicyMessage
+
+        if not any(isinstance(r, PolicyMessage) for r in recv_reqs):
+            return None
+        for message in (r for r in recv_reqs if isinstance(r, PolicyMessage)):
+            if self.state is not None:
+                self.state.stage_policy(message.policy, message.version)
+                logger.info("Lynx: staged policy %s v%d (%s)", message.policy.name,
+                            message.version, message.reason)
+        kept = [r for r in recv_reqs if not isinstance(r, PolicyMessage)]
+        return (scheduler, kept, *args), kwargs
