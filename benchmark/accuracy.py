@@ -56,7 +56,7 @@ class SelectionHook:
         self.top1_kept = 0
 
     def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
-        from lynx.selection import route_stock, select_layer_step
+        from lynx.selection import select_layer_step
 
         if not bool(self.knobs.enabled):
             return output
@@ -67,14 +67,12 @@ class SelectionHook:
         rows = torch.ones(self.batch, dtype=torch.bool)
         steps = [select_layer_step(self.variant.policy, per_pos[:, t], self.router, self.knobs,
                                    rows, rows) for t in range(per_pos.shape[1])]
-        biases = [s.logit_bias for s in steps]
-        assert all(b is not None for b in biases), "softmax routers get a logit bias"
-        bias = torch.stack(biases, dim=1)  # type: ignore[arg-type]  # [batch, positions, E]
-        weights, ids = route_stock((per_pos + bias).reshape(-1, experts), self.router.top_k,
-                                   self.router.renormalize)
+        # [batch, positions, K] -> rows ordered like router_logits (batch-major)
+        weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, self.router.top_k)
+        ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, self.router.top_k)
         stock_top1 = z.argmax(-1, keepdim=True)
         self.rows += stock_top1.numel()
-        self.top1_kept += int((bias.reshape(-1, experts).gather(1, stock_top1) == 0).sum())
+        self.top1_kept += int((ids == stock_top1).any(-1).sum())
         return router_logits, weights.to(scores.dtype), ids
 
 

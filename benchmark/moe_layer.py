@@ -126,17 +126,22 @@ class MoeLayerBench:
         knobs = selection_knobs(variant, batch, 0, self.shape.num_experts)
         return knobs, bool(knobs.enabled)
 
-    def select(self, knobs: Any, logits: torch.Tensor) -> torch.Tensor:
+    def select(self, knobs: Any, logits: torch.Tensor) -> Any:
         """The selection step of one layer as the plugin runs it in SGLang's TopK hook:
-        ``lynx.selection.select_layer_step`` (keep set, masking bias, statistics), then the
-        masked logits SGLang's router gets."""
+        ``lynx.selection.select_layer_step`` (keep set, routing, statistics)."""
         from lynx.selection import select_layer_step
 
         rows = torch.ones(logits.shape[0], dtype=torch.bool)
-        selection = select_layer_step(knobs_policy(knobs), logits, self.router, knobs, rows,
-                                      rows)
-        assert selection.logit_bias is not None  # softmax router: a logit bias, no corr. bias
-        return logits.float() + selection.logit_bias
+        return select_layer_step(knobs_policy(knobs), logits, self.router, knobs, rows, rows)
+
+    def route_lynx(self, knobs: Any, x: torch.Tensor, logits: torch.Tensor) -> Any:
+        """What the plugin's TopK hook returns (STANDARD format): SGLang's routing with the
+        pruned rows' columns replaced by the selection's routing."""
+        from lynx.sglang_plugin.formats import merge_standard_output
+
+        sel = self.select(knobs, logits)
+        return merge_standard_output(self.route(x, logits), sel.topk_weights, sel.topk_ids,
+                                     sel.apply_rows, self.shape.top_k)
 
 
 def knobs_policy(knobs: Any) -> str:
@@ -149,10 +154,10 @@ def _distinct(topk_output: Any) -> int:
     return int(torch.unique(topk_output.topk_ids).numel())
 
 
-def _top1_kept(stock: Any, logits: torch.Tensor, masked: torch.Tensor) -> int:
-    """Rows whose stock top-1 expert survived the selection (its logit was not masked)."""
-    top1 = stock.topk_ids[:, :1].long()
-    return int((masked.gather(1, top1) == logits.gather(1, top1)).sum())
+def _top1_kept(stock: Any, routed: Any) -> int:
+    """Rows whose stock top-1 expert (largest stock weight) is still among their routed ids."""
+    top1 = stock.topk_ids.long().gather(1, stock.topk_weights.argmax(-1, keepdim=True))
+    return int((routed.topk_ids.long() == top1).any(-1).sum())
 
 
 def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list[Any],
@@ -172,16 +177,16 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
     meta: dict[str, tuple[Variant, list[int], list[int]]] = {}
     for variant in variants:
         knobs, prune = bench.knobs(variant, batch)
-        masked = [bench.select(knobs, z) if prune else z for _, z in inputs]
-        kept = [_distinct(bench.route(x, m)) for (x, _), m in zip(inputs, masked, strict=True)]
-        top1 = [_top1_kept(bench.route(x, z), z, m) for (x, z), m in zip(inputs, masked,
+        routed = [bench.route_lynx(knobs, x, z) if prune else bench.route(x, z)
+                  for x, z in inputs]
+        kept = [_distinct(r) for r in routed]
+        top1 = [_top1_kept(bench.route(x, z), r) for (x, z), r in zip(inputs, routed,
                                                                        strict=True)]
         meta[variant.label] = (variant, kept, top1)
 
         def lynx_pass(knobs: Any = knobs, prune: bool = prune) -> None:
             for x, z in inputs:
-                routed = bench.route(x, bench.select(knobs, z) if prune else z)
-                bench.experts(x, routed)
+                bench.experts(x, bench.route_lynx(knobs, x, z) if prune else bench.route(x, z))
 
         def select_pass(knobs: Any = knobs, prune: bool = prune) -> None:
             if prune:

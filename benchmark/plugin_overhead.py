@@ -2,7 +2,8 @@
 
     python benchmark/plugin_overhead.py [--steps N] [--out results/plugin_overhead.json]
 
-Times the plugin's real hook functions (``lynx.sglang_plugin.hooks``) with a no-op in place of
+Times the plugin's real hook methods (``lynx.sglang_plugin.runtime.LynxRuntime``) with a no-op in
+place of
 SGLang's own function: the ``ModelRunner.forward`` hook (row layout, knob writes, step
 statistics and Prometheus counters, with the multiprocess collector SGLang uses) and the TopK
 hook's pass-through. This is the fixed per-step cost a server with Lynx enabled pays on top
@@ -64,9 +65,9 @@ def measure(steps: int) -> dict[str, Any]:
 def _measure(steps: int) -> dict[str, Any]:
     import torch
 
-    from lynx.sglang_plugin import hooks
     from lynx.sglang_plugin.config import PluginConfig
     from lynx.sglang_plugin.exporter import StatsExporter
+    from lynx.sglang_plugin.runtime import LynxRuntime
     from lynx.sglang_plugin.step_state import RuntimeState
     from lynx_protocol.policy import PolicySpec
 
@@ -75,24 +76,21 @@ def _measure(steps: int) -> dict[str, Any]:
     config = PluginConfig(enabled=True, policy=off, controller=None, replica_id="bench",
                           stale_after_s=10.0, safe_policy=None, stats_interval_s=0.5)
     state = RuntimeState(LAYERS, EXPERTS, TOP_K, torch.device("cpu"), off)
-    saved = hooks._state, hooks._exporter
-    hooks._state, hooks._exporter = state, StatsExporter(state, config)
-    try:
-        batch = SimpleNamespace(forward_mode=_DecodeMode(), batch_size=BATCH)
-        runner = SimpleNamespace(is_draft_worker=False)
-        topk = SimpleNamespace(topk_config=None, layer_id=0, is_draft=False)
-        hidden, logits = torch.zeros(BATCH, 8), torch.zeros(BATCH, EXPERTS)
+    runtime = LynxRuntime(config)  # its own object: nothing global to save or restore
+    runtime.state, runtime.exporter = state, StatsExporter(state, config)
+    batch = SimpleNamespace(forward_mode=_DecodeMode(), batch_size=BATCH)
+    runner = SimpleNamespace(is_draft_worker=False)
+    topk = SimpleNamespace(topk_config=None, layer_id=0, is_draft=False)
+    hidden, logits = torch.zeros(BATCH, 8), torch.zeros(BATCH, EXPERTS)
 
-        def forward_hook() -> None:
-            hooks.around_model_runner_forward(lambda _r, _b: None, runner, batch)
+    def forward_hook() -> None:
+        runtime.around_model_runner_forward(lambda _r, _b: None, runner, batch)
 
-        def topk_hook() -> None:
-            hooks.around_topk_forward(lambda *_a: None, topk, hidden, logits)
+    def topk_hook() -> None:
+        runtime.around_topk_forward(lambda *_a: None, topk, hidden, logits)
 
-        forward_us = _median_us(forward_hook, steps)
-        topk_us = _median_us(topk_hook, steps)
-    finally:
-        hooks._state, hooks._exporter = saved
+    forward_us = _median_us(forward_hook, steps)
+    topk_us = _median_us(topk_hook, steps)
     return {"benchmark": "plugin_overhead", "machine": machine_description(), "steps": steps,
             "layers": LAYERS, "batch": BATCH, "forward_hook_us": round(forward_us, 2),
             "topk_passthrough_us": round(topk_us, 2),

@@ -72,7 +72,7 @@ def check_cell(model: ModelRouter, fmt: str, scale: bool, padding: str, policy: 
     knobs = make_knobs(policy=policy if policy != "off" else "off", **knob)
     knobs.enabled.fill_(policy != "off")
     sel = select_layer_step(policy, z, spec, knobs, valid, valid, bias)
-    e, k = model.experts, model.top_k
+    e = model.experts
     stock_w, stock_ids = sglang(model, logits, bias, scale_on_output=scale, raw_logits=raw)
     pruned = sel.apply_rows[:rows]
     assert not bool(sel.apply_rows[rows:].any()), "a padding row was pruned"

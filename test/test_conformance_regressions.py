@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from topk_harness import build_topk, call, make_runtime, policy_spec, sglang_topology, standard
+from topk_harness import build_topk, call, make_runtime, policy_spec, sglang_topology
 from topk_harness import stock as stock_call
 
 from lynx.selection import RouterSpec, make_knobs, select_layer_step, statistics_dict

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance_configs import MODELS, BY_NAME, ModelRouter, draw_inputs
+from conformance_configs import BY_NAME, MODELS, ModelRouter, draw_inputs
 from topk_harness import build_topk, call, make_runtime, policy_spec, sglang_topology, standard
 from topk_harness import stock as stock_call
 

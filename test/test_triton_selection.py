@@ -40,7 +40,7 @@ PROBE = textwrap.dedent("""
 CHECK = textwrap.dedent("""
     import torch
     from lynx.selection import (RouterSpec, make_knobs, select_layer_step,
-                                torch_batch_routing, keep_budget)
+                                torch_batch_routing)
     from lynx.selection.affinity import affinity_choices
     from lynx.triton_selection import launcher
     from lynx.triton_selection.stock_topk_kernel import stock_topk_kernel
@@ -67,6 +67,7 @@ CHECK = textwrap.dedent("""
             case[scoring + "_importance_close"] = torch.allclose(
                 got.importance, want.importance, atol=1e-5)
             case[scoring + "_votes_equal"] = torch.equal(got.top1_votes, want.top1_votes)
+            case[scoring + "_union_equal"] = torch.equal(got.union, want.union)
         for alpha, beta in ((3.0, 2.0), (1.0, 0.0), (0.7, 4.0), (8.0, 1.0)):
             a = torch.tensor(alpha, device=DEVICE)
             b = torch.tensor(beta, device=DEVICE)
@@ -86,13 +87,10 @@ CHECK = textwrap.dedent("""
                                                         prunable)
                 case[f"step_{name}_{policy}_equal"] = (
                     torch.equal(got.keep, want.keep)
-                    and torch.equal(got.logit_bias, want.logit_bias)
+                    and torch.equal(got.allowed, want.allowed)
+                    and torch.equal(got.topk_ids, want.topk_ids)
+                    and torch.allclose(got.topk_weights, want.topk_weights, atol=1e-6)
                     and torch.allclose(got.stats, want.stats, atol=1e-4))
-        budget = torch.tensor(max(1, experts // 4), device=DEVICE)
-        probs = torch.softmax(logits.float(), -1)
-        case["compat_keep_budget_equal"] = torch.equal(
-            launcher.keep_budget_triton(logits, top_k, prunable, budget),
-            keep_budget(probs, top_k, prunable, budget))
         results["cases"].append(case)
     print(json.dumps(results))
 """)
