@@ -11,6 +11,7 @@
 | ``LYNX_STALE_AFTER_S`` | controller silence [s] after which the safe policy applies | 10 |
 | ``LYNX_SAFE_POLICY`` | ``keep`` (last good policy) or a JSON policy (default ``off``) | ``{"name":"off"}`` |
 | ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
+| ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 Bad values raise `LynxConfigError` with a one-line reason; the scheduler refuses to start rather
 than silently serving a policy nobody asked for.
@@ -59,6 +60,7 @@ class PluginConfig:
     stale_after_s: float
     safe_policy: PolicySpec | None  # None: keep the last good policy
     stats_interval_s: float
+    apply_log: Path | None = None
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -112,4 +114,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         stale_after_s=_positive_float(env, "LYNX_STALE_AFTER_S", 10.0),
         safe_policy=safe_policy,
         stats_interval_s=_positive_float(env, "LYNX_STATS_INTERVAL_S", 1.0),
+        apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
     )

@@ -45,7 +45,7 @@ class ControllerGlue:
         assert config.controller is not None
         self.runtime = runtime
         self.endpoint = config.controller
-        self.replica_id = config.replica_id
+        self.replica_id = runtime.ranks.replica_id(config.replica_id)  # one per DP rank
         self.stale_after_s = config.stale_after_s
         self.safe_policy = config.safe_policy
         self.model = model

@@ -10,7 +10,9 @@ is passed through unchanged and counted.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from functools import partial
 from typing import Any
@@ -21,7 +23,9 @@ from lynx.selection import apply_logit_bias, masking_logit_bias, select_layer_st
 from lynx.selection.step import LayerSelection
 from lynx.sglang_plugin.config import PluginConfig, default_policy
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
+from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
+from lynx_protocol.policy import validate_policy
 
 logger = logging.getLogger("lynx.plugin")
 
@@ -52,32 +56,49 @@ class LynxRuntime:
         self.state: RuntimeState | None = None
         self.exporter: Any = None  # StatsExporter, built with the state
         self.controller: Any = None  # ControllerGlue when a controller is configured
+        self.ranks = ParallelRanks(0, 1, 0, 1)  # replaced from SGLang's state in `prepare`
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
 
     # -- start-up ---------------------------------------------------------------------------
-    def prepare(self, model_runner: Any) -> RuntimeState:
-        """Allocate the state from the served model's config (before any graph capture)."""
+    def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
+        """Allocate the state from the served model's config (before any graph capture).
+
+        ``ranks``: this process's place in the parallel layout (default: SGLang's own parallel
+        state; `RankError` at start-up if it is missing)."""
         if self.state is not None:
             return self.state
+        self.ranks = ranks or ranks_from_sglang()
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         policy = self.config.policy or default_policy(experts, top_k)
         device = torch.device(model_runner.device)
         state = RuntimeState(layers, experts, top_k, device, policy)
-        state.stage_policy(policy, 0)  # validates against the model shape (clear error if not)
+        validate_policy(policy, num_layers=layers, num_experts=experts, top_k=top_k)
         from lynx.sglang_plugin.exporter import StatsExporter
 
         self.state = state
-        self.exporter = StatsExporter(state, self.config,
-                                      tp_rank=int(getattr(model_runner, "tp_rank", 0)))
+        if self.config.apply_log is not None:
+            state.on_apply = self._log_apply
+            self._log_apply(state.policy, state.policy_version, state.step_index)
+        self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 
             model = str(getattr(model_runner.model_config, "model_path", "") or "")
             self.controller = ControllerGlue(self, model=model[-512:])
-        logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s",
-                    layers, experts, top_k, policy.name, device)
+        logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s (TP rank %d/%d, "
+                    "DP rank %d/%d)", layers, experts, top_k, policy.name, device,
+                    self.ranks.tp_rank, self.ranks.tp_size, self.ranks.dp_rank,
+                    self.ranks.dp_size)
         return state
+
+    def _log_apply(self, policy: Any, version: int, step: int) -> None:
+        """Append this rank's policy application to ``LYNX_APPLY_LOG`` (one JSON line)."""
+        assert self.config.apply_log is not None
+        record = {**self.ranks.labels(), "pid": os.getpid(), "version": version,
+                  "step": step, "policy": policy.name}
+        with self.config.apply_log.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
 
     def before_init_cuda_graphs(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         if not getattr(model_runner, "is_draft_worker", False):

@@ -9,6 +9,7 @@ into preallocated tensors; no recapture).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,10 @@ class RuntimeState:
         self.graph_safe = device.type == "cuda"
         self.step_active = False
         self.layout = StepLayout("idle", 0, 0)
+        self.step_index = 0  # forwards seen; equal on every TP rank of a replica
+        # (version, step_index) of every policy applied, in order: TP ranks must agree
+        self.applied: list[tuple[int, int]] = []
+        self.on_apply: Callable[[PolicySpec, int, int], None] | None = None
         self._apply(policy, 0)
 
     # -- policy -----------------------------------------------------------------------------
@@ -112,6 +117,9 @@ class RuntimeState:
     def _apply(self, policy: PolicySpec, version: int) -> None:
         self.policy = policy
         self.policy_version = version
+        self.applied.append((version, self.step_index))
+        if self.on_apply is not None:
+            self.on_apply(policy, version, self.step_index)
         self.knobs.policy_code.fill_(POLICY_NAMES.index(policy.name))
         self.knobs.alpha.fill_(policy.alpha)
         self.knobs.beta.fill_(float(policy.beta))
@@ -126,6 +134,7 @@ class RuntimeState:
     # -- per step ---------------------------------------------------------------------------
     def begin_step(self, layout: StepLayout) -> bool:
         """Apply a staged policy and write this step's knobs; returns whether rows get pruned."""
+        self.step_index += 1
         with self.lock:
             staged, self._staged = self._staged, None
         if staged is not None:

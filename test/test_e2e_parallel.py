@@ -1,0 +1,167 @@
+"""End to end: Lynx under SGLang's tensor and data parallel modes on the CPU (slow).
+
+- Ranks come from SGLang's parallel state: at TP=2 / DP=2 Lynx's counters equal the single
+  process's for the same requests (before, every TP rank exported as "rank 0": 2x counters).
+- Every TP rank of a replica applies every policy version at the same forward step
+  (``LYNX_APPLY_LOG`` records (rank, version, step) per scheduler process).
+- One controller replica per DP rank (``<replica_id>/dp<rank>``), one per TP group.
+CPU recipe (README): ``SGLANG_CPU_OMP_THREADS_BIND='0|1'`` gives each rank a core;
+``SGLANG_NCCL_SO_PATH`` at a missing file keeps the CUDA build of torch from loading NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lynx.reference.tasks import arithmetic_prompt, heldout_problems
+from lynx.serving.client import generate_greedy
+from lynx.serving.metrics_reader import metric_sum
+from lynx_policy.testing import ControllerProcess
+
+pytestmark = pytest.mark.slow
+POLICY = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": 2}]}
+COUNTERS = ("lynx_steps_total", "lynx_pruned_rows_total", "lynx_experts_kept_total",
+            "lynx_experts_stock_union_total", "lynx_top1_kept_rows_total")
+PROMPTS = [arithmetic_prompt(a, b) for a, b in heldout_problems(6)]
+
+
+def _env(tmp_path: Path, name: str, controller: str | None = None,
+         cores: str = "0|1") -> dict[str, str]:
+    env = {"LYNX_ENABLED": "1", "LYNX_POLICY": json.dumps(POLICY),
+           "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_APPLY_LOG": str(tmp_path / f"{name}.jsonl"),
+           "SGLANG_CPU_OMP_THREADS_BIND": cores,
+           "SGLANG_NCCL_SO_PATH": str(tmp_path / "no-nccl" / "libnccl.so.2")}
+    if controller:
+        env.update(LYNX_CONTROLLER=controller, LYNX_REPLICA_ID=name)
+    return env
+
+
+def _flush(url: str) -> dict[str, float]:
+    """Counters once every rank's statistics window is closed. lynx_steps_total moves at
+    every step and is read first; the others are windowed: a batched 1-token request after
+    the interval closes the window on every rank that runs it (DP: its two requests go to
+    both ranks) and, having no decode step, adds nothing to them itself."""
+    time.sleep(0.5)
+    steps = metric_sum(httpx.get(f"{url}/metrics", timeout=10).text, COUNTERS[0])
+    generate_greedy(url, PROMPTS[:2], 1)
+    time.sleep(0.5)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {COUNTERS[0]: steps, **{name: metric_sum(text, name) for name in COUNTERS[1:]}}
+
+
+def _sequential(url: str) -> tuple[list[str], dict[str, float]]:
+    """The same requests one at a time (a deterministic step sequence): outputs and the
+    counters they moved (start-up warm-up excluded)."""
+    before = _flush(url)
+    steps_before = metric_sum(httpx.get(f"{url}/metrics", timeout=10).text, COUNTERS[0])
+    texts = []
+    for prompt in PROMPTS:
+        completions, _ = generate_greedy(url, [prompt], 6)
+        texts.append(completions[0].text)
+    after = _flush(url)
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    delta[COUNTERS[0]] = after[COUNTERS[0]] - steps_before
+    return texts, delta
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for: {what}")
+
+
+def _applied(path: Path) -> dict[tuple[str, str], dict[int, int]]:
+    """(dp_rank, tp_rank) -> {version: step} from an apply log."""
+    out: dict[tuple[str, str], dict[int, int]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault((record["dp_rank"], record["tp_rank"]), {})[record["version"]] = \
+            record["step"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> tuple[list[str], dict[str, float]]:
+    from conftest import start_server
+
+    tmp = tmp_path_factory.mktemp("single")
+    server = start_server(tmp, "mixtral-mini", _env(tmp, "single", cores="0-1"))
+    try:
+        return _sequential(server.url)
+    finally:
+        server.stop()
+
+
+def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
+        tmp_path: Path, server_factory, single_process) -> None:
+    ctl = ControllerProcess.launch(tmp_path / "controller",
+                                   overrides={"mode": "static", "policy": POLICY})
+    try:
+        server = server_factory("mixtral-mini", env=_env(tmp_path, "tp2", ctl.endpoint),
+                                extra_args=("--tp-size", "2"))
+        _wait_for("replica registered",
+                  lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 1)
+        texts, counters = _sequential(server.url)
+        assert texts == single_process[0]  # fp32 reference model: identical greedy outputs
+        assert counters == single_process[1], (counters, single_process[1])
+        assert counters["lynx_pruned_rows_total"] > 0
+        replicas = ctl.admin.get("/v1/replicas").json()["replicas"]
+        assert [r["replica_id"] for r in replicas] == ["tp2"]  # one link per TP group
+
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                generate_greedy(server.url, PROMPTS, 6, timeout_s=60)
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        versions = []
+        for budget in (3, 2, 4, 2):
+            policy = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": budget}]}
+            assert ctl.admin.put("/v1/policy", json=policy).status_code == 200
+            versions.append(ctl.admin.get("/v1/policy").json()["version"])
+            _wait_for("both ranks applied it", lambda v=versions[-1]: all(
+                v in steps for steps in _applied(tmp_path / "tp2.jsonl").values())
+                and len(_applied(tmp_path / "tp2.jsonl")) == 2)
+        stop.set()
+        thread.join(timeout=120)
+        applied = _applied(tmp_path / "tp2.jsonl")
+        assert set(applied) == {("0", "0"), ("0", "1")}
+        assert applied[("0", "0")] == applied[("0", "1")]  # every version, the same step
+        assert set(versions) <= set(applied[("0", "0")])
+    finally:
+        ctl.stop()
+
+
+def test_data_parallel_registers_one_replica_per_dp_rank_and_counts_once(
+        tmp_path: Path, server_factory, single_process) -> None:
+    ctl = ControllerProcess.launch(tmp_path / "controller",
+                                   overrides={"mode": "static", "policy": POLICY})
+    try:
+        server = server_factory("mixtral-mini", env=_env(tmp_path, "dp2", ctl.endpoint),
+                                extra_args=("--dp-size", "2"))
+        _wait_for("both DP replicas registered",
+                  lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 2)
+        texts, counters = _sequential(server.url)
+        assert texts == single_process[0]
+        single = single_process[1]
+        # each request runs on one DP rank: the ranks' counters add up to the single process's
+        assert counters == single, (counters, single)
+        names = sorted(r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()[
+            "replicas"])
+        assert names == ["dp2/dp0", "dp2/dp1"]
+        applied = _applied(tmp_path / "dp2.jsonl")
+        assert set(applied) == {("0", "0"), ("1", "0")}
+    finally:
+        ctl.stop()
