@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lynx-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv
+.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup prometheus
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Python 3.12 / 3.13 (SGLang's image and the GPU machine run 3.12): the built wheel's
+# torch-free tests, its resolution next to sglang==0.5.23, its entry point, the selection tests.
+python-versions: setup
+	bash scripts/python_versions.sh
 
 # Quick loop for development: everything but the end-to-end server tests.
 test-fast: setup

@@ -116,6 +116,7 @@ def bench_propagation(ctl: ControllerProcess, iterations: int) -> dict[str, floa
             update = link.poll_update()
             if update is not None:
                 seen[update.version] = time.perf_counter()
+                link.mark_acknowledged(update.version)
                 link.mark_applied(update.version)
             time.sleep(0.0005)
 

@@ -28,6 +28,7 @@ from lynx_policy.config import (
     validate_slo,
 )
 from lynx_policy.decide import enforce_floor
+from lynx_protocol.messages import policy_update_size
 from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
 if TYPE_CHECKING:
@@ -205,6 +206,10 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
             validate_policy(spec)
         except PolicyError as exc:
             reject(request, "put_policy", 422, str(exc))
+        size, limit = policy_update_size(spec), controller.config.link.max_message_bytes
+        if size > limit:  # never persist what the link cannot carry
+            reject(request, "put_policy", 422,
+                   f"policy encodes to {size} bytes, over the link's {limit}-byte message limit")
         check_fits_replicas(request, "put_policy", spec)
         apply(request, "put_policy", policy=spec)
         return policy_view()

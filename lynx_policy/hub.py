@@ -48,6 +48,10 @@ class Replica:
     last_seen: float
     """Monotonic time of the latest valid message [s]."""
     applied_version: int = 0
+    """Newest policy version the replica used at a forward step."""
+    acknowledged_version: int = 0
+    """Newest policy version the replica received, validated and staged (an idle replica
+    acknowledges without applying: that is fine, not lagging)."""
     refused_version: int = 0
     refused_reason: str = ""
     recent_stats: deque[tuple[float, StepStats]] = field(default_factory=lambda: deque(maxlen=64))
@@ -70,6 +74,7 @@ class Replica:
             "registered_at": self.registered_at,
             "registration": msgspec.to_builtins(self.registration),
             "applied_policy_version": self.applied_version,
+            "acknowledged_policy_version": self.acknowledged_version,
             "refused_policy_version": self.refused_version,
             "refused_reason": self.refused_reason,
             "messages": self.messages,
@@ -145,6 +150,8 @@ class Hub:
         replica.messages += 1
         if isinstance(msg, Heartbeat):
             replica.applied_version = msg.applied_policy_version
+            replica.acknowledged_version = max(msg.acknowledged_policy_version,
+                                               msg.applied_policy_version)
             replica.refused_version = msg.rejected_policy_version
             replica.refused_reason = msg.rejected_reason
             update = self.current_update()
@@ -158,6 +165,8 @@ class Hub:
                     replica.stats_gaps += msg.seq - previous.seq - 1
             replica.recent_stats.append((now, msg))
             replica.applied_version = msg.applied_policy_version
+            replica.acknowledged_version = max(msg.acknowledged_policy_version,
+                                               msg.applied_policy_version)
 
     def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
         known = msg.replica_id in self.replicas
@@ -198,7 +207,7 @@ class Hub:
 
     def _resend_if_lagging(self, replica: Replica, now: float) -> None:
         update = self.current_update()
-        lagging = replica.applied_version != update.version
+        lagging = replica.acknowledged_version != update.version
         refused = replica.refused_version == update.version
         if lagging and not refused and now - replica.last_sent_at >= self.config.resend_s:
             self._send_update(replica, update, now)

@@ -231,6 +231,7 @@ class FakeReplica:
             update = self.link.poll_update()
             if update is not None:
                 self.applied.append(update)
+                self.link.mark_acknowledged(update.version)
                 self.link.mark_applied(update.version)
             if time.monotonic() >= next_stats and self.link.registered:
                 seq += 1

@@ -128,6 +128,7 @@ class RuntimeLink:
         self._last_heard: float | None = None
         self._next_keepalive = float("-inf")  # Register on the first poll
         self._applied_version = 0
+        self._acknowledged_version = 0
         self._controller_id: str | None = None
         self._delivered_version = 0
         self._redeliver = False
@@ -183,8 +184,16 @@ class RuntimeLink:
         taken, self._transitions = self._transitions, []
         return taken
 
+    @property
+    def acknowledged_version(self) -> int:
+        return self._acknowledged_version
+
+    def mark_acknowledged(self, version: int) -> None:
+        """The plugin validated and staged ``version`` (it applies at the next step)."""
+        self._acknowledged_version = version
+
     def mark_applied(self, version: int) -> None:
-        """The plugin reports the controller policy version in force (0: local/safe policy)."""
+        """The plugin reports the policy version used at a step (0: local/safe policy)."""
         self._applied_version = version
 
     def report_refused(self, version: int, reason: str) -> None:
@@ -271,6 +280,7 @@ class RuntimeLink:
             msg: Message = Heartbeat(
                 replica_id=self.registration.replica_id,
                 applied_policy_version=self._applied_version,
+                acknowledged_policy_version=self._acknowledged_version,
                 rejected_policy_version=version, rejected_reason=reason,
             )
         else:

@@ -20,9 +20,13 @@ from typing import Annotated, cast
 
 import msgspec
 
-from lynx_protocol.policy import PolicyName, PolicySpec, validate_policy
+from lynx_protocol.policy import MAX_BUCKETS, MAX_LAYERS, PolicyName, PolicySpec, validate_policy
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""Version 2 (one bump for the control-plane, controller and frontier work): bounded policies
+(`lynx_protocol.policy`), the ``coverage`` policy, acknowledged vs applied policy versions, and
+per batch-size bucket decode-step statistics (`DecodeBucket`). Version 1 peers are rejected
+with ``unknown_version``."""
 MAX_MESSAGE_BYTES = 1 << 20
 """Default upper bound on one encoded message [bytes]; a 64-layer StepStats is ~2 KiB."""
 
@@ -41,8 +45,10 @@ ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Version = Annotated[int, msgspec.Meta(ge=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
-MAX_LAYERS = 1024
-MAX_BUCKETS = 64
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+LATENCY_EDGES_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 2000,
+                                       5000)
+"""Inclusive upper bounds [ms] of the step-latency histograms (one more count: above)."""
 
 
 class ProtocolError(ValueError):
@@ -80,6 +86,34 @@ class Register(_Message, tag="register", frozen=True):
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
 
 
+class DecodeBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Pure decode steps of one batch-size bucket (decode rows <= ``max_batch``; the last
+    bucket, ``max_batch`` 0, holds the steps above every edge) over one StepStats window."""
+
+    max_batch: Count
+    steps: Count
+    latency_sum_ms: NonNegFloat
+    """Summed forward wall time of those steps [ms] (host side, prefill-free)."""
+    latency_counts: Annotated[list[Count], msgspec.Meta(max_length=len(LATENCY_EDGES_MS) + 1)]
+    """Steps per `LATENCY_EDGES_MS` bucket, plus one for the steps above the last edge."""
+    pruned_steps: Count
+    experts_kept_mean: NonNegFloat
+    """Mean over pruned layer-steps of the experts kept."""
+    stock_union_mean: NonNegFloat
+    """Mean over pruned layer-steps of the stock routing's expert union."""
+    routing_mass_kept: Fraction
+    """Stock top-K gate mass of pruned rows that landed on kept experts, as a fraction."""
+
+    def __post_init__(self) -> None:
+        if len(self.latency_counts) != len(LATENCY_EDGES_MS) + 1:
+            raise ValueError(f"latency_counts needs {len(LATENCY_EDGES_MS) + 1} entries")
+        if sum(self.latency_counts) != self.steps:
+            raise ValueError("latency_counts must add up to steps")
+        for value in (self.latency_sum_ms, self.experts_kept_mean, self.stock_union_mean):
+            if not math.isfinite(value):
+                raise ValueError("non-finite float")
+
+
 class StepStats(_Message, tag="step_stats", frozen=True):
     """Aggregates over the last ``window_s`` seconds of forward steps of one runtime."""
 
@@ -105,6 +139,14 @@ class StepStats(_Message, tag="step_stats", frozen=True):
     step_latency_p50_ms: NonNegFloat
     step_latency_p99_ms: NonNegFloat
     applied_policy_version: Version
+    """Newest policy version used at a forward step."""
+    acknowledged_policy_version: Version = 0
+    """Newest policy version received, validated and staged (applied at the next step)."""
+    decode_buckets: Annotated[list[DecodeBucket], msgspec.Meta(max_length=MAX_BUCKETS + 1)] = \
+        msgspec.field(default_factory=list)
+    """Pure decode steps per batch-size bucket (the latency model's data)."""
+    prefill_latency_sum_ms: NonNegFloat = 0.0
+    mixed_latency_sum_ms: NonNegFloat = 0.0
 
     def __post_init__(self) -> None:
         edges = self.batch_size_edges
@@ -118,7 +160,8 @@ class StepStats(_Message, tag="step_stats", frozen=True):
         if len(self.experts_kept_mean) != len(self.stock_union_mean):
             raise ValueError("experts_kept_mean and stock_union_mean differ in length")
         for value in (*self.experts_kept_mean, *self.stock_union_mean, self.window_s,
-                      self.step_latency_p50_ms, self.step_latency_p99_ms):
+                      self.step_latency_p50_ms, self.step_latency_p99_ms,
+                      self.prefill_latency_sum_ms, self.mixed_latency_sum_ms):
             if not math.isfinite(value):
                 raise ValueError("non-finite float")
 
@@ -128,6 +171,10 @@ class Heartbeat(_Message, tag="heartbeat", frozen=True):
 
     replica_id: ReplicaId
     applied_policy_version: Version
+    """Newest policy version used at a forward step (0: the local/safe policy)."""
+    acknowledged_policy_version: Version = 0
+    """Newest policy version received, validated and staged; applied at the next step (an
+    idle runtime acknowledges without applying)."""
     rejected_policy_version: Version = 0
     """Newest PolicyUpdate version this runtime refused (0: none); see ``rejected_reason``."""
     rejected_reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
@@ -176,6 +223,13 @@ _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 _decoders = {
     name: msgspec.msgpack.Decoder(cls) for name, cls in MESSAGE_TYPES.items()
 }
+
+
+def policy_update_size(policy: PolicySpec) -> int:
+    """Encoded size [bytes] of the largest `PolicyUpdate` that could carry ``policy`` (widest
+    version number and controller id): what an admin change must fit into the link's limit."""
+    return len(encode(PolicyUpdate(version=(1 << 63) - 1, policy=policy,
+                                   controller_id="x" * 64)))
 
 
 def encode(msg: Message) -> bytes:

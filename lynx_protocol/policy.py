@@ -13,26 +13,41 @@ Knob meanings (units in brackets):
   uses the first bucket with ``n <= max_batch`` (the last bucket covers everything above).
   Each bucket gives ``per_layer`` budgets [experts] (length = number of MoE layers) or a single
   ``all_layers`` budget. A budget >= the model's expert count means "no pruning".
+- ``coverage``: for ``coverage``; keep the fewest experts whose batch routing mass reaches this
+  fraction (0, 1] of the step's total, per layer and step (every token's top-1 on top).
 - ``prune_mixed``: prune the decode rows of a mixed prefill+decode (chunked-prefill) step.
   Prefill rows are never pruned.
+
+Bounds (protocol version 2; `validate_policy` checks them, msgspec enforces them when decoding):
+at most `MAX_BUCKETS` buckets, `MAX_LAYERS` per-layer entries, ``max_batch`` in [1, `MAX_BATCH`],
+budgets in [1, `MAX_EXPERTS`], ``alpha`` in (0, 64], ``beta`` in [0, 64], ``k0`` in [1, 1024].
+With these bounds every valid policy encodes as a `PolicyUpdate` well under the link's 1 MiB
+message limit (largest: 64 buckets x 1024 layers, ~330 KiB), so nothing accepted is undeliverable.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-PolicyName = Literal["off", "budget", "affinity", "piggyback"]
-POLICY_NAMES: tuple[PolicyName, ...] = ("off", "budget", "affinity", "piggyback")
+PolicyName = Literal["off", "budget", "affinity", "piggyback", "coverage"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("off", "budget", "affinity", "piggyback", "coverage")
+MAX_BUCKETS = 64
+MAX_LAYERS = 1024
+MAX_BATCH = 1 << 20  # decode rows
+MAX_EXPERTS = 1 << 16
+MAX_K0 = 1024
+
+Budget = Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPERTS)]
 
 
 class BudgetBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Expert budget for steps whose real decode row count is <= ``max_batch``."""
 
-    max_batch: int
-    all_layers: int | None = None
-    per_layer: list[int] | None = None
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)]
+    all_layers: Budget | None = None
+    per_layer: Annotated[list[Budget], msgspec.Meta(max_length=MAX_LAYERS)] | None = None
 
     def budget_for_layer(self, layer: int) -> int:
         if self.per_layer is not None:
@@ -43,10 +58,12 @@ class BudgetBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: PolicyName = "off"
-    budgets: list[BudgetBucket] = msgspec.field(default_factory=list)
-    alpha: float = 3.0
-    beta: int = 2
-    k0: int = 1
+    budgets: Annotated[list[BudgetBucket], msgspec.Meta(max_length=MAX_BUCKETS)] = \
+        msgspec.field(default_factory=list)
+    alpha: Annotated[float, msgspec.Meta(gt=0.0, le=64.0)] = 3.0
+    beta: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    k0: Annotated[int, msgspec.Meta(ge=1, le=MAX_K0)] = 1
+    coverage: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     prune_mixed: bool = True
 
 
@@ -64,12 +81,16 @@ def validate_policy(
     """
     if spec.name not in POLICY_NAMES:
         raise PolicyError(f"unknown policy {spec.name!r}; expected one of {POLICY_NAMES}")
-    if not (0.0 < spec.alpha <= 64.0):
+    if not (0.0 < spec.alpha <= 64.0):  # also catches NaN
         raise PolicyError(f"alpha must be in (0, 64], got {spec.alpha}")
     if not (0 <= spec.beta <= 64):
         raise PolicyError(f"beta must be in [0, 64], got {spec.beta}")
-    if spec.k0 < 1:
-        raise PolicyError(f"k0 must be >= 1, got {spec.k0}")
+    if not (1 <= spec.k0 <= MAX_K0):
+        raise PolicyError(f"k0 must be in [1, {MAX_K0}], got {spec.k0}")
+    if not (0.0 < spec.coverage <= 1.0):
+        raise PolicyError(f"coverage must be in (0, 1], got {spec.coverage}")
+    if len(spec.budgets) > MAX_BUCKETS:
+        raise PolicyError(f"at most {MAX_BUCKETS} budget buckets, got {len(spec.budgets)}")
     if top_k is not None and spec.k0 > top_k:
         raise PolicyError(f"k0={spec.k0} exceeds the model's top_k={top_k}")
     if spec.name == "budget" and not spec.budgets:
@@ -77,18 +98,22 @@ def validate_policy(
     last = 0
     for i, bucket in enumerate(spec.budgets):
         where = f"budgets[{i}]"
-        if bucket.max_batch <= last:
+        if bucket.max_batch <= last or bucket.max_batch > MAX_BATCH:
             raise PolicyError(
-                f"{where}.max_batch must increase and be >= 1, got {bucket.max_batch}"
+                f"{where}.max_batch must increase and be in [1, {MAX_BATCH}], "
+                f"got {bucket.max_batch}"
             )
         last = bucket.max_batch
         if (bucket.all_layers is None) == (bucket.per_layer is None):
             raise PolicyError(f"{where}: give exactly one of 'all_layers' or 'per_layer'")
         values = bucket.per_layer if bucket.per_layer is not None else [bucket.all_layers]
+        if len(values) > MAX_LAYERS:
+            raise PolicyError(f"{where}.per_layer: at most {MAX_LAYERS} layers, got {len(values)}")
         for v in values:
             assert v is not None
-            if v < 1:
-                raise PolicyError(f"{where}: a budget must be >= 1 expert, got {v}")
+            if not (1 <= v <= MAX_EXPERTS):
+                raise PolicyError(f"{where}: a budget must be in [1, {MAX_EXPERTS}] experts, "
+                                  f"got {v}")
         if (bucket.per_layer is not None and num_layers is not None
                 and len(bucket.per_layer) != num_layers):
             raise PolicyError(

@@ -33,7 +33,7 @@ PAD_ROWS = 3
 def policies(model: ModelRouter) -> list[tuple[str, dict]]:
     k = model.top_k
     return [("off", {}), ("budget", {"budget": k}), ("budget", {"budget": max(2 * k, 16)}),
-            ("affinity", {}), ("piggyback", {"k0": 1})]
+            ("affinity", {}), ("piggyback", {"k0": 1}), ("coverage", {"coverage": 0.8})]
 
 
 def weight_formats(model: ModelRouter) -> list[str]:

@@ -27,7 +27,7 @@ def topology():
 
 
 def _stats(runtime, layer: int = 0) -> dict[str, float]:
-    return statistics_dict(runtime.exporter.accumulator[layer].float())
+    return statistics_dict(runtime.exporter.layer_totals()[layer].float())
 
 
 @pytest.mark.parametrize("policy", ["off", "budget"])
@@ -203,3 +203,30 @@ def test_masking_cannot_leak_at_extreme_logits(scoring: str) -> None:
     assert bool(torch.isfinite(masked).all())
     dropped = ~sel.allowed
     assert bool((masked[dropped] < logits.min() - 5000).all())
+
+
+def test_statistics_are_kept_per_decode_batch_bucket() -> None:
+    """Per batch-size bucket (what the controller's latency model is fitted on): steps,
+    latency and the pruned layer-steps' kept / union, accumulated through a device index."""
+    runtime = make_runtime(policy_spec("budget", budget=4), 16, 4, layers=1)
+    topk = build_topk(experts=16, top_k=4)
+    gen = torch.Generator().manual_seed(9)
+    kept_by_rows = {}
+    for rows in (3, 3, 20):
+        logits = torch.randn(rows, 16, generator=gen) * 2
+        before = runtime.exporter.layer_totals()[0].clone()
+        call(runtime, topk, logits, StepLayout("decode", rows, 0))
+        runtime.exporter.after_step(runtime.state, StepLayout("decode", rows, 0), 0.004)
+        kept_by_rows.setdefault(rows, []).append(
+            float(runtime.exporter.layer_totals()[0][1] - before[1]))
+    window = runtime.exporter.flush(runtime.state)
+    buckets = {b["max_batch"]: b for b in window.decode_buckets}
+    assert set(buckets) == {4, 32}
+    assert buckets[4]["steps"] == 2 and buckets[32]["steps"] == 1
+    assert buckets[4]["latency_counts"][2] == 2  # 4 ms: in the (2, 5] ms bucket
+    assert buckets[4]["experts_kept_mean"] == pytest.approx(sum(kept_by_rows[3]) / 2)
+    assert buckets[32]["experts_kept_mean"] == pytest.approx(kept_by_rows[20][0])
+    assert 0 < buckets[32]["routing_mass_kept"] <= 1
+    from lynx_protocol.messages import DecodeBucket
+
+    assert DecodeBucket(**buckets[32]).steps == 1  # what the link sends validates

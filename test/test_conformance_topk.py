@@ -116,7 +116,7 @@ def run_case(case: dict) -> tuple[str, str]:
     out = standard(call(runtime, topk, logits, StepLayout("decode", t, 0), path))
     plan = runtime.plans.get((0, path)) or plan_layer(topk, path)  # off: the hook never plans
     ids, ref_ids = out.topk_ids[:t].long(), ref.topk_ids[:t].long()
-    stats = runtime.exporter.accumulator[0]
+    stats = runtime.exporter.layer_totals()[0]
     assert bool(torch.isfinite(stats).all())
     if case["policy"] == "off" or plan.mode == "pass":  # bit-identical to stock
         assert torch.equal(out.topk_ids[:t], ref.topk_ids[:t])

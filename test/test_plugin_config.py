@@ -21,7 +21,7 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"LYNX_POLICY": '{"name": "magic"}'}, "LYNX_POLICY: invalid policy"),
-    ({"LYNX_POLICY": '{"name": "affinity", "alpha": -1}'}, "alpha must be in (0, 64]"),
+    ({"LYNX_POLICY": '{"name": "affinity", "alpha": -1}'}, "Expected `float` > 0.0 - at `$.alpha`"),
     ({"LYNX_POLICY": '{"name": "budget"}'}, "needs at least one entry"),
     ({"LYNX_POLICY": "{oops"}, "not valid JSON"),
     ({"LYNX_POLICY": '{"name": "off", "typo": 1}'}, "invalid policy"),

@@ -81,6 +81,14 @@ def test_openapi_documents_bodies_and_bearer_auth(controller: ControllerProcess)
     ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": 8, "per_layer": [4, 4, 4]}]},
      "replica admin-test-0"),
     ("/v1/policy", {"name": "affinity"}, "does not support policy 'affinity'"),
+    # an integer beyond 64 bits was accepted, persisted, then failed every send (hole 1)
+    ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": 8, "all_layers": 10**30}]},
+     "$.budgets[0].all_layers"),
+    ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": 2**70, "all_layers": 4}]},
+     "$.budgets[0].max_batch"),
+    # 20,000 buckets fit the 1 MiB JSON cap; their PolicyUpdate would not fit the link (hole 2)
+    ("/v1/policy", {"name": "budget", "budgets": [{"max_batch": i + 1, "all_layers": 8}
+                                                  for i in range(20_000)]}, "$.budgets"),
     ("/v1/mode", {"mode": "fast"}, "$.mode"),
     ("/v1/slo", {"targets": []}, "at least one"),
     ("/v1/slo", {"targets": [{"metric": "itl", "quantile": 1.5}]}, "$.targets[0].quantile"),

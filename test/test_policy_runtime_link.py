@@ -24,6 +24,7 @@ def pump(link: RuntimeLink, until: Callable[[], bool], timeout_s: float,
         update = link.poll_update()
         if update is not None:
             updates.append(update)
+            link.mark_acknowledged(update.version)
             link.mark_applied(update.version)
         time.sleep(0.005)
     return time.monotonic() - started
@@ -47,6 +48,8 @@ def test_runtime_link_through_controller_crash_and_restart(tmp_path: Path) -> No
             assert updates[-1].policy.budgets[0].all_layers == 5
             pump(link, lambda: ctl.admin.get("/v1/replicas").json()["replicas"][0][
                 "applied_policy_version"] == put["version"], 5, updates)
+            assert ctl.admin.get("/v1/replicas").json()["replicas"][0][
+                "acknowledged_policy_version"] == put["version"]
 
             stats = StepStats(replica_id="e2e-0", seq=1, window_s=1.0, batch_size_edges=[8, 64],
                               batch_size_counts=[0, 12, 0], decode_steps=12, prefill_steps=1,

@@ -86,7 +86,8 @@ def _reason(data: bytes, **kwargs: int) -> str:
     (lambda d: d.update(policies=["telepathy"]), "invalid"),
     (lambda d: d.update(surprise=1), "invalid"),
     (lambda d: d.pop("model"), "invalid"),
-    (lambda d: d.update(v=2), "unknown_version"),
+    (lambda d: d.update(v=1), "unknown_version"),  # protocol 1 peers: a clear rejection
+    (lambda d: d.update(v=3), "unknown_version"),
     (lambda d: d.update(v=0), "unknown_version"),
     (lambda d: d.update(v="1"), "not_a_message"),
     (lambda d: d.update(type="registerx"), "unknown_type"),
@@ -205,3 +206,54 @@ def test_generated_step_stats_round_trip(layers: int, edges: list[int], seq: int
                       step_latency_p50_ms=1.0, step_latency_p99_ms=2.0,
                       applied_policy_version=0)
     assert decode(encode(stats)) == stats
+
+
+def test_the_largest_valid_policy_is_deliverable() -> None:
+    """Protocol 2 bounds every number and list of a policy, so whatever validates also fits
+    one link message (the admin API rejects anything that would not, before persisting)."""
+    from lynx_protocol.messages import MAX_MESSAGE_BYTES, policy_update_size
+    from lynx_protocol.policy import (
+        MAX_BATCH,
+        MAX_BUCKETS,
+        MAX_EXPERTS,
+        MAX_LAYERS,
+        BudgetBucket,
+        PolicySpec,
+        validate_policy,
+    )
+
+    widest = PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=MAX_BATCH - MAX_BUCKETS + i, per_layer=[MAX_EXPERTS] * MAX_LAYERS)
+        for i in range(1, MAX_BUCKETS + 1)])
+    validate_policy(widest)
+    assert policy_update_size(widest) < MAX_MESSAGE_BYTES // 2  # ~330 KiB
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "budget", "budgets": [{"max_batch": 8, "all_layers": 10**30}]},
+    {"name": "budget", "budgets": [{"max_batch": 8, "per_layer": [2] * 1025}]},
+    {"name": "budget", "budgets": [{"max_batch": i + 1, "all_layers": 2} for i in range(65)]},
+    {"name": "coverage", "coverage": 0.0},
+    {"name": "piggyback", "k0": 5000},
+])
+def test_out_of_bounds_policies_are_refused_by_decoding_and_by_validation(spec: dict) -> None:
+    import json
+
+    from lynx_protocol.policy import PolicyError, PolicySpec, decode_policy_json, validate_policy
+
+    with pytest.raises(PolicyError):
+        decode_policy_json(json.dumps(spec))
+    built = PolicySpec(**{k: v for k, v in spec.items() if k != "budgets"})
+    if "budgets" in spec:  # built in Python (no msgspec checks): validate_policy still refuses
+        from lynx_protocol.policy import BudgetBucket
+
+        built = PolicySpec(name="budget", budgets=[BudgetBucket(**b) for b in spec["budgets"]])
+    with pytest.raises(PolicyError):
+        validate_policy(built)
+
+
+def test_heartbeat_carries_acknowledged_and_applied_versions() -> None:
+    beat = Heartbeat(replica_id="r", applied_policy_version=3, acknowledged_policy_version=4)
+    again = decode(encode(beat), accept=TO_CONTROLLER)
+    assert isinstance(again, Heartbeat)
+    assert (again.acknowledged_policy_version, again.applied_policy_version) == (4, 3)

@@ -26,7 +26,7 @@ from lynx.selection import (
 
 EXAMPLES = int(os.environ.get("LYNX_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a long run
 FAST = settings(max_examples=EXAMPLES, deadline=None)
-POLICIES = ("off", "budget", "affinity", "piggyback")
+POLICIES = ("off", "budget", "affinity", "piggyback", "coverage")
 ROUTER_KINDS = ("softmax", "softmax-raw", "sigmoid", "grouped-softmax", "biased", "biased-grouped")
 
 
@@ -257,3 +257,23 @@ def test_grouped_routers_stay_viable_under_the_tightest_knobs(step: Step, policy
     pruned = selection.apply_rows
     assert torch.equal(ids[:, 0][pruned], stock_ids[:, 0][pruned]), "top-1 is no longer first"
     assert bool(selection.keep[ids[pruned]].all()), "a pruned row was routed to a dropped expert"
+
+
+@FAST
+@given(steps(), st.sampled_from([0.3, 0.6, 0.9, 1.0]))
+def test_coverage_keeps_the_target_mass_with_the_fewest_experts(step: Step, target: float
+                                                                ) -> None:
+    """The kept experts hold at least ``coverage`` of the pruned rows' stock gate mass; a
+    lower target never keeps more (non-grouped: the floor rules add in importance order)."""
+    from lynx.selection import batch_totals
+
+    step.knobs.coverage.fill_(target)
+    keep = step.select("coverage").keep
+    pruned = step.row_valid & step.row_prunable
+    z = torch.where(step.row_valid[:, None], step.logits.float(), 0.0)
+    batch = batch_totals(stock_routing(z, step.router, step.correction_bias), pruned)
+    total = float(batch.importance.sum())
+    assert float(batch.importance[keep].sum()) >= target * total - 1e-4 * max(total, 1.0)
+    if not step.router.grouped and bool(pruned.any()):
+        step.knobs.coverage.fill_(target / 2)
+        assert bool((step.select("coverage").keep <= keep).all())

@@ -16,6 +16,9 @@ CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without
 - ``affinity``: the published AffinityBinning (`lynx.selection.affinity`), B = valid rows.
 - ``piggyback`` (OEA-style): each pruned row keeps its top-``k0``; the union is the active set
   the rows' other slots are re-routed onto.
+- ``coverage`` (ours): the fewest experts, by batch importance, whose summed stock top-K gate
+  mass over the pruned rows reaches ``knobs.coverage`` of the step's total (adapts the keep
+  set to how concentrated each layer-step is; every row's top-1 still kept on top).
 - ``by_code``: whichever of the above ``knobs.policy_code`` names (index into POLICY_NAMES),
   for engines that capture one graph and let a controller switch policies at run time.
 """
@@ -32,7 +35,7 @@ from lynx.selection.affinity import affinity_choices, rank_descending
 from lynx.selection.keep_rules import RANK_FIRST, BatchRouting
 from lynx.selection.routers import RouterSpec, affinity_logits
 
-POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback")  # code = index
+POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback", "coverage")  # code
 NO_BUDGET_LIMIT = 1 << 30
 
 
@@ -45,11 +48,12 @@ class SelectionKnobs(NamedTuple):
     beta: torch.Tensor  # float32: ``affinity`` clamp depth (<= 0: no clamp)
     k0: torch.Tensor  # int64: ``piggyback`` slots each row keeps (clamped to [1, K])
     policy_code: torch.Tensor  # int64: index into POLICY_NAMES, read by ``by_code`` only
+    coverage: torch.Tensor  # float32 in (0, 1]: ``coverage`` policy's target mass fraction
 
 
 def make_knobs(device: torch.device | str | None = None, *, enabled: bool = True,
                budget: int = NO_BUDGET_LIMIT, alpha: float = 3.0, beta: float = 2.0,
-               k0: int = 1, policy: str = "off") -> SelectionKnobs:
+               k0: int = 1, policy: str = "off", coverage: float = 0.9) -> SelectionKnobs:
     """Allocate a knob set once (before any graph capture)."""
     def scalar(value: bool | int | float, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(value, dtype=dtype, device=device)
@@ -58,6 +62,7 @@ def make_knobs(device: torch.device | str | None = None, *, enabled: bool = True
         enabled=scalar(enabled, torch.bool), budget=scalar(budget, torch.int64),
         alpha=scalar(alpha, torch.float32), beta=scalar(beta, torch.float32),
         k0=scalar(k0, torch.int64), policy_code=scalar(POLICY_NAMES.index(policy), torch.int64),
+        coverage=scalar(coverage, torch.float32),
     )
 
 
@@ -105,6 +110,16 @@ def keep_piggyback(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     return own.any(dim=0)
 
 
+def keep_coverage(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
+    importance = inputs.batch.importance  # [E]
+    order = torch.argsort(importance, descending=True, stable=True)
+    ranked = importance[order]
+    before = torch.cumsum(ranked, dim=0) - ranked  # mass of the experts ranked above
+    target = knobs.coverage.clamp(0.0, 1.0) * importance.sum()
+    keep_ranked = (before < target) & (ranked > 0)
+    return torch.zeros_like(keep_ranked).scatter(0, order, keep_ranked)
+
+
 def keep_by_code(inputs: PolicyInputs, knobs: SelectionKnobs,
                  policies: Mapping[str, KeepPolicy] | None = None) -> torch.Tensor:
     """Every named policy, then the one ``knobs.policy_code`` selects (device-side choice)."""
@@ -121,6 +136,7 @@ KEEP_POLICIES: Mapping[str, KeepPolicy] = MappingProxyType({
     "budget": keep_budget,
     "affinity": keep_affinity,
     "piggyback": keep_piggyback,
+    "coverage": keep_coverage,
     "by_code": keep_by_code,
 })
 

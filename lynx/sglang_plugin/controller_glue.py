@@ -91,7 +91,8 @@ class ControllerGlue:
                                update.version, exc)
             else:
                 out.append(PolicyMessage(update.policy, update.version, "controller"))
-                link.mark_applied(update.version)
+                link.mark_acknowledged(update.version)  # applied at the next forward step
+        link.mark_applied(state.policy_version)
         self._send_stats(link)
         return out
 
@@ -109,7 +110,7 @@ class ControllerGlue:
                                "policy %r", self.endpoint, self.stale_after_s, transition.reason,
                                self.safe_policy.name)
                 out.append(PolicyMessage(self.safe_policy, SAFE_POLICY_VERSION, "stale"))
-                self.link.mark_applied(SAFE_POLICY_VERSION)
+                self.link.mark_acknowledged(SAFE_POLICY_VERSION)
         elif connected:
             logger.warning("Lynx: controller %s is back (%s)", self.endpoint, transition.reason)
 
@@ -122,7 +123,7 @@ class ControllerGlue:
         self._last_window = window
         if window.window_s <= 0:
             return
-        from lynx_protocol.messages import StepStats
+        from lynx_protocol.messages import DecodeBucket, StepStats
 
         counts = [window.batch_hist.get(edge, 0) for edge in BATCH_BUCKETS]
         counts.append(sum(v for k, v in window.batch_hist.items() if k > BATCH_BUCKETS[-1]))
@@ -139,4 +140,8 @@ class ControllerGlue:
             step_latency_p50_ms=step_ms[len(step_ms) // 2],
             step_latency_p99_ms=step_ms[min(len(step_ms) - 1, int(len(step_ms) * 0.99))],
             applied_policy_version=state.policy_version,
+            acknowledged_policy_version=link.acknowledged_version,
+            decode_buckets=[DecodeBucket(**bucket) for bucket in window.decode_buckets],
+            prefill_latency_sum_ms=window.mode_ms.get("prefill", 0.0),
+            mixed_latency_sum_ms=window.mode_ms.get("mixed", 0.0),
         ))

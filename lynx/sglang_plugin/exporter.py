@@ -15,10 +15,16 @@ import torch
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.config import PluginConfig
 from lynx.sglang_plugin.formats import PASS_THROUGH_REASONS
-from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+from lynx.sglang_plugin.step_state import (
+    BATCH_BUCKETS,
+    STAT_SLOTS,
+    RuntimeState,
+    StepLayout,
+    batch_slot,
+)
+from lynx_protocol.messages import LATENCY_EDGES_MS
 
 _FIELD = {name: i for i, name in enumerate(STAT_FIELDS)}
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -34,6 +40,10 @@ class WindowSummary:
     mass_kept: float = 1.0
     top1_kept: float = 1.0
     step_ms: list[float] = field(default_factory=list)
+    decode_ms: dict[int, list[float]] = field(default_factory=dict)  # batch slot -> step times
+    pruned_decode: dict[int, int] = field(default_factory=dict)  # batch slot -> pruned steps
+    mode_ms: dict[str, float] = field(default_factory=dict)  # summed step time by mode
+    decode_buckets: list[dict[str, Any]] = field(default_factory=list)  # see `bucket_summary`
 
 
 def _batch_bucket(n: int) -> int:
@@ -84,8 +94,10 @@ class StatsExporter:
     def __init__(self, state: RuntimeState, config: PluginConfig, tp_rank: int = 0) -> None:
         self.config = config
         self.export = tp_rank == 0
-        self.accumulator = torch.zeros(state.num_layers, len(STAT_FIELDS), dtype=torch.float64,
-                                       device=state.device)
+        # [slot, layer, field]: slot = decode batch-size bucket or mixed (`step_state`)
+        self.accumulator = torch.zeros(STAT_SLOTS, state.num_layers, len(STAT_FIELDS),
+                                       dtype=torch.float64, device=state.device)
+        self._slot = state.knobs.stat_slot
         self._last = torch.zeros_like(self.accumulator, device="cpu")
         self._last_export = time.monotonic()
         self._pending = WindowSummary()
@@ -108,8 +120,14 @@ class StatsExporter:
         if self.export:
             self.metrics.passed_through.labels(reason=reason).set(layers)
 
+    def layer_totals(self) -> torch.Tensor:
+        """[layer, field] statistics accumulated so far, over every slot (syncs)."""
+        return self.accumulator.sum(dim=0)
+
     def accumulate(self, layer: int, stats: torch.Tensor) -> None:
-        self.accumulator[layer].add_(stats.to(self.accumulator.dtype))
+        """Add one layer-step's statistics into this step's slot (device-side index)."""
+        self.accumulator[:, layer].index_add_(0, self._slot, stats.to(
+            self.accumulator.dtype)[None])
 
     def before_step(self, state: RuntimeState) -> None:
         if time.monotonic() - self._last_export >= self.config.stats_interval_s:
@@ -124,6 +142,11 @@ class StatsExporter:
             window.batch_hist[bucket] = window.batch_hist.get(bucket, 0) + 1
         window.pruned_steps += int(pruned)
         window.step_ms.append(seconds * 1e3)
+        window.mode_ms[layout.mode] = window.mode_ms.get(layout.mode, 0.0) + seconds * 1e3
+        if layout.mode == "decode":
+            slot = batch_slot(layout.n_decode_rows)
+            window.decode_ms.setdefault(slot, []).append(seconds * 1e3)
+            window.pruned_decode[slot] = window.pruned_decode.get(slot, 0) + int(pruned)
         if self.export and layout.mode != "idle":
             self.metrics.steps.labels(mode=layout.mode, pruned=str(pruned).lower()).inc()
             self.metrics.step_seconds.labels(mode=layout.mode, pruned=str(pruned).lower()
@@ -133,8 +156,9 @@ class StatsExporter:
         """Close the window: read the device accumulator once, update metrics and summary."""
         now = time.monotonic()
         current = self.accumulator.to("cpu", copy=True)
-        delta = current - self._last
+        by_slot = current - self._last  # [slot, layer, field]
         self._last = current
+        delta = by_slot.sum(dim=0)  # [layer, field]
         window, self._pending = self._pending, WindowSummary()
         window.window_s = now - self._last_export
         self._last_export = now
@@ -148,6 +172,7 @@ class StatsExporter:
         mass_kept = float(delta[:, _FIELD["mass_kept"]].sum())
         window.mass_kept = mass_kept / mass_total if mass_total else 1.0
         window.top1_kept = float(delta[:, _FIELD["top1_kept"]].sum()) / rows if rows else 1.0
+        window.decode_buckets = bucket_summary(window, by_slot.sum(dim=1))
         self.last_window = window
         if self.export:
             self._export(state, delta, seen, window)
@@ -179,3 +204,29 @@ class StatsExporter:
 
     def snapshot(self) -> Any:
         return self.last_window
+
+
+def bucket_summary(window: WindowSummary, per_slot: torch.Tensor) -> list[dict[str, Any]]:
+    """Per decode batch-size bucket with steps in the window: step count, latency sum and
+    histogram (`LATENCY_EDGES_MS`), and the pruned layer-steps' kept / union / mass kept
+    (``per_slot`` [slot, field]: statistics summed over layers)."""
+    out = []
+    for slot, times in sorted(window.decode_ms.items()):
+        stats = per_slot[slot]
+        layer_steps = float(stats[_FIELD["layer_steps"]])
+        mass_total = float(stats[_FIELD["mass_total"]])
+        counts = [0] * (len(LATENCY_EDGES_MS) + 1)
+        for ms in times:
+            counts[next((i for i, e in enumerate(LATENCY_EDGES_MS) if ms <= e),
+                        len(LATENCY_EDGES_MS))] += 1
+        out.append({
+            "max_batch": BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else 0,
+            "steps": len(times), "latency_sum_ms": sum(times), "latency_counts": counts,
+            "pruned_steps": window.pruned_decode.get(slot, 0),
+            "experts_kept_mean": float(stats[_FIELD["kept"]]) / layer_steps if layer_steps else 0.0,
+            "stock_union_mean": (float(stats[_FIELD["stock_union"]]) / layer_steps
+                                 if layer_steps else 0.0),
+            "routing_mass_kept": min(max(float(stats[_FIELD["mass_kept"]]) / mass_total, 0.0), 1.0)
+            if mass_total else 1.0,
+        })
+    return out

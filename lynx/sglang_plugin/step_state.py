@@ -18,6 +18,15 @@ from lynx.selection.policies import POLICY_NAMES, SelectionKnobs
 from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
 
 NO_LIMIT = 1 << 30
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode rows, inclusive upper bounds
+STAT_SLOTS = len(BATCH_BUCKETS) + 2  # decode buckets, "above the last edge", mixed steps
+MIXED_SLOT = STAT_SLOTS - 1
+
+
+def batch_slot(n_decode_rows: int) -> int:
+    """Index of the decode batch-size bucket (len(BATCH_BUCKETS): above the last edge)."""
+    return next((i for i, b in enumerate(BATCH_BUCKETS) if n_decode_rows <= b),
+                len(BATCH_BUCKETS))
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,12 @@ class DeviceKnobs:
         self.prunable_start = scalar(0, torch.int64)
         # index into lynx.selection's POLICY_NAMES, the table ``by_code`` reads
         self.policy_code = scalar(0, torch.int64)
+        self.coverage = scalar(0.9, torch.float32)
+        # statistics slot of this step (batch-size bucket, or MIXED_SLOT): a device index, so
+        # a captured graph accumulates each step's statistics into the right bucket
+        self.stat_slot = torch.zeros(1, dtype=torch.int64, device=device)
         self._per_layer = [SelectionKnobs(self.enabled, self.budget[layer], self.alpha,
-                                          self.beta, self.k0, self.policy_code)
+                                          self.beta, self.k0, self.policy_code, self.coverage)
                            for layer in range(num_layers)]
 
     def for_layer(self, layer: int) -> SelectionKnobs:
@@ -124,6 +137,7 @@ class RuntimeState:
         self.knobs.alpha.fill_(policy.alpha)
         self.knobs.beta.fill_(float(policy.beta))
         self.knobs.k0.fill_(policy.k0)
+        self.knobs.coverage.fill_(policy.coverage)
 
     def budget_row(self, n_decode_rows: int) -> list[int]:
         bucket = bucket_for(self.policy, n_decode_rows)
@@ -148,6 +162,8 @@ class RuntimeState:
             if prune:
                 self.knobs.budget.copy_(torch.tensor(row, dtype=torch.int64))
         self.knobs.enabled.fill_(prune)
+        self.knobs.stat_slot.fill_(MIXED_SLOT if layout.mode == "mixed"
+                                   else batch_slot(layout.n_decode_rows))
         self.knobs.n_valid.fill_(layout.n_valid)
         self.knobs.prunable_start.fill_(layout.prunable_start)
         self.layout = layout

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The Pythons users run: SGLang 0.5.23's wheels cover 3.11-3.13; its upstream image and the GPU
+# machine run 3.12. Proves, from the built lynx wheel (not the source tree):
+#   3.12 and 3.13: the torch-free tests (protocol, controller) pass;
+#   3.12: the wheel resolves next to sglang==0.5.23 (pip --dry-run: the upstream image's case),
+#         its sglang.srt.plugins entry point loads, and the selection-library tests pass with
+#         torch==2.14.1 (the torch sglang 0.5.23 pins).
+# Usage: scripts/python_versions.sh   (make python-versions; CI runs it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="$ROOT/build/pyversions"
+PIP_QUIET=(-q --disable-pip-version-check)
+mkdir -p "$OUT"
+
+find_python() {  # $1 = 3.12: a working interpreter of that minor version (pyenv or PATH)
+  local want=$1 candidate
+  for candidate in "python$want" $(ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$want"*/bin/python 2>/dev/null | sort -V -r); do
+    if "$candidate" -c "import sys; assert sys.version.startswith('$want')" 2>/dev/null; then
+      command -v "$candidate" || echo "$candidate"; return 0
+    fi
+  done
+  echo "no Python $want found (pyenv install $want)" >&2; return 1
+}
+
+echo "== building the lynx wheel"
+rm -rf "$OUT/wheel" && .venv/bin/python -m pip wheel "${PIP_QUIET[@]}" --no-deps -w "$OUT/wheel" . 2>&1 | grep -v "is ignored" || true
+WHEEL=$(ls "$OUT"/wheel/lynx_moe-*.whl)
+
+for version in 3.12 3.13; do
+  python=$(find_python "$version")
+  venv="$OUT/py$version"
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  echo "== Python $version: torch-free tests from the wheel ($("$venv/bin/python" -V))"
+  "$venv/bin/pip" install "${PIP_QUIET[@]}" --force-reinstall --no-deps "$WHEEL" 2>&1 | grep -v "is ignored" || true
+  "$venv/bin/pip" install "${PIP_QUIET[@]}" "$WHEEL" pytest pytest-timeout hypothesis pyyaml 2>&1 | grep -v "is ignored" || true
+  (cd "$OUT" && "$venv/bin/python" -c "import lynx_policy, lynx_protocol, lynx; print('imports from', lynx.__file__)")
+  (cd "$OUT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
+    -c "$ROOT/pyproject.toml" "$ROOT"/test/test_protocol_*.py "$ROOT"/test/test_policy_*.py)
+done
+
+venv="$OUT/py3.12"
+echo "== Python 3.12: the wheel next to sglang==0.5.23 (resolution, as in SGLang's image)"
+"$venv/bin/pip" install "${PIP_QUIET[@]}" --dry-run --ignore-installed --report "$OUT/resolve.json" \
+  "${WHEEL}[runtime]" 2>&1 | grep -v "is ignored" || true
+"$venv/bin/python" - "$OUT/resolve.json" <<'EOF'
+import json, sys
+names = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+         for i in json.load(open(sys.argv[1]))["install"]}
+assert names.get("sglang") == "0.5.23" and names.get("lynx-moe"), names
+print(f"resolved {len(names)} packages: sglang {names['sglang']}, torch {names.get('torch')}")
+EOF
+echo "== Python 3.12: the sglang.srt.plugins entry point loads from the installed wheel"
+(cd "$OUT" && "$venv/bin/python" -c "
+from importlib.metadata import entry_points
+install = entry_points(group='sglang.srt.plugins')['lynx'].load()
+assert install.__module__ == 'lynx.sglang_plugin' and install() is None  # off: registers nothing
+print('entry point lynx ->', install.__module__ + ':' + install.__name__)")
+
+echo "== Python 3.12: selection-library tests with torch==2.14.1"
+"$venv/bin/pip" install "${PIP_QUIET[@]}" torch==2.14.1 2>&1 | grep -v "is ignored" || true
+(cd "$OUT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
+  -c "$ROOT/pyproject.toml" "$ROOT"/test/test_selection_*.py "$ROOT"/test/test_triton_selection.py)
+echo "python versions: ok"
