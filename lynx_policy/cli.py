@@ -2,6 +2,7 @@
 
     lynx-policy serve --config controller.toml      # run until SIGTERM/SIGINT
     lynx-policy check-config --config controller.toml
+    lynx-policy keys generate --dir keys/ --name controller   # CURVE key pair (.key, .key_secret)
 
 Exit codes: 0 clean stop, 2 bad configuration or state (one line on stderr), 1 crash.
 """
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", help="TOML or JSON file (env LYNX_POLICY__* overrides)")
         sub.add_argument("--log-level", default="INFO",
                          choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    keys = commands.add_parser("keys", help="CURVE key files for the controller link")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("--dir", required=True, help="directory to write NAME.key(_secret) into")
+    keys.add_argument("--name", required=True,
+                      help="'controller', or a runtime's name (its .key goes into the "
+                           "controller's link.curve_clients_dir)")
+    keys.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -36,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "keys":
+        from pathlib import Path
+
+        from lynx_protocol.security import KeyError_, generate_keypair
+
+        try:
+            public, secret = generate_keypair(Path(args.dir), args.name)
+        except (KeyError_, OSError) as exc:
+            print(f"lynx-policy: {exc}", file=sys.stderr)
+            return 2
+        print(f"public key (share it): {public}\nkey pair (keep it, mode 0600): {secret}")
+        return 0
     try:
         config = load_config(args.config)
         if args.command == "check-config":

@@ -88,6 +88,18 @@ class LinkConfig(_Section, frozen=True):
     resend_s: PositiveFloat = 2.0
     """Minimum gap between re-sends of the current policy to a lagging replica [s]."""
     send_queue: PositiveInt = 1000
+    curve_server_secret: str = ""
+    """CURVE: the controller's key pair (``lynx-policy keys generate``: ``NAME.key_secret``)."""
+    curve_clients_dir: str = ""
+    """CURVE: directory of allowed runtime public keys (``*.key``), re-read on change."""
+    plaintext_tcp: bool = False
+    """Explicit opt-in to an unauthenticated, unencrypted ``tcp://`` link (warned at start)."""
+    max_replicas: PositiveInt = 256
+    """Registered replicas at most; registrations beyond it are refused and counted."""
+
+    @property
+    def curve(self) -> bool:
+        return bool(self.curve_server_secret)
 
 
 class AdminConfig(_Section, frozen=True):
@@ -242,6 +254,12 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None
         raise ConfigError(f"config {where}: {exc}".replace("\n", " ")) from None
     try:
         validate_endpoint(config.link.bind)
+        link = config.link
+        if bool(link.curve_server_secret) != bool(link.curve_clients_dir):
+            raise ValueError("link.curve_server_secret and link.curve_clients_dir go together")
+        if link.bind.startswith("tcp://") and not (link.curve or link.plaintext_tcp):
+            raise ValueError("a tcp:// link needs CURVE keys (link.curve_server_secret, "
+                             "link.curve_clients_dir) or an explicit link.plaintext_tcp = true")
         validate_policy(config.policy)
         validate_slo(config.slo)
         validate_floor_fits(config.policy, config.floor)

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -35,6 +36,7 @@ from lynx_protocol.messages import (
     decode,
     encode,
 )
+from lynx_protocol.security import AllowedClients, restrict_ipc_path, set_server_keys
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,28 @@ class Hub:
         self._reject_log = RateLimitedLog(log)
         self._context = zmq.asyncio.Context(io_threads=1)
         self._socket = self._context.socket(zmq.ROUTER)
+        self.allowed: AllowedClients | None = None
+        self._auth: Any = None
+        if config.curve:  # ZAP before bind: no handshake is ever unchecked
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            self.allowed = AllowedClients(Path(config.curve_clients_dir),
+                                          on_denied=metrics.auth_denied.inc)
+            self._auth = AsyncioAuthenticator(self._context)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="lynx",
+                                                credentials_provider=self.allowed)
+            set_server_keys(self._socket, Path(config.curve_server_secret))
+        elif config.bind.startswith("tcp://"):
+            log.warning("link %s is plain-text TCP (link.plaintext_tcp): any process that can "
+                        "reach it can register replicas and read policies", config.bind)
         for option, value in (
             (zmq.LINGER, 0), (zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, config.send_queue),
             (zmq.RCVHWM, config.send_queue), (zmq.MAXMSGSIZE, 4 * config.max_message_bytes),
         ):
             self._socket.setsockopt(option, value)
         self._socket.bind(config.bind)
+        restrict_ipc_path(config.bind)
 
     async def serve(self) -> None:
         """Receive forever; every message is handled before the next one is read."""
@@ -170,6 +188,11 @@ class Hub:
 
     def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
         known = msg.replica_id in self.replicas
+        if not known and len(self.replicas) >= self.config.max_replicas:
+            self.metrics.registrations_refused.inc()
+            self._reject_log.warning("max_replicas", "replica registrations refused: %d "
+                                     "replicas known (link.max_replicas)", len(self.replicas))
+            return
         self.replicas[msg.replica_id] = Replica(registration=msg, identity=identity,
                                                 registered_at=time.time(), last_seen=now,
                                                 messages=1)
@@ -257,6 +280,8 @@ class Hub:
         return min(counts) if counts else None
 
     def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
         self._socket.close(0)
         self._context.term()
 

@@ -54,6 +54,11 @@ class ControllerMetrics:
         self.messages_rejected = Counter("lynx_controller_messages_rejected",
                                          "Messages from runtimes rejected, by reason",
                                          ["reason"], registry=r)
+        self.auth_denied = Counter("lynx_controller_auth_denied",
+                                   "CURVE handshakes refused: client key not allowed", registry=r)
+        self.registrations_refused = Counter(
+            "lynx_controller_registrations_refused",
+            "Register messages refused because link.max_replicas replicas are known", registry=r)
         self.updates_sent = Counter("lynx_controller_policy_updates_sent",
                                     "PolicyUpdate messages handed to ZMQ", registry=r)
         self.updates_dropped = Counter("lynx_controller_policy_updates_dropped",

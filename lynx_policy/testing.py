@@ -53,10 +53,26 @@ class ControllerProcess:
 
     @classmethod
     def launch(cls, workdir: Path, overrides: dict[str, Any] | None = None,
-               token: str = DEFAULT_TOKEN, timeout_s: float = 30.0) -> ControllerProcess:
+               token: str = DEFAULT_TOKEN, timeout_s: float = 30.0, *,
+               curve: bool = False) -> ControllerProcess:
+        """Start a controller in ``workdir``. ``curve``: the link on ``tcp://127.0.0.1`` sealed
+        with CURVE, keys generated under ``workdir/keys`` (see `runtime_env`); else ipc://."""
         workdir.mkdir(parents=True, exist_ok=True)
+        link: dict[str, Any] = {"bind": f"ipc://{workdir}/link.sock", "replica_stale_s": 5.0}
+        if curve:
+            from lynx_protocol.security import generate_keypair
+
+            keys = workdir / "keys"
+            if not (keys / "controller.key_secret").exists():
+                generate_keypair(keys, "controller")
+                public, _ = generate_keypair(keys, "runtime")
+                (keys / "clients").mkdir()
+                (keys / "clients" / public.name).write_bytes(public.read_bytes())
+            link.update(bind=f"tcp://127.0.0.1:{free_tcp_port()}",
+                        curve_server_secret=str(keys / "controller.key_secret"),
+                        curve_clients_dir=str(keys / "clients"))
         base = {
-            "link": {"bind": f"ipc://{workdir}/link.sock", "replica_stale_s": 5.0},
+            "link": link,
             "admin": {"host": "127.0.0.1", "port": free_tcp_port(), "health_cache_s": 0.0},
             "state": {"dir": str(workdir / "state")},
             "loop": {"interval_s": 0.5, "backoff_s": [0.5, 1.0]},
@@ -76,6 +92,16 @@ class ControllerProcess:
     @property
     def endpoint(self) -> str:
         return str(self.config["link"]["bind"])
+
+    def runtime_env(self) -> dict[str, str]:
+        """The plugin's environment for this controller (CURVE keys when it has them)."""
+        env = {"LYNX_CONTROLLER": self.endpoint}
+        link = self.config["link"]
+        if link.get("curve_server_secret"):
+            keys = Path(link["curve_server_secret"]).parent
+            env.update(LYNX_CURVE_CLIENT_KEY=str(keys / "runtime.key_secret"),
+                       LYNX_CURVE_SERVER_KEY=str(keys / "controller.key"))
+        return env
 
     @property
     def admin_url(self) -> str:

@@ -24,10 +24,12 @@ this runtime did not offer are refused and reported back in the next Heartbeat.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import zmq
@@ -46,6 +48,7 @@ from lynx_protocol.messages import (
     encode,
 )
 from lynx_protocol.policy import PolicyError, validate_policy
+from lynx_protocol.security import KeyError_, set_client_keys
 
 LinkState = Literal["connecting", "connected", "stale"]
 
@@ -64,9 +67,23 @@ class LinkSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_receive_per_poll: int = 256
     """Bound on messages drained by one poll, so a flood cannot stall a scheduler step."""
+    curve_client_secret: str = ""
+    """CURVE: this runtime's key pair file (``NAME.key_secret``), re-read at every reconnect."""
+    curve_server_public: str = ""
+    """CURVE: the controller's public key file; the link talks to no other server."""
+    plaintext_tcp: bool = False
+    """Explicit opt-in to an unauthenticated ``tcp://`` link."""
+
+    @property
+    def curve(self) -> bool:
+        return bool(self.curve_client_secret)
 
     def __post_init__(self) -> None:
         validate_endpoint(self.endpoint)
+        if bool(self.curve_client_secret) != bool(self.curve_server_public):
+            raise ValueError("curve_client_secret and curve_server_public go together")
+        if self.endpoint.startswith("tcp://") and not (self.curve or self.plaintext_tcp):
+            raise ValueError("a tcp:// controller link needs CURVE keys or plaintext_tcp")
         if self.staleness_s <= 0 or self.heartbeat_s <= 0:
             raise ValueError("staleness_s and heartbeat_s must be > 0")
         if self.heartbeat_s >= self.staleness_s:
@@ -95,6 +112,8 @@ class LinkCounters:
     """Older or repeated versions dropped."""
     updates_refused: int = 0
     """Updates that did not fit this runtime (see ``Heartbeat.rejected_reason``)."""
+    reconnects: int = 0
+    """Sockets replaced after the link went stale (CURVE: keys re-read)."""
 
 
 class RuntimeLink:
@@ -112,15 +131,7 @@ class RuntimeLink:
         self._clock = clock
         self._owns_context = context is None
         self._context = context or zmq.Context(io_threads=1)
-        self._socket = self._context.socket(zmq.DEALER)
-        for option, value in (
-            (zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, self.settings.send_queue),
-            (zmq.RCVHWM, self.settings.receive_queue), (zmq.RECONNECT_IVL, 100),
-            (zmq.RECONNECT_IVL_MAX, 2000),
-            (zmq.MAXMSGSIZE, 4 * self.settings.max_message_bytes),
-        ):
-            self._socket.setsockopt(option, value)
-        self._socket.connect(self.settings.endpoint)
+        self._socket = self._new_socket()
         self._state: LinkState = "connecting"
         self._transitions: list[LinkTransition] = []
         self._registered = False
@@ -212,6 +223,34 @@ class RuntimeLink:
         self.close()
 
     # --- internals --------------------------------------------------------------------
+
+    def _new_socket(self) -> zmq.Socket:
+        """A connected DEALER (CURVE keys read from their files now: a rotated client key
+        pair is picked up at the next reconnect). Raises `KeyError_` for unreadable keys."""
+        socket = self._context.socket(zmq.DEALER)
+        for option, value in (
+            (zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, self.settings.send_queue),
+            (zmq.RCVHWM, self.settings.receive_queue), (zmq.RECONNECT_IVL, 100),
+            (zmq.RECONNECT_IVL_MAX, 2000),
+            (zmq.MAXMSGSIZE, 4 * self.settings.max_message_bytes),
+        ):
+            socket.setsockopt(option, value)
+        if self.settings.curve:
+            set_client_keys(socket, Path(self.settings.curve_client_secret),
+                            Path(self.settings.curve_server_public))
+        socket.connect(self.settings.endpoint)
+        return socket
+
+    def _reconnect(self) -> None:
+        """Replace the socket (after the link went stale): fresh keys, fresh handshake."""
+        try:
+            fresh = self._new_socket()
+        except KeyError_ as exc:  # keep the old socket; say why once per reconnect
+            logging.getLogger(__name__).warning("controller link: %s", exc)
+            return
+        self._socket.close(0)
+        self._socket = fresh
+        self.counters.reconnects += 1
 
     def _drain(self, now: float) -> PolicyUpdate | None:
         newest: PolicyUpdate | None = None
@@ -308,6 +347,8 @@ class RuntimeLink:
         if target == "stale":
             self._registered = False
             self._redeliver = True
+            if self.settings.curve:
+                self._reconnect()
         self._transitions.append(transition)
         if self._on_transition is not None:
             self._on_transition(transition)

@@ -28,6 +28,7 @@ from lynx.deploy.prometheus import render_prometheus_config, rule_queries
 from lynx.serving.metrics_reader import samples
 from lynx.serving.server import free_port
 from lynx_policy.testing import ControllerProcess, deep_merge
+from lynx_protocol.security import generate_keypair
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = shutil.which("prometheus")
@@ -76,7 +77,14 @@ def _router_args(worker: str, port: int, metrics_port: int) -> list[str]:
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[ControllerProcess]:
     shipped = tomllib.loads((c.DOCKER_DIR / "controller" / "controller.toml").read_text())
-    local = {"link": {"bind": f"ipc://{tmp_path}/link.sock"},
+    keys = tmp_path / "link-keys"  # as `make link-keys` writes them, CURVE on tcp:// as shipped
+    generate_keypair(keys, "controller")
+    public, _ = generate_keypair(keys, "runtime-1")
+    (keys / "clients").mkdir()
+    (keys / "clients" / public.name).write_bytes(public.read_bytes())
+    local = {"link": {"bind": f"tcp://127.0.0.1:{free_port()}",
+                      "curve_server_secret": str(keys / "controller.key_secret"),
+                      "curve_clients_dir": str(keys / "clients")},
              "admin": {"host": "127.0.0.1", "port": free_port(), "token_file": ""},
              "state": {"dir": str(tmp_path / "state")}, "loop": {"interval_s": 1.0},
              "observe": {"prometheus_url": "http://127.0.0.1:1"}}  # set once Prometheus runs
@@ -132,8 +140,11 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
     prom = f"http://127.0.0.1:{prom_port}"
     controller.config["observe"]["prometheus_url"] = prom
     controller.start()
+    keys = tmp_path / "link-keys"
     runtime = server_factory("mixtral-mini", env={
         "LYNX_ENABLED": "1", "LYNX_CONTROLLER": controller.endpoint,
+        "LYNX_CURVE_CLIENT_KEY": str(keys / "runtime-1.key_secret"),
+        "LYNX_CURVE_SERVER_KEY": str(keys / "controller.key"),
         "LYNX_REPLICA_ID": "runtime-1", "LYNX_STATS_INTERVAL_S": "1"})
     router = _process([sys.executable, "-m", "sglang_router.launch_router",
                        *_router_args(runtime.url, router_port, router_metrics)],

@@ -57,10 +57,11 @@ def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
     tmp_path, server_factory
 ) -> None:
     ctl = ControllerProcess.launch(tmp_path / "controller",
-                                   overrides={"mode": "static", "policy": {"name": "off"}})
+                                   overrides={"mode": "static", "policy": {"name": "off"}},
+                                   curve=True)
     try:
         server = server_factory("mixtral-mini", env={
-            "LYNX_ENABLED": "1", "LYNX_CONTROLLER": ctl.endpoint, "LYNX_POLICY": '{"name":"off"}',
+            "LYNX_ENABLED": "1", **ctl.runtime_env(), "LYNX_POLICY": '{"name":"off"}',
             "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_STALE_AFTER_S": "3",
         })
         _wait_for("replica registered",

@@ -32,14 +32,14 @@ COUNTERS = ("lynx_steps_total", "lynx_pruned_rows_total", "lynx_experts_kept_tot
 PROMPTS = [arithmetic_prompt(a, b) for a, b in heldout_problems(6)]
 
 
-def _env(tmp_path: Path, name: str, controller: str | None = None,
+def _env(tmp_path: Path, name: str, controller: ControllerProcess | None = None,
          cores: str = "0|1") -> dict[str, str]:
     env = {"LYNX_ENABLED": "1", "LYNX_POLICY": json.dumps(POLICY),
            "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_APPLY_LOG": str(tmp_path / f"{name}.jsonl"),
            "SGLANG_CPU_OMP_THREADS_BIND": cores,
            "SGLANG_NCCL_SO_PATH": str(tmp_path / "no-nccl" / "libnccl.so.2")}
-    if controller:
-        env.update(LYNX_CONTROLLER=controller, LYNX_REPLICA_ID=name)
+    if controller:  # the link sealed with CURVE on tcp://, as deployed
+        env.update(**controller.runtime_env(), LYNX_REPLICA_ID=name)
     return env
 
 
@@ -105,9 +105,9 @@ def single_process(tmp_path_factory) -> tuple[list[str], dict[str, float]]:
 def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
         tmp_path: Path, server_factory, single_process) -> None:
     ctl = ControllerProcess.launch(tmp_path / "controller",
-                                   overrides={"mode": "static", "policy": POLICY})
+                                   overrides={"mode": "static", "policy": POLICY}, curve=True)
     try:
-        server = server_factory("mixtral-mini", env=_env(tmp_path, "tp2", ctl.endpoint),
+        server = server_factory("mixtral-mini", env=_env(tmp_path, "tp2", ctl),
                                 extra_args=("--tp-size", "2"))
         _wait_for("replica registered",
                   lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 1)
@@ -147,9 +147,9 @@ def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
 def test_data_parallel_registers_one_replica_per_dp_rank_and_counts_once(
         tmp_path: Path, server_factory, single_process) -> None:
     ctl = ControllerProcess.launch(tmp_path / "controller",
-                                   overrides={"mode": "static", "policy": POLICY})
+                                   overrides={"mode": "static", "policy": POLICY}, curve=True)
     try:
-        server = server_factory("mixtral-mini", env=_env(tmp_path, "dp2", ctl.endpoint),
+        server = server_factory("mixtral-mini", env=_env(tmp_path, "dp2", ctl),
                                 extra_args=("--dp-size", "2"))
         _wait_for("both DP replicas registered",
                   lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 2)

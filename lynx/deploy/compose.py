@@ -35,6 +35,9 @@ def _runtime(index: int, *, cpu: bool, gpus_per_replica: int) -> dict[str, Any]:
         "LYNX_ENABLED": "1",
         "LYNX_CONTROLLER": f"tcp://controller:{c.CONTROLLER_LINK_PORT}",
         "LYNX_REPLICA_ID": name,
+        # CURVE-sealed link: this runtime's key pair, and the only controller key it accepts
+        "LYNX_CURVE_CLIENT_KEY": f"/run/secrets/{c.link_runtime_secret(index)}",
+        "LYNX_CURVE_SERVER_KEY": f"/run/secrets/{c.LINK_SERVER_PUBLIC}",
         "LYNX_STALE_AFTER_S": "${LYNX_STALE_AFTER_S:-10}",
         "LYNX_SAFE_POLICY": None,  # from the shell if set there; the plugin's default: off
         "MODEL_PATH": (f"{MODEL_MOUNT}/{c.CPU_REFERENCE_MODEL}" if cpu
@@ -48,6 +51,7 @@ def _runtime(index: int, *, cpu: bool, gpus_per_replica: int) -> dict[str, Any]:
                   "args": {"SGLANG_IMAGE": c.SGLANG_IMAGE} if not cpu else {}},
         "restart": "unless-stopped",
         "environment": env,
+        "secrets": [c.link_runtime_secret(index), c.LINK_SERVER_PUBLIC],
         "volumes": ["../models:/models:ro" if cpu
                     else f"${{LYNX_MODEL_DIR:-../models}}:{MODEL_MOUNT}:ro",
                     "hf-cache:/home/lynx/.cache/huggingface"],
@@ -110,8 +114,9 @@ def _controller(*, cpu: bool) -> dict[str, Any]:
         "build": {"context": "..", "dockerfile": "docker/controller.Dockerfile"},
         "restart": "unless-stopped",
         "environment": env,
-        "secrets": [c.ADMIN_TOKEN_SECRET],
-        "volumes": [f"controller-state:{c.CONTROLLER_STATE_DIR}"],
+        "secrets": [c.ADMIN_TOKEN_SECRET, c.LINK_SERVER_SECRET],
+        "volumes": [f"controller-state:{c.CONTROLLER_STATE_DIR}",
+                    f"{c.LINK_KEYS_DIR}/clients:{c.LINK_CLIENTS_IN_CONTAINER}:ro"],
         # Admin API on the host's loopback only; runtimes reach the link port on the network.
         "ports": [f"127.0.0.1:{c.CONTROLLER_ADMIN_PORT}:{c.CONTROLLER_ADMIN_PORT}"],
         "expose": [str(c.CONTROLLER_LINK_PORT)],
@@ -172,8 +177,14 @@ def build_compose(replicas: int, *, cpu: bool = False,
     services["grafana"] = _grafana()
     return {
         "services": services,
-        "secrets": {c.ADMIN_TOKEN_SECRET: {"file": f"./secrets/{c.ADMIN_TOKEN_SECRET}"},
-                    GRAFANA_PASSWORD_SECRET: {"file": f"./secrets/{GRAFANA_PASSWORD_SECRET}"}},
+        "secrets": {
+            c.ADMIN_TOKEN_SECRET: {"file": f"./secrets/{c.ADMIN_TOKEN_SECRET}"},
+            GRAFANA_PASSWORD_SECRET: {"file": f"./secrets/{GRAFANA_PASSWORD_SECRET}"},
+            c.LINK_SERVER_SECRET: {"file": f"{c.LINK_KEYS_DIR}/controller.key_secret"},
+            c.LINK_SERVER_PUBLIC: {"file": f"{c.LINK_KEYS_DIR}/controller.key"},
+            **{c.link_runtime_secret(i): {"file": f"{c.LINK_KEYS_DIR}/runtime-{i}.key_secret"}
+               for i in range(1, replicas + 1)},
+        },
         "volumes": {"hf-cache": {}, "controller-state": {}, "prometheus-data": {},
                     "grafana-data": {}},
     }

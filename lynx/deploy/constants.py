@@ -53,6 +53,17 @@ CONTROLLER_STATE_DIR = "/var/lib/lynx-policy"
 ADMIN_TOKEN_SECRET = "lynx_admin_token"
 """Compose secret name; the controller reads it from ``/run/secrets/<name>``."""
 ADMIN_TOKEN_FILE_IN_CONTAINER = f"/run/secrets/{ADMIN_TOKEN_SECRET}"
+LINK_KEYS_DIR = "./secrets/link"
+"""CURVE keys of the controller link (``make link-keys``), relative to ``docker/``."""
+LINK_SERVER_SECRET = "lynx_link_controller"  # the controller's key pair (controller only)
+LINK_SERVER_PUBLIC = "lynx_link_controller_public"  # its public key (every runtime)
+LINK_CLIENTS_IN_CONTAINER = "/etc/lynx-policy/clients"
+"""Allowed runtime public keys (``*.key``), bind-mounted read-only; re-read on change."""
+
+
+def link_runtime_secret(index: int) -> str:
+    """Compose secret name of runtime ``index``'s CURVE key pair."""
+    return f"lynx_link_runtime_{index}"
 
 # --- Prometheus / Grafana --------------------------------------------------------------------
 PROMETHEUS_PORT = 9090

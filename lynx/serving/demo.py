@@ -90,9 +90,10 @@ def run_demo(model: str = "mixtral-mini", port: int = 0) -> int:
     with tempfile.TemporaryDirectory(prefix="lynx-demo-") as workdir:
         start_policy = msgspec.to_builtins(default_policy(experts, top_k))
         controller = ControllerProcess.launch(Path(workdir), overrides={
-            "mode": "static", "policy": start_policy})
+            "mode": "static", "policy": start_policy}, curve=True)  # CURVE on tcp://
         try:
-            env = lynx_env(True, controller=controller.endpoint)
+            env = {**lynx_env(True, controller=controller.endpoint),
+                   **controller.runtime_env()}
             env["LYNX_STATS_INTERVAL_S"] = "0.2"
             with SglangServer(path, free_port(), env=env) as server:
                 print(f"\ncontroller at {controller.admin_url} (link {controller.endpoint})")

@@ -8,6 +8,9 @@
 | ``LYNX_POLICY_FILE`` | path of a JSON file holding the start-up policy (instead of ``LYNX_POLICY``) | — |
 | ``LYNX_CONTROLLER`` | ZMQ endpoint of the policy controller (``ipc://…`` or ``tcp://host:port``) | none |
 | ``LYNX_REPLICA_ID`` | name this runtime registers under at the controller | host:pid |
+| ``LYNX_CURVE_CLIENT_KEY`` | this runtime's CURVE key pair file (``NAME.key_secret``) for a ``tcp://`` controller | none |
+| ``LYNX_CURVE_SERVER_KEY`` | the controller's CURVE public key file (``controller.key``) | none |
+| ``LYNX_PLAINTEXT_TCP`` | ``1``: allow a ``tcp://`` controller without CURVE (logged as a warning) | off |
 | ``LYNX_STALE_AFTER_S`` | controller silence [s] after which the safe policy applies | 10 |
 | ``LYNX_SAFE_POLICY`` | ``keep`` (last good policy) or a JSON policy (default ``off``) | ``{"name":"off"}`` |
 | ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
@@ -61,6 +64,9 @@ class PluginConfig:
     safe_policy: PolicySpec | None  # None: keep the last good policy
     stats_interval_s: float
     apply_log: Path | None = None
+    curve_client_key: str = ""
+    curve_server_key: str = ""
+    plaintext_tcp: bool = False
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -104,6 +110,17 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     controller = env.get("LYNX_CONTROLLER") or None
     if controller is not None and not controller.startswith(("ipc://", "tcp://")):
         raise LynxConfigError(f"LYNX_CONTROLLER={controller!r}: expected ipc://PATH or tcp://HOST:PORT")
+    client_key, server_key = env.get("LYNX_CURVE_CLIENT_KEY", ""), env.get(
+        "LYNX_CURVE_SERVER_KEY", "")
+    if bool(client_key) != bool(server_key):
+        raise LynxConfigError("set both LYNX_CURVE_CLIENT_KEY and LYNX_CURVE_SERVER_KEY, or neither")
+    for name, path in (("LYNX_CURVE_CLIENT_KEY", client_key), ("LYNX_CURVE_SERVER_KEY", server_key)):
+        if path and not Path(path).is_file():
+            raise LynxConfigError(f"{name}: no such file {path}")
+    plaintext = env.get("LYNX_PLAINTEXT_TCP", "").strip().lower() in TRUE_VALUES
+    if controller is not None and controller.startswith("tcp://") and not (client_key or plaintext):
+        raise LynxConfigError(f"LYNX_CONTROLLER={controller}: a tcp:// controller needs CURVE keys "
+                              "(LYNX_CURVE_CLIENT_KEY, LYNX_CURVE_SERVER_KEY) or LYNX_PLAINTEXT_TCP=1")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -115,4 +132,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         safe_policy=safe_policy,
         stats_interval_s=_positive_float(env, "LYNX_STATS_INTERVAL_S", 1.0),
         apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
+        curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
     )

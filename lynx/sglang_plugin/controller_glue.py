@@ -67,8 +67,12 @@ class ControllerGlue:
                 policies=list(POLICY_NAMES), pid=os.getpid(), metrics_url=metrics_port,
             )
             heartbeat = min(1.0, self.stale_after_s / 4)
+            config = self.runtime.config
             self.link = RuntimeLink(registration, LinkSettings(
-                endpoint=self.endpoint, staleness_s=self.stale_after_s, heartbeat_s=heartbeat))
+                endpoint=self.endpoint, staleness_s=self.stale_after_s, heartbeat_s=heartbeat,
+                curve_client_secret=config.curve_client_key,
+                curve_server_public=config.curve_server_key,
+                plaintext_tcp=config.plaintext_tcp))
         return self.link
 
     def poll(self) -> list[PolicyMessage]:
