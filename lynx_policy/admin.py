@@ -155,8 +155,10 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
         longest_wait = max(controller.config.loop.interval_s, *controller.config.loop.backoff_s)
         stuck = now - loop.last_tick_monotonic > 3 * longest_wait + 10.0
         failing = not controller.tasks_alive() or stuck
-        status = "failing" if failing else ("degraded" if loop.degraded else "ok")
+        behind = [r.replica_id for r in controller.hub.behind()]
+        status = "failing" if failing else ("degraded" if loop.degraded or behind else "ok")
         body = {"status": status, "mode": controller.keeper.state.mode,
+                "replicas_behind": behind,
                 "policy_version": controller.keeper.state.version,
                 "replicas_connected": len(controller.hub.connected()),
                 "loop_error": loop.last_error}
@@ -191,8 +193,12 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
     @app.get("/v1/replicas", tags=["read"], summary="Known replicas and their last statistics")
     def get_replicas(_: Authorized) -> dict[str, Any]:
         now = controller.hub.clock()
-        stale_s = controller.config.link.replica_stale_s
-        return {"replicas": [r.view(now, stale_s) for r in controller.hub.replicas.values()]}
+        link = controller.config.link
+        version = controller.keeper.state.version
+        return {"policy_version": version, "replicas": [
+            {**r.view(now, link.replica_stale_s),
+             "status": r.status(now, version, link.ack_timeout_s)}
+            for r in controller.hub.replicas.values()]}
 
     @app.get("/v1/policy", tags=["policy"], summary="Stored and effective policy with version")
     def get_policy(_: Authorized) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class LinkConfig(_Section, frozen=True):
     """A replica unheard for this long is dropped from the registry [s]."""
     resend_s: PositiveFloat = 2.0
     """Minimum gap between re-sends of the current policy to a lagging replica [s]."""
+    ack_timeout_s: PositiveFloat = 10.0
+    """A connected replica that has not acknowledged the current version for this long makes
+    ``/healthz`` degraded [s] (acknowledged but not yet applied, e.g. idle, is fine)."""
     send_queue: PositiveInt = 1000
     curve_server_secret: str = ""
     """CURVE: the controller's key pair (``lynx-policy keys generate``: ``NAME.key_secret``)."""

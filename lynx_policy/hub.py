@@ -62,10 +62,25 @@ class Replica:
     messages: int = 0
     last_sent_version: int = 0
     last_sent_at: float = float("-inf")
+    behind_since: float | None = None
+    """Monotonic time since which the replica has not acknowledged the current version."""
 
     @property
     def replica_id(self) -> str:
         return self.registration.replica_id
+
+    def status(self, now: float, version: int, ack_timeout_s: float) -> str:
+        """``current`` (applied), ``acknowledged`` (staged; an idle replica applies it at its
+        next step: fine), ``pending`` (not acknowledged yet, within ``ack_timeout_s``),
+        ``behind`` (not acknowledged for longer: degraded) or ``refused``."""
+        if self.refused_version == version:
+            return "refused"
+        if self.applied_version == version:
+            return "current"
+        if self.acknowledged_version == version:
+            return "acknowledged"
+        since = now if self.behind_since is None else self.behind_since
+        return "behind" if now - since > ack_timeout_s else "pending"
 
     def view(self, now: float, connected_within_s: float) -> dict[str, Any]:
         last_stats = self.recent_stats[-1][1] if self.recent_stats else None
@@ -231,6 +246,10 @@ class Hub:
     def _resend_if_lagging(self, replica: Replica, now: float) -> None:
         update = self.current_update()
         lagging = replica.acknowledged_version != update.version
+        if not lagging:
+            replica.behind_since = None
+        elif replica.behind_since is None:
+            replica.behind_since = now
         refused = replica.refused_version == update.version
         if lagging and not refused and now - replica.last_sent_at >= self.config.resend_s:
             self._send_update(replica, update, now)
@@ -260,6 +279,15 @@ class Hub:
                          now - replica.last_seen)
                 del self.replicas[replica_id]
         self.metrics.replicas_connected.set(len(self.connected(now)))
+        self.metrics.replicas_behind.set(len(self.behind(now)))
+
+    def behind(self, now: float | None = None) -> list[Replica]:
+        """Connected replicas that refused, or have not acknowledged within
+        ``link.ack_timeout_s``, the current policy version."""
+        now = self.clock() if now is None else now
+        version = self.current_update().version
+        return [r for r in self.connected(now)
+                if r.status(now, version, self.config.ack_timeout_s) in ("behind", "refused")]
 
     def batch_steps(self, window_s: float) -> dict[int, int] | None:
         """Decode steps by batch-size bucket bound over connected replicas' recent stats."""

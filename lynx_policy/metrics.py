@@ -54,6 +54,9 @@ class ControllerMetrics:
         self.messages_rejected = Counter("lynx_controller_messages_rejected",
                                          "Messages from runtimes rejected, by reason",
                                          ["reason"], registry=r)
+        self.replicas_behind = Gauge(
+            "lynx_controller_replicas_behind", "Connected replicas that refused, or have not "
+            "acknowledged within link.ack_timeout_s, the current policy version", registry=r)
         self.auth_denied = Counter("lynx_controller_auth_denied",
                                    "CURVE handshakes refused: client key not allowed", registry=r)
         self.registrations_refused = Counter(

@@ -97,6 +97,9 @@ class StateKeeper:
         except OSError as exc:
             raise StateError(f"state.dir {self.dir}: {exc.strerror}") from None
         self.path = self.dir / STATE_FILE
+        for leftover in self.dir.glob(f".{STATE_FILE}.*.tmp"):  # a write cut short by a crash
+            leftover.unlink(missing_ok=True)
+            log.info("removed %s left by an interrupted state write", leftover.name)
         self.audit = AuditLog(self.dir / AUDIT_FILE)
         loaded = self._load()
         if loaded is None:

@@ -1,0 +1,63 @@
+"""Per-replica delivery status against a real controller: acknowledged-but-idle is fine, not
+acknowledging the current version within ``link.ack_timeout_s`` makes ``/healthz`` degraded;
+leftovers of an interrupted state write are removed at start."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lynx_policy.testing import ControllerProcess
+from lynx_protocol.link import LinkSettings, RuntimeLink
+from lynx_protocol.messages import Register
+
+POLICY = {"name": "budget", "budgets": [{"max_batch": 64, "all_layers": 4}]}
+
+
+def _link(ctl: ControllerProcess, name: str) -> RuntimeLink:
+    return RuntimeLink(Register(replica_id=name, model="m", num_layers=2, num_experts=8,
+                                top_k=2, policies=["off", "budget"]),
+                       LinkSettings(endpoint=ctl.endpoint, heartbeat_s=0.1, staleness_s=3.0))
+
+
+def _pump(links: dict[RuntimeLink, bool], until: Callable[[], bool], timeout_s: float) -> None:
+    """Poll every link; those mapped to True acknowledge what they receive (not apply)."""
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < deadline, "condition not reached"
+        for link, acknowledges in links.items():
+            update = link.poll_update()
+            if update is not None and acknowledges:
+                link.mark_acknowledged(update.version)
+        time.sleep(0.02)
+
+
+def _status(ctl: ControllerProcess) -> dict[str, str]:
+    return {r["replica_id"]: r["status"] for r in ctl.admin.get("/v1/replicas").json()[
+        "replicas"]}
+
+
+def test_idle_replica_is_fine_and_a_silent_one_degrades_health(tmp_path: Path) -> None:
+    state = tmp_path / "ctl" / "state"
+    state.mkdir(parents=True)
+    (state / ".state.json.4242.tmp").write_bytes(b"half a write")
+    with ControllerProcess.launch(tmp_path / "ctl", {"mode": "static", "link": {
+            "ack_timeout_s": 1.0}}) as ctl:
+        assert not list(state.glob("*.tmp"))  # cleaned up on start
+        idle, silent = _link(ctl, "idle"), _link(ctl, "silent")
+        links = {idle: True, silent: False}
+        try:
+            _pump(links, lambda: len(_status(ctl)) == 2, 10.0)
+            assert ctl.admin.put("/v1/policy", json=POLICY).status_code == 200
+            _pump(links, lambda: _status(ctl) == {"idle": "acknowledged",
+                                                  "silent": "behind"}, 10.0)
+            health = ctl.admin.get("/healthz").json()
+            assert health["status"] == "degraded" and health["replicas_behind"] == ["silent"]
+            assert ctl.metric("lynx_controller_replicas_behind") == 1
+            silent.close()  # gone: no longer connected, no longer counted
+            _pump({idle: True}, lambda: ctl.admin.get("/healthz").json()["status"] == "ok",
+                  15.0)
+        finally:
+            idle.close()
+            silent.close()
