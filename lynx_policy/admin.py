@@ -29,7 +29,7 @@ from lynx_policy.config import (
 )
 from lynx_policy.decide import enforce_floor
 from lynx_protocol.messages import policy_update_size
-from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
+from lynx_protocol.policy import PolicyError, PolicySpec, validate_for_replica, validate_policy
 
 if TYPE_CHECKING:
     from lynx_policy.service import Controller
@@ -123,18 +123,15 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
         controller.change(actor=actor, client=client, action=action, **fields)
 
     def check_fits_replicas(request: Request, action: str, spec: PolicySpec) -> None:
+        """The admin trust boundary: the change must respect the quality floor and be
+        appliable by every connected replica (silent ones do not count)."""
         try:
             validate_floor_fits(spec, controller.keeper.state.floor)
             for replica in controller.hub.connected():
                 reg = replica.registration
-                where = f"replica {reg.replica_id}"
-                if spec.name not in reg.policies:
-                    raise PolicyError(f"{where} does not support policy {spec.name!r}")
-                try:
-                    validate_policy(spec, num_layers=reg.num_layers,
-                                    num_experts=reg.num_experts, top_k=reg.top_k)
-                except PolicyError as exc:
-                    raise PolicyError(f"{where}: {exc}") from None
+                validate_for_replica(spec, replica=reg.replica_id, policies=reg.policies,
+                                     num_layers=reg.num_layers, num_experts=reg.num_experts,
+                                     top_k=reg.top_k)
         except PolicyError as exc:
             reject(request, action, 422, str(exc))
 

@@ -47,7 +47,7 @@ from lynx_protocol.messages import (
     decode,
     encode,
 )
-from lynx_protocol.policy import PolicyError, validate_policy
+from lynx_protocol.policy import PolicyError, validate_for_replica
 from lynx_protocol.security import KeyError_, set_client_keys
 
 LinkState = Literal["connecting", "connected", "stale"]
@@ -302,14 +302,15 @@ class RuntimeLink:
             self.counters.updates_superseded += 1
             return False
         reg = self.registration
-        try:
-            if update.policy.name not in reg.policies:
-                raise PolicyError(f"policy {update.policy.name!r} not supported here")
-            validate_policy(update.policy, num_layers=reg.num_layers,
-                            num_experts=reg.num_experts, top_k=reg.top_k)
+        try:  # the runtime's trust boundary: the engine never sees an update that fails here
+            validate_for_replica(update.policy, replica=reg.replica_id, policies=reg.policies,
+                                 num_layers=reg.num_layers, num_experts=reg.num_experts,
+                                 top_k=reg.top_k)
         except PolicyError as exc:
             self.counters.updates_refused += 1
             self._refused = (update.version, str(exc)[:256])
+            logging.getLogger(__name__).warning("refused policy v%d from the controller: %s",
+                                                update.version, exc)
             return False
         return True
 

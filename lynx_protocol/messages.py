@@ -20,7 +20,7 @@ from typing import Annotated, cast
 
 import msgspec
 
-from lynx_protocol.policy import MAX_BUCKETS, MAX_LAYERS, PolicyName, PolicySpec, validate_policy
+from lynx_protocol.policy import MAX_BUCKETS, MAX_LAYERS, PolicyName, PolicySpec
 
 PROTOCOL_VERSION = 2
 """Version 2 (one bump for the control-plane, controller and frontier work): bounded policies
@@ -186,10 +186,10 @@ class PolicyUpdate(_Message, tag="policy_update", frozen=True):
     version: Annotated[int, msgspec.Meta(ge=1)]
     policy: PolicySpec
     controller_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
-    """Lineage of the controller's persisted state; a new id resets the runtime's version floor."""
+    """Lineage of the controller's persisted state; a new id resets the runtime's version floor.
 
-    def __post_init__(self) -> None:
-        validate_policy(self.policy)
+    Decoding enforces the policy's bounds (msgspec); whether this replica can apply it is
+    checked once, by the runtime link (`lynx_protocol.policy.validate_for_replica`)."""
 
 
 class Ack(_Message, tag="ack", frozen=True):

@@ -124,6 +124,20 @@ def validate_policy(
     return spec
 
 
+def validate_for_replica(spec: PolicySpec, *, replica: str, policies: list[str] | tuple[str, ...],
+                         num_layers: int, num_experts: int, top_k: int) -> PolicySpec:
+    """Can this replica apply ``spec``? The one check both trust boundaries run: the admin API
+    for every connected replica before accepting a change, the runtime link for its own
+    replica before handing an update to the engine. PolicyError names the replica."""
+    if spec.name not in policies:
+        raise PolicyError(f"replica {replica} does not support policy {spec.name!r}")
+    try:
+        return validate_policy(spec, num_layers=num_layers, num_experts=num_experts,
+                               top_k=top_k)
+    except PolicyError as exc:
+        raise PolicyError(f"replica {replica}: {exc}") from None
+
+
 def bucket_for(spec: PolicySpec, n_rows: int) -> BudgetBucket | None:
     """The budget bucket a step with ``n_rows`` real decode rows uses (None if no table)."""
     for bucket in spec.budgets:

@@ -10,7 +10,13 @@ import torch
 
 from lynx.sglang_plugin.config import LynxConfigError, default_policy, load_config
 from lynx.sglang_plugin.step_state import NO_LIMIT, RuntimeState, StepLayout
-from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec
+from lynx_protocol.policy import (
+    POLICY_NAMES,
+    BudgetBucket,
+    PolicyError,
+    PolicySpec,
+    validate_for_replica,
+)
 
 
 def test_disabled_by_default_and_enabled_by_env() -> None:
@@ -84,16 +90,18 @@ def test_step_knobs_follow_layout_and_buckets() -> None:
     assert int(state.knobs.prunable_start) == 10 and int(state.knobs.n_valid) == 50
 
 
-def test_staged_policy_applies_at_next_step_and_is_validated() -> None:
+def test_staged_policy_applies_at_next_step() -> None:
     state = _state(PolicySpec(name="off"))
     assert not state.begin_step(StepLayout("decode", 32, 0))
     state.stage_policy(PolicySpec(name="budget", budgets=[BudgetBucket(1000, all_layers=2)]), 7)
     assert state.policy_version == 0  # not before the step boundary
     assert state.begin_step(StepLayout("decode", 32, 0))
     assert state.policy_version == 7 and state.knobs.budget.tolist() == [2, 2, 2]
+    # what reaches stage_policy was validated at a trust boundary, against this replica:
+    bad = PolicySpec(name="budget", budgets=[BudgetBucket(9, per_layer=[1, 2])])
     with pytest.raises(PolicyError, match="per_layer has 2 entries"):
-        bad = PolicySpec(name="budget", budgets=[BudgetBucket(9, per_layer=[1, 2])])
-        state.stage_policy(bad, 8)
+        validate_for_replica(bad, replica="r", policies=POLICY_NAMES, num_layers=3,
+                             num_experts=8, top_k=2)
     state.stage_policy(PolicySpec(name="budget", prune_mixed=False,
                                   budgets=[BudgetBucket(1000, all_layers=2)]), 9)
     assert not state.begin_step(StepLayout("mixed", 50, 10))

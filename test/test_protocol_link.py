@@ -156,7 +156,7 @@ def test_update_that_does_not_fit_the_model_is_refused_and_reported(
         heartbeat = controller.receive()
         assert isinstance(heartbeat, Heartbeat)
         assert heartbeat.rejected_policy_version == 6
-        assert "not supported" in heartbeat.rejected_reason
+        assert "does not support policy 'piggyback'" in heartbeat.rejected_reason
 
 
 def test_garbage_from_the_controller_is_counted_not_raised(

@@ -115,9 +115,16 @@ def test_inconsistent_step_stats_are_invalid(field: str, value: object) -> None:
 
 
 def test_policy_update_with_unusable_policy_is_invalid() -> None:
+    """Decoding enforces the bounds; whether a replica can apply a policy is the link's one
+    check (`validate_for_replica`), not repeated here."""
+    from lynx_protocol.policy import PolicyError, validate_policy
+
     data = _raw(POLICY_UPDATE)
     data["policy"] = {"name": "budget", "budgets": []}
-    assert _reason(msgspec.msgpack.encode(data)) == "invalid"
+    decoded = decode(msgspec.msgpack.encode(data))
+    assert isinstance(decoded, PolicyUpdate)
+    with pytest.raises(PolicyError, match="at least one entry"):
+        validate_policy(decoded.policy)
     data["policy"] = {"name": "budget", "budgets": [{"max_batch": 8, "all_layers": 0}]}
     assert _reason(msgspec.msgpack.encode(data)) == "invalid"
     data = _raw(POLICY_UPDATE)

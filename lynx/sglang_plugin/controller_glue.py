@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lynx.sglang_plugin.exporter import BATCH_BUCKETS, WindowSummary
-from lynx_protocol.policy import POLICY_NAMES, PolicyError, PolicySpec, validate_policy
+from lynx_protocol.policy import POLICY_NAMES, PolicySpec
 
 if TYPE_CHECKING:
     from lynx.sglang_plugin.runtime import LynxRuntime
@@ -85,17 +85,9 @@ class ControllerGlue:
         update = link.poll_update()
         for transition in link.take_transitions():
             self._on_transition(transition, out)
-        if update is not None:
-            try:  # validate here; every rank stages it from the broadcast
-                validate_policy(update.policy, num_layers=state.num_layers,
-                                num_experts=state.num_experts, top_k=state.top_k)
-            except PolicyError as exc:
-                link.report_refused(update.version, str(exc))
-                logger.warning("Lynx: refused policy v%d from the controller: %s",
-                               update.version, exc)
-            else:
-                out.append(PolicyMessage(update.policy, update.version, "controller"))
-                link.mark_acknowledged(update.version)  # applied at the next forward step
+        if update is not None:  # validated by the link (the runtime's trust boundary)
+            out.append(PolicyMessage(update.policy, update.version, "controller"))
+            link.mark_acknowledged(update.version)  # applied at the next forward step
         link.mark_applied(state.policy_version)
         self._send_stats(link)
         return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lynx.selection.policies import POLICY_NAMES, SelectionKnobs
-from lynx_protocol.policy import PolicySpec, bucket_for, validate_policy
+from lynx_protocol.policy import PolicySpec, bucket_for
 
 NO_LIMIT = 1 << 30
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode rows, inclusive upper bounds
@@ -121,9 +121,8 @@ class RuntimeState:
 
     # -- policy -----------------------------------------------------------------------------
     def stage_policy(self, policy: PolicySpec, version: int) -> None:
-        """Validate and stage a policy; it takes effect at the start of the next step."""
-        validate_policy(policy, num_layers=self.num_layers, num_experts=self.num_experts,
-                        top_k=self.top_k)
+        """Stage a policy already validated at a trust boundary (the runtime link, or the
+        start-up config); it takes effect at the start of the next step."""
         with self.lock:
             self._staged = (policy, version)
 
