@@ -111,6 +111,10 @@ class AdminConfig(_Section, frozen=True):
     token_file: str = ""
     """File holding the bearer token; used when env ``LYNX_ADMIN_TOKEN`` is unset."""
     health_cache_s: Annotated[float, msgspec.Meta(ge=0.0)] = 2.0
+    tls_cert_file: str = ""
+    """Optional TLS for the admin API (PEM certificate chain); with ``tls_key_file``. The bearer
+    token is required either way."""
+    tls_key_file: str = ""
 
 
 class StateConfig(_Section, frozen=True):
@@ -258,6 +262,8 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None
     try:
         validate_endpoint(config.link.bind)
         link = config.link
+        if bool(config.admin.tls_cert_file) != bool(config.admin.tls_key_file):
+            raise ValueError("admin.tls_cert_file and admin.tls_key_file go together")
         if bool(link.curve_server_secret) != bool(link.curve_clients_dir):
             raise ValueError("link.curve_server_secret and link.curve_clients_dir go together")
         if link.bind.startswith("tcp://") and not (link.curve or link.plaintext_tcp):

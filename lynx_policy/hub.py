@@ -39,6 +39,8 @@ from lynx_protocol.messages import (
 from lynx_protocol.security import AllowedClients, restrict_ipc_path, set_server_keys
 
 log = logging.getLogger(__name__)
+STATS_BYTES_PER_REPLICA = 256 * 1024
+"""Memory bound on one replica's kept statistics [encoded bytes]."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Replica:
     refused_version: int = 0
     refused_reason: str = ""
     recent_stats: deque[tuple[float, StepStats]] = field(default_factory=lambda: deque(maxlen=64))
+    """The latest StepStats (at most 64 and `STATS_BYTES_PER_REPLICA` encoded bytes)."""
+    stats_bytes: deque[int] = field(default_factory=deque)
     stats_gaps: int = 0
     """StepStats lost in transit (from ``seq`` gaps)."""
     messages: int = 0
@@ -197,6 +201,13 @@ class Hub:
                 if msg.seq > previous.seq + 1:
                     replica.stats_gaps += msg.seq - previous.seq - 1
             replica.recent_stats.append((now, msg))
+            replica.stats_bytes.append(len(payloads[0]))
+            while len(replica.stats_bytes) > len(replica.recent_stats):  # deque maxlen dropped
+                replica.stats_bytes.popleft()
+            while (sum(replica.stats_bytes) > STATS_BYTES_PER_REPLICA
+                   and len(replica.recent_stats) > 1):
+                replica.recent_stats.popleft()
+                replica.stats_bytes.popleft()
             replica.applied_version = msg.applied_policy_version
             replica.acknowledged_version = max(msg.acknowledged_policy_version,
                                                msg.applied_policy_version)

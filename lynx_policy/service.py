@@ -86,7 +86,8 @@ class Controller:
         admin = self.config.admin
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host=admin.host, port=admin.port, log_level="warning",
-            access_log=False, lifespan="off", server_header=False))
+            access_log=False, lifespan="off", server_header=False,
+            ssl_certfile=admin.tls_cert_file or None, ssl_keyfile=admin.tls_key_file or None))
         self._tasks = [asyncio.create_task(self.hub.serve(), name="lynx-hub"),
                        asyncio.create_task(self.loop.run(self.stop_event), name="lynx-loop")]
         state = self.keeper.state

@@ -106,7 +106,8 @@ class ControllerProcess:
     @property
     def admin_url(self) -> str:
         admin = self.config["admin"]
-        return f"http://{admin['host']}:{admin['port']}"
+        scheme = "https" if admin.get("tls_cert_file") else "http"
+        return f"{scheme}://{admin['host']}:{admin['port']}"
 
     @property
     def state_dir(self) -> Path:
@@ -115,7 +116,8 @@ class ControllerProcess:
     @property
     def admin(self) -> httpx.Client:
         """A client that sends the bearer token (a fresh one per access; close not needed)."""
-        return httpx.Client(base_url=self.admin_url, timeout=10.0,
+        tls = self.config["admin"].get("tls_cert_file")
+        return httpx.Client(base_url=self.admin_url, timeout=10.0, verify=tls or True,
                             headers={"Authorization": f"Bearer {self.token}",
                                      "X-Lynx-Actor": "test"})
 
@@ -138,7 +140,7 @@ class ControllerProcess:
                 raise RuntimeError(f"controller exited with {self.process.returncode}:\n"
                                    f"{self.log_text()[-3000:]}")
             try:
-                if httpx.get(self.admin_url + "/healthz", timeout=1.0).status_code == 200:
+                if self.admin.get("/healthz", timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -175,7 +177,7 @@ class ControllerProcess:
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of one sample from the controller's /metrics."""
-        text = httpx.get(self.admin_url + "/metrics", timeout=5.0).text
+        text = self.admin.get("/metrics", timeout=5.0).text
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
         target = f"{name}{{{wanted}}}" if wanted else name
         for line in text.splitlines():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,18 @@ def test_state_survives_restart_and_sigkill(tmp_path: Path) -> None:
         actions = [json.loads(line)["action"] for line in
                    (ctl.state_dir / "audit.jsonl").read_text().splitlines()]
         assert actions[0] == "init" and actions.count("restart") == 2
+
+
+def test_admin_api_over_tls_still_requires_the_token(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with ControllerProcess.launch(tmp_path / "ctl", {"admin": {
+            "tls_cert_file": str(cert), "tls_key_file": str(key)}}) as ctl:
+        assert ctl.admin_url.startswith("https://")
+        assert ctl.admin.get("/v1/state").status_code == 200
+        with httpx.Client(base_url=ctl.admin_url, verify=str(cert)) as anonymous:
+            assert anonymous.get("/v1/state").status_code == 401
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
+            httpx.get(ctl.admin_url.replace("https://", "http://") + "/healthz", timeout=3)

@@ -24,6 +24,7 @@ quantile = 0.9
 target_ms = 2000
 [link]
 bind = "tcp://0.0.0.0:5790"
+plaintext_tcp = true
 [observe]
 prometheus_url = "http://prometheus:9090"
 [policy]

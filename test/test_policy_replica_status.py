@@ -61,3 +61,37 @@ def test_idle_replica_is_fine_and_a_silent_one_degrades_health(tmp_path: Path) -
         finally:
             idle.close()
             silent.close()
+
+
+def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """1024-layer StepStats (~17 KB each) from one replica: the hub keeps at most
+    STATS_BYTES_PER_REPLICA of them, newest first."""
+    from lynx_policy.config import LinkConfig
+    from lynx_policy.hub import STATS_BYTES_PER_REPLICA, Hub
+    from lynx_policy.metrics import ControllerMetrics
+    from lynx_protocol.messages import PolicyUpdate, StepStats, encode
+    from lynx_protocol.policy import PolicySpec
+
+    update = PolicyUpdate(version=1, policy=PolicySpec())
+    hub = Hub(LinkConfig(bind=f"ipc://{tmp_path}/hub.sock"), ControllerMetrics(),
+              lambda: update)
+    try:
+        register = Register(replica_id="big", model="m", num_layers=1024, num_experts=64,
+                            top_k=8, policies=["off"])
+        hub.handle([b"id", encode(register)])
+        sizes = []
+        for seq in range(1, 41):
+            stats = StepStats(replica_id="big", seq=seq, window_s=1.0, batch_size_edges=[8],
+                              batch_size_counts=[1, 0], decode_steps=1, prefill_steps=0,
+                              mixed_steps=0, experts_kept_mean=[12.5 + seq] * 1024,
+                              stock_union_mean=[33.25 + seq] * 1024, routing_mass_kept=0.9,
+                              step_latency_p50_ms=1.0, step_latency_p99_ms=2.0,
+                              applied_policy_version=1)
+            payload = encode(stats)
+            sizes.append(len(payload))
+            hub.handle([b"id", payload])
+        kept = hub.replicas["big"].recent_stats
+        assert sum(sizes[-len(kept):]) <= STATS_BYTES_PER_REPLICA < sum(sizes)
+        assert kept[-1][1].seq == 40 and len(kept) < 40
+    finally:
+        hub.close()
