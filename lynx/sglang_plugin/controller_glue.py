@@ -68,6 +68,9 @@ class ControllerGlue:
             )
             heartbeat = min(1.0, self.stale_after_s / 4)
             config = self.runtime.config
+            if self.endpoint.startswith("tcp://") and not config.curve_client_key:
+                logger.warning("Lynx: controller link %s is plain-text TCP (LYNX_PLAINTEXT_TCP): "
+                               "unauthenticated and unencrypted", self.endpoint)
             self.link = RuntimeLink(registration, LinkSettings(
                 endpoint=self.endpoint, staleness_s=self.stale_after_s, heartbeat_s=heartbeat,
                 curve_client_secret=config.curve_client_key,
