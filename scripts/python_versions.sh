@@ -58,7 +58,7 @@ assert install.__module__ == 'lynx.sglang_plugin' and install() is None  # off: 
 print('entry point lynx ->', install.__module__ + ':' + install.__name__)")
 
 echo "== Python 3.12: selection-library tests with torch==2.14.1"
-"$venv/bin/pip" install "${PIP_QUIET[@]}" torch==2.14.1 2>&1 | grep -v "is ignored" || true
+"$venv/bin/pip" install "${PIP_QUIET[@]}" torch==2.14.1 numpy 2>&1 | grep -v "is ignored" || true
 (cd "$OUT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
   -c "$ROOT/pyproject.toml" "$ROOT"/test/test_selection_*.py "$ROOT"/test/test_triton_selection.py)
 echo "python versions: ok"
