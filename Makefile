@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lynx-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions link-keys
+.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions link-keys gpu-check
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -53,6 +53,10 @@ bench-quick: setup
 # Deployment files (compose, Prometheus, Grafana dashboard) are generated from lynx/deploy.
 dashboards: setup
 	$(PY) -m lynx.deploy generate
+
+# One-shot GPU check (Triton vs spec, CUDA-graph capture, MoE layer at production shapes).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # CURVE keys of the compose stacks' controller link (docker/secrets/link/, never committed).
 link-keys: setup

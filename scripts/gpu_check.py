@@ -10,8 +10,11 @@ Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``capture``: one CUDA-graph capture per router of the selection step as the plugin drives
   it (``by_code``, knobs in device tensors), then off -> budget -> affinity -> piggyback -> off
   switches by ``fill_`` and replay; every replay must equal the eager step; no recapture.
-``--dry-run`` runs the same set-up on the CPU (no Triton, no graphs), so the script is known to
-start before a GPU is ever available.
+- ``moe_layer`` / ``selection_cost`` (`gpu_moe`): one MoE layer at full production shapes in
+  bf16, stock routing vs Lynx's (budget 2K), against the weights-read bound; the selection
+  step's own cost, eager and graph-replayed.
+``--dry-run`` runs the same set-up on the CPU (no Triton, no graphs, tiny shapes in fp32), so
+the script is known to start before a GPU is ever available.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -133,7 +137,15 @@ def stage_capture(device: str, dry_run: bool) -> dict[str, Any]:
     return {"ok": not failures, "captured": len(ROUTERS), "failures": failures}
 
 
-STAGES = {"selection": stage_selection, "capture": stage_capture}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_moe import stage_moe_layer, stage_selection_cost  # noqa: E402
+
+STAGES = {"selection": stage_selection, "capture": stage_capture, "moe_layer": stage_moe_layer,
+          "selection_cost": stage_selection_cost}
+
+
+def _timed_out(*_: object) -> None:
+    raise TimeoutError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=sorted(STAGES), action="append")
     parser.add_argument("--dry-run", action="store_true", help="set-up and checks on the CPU")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
+    parser.add_argument("--stage-timeout", type=int, default=90,
+                        help="seconds one stage may run before it is recorded as timed out")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: use --dry-run")
@@ -149,7 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for stage in args.stage or list(STAGES):
         start = time.perf_counter()
-        result = STAGES[stage](device, args.dry_run)
+        signal.signal(signal.SIGALRM, _timed_out)
+        signal.alarm(args.stage_timeout)
+        try:
+            result = STAGES[stage](device, args.dry_run)
+        except TimeoutError:
+            result = {"ok": False, "error": f"timed out after {args.stage_timeout} s"}
+        finally:
+            signal.alarm(0)
         result.update(stage=stage, device=device, seconds=round(time.perf_counter() - start, 2))
         if device == "cuda":
             result["device_name"] = torch.cuda.get_device_name()
