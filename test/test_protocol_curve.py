@@ -174,3 +174,23 @@ def test_keys_cli_writes_a_pair_and_refuses_to_overwrite(tmp_path: Path) -> None
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists already" in again.stderr
+
+
+def test_allow_list_changes_take_effect_without_restarting_the_controller(
+        tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A key added to the clients directory is admitted at its next connection and a removed
+    one refused, while the same controller process keeps running."""
+    with _controller(tmp_path, keys) as ctl:
+        pid = ctl.process.pid if ctl.process else None
+        with _link(ctl, "runtime-b", keys["runtime-b"], keys["server_public"]) as early:
+            assert not _pump(early, lambda: early.registered, 1.5)  # not listed yet
+        allowed = keys["allowed"]
+        (allowed / keys["runtime-b.pub"].name).write_bytes(keys["runtime-b.pub"].read_bytes())
+        with _link(ctl, "runtime-b", keys["runtime-b"], keys["server_public"]) as admitted:
+            assert _pump(admitted, lambda: admitted.registered, 10.0)
+        (allowed / keys["runtime-a.pub"].name).unlink()
+        time.sleep(1.0)  # the directory is re-checked at most every 0.5 s
+        with _link(ctl, "runtime-a", keys["runtime-a"], keys["server_public"]) as removed:
+            assert not _pump(removed, lambda: removed.registered, 1.5)
+        assert ctl.process is not None and ctl.process.pid == pid and ctl.process.poll() is None
+        assert _replicas(ctl) == ["runtime-b"]
