@@ -73,6 +73,11 @@ class Replica:
     def replica_id(self) -> str:
         return self.registration.replica_id
 
+    def note_versions(self, applied: int, acknowledged: int) -> None:
+        """What a Heartbeat or StepStats says (an applied version is acknowledged too)."""
+        self.applied_version = applied
+        self.acknowledged_version = max(acknowledged, applied)
+
     def status(self, now: float, version: int, ack_timeout_s: float) -> str:
         """``current`` (applied), ``acknowledged`` (staged; an idle replica applies it at its
         next step: fine), ``pending`` (not acknowledged yet, within ``ack_timeout_s``),
@@ -185,10 +190,8 @@ class Hub:
         replica.identity = identity
         replica.last_seen = now
         replica.messages += 1
+        replica.note_versions(msg.applied_policy_version, msg.acknowledged_policy_version)
         if isinstance(msg, Heartbeat):
-            replica.applied_version = msg.applied_policy_version
-            replica.acknowledged_version = max(msg.acknowledged_policy_version,
-                                               msg.applied_policy_version)
             replica.refused_version = msg.rejected_policy_version
             replica.refused_reason = msg.rejected_reason
             update = self.current_update()
@@ -208,9 +211,6 @@ class Hub:
                    and len(replica.recent_stats) > 1):
                 replica.recent_stats.popleft()
                 replica.stats_bytes.popleft()
-            replica.applied_version = msg.applied_policy_version
-            replica.acknowledged_version = max(msg.acknowledged_policy_version,
-                                               msg.applied_policy_version)
 
     def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
         known = msg.replica_id in self.replicas

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import metric_sum, samples
-from lynx_policy.testing import ControllerProcess
+from lynx_policy.testing import ControllerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 BUDGET_POLICY = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": 2}]}
@@ -44,15 +43,6 @@ def _runtime_metric(url: str, name: str, labels: dict[str, str] | None = None) -
                if all(lab.get(k) == val for k, val in (labels or {}).items()))
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for: {what}")
-
-
 def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
     tmp_path, server_factory
 ) -> None:
@@ -64,7 +54,7 @@ def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
             "LYNX_ENABLED": "1", **ctl.runtime_env(), "LYNX_POLICY": '{"name":"off"}',
             "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_STALE_AFTER_S": "3",
         })
-        _wait_for("replica registered",
+        wait_until("replica registered",
                   lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 1)
         load = Load(server.url)
         load.start()
@@ -72,17 +62,17 @@ def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
         reply = ctl.admin.put("/v1/policy", json=BUDGET_POLICY)
         assert reply.status_code == 200, reply.text
         version = ctl.admin.get("/v1/policy").json()["version"]
-        _wait_for("runtime applies the new policy version", lambda: _runtime_metric(
+        wait_until("runtime applies the new policy version", lambda: _runtime_metric(
             server.url, "lynx_policy_version") == version)
         before = _runtime_metric(server.url, "lynx_experts_kept_total")
-        _wait_for("pruned steps recorded", lambda: _runtime_metric(
+        wait_until("pruned steps recorded", lambda: _runtime_metric(
             server.url, "lynx_experts_kept_total") > before)
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert metric_sum(text, "lynx_experts_kept_total") < metric_sum(
             text, "lynx_experts_stock_union_total")
 
         ctl.kill()  # SIGKILL during load
-        _wait_for("runtime falls back to the safe policy", lambda: _runtime_metric(
+        wait_until("runtime falls back to the safe policy", lambda: _runtime_metric(
             server.url, "lynx_policy_active", {"policy": "off"}) == 1, timeout_s=20)
         assert _runtime_metric(server.url, "lynx_controller_connected") == 0
 
@@ -91,7 +81,7 @@ def test_admin_policy_change_reaches_runtime_and_survives_controller_kill(
         assert restored["policy"]["name"] == "budget"
         assert restored["policy"]["budgets"][0]["all_layers"] == 2
         assert restored["version"] > version  # versions keep increasing across restarts
-        _wait_for("runtime re-applies the restored policy", lambda: _runtime_metric(
+        wait_until("runtime re-applies the restored policy", lambda: _runtime_metric(
             server.url, "lynx_policy_active", {"policy": "budget"}) == 1, timeout_s=30)
         assert _runtime_metric(server.url, "lynx_controller_connected") == 1
         load.stop_event.set()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,8 @@ import pytest
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import metric_sum
-from lynx_policy.testing import ControllerProcess
+from lynx.serving.server import SglangServer
+from lynx_policy.testing import ControllerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 POLICY = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": 2}]}
@@ -71,15 +71,6 @@ def _sequential(url: str) -> tuple[list[str], dict[str, float]]:
     return texts, delta
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for: {what}")
-
-
 def _applied(path: Path) -> dict[tuple[str, str], dict[int, int]]:
     """(dp_rank, tp_rank) -> {version: step} from an apply log."""
     out: dict[tuple[str, str], dict[int, int]] = {}
@@ -102,66 +93,69 @@ def single_process(tmp_path_factory) -> tuple[list[str], dict[str, float]]:
         server.stop()
 
 
-def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
-        tmp_path: Path, server_factory, single_process) -> None:
-    ctl = ControllerProcess.launch(tmp_path / "controller",
-                                   overrides={"mode": "static", "policy": POLICY}, curve=True)
-    try:
-        server = server_factory("mixtral-mini", env=_env(tmp_path, "tp2", ctl),
-                                extra_args=("--tp-size", "2"))
-        _wait_for("replica registered",
-                  lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 1)
+@pytest.fixture
+def parallel(tmp_path: Path, server_factory, single_process):  # type: ignore[no-untyped-def]
+    """``start(name, args, replicas)``: a controller (CURVE on tcp://) and a server started
+    with SGLang's parallel ``args``; once ``replicas`` replicas registered, the sequential
+    requests give the single process's outputs and counters. Returns (controller, server,
+    counters); controllers are stopped at the end."""
+    controllers: list[ControllerProcess] = []
+
+    def start(name: str, args: tuple[str, ...], replicas: int
+              ) -> tuple[ControllerProcess, SglangServer, dict]:
+        ctl = ControllerProcess.launch(tmp_path / "controller",
+                                       overrides={"mode": "static", "policy": POLICY},
+                                       curve=True)
+        controllers.append(ctl)
+        server = server_factory("mixtral-mini", env=_env(tmp_path, name, ctl), extra_args=args)
+        wait_until(f"{replicas} replica(s) registered", lambda: len(
+            ctl.admin.get("/v1/replicas").json()["replicas"]) >= replicas, timeout_s=60)
         texts, counters = _sequential(server.url)
         assert texts == single_process[0]  # fp32 reference model: identical greedy outputs
+        # DP: each request runs on one rank, the ranks' counters add up to the single process's
         assert counters == single_process[1], (counters, single_process[1])
-        assert counters["lynx_pruned_rows_total"] > 0
-        replicas = ctl.admin.get("/v1/replicas").json()["replicas"]
-        assert [r["replica_id"] for r in replicas] == ["tp2"]  # one link per TP group
+        return ctl, server, counters
 
-        stop = threading.Event()
-
-        def load() -> None:
-            while not stop.is_set():
-                generate_greedy(server.url, PROMPTS, 6, timeout_s=60)
-
-        thread = threading.Thread(target=load, daemon=True)
-        thread.start()
-        versions = []
-        for budget in (3, 2, 4, 2):
-            policy = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": budget}]}
-            assert ctl.admin.put("/v1/policy", json=policy).status_code == 200
-            versions.append(ctl.admin.get("/v1/policy").json()["version"])
-            _wait_for("both ranks applied it", lambda v=versions[-1]: all(
-                v in steps for steps in _applied(tmp_path / "tp2.jsonl").values())
-                and len(_applied(tmp_path / "tp2.jsonl")) == 2)
-        stop.set()
-        thread.join(timeout=120)
-        applied = _applied(tmp_path / "tp2.jsonl")
-        assert set(applied) == {("0", "0"), ("0", "1")}
-        assert applied[("0", "0")] == applied[("0", "1")]  # every version, the same step
-        assert set(versions) <= set(applied[("0", "0")])
-    finally:
+    yield start
+    for ctl in controllers:
         ctl.stop()
+
+
+def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
+        tmp_path: Path, parallel) -> None:
+    ctl, server, counters = parallel("tp2", ("--tp-size", "2"), replicas=1)
+    assert counters["lynx_pruned_rows_total"] > 0
+    replicas = ctl.admin.get("/v1/replicas").json()["replicas"]
+    assert [r["replica_id"] for r in replicas] == ["tp2"]  # one link per TP group
+
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            generate_greedy(server.url, PROMPTS, 6, timeout_s=60)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    versions = []
+    for budget in (3, 2, 4, 2):
+        policy = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": budget}]}
+        assert ctl.admin.put("/v1/policy", json=policy).status_code == 200
+        versions.append(ctl.admin.get("/v1/policy").json()["version"])
+        wait_until("both ranks applied it", lambda v=versions[-1]: all(
+            v in steps for steps in _applied(tmp_path / "tp2.jsonl").values())
+            and len(_applied(tmp_path / "tp2.jsonl")) == 2, timeout_s=60)
+    stop.set()
+    thread.join(timeout=120)
+    applied = _applied(tmp_path / "tp2.jsonl")
+    assert set(applied) == {("0", "0"), ("0", "1")}
+    assert applied[("0", "0")] == applied[("0", "1")]  # every version, the same step
+    assert set(versions) <= set(applied[("0", "0")])
 
 
 def test_data_parallel_registers_one_replica_per_dp_rank_and_counts_once(
-        tmp_path: Path, server_factory, single_process) -> None:
-    ctl = ControllerProcess.launch(tmp_path / "controller",
-                                   overrides={"mode": "static", "policy": POLICY}, curve=True)
-    try:
-        server = server_factory("mixtral-mini", env=_env(tmp_path, "dp2", ctl),
-                                extra_args=("--dp-size", "2"))
-        _wait_for("both DP replicas registered",
-                  lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) >= 2)
-        texts, counters = _sequential(server.url)
-        assert texts == single_process[0]
-        single = single_process[1]
-        # each request runs on one DP rank: the ranks' counters add up to the single process's
-        assert counters == single, (counters, single)
-        names = sorted(r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()[
-            "replicas"])
-        assert names == ["dp2/dp0", "dp2/dp1"]
-        applied = _applied(tmp_path / "dp2.jsonl")
-        assert set(applied) == {("0", "0"), ("1", "0")}
-    finally:
-        ctl.stop()
+        tmp_path: Path, parallel) -> None:
+    ctl, _, _ = parallel("dp2", ("--dp-size", "2"), replicas=2)
+    names = sorted(r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()["replicas"])
+    assert names == ["dp2/dp0", "dp2/dp1"]
+    applied = _applied(tmp_path / "dp2.jsonl")
+    assert set(applied) == {("0", "0"), ("1", "0")}

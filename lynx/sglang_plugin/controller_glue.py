@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lynx.sglang_plugin.exporter import BATCH_BUCKETS, WindowSummary
+from lynx.sglang_plugin.exporter import WindowSummary
+from lynx.sglang_plugin.step_state import BATCH_BUCKETS
 from lynx_protocol.policy import POLICY_NAMES, PolicySpec
 
 if TYPE_CHECKING:
@@ -124,8 +125,8 @@ class ControllerGlue:
             return
         from lynx_protocol.messages import DecodeBucket, StepStats
 
-        counts = [window.batch_hist.get(edge, 0) for edge in BATCH_BUCKETS]
-        counts.append(sum(v for k, v in window.batch_hist.items() if k > BATCH_BUCKETS[-1]))
+        # one count per edge, then the steps above the last edge (`batch_slot` indices)
+        counts = [window.batch_hist.get(slot, 0) for slot in range(len(BATCH_BUCKETS) + 1)]
         step_ms = sorted(window.step_ms) or [0.0]
         self._stats_seq += 1
         link.send(StepStats(

@@ -6,6 +6,7 @@ Reading the accumulator is the only host sync the plugin does, once per interval
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ class WindowSummary:
     window_s: float = 0.0
     steps: dict[str, int] = field(default_factory=dict)  # by mode
     pruned_steps: int = 0
-    batch_hist: dict[int, int] = field(default_factory=dict)  # bucket upper bound -> steps
+    batch_hist: dict[int, int] = field(default_factory=dict)  # `batch_slot` -> steps
     experts_kept: list[float] = field(default_factory=list)  # per layer, mean over pruned steps
     stock_union: list[float] = field(default_factory=list)
     mass_kept: float = 1.0
@@ -44,10 +45,6 @@ class WindowSummary:
     pruned_decode: dict[int, int] = field(default_factory=dict)  # batch slot -> pruned steps
     mode_ms: dict[str, float] = field(default_factory=dict)  # summed step time by mode
     decode_buckets: list[dict[str, Any]] = field(default_factory=list)  # see `bucket_summary`
-
-
-def _batch_bucket(n: int) -> int:
-    return next((b for b in BATCH_BUCKETS if n <= b), BATCH_BUCKETS[-1] * 2)
 
 
 class _Metrics:
@@ -138,8 +135,8 @@ class StatsExporter:
         window = self._pending
         window.steps[layout.mode] = window.steps.get(layout.mode, 0) + 1
         if layout.n_decode_rows:
-            bucket = _batch_bucket(layout.n_decode_rows)
-            window.batch_hist[bucket] = window.batch_hist.get(bucket, 0) + 1
+            slot = batch_slot(layout.n_decode_rows)
+            window.batch_hist[slot] = window.batch_hist.get(slot, 0) + 1
         window.pruned_steps += int(pruned)
         window.step_ms.append(seconds * 1e3)
         window.mode_ms[layout.mode] = window.mode_ms.get(layout.mode, 0.0) + seconds * 1e3
@@ -216,9 +213,8 @@ def bucket_summary(window: WindowSummary, per_slot: torch.Tensor) -> list[dict[s
         layer_steps = float(stats[_FIELD["layer_steps"]])
         mass_total = float(stats[_FIELD["mass_total"]])
         counts = [0] * (len(LATENCY_EDGES_MS) + 1)
-        for ms in times:
-            counts[next((i for i, e in enumerate(LATENCY_EDGES_MS) if ms <= e),
-                        len(LATENCY_EDGES_MS))] += 1
+        for ms in times:  # edges are inclusive upper bounds
+            counts[bisect.bisect_left(LATENCY_EDGES_MS, ms)] += 1
         out.append({
             "max_batch": BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else 0,
             "steps": len(times), "latency_sum_ms": sum(times), "latency_counts": counts,

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from lynx.selection import RouterSpec
 
 PASS_THROUGH_REASONS: tuple[str, ...] = (
@@ -140,8 +142,6 @@ def merge_standard_output(output: Any, routed_weights: Any, routed_ids: Any,
     """SGLang's STANDARD output with the first ``top_k`` (routed) columns of ``apply_rows``
     [T] replaced by ``routed_weights``/``routed_ids`` [T,K]; shared columns and other rows
     untouched (same dtypes, static shapes: capturable)."""
-    import torch
-
     ids, weights = output.topk_ids, output.topk_weights
     rows = apply_rows[:, None]
     new_ids = torch.where(rows, routed_ids.to(ids.dtype), ids[:, :top_k])
