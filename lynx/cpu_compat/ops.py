@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lynx.cpu_compat.spec_ops import SPEC_OPS
+
 
 def assign_req_to_token_pool_cpu(
     req_pool_indices: torch.Tensor,
@@ -51,4 +53,5 @@ def assign_req_to_token_pool_cpu(
 
 OPS: dict[str, Callable[..., Any]] = {
     "assign_req_to_token_pool_cpu": assign_req_to_token_pool_cpu,
+    **SPEC_OPS,
 }
