@@ -17,6 +17,11 @@ Knob meanings (units in brackets):
   fraction (0, 1] of the step's total, per layer and step (every token's top-1 on top).
 - ``prune_mixed``: prune the decode rows of a mixed prefill+decode (chunked-prefill) step.
   Prefill rows are never pruned.
+- ``prune_verify``: prune speculative-decoding verify steps (every draft row of every request;
+  rows vote per request, see `lynx.selection.speculative`; the budget bucket is chosen by the
+  step's draft rows). Off by default: it changes the target's predictions on draft rows, so
+  it can lower the acceptance length. Encoded only when set (``omit_defaults``): a runtime
+  that predates it refuses such a policy by name instead of ignoring it.
 
 Bounds (protocol version 2; `validate_policy` checks them, msgspec enforces them when decoding):
 at most `MAX_BUCKETS` buckets, `MAX_LAYERS` per-layer entries, ``max_batch`` in [1, `MAX_BATCH`],
@@ -56,7 +61,7 @@ class BudgetBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.all_layers
 
 
-class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     name: PolicyName = "off"
     budgets: Annotated[list[BudgetBucket], msgspec.Meta(max_length=MAX_BUCKETS)] = \
         msgspec.field(default_factory=list)
@@ -65,6 +70,7 @@ class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     k0: Annotated[int, msgspec.Meta(ge=1, le=MAX_K0)] = 1
     coverage: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     prune_mixed: bool = True
+    prune_verify: bool = False
 
 
 class PolicyError(ValueError):

@@ -5,7 +5,7 @@ Shape legend (used in every module):
 - L: MoE layers (a plugin keeps one knob row per layer); G: expert groups.
 
 Entry point: `select_layer_step(policy, logits [T,E], router, knobs, row_valid [T],
-row_prunable [T], correction_bias [E] | None) -> LayerSelection` (keep [E], apply_rows [T],
+row_prunable [T], correction_bias [E] | None, row_weight [T] | None) -> LayerSelection` (keep [E], apply_rows [T],
 allowed [T,E], topk_weights [T,K], topk_ids [T,K], stats [len(STAT_FIELDS)]).
 No engine import, no global state, no host sync: CUDA-graph capturable, knobs are tensors.
 The torch code is the specification; `lynx.triton_selection` runs the hot part in Triton.
@@ -35,6 +35,7 @@ from lynx.selection.routing import (
     row_allowed,
     stock_gate_mass,
 )
+from lynx.selection.speculative import draft_depths, verify_row_weights
 from lynx.selection.statistics import STAT_FIELDS, layer_statistics, statistics_dict
 from lynx.selection.step import LayerSelection, select_layer_step, torch_batch_routing
 
@@ -45,5 +46,5 @@ __all__ = [
     "finalize_keep", "gate_scores", "keep_policy", "layer_statistics", "make_knobs",
     "masking_logit_bias", "must_keep", "rank_descending", "route_restricted", "routed_weights",
     "row_allowed", "select_layer_step", "statistics_dict", "stock_gate_mass", "stock_routing",
-    "torch_batch_routing",
+    "torch_batch_routing", "draft_depths", "verify_row_weights",
 ]

@@ -49,6 +49,17 @@ def batch_totals(stock: StockRouting, rows: torch.Tensor) -> BatchRouting:
     return BatchRouting(stock, importance, top1_votes, member > 0)
 
 
+def weighted_importance(batch: BatchRouting, rows: torch.Tensor, weight: torch.Tensor
+                        ) -> BatchRouting:
+    """``batch`` with its importance re-summed with a vote weight per row (``weight`` [T]
+    fp32, e.g. `lynx.selection.speculative.verify_row_weights`); the union and the top-1
+    votes (hence every must-keep rule) stay unweighted."""
+    stock = batch.stock
+    gate = torch.where(rows[:, None], stock.gate.float() * weight.float()[:, None], 0.0)
+    dense = torch.zeros(stock.choice.shape, dtype=torch.float32, device=stock.ids.device)
+    return batch._replace(importance=dense.scatter(1, stock.ids, gate).sum(dim=0))
+
+
 def must_keep(batch: BatchRouting) -> torch.Tensor:
     """[E] bool: experts no policy may drop (the top-1 of every pruned row)."""
     return batch.top1_votes > 0

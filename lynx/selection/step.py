@@ -16,7 +16,9 @@ What the plugin passes:
 - ``row_valid`` [T] bool: real rows (False for CUDA-graph padding: they neither vote, nor get
   pruned, nor enter any statistic, whatever their values), ``row_prunable`` [T] bool: decode
   rows (prefill rows: False, routed exactly stock);
-- ``correction_bias`` [E]: the router's bias, for routers with ``has_correction_bias``.
+- ``correction_bias`` [E]: the router's bias, for routers with ``has_correction_bias``;
+- ``row_weight`` [T] fp32 (optional): each pruned row's vote in the batch importance
+  (speculative verify steps: `lynx.selection.speculative.verify_row_weights`); default 1.
 
 What it gets back (`LayerSelection`): the keep set, the rows pruned, the experts each row may
 route to, the routing itself (pruned rows: the router's rule restricted to ``allowed``, see
@@ -34,7 +36,13 @@ from typing import NamedTuple
 
 import torch
 
-from lynx.selection.keep_rules import BatchRouting, batch_totals, finalize_keep, must_keep
+from lynx.selection.keep_rules import (
+    BatchRouting,
+    batch_totals,
+    finalize_keep,
+    must_keep,
+    weighted_importance,
+)
 from lynx.selection.policies import (
     KeepPolicy,
     PolicyInputs,
@@ -80,6 +88,7 @@ def select_layer_step(
     correction_bias: torch.Tensor | None = None, *,
     policies: Mapping[str, KeepPolicy] | None = None,
     batch_routing: BatchRoutingFn = torch_batch_routing,
+    row_weight: torch.Tensor | None = None,
 ) -> LayerSelection:
     """Keep set, routing and statistics for one layer-step (see the module doc).
 
@@ -92,6 +101,8 @@ def select_layer_step(
     z = torch.where(usable[:, None], logits.float(), 0.0)  # padding may hold inf/NaN
     rows = usable & row_prunable & knobs.enabled
     batch = batch_routing(z, router, correction_bias, rows)
+    if row_weight is not None:
+        batch = weighted_importance(batch, rows, row_weight)
     must = must_keep(batch)
     inputs = PolicyInputs(z, router, correction_bias, usable, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)

@@ -197,8 +197,11 @@ class LynxRuntime:
         # a controller's switch reaches replayed graphs without recapture.
         policy = "by_code" if state.graph_safe else state.policy.name
         bias = config.correction_bias if plan.router.has_correction_bias else None
+        weight = state.row_weight
+        if weight is not None and weight.shape[0] != router_logits.shape[0]:  # padded rows
+            weight = torch.nn.functional.pad(weight, (0, router_logits.shape[0] - weight.shape[0]))
         return step(policy, router_logits, plan.router, knobs.for_layer(layer), valid,
-                    prunable, bias)
+                    prunable, bias, row_weight=weight)
 
     # -- controller link (on SGLang's request path) -----------------------------------------
     def after_pull_raw_reqs(self, result: list | None, *args: Any, **kwargs: Any

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from lynx.selection.policies import POLICY_NAMES, SelectionKnobs
+from lynx.selection.speculative import draft_depths, verify_row_weights
 from lynx_protocol.policy import PolicySpec, bucket_for
 
 NO_LIMIT = 1 << 30
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode rows, inclusive upper bounds
-STAT_SLOTS = len(BATCH_BUCKETS) + 2  # decode buckets, "above the last edge", mixed steps
-MIXED_SLOT = STAT_SLOTS - 1
+# decode buckets, "above the last edge", mixed steps, speculative verify steps
+STAT_SLOTS = len(BATCH_BUCKETS) + 3
+MIXED_SLOT = STAT_SLOTS - 2
+VERIFY_SLOT = STAT_SLOTS - 1
 
 
 def batch_slot(n_decode_rows: int) -> int:
@@ -32,11 +35,15 @@ def batch_slot(n_decode_rows: int) -> int:
 @dataclass(frozen=True)
 class StepLayout:
     """Rows of one forward: ``[0, prunable_start)`` never pruned, ``[prunable_start, n_valid)``
-    are decode rows that may be pruned, rows ``>= n_valid`` are padding."""
+    are decode rows that may be pruned, rows ``>= n_valid`` are padding. A verify step's rows
+    are its requests' draft tokens, ``draft_tokens`` per request, with their vote weights
+    (`lynx.selection.speculative`); they are prunable only under ``prune_verify``."""
 
-    mode: str  # "decode" | "mixed" | "prefill" | "idle"
+    mode: str  # "decode" | "mixed" | "prefill" | "verify" | "draft" | "idle"
     n_valid: int
     prunable_start: int
+    draft_tokens: int = 0
+    row_weight: torch.Tensor | None = None  # [n_valid] fp32, verify steps only
 
     @property
     def n_decode_rows(self) -> int:
@@ -51,6 +58,10 @@ def layout_from_forward_batch(forward_batch: object) -> StepLayout:
     if mode.is_decode():
         n = int(forward_batch.batch_size)  # type: ignore[attr-defined]
         return StepLayout("decode", n, 0)
+    if mode.is_target_verify():
+        return verify_layout(forward_batch)
+    if mode.is_draft_extend_v2():  # EAGLE's draft model extending (its own steps)
+        return StepLayout("draft", 0, 0)
     lens = getattr(forward_batch, "extend_seq_lens_cpu", None) or []
     total = int(sum(lens))
     if mode.is_mixed():
@@ -62,6 +73,24 @@ def layout_from_forward_batch(forward_batch: object) -> StepLayout:
             n_decode += 1
         return StepLayout("mixed", total, total - n_decode)
     return StepLayout("prefill", total, total)
+
+
+def verify_layout(forward_batch: object) -> StepLayout:
+    """Layout of a TARGET_VERIFY step: R requests x n draft rows, weighted per request by
+    draft depth (uniform when the spec info carries no positions)."""
+    spec = forward_batch.spec_info  # type: ignore[attr-defined]
+    n = int(getattr(spec, "draft_token_num", 0) or 0)
+    requests = int(forward_batch.batch_size)  # type: ignore[attr-defined]
+    rows = requests * n
+    if n < 1:
+        return StepLayout("verify", 0, 0)
+    positions = getattr(spec, "positions", None)
+    seq_lens = forward_batch.seq_lens  # type: ignore[attr-defined]
+    if positions is not None and positions.numel() == rows and seq_lens.numel() == requests:
+        depths = draft_depths(positions, seq_lens, n)
+    else:
+        depths = torch.zeros(rows, dtype=torch.int64, device=seq_lens.device)
+    return StepLayout("verify", rows, 0, n, verify_row_weights(depths, n))
 
 
 class DeviceKnobs:
@@ -113,6 +142,7 @@ class RuntimeState:
         self.graph_safe = device.type == "cuda"
         self.step_active = False
         self.layout = StepLayout("idle", 0, 0)
+        self.row_weight: torch.Tensor | None = None  # [rows] verify steps' vote weights
         self.step_index = 0  # forwards seen; equal on every TP rank of a replica
         # (version, step_index) of every policy applied, in order: TP ranks must agree
         self.applied: list[tuple[int, int]] = []
@@ -154,6 +184,7 @@ class RuntimeState:
             self._apply(*staged)
         prune = self.policy.name != "off" and layout.n_decode_rows > 0 and (
             layout.mode == "decode" or (layout.mode == "mixed" and self.policy.prune_mixed)
+            or (layout.mode == "verify" and self.policy.prune_verify)
         )
         if prune and self.policy.name == "budget":
             row = self.budget_row(layout.n_decode_rows)
@@ -161,10 +192,11 @@ class RuntimeState:
             if prune:
                 self.knobs.budget.copy_(torch.tensor(row, dtype=torch.int64))
         self.knobs.enabled.fill_(prune)
-        self.knobs.stat_slot.fill_(MIXED_SLOT if layout.mode == "mixed"
-                                   else batch_slot(layout.n_decode_rows))
+        self.knobs.stat_slot.fill_({"mixed": MIXED_SLOT, "verify": VERIFY_SLOT}.get(
+            layout.mode, batch_slot(layout.n_decode_rows)))
         self.knobs.n_valid.fill_(layout.n_valid)
         self.knobs.prunable_start.fill_(layout.prunable_start)
         self.layout = layout
+        self.row_weight = layout.row_weight if prune else None
         self.step_active = prune
         return prune

@@ -115,9 +115,9 @@ TRITON_POLICIES: Mapping[str, KeepPolicy] = MappingProxyType(
 def select_layer_step_triton(
     policy: str, logits: torch.Tensor, router: RouterSpec, knobs: SelectionKnobs,
     row_valid: torch.Tensor, row_prunable: torch.Tensor,
-    correction_bias: torch.Tensor | None = None,
+    correction_bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
 ) -> LayerSelection:
     """Same contract and results as `lynx.selection.select_layer_step`, kernels inside."""
     return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
                              correction_bias, policies=TRITON_POLICIES,
-                             batch_routing=triton_batch_routing)
+                             batch_routing=triton_batch_routing, row_weight=row_weight)
