@@ -32,7 +32,7 @@ def tree_case(gen: torch.Generator, batch: int, n: int) -> dict[str, bool]:
     theirs = [t.clone() for t in ours]
     spec_ops.reconstruct_indices_from_tree_mask(mask, seq, *ours, batch, n)
     reconstruct_tree.reconstruct_indices_from_tree_mask_triton(mask, seq, *theirs, batch, n)
-    result = {"reconstruct": all(torch.equal(a, b) for a, b in zip(ours, theirs))}
+    result = {"reconstruct": all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))}
     # greedy verification over that tree, tokens from a small vocabulary so paths match
     _, index, next_token, next_sibling = (t.view(batch, n) for t in ours)
     candidates = torch.randint(0, 3, (batch, n), generator=gen)
@@ -50,7 +50,7 @@ def tree_case(gen: torch.Generator, batch: int, n: int) -> dict[str, bool]:
         else:
             fn(*args)
         outs.append((predicts, accept_index, accept_num))
-    result["verify_tree_greedy"] = all(torch.equal(a, b) for a, b in zip(*outs))
+    result["verify_tree_greedy"] = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
     # bonus token of the accepted path, and the compaction of accepted slots
     accept_index, accept_num = outs[0][1], outs[0][2]
     lens = accept_num + 1

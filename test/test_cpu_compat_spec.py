@@ -40,12 +40,12 @@ def test_copy_all_layer_kv_cache_reads_every_source_before_writing() -> None:
     src = torch.tensor([3, 7, 9, 11])
     tgt = torch.tensor([7, 3, 20, 9])  # 3<->7 swap, and 9 is both a source and a target
     expected = [b.clone() for b in buffers]
-    for exp, orig in zip(expected, buffers):
+    for exp, orig in zip(expected, buffers, strict=True):
         exp[tgt] = orig.clone()[src]
     ptrs = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
     strides = torch.tensor([b[0].numel() * b.element_size() for b in buffers])
     copy_all_layer_kv_cache_cpu(ptrs, strides, tgt, src)
-    for got, exp in zip(buffers, expected):
+    for got, exp in zip(buffers, expected, strict=True):
         assert torch.equal(got, exp)
 
 

@@ -148,7 +148,7 @@ def verify_tree_greedy_cpu(
     at each level the child whose draft token equals the target's prediction at the last
     accepted node is accepted, else the walk stops (SGLang's ``verify_tree_greedy``).
     """
-    batch, n = candidates.shape
+    batch = candidates.shape[0]
     steps = accept_index.shape[1]
     target = target_predict.reshape(-1).tolist()
     cand, index = candidates.tolist(), retrive_index.tolist()

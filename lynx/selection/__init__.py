@@ -5,8 +5,9 @@ Shape legend (used in every module):
 - L: MoE layers (a plugin keeps one knob row per layer); G: expert groups.
 
 Entry point: `select_layer_step(policy, logits [T,E], router, knobs, row_valid [T],
-row_prunable [T], correction_bias [E] | None, row_weight [T] | None) -> LayerSelection` (keep [E], apply_rows [T],
-allowed [T,E], topk_weights [T,K], topk_ids [T,K], stats [len(STAT_FIELDS)]).
+row_prunable [T], correction_bias [E] | None, row_weight=[T] | None) -> LayerSelection`
+(keep [E], apply_rows [T], allowed [T,E], topk_weights [T,K], topk_ids [T,K],
+stats [len(STAT_FIELDS)]).
 No engine import, no global state, no host sync: CUDA-graph capturable, knobs are tensors.
 The torch code is the specification; `lynx.triton_selection` runs the hot part in Triton.
 """
@@ -40,11 +41,37 @@ from lynx.selection.statistics import STAT_FIELDS, layer_statistics, statistics_
 from lynx.selection.step import LayerSelection, select_layer_step, torch_batch_routing
 
 __all__ = [
-    "KEEP_POLICIES", "MASK_MARGIN", "NO_BUDGET_LIMIT", "POLICY_NAMES", "STAT_FIELDS",
-    "BatchRouting", "KeepPolicy", "LayerSelection", "PolicyInputs", "RouterSpec",
-    "SelectionKnobs", "StockRouting", "affinity_choices", "apply_logit_bias", "batch_totals",
-    "finalize_keep", "gate_scores", "keep_policy", "layer_statistics", "make_knobs",
-    "masking_logit_bias", "must_keep", "rank_descending", "route_restricted", "routed_weights",
-    "row_allowed", "select_layer_step", "statistics_dict", "stock_gate_mass", "stock_routing",
-    "torch_batch_routing", "draft_depths", "verify_row_weights",
+    "KEEP_POLICIES",
+    "MASK_MARGIN",
+    "NO_BUDGET_LIMIT",
+    "POLICY_NAMES",
+    "STAT_FIELDS",
+    "BatchRouting",
+    "KeepPolicy",
+    "LayerSelection",
+    "PolicyInputs",
+    "RouterSpec",
+    "SelectionKnobs",
+    "StockRouting",
+    "affinity_choices",
+    "apply_logit_bias",
+    "batch_totals",
+    "draft_depths",
+    "finalize_keep",
+    "gate_scores",
+    "keep_policy",
+    "layer_statistics",
+    "make_knobs",
+    "masking_logit_bias",
+    "must_keep",
+    "rank_descending",
+    "route_restricted",
+    "routed_weights",
+    "row_allowed",
+    "select_layer_step",
+    "statistics_dict",
+    "stock_gate_mass",
+    "stock_routing",
+    "torch_batch_routing",
+    "verify_row_weights",
 ]
