@@ -1,6 +1,8 @@
 """One-shot GPU check of the selection library (no SGLang needed: the GPU machine has none).
 
-    python scripts/gpu_check.py [--stage selection|capture] [--dry-run] [--out DIR]
+    python scripts/gpu_check.py [--stage NAME] [--dry-run] [--out DIR]
+
+NAME: selection, capture, verify, moe_layer, selection_cost (default: all, in that order).
 
 Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``selection``: the library-level conformance cells on the device: `select_layer_step` (torch
@@ -10,6 +12,8 @@ Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``capture``: one CUDA-graph capture per router of the selection step as the plugin drives
   it (``by_code``, knobs in device tensors), then off -> budget -> affinity -> piggyback -> off
   switches by ``fill_`` and replay; every replay must equal the eager step; no recapture.
+- ``verify`` (`gpu_verify`): speculative verify-step selection (16 requests x 4 / 12 draft
+  tokens, per-request depth weights), Triton vs specification and one graph capture per router.
 - ``moe_layer`` / ``selection_cost`` (`gpu_moe`): one MoE layer at full production shapes in
   bf16, stock routing vs Lynx's (budget 2K), against the weights-read bound; the selection
   step's own cost, eager and graph-replayed.
@@ -139,9 +143,10 @@ def stage_capture(device: str, dry_run: bool) -> dict[str, Any]:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_moe import stage_moe_layer, stage_selection_cost  # noqa: E402
+from gpu_verify import stage_verify  # noqa: E402
 
 STAGES = {"selection": stage_selection, "capture": stage_capture, "moe_layer": stage_moe_layer,
-          "selection_cost": stage_selection_cost}
+          "selection_cost": stage_selection_cost, "verify": stage_verify}
 
 
 def _timed_out(*_: object) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.metrics_reader import metric_sum, samples
+from lynx.serving.models import REFERENCE_MODELS
 
 pytestmark = pytest.mark.slow
 MODEL = "qwen3-moe-mini"
@@ -61,7 +62,7 @@ def reference(tmp_path_factory) -> list[str]:
 def _env(prune_verify: bool) -> dict[str, str]:
     policy = {"name": "budget", "budgets": BUDGET, "prune_verify": prune_verify}
     return {"LYNX_ENABLED": "1", "LYNX_POLICY": json.dumps(policy),
-            "LYNX_STATS_INTERVAL_S": "0.2"}
+            "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_TIME_MOE": "1"}
 
 
 def test_ngram_serves_the_non_speculative_outputs_and_verify_steps_stay_stock_by_default(
@@ -90,3 +91,9 @@ def test_prune_verify_prunes_every_verify_step_and_keeps_each_rows_top1(server_f
     assert 0 < kept < union
     rows = metric_sum(text, "lynx_pruned_rows_total")
     assert rows > 0 and metric_sum(text, "lynx_top1_kept_rows_total") == rows
+    # LYNX_TIME_MOE: every MoE block of every verify step timed, under the verify mode
+    layers = json.loads((REFERENCE_MODELS[MODEL] / "config.json").read_text())["num_hidden_layers"]
+    calls = {labels["mode"]: v for labels, v in samples(text, "lynx_moe_calls_total")}
+    assert calls["verify"] == layers * _steps(text, "verify", "true")
+    assert sum(v for labels, v in samples(text, "lynx_moe_seconds_total")
+               if labels["mode"] == "verify") > 0

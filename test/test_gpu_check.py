@@ -26,6 +26,8 @@ def test_gpu_check_dry_run_covers_every_router_and_stage(tmp_path: Path) -> None
     for row in layer["rows"]:
         assert row["experts_lynx"] <= row["experts_stock"] and row["stock_ms"] > 0
         assert row["bound_speedup"] == round(row["experts_stock"] / row["experts_lynx"], 3)
+    verify = json.loads((tmp_path / "verify.json").read_text())
+    assert verify["ok"] and verify["cells"] == 8 * 2  # routers x (16x4, 16x12) draft rows
     cost = json.loads((tmp_path / "selection_cost.json").read_text())
     assert cost["ok"] and all(r["eager_ms"] > 0 for r in cost["rows"])
 

@@ -35,6 +35,8 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     ({"LYNX_CONTROLLER": "http://x"}, "expected ipc://PATH or tcp://HOST:PORT"),
     ({"LYNX_STALE_AFTER_S": "-3"}, "must be > 0"),
     ({"LYNX_STATS_INTERVAL_S": "soon"}, "is not a number"),
+    ({"LYNX_TIME_MOE": "maybe"}, "LYNX_TIME_MOE='maybe': expected 1 or 0"),
+    ({"LYNX_POLICY": '{"name": "off", "prune_verify": "yes"}'}, "invalid policy"),
 ])
 def test_bad_config_is_a_clear_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(LynxConfigError) as info:

@@ -67,6 +67,7 @@ class PluginConfig:
     curve_client_key: str = ""
     curve_server_key: str = ""
     plaintext_tcp: bool = False
+    time_moe: bool = False  # LYNX_TIME_MOE: benchmark instrument (`moe_timer`)
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -121,6 +122,9 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     if controller is not None and controller.startswith("tcp://") and not (client_key or plaintext):
         raise LynxConfigError(f"LYNX_CONTROLLER={controller}: a tcp:// controller needs CURVE keys "
                               "(LYNX_CURVE_CLIENT_KEY, LYNX_CURVE_SERVER_KEY) or LYNX_PLAINTEXT_TCP=1")
+    time_moe_raw = env.get("LYNX_TIME_MOE", "0").strip().lower()
+    if time_moe_raw not in {*TRUE_VALUES, "0", "false", "no", ""}:
+        raise LynxConfigError(f"LYNX_TIME_MOE={time_moe_raw!r}: expected 1 or 0")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -133,4 +137,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         stats_interval_s=_positive_float(env, "LYNX_STATS_INTERVAL_S", 1.0),
         apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
         curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
+        time_moe=time_moe_raw in TRUE_VALUES,
     )

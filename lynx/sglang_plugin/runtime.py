@@ -59,6 +59,7 @@ class LynxRuntime:
         self.ranks = ParallelRanks(0, 1, 0, 1)  # replaced from SGLang's state in `prepare`
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
+        self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
 
     # -- start-up ---------------------------------------------------------------------------
     def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
@@ -81,6 +82,11 @@ class LynxRuntime:
             state.on_apply = self._log_apply
             self._log_apply(state.policy, state.policy_version, state.step_index)
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
+        if self.config.time_moe:
+            from lynx.sglang_plugin.moe_timer import MoeTimer
+
+            self.moe_timer = MoeTimer(model_runner.model, lambda: state.layout.mode,
+                                      export=self.ranks.tp_rank == 0)
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 
