@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,15 +77,17 @@ class SelectionHook:
 
 
 @contextmanager
-def selection_hooks(model: Any, variant: Variant, batch: int) -> Iterator[list[SelectionHook]]:
+def selection_hooks(model: Any, variant: Variant, batch: int,
+                    hook_factory: Callable[..., SelectionHook] | None = None
+                    ) -> Iterator[list[SelectionHook]]:
     config = model.config
     top_k = int(config.num_experts_per_tok)
     renormalize = bool(getattr(config, "norm_topk_prob", True))
     routers = [m for name, m in model.named_modules()
                if name.endswith("mlp.gate") and hasattr(m, "top_k")]
     experts = int(getattr(config, "num_local_experts", None) or config.num_experts)
-    hooks = [SelectionHook(variant, batch, i, experts, top_k, renormalize)
-             for i in range(len(routers))]
+    factory = hook_factory or SelectionHook
+    hooks = [factory(variant, batch, i, experts, top_k, renormalize) for i in range(len(routers))]
     handles = [r.register_forward_hook(h) for r, h in zip(routers, hooks, strict=True)]
     try:
         yield hooks
@@ -102,15 +104,18 @@ def load_model(folder: Path) -> tuple[Any, Any]:
 
 @torch.no_grad()
 def code_scores(model: Any, tok: Any, variant: Variant, batch: int, windows: int,
-                length: int) -> dict[str, Any]:
-    """Perplexity, next-token argmax per position and top-1-kept rate under ``variant``."""
+                length: int, hook_factory: Callable[..., SelectionHook] | None = None
+                ) -> dict[str, Any]:
+    """Perplexity, next-token argmax per position and top-1-kept rate under ``variant``
+    (``hook_factory``: another grouping of rows into steps than one decode step per position,
+    e.g. `benchmark.verify_steps.VerifyHook`)."""
     from lynx.reference.data import code_stream, code_windows
 
     data = code_windows(code_stream(tok, "heldout"), windows - windows % batch, length,
                         torch.Generator().manual_seed(CODE_SEED))
     nll, count = 0.0, 0
     argmax: list[torch.Tensor] = []
-    with selection_hooks(model, variant, batch) as hooks:
+    with selection_hooks(model, variant, batch, hook_factory) as hooks:
         for chunk in data.split(batch):
             logits = model(input_ids=chunk).logits[:, :-1].float()
             target = chunk[:, 1:]
