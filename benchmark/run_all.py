@@ -5,6 +5,7 @@
 1. MoE-layer microbenchmark (``benchmark/moe_layer.py``);
 2. end-to-end decode + accuracy on the SGLang CPU server (``benchmark/e2e_decode.py``);
 3. the SLO ramp (``benchmark/slo_ramp.py``) on the fine-grained model's server pair;
+   full runs also: speculative verify steps (``benchmark/verify_steps.py``);
 4. ``benchmark/results/summary.json`` (the issue's schema), the PNGs under
    ``benchmark/results/`` and ``benchmark/RESULTS.md``.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import e2e_decode, moe_layer, plugin_overhead, report, slo_ramp
+from benchmark import e2e_decode, moe_layer, plugin_overhead, report, slo_ramp, verify_steps
 from benchmark.common import REPO_ROOT, RESULTS_DIR, machine_description, models_dir, write_json
 from benchmark.serving_pair import ServingPair
 
@@ -58,6 +59,8 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
             slo = slo_ramp.run(pair, model, experts, top_k, sargs)
     e2e_decode.finish(eargs, models)
     assert slo is not None, f"{SLO_MODEL} must be among the e2e models"
+    if not quick:
+        verify_steps.main(["--out", str(out_dir / "verify_steps.json")])
     slo["machine"] = machine_description()
     write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
@@ -88,7 +91,9 @@ def render(out_dir: Path) -> dict[str, Any]:
     md_path = (REPO_ROOT / "benchmark" / "RESULTS.md" if out_dir.resolve() == RESULTS_DIR.resolve()
                else out_dir / "RESULTS.md")
     images = os.path.relpath(out_dir, md_path.parent)
-    md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost))
+    verify = out_dir / "verify_steps.json"
+    md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost) + (
+        verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 

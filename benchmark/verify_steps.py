@@ -211,6 +211,23 @@ def perplexity_rise(budget: int, drafts: list[int], requests: int) -> dict[int, 
     return out
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The RESULTS.md section of one run."""
+    head = ("| draft tokens | variant | accept length | accept rate | verify step ms | "
+            "MoE ms / verify step | kept / union | exact match | identical outputs | "
+            "ppl rise |\n|" + "---|" * 10 + "\n")
+    lines = [f"| {r['draft_tokens']} | {r['variant']} | {r['accept_length']:.2f} | "
+             f"{r['accept_rate']:.2f} | {r['verify_step_ms']:.0f} | {r['verify_moe_ms']:.0f} | "
+             f"{r['kept_over_union']:.2f} | {r['exact_match']:.2f} | "
+             f"{r['identical_outputs']:.2f} | {r.get('ppl_rise', 0.0):+.2%} |"
+             for r in result["rows"]]
+    return (f"\n## Speculative verify steps (NGRAM)\n\n`python benchmark/verify_steps.py`: "
+            f"{result['model']}, batches of {result['batch']} requests x {result['reps']} "
+            f"interleaved, budget {result['budget']} of 32 experts with `prune_verify`; "
+            "times are medians per verify step (`LYNX_TIME_MOE=1`).\n\n" + head
+            + "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"draft_tokens": n, "variant": name, **{
                 k: rounded(v) if isinstance(v, float) else v for k, v in result.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    write_json(args.out, {"machine": machine_description(), "model": MODEL.name,
-                          "batch": 2 * args.requests, "reps": args.reps, "budget": args.budget,
-                          "tokens": args.tokens, "rows": rows, "perplexity": ppl})
+    result = {"machine": machine_description(), "model": MODEL.name,
+              "batch": 2 * args.requests, "reps": args.reps, "budget": args.budget,
+              "tokens": args.tokens, "rows": rows, "perplexity": ppl}
+    write_json(args.out, result)
+    print(markdown(result))
     print(f"wrote {args.out}")
     return 0
 
