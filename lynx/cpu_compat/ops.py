@@ -3,7 +3,8 @@
 Traced on SGLang 0.5.23 (``LYNX_CPU_COMPAT_TRACE``): plain CPU serving of Mixtral and
 Qwen3-MoE with ``--attention-backend torch_native`` resolves a handful of names at import time
 and calls none of them; `assign_req_to_token_pool_cpu` is reached by the speculative-decoding
-allocator (``alloc_for_spec_decode``). Every other name raises (see `stand_in.MissingOp`).
+allocator (``alloc_for_spec_decode``); NGRAM speculative decoding calls six more
+(`lynx.cpu_compat.spec_ops`). Every other name raises (see `stand_in.MissingOp`).
 """
 
 from __future__ import annotations
