@@ -29,7 +29,13 @@ from lynx_policy.config import (
 )
 from lynx_policy.decide import enforce_floor
 from lynx_protocol.messages import policy_update_size
-from lynx_protocol.policy import PolicyError, PolicySpec, validate_for_replica, validate_policy
+from lynx_protocol.policy import (
+    PolicyError,
+    PolicySpec,
+    policy_document,
+    validate_for_replica,
+    validate_policy,
+)
 
 if TYPE_CHECKING:
     from lynx_policy.service import Controller
@@ -138,8 +144,8 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
     def policy_view() -> dict[str, Any]:
         state = controller.keeper.state
         return {"version": state.version, "mode": state.mode,
-                "policy": msgspec.to_builtins(state.policy),
-                "effective_policy": msgspec.to_builtins(state.effective_policy())}
+                "policy": policy_document(state.policy),
+                "effective_policy": policy_document(state.effective_policy())}
 
     health_cache: dict[str, Any] = {"at": float("-inf"), "response": None}
 

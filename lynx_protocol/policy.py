@@ -73,6 +73,12 @@ class PolicySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     prune_verify: bool = False
 
 
+def policy_document(spec: PolicySpec) -> dict[str, object]:
+    """Every field of ``spec`` as JSON-ready builtins, defaults included (for people and the
+    admin API; the wire and the state file omit defaults)."""
+    return {name: msgspec.to_builtins(getattr(spec, name)) for name in spec.__struct_fields__}
+
+
 class PolicyError(ValueError):
     """A policy that cannot be applied; the message says which field and why."""
 
