@@ -41,6 +41,7 @@ if [ "$COLD" = 1 ]; then
   [ -f /run/lynx-smoke-docker/dockerd.pid ] && kill -0 "$(cat /run/lynx-smoke-docker/dockerd.pid)" 2>/dev/null \
     && { echo "compose-smoke: --cold: a smoke dockerd still runs; stop it first" >&2; exit 2; }
   log "--cold: removing $SMOKE_DIR"; rm -rf "$SMOKE_DIR"
+  T0=$(date +%s)  # times from here on are those of a fresh machine
 fi
 mkdir -p "$SMOKE_DIR"
 COMPOSE=(docker-compose -p "$PROJECT" -f docker/compose.cpu.yaml -f docker/compose.smoke.yaml)
@@ -82,14 +83,21 @@ smoke_docker_up; step "docker daemon" $(( $(date +%s) - s ))
 # a stack left by --keep goes first; then the ports it publishes must be free
 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 "$PY" - <<'EOF'
-import socket, sys
+import socket, sys, time
 from lynx.deploy import constants as c
-for port in (c.ROUTER_PORT, c.CONTROLLER_ADMIN_PORT, c.PROMETHEUS_PORT):
+def busy(port):
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
+            return True
+        return False
+for port in (c.ROUTER_PORT, c.CONTROLLER_ADMIN_PORT, c.PROMETHEUS_PORT):
+    deadline = time.monotonic() + 60  # another program's test server may hold it briefly
+    while busy(port):
+        if time.monotonic() > deadline:
             sys.exit(f"compose-smoke: 127.0.0.1:{port} is in use; the stack publishes it")
+        time.sleep(2)
 EOF
 BASE=$("$PY" -c 'from lynx.deploy import constants as c; print(c.PYTHON_IMAGE)')
 s2=$(date +%s); smoke_base_image "$BASE"; step "base image ($BASE)" $(( $(date +%s) - s2 ))
@@ -140,6 +148,9 @@ if [ "$KEEP" = 0 ]; then
   left=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT")
   [ -z "$left" ] || { echo "compose-smoke: containers left after down: $left" >&2; exit 1; }
   log "down: no container left"
+  # on our own daemon only: images replaced by this run's rebuilds (~11 GB after a dependency
+  # change); a daemon that was already running is left as it was
+  [[ "$DOCKER_HOST" != *lynx-smoke-docker* ]] || "$DOCKER" image prune -f >/dev/null
 fi
 step "total" $(( $(date +%s) - T0 ))
 printf '%s' "$TIMES" | tee "$SMOKE_DIR/last-run.txt"
