@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lynx-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions link-keys gpu-check
+.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions link-keys gpu-check compose-smoke
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -61,6 +61,11 @@ gpu-check:
 # CURVE keys of the compose stacks' controller link (docker/secrets/link/, never committed).
 link-keys: setup
 	bash scripts/link_keys.sh 2
+
+# The Docker images built for real and the CPU compose stack up and checked (docker/README.md,
+# "Smoke test"): starts its own dockerd when none runs; root for apt-get/debootstrap.
+compose-smoke: setup
+	bash scripts/compose_smoke.sh
 
 deploy-check: setup
 	$(PY) -m lynx.deploy generate --check

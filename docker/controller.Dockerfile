@@ -1,13 +1,15 @@
-# syntax=docker/dockerfile:1.7
 # Lynx policy controller (lynx-policy): the controller side only, no torch, no SGLang.
 #   docker build -f docker/controller.Dockerfile -t lynx-controller:0.1.0 .
 # Admin token: never in the image. Mount it as a secret file and point
 # LYNX_POLICY__ADMIN__TOKEN_FILE at it (compose does), or pass LYNX_ADMIN_TOKEN at run time.
+# BuildKit's built-in frontend (no `# syntax=` line); pip mirror / air-gapped builds: build args
+# PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, PIP_TRUSTED_HOST (docker/README.md).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # --- build: a wheel holding lynx_policy + lynx_protocol (+ the tiny lynx.cpu_compat boot shim
 # the wheel's .pth file imports; it is a no-op unless SGLANG_USE_CPU_ENGINE=1) ---------------
 FROM ${PYTHON_IMAGE} AS build
+ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN pip install hatchling==1.27.0

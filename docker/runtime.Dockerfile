@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # Lynx runtime: SGLang (pinned) + the Lynx plugin, Lynx on by default (LYNX_ENABLED=1).
 #   GPU (default target, on the upstream SGLang image):
 #     docker build -f docker/runtime.Dockerfile -t lynx-runtime:0.1.0 .
@@ -6,11 +5,16 @@
 #     docker build -f docker/runtime.Dockerfile --target runtime-cpu -t lynx-runtime-cpu:0.1.0 .
 # Model: mount a checkpoint folder and set MODEL_PATH (build args set the defaults), or give a
 # Hugging Face id. Extra container arguments go to sglang.launch_server unchanged.
+# BuildKit (Docker >= 23, or DOCKER_BUILDKIT=1 on 20.10) with its built-in Dockerfile frontend:
+# no `# syntax=` line, so nothing but the base images comes from a registry.
+# Package mirror / air-gapped builds: pip reads PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX,
+# PIP_TRUSTED_HOST from build args (docker/README.md, "Air-gapped builds").
 ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # --- build: the lynx wheel (plugin, protocol, controller code), no dependencies resolved ------
 FROM ${PYTHON_IMAGE} AS wheel
+ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN pip install hatchling==1.27.0
@@ -20,14 +24,27 @@ COPY lynx_protocol lynx_protocol
 COPY lynx_policy lynx_policy
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
+# --- build: the CPU runtime's requirements (the wheel's dependencies + its [runtime] extra),
+# read from pyproject.toml alone: the large layer installing them is reused across code changes
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['runtime'], sep='\\n')" \
+    > /src/requirements.txt
+
 # --- laptop CPU runtime: python:3.11-slim + sglang==0.5.23 (the wheel's [runtime] extra) -----
 FROM ${PYTHON_IMAGE} AS runtime-cpu
+ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST
 ARG MODEL_PATH=/models/mixtral-mini
 ARG MODEL_NAME=mixtral-mini
 ARG SGLANG_ROUTER_VERSION=0.3.2
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# ~11 GB (torch==2.14.1 from PyPI is the CUDA build): its own layer, keyed by the requirements
+RUN --mount=type=bind,from=requirements,source=/src,target=/req \
+    pip install -r /req/requirements.txt "sglang-router==${SGLANG_ROUTER_VERSION}"
+# then the Lynx wheel alone; pip check proves its requirements are all met
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/*.whl)[runtime]" "sglang-router==${SGLANG_ROUTER_VERSION}" \
+    pip install --no-deps /wheels/*.whl && pip check \
     && python -c "import sglang, sglang_router, lynx.sglang_plugin"
 RUN groupadd --system --gid 10001 lynx \
     && useradd --system --uid 10001 --gid lynx --home-dir /home/lynx --create-home lynx \
@@ -51,6 +68,7 @@ CMD ["--device", "cpu", "--attention-backend", "torch_native", "--max-total-toke
 
 # --- GPU runtime (default target): the upstream SGLang image, nothing of it reinstalled -------
 FROM ${SGLANG_IMAGE} AS runtime
+ARG PIP_INDEX_URL PIP_FIND_LINKS PIP_NO_INDEX PIP_TRUSTED_HOST
 ARG MODEL_PATH=/models/model
 ARG MODEL_NAME=lynx-moe
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1

@@ -95,7 +95,8 @@ def test_images_pinned_non_root_healthchecked(dockerfile: Path) -> None:
         if keyword in ("ARG", "ENV"):
             assert not re.search(r"TOKEN|PASSWORD|SECRET", arguments, flags=re.I), arguments
         if keyword == "RUN" and "pip install" in arguments:
-            assert re.search(r"hatchling==|--no-deps|\[runtime\]|--constraint", arguments)
+            assert re.search(r"hatchling==|--no-deps|\[runtime\]|--constraint|"
+                             r"-r /req/requirements\.txt", arguments)
 
 
 def test_runtime_image() -> None:
@@ -118,6 +119,22 @@ def test_runtime_image() -> None:
     pyproject = tomllib.loads((c.REPO_ROOT / "pyproject.toml").read_text())
     assert f"sglang=={c.SGLANG_VERSION}" in pyproject["project"]["optional-dependencies"][
         "runtime"]
+
+
+def test_runtime_cpu_installs_exactly_the_wheels_runtime_requirements(tmp_path: Path) -> None:
+    """The requirements stage's own command, run on this pyproject.toml: the big dependency
+    layer installs the wheel's dependencies plus its [runtime] extra, nothing else."""
+    run = next(a for stage, k, a in instructions(RUNTIME) if stage == "requirements" and k == "RUN")
+    shutil.copy(c.REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    command = run.replace("/src", str(tmp_path)).replace("python ", f"{sys.executable} ", 1)
+    subprocess.run(["sh", "-c", command], check=True, timeout=60)
+    project = tomllib.loads((c.REPO_ROOT / "pyproject.toml").read_text())["project"]
+    lines = (tmp_path / "requirements.txt").read_text().splitlines()
+    assert lines == [*project["dependencies"], *project["optional-dependencies"]["runtime"]]
+    assert f"sglang=={c.SGLANG_VERSION}" in lines
+    installs = [a for k, a in final_stages(RUNTIME)["runtime-cpu"] if k == "RUN" and "pip" in a]
+    assert "-r /req/requirements.txt" in installs[0]
+    assert "--no-deps /wheels/*.whl && pip check" in installs[1]
 
 
 def _requirements() -> dict[str, str]:

@@ -90,7 +90,8 @@ def _router(replicas: int, *, cpu: bool) -> dict[str, Any]:
         "restart": "unless-stopped",
         "entrypoint": ["python3", "-m", "sglang_router.launch_router"],
         "command": command,
-        "ports": [f"{c.ROUTER_PORT}:{c.ROUTER_PORT}"],
+        # A laptop's stack answers on its loopback only; a cluster's router is its entry point.
+        "ports": [f"{'127.0.0.1:' if cpu else ''}{c.ROUTER_PORT}:{c.ROUTER_PORT}"],
         "expose": [str(c.ROUTER_METRICS_PORT)],
         "depends_on": {f"runtime-{i}": {"condition": "service_healthy"}
                        for i in range(1, replicas + 1)},
@@ -194,6 +195,22 @@ def render_compose(replicas: int, *, cpu: bool = False,
                    gpus_per_replica: int = 1) -> str:
     data = build_compose(replicas, cpu=cpu, gpus_per_replica=gpus_per_replica)
     return HEADER + yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+def build_smoke_override() -> dict[str, Any]:
+    """``docker/compose.smoke.yaml``, layered on ``compose.cpu.yaml`` by ``make compose-smoke``
+    only: Prometheus from a locally built image (Debian's package), Grafana behind a profile so
+    ``up`` leaves it out. Neither upstream image can be pulled where the smoke test runs."""
+    return {"services": {
+        "prometheus": {"image": c.SMOKE_PROMETHEUS_IMAGE},
+        "grafana": {"profiles": ["grafana"]},
+    }}
+
+
+def render_smoke_override() -> str:
+    return (HEADER + "# Test-only override (scripts/compose_smoke.sh): docker-compose -f "
+            "compose.cpu.yaml -f compose.smoke.yaml\n"
+            + yaml.safe_dump(build_smoke_override(), sort_keys=False, width=100))
 
 
 def runtime_services(compose: dict[str, Any]) -> list[str]:

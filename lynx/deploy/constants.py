@@ -20,6 +20,8 @@ SGLANG_ROUTER_VERSION = "0.3.2"
 PYTHON_IMAGE = "python:3.11.11-slim-bookworm"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.4"
 GRAFANA_IMAGE = "grafana/grafana:11.6.0"
+SMOKE_PROMETHEUS_IMAGE = "lynx-smoke-prometheus:local"
+"""Built by ``make compose-smoke`` from ``docker/smoke/prometheus.Dockerfile`` (test only)."""
 
 # --- runtime (SGLang + plugin) ---------------------------------------------------------------
 RUNTIME_PORT = 30000

@@ -4,7 +4,8 @@
     python -m lynx.deploy generate --replicas 4 --gpus-per-replica 2
     python -m lynx.deploy generate --check           # exit 1 if a committed file is stale
 
-Generated: compose.yaml, compose.cpu.yaml, prometheus/prometheus.yml, prometheus/prometheus.cpu.yml,
+Generated: compose.yaml, compose.cpu.yaml, compose.smoke.yaml (test-only override),
+prometheus/prometheus.yml, prometheus/prometheus.cpu.yml,
 prometheus/rules.yml, grafana/dashboards/lynx.json and Grafana's provisioning files.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from lynx.deploy import constants as c
-from lynx.deploy.compose import render_compose
+from lynx.deploy.compose import render_compose, render_smoke_override
 from lynx.deploy.dashboard import render_dashboard
 from lynx.deploy.prometheus import HEADER, compose_prometheus_config, render_rules
 
@@ -48,6 +49,7 @@ def generated_files(replicas: int = c.DEFAULT_REPLICAS, gpus_per_replica: int = 
     return {
         root / "compose.yaml": render_compose(replicas, gpus_per_replica=gpus_per_replica),
         root / "compose.cpu.yaml": render_compose(c.CPU_REPLICAS, cpu=True),
+        root / "compose.smoke.yaml": render_smoke_override(),
         root / "prometheus" / "prometheus.yml": compose_prometheus_config(replicas),
         root / "prometheus" / "prometheus.cpu.yml": compose_prometheus_config(c.CPU_REPLICAS),
         root / "prometheus" / "rules.yml": render_rules(),
