@@ -18,10 +18,8 @@ import argparse
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import httpx
 from lynx.deploy import constants as c
 from lynx.deploy.dashboard import dashboard_queries
 from lynx.deploy.prometheus import rule_queries
+from lynx.serving.client import StreamedTraffic
 
 SERVICES = ("runtime-1", "router", "controller", "prometheus")
 BUDGET = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": 2}]}
@@ -102,42 +101,6 @@ class Stack:
         return text
 
 
-class Traffic(threading.Thread):
-    """Concurrent streamed greedy requests through the router until stopped (SGLang records
-    inter-token latency for streamed requests only)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stop_event, self.ok, self.failed = url, threading.Event(), 0, 0
-        self.errors: list[str] = []
-
-    def _one(self, i: int) -> None:
-        body = {"text": f"{i % 90 + 10}+{i % 7 + 11}=", "stream": True,
-                "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
-        try:
-            with httpx.stream("POST", f"{self.url}/generate", json=body, timeout=60) as reply:
-                reply.raise_for_status()
-                chunks = sum(1 for line in reply.iter_lines() if line.startswith("data:"))
-            if chunks < 2:
-                raise ValueError(f"{chunks} stream chunks")
-            self.ok += 1
-        except (httpx.HTTPError, ValueError) as error:
-            self.failed += 1
-            self.errors.append(f"{time.monotonic() - T0:.0f}s {error!r}")
-
-    def run(self) -> None:
-        i = 0
-        with ThreadPoolExecutor(4) as pool:
-            while not self.stop_event.is_set():
-                list(pool.map(self._one, range(i, i + 4)))
-                i += 4
-
-    def finish(self) -> None:
-        self.stop_event.set()
-        if self.is_alive():
-            self.join(timeout=120)
-
-
 def check_up(stack: Stack) -> None:
     for service in SERVICES:
         wait_for(f"{service} healthy", lambda s=service: stack.inspect(
@@ -187,7 +150,7 @@ def check_panels(stack: Stack) -> None:
     say(f"all {len(queries)} dashboard panel and alert-rule queries return data")
 
 
-def check_controller_crash(stack: Stack, traffic: Traffic) -> None:
+def check_controller_crash(stack: Stack, traffic: StreamedTraffic) -> None:
     before = traffic.ok
     pid = stack.inspect("controller", "{{.State.Pid}}")
     restarts = int(stack.inspect("controller", "{{.RestartCount}}"))
@@ -214,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.token_file).is_file():
         parser.error(f"--token-file {args.token_file}: no such file")
     stack = Stack(args)
-    traffic = Traffic(stack.router)
+    traffic = StreamedTraffic(stack.router, max_new_tokens=12, workers=4)
     try:
         check_up(stack)
         check_request(stack)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import yaml
 from lynx.deploy import constants as c
 from lynx.deploy.dashboard import dashboard_queries, referenced_metric_names
 from lynx.deploy.prometheus import render_prometheus_config, rule_queries
+from lynx.serving.client import StreamedTraffic
 from lynx.serving.metrics_reader import samples
 from lynx.serving.server import free_port
 from lynx_policy.testing import ControllerProcess, deep_merge
@@ -94,36 +93,6 @@ def controller(tmp_path: Path) -> Iterator[ControllerProcess]:
     ctl.stop()
 
 
-class Traffic(threading.Thread):
-    """Concurrent greedy requests through the router until stopped."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stop_event, self.ok, self.failed = url, threading.Event(), 0, 0
-        self.errors: list[str] = []
-
-    def _one(self, i: int) -> None:
-        # Streaming: SGLang records inter-token latency for streamed requests only.
-        body = {"text": f"{i % 90 + 10}+{i % 7 + 11}=", "stream": True,
-                "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
-        try:
-            with httpx.stream("POST", f"{self.url}/generate", json=body, timeout=60) as reply:
-                reply.raise_for_status()
-                chunks = sum(1 for line in reply.iter_lines() if line.startswith("data:"))
-            assert chunks > 1
-            self.ok += 1
-        except (httpx.HTTPError, AssertionError) as error:
-            self.failed += 1
-            self.errors.append(repr(error))
-
-    def run(self) -> None:
-        i = 0
-        with ThreadPoolExecutor(6) as pool:
-            while not self.stop_event.is_set():
-                list(pool.map(self._one, range(i, i + 6)))
-                i += 6
-
-
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
     response = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
     body = response.json()
@@ -159,7 +128,7 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
                            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                            f"--web.listen-address=127.0.0.1:{prom_port}"],
                           tmp_path / "prometheus.log")
-    traffic = Traffic(f"http://127.0.0.1:{router_port}")
+    traffic = StreamedTraffic(f"http://127.0.0.1:{router_port}")
     try:
         _wait_for("router", lambda: httpx.get(f"http://127.0.0.1:{router_port}/liveness",
                                               timeout=2).status_code == 200, 60)
@@ -206,7 +175,6 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
         assert sum(v for _, v in samples(httpx.get(f"{runtime.url}/metrics").text,
                                          "lynx_controller_connected")) == 1.0
     finally:
-        traffic.stop_event.set()
-        traffic.join(timeout=90)
+        traffic.finish(timeout_s=90)
         for process in (prometheus, router):
             _stop(process)
