@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lynx.cpu_compat.ops import token_pool_spans
+
 
 def _rows_at(address: int, n_rows: int, row_bytes: int) -> torch.Tensor:
     """A uint8 [n_rows, row_bytes] view of host memory at ``address`` (no copy)."""
@@ -86,26 +88,10 @@ def assign_extend_cache_locs_cpu(
 ) -> None:
     """Read each request's KV slots ``req_to_token[req_pool_indices[i], start[i]:end[i]]``
     into ``out_cache_loc``, requests packed in order (the inverse of
-    `lynx.cpu_compat.ops.assign_req_to_token_pool_cpu`). Raises ValueError on a bad span."""
-    if req_to_token.shape[1] != pool_len:
-        raise ValueError(f"pool_len={pool_len} but req_to_token has {req_to_token.shape[1]} "
-                         "columns")
-    lengths = (end_offset - start_offset).to(torch.int64)
-    if bool((lengths < 0).any()):
-        raise ValueError("end_offset must be >= start_offset for every request")
-    total = int(lengths.sum())
-    if total > out_cache_loc.numel():
-        raise ValueError(f"{total} slots requested but out_cache_loc holds "
-                         f"{out_cache_loc.numel()}")
-    if total == 0:
-        return
-    rows = torch.repeat_interleave(req_pool_indices.to(torch.int64), lengths)
-    first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    columns = (torch.repeat_interleave(start_offset.to(torch.int64), lengths)
-               + torch.arange(total) - first)
-    if bool((columns >= pool_len).any()) or bool((columns < 0).any()):
-        raise ValueError("a request's span lies outside the token pool")
-    out_cache_loc[:total] = req_to_token[rows, columns].to(out_cache_loc.dtype)
+    `lynx.cpu_compat.ops.assign_req_to_token_pool_cpu`). ValueError: see `token_pool_spans`."""
+    rows, columns = token_pool_spans(req_pool_indices, req_to_token, start_offset, end_offset,
+                                     out_cache_loc.numel(), pool_len)
+    out_cache_loc[:rows.numel()] = req_to_token[rows, columns].to(out_cache_loc.dtype)
 
 
 def fill_bonus_tokens_cpu(

@@ -1,9 +1,10 @@
 """The ``sgl_kernel`` stand-in module served by `lynx.cpu_compat.finder`.
 
 Names SGLang imports at import time resolve (``from sgl_kernel import x`` must not fail on the
-CPU path, where most of them are never called). Only the ops in `lynx.cpu_compat.ops.OPS` do
-something; calling any other name raises `StandInOpMissing` naming the op, so a new code path
-that needs a real kernel fails loudly instead of computing garbage.
+CPU path, where most of them are never called). Only the ops in `lynx.cpu_compat.ops.OPS` and
+`lynx.cpu_compat.spec_ops.SPEC_OPS` do something; calling any other name raises
+`StandInOpMissing` naming the op, so a new code path that needs a real kernel fails loudly
+instead of computing garbage.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import types
 from typing import Any, NoReturn
 
-from lynx.cpu_compat import ops
+from lynx.cpu_compat import ops, spec_ops
 
 
 class StandInOpMissing(NotImplementedError):
@@ -56,7 +57,7 @@ def build_module(fullname: str) -> types.ModuleType:
     module.__dict__["__lynx_stand_in__"] = True
     module.__dict__["__version__"] = "0.0.0+lynx-cpu-stand-in"
     module.__dict__["__path__"] = []  # every name may be a subpackage
-    for name, fn in ops.OPS.items():
+    for name, fn in {**ops.OPS, **spec_ops.SPEC_OPS}.items():
         module.__dict__[name] = fn
 
     def __getattr__(name: str) -> Any:

@@ -36,15 +36,24 @@ class BatchRouting(NamedTuple):
     union: torch.Tensor  # [E] bool experts in some pruned row's stock top-K
 
 
+def gate_mass(stock: StockRouting, rows: torch.Tensor, weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """[E] fp32 stock top-K gate mass on each expert, summed over ``rows`` [T] bool (each row
+    scaled by ``weight`` [T] when given); rows outside ``rows`` never enter the sum."""
+    gate = stock.gate.float() if weight is None else stock.gate.float() * weight.float()[:, None]
+    gate = torch.where(rows[:, None], gate, 0.0)
+    dense = torch.zeros(stock.choice.shape, dtype=torch.float32, device=stock.ids.device)
+    return dense.scatter(1, stock.ids, gate).sum(dim=0)
+
+
 def batch_totals(stock: StockRouting, rows: torch.Tensor) -> BatchRouting:
     """Per-expert totals over ``rows`` [T] (deterministic: dense scatter then a column sum,
     no atomics; rows outside ``rows`` never enter a sum, whatever their values)."""
     rows_n, experts = stock.choice.shape
     dense = torch.zeros(rows_n, experts, dtype=torch.float32, device=stock.ids.device)
-    gate = torch.where(rows[:, None], stock.gate.float(), 0.0)
-    importance = dense.scatter(1, stock.ids, gate).sum(dim=0)
+    importance = gate_mass(stock, rows)
     weight = rows.to(torch.float32)[:, None]
-    member = dense.scatter(1, stock.ids, weight.expand_as(gate)).sum(dim=0)
+    member = dense.scatter(1, stock.ids, weight.expand_as(stock.ids)).sum(dim=0)
     top1_votes = dense.scatter(1, stock.ids[:, :1], weight).sum(dim=0)
     return BatchRouting(stock, importance, top1_votes, member > 0)
 
@@ -54,10 +63,7 @@ def weighted_importance(batch: BatchRouting, rows: torch.Tensor, weight: torch.T
     """``batch`` with its importance re-summed with a vote weight per row (``weight`` [T]
     fp32, e.g. `lynx.selection.speculative.verify_row_weights`); the union and the top-1
     votes (hence every must-keep rule) stay unweighted."""
-    stock = batch.stock
-    gate = torch.where(rows[:, None], stock.gate.float() * weight.float()[:, None], 0.0)
-    dense = torch.zeros(stock.choice.shape, dtype=torch.float32, device=stock.ids.device)
-    return batch._replace(importance=dense.scatter(1, stock.ids, gate).sum(dim=0))
+    return batch._replace(importance=gate_mass(batch.stock, rows, weight))
 
 
 def must_keep(batch: BatchRouting) -> torch.Tensor:
