@@ -54,7 +54,12 @@ class SloBody(msgspec.Struct, forbid_unknown_fields=True):
     targets: list[SloTarget]
 
 
-_BODY_TYPES = (PolicySpec, ModeBody, SloBody, QualityFloor)
+class ModelResetBody(msgspec.Struct, forbid_unknown_fields=True):
+    replica_id: str | None = None
+    """Forget one replica's samples; null: every replica's."""
+
+
+_BODY_TYPES = (PolicySpec, ModeBody, SloBody, QualityFloor, ModelResetBody)
 _BODY_REFS, _COMPONENTS = msgspec.json.schema_components(
     _BODY_TYPES, ref_template="#/components/schemas/{name}")
 
@@ -271,6 +276,21 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
         apply(request, "put_floor", floor=floor, policy=policy)
         return {**msgspec.to_builtins(controller.keeper.state.floor),
                 "version": controller.keeper.state.version}
+
+    @app.get("/v1/model", tags=["read"],
+             summary="Latency models, the budget table they imply and why, per bucket")
+    def get_model(_: Authorized) -> dict[str, Any]:
+        return controller.loop.model_view()
+
+    @app.post("/v1/model/reset", tags=["policy"], summary="Forget learnt latency samples",
+              openapi_extra=_body_doc(ModelResetBody))
+    async def reset_model(request: Request, _: Authorized) -> dict[str, Any]:
+        body = await read_body(request, ModelResetBody, "reset_model")
+        dropped = controller.loop.models.reset(body.replica_id)
+        actor, client = _caller(request)
+        audit.record(actor=actor, client=client, action="reset_model", outcome="applied",
+                     replica_id=body.replica_id, replicas_forgotten=dropped)
+        return {"replicas_forgotten": dropped}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

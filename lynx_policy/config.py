@@ -68,6 +68,10 @@ class QualityFloor(_Section, frozen=True):
     per_layer: list[Annotated[int, msgspec.Meta(ge=1)]] | None = None
     """Optional per-layer minimum [experts]; the effective floor is max(min_budget, this)."""
 
+    min_mass_kept: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    """Optional floor on the expected routing mass kept [fraction of the stock top-k gate
+    mass]; the model-based planner never picks a budget it expects to keep less (0: none)."""
+
     def for_layer(self, layer: int) -> int:
         if self.per_layer is not None and layer < len(self.per_layer):
             return max(self.min_budget, self.per_layer[layer])
@@ -145,8 +149,10 @@ class ObserveConfig(_Section, frozen=True):
 
 
 class AdaptiveConfig(_Section, frozen=True):
-    buckets: list[PositiveInt] = msgspec.field(default_factory=lambda: [4, 16, 64, 256, 4096])
-    """Batch-size buckets (max decode rows) of the table adaptive mode builds from scratch."""
+    buckets: list[PositiveInt] = msgspec.field(default_factory=lambda: [
+        2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 4096])
+    """Batch-size buckets (max decode rows) of the table adaptive mode builds from scratch
+    (fine: the model plans each one, and a step uses its own bucket's budget at once)."""
     min_batch: PositiveInt = 8
     """Buckets whose max_batch is below this are never tightened (reduction barely helps)."""
     step_experts: PositiveInt = 4
@@ -161,10 +167,22 @@ class AdaptiveConfig(_Section, frozen=True):
     """A bucket is tightened only if it served at least this share of recent decode steps."""
     default_num_experts: PositiveInt = 64
     """Budget meaning "no pruning" while no replica has registered its expert count."""
+    use_model: bool = True
+    """Plan from the latency model once it is ready (`lynx_policy.plan`); false: reactive
+    tighten/relax steps only."""
+    margin: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.1
+    """Model planning: predicted latency must stay below target * (1 - margin)."""
+    max_step_experts: PositiveInt = 16
+    """Model planning: a bucket's effective budget moves by at most this per tick [experts]."""
+    correction_alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
+    """Weight of the newest observed/predicted ratio in the correction factor's EMA."""
 
     def __post_init__(self) -> None:
         if any(b <= a for a, b in itertools.pairwise(self.buckets)):
             raise ValueError("adaptive.buckets must be strictly increasing")
+        if self.margin >= self.headroom:
+            raise ValueError("adaptive.margin must be below adaptive.headroom (the band "
+                             "between them is where a budget holds)")
 
 
 def _default_slo() -> list[SloTarget]:

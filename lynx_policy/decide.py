@@ -4,6 +4,11 @@ No I/O, no clock, no globals: the control loop (`lynx_policy.loop`) observes, ca
 and acts on the result. Aggressiveness is the expert ``budget`` per batch-size bucket: a
 *tighten* step lowers budgets (more reduction), a *relax* step raises them.
 
+Two planners. Once the latency model of the connected replicas is ready (and
+``adaptive.use_model``), every bucket's budget is computed from the model and a correction
+factor (`lynx_policy.plan`). Before that, the reactive rules below step all active buckets
+together; their tighten steps are also what gives a passively learnt model its spread in m.
+
 - SLO signal (`classify`): ``violated`` if any quantile is above its target, ``headroom`` if
   all observed quantiles are below ``target * (1 - headroom)``, ``within`` in between,
   ``no_data`` when nothing was observed.
@@ -24,6 +29,8 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
+from lynx_policy.model import FleetModel
+from lynx_policy.plan import STEP_METRICS, BucketPlan, correction, plan_table, smooth
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 Signal = Literal["violated", "within", "headroom", "no_data"]
@@ -45,6 +52,10 @@ class Observation:
     """Recent decode steps by batch size (bucket upper bound) over all replicas; None: unknown."""
     num_experts: int
     """Budget meaning "no pruning" (smallest expert count among replicas)."""
+    model: FleetModel | None = None
+    """The replicas' latency model (None or not ready: reactive rules)."""
+    batch_mix: tuple[tuple[float, int], ...] = ()
+    """Recent pure decode steps as (mean decode rows, steps) pairs over all replicas."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,10 @@ class Memory:
 
     violated_ticks: int = 0
     headroom_ticks: int = 0
+    corrections: tuple[tuple[str, float, float], ...] = ()
+    """Model planner: (metric, quantile, kappa) per step target (observed / predicted)."""
+    relax_streaks: tuple[int, ...] = ()
+    """Model planner: per bucket, consecutive ticks that allowed relaxing."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,10 @@ class Decision:
     reason: str
     changed_buckets: tuple[int, ...] = ()
     """Indices (in the new policy's table) of buckets whose budget moved."""
+    planner: str = "reactive"
+    """``model`` or ``reactive``: which rules made this decision."""
+    plans: tuple[BucketPlan, ...] = ()
+    """Model planner: why each bucket has its budget."""
 
 
 def classify(latencies: tuple[LatencyReading, ...], headroom: float) -> Signal:
@@ -156,6 +175,10 @@ def decide(
     signal = classify(observation.latencies, settings.headroom)
     if mode != "adaptive":
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
+    model = observation.model
+    if (settings.use_model and model is not None and model.ready
+            and any(r.target.metric in STEP_METRICS for r in observation.latencies)):
+        return decide_from_model(observation, model, policy, memory, signal, settings, floor)
     if signal == "violated":
         memory = Memory(violated_ticks=memory.violated_ticks + 1)
         wanted: Direction = ("tighten" if memory.violated_ticks >= settings.tighten_after_ticks
@@ -179,6 +202,42 @@ def decide(
                         f"{signal} but every eligible bucket is at {limit}")
     return Decision(new_policy, memory, signal, wanted,
                     f"{signal}: {wanted} buckets {list(changed)}", changed)
+
+
+def decide_from_model(observation: Observation, model: FleetModel, policy: PolicySpec,
+                      memory: Memory, signal: Signal, settings: AdaptiveConfig,
+                      floor: QualityFloor) -> Decision:
+    """Model planner: update the correction factor of every step target, then plan every
+    bucket (`lynx_policy.plan.plan_table`)."""
+    previous = {(metric, q): kappa for metric, q, kappa in memory.corrections}
+    corrections, targets = [], []
+    for reading in observation.latencies:
+        target = reading.target
+        if target.metric not in STEP_METRICS:
+            continue
+        kappa = previous.get((target.metric, target.quantile))
+        if reading.observed_s is not None:
+            raw = correction(model, policy, observation.batch_mix, target, reading.observed_s)
+            if raw is not None and raw > 0:
+                kappa = smooth(kappa, raw, settings.correction_alpha)
+        kappa = 1.0 if kappa is None else kappa
+        corrections.append((target.metric, target.quantile, kappa))
+        targets.append((target.target_ms, kappa))
+    table = adaptive_table(policy, settings, observation.num_experts)
+    new_policy, plans, streaks, changed = plan_table(model, table, targets,
+                                                     memory.relax_streaks, settings, floor)
+    memory = Memory(corrections=tuple(corrections), relax_streaks=streaks)
+    kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
+    if not changed:
+        return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",
+                        planner="model", plans=plans)
+    before, after = (dict(mean_budgets(p, observation.num_experts)) for p in (table, new_policy))
+    tightened = any(after[b.max_batch] < before[b.max_batch]
+                    for b in (new_policy.budgets[i] for i in changed))
+    direction: Direction = "tighten" if tightened else "relax"
+    return Decision(new_policy, memory, signal, direction,
+                    f"model: {direction} buckets {list(changed)} ({kappas})", changed,
+                    planner="model", plans=plans)
 
 
 def enforce_floor(policy: PolicySpec, floor: QualityFloor, num_experts: int) -> PolicySpec:

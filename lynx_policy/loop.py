@@ -25,6 +25,8 @@ from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import Decision, Memory, Observation, decide
 from lynx_policy.hub import Hub
 from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.model import batch_mix
+from lynx_policy.modelstore import ModelStore
 from lynx_policy.observe import ObserveError, Observer
 from lynx_policy.state import StateKeeper
 from lynx_policy.throttle import Backoff
@@ -54,6 +56,8 @@ class ControlLoop:
         self.observer = observer
         self.on_change = on_change
         self.memory = Memory()
+        self.models = ModelStore(config.state.dir)
+        self.last_decision: Decision | None = None
         self.backoff = Backoff(config.loop.backoff_s)
         self.ticks = 0
         self.last_report: TickReport | None = None
@@ -97,19 +101,73 @@ class ControlLoop:
                 log.exception("control loop degraded, holding the policy")
         return delay
 
+    def model_view(self) -> dict[str, Any]:
+        """The fitted models, the table they imply and why (``GET /v1/model``)."""
+        from dataclasses import asdict
+
+        from lynx_protocol.policy import policy_document
+
+        decision = self.last_decision
+        settings = self.config.adaptive
+        return {
+            "planner": decision.planner if decision else None,
+            "reason": decision.reason if decision else "no tick yet",
+            "replicas": self.models.view(),
+            "corrections": [{"metric": m, "quantile": q, "kappa": round(k, 4)}
+                            for m, q, k in (decision.memory.corrections if decision else ())],
+            "table": policy_document(self.keeper.state.effective_policy()),
+            "why": [asdict(plan) for plan in (decision.plans if decision else ())],
+            "settings": {"use_model": settings.use_model, "margin": settings.margin,
+                         "headroom": settings.headroom,
+                         "max_step_experts": settings.max_step_experts,
+                         "relax_after_ticks": settings.relax_after_ticks},
+        }
+
+    def _model_metrics(self, observation: Observation, decision: Decision,
+                       recent: list[tuple[str, Any]]) -> None:
+        from lynx_policy.plan import expected_mass_kept
+
+        m = self.metrics
+        fleet = observation.model
+        m.model_ready.set(1 if decision.planner == "model" else 0)
+        fits = [f for f in (fleet.fits if fleet else ()) if f.ready and f.mean_ms > 0]
+        m.model_rmse.set(max((f.rmse_ms / f.mean_ms for f in fits), default=float("nan")))
+        m.set_step_latencies(self.models.compare(recent))
+        for metric, quantile, kappa in decision.memory.corrections:
+            m.correction.labels(metric=metric, quantile=f"{quantile:g}").set(kappa)
+        policy = self.keeper.state.effective_policy()
+        mass: float | None = 1.0
+        if policy.name == "budget" and fleet is not None:
+            mass = expected_mass_kept(fleet, policy, observation.batch_mix)
+        elif policy.name != "off":  # no model of other policies: what the replicas measured
+            weights = [(s.routing_mass_kept, s.decode_steps) for _, s in recent]
+            total = sum(w for _, w in weights)
+            mass = sum(v * w for v, w in weights) / total if total else None
+        m.mass_kept.set(float("nan") if mass is None else mass)
+
     async def tick(self) -> Decision:
         self.hub.housekeeping()
         state = self.keeper.state
         readings = await self.observer.observe(state.slo)
         state = self.keeper.state  # admin changes may have landed while we awaited
+        connected = self.hub.connected()
+        self.models.ingest_new(connected)
+        now, window = self.hub.clock(), self.config.loop.stats_window_s
+        recent = [(r.replica_id, stats) for r in connected for at, stats in r.recent_stats
+                  if now - at <= window]
+        fleet = self.models.fleet(r.replica_id for r in connected)
         observation = Observation(
             latencies=readings,
-            batch_steps=self.hub.batch_steps(self.config.loop.stats_window_s),
+            batch_steps=self.hub.batch_steps(window),
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
+            model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
         )
         decision = decide(observation, state.policy, self.memory, mode=state.mode,
                           settings=self.config.adaptive, floor=state.floor)
         self.memory = decision.memory
+        self.last_decision = decision
+        self.models.save()
+        self._model_metrics(observation, decision, recent)
         self.ticks += 1
         self.metrics.decisions.labels(direction=decision.direction).inc()
         for reading in readings:

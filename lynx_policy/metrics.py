@@ -76,6 +76,30 @@ class ControllerMetrics:
         self.budget = Gauge("lynx_controller_budget_experts",
                             "Mean expert budget over layers per batch-size bucket",
                             ["max_batch"], registry=r)
+        self.model_ready = Gauge("lynx_controller_model_ready",
+                                 "1 while the latency model of the connected replicas plans "
+                                 "the budgets (0: reactive rules)", registry=r)
+        self.model_rmse = Gauge("lynx_controller_model_error_ratio",
+                                "Latency model fit error: RMSE / mean step latency, worst "
+                                "replica", registry=r)
+        self.step_observed = Gauge(
+            "lynx_controller_step_latency_observed_seconds", "Mean pure decode step latency "
+            "the replicas reported, per runtime batch-size bucket (last stats window)",
+            ["max_batch"], registry=r)
+        self.step_predicted = Gauge(
+            "lynx_controller_step_latency_predicted_seconds", "Latency model's prediction for "
+            "the same steps (same batch and experts kept)", ["max_batch"], registry=r)
+        self.correction = Gauge("lynx_controller_latency_correction",
+                                "Observed client latency quantile / predicted step quantile "
+                                "(the model planner's correction factor)",
+                                ["metric", "quantile"], registry=r)
+        self.mass_kept = Gauge("lynx_controller_expected_mass_kept_ratio",
+                               "Expected routing mass kept by the applied table over the "
+                               "recent batch mix (1: no pruning; NaN: not measured yet)",
+                               registry=r)
+        self.model_ready.set(0)
+        self.model_rmse.set(float("nan"))
+        self.mass_kept.set(1.0)
         for mode in MODES:
             self.mode.labels(mode=mode)
         for direction in DIRECTIONS:
@@ -95,6 +119,16 @@ class ControllerMetrics:
         self.budget.clear()
         for max_batch, mean in rows:
             self.budget.labels(max_batch=str(max_batch)).set(mean)
+
+    def set_step_latencies(self, rows: dict[int, tuple[float, float | None]]) -> None:
+        """Per runtime bucket: (observed, predicted or None) mean step latency [ms]."""
+        self.step_observed.clear()
+        self.step_predicted.clear()
+        for max_batch, (observed, predicted) in sorted(rows.items()):
+            label = str(max_batch)
+            self.step_observed.labels(max_batch=label).set(observed / 1000.0)
+            self.step_predicted.labels(max_batch=label).set(
+                float("nan") if predicted is None else predicted / 1000.0)
 
     def record_attainment(self, met: bool) -> None:
         self._attainment.append(met)

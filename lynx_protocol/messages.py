@@ -103,6 +103,8 @@ class DecodeBucket(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Mean over pruned layer-steps of the stock routing's expert union."""
     routing_mass_kept: Fraction
     """Stock top-K gate mass of pruned rows that landed on kept experts, as a fraction."""
+    decode_rows_sum: Count = 0
+    """Decode rows summed over the steps (mean batch = this / steps; 0: not reported)."""
 
     def __post_init__(self) -> None:
         if len(self.latency_counts) != len(LATENCY_EDGES_MS) + 1:

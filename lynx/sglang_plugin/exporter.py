@@ -43,6 +43,7 @@ class WindowSummary:
     step_ms: list[float] = field(default_factory=list)
     decode_ms: dict[int, list[float]] = field(default_factory=dict)  # batch slot -> step times
     pruned_decode: dict[int, int] = field(default_factory=dict)  # batch slot -> pruned steps
+    decode_rows: dict[int, int] = field(default_factory=dict)  # batch slot -> summed rows
     mode_ms: dict[str, float] = field(default_factory=dict)  # summed step time by mode
     decode_buckets: list[dict[str, Any]] = field(default_factory=list)  # see `bucket_summary`
 
@@ -144,6 +145,7 @@ class StatsExporter:
             slot = batch_slot(layout.n_decode_rows)
             window.decode_ms.setdefault(slot, []).append(seconds * 1e3)
             window.pruned_decode[slot] = window.pruned_decode.get(slot, 0) + int(pruned)
+            window.decode_rows[slot] = window.decode_rows.get(slot, 0) + layout.n_decode_rows
         if self.export and layout.mode != "idle":
             self.metrics.steps.labels(mode=layout.mode, pruned=str(pruned).lower()).inc()
             self.metrics.step_seconds.labels(mode=layout.mode, pruned=str(pruned).lower()
@@ -219,6 +221,7 @@ def bucket_summary(window: WindowSummary, per_slot: torch.Tensor) -> list[dict[s
             "max_batch": BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else 0,
             "steps": len(times), "latency_sum_ms": sum(times), "latency_counts": counts,
             "pruned_steps": window.pruned_decode.get(slot, 0),
+            "decode_rows_sum": window.decode_rows.get(slot, 0),
             "experts_kept_mean": float(stats[_FIELD["kept"]]) / layer_steps if layer_steps else 0.0,
             "stock_union_mean": (float(stats[_FIELD["stock_union"]]) / layer_steps
                                  if layer_steps else 0.0),
