@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmark import slo_report
 from benchmark.common import PUBLISHED, markdown_table, rounded
 
 MOE_KEYS = ("shape", "E", "k", "batch", "policy", "knob", "stock_ms", "lynx_ms", "speedup",
@@ -21,9 +22,7 @@ def summary(machine: str, moe: dict[str, Any], e2e: dict[str, Any], slo: dict[st
         "machine": machine,
         "moe_layer": [{k: row[k] for k in MOE_KEYS} for row in moe["rows"]],
         "e2e": [{k: row[k] for k in E2E_KEYS} for row in e2e["rows"]],
-        "slo": {"slo_ms": slo["slo_ms"],
-                "runs": [{k: run[k] for k in ("mode", "throughput_within_slo", "slo_attainment")}
-                         for run in slo["runs"]]},
+        "slo": slo_report.summary_block(slo),
     }
 
 
@@ -154,13 +153,6 @@ def _e2e_tables(e2e: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _slo_table(slo: dict[str, Any]) -> str:
-    return markdown_table(["mode", "within-SLO tok/s", "SLO attainment", "all tok/s",
-                           "requests done"], [
-        [r["mode"], r["throughput_within_slo"], r["slo_attainment"], r["throughput"],
-         r["requests_completed"]] for r in slo["runs"]])
-
-
 def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
             frontier_c: int) -> list[list[Any]]:
     """The issue's targets next to the measured values."""
@@ -175,9 +167,6 @@ def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
     ok_points = [p for p in frontier_points(e2e, frontier_c) if p["em_delta_points"] >= -1
                  and p["ppl_rise"] <= 0.02]
     best_e2e = max(ok_points, key=lambda p: p["speedup"], default=None)
-    runs = {r["mode"]: r for r in slo["runs"]}
-    off = runs.get("off", {}).get("throughput_within_slo", 0.0)
-    adaptive = runs.get("adaptive", {}).get("throughput_within_slo", 0.0)
     return [
         ["MoE layer: >= 90% of bound, B=16..64, fine-grained (widened/production, fp32)",
          f"default: {min(dflt, default=float('nan')):.2f}..{max(dflt, default=float('nan')):.2f}"
@@ -191,9 +180,7 @@ def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
          "none qualifies" if best_e2e is None else
          f"{best_e2e['speedup']:.2f}x ({best_e2e['model']} {best_e2e['label']}, "
          f"EM {best_e2e['em_delta_points']:+.1f} pt, ppl {100 * best_e2e['ppl_rise']:+.2f}%)"],
-        ["Adaptive within-SLO throughput >= 2x off",
-         f"{adaptive:.1f} vs {off:.1f} tok/s ({adaptive / off:.2f}x)" if off else
-         f"{adaptive:.1f} vs {off:.1f} tok/s"],
+        *slo_report.targets(slo),
     ]
 
 

@@ -23,7 +23,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import e2e_decode, moe_layer, plugin_overhead, report, slo_ramp, verify_steps
+from benchmark import (
+    e2e_decode,
+    moe_layer,
+    plugin_overhead,
+    report,
+    slo_plot,
+    slo_ramp,
+    slo_report,
+    verify_steps,
+)
 from benchmark.common import REPO_ROOT, RESULTS_DIR, machine_description, models_dir, write_json
 from benchmark.serving_pair import ServingPair
 
@@ -84,7 +93,7 @@ def render(out_dir: Path) -> dict[str, Any]:
     hook_cost = (load("plugin_overhead.json") if (out_dir / "plugin_overhead.json").exists()
                  else None)
     moe_layer.plot(moe, out_dir / "moe_layer.png")
-    slo_ramp.plot(slo, out_dir / "slo_ramp.png")
+    slo_plot.plot(slo, out_dir / "slo_ramp.png")
     report.plot_frontier(e2e, info["frontier_c"], out_dir / "frontier.png")
     summary = report.summary(moe["machine"], moe, e2e, slo)
     write_json(out_dir / "summary.json", summary)
@@ -177,18 +186,8 @@ def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: in
                              "tenants, and the controller's once-a-second /metrics scrape of "
                              "the Lynx server only)")
         text.append(part + ".")
-    runs = {r["mode"]: r for r in slo["runs"]}
-    if {"off", "static", "adaptive"} <= set(runs):
-        base = runs["off"]["throughput_within_slo"] or float("nan")
-        text.append(
-            f"Under the load ramp (SLO P99 ITL <= {slo['slo_ms']} ms, mean of {slo['reps']} "
-            f"ramps) within-SLO throughput is {runs['off']['throughput_within_slo']:.0f} tok/s "
-            f"off, {runs['static']['throughput_within_slo']:.0f} static "
-            f"({runs['static']['throughput_within_slo'] / base:.2f}x) and "
-            f"{runs['adaptive']['throughput_within_slo']:.0f} adaptive "
-            f"({runs['adaptive']['throughput_within_slo'] / base:.2f}x). P99 ITL over short "
-            "windows includes prefill stalls (never pruned) and interference from other jobs "
-            "on this shared 2-core machine, and the adaptive loop reacts to both.")
+    if slo_report.reading(slo):
+        text.append(slo_report.reading(slo))
     text.append(
         "All comparisons are interleaved and reported as medians, and server CPU time per "
         "token is listed next to wall time, but on this shared machine single ratios still "
@@ -275,11 +274,8 @@ s/L = stock/Lynx.
 ## Frontier
 ![frontier]({images}/frontier.png)
 
-## SLO ramp
-Ramp {slo['stages']} concurrent streams x {slo['stage_s']} s, windows of {slo['window_s']} s,
-SLO: P99 ITL <= {slo['slo_ms']} ms; static = `{slo['static_policy']}` for every batch size.
-
-{report._slo_table(slo)}
+## SLO ramp and step load
+{slo_report.markdown(slo)}
 
 ![SLO ramp]({images}/slo_ramp.png)
 """

@@ -72,7 +72,8 @@ def metric_value(url: str, name: str, labels: dict[str, str] | None = None) -> f
 @dataclass
 class ServingPair:
     model_path: Path
-    stock: SglangServer
+    stock: SglangServer | None
+    """None when launched ``with_stock=False`` (experiments on the Lynx server alone)."""
     lynx: SglangServer
     controller: ControllerProcess
     workdir: Path
@@ -81,8 +82,8 @@ class ServingPair:
     @contextlib.contextmanager
     def launch(cls, model_path: Path, workdir: Path | None = None,
                controller_overrides: dict[str, Any] | None = None,
-               extra_args: tuple[str, ...] = EXTRA_ARGS, threads: int = 1
-               ) -> Iterator[ServingPair]:
+               extra_args: tuple[str, ...] = EXTRA_ARGS, threads: int = 1,
+               with_stock: bool = True) -> Iterator[ServingPair]:
         """Start the controller, then both servers in parallel; stop everything on exit.
         ``threads``: torch/OpenMP threads per server (1: the two servers, the load generator
         and other tenants of a 2-core machine do not stall each other's OpenMP teams)."""
@@ -104,7 +105,8 @@ class ServingPair:
                              ready_timeout_s=600)
         lynx = SglangServer(model_path, free_port(), env=lynx_env, extra_args=extra_args,
                             log_path=workdir / "sglang-lynx.log", ready_timeout_s=600)
-        pair = cls(model_path, stock, lynx, controller, workdir)
+        servers = [stock, lynx] if with_stock else [lynx]
+        pair = cls(model_path, stock if with_stock else None, lynx, controller, workdir)
         try:
             errors: list[BaseException] = []
 
@@ -114,7 +116,7 @@ class ServingPair:
                 except BaseException as exc:
                     errors.append(exc)
 
-            starters = [threading.Thread(target=start, args=(s,)) for s in (stock, lynx)]
+            starters = [threading.Thread(target=start, args=(s,)) for s in servers]
             for thread in starters:
                 thread.start()
             for thread in starters:
@@ -125,7 +127,7 @@ class ServingPair:
                      lambda: len(controller.admin.get("/v1/replicas").json()["replicas"]) >= 1)
             yield pair
         finally:
-            for server in (stock, lynx):
+            for server in servers:
                 server.stop()
             controller.stop()
             if tmp is not None:

@@ -1,24 +1,28 @@
-"""SLO experiment: a load ramp against SGLang + Lynx with the controller in ``off``, a fixed
-aggressive ``static`` policy and ``adaptive`` mode.
+"""SLO experiments: stock (``off``) vs the best fixed budget tables vs the ``adaptive``
+controller, under a load ramp and a load step, on one SGLang + Lynx server.
 
-    python benchmark/slo_ramp.py [--quick] [--model qwen3-moe-mini] [--slo-ms auto]
+    python benchmark/slo_ramp.py [--quick] [--model qwen3-moe-mini] [--slo-ms auto] [--reps 3]
 
-The widened float32 reference model is served with the Lynx plugin, steered by the real
-controller (``lynx-policy``, SLO on P99 inter-token latency read from the runtime's own
-``/metrics``). Closed-loop streaming clients ramp up and back down (``--stages``, each
-``--stage-s`` seconds). Over windows of ``--window-s`` seconds: P99 ITL of the tokens streamed
-in the window, output tokens, and the mean experts kept per pruned layer-step (plugin counters).
-- ``slo_attainment`` = share of windows whose P99 ITL <= SLO;
-- ``throughput_within_slo`` = output tokens streamed in windows that met the SLO / ramp time.
-Every mode runs ``--reps`` ramps, modes rotated between repetitions; the numbers are means.
-``--slo-ms auto``: 0.85 x the P99 ITL of plugin-off serving at the ramp's peak concurrency
-(measured first), so unreduced serving misses the SLO at the peak and meets it at low load.
+1. Quality sweep (`benchmark.slo_quality`): the static budget tables within the quality budget
+   (<= 2% perplexity rise, <= 1 pt exact-match loss at the ramp's peak batch); the smallest
+   of them is the adaptive controller's quality floor, the ``--statics`` smallest are ramped.
+2. ``lynx-policy profile`` seeds the controller's latency model (budgets x concurrencies).
+3. ``--slo-ms auto``: 0.85 x the P99 ITL of stock serving at the ramp's peak.
+4. ``--reps`` repetitions, the modes rotated within each: a ramp of ``--stages`` x
+   ``--stage-s`` seconds; then (adaptive) a step load 4 -> 48 -> 4 streams.
+Per ramp and window of ``--window-s``: P99 ITL of the client-side inter-token gaps, output
+tokens; ``throughput_within_slo`` = tokens of windows meeting the SLO / ramp time,
+``slo_attainment`` = share of windows meeting it; routing mass kept and experts kept from the
+plugin's counters. Means over repetitions with 95% confidence intervals (Student t), ratios
+paired per repetition.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmark import slo_load, slo_quality
 from benchmark.common import (
     OFF,
     RESULTS_DIR,
@@ -38,214 +43,203 @@ from benchmark.common import (
     rounded,
     write_json,
 )
-from benchmark.loadgen import RequestTiming, stream_generate
-from benchmark.serving_pair import ServingPair, metric_value
+from benchmark.serving_pair import ServingPair
 
-MODES = ("off", "static", "adaptive")
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
 def controller_overrides(top_k: int, num_experts: int) -> dict[str, Any]:
-    """Controller settings for a ramp of seconds, not minutes (fast loop, short windows)."""
+    """Controller settings for runs of seconds, not minutes (1 s loop, 4 s windows)."""
     return {"observe": {"rate_window_s": 4.0},
             "loop": {"interval_s": 1.0, "backoff_s": [1.0, 2.0], "stats_window_s": 5.0},
-            "adaptive": {"min_batch": 4, "step_experts": max(1, num_experts // 8),
-                         "tighten_after_ticks": 2, "relax_after_ticks": 3,
-                         "buckets": [3, 8, 16, 32, 64, 4096]},
+            "adaptive": {"max_step_experts": max(1, num_experts // 2), "relax_after_ticks": 3,
+                         "margin": 0.1, "headroom": 0.2, "min_batch": 4,
+                         "step_experts": max(1, num_experts // 8), "tighten_after_ticks": 2},
             "floor": {"min_budget": top_k}}
 
 
-async def _ramp(url: str, prompts: list[str], stages: list[int], stage_s: float,
-                output_len: int, sample: Any, target: dict[str, int]
-                ) -> tuple[list[RequestTiming], list[dict]]:
-    target["value"] = stages[0]
-    timings: list[RequestTiming] = []
-    timeline: list[dict[str, Any]] = []
-    done = asyncio.Event()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
-                                 limits=httpx.Limits(max_connections=max(stages) + 4)) as client:
-        async def worker(index: int) -> None:
-            n = index
-            while not done.is_set():
-                if index >= target["value"]:
-                    await asyncio.sleep(0.05)
-                    continue
-                timings.append(await stream_generate(client, url, prompts[n % len(prompts)],
-                                                     output_len))
-                n += max(stages)
-
-        async def schedule() -> None:
-            for value in stages:
-                target["value"] = value
-                await asyncio.sleep(stage_s)
-            done.set()
-
-        async def poll() -> None:
-            while not done.is_set():
-                timeline.append({"t": time.perf_counter(), "target": target["value"],
-                                 **await asyncio.to_thread(sample)})
-                await asyncio.sleep(1.0)
-
-        await asyncio.gather(schedule(), poll(), *(worker(i) for i in range(max(stages))))
-    return timings, timeline
-
-
-def windows(timings: list[RequestTiming], timeline: list[dict[str, Any]], start: float,
-            end: float, window_s: float, slo_ms: float) -> list[dict[str, Any]]:
-    out = []
-    t = start
-    while t < end - 1e-9:
-        hi = min(t + window_s, end)
-        gaps = [g for r in timings for g, at in zip(r.itl_s, r.itl_at_s, strict=True)
-                if t <= at < hi]
-        tokens = sum(1 for r in timings for at in r.chunk_times_s if t <= at < hi)
-        points = [p for p in timeline if t <= p["t"] < hi]
-        kept = [p["experts_kept"] for p in points if p.get("experts_kept") is not None]
-        p99 = percentile(gaps, 99) * 1e3 if gaps else None
-        out.append({"t0_s": rounded(t - start, 2), "t1_s": rounded(hi - start, 2),
-                    "target_concurrency": points[-1]["target"] if points else None,
-                    "itl_p99_ms": rounded(p99, 2) if p99 is not None else None,
-                    "tokens": tokens, "meets_slo": p99 is not None and p99 <= slo_ms,
-                    "experts_kept": rounded(sum(kept) / len(kept), 3) if kept else None,
-                    "budget": points[-1].get("budget") if points else None})
-        t = hi
-    return out
-
-
 def make_sampler(pair: ServingPair, target: dict[str, int]) -> Any:
-    """Per second: mean experts kept per pruned layer-step since the last sample (plugin
-    counters) and the controller's budget for the current concurrency."""
+    """Per poll: experts kept per pruned layer-step since the last poll, the pruned decode
+    step counter, and the controller's budget for the current concurrency."""
+    import msgspec
+
     from lynx_protocol.policy import PolicySpec, bucket_for
 
     last: dict[str, float] = {}
 
     def sample() -> dict[str, Any]:
-        kept = metric_value(pair.lynx.url, "lynx_experts_kept_total")
-        steps = metric_value(pair.lynx.url, "lynx_layer_pruned_steps_total")
+        c = slo_load.counters(pair.lynx.url)
+        kept, steps = c["lynx_experts_kept_total"], c["lynx_layer_pruned_steps_total"]
         d_kept, d_steps = kept - last.get("kept", kept), steps - last.get("steps", steps)
         last.update(kept=kept, steps=steps)
         budget = None
         try:
-            import msgspec
-
             view = pair.controller.admin.get("/v1/policy").json()["effective_policy"]
             spec = msgspec.convert(view, PolicySpec)
-            bucket = bucket_for(spec, max(1, target["value"])) if spec.name == "budget" else None
+            bucket = bucket_for(spec, max(1, target.get("value", 1))) \
+                if spec.name == "budget" else None
             budget = bucket.budget_for_layer(0) if bucket is not None else None
         except (httpx.HTTPError, KeyError, ValueError):
             pass
-        kept_mean = d_kept / d_steps if d_steps > 0 and d_kept > 0 else None  # torn reads: skip
-        return {"experts_kept": kept_mean, "budget": budget}
+        return {"experts_kept": d_kept / d_steps if d_steps > 0 and d_kept > 0 else None,
+                "budget": budget, "pruned_steps": c["pruned_decode_steps"]}
 
     return sample
 
 
-def run_mode(pair: ServingPair, mode: str, num_experts: int, top_k: int, args: Any,
-             slo_ms: float) -> dict[str, Any]:
-    pair.set_policy(budget_variant(top_k) if mode == "static" else OFF)
-    if mode != "static":
-        pair.set_mode(mode)
+def apply_mode(pair: ServingPair, mode: str) -> None:
+    if mode.startswith("static:"):
+        pair.set_policy(budget_variant(int(mode.split(":")[1])))
+    else:
+        pair.set_policy(OFF)
+        if mode == "adaptive":
+            pair.set_mode("adaptive")
+
+
+def run_ramp(pair: ServingPair, mode: str, args: Any, slo_ms: float, layers: int
+             ) -> dict[str, Any]:
     from benchmark.e2e_decode import prompts_for_load
 
+    apply_mode(pair, mode)
+    stages = [(c, args.stage_s) for c in args.stages]
     target: dict[str, int] = {}
-    start = time.perf_counter()
-    timings, timeline = asyncio.run(_ramp(pair.lynx.url, prompts_for_load(), args.stages,
-                                          args.stage_s, args.output_len,
-                                          make_sampler(pair, target), target))
-    end = start + len(args.stages) * args.stage_s
-    wins = windows(timings, timeline, start, end, args.window_s, slo_ms)
-    good_tokens = sum(w["tokens"] for w in wins if w["meets_slo"])
-    all_tokens = sum(w["tokens"] for w in wins)
+    before = slo_load.counters(pair.lynx.url)
+    start, timings, timeline = slo_load.run_schedule(
+        pair.lynx.url, prompts_for_load(), stages, args.output_len, make_sampler(pair, target))
+    quality = slo_load.quality_of_run(before, slo_load.counters(pair.lynx.url), layers)
+    end = start + sum(s for _, s in stages)
+    wins = slo_load.windows(timings, timeline, start, end, args.window_s, slo_ms)
     duration = end - start
     pair.set_mode("static")
-    return {"mode": mode, "throughput_within_slo": rounded(good_tokens / duration, 3),
+    return {"mode": mode,
+            "throughput_within_slo": rounded(sum(w["tokens"] for w in wins if w["meets_slo"])
+                                             / duration, 3),
             "slo_attainment": rounded(sum(w["meets_slo"] for w in wins) / len(wins), 4),
-            "throughput": rounded(all_tokens / duration, 3),
+            "throughput": rounded(sum(w["tokens"] for w in wins) / duration, 3),
             "requests_completed": sum(1 for t in timings if t.ok),
-            "requests_failed": sum(1 for t in timings if not t.ok), "windows": wins}
+            "requests_failed": sum(1 for t in timings if not t.ok), **quality,
+            "windows": wins}
 
 
-def aggregate(mode: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over repetitions; the first repetition's windows are kept for the plot."""
-    def mean(key: str) -> float:
-        return rounded(sum(r[key] for r in results) / len(results), 4)
+def run_step(pair: ServingPair, args: Any, slo_ms: float) -> dict[str, Any]:
+    from benchmark.e2e_decode import prompts_for_load
 
-    return {"mode": mode, "throughput_within_slo": mean("throughput_within_slo"),
-            "slo_attainment": mean("slo_attainment"), "throughput": mean("throughput"),
-            "requests_completed": sum(r["requests_completed"] for r in results),
-            "requests_failed": sum(r["requests_failed"] for r in results),
-            "per_rep": [{k: r[k] for k in ("throughput_within_slo", "slo_attainment",
-                                           "throughput")} for r in results],
-            "windows": results[0]["windows"],
-            "rep_windows": [r["windows"] for r in results[1:]]}
+    apply_mode(pair, "adaptive")
+    stages = [(args.step_low, 8.0), (args.step_high, args.step_high_s), (args.step_low, 15.0)]
+    target: dict[str, int] = {}
+    start, timings, timeline = slo_load.run_schedule(
+        pair.lynx.url, prompts_for_load(), stages, args.output_len, make_sampler(pair, target),
+        poll_s=0.5)
+    pair.set_mode("static")
+    return slo_load.step_response(timings, timeline, start, stages, slo_ms)
+
+
+def profile(pair: ServingPair, top_k: int, floor: int, quick: bool) -> dict[str, Any]:
+    """``lynx-policy profile`` (the operator's command) against this server and controller."""
+    budgets = ["off", str(floor)] if quick else ["off", str(2 * floor), str(floor)]
+    concurrency = "4,32" if quick else "1,8,24,48"
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lynx_policy.cli", "profile", "--admin-url",
+         pair.controller.admin_url, "--server-url", pair.lynx.url, "--budgets",
+         ",".join(budgets), "--concurrency", concurrency, "--seconds", "2" if quick else "5",
+         "--reset"], env={**os.environ, "LYNX_ADMIN_TOKEN": pair.controller.token},
+        capture_output=True, text=True, timeout=900)
+    print(proc.stdout + proc.stderr, end="", flush=True)
+    view = pair.controller.admin.get("/v1/model").json()
+    return {"seconds": round(time.time() - t0, 1), "rc": proc.returncode,
+            "budgets": budgets, "concurrency": concurrency,
+            "replicas": {r: v["fit"] for r, v in view["replicas"].items()}}
 
 
 def calibrate_slo(pair: ServingPair, peak: int, output_len: int, seconds: float) -> float:
     from benchmark.e2e_decode import prompts_for_load
 
     pair.set_policy(OFF)
-    timings, _ = asyncio.run(_ramp(pair.lynx.url, prompts_for_load(), [peak], seconds,
-                                   output_len, dict, {}))
-    gaps = [g for t in timings for g in t.itl_s]
-    return round(0.85 * percentile(gaps, 99) * 1e3, 1)
+    _, timings, _ = slo_load.run_schedule(pair.lynx.url, prompts_for_load(), [(peak, seconds)],
+                                          output_len, dict)
+    return round(0.85 * percentile([g for t in timings for g in t.itl_s], 99) * 1e3, 1)
+
+
+def mean_ci(values: list[float]) -> dict[str, float | None]:
+    """Mean and 95% Student-t interval (None with a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": rounded(mean, 4), "ci_low": None, "ci_high": None}
+    half = T_975.get(len(values), 2.0) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": rounded(mean, 4), "ci_low": rounded(mean - half, 4),
+            "ci_high": rounded(mean + half, 4)}
+
+
+def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    by_mode = {m: [r for r in runs if r["mode"] == m] for m in modes}
+    table = {m: {k: mean_ci([r[k] for r in rs if r.get(k) is not None] or [float("nan")])
+                 for k in ("throughput_within_slo", "slo_attainment", "throughput",
+                           "routing_mass_kept", "experts_kept_mean")}
+             for m, rs in by_mode.items()}
+    statics = [m for m in modes if m.startswith("static:")]
+    best = max(statics, key=lambda m: table[m]["throughput_within_slo"]["mean"] or 0.0,
+               default=None)
+    ratios = {}
+    for name, base in (("adaptive_vs_off", "off"), ("adaptive_vs_best_static", best)):
+        if base is None or "adaptive" not in by_mode:
+            continue
+        pairs = [a["throughput_within_slo"] / b["throughput_within_slo"]
+                 for a, b in zip(by_mode["adaptive"], by_mode[base], strict=False)
+                 if b["throughput_within_slo"]]
+        ratios[name] = {"base": base, **mean_ci(pairs or [float("nan")])}
+    return {"modes": table, "best_static": best, "ratios": ratios}
 
 
 def run(pair: ServingPair, model: str, num_experts: int, top_k: int, args: Any
         ) -> dict[str, Any]:
+    from lynx.serving.models import moe_shape, read_config
+
+    layers = moe_shape(read_config(models_dir() / model))[0]
     peak = max(args.stages)
+    if args.quick:
+        quality: list[dict[str, Any]] = []
+        statics = [2 * top_k]
+    else:
+        quality = slo_quality.sweep(pair, model, slo_quality.static_candidates(num_experts,
+                                                                               top_k),
+                                    batch=min(peak, 32), problems=128, windows=64,
+                                    window_len=128)
+        statics = sorted(q["budget"] for q in quality if q["within_budget"]) or [num_experts // 2]
+    floor = statics[0]
+    pair.put("/v1/floor", {"min_budget": floor})
+    prof = profile(pair, top_k, floor, args.quick)
     slo_ms = (calibrate_slo(pair, peak, args.output_len, args.stage_s)
               if args.slo_ms == "auto" else float(args.slo_ms))
     pair.put("/v1/slo", {"targets": [{"metric": "itl", "quantile": 0.99, "target_ms": slo_ms}]})
-    print(f"[slo] {model}: SLO P99 ITL <= {slo_ms} ms, ramp {args.stages} x {args.stage_s}s",
+    modes = ["off", "adaptive", *(f"static:{m}" for m in statics[:args.statics])]
+    print(f"[slo] {model}: SLO P99 ITL <= {slo_ms} ms, floor {floor}, modes {modes}",
           flush=True)
-    per_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
-    for rep in range(args.reps):  # modes in a rotated order per repetition
-        shift = rep % len(args.modes)
-        for mode in args.modes[shift:] + args.modes[:shift]:
-            result = run_mode(pair, mode, num_experts, top_k, args, slo_ms)
-            per_mode[mode].append(result)
+    runs, steps = [], []
+    for rep in range(args.reps):
+        shift = rep % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            result = run_ramp(pair, mode, args, slo_ms, layers)
+            runs.append({"rep": rep, **result})
             print(f"[slo] rep {rep} {mode}: attainment {result['slo_attainment']:.2f}, "
-                  f"within-SLO {result['throughput_within_slo']:.1f} tok/s of "
-                  f"{result['throughput']:.1f}", flush=True)
-    runs = [aggregate(mode, results) for mode, results in per_mode.items()]
+                  f"within-SLO {result['throughput_within_slo']:.1f} tok/s, mass kept "
+                  f"{result['routing_mass_kept']}", flush=True)
+        if args.step_load:
+            steps.append(run_step(pair, args, slo_ms))
+            print(f"[slo] rep {rep} step load: SLO met {steps[-1]['time_to_slo_s']} s after "
+                  f"the jump, pruning stopped {steps[-1]['time_to_unprune_s']} s after the "
+                  "drop", flush=True)
+    step_load = None
+    if steps:
+        met = [s["time_to_slo_s"] for s in steps if s["time_to_slo_s"] is not None]
+        step_load = {"interval_s": 1.0, "low": args.step_low, "high": args.step_high,
+                     "time_to_slo_s": max(met) if len(met) == len(steps) else None,
+                     "time_to_unprune_s": max(s["time_to_unprune_s"] for s in steps),
+                     "reps": steps}
     return {"model": model, "served": pair.model_path.name, "slo_ms": slo_ms,
             "stages": args.stages, "stage_s": args.stage_s, "window_s": args.window_s,
-            "reps": args.reps,
-            "static_policy": budget_variant(top_k).label, "runs": runs}
-
-
-def plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    for run in result["runs"]:
-        wins = run["windows"]
-        mid = [(w["t0_s"] + w["t1_s"]) / 2 for w in wins]
-        axes[0].plot(mid, [w["itl_p99_ms"] for w in wins], marker="o", label=run["mode"])
-        axes[1].plot(mid, [w["experts_kept"] for w in wins], marker="o", label=run["mode"])
-        axes[2].plot(mid, [w["tokens"] / (w["t1_s"] - w["t0_s"]) for w in wins], marker="o",
-                     label=run["mode"])
-    axes[0].axhline(result["slo_ms"], color="red", ls="--", label="SLO")
-    axes[0].set_ylabel("P99 ITL [ms]")
-    axes[1].set_ylabel("experts kept / pruned layer-step\n(off: none pruned)")
-    axes[2].set_ylabel("output tok/s")
-    axes[2].set_xlabel("time [s]")
-    ramp = axes[2].twinx()
-    wins = result["runs"][0]["windows"]
-    ramp.step([w["t0_s"] for w in wins] + [wins[-1]["t1_s"]],
-              [w["target_concurrency"] for w in wins] + [wins[-1]["target_concurrency"]], "k:",
-              where="post", label="concurrency")
-    ramp.set_ylabel("concurrency (dotted)")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.suptitle(f"SLO ramp on {result['served']}: off vs static vs adaptive controller "
-                 "(first repetition)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            "reps": args.reps, "quality": quality, "floor_budget": floor, "profile": prof,
+            "runs": runs, **summarize(runs, modes), "step_load": step_load}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -259,23 +253,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stage-s", type=float, default=None)
     parser.add_argument("--window-s", type=float, default=None)
     parser.add_argument("--output-len", type=int, default=None)
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--reps", type=int, default=None,
-                        help="ramps per mode, modes rotated (default: quick 1, full 2)")
+    parser.add_argument("--reps", type=int, default=None, help="default: quick 1, full 3")
+    parser.add_argument("--statics", type=int, default=2,
+                        help="ramp the N smallest static budgets within the quality budget")
+    parser.add_argument("--step-low", type=int, default=4)
+    parser.add_argument("--step-high", type=int, default=48)
+    parser.add_argument("--step-high-s", type=float, default=20.0)
+    parser.add_argument("--no-step-load", dest="step_load", action="store_false")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_ramp.json")
     args = parser.parse_args(argv)
     args.stages = [int(s) for s in args.stages.split(",") if s] or (
         [4, 32, 4] if args.quick else [1, 4, 8, 16, 32, 48, 64, 48, 32, 16, 8, 4, 1])
-    args.stage_s = args.stage_s or (6.0 if args.quick else 8.0)
-    args.reps = args.reps or (1 if args.quick else 2)
+    args.stage_s = args.stage_s or (6.0 if args.quick else 5.0)
+    args.reps = args.reps or (1 if args.quick else 3)
     args.window_s = args.window_s or (3.0 if args.quick else 5.0)
     args.output_len = args.output_len or (16 if args.quick else 32)
-    args.modes = [m for m in args.modes.split(",") if m]
+    args.step_load = args.step_load and not args.quick
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     from benchmark.e2e_decode import widened
+    from benchmark.slo_plot import plot
     from lynx.serving.models import moe_shape, read_config
 
     args = parse_args(argv)
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slo_ramp: no checkpoint {args.model} under {models_dir()}", file=sys.stderr)
         return 2
     _, experts, top_k = moe_shape(read_config(models_dir() / args.model))
-    with ServingPair.launch(widened(args.model, args.widen),
+    with ServingPair.launch(widened(args.model, args.widen), with_stock=False,
                             controller_overrides=controller_overrides(top_k, experts)) as pair:
         result = run(pair, args.model, experts, top_k, args)
     result["machine"] = machine_description()

@@ -3,6 +3,7 @@
     lynx-policy serve --config controller.toml      # run until SIGTERM/SIGINT
     lynx-policy check-config --config controller.toml
     lynx-policy keys generate --dir keys/ --name controller   # CURVE key pair (.key, .key_secret)
+    lynx-policy profile --server-url http://127.0.0.1:30000   # seed the latency model
 
 Exit codes: 0 clean stop, 2 bad configuration or state (one line on stderr), 1 crash.
 """
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="'controller', or a runtime's name (its .key goes into the "
                            "controller's link.curve_clients_dir)")
     keys.add_argument("--log-level", default="INFO")
+    from lynx_policy import profile
+
+    profile.add_parser(commands)
     return parser
 
 
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "profile":
+        from lynx_policy import profile
+
+        return profile.main(args)
     if args.command == "keys":
         from pathlib import Path
 

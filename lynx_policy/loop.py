@@ -133,8 +133,12 @@ class ControlLoop:
         fits = [f for f in (fleet.fits if fleet else ()) if f.ready and f.mean_ms > 0]
         m.model_rmse.set(max((f.rmse_ms / f.mean_ms for f in fits), default=float("nan")))
         m.set_step_latencies(self.models.compare(recent))
-        for metric, quantile, kappa in decision.memory.corrections:
-            m.correction.labels(metric=metric, quantile=f"{quantile:g}").set(kappa)
+        kappas = {(metric, q): k for metric, q, k in decision.memory.corrections}
+        m.correction.clear()
+        for reading in observation.latencies:  # NaN: not planned from the model (yet)
+            key = (reading.target.metric, reading.target.quantile)
+            m.correction.labels(metric=key[0], quantile=f"{key[1]:g}").set(
+                kappas.get(key, float("nan")))
         policy = self.keeper.state.effective_policy()
         mass: float | None = 1.0
         if policy.name == "budget" and fleet is not None:

@@ -169,3 +169,23 @@ def test_compare_predicts_the_same_steps(tmp_path: Path) -> None:
     rows = store.compare([("r0", s) for s in training_stats(seed=1)])
     for observed, predicted in rows.values():
         assert predicted is not None and predicted == pytest.approx(observed, rel=0.05)
+
+
+RECORDING = Path(__file__).parent / "data" / "model_qwen3_moe_mini_wide16.json"
+"""``model.json`` of a controller after ``lynx-policy profile`` against the widened fp32
+qwen3-moe-mini served by SGLang's CPU engine (budgets off/16/8/4 x concurrency 1/8/24/48)."""
+
+
+def test_fit_on_a_real_cpu_recording_predicts_held_out_windows(tmp_path: Path) -> None:
+    (tmp_path / MODEL_FILE).write_bytes(RECORDING.read_bytes())
+    record = next(iter(ModelStore(tmp_path).replicas.values()))
+    train, held_out = record.samples[::2], record.samples[1::2]
+    fit = fit_latency(train)
+    assert fit.ready, fit.reason
+    # more rows and more experts cost more; an expert is worth about a row here
+    assert fit.b_ms_per_row > 0.5 and fit.c_ms_per_expert > 0.5
+    error = sum(s.steps * abs(fit.predict(s.batch, s.experts) - s.latency_ms)
+                for s in held_out) / sum(s.steps * s.latency_ms for s in held_out)
+    assert error < 0.2, f"held-out relative error {error:.3f}"
+    # pruning from the union (32) to 4 experts at 48 rows is predicted to save > 20%
+    assert fit.predict(48, 4) < 0.8 * fit.predict(48, 32)

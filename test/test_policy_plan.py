@@ -7,6 +7,7 @@ batch mix under the applied table, with multiplicative noise.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -141,7 +142,7 @@ def test_no_oscillation_under_steady_noisy_load(kappa: float, seed: int, batch: 
     history, _ = closed_loop(((float(batch), 100),), kappa, ticks=80, noise=0.03, seed=seed)
     settled = [table(p) for p in history[20:]]
     for column in zip(*settled, strict=True):
-        moves = [b - a for a, b in zip(column, column[1:], strict=False) if b != a]
+        moves = [b - a for a, b in itertools.pairwise(column) if b != a]
         assert all(m > 0 for m in moves) or all(m < 0 for m in moves), column
 
 

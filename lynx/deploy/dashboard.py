@@ -159,6 +159,26 @@ ROWS: tuple[RowSpec, ...] = (
                    _q(_quantile(0.99, "lynx_step_duration_seconds", "instance, mode"),
                       "{{instance}} {{mode}} p99")), unit="s", width=12),
     )),
+    RowSpec("Latency model (controller v2)", (
+        PanelSpec("Decode step latency: model vs observed", "Mean pure decode step latency "
+                  "the replicas reported per runtime batch-size bucket, and what the "
+                  "controller's latency model t = a + b*B + c*m predicts for the same steps. "
+                  "Predicted is empty until the model is ready (run lynx-policy profile).",
+                  (_q("lynx_controller_step_latency_observed_seconds",
+                      "observed, batch <= {{max_batch}}"),
+                   _q("lynx_controller_step_latency_predicted_seconds",
+                      "predicted, batch <= {{max_batch}}")), unit="s", width=12),
+        PanelSpec("Model state and quality cost", "1 while the model plans the budgets (0: "
+                  "reactive rules); fit error (RMSE / mean step); correction factor (observed "
+                  "client quantile / predicted step quantile); expected routing mass kept by "
+                  "the applied table over the recent batch mix (1: nothing pruned).",
+                  (_q("lynx_controller_model_ready", "model ready"),
+                   _q("lynx_controller_model_error_ratio", "fit error"),
+                   _q("lynx_controller_latency_correction", "correction {{metric}} "
+                      "p{{quantile}}"),
+                   _q("lynx_controller_expected_mass_kept_ratio", "expected mass kept")),
+                  width=12),
+    )),
     RowSpec("Load", (
         PanelSpec("Batch size (running and queued requests)", "Requests in the running decode "
                   "batch and in the queue per replica (SGLang refreshes these gauges every "
