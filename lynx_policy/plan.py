@@ -166,7 +166,10 @@ def plan_bucket(model: FleetModel, bucket: BudgetBucket, batch: float,
             reason = f"relax pending ({streak_out}/{settings.relax_after_ticks})"
     elif current_eff >= cap:
         reason = "meets the SLO unpruned"
-    new = current if new_eff == current_eff else (experts if new_eff >= cap else new_eff)
+    if new_eff == current_eff and current_eff >= cap and tight >= cap:
+        new = experts  # a budget above today's union prunes nothing: say so (no pruning)
+    else:
+        new = current if new_eff == current_eff else (experts if new_eff >= cap else new_eff)
     bound, kappa = min(targets, key=lambda t: t[0] / t[1])
     kept = min(new_eff, union)
     why = BucketPlan(
