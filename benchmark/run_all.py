@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import (
     e2e_decode,
+    goodput,
     moe_layer,
     plugin_overhead,
     report,
@@ -70,6 +71,9 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     assert slo is not None, f"{SLO_MODEL} must be among the e2e models"
     if not quick:
         verify_steps.main(["--out", str(out_dir / "verify_steps.json")])
+        best = slo.get("best_static") or "static:0"
+        goodput.main(["--out", str(out_dir / "goodput.json"),
+                      "--static-budget", best.split(":")[1]])
     slo["machine"] = machine_description()
     write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
@@ -101,8 +105,11 @@ def render(out_dir: Path) -> dict[str, Any]:
                else out_dir / "RESULTS.md")
     images = os.path.relpath(out_dir, md_path.parent)
     verify = out_dir / "verify_steps.json"
+    good = out_dir / "goodput.json"
     md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost) + (
-        verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else ""))
+        verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else "") + (
+        "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(
+            json.loads(good.read_text())) if good.exists() else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 
