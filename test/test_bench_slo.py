@@ -1,0 +1,70 @@
+"""The SLO experiments' arithmetic: windows, run quality, step response, intervals, ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.loadgen import RequestTiming
+from benchmark.slo_load import quality_of_run, step_response, windows
+from benchmark.slo_ramp import mean_ci, summarize
+
+
+def stream(start: float, gaps: list[float]) -> RequestTiming:
+    times, t = [start], start
+    for gap in gaps:
+        t += gap
+        times.append(t)
+    return RequestTiming(ok=True, start_s=start, tokens=len(times), itl_s=gaps,
+                         itl_at_s=times[1:], chunk_times_s=times)
+
+
+def test_windows_count_tokens_and_p99_per_window() -> None:
+    timings = [stream(0.0, [0.1] * 9), stream(1.0, [0.5, 0.5])]
+    wins = windows(timings, [], 0.0, 2.0, 1.0, slo_ms=200.0)
+    assert [w["tokens"] for w in wins] == [10, 2]  # [t0, t1): the chunk at 2.0 is out
+    assert wins[0]["meets_slo"] and not wins[1]["meets_slo"]
+    assert wins[1]["itl_p99_ms"] == pytest.approx(500.0)
+
+
+def test_quality_of_run_counts_unpruned_rows_as_full_mass() -> None:
+    before = dict.fromkeys(("lynx_experts_kept_total", "lynx_experts_stock_union_total",
+                            "lynx_layer_pruned_steps_total", "lynx_routing_mass_kept_total",
+                            "lynx_routing_mass_total", "lynx_pruned_rows_total",
+                            "sglang:generation_tokens_total", "sglang_generation_tokens_total"),
+                           0.0)
+    after = {**before, "lynx_experts_kept_total": 80.0, "lynx_experts_stock_union_total": 160.0,
+             "lynx_layer_pruned_steps_total": 10.0, "lynx_routing_mass_kept_total": 90.0,
+             "lynx_routing_mass_total": 100.0, "lynx_pruned_rows_total": 200.0,
+             "sglang:generation_tokens_total": 100.0}
+    q = quality_of_run(before, after, layers=4)  # 400 row-layers, half of them pruned
+    assert q["pruned_row_share"] == 0.5
+    assert q["routing_mass_kept"] == pytest.approx(1 - 0.1 * 0.5)
+    assert q["experts_kept_mean"] == 8.0 and q["kept_over_union"] == 0.5
+
+
+def test_step_response_times_the_jump_and_the_drop() -> None:
+    stages = [(4, 2.0), (48, 4.0), (4, 4.0)]
+    # slow gaps for the first 1.5 s after the jump (t = 2 .. 3.5), fast afterwards
+    timings = [stream(0.0, [0.05] * 40), stream(2.0, [0.3] * 5 + [0.05] * 50)]
+    timeline = [{"t": t / 2, "target": 4, "pruned_steps": min(t, 15)} for t in range(20)]
+    out = step_response(timings, timeline, 0.0, stages, slo_ms=200.0)
+    assert out["time_to_slo_s"] == 2.0  # the window [4, 5) is the first that stays met
+    assert out["time_to_unprune_s"] == pytest.approx(1.5)  # last increase at t=7.5, drop at 6
+    never = step_response([stream(2.0, [0.3] * 20)], [], 0.0, stages, slo_ms=200.0)
+    assert never["time_to_slo_s"] is None and never["time_to_unprune_s"] == 0
+
+
+def test_mean_ci_and_paired_ratios() -> None:
+    assert mean_ci([1.0])["ci_low"] is None
+    ci = mean_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["ci_low"] == pytest.approx(2 - 4.30 / 3 ** 0.5, abs=1e-3)
+    runs = [{"mode": m, "throughput_within_slo": v, "slo_attainment": 1.0, "throughput": v,
+             "routing_mass_kept": 1.0, "experts_kept_mean": None}
+            for m, v in (("off", 100.0), ("adaptive", 150.0), ("static:8", 120.0),
+                         ("static:12", 110.0), ("off", 100.0), ("adaptive", 130.0),
+                         ("static:8", 130.0), ("static:12", 90.0))]
+    out = summarize(runs, ["off", "adaptive", "static:8", "static:12"])
+    assert out["best_static"] == "static:8"
+    assert out["ratios"]["adaptive_vs_off"]["mean"] == pytest.approx(1.4)
+    assert out["ratios"]["adaptive_vs_best_static"]["mean"] == pytest.approx(
+        (150 / 120 + 130 / 130) / 2, abs=1e-4)
