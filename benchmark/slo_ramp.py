@@ -162,7 +162,9 @@ def calibrate_slo(pair: ServingPair, peak: int, output_len: int, seconds: float)
 
 
 def mean_ci(values: list[float]) -> dict[str, float | None]:
-    """Mean and 95% Student-t interval (None with a single value)."""
+    """Mean and 95% Student-t interval (interval None with one value, all None with none)."""
+    if not values:
+        return {"mean": None, "ci_low": None, "ci_high": None}
     mean = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": rounded(mean, 4), "ci_low": None, "ci_high": None}
@@ -173,7 +175,7 @@ def mean_ci(values: list[float]) -> dict[str, float | None]:
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
     by_mode = {m: [r for r in runs if r["mode"] == m] for m in modes}
-    table = {m: {k: mean_ci([r[k] for r in rs if r.get(k) is not None] or [float("nan")])
+    table = {m: {k: mean_ci([r[k] for r in rs if r.get(k) is not None])
                  for k in ("throughput_within_slo", "slo_attainment", "throughput",
                            "routing_mass_kept", "experts_kept_mean")}
              for m, rs in by_mode.items()}
@@ -187,7 +189,7 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
         pairs = [a["throughput_within_slo"] / b["throughput_within_slo"]
                  for a, b in zip(by_mode["adaptive"], by_mode[base], strict=False)
                  if b["throughput_within_slo"]]
-        ratios[name] = {"base": base, **mean_ci(pairs or [float("nan")])}
+        ratios[name] = {"base": base, **mean_ci(pairs)}
     return {"modes": table, "best_static": best, "ratios": ratios}
 
 

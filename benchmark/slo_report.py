@@ -72,7 +72,8 @@ def reading(slo: dict[str, Any]) -> str:
     if not off or not best:
         return ""
     modes = slo["modes"]
-    mass = {m: modes[m]["routing_mass_kept"]["mean"] for m in ("adaptive", best["base"])}
+    mass = {m: modes[m]["routing_mass_kept"]["mean"] or float("nan")
+            for m in ("adaptive", best["base"])}
     return (f"Under the load ramp (SLO P99 ITL <= {slo['slo_ms']} ms, {slo['reps']} "
             f"repetitions) the adaptive controller delivers {_ci(off, 2)}x the within-SLO "
             f"throughput of stock serving and {_ci(best, 2)}x that of the best static table "

@@ -68,3 +68,12 @@ def test_mean_ci_and_paired_ratios() -> None:
     assert out["ratios"]["adaptive_vs_off"]["mean"] == pytest.approx(1.4)
     assert out["ratios"]["adaptive_vs_best_static"]["mean"] == pytest.approx(
         (150 / 120 + 130 / 130) / 2, abs=1e-4)
+
+
+def test_a_base_without_good_windows_gives_no_ratio_not_nan() -> None:
+    runs = [{"mode": m, "throughput_within_slo": v, "slo_attainment": 0.0, "throughput": 1.0,
+             "routing_mass_kept": 1.0, "experts_kept_mean": None}
+            for m, v in (("off", 0.0), ("adaptive", 5.0), ("static:8", 0.0))]
+    out = summarize(runs, ["off", "adaptive", "static:8"])
+    assert out["ratios"]["adaptive_vs_off"]["mean"] is None
+    assert out["modes"]["off"]["experts_kept_mean"]["mean"] is None
