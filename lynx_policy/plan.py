@@ -14,6 +14,8 @@ Method (after NVIDIA Dynamo's SLA planner, applied to the pruning knob instead o
    ``floor.min_mass_kept`` is set); tighten at once, relax only after ``relax_after_ticks``
    ticks that all allow it (the band between margin and headroom holds: no oscillation); no
    bucket moves by more than ``max_step_experts`` per tick.
+The planner writes one budget for all layers per bucket (``all_layers``); a per-layer bucket
+of the current table is planned from its mean and written back as ``all_layers``.
 Only ``itl`` and ``tpot`` targets are step latencies; ``ttft``/``e2e`` targets are reported
 but not planned for (the reactive rules still see them when the model is not ready).
 """
