@@ -38,6 +38,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy lynx_policy lynx_protocol
 
 models: setup
 	$(PY) -m lynx.reference.train --model all

@@ -32,6 +32,7 @@ message limit (largest: 64 buckets x 1024 layers, ~330 KiB), so nothing accepted
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -136,7 +137,7 @@ def validate_policy(
     return spec
 
 
-def validate_for_replica(spec: PolicySpec, *, replica: str, policies: list[str] | tuple[str, ...],
+def validate_for_replica(spec: PolicySpec, *, replica: str, policies: Sequence[str],
                          num_layers: int, num_experts: int, top_k: int) -> PolicySpec:
     """Can this replica apply ``spec``? The one check both trust boundaries run: the admin API
     for every connected replica before accepting a change, the runtime link for its own
