@@ -10,6 +10,7 @@ import pytest
 from lynx.reference.data import stdlib_files, stdlib_split
 from lynx.reference.tasks import (
     HELDOUT_BUCKETS,
+    TASKS,
     answer_text,
     arithmetic_prompt,
     heldout_problems,
@@ -57,10 +58,11 @@ def test_tokenizer_round_trip_and_one_token_per_digit(tokenizer) -> None:
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_both_models_share_the_tokenizer() -> None:
-    texts = [(MODELS / name / "tokenizer.json").read_text()
-             for name in ("mixtral-mini", "qwen3-moe-mini")]
-    assert texts[0] == texts[1]
+def test_all_models_share_the_tokenizer() -> None:
+    from lynx.reference.specs import SPECS
+
+    texts = {(MODELS / name / "tokenizer.json").read_text() for name in SPECS}
+    assert len(texts) == 1
 
 
 def test_heldout_arithmetic_is_disjoint_from_training() -> None:
@@ -79,6 +81,32 @@ def test_heldout_arithmetic_is_disjoint_from_training() -> None:
     assert abs(share - 1 / HELDOUT_BUCKETS) < 0.01
     with pytest.raises(ValueError):
         heldout_problems(5000)
+
+
+def test_add3_task_is_the_original_heldout_set() -> None:
+    assert TASKS["add3"].heldout_problems(1024) == heldout_problems(1024)
+    assert heldout_problems(3) == [(722, 938), (985, 477), (337, 817)]  # pinned: never changes
+
+
+def test_hard_task_heldout_is_disjoint_from_training_and_validation() -> None:
+    task = TASKS["add4"]
+    problems = task.heldout_problems(1024)
+    assert len(set(problems)) == 1024
+    assert task.heldout_problems(64) == problems[:64]  # prefix-stable, seeded
+    assert all(1000 <= a <= 9999 and 1000 <= b <= 9999 for a, b in problems)
+    assert all(is_heldout_pair(a, b) for a, b in problems)
+    assert len(answer_text(9999, 9999)) + 1 <= 6  # answer digits + end token fit generation
+    validation = task.validation_problems(256)
+    assert len(set(validation)) == 256 and not set(validation) & set(problems)
+    assert all(is_heldout_pair(a, b) for a, b in validation)
+    rng = random.Random(0)
+    training = [sample_training_pair(rng, (0.0, 0.0, 0.0, 1.0)) for _ in range(20_000)]
+    assert all(1000 <= a <= 9999 and 1000 <= b <= 9999 for a, b in training)
+    assert not (set(problems) | set(validation)) & set(training)
+    assert not any(is_heldout_pair(a, b) for a, b in training)
+    assert not set(problems) & set(heldout_problems(1024))
+    with pytest.raises(ValueError):
+        task.heldout_problems(1025)
 
 
 def test_training_curriculum_mixes_operand_lengths() -> None:

@@ -13,15 +13,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lynx.reference.evaluate import generate_answers
+from lynx.reference.evaluate import generate_answers, model_tasks
 from lynx.reference.loading import ReferenceModelError, load_reference
-from lynx.reference.tasks import heldout_problems, parse_answer
+from lynx.reference.specs import SPECS
+from lynx.reference.tasks import TASKS, heldout_problems, parse_answer
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 EXPECTED = {  # name: (architecture, experts, top-k)
     "mixtral-mini": ("MixtralForCausalLM", 8, 2),
     "qwen3-moe-mini": ("Qwen3MoeForCausalLM", 32, 4),
+    "qwen3-moe-128": ("Qwen3MoeForCausalLM", 128, 8),
 }
+HARD = "qwen3-moe-128"  # the production-ratio model, also trained and scored on TASKS["add4"]
 
 
 def _folder(name: str) -> Path:
@@ -61,6 +64,37 @@ def test_committed_model_answers_heldout_problems(name: str) -> None:
     assert correct >= 30, (correct, answers[:8])
     # Batched (left-padded) greedy decoding agrees with one-at-a-time decoding.
     assert generate_answers(model, tok, problems[:3], batch_size=1) == answers[:3]
+
+
+def test_every_spec_is_committed_and_covered() -> None:
+    assert set(SPECS) == set(EXPECTED)
+    assert model_tasks(_folder("mixtral-mini")) == ["add3"]  # trained before named tasks
+    assert model_tasks(_folder(HARD)) == ["add3", "add4"]
+
+
+def test_production_ratio_model_is_small_routed_and_off_ceiling() -> None:
+    folder = _folder(HARD)
+    assert (folder / "model.safetensors").stat().st_size <= 32_000_000
+    scores = json.loads((folder / "eval.json").read_text())
+    assert scores["add4_problems"] == 1024
+    assert 0.80 <= scores["add4_exact_match"] <= 0.95
+    # It learned to route: the top-1 expert alone loses accuracy, no expert is starved.
+    assert scores["add4_exact_match_top1"] < scores["add4_exact_match"]
+    assert scores["router_load_max_over_mean"] < 8 and scores["router_experts_unused"] <= 16
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert f"**{scores['add4_exact_match']:.1%} at top-8**" in card
+    training = json.loads((folder / "training.json").read_text())
+    assert training["spec"]["tasks"] == ["add3", "add4"]
+    assert training["selected_step"] in {entry["step"] for entry in training["log"]}
+
+
+def test_production_ratio_model_answers_hard_problems() -> None:
+    torch.set_num_threads(2)
+    model, tok = load_reference(_folder(HARD))
+    problems = TASKS["add4"].heldout_problems(32)
+    answers = generate_answers(model, tok, problems, batch_size=32)
+    correct = sum(parse_answer(t) == a + b for t, (a, b) in zip(answers, problems, strict=True))
+    assert 20 <= correct <= 32, (correct, answers[:8])
 
 
 def _one_line_naming(exc: pytest.ExceptionInfo, path: Path) -> None:

@@ -1,7 +1,10 @@
 """Held-out scores of the reference models with transformers: ``python -m lynx.reference.evaluate``.
 
 * Arithmetic: exact match on the 1,024 held-out 3-digit problems under real batched greedy
-  ``generate`` (left padding), at the trained top-k and at top-1 (``num_experts_per_tok=1``).
+  ``generate`` (left padding), at the trained top-k and at top-1 (``num_experts_per_tok=1``);
+  the same for every further task the model was trained for (``training.json``'s ``spec.tasks``,
+  e.g. ``add4`` for ``qwen3-moe-128``: keys ``add4_exact_match``, ``add4_exact_match_top1``).
+* Routing: how evenly the router spreads its top-k choices over the experts (``router_*``).
 * Code: perplexity and next-token accuracy on 200 seeded windows of 256 tokens from the held-out
   stdlib files.
 
@@ -22,9 +25,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lynx.reference.data import IGNORE, ArithmeticPacker
 from lynx.reference.specs import CODE_LEN
-from lynx.reference.tasks import HELDOUT_SIZE, arithmetic_prompt, heldout_problems, parse_answer
+from lynx.reference.tasks import (
+    HELDOUT_SIZE,
+    TASKS,
+    arithmetic_prompt,
+    heldout_problems,
+    parse_answer,
+)
 
-MAX_NEW_TOKENS = 6  # up to 4 answer digits + end token, with one to spare
+MAX_NEW_TOKENS = 6  # up to 5 answer digits (4-digit operands) + end token
 CODE_WINDOWS = 200
 CODE_SEED = 7
 
@@ -94,22 +103,70 @@ def code_metrics(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
             "code_windows": n_windows, "code_window_tokens": length, "code_seed": seed}
 
 
+@torch.no_grad()
+def router_load(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                n_windows: int = 20, seed: int = CODE_SEED) -> dict[str, float]:
+    """How evenly the top-k choices spread over the experts, on held-out code windows plus
+    held-out arithmetic prompts: per layer, the busiest expert's share over the mean share, the
+    coefficient of variation of the shares, and the experts never chosen (summed over layers)."""
+    from lynx.reference.data import code_stream, code_windows
+
+    windows = code_windows(code_stream(tok, "heldout"), n_windows, CODE_LEN,
+                           torch.Generator().manual_seed(seed))
+    prompts = [arithmetic_prompt(a, b) + str(a + b)[::-1] for a, b in heldout_problems(256)]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    top_k = int(model.config.num_experts_per_tok)
+    counts: torch.Tensor | None = None
+    for ids, mask in ((windows, torch.ones_like(windows)),
+                      (batch["input_ids"], batch["attention_mask"])):
+        logits = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+        keep = mask.reshape(-1).bool()
+        layer_counts = torch.stack([
+            torch.bincount(layer.float().topk(top_k, dim=-1).indices[keep].reshape(-1),
+                           minlength=layer.shape[-1]) for layer in logits])
+        counts = layer_counts if counts is None else counts + layer_counts
+    assert counts is not None
+    share = counts.float() / counts.sum(dim=1, keepdim=True)
+    mean = 1.0 / share.shape[1]
+    return {"router_load_max_over_mean": round((share.max(dim=1).values / mean).max().item(), 2),
+            "router_load_cv": round((share.std(dim=1) / mean).mean().item(), 3),
+            "router_experts_unused": int((counts == 0).sum().item()),
+            "router_tokens": int(counts[0].sum().item()) // top_k}
+
+
+def model_tasks(folder: Path) -> list[str]:
+    """The named tasks a checkpoint was trained for (``training.json``; ``add3`` by default)."""
+    training = folder / "training.json"
+    if not training.is_file():
+        return ["add3"]
+    return list(json.loads(training.read_text()).get("spec", {}).get("tasks", ["add3"]))
+
+
 def evaluate_folder(folder: Path, n_problems: int = HELDOUT_SIZE,
                     n_windows: int = CODE_WINDOWS) -> dict:
+    """Score one checkpoint folder (the dict written to ``eval.json``)."""
     from lynx.reference.loading import load_reference
 
     t0 = time.time()
     problems = heldout_problems(n_problems)
+    extra = {t: TASKS[t].heldout_problems(n_problems) for t in model_tasks(folder) if t != "add3"}
     model, tok = load_reference(folder)
     top_k = int(model.config.num_experts_per_tok)
     scores: dict = {"dtype": "bfloat16", "trained_top_k": top_k,
                     "arithmetic_problems": len(problems)}
     scores["arithmetic_exact_match"] = round(arithmetic_exact_match(model, tok, problems), 4)
+    for task, task_problems in extra.items():
+        scores[f"{task}_problems"] = len(task_problems)
+        scores[f"{task}_exact_match"] = round(arithmetic_exact_match(model, tok, task_problems), 4)
     scores.update(code_metrics(model, tok, n_windows))
+    scores.update(router_load(model, tok))
     del model
     model_top1, tok = load_reference(folder, top_k=1)
     scores["arithmetic_exact_match_top1"] = round(
         arithmetic_exact_match(model_top1, tok, problems), 4)
+    for task, task_problems in extra.items():
+        scores[f"{task}_exact_match_top1"] = round(
+            arithmetic_exact_match(model_top1, tok, task_problems), 4)
     scores["eval_wall_time_s"] = round(time.time() - t0, 1)
     return scores
 

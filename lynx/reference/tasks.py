@@ -6,6 +6,12 @@ least-significant first (``"975"`` for 579), followed by the tokenizer's end-of-
 The held-out set is disjoint from training by construction: a pair ``(a, b)`` is *held out* when a
 hash of ``"a+b"`` falls in one bucket of 16; the training sampler rejects every such pair, and the
 held-out problems are drawn only from 3-digit pairs inside that bucket.
+
+Named tasks (:data:`TASKS`) share that split and differ only in the operand width of their
+held-out problems: ``add3`` (the set above, every reference model) and the harder ``add4``
+(4-digit operands, longer carry chains; trained and scored by ``qwen3-moe-128``). Each task also
+has a seeded *validation* set from the same bucket, disjoint from its held-out set, used to probe
+(and select) checkpoints during training without looking at the held-out problems.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hashlib
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 HELDOUT_BUCKETS = 16
 HELDOUT_SEED = 20_240_611
@@ -45,19 +52,52 @@ def is_heldout_pair(a: int, b: int) -> bool:
     return int.from_bytes(digest, "little") % HELDOUT_BUCKETS == 0
 
 
-def heldout_problems(n: int = HELDOUT_SIZE) -> list[tuple[int, int]]:
-    """The first ``n`` held-out 3-digit problems (a fixed, seeded order: a prefix is stable)."""
-    if not 0 <= n <= HELDOUT_SIZE:
-        raise ValueError(f"n must be in [0, {HELDOUT_SIZE}], got {n}")
-    rng = random.Random(HELDOUT_SEED)
+def _draw_heldout(digits: int, seed: int, n: int,
+                  exclude: frozenset[tuple[int, int]] = frozenset()) -> list[tuple[int, int]]:
+    """``n`` distinct held-out pairs of ``digits``-digit operands, in a seeded order."""
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
     problems: list[tuple[int, int]] = []
     while len(problems) < n:
-        pair = (rng.randint(100, 999), rng.randint(100, 999))
-        if pair not in seen and is_heldout_pair(*pair):
+        pair = (rng.randint(low, high), rng.randint(low, high))
+        if pair not in seen and pair not in exclude and is_heldout_pair(*pair):
             seen.add(pair)
             problems.append(pair)
     return problems
+
+
+def heldout_problems(n: int = HELDOUT_SIZE) -> list[tuple[int, int]]:
+    """The first ``n`` held-out 3-digit problems (a fixed, seeded order: a prefix is stable)."""
+    return TASKS["add3"].heldout_problems(n)
+
+
+@dataclass(frozen=True)
+class AdditionTask:
+    """A held-out addition task: ``digits``-digit operand pairs from the held-out hash bucket."""
+
+    name: str
+    digits: int
+    seed: int
+
+    def heldout_problems(self, n: int = HELDOUT_SIZE) -> list[tuple[int, int]]:
+        """The first ``n`` of the task's held-out problems (seeded; a prefix is stable)."""
+        if not 0 <= n <= HELDOUT_SIZE:
+            raise ValueError(f"n must be in [0, {HELDOUT_SIZE}], got {n}")
+        return _draw_heldout(self.digits, self.seed, n)
+
+    def validation_problems(self, n: int = 256) -> list[tuple[int, int]]:
+        """``n`` problems from the held-out bucket, disjoint from the task's held-out set (for
+        probing checkpoints during training)."""
+        exclude = frozenset(self.heldout_problems(HELDOUT_SIZE))
+        return _draw_heldout(self.digits, self.seed + 1, n, exclude)
+
+
+TASKS: dict[str, AdditionTask] = {
+    "add3": AdditionTask("add3", 3, HELDOUT_SEED),
+    "add4": AdditionTask("add4", 4, HELDOUT_SEED + 4),
+}
+"""The named arithmetic tasks; ``add3`` is the original held-out set (``heldout_problems``)."""
 
 
 def sample_operand(rng: random.Random, digit_weights: Sequence[float]) -> int:

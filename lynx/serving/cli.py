@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lynx-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run one SGLang server in the foreground")
-    serve.add_argument("model", help="reference model (mixtral-mini, qwen3-moe-mini) or folder")
+    serve.add_argument("model", help="reference model (mixtral-mini, qwen3-moe-mini, "
+                       "qwen3-moe-128) or folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument("--lynx", action="store_true", help="enable the Lynx plugin")

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# LYNX_MODELS_DIR: another folder holding mixtral-mini/ and qwen3-moe-mini/ (e.g. retrained).
+# LYNX_MODELS_DIR: another folder holding the reference model folders below (e.g. retrained).
 MODELS_DIR = Path(os.environ.get("LYNX_MODELS_DIR") or REPO_ROOT / "models")
 REFERENCE_MODELS: dict[str, Path] = {
     "mixtral-mini": MODELS_DIR / "mixtral-mini",
     "qwen3-moe-mini": MODELS_DIR / "qwen3-moe-mini",
+    "qwen3-moe-128": MODELS_DIR / "qwen3-moe-128",
 }
 # Architectures SGLang 0.5.23 serves on the CPU with the torch-native paths (Qwen2-MoE does not:
 # its shared-expert gate runs a Triton kernel, which finds no driver on a CPU).
