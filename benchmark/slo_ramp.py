@@ -202,6 +202,13 @@ def run(pair: ServingPair, model: str, num_experts: int, top_k: int, args: Any
     if args.quick:
         quality: list[dict[str, Any]] = []
         statics = [2 * top_k]
+    elif args.quality_from:  # an earlier run's sweep of the same model (deterministic)
+        import json
+
+        earlier = json.loads(args.quality_from.read_text())
+        if earlier["model"] != model or not earlier.get("quality"):
+            raise SystemExit(f"{args.quality_from}: no quality sweep of {model}")
+        quality = earlier["quality"]
     else:
         quality = slo_quality.sweep(pair, model, slo_quality.static_candidates(num_experts,
                                                                                top_k),
@@ -262,6 +269,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-high", type=int, default=48)
     parser.add_argument("--step-high-s", type=float, default=20.0)
     parser.add_argument("--no-step-load", dest="step_load", action="store_false")
+    parser.add_argument("--quality-from", type=Path, default=None,
+                        help="reuse the quality sweep of an earlier slo_ramp.json")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "slo_ramp.json")
     args = parser.parse_args(argv)
     args.stages = [int(s) for s in args.stages.split(",") if s] or (
