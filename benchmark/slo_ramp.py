@@ -214,6 +214,7 @@ def run(pair: ServingPair, model: str, num_experts: int, top_k: int, args: Any
                                                                                top_k),
                                     batch=min(peak, 32), problems=128, windows=64,
                                     window_len=128)
+    if not args.quick:
         statics = sorted(q["budget"] for q in quality if q["within_budget"]) or [num_experts // 2]
     floor = statics[0]
     pair.put("/v1/floor", {"min_budget": floor})
