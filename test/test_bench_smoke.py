@@ -39,6 +39,10 @@ def _check_row(row: dict[str, Any], spec: dict[str, Any], where: str) -> None:
         assert ok, f"{where}: {key}={value!r} is not {kind}"
 
 
+SLO_RUN_KEYS = ("mode", "throughput_within_slo", "slo_attainment", "routing_mass_kept",
+                "experts_kept_mean")
+
+
 def check_summary(summary: dict[str, Any]) -> None:
     """The issue's summary.json schema, exactly; stock and Lynx numbers present and positive."""
     assert set(summary) == {"machine", "moe_layer", "e2e", "slo"}
@@ -57,11 +61,16 @@ def check_summary(summary: dict[str, Any]) -> None:
         for key in ("exact_match_stock", "exact_match_lynx", "top1_kept_rate"):
             assert 0.0 <= row[key] <= 1.0, f"e2e[{i}].{key}={row[key]} not a fraction"
     slo = summary["slo"]
-    assert set(slo) == {"slo_ms", "runs"} and slo["slo_ms"] > 0
-    assert {run["mode"] for run in slo["runs"]} == {"adaptive", "off", "static"}
-    for run in slo["runs"]:
-        assert set(run) == {"mode", "throughput_within_slo", "slo_attainment"}
+    assert {"slo_ms", "runs", "step_load"} <= set(slo) and slo["slo_ms"] > 0
+    modes = {run["mode"] for run in slo["runs"]}
+    assert {"adaptive", "off"} <= modes and any(m.startswith("static:") for m in modes), modes
+    for run in slo["runs"]:  # one entry per repetition and mode
+        assert set(SLO_RUN_KEYS) <= set(run), run
         assert run["throughput_within_slo"] >= 0 and 0 <= run["slo_attainment"] <= 1
+        assert 0 < run["routing_mass_kept"] <= 1
+        assert run["experts_kept_mean"] is None or run["experts_kept_mean"] > 0
+    if slo["step_load"] is not None:
+        assert set(slo["step_load"]) == {"interval_s", "time_to_slo_s", "time_to_unprune_s"}
 
 
 @pytest.mark.slow  # ~30 s: SGLang import plus a few hundred timed layer calls
@@ -99,9 +108,11 @@ def test_summary_json_schema() -> None:
 def test_schema_check_rejects_missing_or_extra_fields() -> None:
     row = {k: 1.0 for k in E2E_KEYS} | {"model": "m", "policy": "budget", "knob": 4,
                                          "concurrency": 32}
-    summary = {"machine": "cpu", "e2e": [row], "slo": {"slo_ms": 1.0, "runs": [
-        {"mode": m, "throughput_within_slo": 1.0, "slo_attainment": 1.0}
-        for m in ("adaptive", "off", "static")]},
+    summary = {"machine": "cpu", "e2e": [row], "slo": {"slo_ms": 1.0, "step_load": None,
+                                                       "runs": [
+        {"mode": m, "throughput_within_slo": 1.0, "slo_attainment": 1.0,
+         "routing_mass_kept": 1.0, "experts_kept_mean": None}
+        for m in ("adaptive", "off", "static:8")]},
         "moe_layer": [{k: 1.0 for k in MOE_KEYS} | {"shape": "s", "E": 8, "k": 2, "batch": 16,
                                                    "policy": "budget", "knob": 4}]}
     check_summary(summary)
@@ -111,6 +122,10 @@ def test_schema_check_rejects_missing_or_extra_fields() -> None:
         check_summary(broken)
     broken = json.loads(json.dumps(summary))
     broken["moe_layer"][0]["extra"] = 1
+    with pytest.raises(AssertionError):
+        check_summary(broken)
+    broken = json.loads(json.dumps(summary))
+    del broken["slo"]["runs"][0]["routing_mass_kept"]
     with pytest.raises(AssertionError):
         check_summary(broken)
     broken = json.loads(json.dumps(summary))
