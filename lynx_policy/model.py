@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from lynx_protocol.messages import StepStats
+from lynx_protocol.messages import DecodeBucket, StepStats
 
 MAX_SAMPLES = 512
 """Samples kept per replica (the newest); older ones are dropped."""
@@ -107,6 +107,14 @@ def representative_batch(max_batch: int, edges: Sequence[int]) -> float:
     return math.sqrt((lower + 1) * max_batch)
 
 
+def mean_batch(bucket: DecodeBucket, edges: Sequence[int]) -> float:
+    """Mean decode rows per step of a bucket with steps (`representative_batch` when the
+    runtime did not report ``decode_rows_sum``)."""
+    if bucket.decode_rows_sum:
+        return bucket.decode_rows_sum / bucket.steps
+    return representative_batch(bucket.max_batch, edges)
+
+
 def samples_from_stats(stats: StepStats, num_experts: int, top_k: int
                        ) -> tuple[list[Sample], list[MassPoint]]:
     """One `Sample` per decode bucket with steps, one `MassPoint` per bucket with pruned steps.
@@ -119,8 +127,7 @@ def samples_from_stats(stats: StepStats, num_experts: int, top_k: int
     for bucket in stats.decode_buckets:
         if bucket.steps == 0:
             continue
-        batch = (bucket.decode_rows_sum / bucket.steps if bucket.decode_rows_sum else
-                 representative_batch(bucket.max_batch, stats.batch_size_edges))
+        batch = mean_batch(bucket, stats.batch_size_edges)
         pruned = min(bucket.pruned_steps, bucket.steps)
         union = (bucket.stock_union_mean if pruned and bucket.stock_union_mean > 0
                  else expected_union(num_experts, top_k, batch))
@@ -136,14 +143,8 @@ def samples_from_stats(stats: StepStats, num_experts: int, top_k: int
 
 def batch_mix(stats: Iterable[StepStats]) -> tuple[tuple[float, int], ...]:
     """(mean decode rows, steps) of every decode bucket with steps in ``stats``."""
-    mix = []
-    for message in stats:
-        for bucket in message.decode_buckets:
-            if bucket.steps:
-                batch = (bucket.decode_rows_sum / bucket.steps if bucket.decode_rows_sum else
-                         representative_batch(bucket.max_batch, message.batch_size_edges))
-                mix.append((batch, bucket.steps))
-    return tuple(mix)
+    return tuple((mean_batch(bucket, message.batch_size_edges), bucket.steps)
+                 for message in stats for bucket in message.decode_buckets if bucket.steps)
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:

@@ -125,7 +125,7 @@ def _mass_floor(model: FleetModel, batch: float, union: float, floor: QualityFlo
     return math.ceil(union)
 
 
-def representative_batch(buckets: list[BudgetBucket], index: int, largest_seen: float
+def planning_batch(buckets: list[BudgetBucket], index: int, largest_seen: float
                          ) -> float:
     """Upper bound of bucket ``index``, capped just above the largest batch seen."""
     lower = buckets[index - 1].max_batch if index else 0
@@ -194,7 +194,7 @@ def plan_table(model: FleetModel, table: PolicySpec, targets: list[tuple[float, 
         streaks = (0,) * len(table.budgets)
     buckets, plans, new_streaks, changed = [], [], [], []
     for i, bucket in enumerate(table.budgets):
-        batch = representative_batch(table.budgets, i, model.largest_batch)
+        batch = planning_batch(table.budgets, i, model.largest_batch)
         new, why, streak = plan_bucket(model, bucket, batch, targets, streaks[i], settings,
                                        floor)
         buckets.append(new)
