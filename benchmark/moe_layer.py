@@ -6,8 +6,9 @@ What one "layer" is, exactly as SGLang's CPU engine runs it on a machine without
 - stock: ``select_experts`` (torch-native softmax top-k) then ``moe_forward_native`` (loops over
   experts, skips experts no token routes to: fewer distinct experts = fewer weights read);
 - Lynx: the per-layer selection step the plugin runs in SGLang's TopK hook
-  (``lynx.selection.select_layer_step``: keep set, masking bias, statistics), the masked logits
-  through the same ``select_experts``, then the same ``moe_forward_native``.
+  (``lynx.selection.select_layer_step``: keep set, routing, statistics; compiled by Inductor as
+  the plugin runs it once warm, `lynx.selection.compiled`; compiled untimed before the reps),
+  its routing merged into ``select_experts``' output, then the same ``moe_forward_native``.
 Expert weights are random bf16 (values do not matter for time); router logits are real routing
 of the trained reference models where E and k match, else the skewed synthetic distribution of
 ``benchmark.routing_data`` (the ``logits`` field says which).
@@ -20,7 +21,8 @@ and every selection-only pass run round-robin in a shuffled order for ``--reps``
 - ``fraction_of_bound`` = speedup / bound (1.0 = every saved expert turned into saved time);
   ``gain_fraction`` = (speedup - 1) / (bound - 1), the stricter share of the possible gain
   (null where bound < 1.02);
-- ``overhead_share`` = time of the selection step alone / Lynx layer time.
+- ``overhead_share`` = time of the (compiled) selection step alone / Lynx layer time;
+  ``select_eager_ms``: the eager specification's time, for the default operating point.
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ class MoeLayerBench:
         from lynx.selection import RouterSpec
 
         self.router = RouterSpec(top_k=shape.top_k, renormalize=True)
+        from lynx.selection.compiled import CompiledSelection
+
+        # As the plugin runs it on the CPU once warm; compiled here on first use, untimed.
+        self.selection = CompiledSelection(background=False)
 
     def route(self, x: torch.Tensor, logits: torch.Tensor) -> Any:
         from sglang.srt.layers.moe.topk import select_experts
@@ -129,13 +135,15 @@ class MoeLayerBench:
         knobs = selection_knobs(variant, batch, 0, self.shape.num_experts)
         return knobs, bool(knobs.enabled)
 
-    def select(self, knobs: Any, logits: torch.Tensor) -> Any:
+    def select(self, knobs: Any, logits: torch.Tensor, *, eager: bool = False) -> Any:
         """The selection step of one layer as the plugin runs it in SGLang's TopK hook:
-        ``lynx.selection.select_layer_step`` (keep set, routing, statistics)."""
+        ``lynx.selection.select_layer_step`` (keep set, routing, statistics), compiled
+        (`lynx.selection.compiled`), or the eager specification with ``eager``."""
         from lynx.selection import select_layer_step
 
         rows = torch.ones(logits.shape[0], dtype=torch.bool)
-        return select_layer_step(knobs_policy(knobs), logits, self.router, knobs, rows, rows)
+        step = select_layer_step if eager else self.selection
+        return step(knobs_policy(knobs), logits, self.router, knobs, rows, rows)
 
     def route_lynx(self, knobs: Any, x: torch.Tensor, logits: torch.Tensor) -> Any:
         """What the plugin's TopK hook returns (STANDARD format): SGLang's routing with the
@@ -196,8 +204,15 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
                 for _, z in inputs:
                     bench.select(knobs, z)
 
+        def eager_select_pass(knobs: Any = knobs, prune: bool = prune) -> None:
+            if prune:
+                for _, z in inputs:
+                    bench.select(knobs, z, eager=True)
+
         runs[f"lynx|{variant.label}"] = lynx_pass
         runs[f"select|{variant.label}"] = select_pass
+        if variant == default_variant(bench.shape.num_experts, bench.shape.top_k):
+            runs[f"eager|{variant.label}"] = eager_select_pass
     medians = interleaved_medians(runs, reps, seed=seed)
     n = len(inputs)
     stock_ms = medians["stock"] / n * 1e3
@@ -217,6 +232,8 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
             "gain_fraction": rounded((speedup - 1) / (bound - 1)) if bound >= 1.02 else None,
             "overhead_share": rounded(select_ms / lynx_ms),
             "select_ms": rounded(select_ms, 5),
+            "select_eager_ms": rounded(medians[f"eager|{label}"] / n * 1e3, 5)
+            if f"eager|{label}" in medians else None,
             "top1_kept_rate": rounded(sum(top1) / (n * batch)),
             "default": variant == default_variant(bench.shape.num_experts, bench.shape.top_k),
         })

@@ -51,7 +51,11 @@ RUN groupadd --system --gid 10001 lynx \
     && mkdir -p /home/lynx/.cache/huggingface && chown -R lynx:lynx /home/lynx/.cache
 COPY --chmod=755 docker/runtime-entrypoint.sh /usr/local/bin/lynx-runtime-entrypoint
 COPY --chmod=755 docker/healthcheck.py /usr/local/bin/lynx-healthcheck
+# The selection step runs eagerly here: this slim image has no C++ compiler for Inductor
+# (`lynx.selection.compiled`); add g++ in a derived image and set LYNX_COMPILE=1 to compile it.
+LABEL ai.lynx.selection-step="eager (no C++ compiler; LYNX_COMPILE=0)"
 ENV LYNX_ENABLED=1 \
+    LYNX_COMPILE=0 \
     SGLANG_USE_CPU_ENGINE=1 \
     MODEL_PATH=${MODEL_PATH} \
     MODEL_NAME=${MODEL_NAME} \
@@ -86,6 +90,8 @@ RUN (getent group 10001 >/dev/null || groupadd --system --gid 10001 lynx) \
     && mkdir -p /home/lynx/.cache/huggingface && chown -R 10001:10001 /home/lynx/.cache
 COPY --chmod=755 docker/runtime-entrypoint.sh /usr/local/bin/lynx-runtime-entrypoint
 COPY --chmod=755 docker/healthcheck.py /usr/local/bin/lynx-healthcheck
+# On CUDA the selection step runs as Lynx's Triton kernels inside SGLang's CUDA graphs.
+LABEL ai.lynx.selection-step="triton kernels (CUDA graphs)"
 ENV LYNX_ENABLED=1 \
     MODEL_PATH=${MODEL_PATH} \
     MODEL_NAME=${MODEL_NAME} \

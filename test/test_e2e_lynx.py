@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.client import generate_greedy
-from lynx.serving.metrics_reader import metric_sum, read_layer_gauges
+from lynx.serving.metrics_reader import metric_sum, read_layer_gauges, samples
 
 pytestmark = pytest.mark.slow
 N_PROBLEMS = 128  # one batched request: decode batches well above 16 rows
@@ -48,3 +50,27 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     rows = metric_sum(metrics, "lynx_pruned_rows_total")
     assert metric_sum(metrics, "lynx_top1_kept_rows_total") == rows  # top-1 always kept
     assert lynx_em >= stock_em - 0.01, (lynx_em, stock_em)
+
+    # The selection step compiles in the background (eager until then); once its graph is
+    # ready the server keeps pruning through it, with the same accuracy.
+    graphs = _wait_for_compiled_graph(lynx.url)
+    assert graphs.get("ready", 0) >= 1 and graphs.get("failed", 0) == 0, graphs
+    compiled_em, _ = _exact_match(lynx.url)
+    assert compiled_em >= stock_em - 0.01, (compiled_em, stock_em)
+    assert metric_sum(httpx.get(f"{lynx.url}/metrics", timeout=10).text,
+                      "lynx_pruned_rows_total") > rows
+
+
+def _wait_for_compiled_graph(url: str, timeout_s: float = 240.0) -> dict[str, float]:
+    """lynx_selection_graphs by state, once a graph is ready (steps flush the exporter)."""
+    deadline = time.monotonic() + timeout_s
+    graphs: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        generate_greedy(url, [arithmetic_prompt(1, 2)], 2)
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        graphs = {labels["state"]: value
+                  for labels, value in samples(text, "lynx_selection_graphs")}
+        if graphs.get("ready") or graphs.get("failed"):
+            return graphs
+        time.sleep(1.0)
+    return graphs

@@ -14,7 +14,7 @@ The torch code is the specification; `lynx.triton_selection` runs the hot part i
 
 from __future__ import annotations
 
-from lynx.selection.affinity import affinity_choices, rank_descending
+from lynx.selection.affinity import affinity_choices
 from lynx.selection.keep_rules import BatchRouting, batch_totals, finalize_keep, must_keep
 from lynx.selection.policies import (
     KEEP_POLICIES,
@@ -26,6 +26,7 @@ from lynx.selection.policies import (
     keep_policy,
     make_knobs,
 )
+from lynx.selection.ranking import rank_descending
 from lynx.selection.routers import RouterSpec, StockRouting, gate_scores, stock_routing
 from lynx.selection.routing import (
     MASK_MARGIN,

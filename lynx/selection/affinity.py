@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from lynx.selection.ranking import rank_descending
+
 MAX_SUPPORT_DEPTH = 61  # deepest possible D (B = 1)
 MIN_BIN = -2048  # re-rank bins floor: keeps q * E + rank exact in fp32 for E <= 4096
 KEY_BITS = 62  # sum_j n_j (B+1)^(D-j) < (B+1)^(D+1) <= 2^62
@@ -58,13 +60,6 @@ def support_keys(bins: torch.Tensor, row_valid: torch.Tensor, depth: torch.Tenso
     digit = digit.clamp(0, MAX_SUPPORT_DEPTH)  # only NaN rows can fall outside
     contribution = weights[digit] * row_valid[:, None].to(torch.int64)
     return contribution.sum(dim=0)
-
-
-def rank_descending(score: torch.Tensor) -> torch.Tensor:
-    """[N] int64 rank of each entry by descending score, ties to the lower index."""
-    order = torch.argsort(score, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(0, order, torch.arange(score.shape[0], device=score.device))
 
 
 def reranked_keys(bins: torch.Tensor, beta: torch.Tensor, support_rank: torch.Tensor

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from lynx.selection.affinity import rank_descending
+from lynx.selection.ranking import rank_descending
 from lynx.selection.routers import RouterSpec, StockRouting
 
 RANK_FIRST = 1.0e9  # score offset that ranks a set of experts ahead of all others

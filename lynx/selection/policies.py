@@ -31,8 +31,9 @@ from typing import NamedTuple
 
 import torch
 
-from lynx.selection.affinity import affinity_choices, rank_descending
+from lynx.selection.affinity import affinity_choices
 from lynx.selection.keep_rules import RANK_FIRST, BatchRouting
+from lynx.selection.ranking import rank_descending
 from lynx.selection.routers import RouterSpec, affinity_logits
 
 POLICY_NAMES: tuple[str, ...] = ("off", "budget", "affinity", "piggyback", "coverage")  # code

@@ -29,6 +29,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from lynx.selection.ranking import stable_top_k
+
 RENORMALIZE_EPSILON = 1.0e-20  # SGLang's _RENORMALIZE_SUM_EPSILON
 EXCLUDED = -1.0e4  # logit-domain value of experts outside a row's chosen groups (finite)
 MIN_CHOICE_SCORE = 1.0e-6  # floor before the log of a biased choice score
@@ -155,8 +157,7 @@ def stock_routing(logits: torch.Tensor, router: RouterSpec,
     choice = choice_scores(logits, router, correction_bias)
     if router.grouped:
         choice = restrict_to_chosen_groups(choice, chosen_groups(choice, router), -torch.inf)
-    order = torch.argsort(choice, dim=-1, descending=True, stable=True)
-    ids = order[:, : router.top_k]
+    ids = stable_top_k(choice, router.top_k)
     gate = gate_scores(logits, router).gather(1, ids)
     return StockRouting(choice, ids, gate)
 

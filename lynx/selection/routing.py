@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from lynx.selection.ranking import stable_top_k
 from lynx.selection.routers import (
     RENORMALIZE_EPSILON,
     RouterSpec,
@@ -72,8 +73,7 @@ def route_restricted(logits: torch.Tensor, router: RouterSpec, stock: StockRouti
     `routed_weights`. ``stock`` is `stock_routing` of the same logits and bias. A row needs
     K allowed experts (`keep_rules` guarantees it for pruned rows)."""
     choice = torch.where(allowed, stock.choice, -torch.inf)
-    order = torch.argsort(choice, dim=-1, descending=True, stable=True)
-    ids = order[:, : router.top_k]
+    ids = stable_top_k(choice, router.top_k)
     return routed_weights(logits, router, ids, stock_gate_mass(stock)), ids
 
 

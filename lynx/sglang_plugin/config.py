@@ -14,6 +14,7 @@
 | ``LYNX_STALE_AFTER_S`` | controller silence [s] after which the safe policy applies | 10 |
 | ``LYNX_SAFE_POLICY`` | ``keep`` (last good policy) or a JSON policy (default ``off``) | ``{"name":"off"}`` |
 | ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
+| ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (Inductor, in the background; eager until ready, and eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 Bad values raise `LynxConfigError` with a one-line reason; the scheduler refuses to start rather
@@ -31,7 +32,6 @@ from pathlib import Path
 from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec, decode_policy_json
 
 TRUE_VALUES = ("1", "true", "yes", "on")
-
 
 
 def default_policy(num_experts: int, top_k: int) -> PolicySpec:
@@ -68,6 +68,7 @@ class PluginConfig:
     curve_server_key: str = ""
     plaintext_tcp: bool = False
     time_moe: bool = False  # LYNX_TIME_MOE: benchmark instrument (`moe_timer`)
+    compile: bool = True  # LYNX_COMPILE: `lynx.selection.compiled` on the CPU
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -92,6 +93,15 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0:
         raise LynxConfigError(f"{name}={raw!r} must be > 0")
     return value
+
+
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw not in {*TRUE_VALUES, "0", "false", "no", "off"}:
+        raise LynxConfigError(f"{name}={raw!r}: expected 1 or 0")
+    return raw in TRUE_VALUES
 
 
 def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
@@ -122,9 +132,7 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     if controller is not None and controller.startswith("tcp://") and not (client_key or plaintext):
         raise LynxConfigError(f"LYNX_CONTROLLER={controller}: a tcp:// controller needs CURVE keys "
                               "(LYNX_CURVE_CLIENT_KEY, LYNX_CURVE_SERVER_KEY) or LYNX_PLAINTEXT_TCP=1")
-    time_moe_raw = env.get("LYNX_TIME_MOE", "0").strip().lower()
-    if time_moe_raw not in {*TRUE_VALUES, "0", "false", "no", ""}:
-        raise LynxConfigError(f"LYNX_TIME_MOE={time_moe_raw!r}: expected 1 or 0")
+    time_moe = _switch(env, "LYNX_TIME_MOE", default=False)
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -137,5 +145,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         stats_interval_s=_positive_float(env, "LYNX_STATS_INTERVAL_S", 1.0),
         apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
         curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
-        time_moe=time_moe_raw in TRUE_VALUES,
+        time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,10 @@ class _Metrics:
             "lynx_step_duration_seconds", "Forward step wall time (host side)", ["mode", "pruned"],
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5),
         )
+        self.selection_graphs = Gauge(
+            "lynx_selection_graphs", "Compiled selection-step graphs (CPU, Inductor) by state: "
+            "ready, failed (then eager); none while LYNX_COMPILE=0 or no C++ compiler",
+            ["state"], multiprocess_mode="livemostrecent")
         self.controller_connected = Gauge(
             "lynx_controller_connected", "1 while the policy controller is heard from",
             multiprocess_mode="livemostrecent",
@@ -103,6 +108,7 @@ class StatsExporter:
         self._metrics: _Metrics | None = None
         self._policy_shown: tuple[str, int] | None = None
         self.passed_through: dict[str, int] = dict.fromkeys(PASS_THROUGH_REASONS, 0)
+        self.selection_graphs: Callable[[], dict[str, int]] = dict  # state -> graphs
 
     @property
     def metrics(self) -> _Metrics:
@@ -193,6 +199,8 @@ class StatsExporter:
         m.top1_kept.inc(float(delta[:, _FIELD["top1_kept"]].sum()))
         m.rows.inc(float(delta[:, _FIELD["rows"]].sum()))
         m.nonfinite_rows.inc(float(delta[:, _FIELD["nonfinite_rows"]].sum()))
+        for graph_state, count in self.selection_graphs().items():
+            m.selection_graphs.labels(state=graph_state).set(count)
         shown = (state.policy.name, state.policy_version)
         if shown != self._policy_shown:
             if self._policy_shown is not None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from lynx.selection import apply_logit_bias, masking_logit_bias, select_layer_step
+from lynx.selection import apply_logit_bias, masking_logit_bias
+from lynx.selection.compiled import CompiledSelection
 from lynx.selection.step import LayerSelection
 from lynx.sglang_plugin.config import PluginConfig, default_policy
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
@@ -60,6 +61,7 @@ class LynxRuntime:
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
         self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
+        self.compiled = CompiledSelection(enabled=config.compile)  # CPU steps (Inductor)
 
     # -- start-up ---------------------------------------------------------------------------
     def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
@@ -82,6 +84,7 @@ class LynxRuntime:
             state.on_apply = self._log_apply
             self._log_apply(state.policy, state.policy_version, state.step_index)
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
+        self.exporter.selection_graphs = self.compiled.counts
         if self.config.time_moe:
             from lynx.sglang_plugin.moe_timer import MoeTimer
 
@@ -190,13 +193,14 @@ class LynxRuntime:
 
     def select(self, state: RuntimeState, router_logits: torch.Tensor, plan: LayerPlan,
                config: Any, layer: int) -> LayerSelection:
-        """`lynx.selection.select_layer_step` (its Triton variant on CUDA) for one layer."""
+        """`lynx.selection.select_layer_step` for one layer: its Triton variant on CUDA, its
+        compiled graph on the CPU once ready (`lynx.selection.compiled`)."""
         assert plan.router is not None
         knobs = state.knobs
         rows = torch.arange(router_logits.shape[0], device=router_logits.device)
         valid = rows < knobs.n_valid
         prunable = rows >= knobs.prunable_start
-        step = select_layer_step
+        step: Any = self.compiled
         if router_logits.is_cuda:
             from lynx.triton_selection.launcher import select_layer_step_triton as step
         # Under CUDA graphs the policy is picked on the device (by_code reads policy_code), so

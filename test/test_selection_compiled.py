@@ -1,0 +1,132 @@
+"""The compiled selection step (`lynx.selection.compiled`) against the eager specification.
+
+Expert ids, keep sets and pruned rows must be bitwise equal (they decide which weights are
+read); weights and statistics equal to float rounding. Each case compiles one Inductor graph
+(seconds) that serves every row count, so the cases are chosen to cover the router kinds, the
+policies, row counts, padding rows, bf16 logits, a correction bias and row weights with few
+graphs.
+
+Shape legend: T rows, E experts, K top_k."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lynx.selection import RouterSpec, make_knobs, select_layer_step
+from lynx.selection import compiled as compiled_mod
+from lynx.selection.compiled import CompiledSelection
+from lynx.selection.step import LayerSelection
+
+pytestmark = pytest.mark.skipif(compiled_mod.cxx_compiler() is None,
+                                reason="no C++ compiler for Inductor")
+
+QWEN3 = RouterSpec(top_k=8, renormalize=True)  # Qwen3-30B-A3B / 235B: E=128
+DEEPSEEK_V3 = RouterSpec(top_k=8, renormalize=True, scoring="sigmoid", num_expert_group=8,
+                         topk_group=4, has_correction_bias=True, routed_scaling_factor=2.5)
+OLMOE = RouterSpec(top_k=8, renormalize=False)  # E=64
+
+
+def _inputs(rows: int, experts: int, seed: int, dtype: torch.dtype = torch.float32
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    skew = torch.randn(experts, generator=gen) * 1.5
+    logits = (skew[None, :] + torch.randn(rows, experts, generator=gen) * 1.5).to(dtype)
+    valid = torch.ones(rows, dtype=torch.bool)
+    valid[-1] = False  # one padding row: must neither vote nor be pruned
+    prunable = torch.ones(rows, dtype=torch.bool)
+    prunable[0] = False  # one prefill row: routed stock
+    return logits, valid, prunable
+
+
+def assert_same(compiled: LayerSelection, eager: LayerSelection) -> None:
+    for name in ("keep", "apply_rows", "allowed", "topk_ids"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    torch.testing.assert_close(compiled.topk_weights, eager.topk_weights)
+    torch.testing.assert_close(compiled.stats, eager.stats)
+
+
+CASES = [  # (policy, router, E, logits dtype, with bias, with row weights)
+    ("budget", QWEN3, 128, torch.float32, False, False),
+    ("coverage", DEEPSEEK_V3, 256, torch.bfloat16, True, False),
+    ("affinity", OLMOE, 64, torch.float32, False, False),
+    ("by_code", QWEN3, 128, torch.float32, False, True),
+]
+ROW_COUNTS = (2, 3, 8, 20, 33, 64, 130)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_compiled_graph_matches_the_eager_step(case: tuple) -> None:
+    policy, router, experts, dtype, with_bias, with_weight = case
+    selection = CompiledSelection(background=False)
+    knobs = make_knobs(policy="piggyback" if policy == "by_code" else policy,
+                       budget=2 * router.top_k, coverage=0.8, k0=2)
+    bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)) * 0.05 + 5.0 \
+        if with_bias else None
+    for seed in range(28):  # one graph, many steps (row counts, knob values) through it
+        rows = ROW_COUNTS[seed % len(ROW_COUNTS)]
+        weight = torch.linspace(0.2, 1.0, rows) if with_weight else None
+        logits, valid, prunable = _inputs(rows, experts, seed, dtype)
+        knobs.budget.fill_(router.top_k + seed % 24)
+        knobs.enabled.fill_(seed % 7 != 0)
+        got = selection(policy, logits, router, knobs, valid, prunable, bias, row_weight=weight)
+        want = select_layer_step(policy, logits, router, knobs, valid, prunable, bias,
+                                 row_weight=weight)
+        assert_same(got, want)
+    assert len(selection.graphs) == 1 and not selection.failed
+
+
+def test_graph_serves_real_router_ties_bitwise() -> None:
+    # bf16 logits tie often; the graph must break ties exactly like the specification.
+    selection = CompiledSelection(background=False)
+    knobs = make_knobs(policy="budget", budget=16)
+    for seed in range(40):
+        logits, valid, prunable = _inputs(32, 128, seed, torch.bfloat16)
+        logits = (logits * 4).round() / 4  # few distinct values: many exact ties
+        got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+        assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+
+
+def test_background_compile_serves_eagerly_until_the_graph_is_ready() -> None:
+    selection = CompiledSelection(background=True)
+    knobs = make_knobs(policy="budget", budget=12)
+    logits, valid, prunable = _inputs(9, 128, 0)
+    first = selection("budget", logits, QWEN3, knobs, valid, prunable)  # returns at once
+    assert_same(first, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+    assert selection.wait(timeout=300)
+    assert len(selection.graphs) == 1
+    assert_same(selection("budget", logits, QWEN3, knobs, valid, prunable), first)
+
+
+def test_no_compiler_means_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(compiled_mod, "cxx_compiler", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="lynx.selection"):
+        selection = CompiledSelection()
+    assert not selection.enabled
+    assert [r.message for r in caplog.records if "no C++ compiler" in r.message] != []
+    logits, valid, prunable = _inputs(16, 128, 3)
+    knobs = make_knobs(policy="budget", budget=12)
+    got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+    assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+    assert selection.graphs == {}
+
+
+def test_a_failed_compile_stays_eager_and_warns_once(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def broken(key: object) -> None:
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(compiled_mod, "compile_step", broken)
+    selection = CompiledSelection(background=False)
+    knobs = make_knobs(policy="budget", budget=12)
+    with caplog.at_level(logging.WARNING, logger="lynx.selection"):
+        for rows in (3, 17, 17):
+            logits, valid, prunable = _inputs(rows, 128, rows)
+            got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+            assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+    warnings = [r for r in caplog.records if "compiling the selection step failed" in r.message]
+    assert len(warnings) == 1 and "inductor exploded" in warnings[0].message
+    assert len(selection.failed) == 1 and selection.graphs == {}  # tried once, not per step
