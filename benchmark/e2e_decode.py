@@ -6,11 +6,15 @@ Per reference model:
 1. Latency on the *widened* model (every expert FFN x``--widen``, function-preserving, written
    in float32 under ``.cache/bench/models/``): a stock server and a Lynx server run side by side
    (``benchmark.serving_pair``), the Lynx policy switched live through the real controller.
-   For each concurrency C, closed-loop rounds of C streaming requests (``--output-len`` tokens,
-   ``ignore_eos``; at least ``MIN_REQUESTS`` requests per round) alternate between the two
-   servers in a shuffled order, ``--reps`` rounds each; TPOT and ITL medians
-   and P99 over all requests, output throughput = tokens / wall. The default policy is swept
-   over every concurrency; every other policy/knob of the frontier at ``--frontier-c``.
+   Load: SGLang's own serving benchmark (``python -m sglang.benchmark.serving``, random token
+   ids, ``--input-len`` / ``--output-len`` tokens, ``--max-concurrency C``, at least
+   ``MIN_REQUESTS`` prompts). Per concurrency, three arms run in a shuffled order per
+   repetition (``--reps``): stock, Lynx with the variant, Lynx with policy off; each metric is
+   the median over repetitions of the tool's per-run value. The Lynx server runs with
+   ``LYNX_TIME_MOE=1``, so the same runs give the MoE share f of a decode step and the
+   in-server MoE speedup S, hence the Amdahl bound of every TPOT ratio (`latency_row`).
+   The default policy is swept over every concurrency; every other policy/knob of the
+   frontier at ``--frontier-c``.
 2. Accuracy: arithmetic exact match through the same servers (held-out additions, batches of B
    prompts per call = real batched greedy decoding, B in ``--em-batches``); held-out code
    perplexity and next-token agreement with transformers on the float32 checkpoint, the same
@@ -24,10 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,8 +51,9 @@ from benchmark.common import (
     rounded,
     write_json,
 )
-from benchmark.loadgen import RequestTiming, run_load, summarize
+from benchmark.serving_bench import serving_benchmark
 from benchmark.serving_pair import ServingPair, counter_delta, process_group_cpu_s
+from lynx.serving.metrics_reader import samples
 
 MODELS = ("qwen3-moe-mini", "mixtral-mini")
 MIN_REQUESTS = 8  # per server and repetition: small concurrencies run several waves
@@ -64,66 +72,118 @@ def widened(model: str, factor: int) -> Path:
     return dst
 
 
-def prompts_for_load(count: int = 64) -> list[str]:
-    from lynx.reference.tasks import arithmetic_prompt, heldout_problems
-
-    return [arithmetic_prompt(a, b) for a, b in heldout_problems(count)]
+ARMS = ("stock", "lynx", "off")  # off: the Lynx server with policy off (the MoE share f)
 
 
-def measure_latency(pair: ServingPair, concurrency: int, output_len: int, waves: int,
-                    reps: int, seed: int, progress: bool) -> dict[str, dict[str, float]]:
-    """Interleaved closed-loop runs against the stock and the Lynx server at one concurrency."""
-    prompts = prompts_for_load()
-    timings: dict[str, list[RequestTiming]] = {"stock": [], "lynx": []}
-    walls = {"stock": 0.0, "lynx": 0.0}
-    cpu = {"stock": 0.0, "lynx": 0.0}
-    rng = random.Random(seed)
-    for _ in range(reps):
-        order = ["stock", "lynx"]
+def decode_counters(url: str) -> dict[str, float]:
+    """The Lynx server's cumulative decode-step timers (``LYNX_TIME_MOE=1``)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    decode = {"mode": "decode"}
+    return {name: sum(v for lab, v in samples(text, metric)
+                      if all(lab.get(k) == val for k, val in decode.items()))
+            for name, metric in (("moe_s", "lynx_moe_seconds_total"),
+                                 ("forward_s", "lynx_step_duration_seconds_sum"),
+                                 ("steps", "lynx_step_duration_seconds_count"))}
+
+
+def measure_latency(pair: ServingPair, variant: Variant, concurrency: int,
+                    args: argparse.Namespace, work: Path, tokenizer: Path
+                    ) -> dict[str, dict[str, float]]:
+    """SGLang's serving benchmark at fixed concurrency (rate inf, ``--max-concurrency``)
+    against the stock server, the Lynx server with ``variant`` and the Lynx server with
+    policy off, in a shuffled order per repetition. Per arm: medians over repetitions of the
+    tool's per-run metrics, server CPU per token, and (Lynx server) MoE / forward seconds per
+    decode step."""
+    prompts = concurrency * max(args.waves, -(-MIN_REQUESTS // concurrency))
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    rng = random.Random(concurrency)
+    for rep in range(args.reps):
+        order = list(ARMS)
         rng.shuffle(order)
-        for name in order:
-            server = pair.stock if name == "stock" else pair.lynx
+        for arm in order:
+            server = pair.stock if arm == "stock" else pair.lynx
+            assert server is not None
+            if arm != "stock":
+                pair.set_policy(OFF if arm == "off" else variant)
+            timers = decode_counters(pair.lynx.url)
             cpu_before = process_group_cpu_s(server)
-            requests = concurrency * max(waves, -(-MIN_REQUESTS // concurrency))
-            results, wall = run_load(server.url, prompts, concurrency, requests, output_len,
-                                     label=f"{name} C={concurrency}", progress=progress)
-            cpu[name] += process_group_cpu_s(server) - cpu_before
-            timings[name].extend(results)
-            walls[name] += wall
-    out = {}
-    for name in timings:
-        out[name] = summarize(timings[name], walls[name])
-        tokens = out[name]["output_tokens"]
-        out[name]["cpu_ms_per_token"] = cpu[name] * 1e3 / tokens if tokens else float("nan")
-    return out
+            result = serving_benchmark(
+                server.url, tokenizer, work / f"{arm}-{variant.label}-{concurrency}-{rep}.jsonl",
+                prompts=prompts, input_len=args.input_len, output_len=args.output_len,
+                max_concurrency=concurrency, seed=rep)
+            cpu_s = process_group_cpu_s(server) - cpu_before
+            after = decode_counters(pair.lynx.url)
+            steps = after["steps"] - timers["steps"]
+            run = {key: float(result[key]) for key in (
+                "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
+                "output_throughput", "completed")}
+            run["failed"] = float(prompts - result["completed"])
+            run["cpu_ms_per_token"] = cpu_s * 1e3 / max(1.0, result["total_output_tokens"])
+            if arm != "stock" and steps > 0:
+                run["moe_ms_per_step"] = (after["moe_s"] - timers["moe_s"]) * 1e3 / steps
+                run["forward_ms_per_step"] = (after["forward_s"] - timers["forward_s"]
+                                              ) * 1e3 / steps
+            runs[arm].append(run)
+            if args.progress:
+                print(f"[e2e] {arm} C={concurrency} rep {rep}: TPOT "
+                      f"{run['median_tpot_ms']:.1f} ms", flush=True)
+    return {arm: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for arm, rs in runs.items()}
+
+
+def amdahl(f: float, speedup: float) -> float:
+    """1 / ((1 - f) + f / S): the whole-step speedup when a share f of it runs S x faster."""
+    return 1.0 / ((1.0 - f) + f / speedup)
 
 
 def latency_row(model: str, variant: Variant, concurrency: int,
-                lat: dict[str, dict[str, float]]) -> dict[str, Any]:
-    stock, lynx = lat["stock"], lat["lynx"]
-    return {
+                lat: dict[str, dict[str, float]], kept_over_union: float) -> dict[str, Any]:
+    """One e2e row: client-side TPOT / ITL / throughput of stock vs Lynx, and the ceiling.
+
+    f (``moe_share``) = MoE ms per decode step / median TPOT, both of the policy-off run;
+    S (``moe_speedup``) = MoE ms per decode step, off / Lynx; ``amdahl_bound`` =
+    1/((1-f)+f/S); ``weights_bound`` = the same with S = stock union / kept experts (the MoE
+    layers at their weights-read bound); ``forward_ratio`` = forward ms per decode step,
+    off / Lynx (in-server; TPOT adds scheduling, sampling and streaming)."""
+    stock, lynx, off = lat["stock"], lat["lynx"], lat["off"]
+    row: dict[str, Any] = {
         "model": model, "concurrency": concurrency, "policy": variant.policy,
         "knob": variant.knob,
-        "tpot_stock_ms": rounded(stock["tpot_median_ms"], 2),
-        "tpot_lynx_ms": rounded(lynx["tpot_median_ms"], 2),
-        "tpot_ratio": rounded(stock["tpot_median_ms"] / lynx["tpot_median_ms"]),
-        "tpot_p99_stock_ms": rounded(stock["tpot_p99_ms"], 2),
-        "tpot_p99_lynx_ms": rounded(lynx["tpot_p99_ms"], 2),
-        "itl_median_stock_ms": rounded(stock["itl_median_ms"], 2),
-        "itl_median_lynx_ms": rounded(lynx["itl_median_ms"], 2),
-        "itl_p99_stock_ms": rounded(stock["itl_p99_ms"], 2),
-        "itl_p99_lynx_ms": rounded(lynx["itl_p99_ms"], 2),
-        "throughput_stock_tok_s": rounded(stock["output_throughput_tok_s"], 2),
-        "throughput_lynx_tok_s": rounded(lynx["output_throughput_tok_s"], 2),
-        "throughput_ratio": rounded(lynx["output_throughput_tok_s"]
-                                    / stock["output_throughput_tok_s"]),
+        "tpot_stock_ms": rounded(stock["median_tpot_ms"], 2),
+        "tpot_lynx_ms": rounded(lynx["median_tpot_ms"], 2),
+        "tpot_off_ms": rounded(off["median_tpot_ms"], 2),
+        "tpot_ratio": rounded(stock["median_tpot_ms"] / lynx["median_tpot_ms"]),
+        "tpot_p99_stock_ms": rounded(stock["p99_tpot_ms"], 2),
+        "tpot_p99_lynx_ms": rounded(lynx["p99_tpot_ms"], 2),
+        "itl_median_stock_ms": rounded(stock["median_itl_ms"], 2),
+        "itl_median_lynx_ms": rounded(lynx["median_itl_ms"], 2),
+        "itl_p99_stock_ms": rounded(stock["p99_itl_ms"], 2),
+        "itl_p99_lynx_ms": rounded(lynx["p99_itl_ms"], 2),
+        "throughput_stock_tok_s": rounded(stock["output_throughput"], 2),
+        "throughput_lynx_tok_s": rounded(lynx["output_throughput"], 2),
+        "throughput_ratio": rounded(lynx["output_throughput"] / stock["output_throughput"]),
         "cpu_ms_per_token_stock": rounded(stock["cpu_ms_per_token"], 3),
         "cpu_ms_per_token_lynx": rounded(lynx["cpu_ms_per_token"], 3),
         "cpu_ratio": rounded(stock["cpu_ms_per_token"] / lynx["cpu_ms_per_token"]),
-        "requests": int(stock["requests"] + lynx["requests"]),
-        "failed": int(stock["failed"] + lynx["failed"]),
+        "requests": int(stock["completed"] + lynx["completed"] + off["completed"]),
+        "failed": int(stock["failed"] + lynx["failed"] + off["failed"]),
         "default": False,
     }
+    if "moe_ms_per_step" in off and "moe_ms_per_step" in lynx:
+        f = min(1.0, off["moe_ms_per_step"] / off["median_tpot_ms"])
+        speedup = off["moe_ms_per_step"] / lynx["moe_ms_per_step"]
+        bound = amdahl(f, speedup)
+        row.update({
+            "moe_ms_per_step_off": rounded(off["moe_ms_per_step"], 3),
+            "moe_ms_per_step_lynx": rounded(lynx["moe_ms_per_step"], 3),
+            "moe_share": rounded(f), "moe_speedup": rounded(speedup),
+            "amdahl_bound": rounded(bound),
+            "weights_bound": rounded(amdahl(f, 1.0 / kept_over_union)),
+            "fraction_of_amdahl": rounded(row["tpot_ratio"] / bound),
+            "forward_ratio": rounded(off["forward_ms_per_step"] / lynx["forward_ms_per_step"]),
+            "plugin_off_ratio": rounded(stock["median_tpot_ms"] / off["median_tpot_ms"]),
+        })
+    return row
 
 
 def run_model(model: str, args: argparse.Namespace, pair: ServingPair | None = None
@@ -133,7 +193,8 @@ def run_model(model: str, args: argparse.Namespace, pair: ServingPair | None = N
     if pair is not None:
         return _run_on_pair(model, args, pair, startup_s=0.0)
     t0 = time.time()
-    with ServingPair.launch(widened(model, args.widen)) as own:
+    with ServingPair.launch(widened(model, args.widen),
+                            extra_lynx_env={"LYNX_TIME_MOE": "1"}) as own:
         return _run_on_pair(model, args, own, startup_s=time.time() - t0)
 
 
@@ -153,8 +214,12 @@ def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startu
                            "E": experts, "k": top_k, "layers": layers,
                            "default": default.label, "latency": [], "accuracy": [],
                            "startup_s": round(startup_s, 1)}
+    work = pair.workdir / "serving-bench"
+    work.mkdir(parents=True, exist_ok=True)
     for server in (pair.stock, pair.lynx):  # warm-up (first requests pay one-off costs)
-        run_load(server.url, prompts_for_load(), 4, 4, 4)
+        assert server is not None
+        serving_benchmark(server.url, base, work / "warmup.jsonl", prompts=4,
+                          input_len=args.input_len, output_len=4, max_concurrency=4)
     em_stock = {b: exact_match_server(pair.stock.url, args.problems_for(b), b)
                 for b in args.em_batches}
     log(f"[e2e] {model}: stock exact match {em_stock}", flush=True)
@@ -163,14 +228,17 @@ def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startu
         before = pair.lynx_counters()
         sweep = args.concurrency if variant == default else [args.frontier_c]
         for concurrency in sweep:
-            lat = measure_latency(pair, concurrency, args.output_len, args.waves, args.reps,
-                                  seed=concurrency, progress=args.progress)
-            row = latency_row(model, variant, concurrency, lat)
+            start = pair.lynx_counters()
+            lat = measure_latency(pair, variant, concurrency, args, work, base)
+            pruned = counter_delta(start, pair.lynx_counters())
+            row = latency_row(model, variant, concurrency, lat, pruned["kept_over_union"])
             row["default"] = variant == default
             out["latency"].append(row)
             log(f"[e2e] {model} {variant.label} C={concurrency}: TPOT stock "
                 f"{row['tpot_stock_ms']:.1f} ms, Lynx {row['tpot_lynx_ms']:.1f} ms "
-                f"(x{row['tpot_ratio']:.2f})", flush=True)
+                f"(x{row['tpot_ratio']:.2f}; Amdahl bound x{row.get('amdahl_bound')}, MoE "
+                f"share {row.get('moe_share')}, MoE x{row.get('moe_speedup')})", flush=True)
+        pair.set_policy(variant)  # the accuracy runs below
         batches = args.em_batches if variant == default else [args.frontier_c]
         for batch in batches:
             em = exact_match_server(pair.lynx.url, args.problems_for(batch), batch)
@@ -226,7 +294,10 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "ppl_batch": code["batch"] if code else None,
                 "next_token_agreement": code["next_token_agreement"] if code else None,
                 **{k: lat[k] for k in lat
-                   if k.startswith(("itl_", "tpot_p99", "throughput", "cpu_"))},
+                   if k.startswith(("itl_", "tpot_p99", "tpot_off", "throughput", "cpu_"))},
+                **{k: lat.get(k) for k in ("moe_share", "moe_speedup", "amdahl_bound",
+                                           "weights_bound", "fraction_of_amdahl",
+                                           "forward_ratio", "plugin_off_ratio")},
                 "served": model["served"], "default": lat["default"],
             })
     return rows
@@ -241,6 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="")
     parser.add_argument("--frontier-c", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=None)
+    parser.add_argument("--input-len", type=int, default=None)
     parser.add_argument("--waves", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--em-batches", default="")
@@ -258,6 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         [MODELS[0]] if q else list(MODELS))
     args.concurrency = ints(args.concurrency, [1, 32] if q else [1, 4, 8, 16, 32, 64])
     args.output_len = args.output_len or (16 if q else 32)
+    args.input_len = args.input_len or 32
     args.waves = args.waves or 1
     args.reps = args.reps or (1 if q else 3)
     args.em_batches = ints(args.em_batches, [32] if q else [1, 8, 32, 64])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,25 +26,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark.common import RESULTS_DIR, machine_description, models_dir, rounded, write_json
+from benchmark.serving_bench import serving_benchmark
 from benchmark.serving_pair import ServingPair
 from benchmark.slo_ramp import apply_mode, controller_overrides, profile
 
 ATTAINMENT = 0.9
-
-
-def serving_benchmark(url: str, tokenizer: Path, rate: float, prompts: int, tpot_ms: float,
-                      input_len: int, output_len: int, out: Path) -> dict[str, Any]:
-    """One run of SGLang's serving benchmark; returns its JSON result line."""
-    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
-           "--base-url", url, "--dataset-name", "random-ids", "--tokenizer", str(tokenizer),
-           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-           "--random-range-ratio", "1.0", "--num-prompts", str(prompts), "--request-rate",
-           str(rate), "--goodput", f"tpot:{tpot_ms}", "--output-file", str(out),
-           "--disable-tqdm", "--seed", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sglang.benchmark.serving failed: {proc.stderr[-2000:]}")
-    return dict(json.loads(out.read_text().splitlines()[-1]))
 
 
 def best_static(top_k: int) -> int:
@@ -67,8 +52,9 @@ def run(pair: ServingPair, args: argparse.Namespace, top_k: int) -> dict[str, An
     tpot_ms = args.tpot_ms
     if tpot_ms == "auto":
         apply_mode(pair, "off")
-        probe = serving_benchmark(pair.lynx.url, tokenizer, max(args.rates), args.prompts, 1e6,
-                                  args.input_len, args.output_len, work / "probe.jsonl")
+        probe = serving_benchmark(pair.lynx.url, tokenizer, work / "probe.jsonl",
+                                  prompts=args.prompts, input_len=args.input_len,
+                                  output_len=args.output_len, request_rate=max(args.rates))
         tpot_ms = rounded(probe["median_tpot_ms"], 1)
     tpot_ms = float(tpot_ms)
     pair.put("/v1/slo", {"targets": [{"metric": "tpot", "quantile": 0.9,
@@ -77,9 +63,10 @@ def run(pair: ServingPair, args: argparse.Namespace, top_k: int) -> dict[str, An
     for i, rate in enumerate(args.rates):
         for mode in modes[i % 3:] + modes[:i % 3]:
             apply_mode(pair, mode)
-            result = serving_benchmark(pair.lynx.url, tokenizer, rate, args.prompts, tpot_ms,
-                                       args.input_len, args.output_len,
-                                       work / f"{mode}-{rate}.jsonl")
+            result = serving_benchmark(pair.lynx.url, tokenizer, work / f"{mode}-{rate}.jsonl",
+                                       prompts=args.prompts, input_len=args.input_len,
+                                       output_len=args.output_len, request_rate=rate,
+                                       goodput_tpot_ms=tpot_ms)
             pair.set_mode("static")
             rows.append({"mode": mode, "request_rate": rate,
                          "goodput": rounded(result["request_goodput"], 3),

@@ -1,23 +1,19 @@
-"""A small closed-loop load generator for SGLang's native ``/generate`` endpoint (streaming).
+"""One streamed request to SGLang's native ``/generate`` endpoint, timed chunk by chunk.
 
-Each of ``concurrency`` workers sends one request after the other (greedy, ``ignore_eos``, a
-fixed number of output tokens) until ``num_requests`` are done; the arrival time of every
-streamed chunk gives TTFT, inter-token latencies (ITL) and per-request TPOT, as in
-``sglang.benchmark.serving``.
+Only the SLO ramp and the step load use it (`benchmark.slo_load`): they change the number of
+concurrent streams every few seconds and need every token's arrival time on one clock, which
+SGLang's serving benchmark (`benchmark.serving_bench`, used for every fixed-load run) does not
+do. The arrival time of every streamed chunk gives TTFT, inter-token latencies (ITL) and
+per-request TPOT, as in ``sglang.benchmark.serving``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
-from tqdm import tqdm
-
-from benchmark.common import percentile
 
 
 @dataclass
@@ -78,55 +74,3 @@ async def stream_generate(client: httpx.AsyncClient, url: str, prompt: str,
     except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
         timing.error = f"{exc.__class__.__name__}: {exc}"
     return timing
-
-
-async def _closed_loop(url: str, prompts: Sequence[str], concurrency: int, num_requests: int,
-                       max_new_tokens: int, label: str, progress: bool
-                       ) -> tuple[list[RequestTiming], float]:
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for i in range(num_requests):
-        queue.put_nowait(prompts[i % len(prompts)])
-    results: list[RequestTiming] = []
-    bar = tqdm(total=num_requests, desc=label, leave=False, disable=not progress)
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def worker() -> None:
-            while True:
-                try:
-                    prompt = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results.append(await stream_generate(client, url, prompt, max_new_tokens))
-                bar.update(1)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    bar.close()
-    return results, wall
-
-
-def run_load(url: str, prompts: Sequence[str], concurrency: int, num_requests: int,
-             max_new_tokens: int, label: str = "", progress: bool = False
-             ) -> tuple[list[RequestTiming], float]:
-    """(per-request timings, wall seconds) of one closed-loop run."""
-    return asyncio.run(_closed_loop(url, prompts, concurrency, num_requests, max_new_tokens,
-                                    label, progress))
-
-
-def summarize(timings: Sequence[RequestTiming], wall_s: float) -> dict[str, float]:
-    ok = [t for t in timings if t.ok]
-    tpots = [t.tpot_s for t in ok if t.tpot_s is not None]
-    itls = [gap for t in ok for gap in t.itl_s]
-    tokens = sum(t.tokens for t in ok)
-    return {
-        "requests": len(timings), "failed": len(timings) - len(ok),
-        "tpot_median_ms": percentile(tpots, 50) * 1e3,
-        "tpot_p99_ms": percentile(tpots, 99) * 1e3,
-        "itl_median_ms": percentile(itls, 50) * 1e3,
-        "itl_p99_ms": percentile(itls, 99) * 1e3,
-        "ttft_median_ms": percentile([t.ttft_s for t in ok], 50) * 1e3,
-        "output_tokens": tokens,
-        "output_throughput_tok_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "wall_s": wall_s,
-    }

@@ -10,10 +10,11 @@ from benchmark import slo_report
 from benchmark.common import PUBLISHED, markdown_table, rounded
 
 MOE_KEYS = ("shape", "E", "k", "batch", "policy", "knob", "stock_ms", "lynx_ms", "speedup",
-            "experts_stock", "experts_kept", "bound", "fraction_of_bound", "overhead_share")
+            "experts_stock", "experts_kept", "bound", "fraction_of_bound", "overhead_share",
+            "default")
 E2E_KEYS = ("model", "concurrency", "policy", "knob", "tpot_stock_ms", "tpot_lynx_ms",
             "tpot_ratio", "exact_match_stock", "exact_match_lynx", "ppl_stock", "ppl_lynx",
-            "top1_kept_rate")
+            "top1_kept_rate", "default", "moe_share", "amdahl_bound")
 
 
 def summary(machine: str, moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any]
@@ -125,11 +126,14 @@ def _e2e_tables(e2e: dict[str, Any]) -> str:
         parts.append(f"\n**{model['model']}** (E={model['E']}, k={model['k']}; latency on "
                      f"`{model['served']}`, default {model['default']}):\n\n")
         parts.append(markdown_table(
-            ["policy:knob", "C", "TPOT stock", "TPOT Lynx", "ratio", "P99 TPOT s/L",
+            ["policy:knob", "C", "TPOT stock", "TPOT Lynx", "ratio", "MoE share f",
+             "MoE speedup S", "Amdahl bound", "ratio/bound", "weights bound", "P99 TPOT s/L",
              "ITL med s/L", "ITL P99 s/L", "tok/s s/L", "CPU ms/tok s/L", "EM s/L (B)",
              "ppl s/L (B)", "agree", "top-1 kept"],
             [[f"{r['policy']}:{r['knob']}" + (" *" if r["default"] else ""), r["concurrency"],
-              r["tpot_stock_ms"], r["tpot_lynx_ms"], r["tpot_ratio"],
+              r["tpot_stock_ms"], r["tpot_lynx_ms"], r["tpot_ratio"], r.get("moe_share"),
+              r.get("moe_speedup"), r.get("amdahl_bound"), r.get("fraction_of_amdahl"),
+              r.get("weights_bound"),
               f"{r['tpot_p99_stock_ms']:.0f}/{r['tpot_p99_lynx_ms']:.0f}",
               f"{r['itl_median_stock_ms']:.0f}/{r['itl_median_lynx_ms']:.0f}",
               f"{r['itl_p99_stock_ms']:.0f}/{r['itl_p99_lynx_ms']:.0f}",

@@ -83,10 +83,12 @@ class ServingPair:
     def launch(cls, model_path: Path, workdir: Path | None = None,
                controller_overrides: dict[str, Any] | None = None,
                extra_args: tuple[str, ...] = EXTRA_ARGS, threads: int = 1,
-               with_stock: bool = True) -> Iterator[ServingPair]:
+               with_stock: bool = True, extra_lynx_env: dict[str, str] | None = None
+               ) -> Iterator[ServingPair]:
         """Start the controller, then both servers in parallel; stop everything on exit.
         ``threads``: torch/OpenMP threads per server (1: the two servers, the load generator
-        and other tenants of a 2-core machine do not stall each other's OpenMP teams)."""
+        and other tenants of a 2-core machine do not stall each other's OpenMP teams).
+        ``extra_lynx_env``: extra environment of the Lynx server (e.g. ``LYNX_TIME_MOE``)."""
         tmp = None
         if workdir is None:
             tmp = tempfile.TemporaryDirectory(prefix="lynx-bench-")
@@ -99,7 +101,7 @@ class ServingPair:
         lynx_env = {**common, "LYNX_ENABLED": "1", "LYNX_CONTROLLER": controller.endpoint,
                     "LYNX_POLICY": '{"name":"off"}', "LYNX_STATS_INTERVAL_S": "0.5",
                     "LYNX_STALE_AFTER_S": "30", "LYNX_SAFE_POLICY": "keep",
-                    "LYNX_REPLICA_ID": "bench-lynx"}
+                    "LYNX_REPLICA_ID": "bench-lynx", **(extra_lynx_env or {})}
         stock = SglangServer(model_path, free_port(), env={**common, "LYNX_ENABLED": "0"},
                              extra_args=extra_args, log_path=workdir / "sglang-stock.log",
                              ready_timeout_s=600)

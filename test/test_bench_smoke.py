@@ -19,18 +19,21 @@ MOE_KEYS = {"shape": str, "E": int, "k": int, "batch": int, "policy": str,
             "knob": (int, float, str), "stock_ms": float, "lynx_ms": float, "speedup": float,
             "experts_stock": float,
             "experts_kept": float, "bound": float, "fraction_of_bound": float,
-            "overhead_share": float}
+            "overhead_share": float, "default": bool}
 E2E_KEYS = {"model": str, "concurrency": int, "policy": str, "knob": (int, float, str),
             "tpot_stock_ms": float, "tpot_lynx_ms": float, "tpot_ratio": float,
             "exact_match_stock": float, "exact_match_lynx": float, "ppl_stock": float,
-            "ppl_lynx": float, "top1_kept_rate": float}
+            "ppl_lynx": float, "top1_kept_rate": float, "default": bool, "moe_share": float,
+            "amdahl_bound": float}
 
 
 def _check_row(row: dict[str, Any], spec: dict[str, Any], where: str) -> None:
     assert set(row) == set(spec), f"{where}: keys {sorted(row)} != {sorted(spec)}"
     for key, kind in spec.items():
         value = row[key]
-        if kind is float:  # any JSON number
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is float:  # any JSON number
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
@@ -58,6 +61,7 @@ def check_summary(summary: dict[str, Any]) -> None:
         _check_row(row, E2E_KEYS, f"e2e[{i}]")
         assert row["tpot_stock_ms"] > 0 and row["tpot_lynx_ms"] > 0
         assert row["ppl_stock"] > 0 and row["ppl_lynx"] > 0
+        assert 0 < row["moe_share"] <= 1 and row["amdahl_bound"] >= 1 - row["moe_share"]
         for key in ("exact_match_stock", "exact_match_lynx", "top1_kept_rate"):
             assert 0.0 <= row[key] <= 1.0, f"e2e[{i}].{key}={row[key]} not a fraction"
     slo = summary["slo"]
@@ -107,14 +111,15 @@ def test_summary_json_schema() -> None:
 
 def test_schema_check_rejects_missing_or_extra_fields() -> None:
     row = {k: 1.0 for k in E2E_KEYS} | {"model": "m", "policy": "budget", "knob": 4,
-                                         "concurrency": 32}
+                                         "concurrency": 32, "default": True}
     summary = {"machine": "cpu", "e2e": [row], "slo": {"slo_ms": 1.0, "step_load": None,
                                                        "runs": [
         {"mode": m, "throughput_within_slo": 1.0, "slo_attainment": 1.0,
          "routing_mass_kept": 1.0, "experts_kept_mean": None}
         for m in ("adaptive", "off", "static:8")]},
         "moe_layer": [{k: 1.0 for k in MOE_KEYS} | {"shape": "s", "E": 8, "k": 2, "batch": 16,
-                                                   "policy": "budget", "knob": 4}]}
+                                                   "policy": "budget", "knob": 4,
+                                                   "default": False}]}
     check_summary(summary)
     broken = json.loads(json.dumps(summary))
     del broken["e2e"][0]["ppl_lynx"]
@@ -130,6 +135,10 @@ def test_schema_check_rejects_missing_or_extra_fields() -> None:
         check_summary(broken)
     broken = json.loads(json.dumps(summary))
     broken["e2e"][0]["tpot_lynx_ms"] = 0.0
+    with pytest.raises(AssertionError):
+        check_summary(broken)
+    broken = json.loads(json.dumps(summary))
+    broken["e2e"][0]["amdahl_bound"] = None  # a run without MoE timing
     with pytest.raises(AssertionError):
         check_summary(broken)
 

@@ -27,6 +27,7 @@ QWEN3 = RouterSpec(top_k=8, renormalize=True)  # Qwen3-30B-A3B / 235B: E=128
 DEEPSEEK_V3 = RouterSpec(top_k=8, renormalize=True, scoring="sigmoid", num_expert_group=8,
                          topk_group=4, has_correction_bias=True, routed_scaling_factor=2.5)
 OLMOE = RouterSpec(top_k=8, renormalize=False)  # E=64
+GPT_OSS = RouterSpec(top_k=4)  # E=32, as qwen3-moe-mini
 
 
 def _inputs(rows: int, experts: int, seed: int, dtype: torch.dtype = torch.float32
@@ -53,11 +54,12 @@ CASES = [  # (policy, router, E, logits dtype, with bias, with row weights)
     ("coverage", DEEPSEEK_V3, 256, torch.bfloat16, True, False),
     ("affinity", OLMOE, 64, torch.float32, False, False),
     ("by_code", QWEN3, 128, torch.float32, False, True),
+    ("budget", GPT_OSS, 32, torch.bfloat16, False, False),
 ]
-ROW_COUNTS = (2, 3, 8, 20, 33, 64, 130)
+ROW_COUNTS = (2, 3, 8, 20, 32, 33, 64, 128, 130)  # = E and != E for every E above
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-E{c[2]}" for c in CASES])
 def test_compiled_graph_matches_the_eager_step(case: tuple) -> None:
     policy, router, experts, dtype, with_bias, with_weight = case
     selection = CompiledSelection(background=False)
@@ -65,7 +67,7 @@ def test_compiled_graph_matches_the_eager_step(case: tuple) -> None:
                        budget=2 * router.top_k, coverage=0.8, k0=2)
     bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)) * 0.05 + 5.0 \
         if with_bias else None
-    for seed in range(28):  # one graph, many steps (row counts, knob values) through it
+    for seed in range(27):  # one graph, many steps (row counts, knob values) through it
         rows = ROW_COUNTS[seed % len(ROW_COUNTS)]
         weight = torch.linspace(0.2, 1.0, rows) if with_weight else None
         logits, valid, prunable = _inputs(rows, experts, seed, dtype)
@@ -87,6 +89,27 @@ def test_graph_serves_real_router_ties_bitwise() -> None:
         logits = (logits * 4).round() / 4  # few distinct values: many exact ties
         got = selection("budget", logits, QWEN3, knobs, valid, prunable)
         assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+
+
+def test_a_graph_that_raises_is_dropped_and_the_step_goes_eager(
+        caplog: pytest.LogCaptureFixture) -> None:
+    selection = CompiledSelection(background=False)
+    knobs = make_knobs(policy="budget", budget=12)
+    logits, valid, prunable = _inputs(16, 128, 7)
+    selection("budget", logits, QWEN3, knobs, valid, prunable)  # compiles
+    (key,) = selection.graphs
+
+    def broken(*inputs: torch.Tensor) -> None:
+        raise RuntimeError("expected size 128==128, stride 32==128 at dim=0")
+
+    selection.graphs[key] = broken  # e.g. a stride or shape assumption that does not hold
+    with caplog.at_level(logging.WARNING, logger="lynx.selection"):
+        for _ in range(2):
+            got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+            assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid,
+                                               prunable))
+    assert selection.graphs == {} and "stride" in selection.failed[key]
+    assert len([r for r in caplog.records if "compiled selection step" in r.message]) == 1
 
 
 def test_background_compile_serves_eagerly_until_the_graph_is_ready() -> None:

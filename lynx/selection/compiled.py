@@ -73,7 +73,10 @@ class _StepModule(torch.nn.Module):
                                        row_valid, row_prunable, bias, row_weight=weight))
 
 
-def _example_inputs(key: GraphKey, rows: int = 32) -> tuple[torch.Tensor, ...]:
+def _example_inputs(key: GraphKey) -> tuple[torch.Tensor, ...]:
+    # T = E + 1: symbolic tracing gives equal example sizes one symbol ("duck sizing"), which
+    # would tie the row count to the expert count; T >= 2 avoids the 0/1 specialisation.
+    rows = key.experts + 1
     # Distinct tensors throughout: the tracer would fold aliased example inputs into one.
     knobs = (torch.tensor(True), torch.tensor(1, dtype=torch.int64), torch.tensor(3.0),
              torch.tensor(2.0), torch.tensor(1, dtype=torch.int64),
@@ -125,25 +128,36 @@ class CompiledSelection:
         """Same contract and results as `select_layer_step` (see the module doc)."""
         rows, experts = logits.shape
         graph = None
+        key = GraphKey(policy, router, experts, logits.dtype, correction_bias is not None,
+                       row_weight is not None)
         # Inside someone else's trace (torch.compile of the model, a graph capture) the
         # eager specification is what gets traced.
         if (self.enabled and not logits.is_cuda and rows > 0
                 and not torch.compiler.is_compiling()):
-            key = GraphKey(policy, router, experts, logits.dtype, correction_bias is not None,
-                           row_weight is not None)
             graph = self.graphs.get(key)
             if graph is None and key not in self._queued:
                 self.request(key)
                 graph = self.graphs.get(key)  # present if compiled synchronously
-        if graph is None:
-            return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
-                                     correction_bias, row_weight=row_weight)
-        inputs = [logits, row_valid, row_prunable, *knobs]
-        if correction_bias is not None:
-            inputs.append(correction_bias.float().reshape(-1))
-        if row_weight is not None:
-            inputs.append(row_weight.float())
-        return LayerSelection(*graph(*inputs))
+        if graph is not None:
+            inputs = [logits, row_valid, row_prunable, *knobs]
+            if correction_bias is not None:
+                inputs.append(correction_bias.float().reshape(-1))
+            if row_weight is not None:
+                inputs.append(row_weight.float())
+            try:
+                return LayerSelection(*graph(*inputs))
+            except Exception as error:  # never take the forward down: eager from now on
+                self._give_up(key, error, "running the compiled selection step")
+        return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
+                                 correction_bias, row_weight=row_weight)
+
+    def _give_up(self, key: GraphKey, error: Exception, doing: str) -> None:
+        """Eager for ``key`` from now on; the first failure of all is logged."""
+        self.graphs.pop(key, None)
+        if not self.failed:
+            logger.warning("Lynx: %s failed (%s: %s); it runs eagerly", doing,
+                           type(error).__name__, error)
+        self.failed[key] = f"{type(error).__name__}: {error}"
 
     def request(self, key: GraphKey) -> None:
         """Compile ``key``'s graph: queued for the background thread, or now."""
@@ -181,9 +195,6 @@ class CompiledSelection:
                 logger.info("Lynx: selection step compiled for policy %s, E=%d, %s logits in "
                             "%.1f s", key.policy, key.experts, key.dtype, time.monotonic() - start)
             except Exception as error:  # keep serving eagerly; say why once
-                if not self.failed:
-                    logger.warning("Lynx: compiling the selection step failed (%s: %s); it "
-                                   "runs eagerly", type(error).__name__, error)
-                self.failed[key] = f"{type(error).__name__}: {error}"
+                self._give_up(key, error, "compiling the selection step")
             finally:
                 self._queue.task_done()
