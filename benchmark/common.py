@@ -76,8 +76,12 @@ OFF = Variant("off", "-", PolicySpec(name="off"))
 
 def default_budget(num_experts: int, top_k: int) -> int:
     """The plugin's default operating point (``lynx.sglang_plugin.config.default_policy``):
-    at most max(2k, E/4) experts per layer and step for batches of 4 rows or more."""
-    return max(2 * top_k, num_experts // 4)
+    its budget for batches of 4 rows or more."""
+    from lynx.sglang_plugin.config import default_policy
+
+    budget = default_policy(num_experts, top_k).budgets[-1].all_layers
+    assert budget is not None
+    return budget
 
 
 def budget_knobs(num_experts: int, top_k: int, quick: bool) -> list[int]:
@@ -106,7 +110,7 @@ def policy_grid(num_experts: int, top_k: int, quick: bool) -> list[Variant]:
 
 
 def default_variant(num_experts: int, top_k: int) -> Variant:
-    """The plugin's default policy (``budget`` m = max(2k, E/4), no pruning below 4 rows)."""
+    """The plugin's default policy (``budget`` m = max(2k, E/2), no pruning below 4 rows)."""
     from lynx.sglang_plugin.config import default_policy
 
     return Variant("budget", default_budget(num_experts, top_k),

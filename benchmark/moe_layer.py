@@ -119,7 +119,7 @@ class MoeLayerBench:
         from lynx.selection.compiled import CompiledSelection
 
         # As the plugin runs it on the CPU once warm; compiled here on first use, untimed.
-        self.selection = CompiledSelection(background=False)
+        self.selection = CompiledSelection()
 
     def route(self, x: torch.Tensor, logits: torch.Tensor) -> Any:
         from sglang.srt.layers.moe.topk import select_experts

@@ -249,7 +249,7 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary
   Perplexity / next-token agreement: transformers on the float32 checkpoint, the same selection
   applied to the router by a forward hook, B windows decoded together (every position of the B
   windows is one decode batch).
-- `*` marks the default operating point (`budget`, m = max(2k, E/4), no pruning below 4 rows).
+- `*` marks the default operating point (`budget`, m = max(2k, E/2), no pruning below 4 rows).
 
 ## Targets
 {report.markdown_table(["target", "measured"], report.targets(moe, e2e, slo, c))}

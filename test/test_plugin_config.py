@@ -113,7 +113,8 @@ def test_default_policy_scales_with_model_shape() -> None:
     mixtral = default_policy(8, 2)
     assert mixtral.budgets[-1].all_layers == 4 and mixtral.budgets[0].all_layers == 8
     qwen = default_policy(64, 4)
-    assert qwen.budgets[-1].all_layers == 16
+    assert qwen.budgets[-1].all_layers == 32
+    assert default_policy(32, 8).budgets[-1].all_layers == 16  # 2k when E/2 is smaller
     assert NO_LIMIT > 1_000_000
 
 

@@ -17,7 +17,7 @@ import torch
 
 from lynx.selection import RouterSpec, make_knobs, select_layer_step
 from lynx.selection import compiled as compiled_mod
-from lynx.selection.compiled import CompiledSelection
+from lynx.selection.compiled import CompiledSelection, GraphKey
 from lynx.selection.step import LayerSelection
 
 pytestmark = pytest.mark.skipif(compiled_mod.cxx_compiler() is None,
@@ -62,7 +62,7 @@ ROW_COUNTS = (2, 3, 8, 20, 32, 33, 64, 128, 130)  # = E and != E for every E abo
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-E{c[2]}" for c in CASES])
 def test_compiled_graph_matches_the_eager_step(case: tuple) -> None:
     policy, router, experts, dtype, with_bias, with_weight = case
-    selection = CompiledSelection(background=False)
+    selection = CompiledSelection()
     knobs = make_knobs(policy="piggyback" if policy == "by_code" else policy,
                        budget=2 * router.top_k, coverage=0.8, k0=2)
     bias = torch.randn(experts, generator=torch.Generator().manual_seed(1)) * 0.05 + 5.0 \
@@ -82,7 +82,7 @@ def test_compiled_graph_matches_the_eager_step(case: tuple) -> None:
 
 def test_graph_serves_real_router_ties_bitwise() -> None:
     # bf16 logits tie often; the graph must break ties exactly like the specification.
-    selection = CompiledSelection(background=False)
+    selection = CompiledSelection()
     knobs = make_knobs(policy="budget", budget=16)
     for seed in range(40):
         logits, valid, prunable = _inputs(32, 128, seed, torch.bfloat16)
@@ -93,7 +93,7 @@ def test_graph_serves_real_router_ties_bitwise() -> None:
 
 def test_a_graph_that_raises_is_dropped_and_the_step_goes_eager(
         caplog: pytest.LogCaptureFixture) -> None:
-    selection = CompiledSelection(background=False)
+    selection = CompiledSelection()
     knobs = make_knobs(policy="budget", budget=12)
     logits, valid, prunable = _inputs(16, 128, 7)
     selection("budget", logits, QWEN3, knobs, valid, prunable)  # compiles
@@ -112,15 +112,18 @@ def test_a_graph_that_raises_is_dropped_and_the_step_goes_eager(
     assert len([r for r in caplog.records if "compiled selection step" in r.message]) == 1
 
 
-def test_background_compile_serves_eagerly_until_the_graph_is_ready() -> None:
-    selection = CompiledSelection(background=True)
+def test_warm_up_compiles_before_use_and_serves_every_row_count() -> None:
+    selection = CompiledSelection()
+    key = GraphKey("budget", QWEN3, 128, torch.float32, False, False)
+    selection.warm_up([key, key])
+    assert list(selection.graphs) == [key]
     knobs = make_knobs(policy="budget", budget=12)
-    logits, valid, prunable = _inputs(9, 128, 0)
-    first = selection("budget", logits, QWEN3, knobs, valid, prunable)  # returns at once
-    assert_same(first, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
-    assert selection.wait(timeout=300)
-    assert len(selection.graphs) == 1
-    assert_same(selection("budget", logits, QWEN3, knobs, valid, prunable), first)
+    for rows in (1, 9, 128):
+        logits, valid, prunable = _inputs(rows, 128, rows)
+        valid[-1] = True  # T=1: the single row is real
+        got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+        assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+    assert list(selection.graphs) == [key]  # no further compile
 
 
 def test_no_compiler_means_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch,
@@ -143,7 +146,7 @@ def test_a_failed_compile_stays_eager_and_warns_once(monkeypatch: pytest.MonkeyP
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(compiled_mod, "compile_step", broken)
-    selection = CompiledSelection(background=False)
+    selection = CompiledSelection()
     knobs = make_knobs(policy="budget", budget=12)
     with caplog.at_level(logging.WARNING, logger="lynx.selection"):
         for rows in (3, 17, 17):

@@ -9,8 +9,11 @@ Python constants, so it is compiled once per `GraphKey` (policy name, `RouterSpe
 dtype, with/without correction bias and row weights) and reused by every layer and step with
 that key.
 
-Compiling takes seconds, so it never runs on the serving path: a key seen for the first time
-is queued for a background thread, and the step runs eagerly until its graph is ready.
+Compiling takes seconds (a few with Inductor's on-disk cache warm), so an engine compiles its
+known keys once before serving (`CompiledSelection.warm_up`); a key first seen while serving
+(a policy switched to at run time) is compiled on that call, a one-off stall. Not on another
+thread: tracing patches ``torch.nn.Module.__call__`` process-wide, which would break a model
+forward running concurrently.
 Expert ids, keep sets and routed rows are bit for bit the eager specification's (tested);
 weights and statistics agree to float rounding (Inductor may re-associate sums).
 
@@ -22,8 +25,6 @@ compiled here (they take the Triton kernels and SGLang's CUDA graphs).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -103,18 +104,13 @@ def compile_step(key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]]:
 
 
 class CompiledSelection:
-    """Drop-in for `select_layer_step` that runs compiled graphs once they are ready.
+    """Drop-in for `select_layer_step` that runs one compiled graph per `GraphKey`.
 
-    ``enabled``: False = always eager. ``background``: compile on a daemon thread (False:
-    compile synchronously on first use, for tests and benchmarks)."""
+    ``enabled``: False = always eager (also when no C++ compiler is found)."""
 
-    def __init__(self, *, enabled: bool = True, background: bool = True) -> None:
-        self.background = background
+    def __init__(self, *, enabled: bool = True) -> None:
         self.graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self.failed: dict[GraphKey, str] = {}
-        self._queued: set[GraphKey] = set()
-        self._queue: queue.Queue[GraphKey] = queue.Queue()
-        self._thread: threading.Thread | None = None
         self.compiler = cxx_compiler() if enabled else None
         self.enabled = enabled and self.compiler is not None
         if enabled and self.compiler is None:
@@ -135,9 +131,8 @@ class CompiledSelection:
         if (self.enabled and not logits.is_cuda and rows > 0
                 and not torch.compiler.is_compiling()):
             graph = self.graphs.get(key)
-            if graph is None and key not in self._queued:
-                self.request(key)
-                graph = self.graphs.get(key)  # present if compiled synchronously
+            if graph is None and key not in self.failed:
+                graph = self.compile(key)
         if graph is not None:
             inputs = [logits, row_valid, row_prunable, *knobs]
             if correction_bias is not None:
@@ -159,42 +154,26 @@ class CompiledSelection:
                            type(error).__name__, error)
         self.failed[key] = f"{type(error).__name__}: {error}"
 
-    def request(self, key: GraphKey) -> None:
-        """Compile ``key``'s graph: queued for the background thread, or now."""
-        self._queued.add(key)
-        self._queue.put(key)
-        if not self.background:
-            self._drain()
-        elif self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name="lynx-compile",
-                                            daemon=True)
-            self._thread.start()
+    def warm_up(self, keys: list[GraphKey]) -> None:
+        """Compile ``keys`` now (before serving); failures are logged once, then eager."""
+        if self.enabled:
+            for key in keys:
+                if key not in self.graphs and key not in self.failed:
+                    self.compile(key)
 
     def counts(self) -> dict[str, int]:
         """Graphs by state: ``ready``, ``failed`` (both 0 when compiling is off)."""
         return {"ready": len(self.graphs), "failed": len(self.failed)}
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every queued graph is compiled or failed; False on timeout (s)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                key = self._queue.get(block=self.background)
-            except queue.Empty:
-                return
-            start = time.monotonic()
-            try:
-                self.graphs[key] = compile_step(key)
-                logger.info("Lynx: selection step compiled for policy %s, E=%d, %s logits in "
-                            "%.1f s", key.policy, key.experts, key.dtype, time.monotonic() - start)
-            except Exception as error:  # keep serving eagerly; say why once
-                self._give_up(key, error, "compiling the selection step")
-            finally:
-                self._queue.task_done()
+    def compile(self, key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]] | None:
+        """``key``'s graph, compiled now; None (and eager for the key) if that fails."""
+        start = time.monotonic()
+        try:
+            graph = compile_step(key)
+        except Exception as error:  # keep serving eagerly; say why once
+            self._give_up(key, error, "compiling the selection step")
+            return None
+        self.graphs[key] = graph
+        logger.info("Lynx: selection step compiled for policy %s, E=%d, %s logits in %.1f s",
+                    key.policy, key.experts, key.dtype, time.monotonic() - start)
+        return graph

@@ -85,6 +85,11 @@ class LynxRuntime:
             self._log_apply(state.policy, state.policy_version, state.step_index)
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
         self.exporter.selection_graphs = self.compiled.counts
+        if device.type == "cpu" and self.compiled.enabled and policy.name != "off":
+            try:
+                self.warm_up_selection(model_runner, state)
+            except Exception:  # a warm-up problem must not stop the server: eager until use
+                logger.exception("Lynx: selection warm-up failed; compiling on first use")
         if self.config.time_moe:
             from lynx.sglang_plugin.moe_timer import MoeTimer
 
@@ -100,6 +105,23 @@ class LynxRuntime:
                     self.ranks.tp_rank, self.ranks.tp_size, self.ranks.dp_rank,
                     self.ranks.dp_size)
         return state
+
+    def warm_up_selection(self, model_runner: Any, state: RuntimeState) -> None:
+        """Compile the start-up policy's selection graphs before serving (one per distinct
+        router of the model's TopK layers, in the model's dtype)."""
+        from sglang.srt.layers.moe.topk import TopK
+
+        from lynx.selection.compiled import GraphKey
+
+        dtype = getattr(model_runner.model_config, "dtype", torch.float32)
+        keys = []
+        for module in model_runner.model.modules():
+            if isinstance(module, TopK):
+                plan = plan_layer(module, "native")
+                if plan.router is not None:
+                    keys.append(GraphKey(state.policy.name, plan.router, state.num_experts,
+                                         dtype, plan.router.has_correction_bias, False))
+        self.compiled.warm_up(list(dict.fromkeys(keys)))
 
     def _log_apply(self, policy: Any, version: int, step: int) -> None:
         """Append this rank's policy application to ``LYNX_APPLY_LOG`` (one JSON line)."""
