@@ -43,7 +43,7 @@ def models_dir() -> Path:
 class Variant:
     """One Lynx policy at one knob value."""
 
-    policy: str  # off | budget | affinity | piggyback
+    policy: str  # off | budget | affinity | piggyback | coverage
     knob: int | float | str
     spec: PolicySpec
 
@@ -65,6 +65,13 @@ def budget_variant(m: int) -> Variant:
 def affinity_variant(alpha: float, beta: int) -> Variant:
     knob = f"a{alpha:g}b{beta}"
     return Variant("affinity", knob, PolicySpec(name="affinity", alpha=alpha, beta=beta))
+
+
+def coverage_variant(coverage: float) -> Variant:
+    return Variant("coverage", coverage, PolicySpec(name="coverage", coverage=coverage))
+
+
+COVERAGE_KNOBS: tuple[float, ...] = (0.8, 0.9, 0.95)
 
 
 def piggyback_variant(k0: int) -> Variant:
@@ -106,6 +113,7 @@ def policy_grid(num_experts: int, top_k: int, quick: bool) -> list[Variant]:
     grid += [affinity_variant(a, b) for a, b in affinity]
     k0s = [1] if quick else sorted({1, max(1, top_k // 2)})
     grid += [piggyback_variant(k0) for k0 in k0s if k0 < top_k]
+    grid += [coverage_variant(c) for c in ((0.9,) if quick else COVERAGE_KNOBS)]
     return grid
 
 
@@ -130,7 +138,8 @@ def selection_knobs(variant: Variant, batch: int, layer: int, num_experts: int) 
         budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
     enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
     return make_knobs("cpu", enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
-                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name)
+                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name,
+                      coverage=spec.coverage)
 
 
 # --- timing ---------------------------------------------------------------------------------

@@ -87,18 +87,18 @@ def decode_counters(url: str) -> dict[str, float]:
 
 
 def measure_latency(pair: ServingPair, variant: Variant, concurrency: int,
-                    args: argparse.Namespace, work: Path, tokenizer: Path
-                    ) -> dict[str, dict[str, float]]:
+                    args: argparse.Namespace, work: Path, tokenizer: Path,
+                    arms: tuple[str, ...] = ARMS) -> dict[str, dict[str, float]]:
     """SGLang's serving benchmark at fixed concurrency (rate inf, ``--max-concurrency``)
     against the stock server, the Lynx server with ``variant`` and the Lynx server with
     policy off, in a shuffled order per repetition. Per arm: medians over repetitions of the
     tool's per-run metrics, server CPU per token, and (Lynx server) MoE / forward seconds per
     decode step."""
     prompts = concurrency * max(args.waves, -(-MIN_REQUESTS // concurrency))
-    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     rng = random.Random(concurrency)
     for rep in range(args.reps):
-        order = list(ARMS)
+        order = list(arms)
         rng.shuffle(order)
         for arm in order:
             server = pair.stock if arm == "stock" else pair.lynx
@@ -145,13 +145,14 @@ def latency_row(model: str, variant: Variant, concurrency: int,
     1/((1-f)+f/S); ``weights_bound`` = the same with S = stock union / kept experts (the MoE
     layers at their weights-read bound); ``forward_ratio`` = forward ms per decode step,
     off / Lynx (in-server; TPOT adds scheduling, sampling and streaming)."""
-    stock, lynx, off = lat["stock"], lat["lynx"], lat["off"]
+    stock, lynx = lat["stock"], lat["lynx"]
+    off = lat.get("off") or {}
     row: dict[str, Any] = {
         "model": model, "concurrency": concurrency, "policy": variant.policy,
         "knob": variant.knob,
         "tpot_stock_ms": rounded(stock["median_tpot_ms"], 2),
         "tpot_lynx_ms": rounded(lynx["median_tpot_ms"], 2),
-        "tpot_off_ms": rounded(off["median_tpot_ms"], 2),
+        "tpot_off_ms": rounded(off["median_tpot_ms"], 2) if off else None,
         "tpot_ratio": rounded(stock["median_tpot_ms"] / lynx["median_tpot_ms"]),
         "tpot_p99_stock_ms": rounded(stock["p99_tpot_ms"], 2),
         "tpot_p99_lynx_ms": rounded(lynx["p99_tpot_ms"], 2),
@@ -165,8 +166,8 @@ def latency_row(model: str, variant: Variant, concurrency: int,
         "cpu_ms_per_token_stock": rounded(stock["cpu_ms_per_token"], 3),
         "cpu_ms_per_token_lynx": rounded(lynx["cpu_ms_per_token"], 3),
         "cpu_ratio": rounded(stock["cpu_ms_per_token"] / lynx["cpu_ms_per_token"]),
-        "requests": int(stock["completed"] + lynx["completed"] + off["completed"]),
-        "failed": int(stock["failed"] + lynx["failed"] + off["failed"]),
+        "requests": int(stock["completed"] + lynx["completed"]),
+        "failed": int(stock["failed"] + lynx["failed"]),
         "default": False,
     }
     if "moe_ms_per_step" in off and "moe_ms_per_step" in lynx:
@@ -206,8 +207,11 @@ def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startu
     base = models_dir() / model
     layers, experts, top_k = moe_shape(read_config(base))
     default = default_variant(experts, top_k)
-    # Lynx with policy off first (the plugin's fixed cost), then every policy and knob.
-    variants = [default] if args.quick else [OFF, *policy_grid(experts, top_k, False)]
+    # The default first: its sweep also runs the policy-off arm (the plugin's fixed cost and
+    # the MoE share f), which the other variants' rows at the frontier concurrency reuse.
+    variants = [default] if args.quick else [
+        default, *(v for v in policy_grid(experts, top_k, False) if v != default)]
+    off_at: dict[int, dict[str, float]] = {}
     log = print
     log(f"[e2e] {model}: E={experts} k={top_k}, serving {pair.model_path.name}", flush=True)
     out: dict[str, Any] = {"model": model, "served": pair.model_path.name, "widen": args.widen,
@@ -229,7 +233,13 @@ def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startu
         sweep = args.concurrency if variant == default else [args.frontier_c]
         for concurrency in sweep:
             start = pair.lynx_counters()
-            lat = measure_latency(pair, variant, concurrency, args, work, base)
+            if variant == default:
+                lat = measure_latency(pair, variant, concurrency, args, work, base)
+                off_at[concurrency] = lat["off"]
+            else:
+                lat = measure_latency(pair, variant, concurrency, args, work, base,
+                                      arms=("stock", "lynx"))
+                lat["off"] = off_at.get(concurrency, {})
             pruned = counter_delta(start, pair.lynx_counters())
             row = latency_row(model, variant, concurrency, lat, pruned["kept_over_union"])
             row["default"] = variant == default

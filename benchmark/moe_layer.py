@@ -302,7 +302,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     cols = min(3, len(shapes))
     nrows = (len(shapes) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
-    colors = {"budget": "C0", "affinity": "C2", "piggyback": "C1"}
+    colors = {"budget": "C0", "affinity": "C2", "piggyback": "C1", "coverage": "C3"}
     for ax, name in zip(axes.flat, shapes, strict=False):
         rows = [r for r in result["rows"] if r["shape"] == name]
         batches = sorted({r["batch"] for r in rows})

@@ -52,7 +52,7 @@ def plot_frontier(e2e: dict[str, Any], concurrency: int, path: Path) -> Path:
     points = frontier_points(e2e, concurrency)
     models = sorted({p["model"] for p in points}) or ["(no data)"]
     fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8.5), squeeze=False)
-    markers = {"budget": "o", "affinity": "s", "piggyback": "^"}
+    markers = {"budget": "o", "affinity": "s", "piggyback": "^", "coverage": "D"}
     metrics = (("em_delta_points", f"exact-match delta at batch {concurrency} [points]", 1.0),
                ("ppl_rise", f"code perplexity rise at batch {concurrency} [%]", 100.0))
     for col, model in enumerate(models):
@@ -171,6 +171,8 @@ def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
     ok_points = [p for p in frontier_points(e2e, frontier_c) if p["em_delta_points"] >= -1
                  and p["ppl_rise"] <= 0.02]
     best_e2e = max(ok_points, key=lambda p: p["speedup"], default=None)
+    amdahl = [r for r in e2e["rows"] if r["default"] and r["concurrency"] == frontier_c
+              and r.get("fraction_of_amdahl") is not None]
     return [
         ["MoE layer: >= 90% of bound, B=16..64, fine-grained (widened/production, fp32)",
          f"default: {min(dflt, default=float('nan')):.2f}..{max(dflt, default=float('nan')):.2f}"
@@ -180,6 +182,10 @@ def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
          f"{100 * max(overhead, default=float('nan')):.1f}%; production shapes (fp32) "
          f"{100 * min(big, default=float('nan')):.1f}%.."
          f"{100 * max(big, default=float('nan')):.1f}%"],
+        [f"E2E TPOT ratio >= 0.9 of its Amdahl bound (default, C={frontier_c})",
+         "; ".join(f"{r['model']}: {r['tpot_ratio']:.2f}x of bound {r['amdahl_bound']:.2f}x "
+                   f"= {r['fraction_of_amdahl']:.2f} (f {r['moe_share']:.2f}, MoE "
+                   f"x{r['moe_speedup']:.2f})" for r in amdahl) or "not measured"],
         [f">= 2.0x TPOT at C={frontier_c}, <= 1 pt EM loss, <= 2% ppl rise",
          "none qualifies" if best_e2e is None else
          f"{best_e2e['speedup']:.2f}x ({best_e2e['model']} {best_e2e['label']}, "

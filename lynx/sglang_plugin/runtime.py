@@ -62,6 +62,7 @@ class LynxRuntime:
         self._reasons_logged: set[str] = set()
         self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
         self.compiled = CompiledSelection(enabled=config.compile)  # CPU steps (Inductor)
+        self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
 
     # -- start-up ---------------------------------------------------------------------------
     def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
@@ -85,9 +86,10 @@ class LynxRuntime:
             self._log_apply(state.policy, state.policy_version, state.step_index)
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
         self.exporter.selection_graphs = self.compiled.counts
-        if device.type == "cpu" and self.compiled.enabled and policy.name != "off":
+        if device.type == "cpu" and self.compiled.enabled:
             try:
-                self.warm_up_selection(model_runner, state)
+                self._graph_keys = self.selection_graph_keys(model_runner, state)
+                self.compile_selection(policy.name)
             except Exception:  # a warm-up problem must not stop the server: eager until use
                 logger.exception("Lynx: selection warm-up failed; compiling on first use")
         if self.config.time_moe:
@@ -106,9 +108,9 @@ class LynxRuntime:
                     self.ranks.dp_size)
         return state
 
-    def warm_up_selection(self, model_runner: Any, state: RuntimeState) -> None:
-        """Compile the start-up policy's selection graphs before serving (one per distinct
-        router of the model's TopK layers, in the model's dtype)."""
+    def selection_graph_keys(self, model_runner: Any, state: RuntimeState) -> list[Any]:
+        """One `GraphKey` per distinct router of the model's TopK layers, in the model's
+        dtype (the policy field is filled in by `compile_selection`)."""
         from sglang.srt.layers.moe.topk import TopK
 
         from lynx.selection.compiled import GraphKey
@@ -119,9 +121,16 @@ class LynxRuntime:
             if isinstance(module, TopK):
                 plan = plan_layer(module, "native")
                 if plan.router is not None:
-                    keys.append(GraphKey(state.policy.name, plan.router, state.num_experts,
-                                         dtype, plan.router.has_correction_bias, False))
-        self.compiled.warm_up(list(dict.fromkeys(keys)))
+                    keys.append(GraphKey("", plan.router, state.num_experts, dtype,
+                                         plan.router.has_correction_bias, False))
+        return list(dict.fromkeys(keys))
+
+    def compile_selection(self, policy: str) -> None:
+        """Compile ``policy``'s selection graphs now, between steps: before serving for the
+        start-up policy, on arrival for one the controller sends (a one-off stall of the
+        scheduler loop, never inside a measured forward)."""
+        if policy != "off":
+            self.compiled.warm_up([key._replace(policy=policy) for key in self._graph_keys])
 
     def _log_apply(self, policy: Any, version: int, step: int) -> None:
         """Append this rank's policy application to ``LYNX_APPLY_LOG`` (one JSON line)."""
@@ -255,6 +264,7 @@ class LynxRuntime:
             return None
         for message in (r for r in recv_reqs if isinstance(r, PolicyMessage)):
             if self.state is not None:
+                self.compile_selection(message.policy.name)
                 self.state.stage_policy(message.policy, message.version)
                 logger.info("Lynx: staged policy %s v%d (%s)", message.policy.name,
                             message.version, message.reason)
