@@ -123,7 +123,10 @@ def test_warm_up_compiles_before_use_and_serves_every_row_count() -> None:
         valid[-1] = True  # T=1: the single row is real
         got = selection("budget", logits, QWEN3, knobs, valid, prunable)
         assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
-    assert list(selection.graphs) == [key]  # no further compile
+    wide = torch.randn(9, 256)[:, ::2]  # a strided view, as a fused gate's output can be
+    got = selection("budget", wide, QWEN3, knobs, *_inputs(9, 128, 0)[1:])
+    assert_same(got, select_layer_step("budget", wide, QWEN3, knobs, *_inputs(9, 128, 0)[1:]))
+    assert list(selection.graphs) == [key] and not selection.failed  # no further compile
 
 
 def test_no_compiler_means_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch,

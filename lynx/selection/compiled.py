@@ -1,4 +1,4 @@
-"""`select_layer_step` compiled ahead of use on the CPU (Inductor), eager until it is ready.
+"""`select_layer_step` compiled once per key on the CPU (Inductor); eager where it cannot be.
 
 Shape legend: T rows of the step, E experts, K top_k.
 
@@ -134,7 +134,8 @@ class CompiledSelection:
             if graph is None and key not in self.failed:
                 graph = self.compile(key)
         if graph is not None:
-            inputs = [logits, row_valid, row_prunable, *knobs]
+            # The graph assumes the example's contiguous strides.
+            inputs = [logits.contiguous(), row_valid, row_prunable, *knobs]
             if correction_bias is not None:
                 inputs.append(correction_bias.float().reshape(-1))
             if row_weight is not None:
