@@ -157,6 +157,16 @@ def _run_on_pair(model: str, args: argparse.Namespace, pair: ServingPair, startu
     return out
 
 
+def ceiling_fraction(lat: dict[str, Any]) -> dict[str, Any]:
+    """``tpot_ratio_off`` and ``fraction_of_amdahl`` of a latency entry, derived from its
+    stored TPOTs and bound (`benchmark.e2e_latency.latency_row` gives the definitions)."""
+    if not (lat.get("tpot_off_ms") and lat.get("amdahl_bound")):
+        return {}
+    ratio = lat["tpot_off_ms"] / lat["tpot_lynx_ms"]
+    return {"tpot_ratio_off": rounded(ratio),
+            "fraction_of_amdahl": rounded(ratio / lat["amdahl_bound"])}
+
+
 def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``e2e`` rows of summary.json: one per latency measurement, with the accuracy of the
     same variant at the batch size closest to the concurrency."""
@@ -187,6 +197,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 **{k: lat.get(k) for k in ("moe_share", "moe_speedup", "amdahl_bound",
                                            "weights_bound", "fraction_of_amdahl",
                                            "forward_ratio", "plugin_off_ratio")},
+                **ceiling_fraction(lat),
                 "served": model["served"], "default": lat["default"],
             })
     return rows

@@ -25,15 +25,18 @@ def test_amdahl_bound_of_a_step_whose_moe_share_runs_faster() -> None:
 
 def test_latency_row_reports_the_bound_and_how_much_of_it_reached_the_user() -> None:
     # off: 100 ms TPOT of which 40 ms MoE; Lynx halves the MoE time (S = 2) and its TPOT is
-    # 85 ms against stock's 100 ms (1.176x); the Amdahl bound is 1/(0.6 + 0.2) = 1.25x.
-    lat = {"stock": _arm(100.0), "lynx": _arm(85.0, 20.0, 60.0), "off": _arm(100.0, 40.0, 80.0)}
+    # 85 ms (1.176x); the Amdahl bound is 1/(0.6 + 0.2) = 1.25x.
+    # The stock server (another process) ran at 110 ms: the bound is held against off / Lynx.
+    lat = {"stock": _arm(110.0), "lynx": _arm(85.0, 20.0, 60.0), "off": _arm(100.0, 40.0, 80.0)}
     row = latency_row("m", budget_variant(8), 32, lat, kept_over_union=0.5)
     assert row["moe_share"] == pytest.approx(0.4) and row["moe_speedup"] == pytest.approx(2.0)
     assert row["amdahl_bound"] == pytest.approx(1.25)
     assert row["weights_bound"] == pytest.approx(1.25)  # union / kept = 2 here too
+    assert row["tpot_ratio_off"] == pytest.approx(100 / 85, abs=1e-3)
     assert row["fraction_of_amdahl"] == pytest.approx((100 / 85) / 1.25, abs=1e-3)
     assert row["forward_ratio"] == pytest.approx(80 / 60, abs=1e-3)
-    assert row["plugin_off_ratio"] == pytest.approx(1.0)
+    assert row["tpot_ratio"] == pytest.approx(110 / 85, abs=1e-3)
+    assert row["plugin_off_ratio"] == pytest.approx(1.1)
 
 
 def test_a_row_without_moe_timing_has_no_bound() -> None:
