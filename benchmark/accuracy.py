@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from benchmark.common import Variant, selection_knobs
+from benchmark.common import Variant
+from lynx.calibrate import RouterHook, router_hooks
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.client import generate_greedy
 
@@ -42,58 +43,27 @@ def exact_match_server(url: str, num_problems: int, batch: int) -> float:
     return correct / len(problems)
 
 
-class SelectionHook:
-    """Forward hook on a transformers MoE router: batch-aware selection per position."""
+class SelectionHook(RouterHook):
+    """`lynx.calibrate.RouterHook` for a benchmark `Variant` (keeps ``variant`` for subclasses
+    such as `benchmark.verify_steps.VerifyHook`)."""
 
     def __init__(self, variant: Variant, batch: int, layer: int, num_experts: int, top_k: int,
                  renormalize: bool) -> None:
-        from lynx.selection import RouterSpec
-
-        self.variant, self.batch = variant, batch
-        self.router = RouterSpec(top_k=top_k, renormalize=renormalize)
-        self.knobs = selection_knobs(variant, batch, layer, num_experts)
-        self.rows = 0
-        self.top1_kept = 0
-
-    def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
-        from lynx.selection import select_layer_step
-
-        if not bool(self.knobs.enabled):
-            return output
-        router_logits, scores, _ = output
-        z = router_logits.float()
-        experts = z.shape[-1]
-        per_pos = z.view(self.batch, -1, experts)  # [batch, positions, E]
-        rows = torch.ones(self.batch, dtype=torch.bool)
-        steps = [select_layer_step(self.variant.policy, per_pos[:, t], self.router, self.knobs,
-                                   rows, rows) for t in range(per_pos.shape[1])]
-        # [batch, positions, K] -> rows ordered like router_logits (batch-major)
-        weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, self.router.top_k)
-        ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, self.router.top_k)
-        stock_top1 = z.argmax(-1, keepdim=True)
-        self.rows += stock_top1.numel()
-        self.top1_kept += int((ids == stock_top1).any(-1).sum())
-        return router_logits, weights.to(scores.dtype), ids
+        super().__init__(variant.spec, batch, layer, num_experts, top_k, renormalize)
+        self.variant = variant
 
 
 @contextmanager
 def selection_hooks(model: Any, variant: Variant, batch: int,
                     hook_factory: Callable[..., SelectionHook] | None = None
-                    ) -> Iterator[list[SelectionHook]]:
-    config = model.config
-    top_k = int(config.num_experts_per_tok)
-    renormalize = bool(getattr(config, "norm_topk_prob", True))
-    routers = [m for name, m in model.named_modules()
-               if name.endswith("mlp.gate") and hasattr(m, "top_k")]
-    experts = int(getattr(config, "num_local_experts", None) or config.num_experts)
+                    ) -> Iterator[list[RouterHook]]:
     factory = hook_factory or SelectionHook
-    hooks = [factory(variant, batch, i, experts, top_k, renormalize) for i in range(len(routers))]
-    handles = [r.register_forward_hook(h) for r, h in zip(routers, hooks, strict=True)]
-    try:
+
+    def make(spec: Any, *args: Any) -> RouterHook:
+        return factory(variant, *args)
+
+    with router_hooks(model, variant.spec, batch, make) as hooks:
         yield hooks
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def load_model(folder: Path) -> tuple[Any, Any]:

@@ -127,19 +127,10 @@ def default_variant(num_experts: int, top_k: int) -> Variant:
 
 def selection_knobs(variant: Variant, batch: int, layer: int, num_experts: int) -> Any:
     """``lynx.selection.SelectionKnobs`` for ``variant`` at a pure-decode step of ``batch`` rows
-    (``enabled`` is False where the plugin would not prune: policy off, or a budget >= E)."""
-    from lynx.selection import NO_BUDGET_LIMIT, make_knobs
-    from lynx_protocol.policy import bucket_for
+    (`lynx.calibrate.policy_knobs`: ``enabled`` False where the plugin would not prune)."""
+    from lynx.calibrate import policy_knobs
 
-    spec = variant.spec
-    budget = NO_BUDGET_LIMIT
-    if spec.name == "budget":
-        bucket = bucket_for(spec, batch)
-        budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
-    enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
-    return make_knobs("cpu", enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
-                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name,
-                      coverage=spec.coverage)
+    return policy_knobs(variant.spec, batch, layer, num_experts)
 
 
 # --- timing ---------------------------------------------------------------------------------

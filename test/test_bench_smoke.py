@@ -82,14 +82,14 @@ def test_moe_layer_quick_tiny(tmp_path: Path) -> None:
     out = tmp_path / "moe_layer.json"
     cmd = [sys.executable, str(REPO / "benchmark" / "moe_layer.py"), "--quick", "--tiny",
            "--synthetic-only", "--shapes", "qwen3-moe-mini-wide16,Qwen3-30B-A3B/4",
-           "--batches", "1,16", "--draws", "2", "--reps", "2", "--out", str(out)]
+           "--batches", "1,32", "--draws", "2", "--reps", "2", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     rows = result["rows"]
     assert {r["shape"].split()[0] for r in rows} == {"qwen3-moe-mini-wide16", "Qwen3-30B-A3B/4"}
-    assert {r["batch"] for r in rows} == {1, 16}
+    assert {r["batch"] for r in rows} == {1, 32}
     assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback", "coverage"}
     for row in rows:
         _check_row({k: row[k] for k in MOE_KEYS}, MOE_KEYS, row["shape"])
@@ -99,7 +99,7 @@ def test_moe_layer_quick_tiny(tmp_path: Path) -> None:
             assert row["experts_kept"] == row["experts_stock"] == row["k"]  # nothing to drop
         else:
             assert row["experts_kept"] <= row["experts_stock"]
-    defaults = [r for r in rows if r["default"] and r["batch"] == 16]
+    defaults = [r for r in rows if r["default"] and r["batch"] == 32]
     assert len(defaults) == 2 and all(r["bound"] > 1 for r in defaults)
 
 

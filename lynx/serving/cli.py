@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 from lynx.serving.models import ModelError, resolve_model
 from lynx.serving.server import ServeError, SglangServer
@@ -48,6 +49,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from lynx.calibrate import calibrate
+
+    if args.batch < 1 or args.windows < args.batch or args.window_len < 2:
+        raise ServeError("calibrate: need --batch >= 1, --windows >= --batch, --window-len >= 2")
+    folder = resolve_model(args.model)
+    try:
+        result = calibrate(folder, args.target_mean, args.batch, args.windows, args.window_len)
+    except ValueError as exc:
+        raise ServeError(f"calibrate: {exc}") from None
+    print(f"per-layer NLL rise [nats] when only that layer is pruned (batch {args.batch}):",
+          file=sys.stderr)
+    print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"]) + "   budget",
+          file=sys.stderr)
+    for layer, (row, budget) in enumerate(zip(result["sensitivity_nats"], result["budgets"],
+                                              strict=True)):
+        print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
+              + f"   {budget:>6}", file=sys.stderr)
+    text = msgspec.json.encode(result["policy"]).decode()
+    if args.out is not None:
+        args.out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lynx-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,10 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="stock vs Lynx on the same prompts")
     demo.add_argument("--model", default="mixtral-mini")
     demo.add_argument("--port", type=int, default=0, help="0: pick free ports")
+    cal = sub.add_parser("calibrate", help="per-layer budgets for a target mean budget "
+                         "(writes a policy JSON for LYNX_POLICY_FILE or PUT /v1/policy)")
+    cal.add_argument("model", help="reference model name or checkpoint folder")
+    cal.add_argument("--target-mean", type=float, required=True,
+                     help="mean experts per layer the table may use")
+    cal.add_argument("--batch", type=int, default=32, help="decode batch of the calibration")
+    cal.add_argument("--windows", type=int, default=64)
+    cal.add_argument("--window-len", type=int, default=96)
+    cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         from lynx.serving.demo import run_demo
 
         return run_demo(args.model, args.port)

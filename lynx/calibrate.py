@@ -1,0 +1,205 @@
+"""Per-layer expert budgets calibrated offline: ``lynx-serve calibrate <model>``.
+
+Shape legend: N calibration windows, P positions per window, B windows decoded together (one
+decode batch per position), L MoE layers, E experts, K top_k.
+
+Layers are not equally sensitive to pruning: one budget for every layer spends experts where
+they buy nothing. This command measures, on a calibration set (windows of the *training*
+split, never the held-out data the quality checks use), how much each layer alone raises the
+mean next-token loss when pruned to each candidate budget, then allocates per-layer budgets
+for a target mean budget by greedy marginal gain (the layer whose next candidate saves the
+most loss per added expert grows first). The result is a ``budget`` `PolicySpec` with a
+``per_layer`` table, which the plugin (``LYNX_POLICY_FILE``) and the controller's admin API
+(``PUT /v1/policy``) accept as is.
+
+The router hook applies the plugin's own selection step (`lynx.selection.select_layer_step`)
+to a transformers MoE router, every position of the B windows being one decode step (every
+row prunable: slightly pessimistic against a server, which never prunes prefill rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lynx.selection import NO_BUDGET_LIMIT, RouterSpec, SelectionKnobs, make_knobs
+from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
+
+NO_PRUNING_BELOW = 4  # decode rows, as the default policy
+
+
+def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int) -> SelectionKnobs:
+    """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
+    ``layer`` (``enabled`` False where it would not prune: policy off, or a budget >= E)."""
+    budget = NO_BUDGET_LIMIT
+    if spec.name == "budget":
+        bucket = bucket_for(spec, batch)
+        budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
+    enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
+    return make_knobs("cpu", enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
+                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name,
+                      coverage=spec.coverage)
+
+
+class RouterHook:
+    """Forward hook on a transformers MoE router (output ``(logits, scores, ids)``): the
+    selection step per position, every row of the B windows' position one decode batch."""
+
+    def __init__(self, spec: PolicySpec, batch: int, layer: int, num_experts: int,
+                 top_k: int, renormalize: bool) -> None:
+        self.spec, self.batch = spec, batch
+        self.router = RouterSpec(top_k=top_k, renormalize=renormalize)
+        self.knobs = policy_knobs(spec, batch, layer, num_experts)
+        self.rows = 0  # rows routed through the hook
+        self.top1_kept = 0  # of which kept their stock top-1 expert
+
+    def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
+        from lynx.selection import select_layer_step
+
+        if not bool(self.knobs.enabled):
+            return output
+        router_logits, scores, _ = output
+        z = router_logits.float()
+        per_pos = z.view(self.batch, -1, z.shape[-1])  # [B, P, E]
+        rows = torch.ones(self.batch, dtype=torch.bool)
+        steps = [select_layer_step(self.spec.name, per_pos[:, t], self.router, self.knobs,
+                                   rows, rows) for t in range(per_pos.shape[1])]
+        top_k = self.router.top_k  # [B, P, K] -> rows ordered like router_logits
+        weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
+        ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, top_k)
+        stock_top1 = z.argmax(-1, keepdim=True)
+        self.rows += stock_top1.numel()
+        self.top1_kept += int((ids == stock_top1).any(-1).sum())
+        return router_logits, weights.to(scores.dtype), ids
+
+
+def moe_routers(model: Any) -> list[Any]:
+    """The MoE router modules of a transformers Mixtral / Qwen3-MoE model, in layer order."""
+    return [m for name, m in model.named_modules()
+            if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+
+
+def model_shape(model: Any) -> tuple[int, int, bool]:
+    """(E, K, renormalize) of a transformers MoE config."""
+    config = model.config
+    experts = int(getattr(config, "num_local_experts", None) or config.num_experts)
+    return experts, int(config.num_experts_per_tok), bool(getattr(config, "norm_topk_prob", True))
+
+
+@contextmanager
+def router_hooks(model: Any, spec: PolicySpec, batch: int,
+                 factory: Callable[..., RouterHook] = RouterHook) -> Iterator[list[RouterHook]]:
+    """``spec`` applied to every router of ``model`` while the context is open."""
+    experts, top_k, renormalize = model_shape(model)
+    routers = moe_routers(model)
+    hooks = [factory(spec, batch, i, experts, top_k, renormalize) for i in range(len(routers))]
+    handles = [r.register_forward_hook(h) for r, h in zip(routers, hooks, strict=True)]
+    try:
+        yield hooks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def mean_nll(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int) -> float:
+    """Mean next-token negative log-likelihood [nats] of ``windows`` [N,P] under ``spec``."""
+    total, count = 0.0, 0
+    with router_hooks(model, spec, batch):
+        for chunk in windows.split(batch):
+            logits = model(input_ids=chunk).logits[:, :-1].float()
+            target = chunk[:, 1:]
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+            count += target.numel()
+    return total / count
+
+
+def single_layer_policy(layer: int, budget: int, num_layers: int, num_experts: int
+                        ) -> PolicySpec:
+    """``budget`` experts in ``layer`` only, every other layer unpruned."""
+    table = [num_experts] * num_layers
+    table[layer] = budget
+    return PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=1_000_000,
+                                                           per_layer=table)])
+
+
+def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates: Sequence[int]
+                      ) -> list[dict[int, float]]:
+    """Per layer, {budget: mean NLL rise [nats] with only that layer pruned to it}."""
+    experts, _, _ = model_shape(model)
+    layers = len(moe_routers(model))
+    stock = mean_nll(model, windows, PolicySpec(name="off"), batch)
+    return [{m: max(0.0, mean_nll(model, windows, single_layer_policy(layer, m, layers,
+                                                                      experts), batch) - stock)
+             for m in candidates} for layer in range(layers)]
+
+
+def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float) -> list[int]:
+    """Per-layer budgets with mean <= ``target_mean``: every layer starts at its smallest
+    candidate; then the layer whose next candidate removes the most loss per added expert
+    moves up, while the mean stays within the target (greedy marginal allocation).
+
+    ``sensitivity``: per layer, {budget: loss rise}, the same candidates for every layer.
+    Raises ValueError if even the smallest candidates exceed the target."""
+    candidates = sorted(sensitivity[0])
+    level = [0] * len(sensitivity)
+    budget = [candidates[0]] * len(sensitivity)
+    limit = target_mean * len(sensitivity)
+    if sum(budget) > limit + 1e-9:
+        raise ValueError(f"target mean {target_mean} is below the smallest candidate "
+                         f"{candidates[0]}")
+    while True:
+        best, best_gain = None, -math.inf
+        for layer, now in enumerate(level):
+            if now + 1 >= len(candidates):
+                continue
+            step = candidates[now + 1] - candidates[now]
+            if sum(budget) + step > limit + 1e-9:
+                continue
+            table = sensitivity[layer]
+            gain = (table[candidates[now]] - table[candidates[now + 1]]) / step
+            if gain > best_gain:
+                best, best_gain = layer, gain
+        if best is None:
+            return budget
+        level[best] += 1
+        budget[best] = candidates[level[best]]
+
+
+def calibrated_policy(budgets: Sequence[int], num_experts: int) -> PolicySpec:
+    """The plugin policy: no pruning below NO_PRUNING_BELOW rows, then ``budgets`` per layer."""
+    return PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=NO_PRUNING_BELOW - 1, all_layers=num_experts),
+        BudgetBucket(max_batch=1_000_000, per_layer=list(budgets))])
+
+
+def default_candidates(num_experts: int, top_k: int) -> list[int]:
+    """Budgets tried per layer: K, 1.5K, 2K, 3K, 4K, E/4, 3E/8, E/2, 3E/4 (< E), and E."""
+    values = {top_k, top_k + top_k // 2, 2 * top_k, 3 * top_k, 4 * top_k, num_experts // 4,
+              3 * num_experts // 8, num_experts // 2, 3 * num_experts // 4, num_experts}
+    return sorted(v for v in values if top_k <= v <= num_experts)
+
+
+def calibrate(folder: Path, target_mean: float, batch: int = 32, windows: int = 64,
+              window_len: int = 96, seed: int = 11) -> dict[str, Any]:
+    """Sensitivities, allocation and policy for the checkpoint in ``folder`` (see module doc)."""
+    from lynx.reference.data import code_stream, code_windows
+    from lynx.reference.loading import load_reference
+
+    model, tok = load_reference(folder, dtype=torch.float32)
+    experts, top_k, _ = model_shape(model)
+    data = code_windows(code_stream(tok, "train"), windows - windows % batch, window_len,
+                        torch.Generator().manual_seed(seed))
+    candidates = default_candidates(experts, top_k)
+    sensitivity = layer_sensitivity(model, data, batch, candidates)
+    budgets = allocate(sensitivity, target_mean)
+    return {"model": str(folder), "target_mean": target_mean, "batch": batch,
+            "windows": int(data.shape[0]), "window_len": window_len, "candidates": candidates,
+            "sensitivity_nats": sensitivity, "budgets": budgets,
+            "policy": calibrated_policy(budgets, experts)}

@@ -1,0 +1,80 @@
+"""Per-layer budgets calibrated offline (`lynx.calibrate`, ``lynx-serve calibrate``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import reference_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lynx.calibrate import allocate, calibrated_policy, default_candidates
+from lynx_protocol.policy import decode_policy_json, validate_policy
+
+CANDIDATES = (4, 6, 8, 12, 16, 32)
+
+
+@st.composite
+def sensitivities(draw: st.DrawFn) -> list[dict[int, float]]:
+    """Per layer, a loss rise that falls as the budget grows (as measured ones do)."""
+    layers = draw(st.integers(1, 6))
+    out = []
+    for _ in range(layers):
+        drops = draw(st.lists(st.floats(0.0, 1.0), min_size=len(CANDIDATES),
+                              max_size=len(CANDIDATES)))
+        rise, table = sum(drops), {}
+        for m, drop in zip(CANDIDATES, drops, strict=True):
+            table[m] = rise
+            rise -= drop
+        out.append(table)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(sensitivities(), st.floats(4.0, 32.0))
+def test_allocation_stays_within_the_target_and_uses_the_candidates(
+        sens: list[dict[int, float]], target: float) -> None:
+    budgets = allocate(sens, target)
+    assert len(budgets) == len(sens) and set(budgets) <= set(CANDIDATES)
+    assert sum(budgets) <= target * len(sens) + 1e-9
+    # a larger target never uses fewer experts in total
+    more = allocate(sens, min(32.0, target + 4.0))
+    assert sum(more) >= sum(budgets)
+
+
+def test_the_sensitive_layer_gets_the_experts() -> None:
+    flat = {m: 0.0 for m in CANDIDATES}
+    steep = {4: 1.0, 6: 0.6, 8: 0.3, 12: 0.1, 16: 0.0, 32: 0.0}
+    assert allocate([flat, steep, flat], target_mean=8.0) == [4, 16, 4]
+    with pytest.raises(ValueError, match="below the smallest candidate"):
+        allocate([flat], target_mean=3.0)
+
+
+def test_the_policy_is_one_the_plugin_and_controller_accept() -> None:
+    policy = calibrated_policy([4, 16, 8, 8], num_experts=32)
+    validate_policy(policy, num_layers=4, num_experts=32, top_k=4)
+    assert policy.budgets[0].max_batch == 3 and policy.budgets[0].all_layers == 32
+    assert default_candidates(32, 4) == [4, 6, 8, 12, 16, 24, 32]
+
+
+@pytest.mark.slow  # ~1 min: 4 layers x 7 budgets on a real checkpoint
+def test_calibrate_command_writes_a_per_layer_table_for_a_real_model(tmp_path) -> None:
+    out = tmp_path / "policy.json"
+    done = subprocess.run([sys.executable, "-m", "lynx.serving.cli", "calibrate",
+                           str(reference_model("qwen3-moe-mini")), "--target-mean", "12",
+                           "--windows", "32", "--window-len", "64", "--batch", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    policy = decode_policy_json(out.read_text())
+    validate_policy(policy, num_layers=4, num_experts=32, top_k=4)
+    table = policy.budgets[-1].per_layer
+    assert table is not None and len(table) == 4 and sum(table) <= 12 * 4
+    assert len(set(table)) > 1  # the layers differ in sensitivity
+    assert "per-layer NLL rise" in done.stderr
+    bad = subprocess.run([sys.executable, "-m", "lynx.serving.cli", "calibrate", "qwen3-moe-mini",
+                          "--target-mean", "2"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "below the smallest candidate" in bad.stderr
+    assert json.loads(out.read_text())["name"] == "budget"
