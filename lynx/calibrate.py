@@ -8,9 +8,11 @@ they buy nothing. This command measures, on a calibration set (windows of the *t
 split, never the held-out data the quality checks use), how much each layer alone raises the
 mean next-token loss when pruned to each candidate budget, then allocates per-layer budgets
 for a target mean budget by greedy marginal gain (the layer whose next candidate saves the
-most loss per added expert grows first). The result is a ``budget`` `PolicySpec` with a
-``per_layer`` table, which the plugin (``LYNX_POLICY_FILE``) and the controller's admin API
-(``PUT /v1/policy``) accept as is.
+most loss per added expert grows first), once per calibration batch size: a budget prunes
+more when fewer rows share the step, so a table fitted at batch 32 does not carry over to 16.
+The result is a ``budget`` `PolicySpec` with one ``per_layer`` table per batch bucket, which
+the plugin (``LYNX_POLICY_FILE``) and the controller's admin API (``PUT /v1/policy``) accept
+as is.
 
 The router hook applies the plugin's own selection step (`lynx.selection.select_layer_step`)
 to a transformers MoE router, every position of the B windows being one decode step (every
@@ -172,11 +174,18 @@ def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float) -> lis
         budget[best] = candidates[level[best]]
 
 
-def calibrated_policy(budgets: Sequence[int], num_experts: int) -> PolicySpec:
-    """The plugin policy: no pruning below NO_PRUNING_BELOW rows, then ``budgets`` per layer."""
-    return PolicySpec(name="budget", budgets=[
-        BudgetBucket(max_batch=NO_PRUNING_BELOW - 1, all_layers=num_experts),
-        BudgetBucket(max_batch=1_000_000, per_layer=list(budgets))])
+def calibrated_policy(tables: Sequence[tuple[int, Sequence[int]]], num_experts: int
+                      ) -> PolicySpec:
+    """The plugin policy: no pruning below NO_PRUNING_BELOW rows, then per batch bucket its
+    per-layer budgets. ``tables``: (calibration batch, budgets per layer), ascending batch;
+    a bucket reaches up to the geometric middle between its batch and the next one."""
+    buckets = [BudgetBucket(max_batch=NO_PRUNING_BELOW - 1, all_layers=num_experts)]
+    for i, (batch, budgets) in enumerate(tables):
+        upper = (int(math.sqrt(batch * tables[i + 1][0])) if i + 1 < len(tables)
+                 else 1_000_000)
+        buckets.append(BudgetBucket(max_batch=max(upper, NO_PRUNING_BELOW),
+                                    per_layer=list(budgets)))
+    return PolicySpec(name="budget", budgets=buckets)
 
 
 def default_candidates(num_experts: int, top_k: int) -> list[int]:
@@ -186,20 +195,26 @@ def default_candidates(num_experts: int, top_k: int) -> list[int]:
     return sorted(v for v in values if top_k <= v <= num_experts)
 
 
-def calibrate(folder: Path, target_mean: float, batch: int = 32, windows: int = 64,
-              window_len: int = 96, seed: int = 11) -> dict[str, Any]:
-    """Sensitivities, allocation and policy for the checkpoint in ``folder`` (see module doc)."""
+def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32, 64),
+              windows: int = 64, window_len: int = 96, seed: int = 11) -> dict[str, Any]:
+    """Sensitivities, allocations and policy for the checkpoint in ``folder``, one per-layer
+    table per calibration batch size (how many rows share a step changes how much a budget
+    prunes; see the module doc). ``windows`` is rounded down to a multiple of each batch."""
     from lynx.reference.data import code_stream, code_windows
     from lynx.reference.loading import load_reference
 
     model, tok = load_reference(folder, dtype=torch.float32)
     experts, top_k, _ = model_shape(model)
-    data = code_windows(code_stream(tok, "train"), windows - windows % batch, window_len,
-                        torch.Generator().manual_seed(seed))
+    stream = code_stream(tok, "train")
     candidates = default_candidates(experts, top_k)
-    sensitivity = layer_sensitivity(model, data, batch, candidates)
-    budgets = allocate(sensitivity, target_mean)
-    return {"model": str(folder), "target_mean": target_mean, "batch": batch,
-            "windows": int(data.shape[0]), "window_len": window_len, "candidates": candidates,
-            "sensitivity_nats": sensitivity, "budgets": budgets,
-            "policy": calibrated_policy(budgets, experts)}
+    per_batch = []
+    for batch in sorted(batches):
+        data = code_windows(stream, windows - windows % batch, window_len,
+                            torch.Generator().manual_seed(seed))
+        sensitivity = layer_sensitivity(model, data, batch, candidates)
+        per_batch.append({"batch": batch, "sensitivity_nats": sensitivity,
+                          "budgets": allocate(sensitivity, target_mean)})
+    return {"model": str(folder), "target_mean": target_mean, "windows": windows,
+            "window_len": window_len, "candidates": candidates, "per_batch": per_batch,
+            "policy": calibrated_policy([(b["batch"], b["budgets"]) for b in per_batch],
+                                        experts)}

@@ -52,23 +52,31 @@ def _serve(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import msgspec
 
-    from lynx.calibrate import calibrate
+    from lynx.calibrate import NO_PRUNING_BELOW, calibrate
 
-    if args.batch < 1 or args.windows < args.batch or args.window_len < 2:
-        raise ServeError("calibrate: need --batch >= 1, --windows >= --batch, --window-len >= 2")
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    except ValueError:
+        raise ServeError(f"calibrate: --batches {args.batches!r} is not a list of integers"
+                         ) from None
+    if not batches or batches[0] < NO_PRUNING_BELOW or args.windows < batches[-1] or (
+            args.window_len < 2):
+        raise ServeError(f"calibrate: need batches >= {NO_PRUNING_BELOW}, --windows >= the "
+                         "largest batch, --window-len >= 2")
     folder = resolve_model(args.model)
     try:
-        result = calibrate(folder, args.target_mean, args.batch, args.windows, args.window_len)
+        result = calibrate(folder, args.target_mean, batches, args.windows, args.window_len)
     except ValueError as exc:
         raise ServeError(f"calibrate: {exc}") from None
-    print(f"per-layer NLL rise [nats] when only that layer is pruned (batch {args.batch}):",
-          file=sys.stderr)
-    print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"]) + "   budget",
-          file=sys.stderr)
-    for layer, (row, budget) in enumerate(zip(result["sensitivity_nats"], result["budgets"],
-                                              strict=True)):
-        print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
-              + f"   {budget:>6}", file=sys.stderr)
+    for entry in result["per_batch"]:
+        print(f"per-layer NLL rise [nats] when only that layer is pruned (batch "
+              f"{entry['batch']}):", file=sys.stderr)
+        print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"]) + "   budget",
+              file=sys.stderr)
+        for layer, (row, budget) in enumerate(zip(entry["sensitivity_nats"], entry["budgets"],
+                                                  strict=True)):
+            print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
+                  + f"   {budget:>6}", file=sys.stderr)
     text = msgspec.json.encode(result["policy"]).decode()
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
@@ -97,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("model", help="reference model name or checkpoint folder")
     cal.add_argument("--target-mean", type=float, required=True,
                      help="mean experts per layer the table may use")
-    cal.add_argument("--batch", type=int, default=32, help="decode batch of the calibration")
+    cal.add_argument("--batches", default="16,32,64",
+                     help="decode batch sizes to calibrate (one per-layer table each)")
     cal.add_argument("--windows", type=int, default=64)
     cal.add_argument("--window-len", type=int, default=96)
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
