@@ -5,7 +5,8 @@
 1. MoE-layer microbenchmark (``benchmark/moe_layer.py``);
 2. end-to-end decode + accuracy on the SGLang CPU server (``benchmark/e2e_decode.py``);
 3. the SLO ramp (``benchmark/slo_ramp.py``) on the fine-grained model's server pair;
-   full runs also: speculative verify steps (``benchmark/verify_steps.py``);
+   full runs also: speculative verify steps (``benchmark/verify_steps.py``), goodput
+   (``benchmark/goodput.py``) and calibrated per-layer tables (``benchmark/calibration.py``);
 4. ``benchmark/results/summary.json`` (the issue's schema), the PNGs under
    ``benchmark/results/`` and ``benchmark/RESULTS.md``.
 """
@@ -24,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import (
+    calibration,
     e2e_decode,
     goodput,
     moe_layer,
@@ -74,6 +76,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         best = slo.get("best_static") or "static:0"
         goodput.main(["--out", str(out_dir / "goodput.json"),
                       "--static-budget", best.split(":")[1]])
+        calibration.main(["--out", str(out_dir / "calibration.json")])
     slo["machine"] = machine_description()
     write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
@@ -107,10 +110,12 @@ def render(out_dir: Path) -> dict[str, Any]:
     images = os.path.relpath(out_dir, md_path.parent)
     verify = out_dir / "verify_steps.json"
     good = out_dir / "goodput.json"
+    cal = out_dir / "calibration.json"
     md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost) + (
         verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else "") + (
         "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(
-            json.loads(good.read_text())) if good.exists() else ""))
+            json.loads(good.read_text())) if good.exists() else "") + (
+        calibration.markdown(json.loads(cal.read_text())) if cal.exists() else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 
