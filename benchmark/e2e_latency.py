@@ -65,7 +65,7 @@ def measure_latency(pair: ServingPair, variant: Variant, concurrency: int,
                 "output_throughput", "completed")}
             run["failed"] = float(prompts - result["completed"])
             run["cpu_ms_per_token"] = cpu_s * 1e3 / max(1.0, result["total_output_tokens"])
-            if arm != "stock" and steps > 0:
+            if arm != "stock" and steps > 0 and after["moe_s"] > timers["moe_s"]:
                 run["moe_ms_per_step"] = (after["moe_s"] - timers["moe_s"]) * 1e3 / steps
                 run["forward_ms_per_step"] = (after["forward_s"] - timers["forward_s"]
                                               ) * 1e3 / steps
@@ -120,7 +120,7 @@ def latency_row(model: str, variant: Variant, concurrency: int,
         "failed": int(stock["failed"] + lynx["failed"]),
         "default": False,
     }
-    if "moe_ms_per_step" in off and "moe_ms_per_step" in lynx:
+    if off.get("moe_ms_per_step", 0) > 0 and lynx.get("moe_ms_per_step", 0) > 0:
         f = min(1.0, off["moe_ms_per_step"] / off["median_tpot_ms"])
         speedup = off["moe_ms_per_step"] / lynx["moe_ms_per_step"]
         bound = amdahl(f, speedup)

@@ -65,7 +65,8 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         t0 = time.time()
         with ServingPair.launch(e2e_decode.widened(model, eargs.widen),
                                 controller_overrides=slo_ramp.controller_overrides(
-                                    top_k, experts)) as pair:
+                                    top_k, experts),
+                                extra_lynx_env=e2e_decode.LYNX_ENV) as pair:
             startup = time.time() - t0
             models.append(e2e_decode._run_on_pair(model, eargs, pair, startup))
             slo = slo_ramp.run(pair, model, experts, top_k, sargs)

@@ -44,3 +44,7 @@ def test_a_row_without_moe_timing_has_no_bound() -> None:
                       kept_over_union=0.5)
     assert row["tpot_ratio"] == pytest.approx(100 / 90, abs=1e-3)
     assert "amdahl_bound" not in row and row["tpot_off_ms"] is None
+    # a server without LYNX_TIME_MOE reports zero MoE time: no bound, no division by zero
+    row = latency_row("m", budget_variant(8), 32, {"stock": _arm(100.0), "lynx": _arm(
+        90.0, 0.0, 60.0), "off": _arm(100.0, 0.0, 80.0)}, kept_over_union=0.5)
+    assert "amdahl_bound" not in row
