@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmark.common import Variant
-from lynx.calibrate import RouterHook, router_hooks
+from lynx.calibrate import RouterHook, router_hooks, window_nll
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.client import generate_greedy
 
@@ -87,11 +87,8 @@ def code_scores(model: Any, tok: Any, variant: Variant, batch: int, windows: int
     argmax: list[torch.Tensor] = []
     with selection_hooks(model, variant, batch, hook_factory) as hooks:
         for chunk in data.split(batch):
-            logits = model(input_ids=chunk).logits[:, :-1].float()
-            target = chunk[:, 1:]
-            nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-            count += target.numel()
+            chunk_nll, tokens, logits = window_nll(model, chunk)
+            nll, count = nll + chunk_nll, count + tokens
             argmax.append(logits.argmax(-1))
     rows = sum(h.rows for h in hooks)
     top1 = sum(h.top1_kept for h in hooks)

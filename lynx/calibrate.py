@@ -114,12 +114,19 @@ def mean_nll(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int) ->
     total, count = 0.0, 0
     with router_hooks(model, spec, batch):
         for chunk in windows.split(batch):
-            logits = model(input_ids=chunk).logits[:, :-1].float()
-            target = chunk[:, 1:]
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-            count += target.numel()
+            nll, tokens, _ = window_nll(model, chunk)
+            total, count = total + nll, count + tokens
     return total / count
+
+
+def window_nll(model: Any, chunk: torch.Tensor) -> tuple[float, int, torch.Tensor]:
+    """(summed next-token NLL [nats], tokens scored, logits [B,P-1,V] fp32) of ``chunk``
+    [B,P] token ids, teacher-forced."""
+    logits = model(input_ids=chunk).logits[:, :-1].float()
+    target = chunk[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+    return nll, target.numel(), logits
 
 
 def single_layer_policy(layer: int, budget: int, num_layers: int, num_experts: int
