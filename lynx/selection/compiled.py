@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from lynx.selection.policies import SelectionKnobs
+from lynx.selection.policies import SelectionKnobs, make_knobs
 from lynx.selection.routers import RouterSpec
 from lynx.selection.step import LayerSelection, select_layer_step
 
@@ -78,10 +78,9 @@ def _example_inputs(key: GraphKey) -> tuple[torch.Tensor, ...]:
     # T = E + 1: symbolic tracing gives equal example sizes one symbol ("duck sizing"), which
     # would tie the row count to the expert count; T >= 2 avoids the 0/1 specialisation.
     rows = key.experts + 1
-    # Distinct tensors throughout: the tracer would fold aliased example inputs into one.
-    knobs = (torch.tensor(True), torch.tensor(1, dtype=torch.int64), torch.tensor(3.0),
-             torch.tensor(2.0), torch.tensor(1, dtype=torch.int64),
-             torch.tensor(0, dtype=torch.int64), torch.tensor(0.9))
+    # Distinct tensors throughout (make_knobs allocates each knob on its own): the tracer
+    # would fold aliased example inputs into one.
+    knobs = make_knobs()
     extra = ([torch.zeros(key.experts)] if key.has_bias else []) + (
         [torch.ones(rows)] if key.has_row_weight else [])
     return (torch.zeros(rows, key.experts, dtype=key.dtype), torch.zeros(rows, dtype=torch.bool),
