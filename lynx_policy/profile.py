@@ -2,11 +2,15 @@
 
     LYNX_ADMIN_TOKEN=... lynx-policy profile --admin-url http://127.0.0.1:5791 \\
         --server-url http://127.0.0.1:30000 --budgets off,16,8,4 --concurrency 4,16,32 \\
-        --seconds 6
+        --seconds 6 --slice-s 2
 
-For each budget (a one-bucket ``budget`` table, or ``off``) the running controller is put in
-``static`` mode with that policy (admin API); for each concurrency the server (or a router in
-front of several) gets closed-loop greedy ``/generate`` requests for ``--seconds``. The
+For each concurrency the server (or a router in front of several) gets closed-loop greedy
+``/generate`` requests for ``--seconds`` x the number of budgets, while the running controller,
+put in ``static`` mode, cycles its policy through the budgets (a one-bucket ``budget`` table,
+or ``off``) every ``--slice-s`` seconds (admin API). Interleaving under one running load, not
+one budget after another, is what makes the fit trustworthy on a shared machine: a slow spell
+of the host (a noisy neighbour, a thermal or frequency change) lands on every budget alike
+instead of on one of them, where it would read as a cost or a saving of pruning. The
 controller learns from the StepStats the replicas send meanwhile, as it does from live
 traffic; the sweep only makes sure the samples spread over batch sizes and experts kept. At the
 end the previous mode and policy are restored (also on Ctrl-C or an error) and the fitted
@@ -64,6 +68,41 @@ async def closed_loop(server_url: str, concurrency: int, seconds: float, output_
     return counts[0], counts[1]
 
 
+def accepted_budgets(admin: Admin, budgets: list[str]) -> list[str]:
+    """The budgets the controller accepts (each is applied once; a refused one, e.g. below the
+    quality floor, is skipped with the reason)."""
+    kept = []
+    for budget in budgets:
+        try:
+            admin.call("PUT", "/v1/policy", policy_for(budget))
+        except ProfileError as exc:
+            print(f"profile: budget {budget} skipped: {exc}", file=sys.stderr)
+            continue
+        kept.append(budget)
+    return kept
+
+
+async def interleaved(admin: Admin, budgets: list[str], args: argparse.Namespace,
+                      concurrency: int) -> tuple[int, int]:
+    """Closed-loop load at ``concurrency`` for ``args.seconds`` per budget while the policy
+    cycles through ``budgets`` every ``args.slice_s`` seconds; returns (ok, failed)."""
+    total = args.seconds * len(budgets)
+
+    async def cycle() -> None:
+        deadline = time.monotonic() + total
+        turn = 0
+        while time.monotonic() < deadline:
+            budget = budgets[turn % len(budgets)]
+            await asyncio.to_thread(admin.call, "PUT", "/v1/policy", policy_for(budget))
+            turn += 1
+            await asyncio.sleep(min(args.slice_s, max(0.0, deadline - time.monotonic())))
+
+    load = asyncio.create_task(closed_loop(args.server_url, concurrency, total,
+                                           args.output_len))
+    await cycle()
+    return await load
+
+
 class Admin:
     def __init__(self, url: str, token: str) -> None:
         self.client = httpx.Client(base_url=url.rstrip("/"), timeout=10.0,
@@ -91,17 +130,14 @@ def run_profile(args: argparse.Namespace, token: str) -> int:
     saved_mode, saved_policy = state["mode"], state["policy"]
     try:
         admin.call("PUT", "/v1/mode", {"mode": "static"})
-        for budget in args.budgets:
-            try:
-                admin.call("PUT", "/v1/policy", policy_for(budget))
-            except ProfileError as exc:
-                print(f"profile: budget {budget} skipped: {exc}", file=sys.stderr)
-                continue
-            for concurrency in args.concurrency:
-                ok, failed = asyncio.run(closed_loop(args.server_url, concurrency, args.seconds,
-                                                     args.output_len))
-                print(f"profile: budget {budget:>4} concurrency {concurrency:>3}: "
-                      f"{ok} requests ok, {failed} failed", flush=True)
+        budgets = accepted_budgets(admin, args.budgets)
+        if not budgets:
+            raise ProfileError("every budget was refused: nothing to profile")
+        for concurrency in args.concurrency:
+            ok, failed = asyncio.run(interleaved(admin, budgets, args, concurrency))
+            print(f"profile: concurrency {concurrency:>3}, budgets {','.join(budgets)} "
+                  f"cycled every {args.slice_s:g} s for {args.seconds * len(budgets):g} s: "
+                  f"{ok} requests ok, {failed} failed", flush=True)
         time.sleep(args.settle_s)  # the last stats window reaches the controller's loop
     finally:
         admin.call("PUT", "/v1/policy", saved_policy)
@@ -126,7 +162,11 @@ def add_parser(commands: Any) -> None:
     sub.add_argument("--budgets", default="off,16,8,4",
                      help="comma-separated: 'off' or experts per layer")
     sub.add_argument("--concurrency", default="4,16,32")
-    sub.add_argument("--seconds", type=float, default=6.0, help="per sweep point")
+    sub.add_argument("--seconds", type=float, default=6.0,
+                     help="per budget and concurrency")
+    sub.add_argument("--slice-s", type=float, default=2.0,
+                     help="how long each budget holds before the next [s]; keep it >= 2 x the "
+                          "replicas' LYNX_STATS_INTERVAL_S")
     sub.add_argument("--output-len", type=int, default=32)
     sub.add_argument("--settle-s", type=float, default=3.0)
     sub.add_argument("--reset", action="store_true", help="forget learnt samples first")
@@ -147,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
         if bad or not args.budgets or not args.concurrency or min(args.concurrency) < 1:
             raise ValueError(f"budgets must be 'off' or positive integers (got {bad}), "
                              "concurrency positive integers")
+        if not (args.slice_s > 0 and args.seconds > 0):
+            raise ValueError("--seconds and --slice-s must be positive")
     except ValueError as exc:
         print(f"lynx-policy profile: {exc}", file=sys.stderr)
         return 2

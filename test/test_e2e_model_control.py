@@ -103,7 +103,8 @@ def test_profile_then_load_step_prunes_only_while_needed(tmp_path: Path) -> None
             profile = subprocess.run(
                 [sys.executable, "-m", "lynx_policy.cli", "profile", "--admin-url",
                  ctl.admin_url, "--server-url", server.url, "--budgets", "off,8,4",
-                 "--concurrency", "2,24", "--seconds", "3", "--output-len", "16"],
+                 "--concurrency", "2,24", "--seconds", "5", "--slice-s", "1",
+                 "--output-len", "16"],
                 env={**os.environ, "LYNX_ADMIN_TOKEN": ctl.token}, capture_output=True,
                 text=True, timeout=600)
             assert profile.returncode == 0, profile.stdout + profile.stderr
