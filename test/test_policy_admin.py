@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 
 from lynx_policy.testing import ControllerProcess
 from lynx_protocol.link import LinkSettings, RuntimeLink
-from lynx_protocol.messages import Register
+from lynx_protocol.messages import PolicyUpdate, Register
 
 BUDGET = {"name": "budget", "budgets": [{"max_batch": 16, "all_layers": 6},
                                         {"max_batch": 4096, "per_layer": [4, 5]}]}
@@ -28,18 +29,45 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerP
         yield ctl
 
 
+class LiveReplica:
+    """A registered runtime link kept alive by its own thread for the whole module (heartbeats
+    every 0.2 s, as the plugin's scheduler loop would), so a slow machine cannot let it go stale
+    between tests; the newest policy update it received is `update`."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.link = RuntimeLink(REGISTER, LinkSettings(endpoint=endpoint, heartbeat_s=0.2,
+                                                       staleness_s=5.0))
+        self.update: PolicyUpdate | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:  # the only thread that touches the link's socket
+        while not self._stop.is_set():
+            update = self.link.poll_update()
+            if update is not None:
+                self.update = update
+            time.sleep(0.01)
+        self.link.close()
+
+    def wait(self, what: str, ready: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 @pytest.fixture(scope="module")
-def replica(controller: ControllerProcess) -> Iterator[RuntimeLink]:
+def replica(controller: ControllerProcess) -> Iterator[LiveReplica]:
     """A registered runtime (2 MoE layers, 8 experts) so shape checks have something to hit."""
-    link = RuntimeLink(REGISTER, LinkSettings(endpoint=controller.endpoint, heartbeat_s=0.2,
-                                              staleness_s=5.0))
-    deadline = time.monotonic() + 10
-    while not link.registered:
-        assert time.monotonic() < deadline, "replica did not register"
-        link.poll_update()
-        time.sleep(0.01)
-    yield link
-    link.close()
+    live = LiveReplica(controller.endpoint)
+    live.wait("replica did not register", lambda: live.link.registered)
+    yield live
+    live.close()
 
 
 def test_auth_is_required_on_every_v1_route(controller: ControllerProcess) -> None:
@@ -97,7 +125,7 @@ def test_openapi_documents_bodies_and_bearer_auth(controller: ControllerProcess)
     ("/v1/floor", {"min_budget": 2, "per_layer": [2, 2, 2]}, "MoE layers"),
     ("/v1/floor", {"min_budget": 9}, "exceeds the expert count 8"),
 ])
-def test_bad_changes_are_422_with_a_reason(controller: ControllerProcess, replica: RuntimeLink,
+def test_bad_changes_are_422_with_a_reason(controller: ControllerProcess, replica: LiveReplica,
                                            path: str, body: object, expected: str) -> None:
     before = controller.admin.get("/v1/state").json()["version"]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -108,20 +136,16 @@ def test_bad_changes_are_422_with_a_reason(controller: ControllerProcess, replic
 
 
 def test_changes_bump_the_version_reach_the_replica_and_are_audited(
-        controller: ControllerProcess, replica: RuntimeLink) -> None:
+        controller: ControllerProcess, replica: LiveReplica) -> None:
     admin = controller.admin
     version = admin.get("/v1/policy").json()["version"]
     response = admin.put("/v1/policy", json=BUDGET)
     assert response.status_code == 200
     assert response.json()["version"] == version + 1
     assert response.json()["effective_policy"]["budgets"][1]["per_layer"] == [4, 5]
-    update = None
-    deadline = time.monotonic() + 5
-    while update is None or update.version != version + 1:
-        assert time.monotonic() < deadline, "update never reached the runtime"
-        update = replica.poll_update() or update
-        time.sleep(0.01)
-    assert update.policy.budgets[0].all_layers == 6
+    replica.wait("update never reached the runtime",
+                 lambda: replica.update is not None and replica.update.version == version + 1)
+    assert replica.update is not None and replica.update.policy.budgets[0].all_layers == 6
     # Same body again: nothing changes, no new version.
     assert admin.put("/v1/policy", json=BUDGET).json()["version"] == version + 1
     # Raising the floor lifts budgets below it in the same version.
@@ -149,7 +173,7 @@ def test_changes_bump_the_version_reach_the_replica_and_are_audited(
 
 
 def test_metrics_are_exported_under_their_names(controller: ControllerProcess,
-                                                replica: RuntimeLink) -> None:
+                                                replica: LiveReplica) -> None:
     text = httpx.get(controller.admin_url + "/metrics").text
     for name in ("lynx_controller_mode{mode=\"static\"} 1.0", "lynx_controller_policy_version ",
                  "lynx_controller_decisions_total{direction=\"hold\"}",
