@@ -31,6 +31,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -131,8 +132,10 @@ class MoeLayerBench:
 
         return moe_forward_native(self.layer, x, topk_output, self.runner_config)
 
-    def knobs(self, variant: Variant, batch: int) -> tuple[Any, bool]:
-        knobs = selection_knobs(variant, batch, 0, self.shape.num_experts)
+    def knobs(self, variant: Variant, batch: int, layer: int = 0) -> tuple[Any, bool]:
+        """The plugin's knobs for ``variant`` in ``layer`` (per-layer tables differ by layer)
+        and whether it prunes there."""
+        knobs = selection_knobs(variant, batch, layer, self.shape.num_experts)
         return knobs, bool(knobs.enabled)
 
     def select(self, knobs: Any, logits: torch.Tensor, *, eager: bool = False) -> Any:
@@ -175,44 +178,46 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
                       batch: int, reps: int, seed: int) -> list[dict[str, Any]]:
     """Rows for every variant at one (shape, batch)."""
     gen = torch.Generator().manual_seed(seed)
-    inputs = [(torch.randn(batch, bench.shape.hidden, generator=gen).to(bench.dtype), z)
-              for _, z in draws]
-    stock_union = [_distinct(bench.route(x, z)) for x, z in inputs]
+    inputs = [(layer, torch.randn(batch, bench.shape.hidden, generator=gen).to(bench.dtype), z)
+              for layer, z in draws]
+    stock_union = [_distinct(bench.route(x, z)) for _, x, z in inputs]
     runs: dict[str, Callable[[], None]] = {}
 
     def stock_pass() -> None:
-        for x, z in inputs:
+        for _, x, z in inputs:
             bench.experts(x, bench.route(x, z))
 
     runs["stock"] = stock_pass
     meta: dict[str, tuple[Variant, list[int], list[int]]] = {}
     for variant in variants:
-        knobs, prune = bench.knobs(variant, batch)
-        routed = [bench.route_lynx(knobs, x, z) if prune else bench.route(x, z)
-                  for x, z in inputs]
-        kept = [_distinct(r) for r in routed]
-        top1 = [_top1_kept(bench.route(x, z), r) for (x, z), r in zip(inputs, routed,
-                                                                       strict=True)]
+        by_layer = {layer: bench.knobs(variant, batch, layer) for layer, _, _ in inputs}
+
+        def routed(layer: int, x: torch.Tensor, z: torch.Tensor,
+                   by_layer: dict[int, tuple[Any, bool]] = by_layer) -> Any:
+            knobs, prune = by_layer[layer]
+            return bench.route_lynx(knobs, x, z) if prune else bench.route(x, z)
+
+        outputs = [routed(*item) for item in inputs]
+        kept = [_distinct(r) for r in outputs]
+        top1 = [_top1_kept(bench.route(x, z), r) for (_, x, z), r in zip(inputs, outputs,
+                                                                          strict=True)]
         meta[variant.label] = (variant, kept, top1)
 
-        def lynx_pass(knobs: Any = knobs, prune: bool = prune) -> None:
-            for x, z in inputs:
-                bench.experts(x, bench.route_lynx(knobs, x, z) if prune else bench.route(x, z))
+        def lynx_pass(routed: Callable[..., Any] = routed) -> None:
+            for item in inputs:
+                bench.experts(item[1], routed(*item))
 
-        def select_pass(knobs: Any = knobs, prune: bool = prune) -> None:
-            if prune:
-                for _, z in inputs:
-                    bench.select(knobs, z)
-
-        def eager_select_pass(knobs: Any = knobs, prune: bool = prune) -> None:
-            if prune:
-                for _, z in inputs:
-                    bench.select(knobs, z, eager=True)
+        def select_pass(by_layer: dict[int, tuple[Any, bool]] = by_layer,
+                        eager: bool = False) -> None:
+            for layer, _, z in inputs:
+                knobs, prune = by_layer[layer]
+                if prune:
+                    bench.select(knobs, z, eager=eager)
 
         runs[f"lynx|{variant.label}"] = lynx_pass
         runs[f"select|{variant.label}"] = select_pass
         if variant == default_variant(bench.shape.num_experts, bench.shape.top_k):
-            runs[f"eager|{variant.label}"] = eager_select_pass
+            runs[f"eager|{variant.label}"] = partial(select_pass, eager=True)
     medians = interleaved_medians(runs, reps, seed=seed)
     n = len(inputs)
     stock_ms = medians["stock"] / n * 1e3

@@ -113,14 +113,16 @@ def reference_logits(name: str) -> torch.Tensor | None:
     return collect_real(folder)
 
 
-def draw_batches(logits: torch.Tensor, batch: int, draws: int, seed: int
-                 ) -> list[tuple[int, torch.Tensor]]:
-    """``draws`` decode batches: (layer, [batch, E]) with rows sampled without replacement."""
+def draw_batches(logits: torch.Tensor, batch: int, draws: int, seed: int,
+                 every_layer: bool = False) -> list[tuple[int, torch.Tensor]]:
+    """``draws`` decode batches: (layer, [batch, E]) with rows sampled without replacement;
+    the layer drawn at random, or with ``every_layer`` taken in turn (each layer equally often
+    when ``draws`` is a multiple of the layer count: a per-layer table's mean cost)."""
     gen = torch.Generator().manual_seed(seed * 1_000 + batch)
     layers, tokens, _ = logits.shape
     out = []
-    for _ in range(draws):
-        layer = int(torch.randint(0, layers, (1,), generator=gen))
+    for i in range(draws):
+        layer = i % layers if every_layer else int(torch.randint(0, layers, (1,), generator=gen))
         rows = torch.randperm(tokens, generator=gen)[:batch]
         out.append((layer, logits[layer, rows].contiguous()))
     return out

@@ -6,10 +6,12 @@ decode batch per position), L MoE layers, E experts, K top_k.
 Layers are not equally sensitive to pruning: one budget for every layer spends experts where
 they buy nothing. This command measures, on a calibration set (windows of the *training*
 split, never the held-out data the quality checks use), how much each layer alone raises the
-mean next-token loss when pruned to each candidate budget, then allocates per-layer budgets
-for a target mean budget by greedy marginal gain (the layer whose next candidate saves the
-most loss per added expert grows first), once per calibration batch size: a budget prunes
-more when fewer rows share the step, so a table fitted at batch 32 does not carry over to 16.
+mean next-token loss when pruned to each candidate budget, and how many experts it then
+computes per step (a budget above the step's union costs only the union), then allocates the
+per-layer budgets that minimise the summed loss rise for a target mean of experts computed per
+layer and step (exact, dynamic programming over layers), once per calibration batch size: a
+budget prunes more when fewer rows share the step, so a table fitted at batch 32 does not
+carry over to 16.
 The result is a ``budget`` `PolicySpec` with one ``per_layer`` table per batch bucket, which
 the plugin (``LYNX_POLICY_FILE``) and the controller's admin API (``PUT /v1/policy``) accept
 as is.
@@ -59,13 +61,25 @@ class RouterHook:
         self.knobs = policy_knobs(spec, batch, layer, num_experts)
         self.rows = 0  # rows routed through the hook
         self.top1_kept = 0  # of which kept their stock top-1 expert
+        self.steps = 0  # decode steps (positions) seen
+        self.experts = 0  # distinct experts computed, summed over the steps
+
+    def _count_experts(self, ids: torch.Tensor, experts: int) -> None:
+        """``ids`` [B*P, K]: distinct experts per position, added up."""
+        per_pos = ids.view(self.batch, -1, ids.shape[-1]).transpose(0, 1).reshape(
+            -1, self.batch * ids.shape[-1])  # [P, B*K]
+        hit = torch.zeros(per_pos.shape[0], experts, dtype=torch.bool)
+        hit.scatter_(1, per_pos.long(), True)
+        self.steps += per_pos.shape[0]
+        self.experts += int(hit.sum())
 
     def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
         from lynx.selection import select_layer_step
 
+        router_logits, scores, stock_ids = output
         if not bool(self.knobs.enabled):
+            self._count_experts(stock_ids, router_logits.shape[-1])
             return output
-        router_logits, scores, _ = output
         z = router_logits.float()
         per_pos = z.view(self.batch, -1, z.shape[-1])  # [B, P, E]
         rows = torch.ones(self.batch, dtype=torch.bool)
@@ -77,6 +91,7 @@ class RouterHook:
         stock_top1 = z.argmax(-1, keepdim=True)
         self.rows += stock_top1.numel()
         self.top1_kept += int((ids == stock_top1).any(-1).sum())
+        self._count_experts(ids, z.shape[-1])
         return router_logits, weights.to(scores.dtype), ids
 
 
@@ -109,14 +124,16 @@ def router_hooks(model: Any, spec: PolicySpec, batch: int,
 
 
 @torch.no_grad()
-def mean_nll(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int) -> float:
-    """Mean next-token negative log-likelihood [nats] of ``windows`` [N,P] under ``spec``."""
+def mean_nll(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int
+             ) -> tuple[float, list[float]]:
+    """(mean next-token negative log-likelihood [nats] of ``windows`` [N,P] under ``spec``,
+    mean distinct experts computed per step in each MoE layer [L])."""
     total, count = 0.0, 0
-    with router_hooks(model, spec, batch):
+    with router_hooks(model, spec, batch) as hooks:
         for chunk in windows.split(batch):
             nll, tokens, _ = window_nll(model, chunk)
             total, count = total + nll, count + tokens
-    return total / count
+    return total / count, [h.experts / max(h.steps, 1) for h in hooks]
 
 
 def window_nll(model: Any, chunk: torch.Tensor) -> tuple[float, int, torch.Tensor]:
@@ -139,46 +156,65 @@ def single_layer_policy(layer: int, budget: int, num_layers: int, num_experts: i
 
 
 def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates: Sequence[int]
-                      ) -> list[dict[int, float]]:
-    """Per layer, {budget: mean NLL rise [nats] with only that layer pruned to it}."""
+                      ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
+    """Per layer, {budget: mean NLL rise [nats] with only that layer pruned to it} and
+    {budget: mean distinct experts that layer computes per step under it}."""
     experts, _, _ = model_shape(model)
     layers = len(moe_routers(model))
-    stock = mean_nll(model, windows, PolicySpec(name="off"), batch)
-    return [{m: max(0.0, mean_nll(model, windows, single_layer_policy(layer, m, layers,
-                                                                      experts), batch) - stock)
-             for m in candidates} for layer in range(layers)]
+    stock, _ = mean_nll(model, windows, PolicySpec(name="off"), batch)
+    rise: list[dict[int, float]] = [{} for _ in range(layers)]
+    kept: list[dict[int, float]] = [{} for _ in range(layers)]
+    for layer in range(layers):
+        for m in candidates:
+            nll, computed = mean_nll(model, windows,
+                                     single_layer_policy(layer, m, layers, experts), batch)
+            rise[layer][m], kept[layer][m] = max(0.0, nll - stock), computed[layer]
+    return rise, kept
 
 
-def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float) -> list[int]:
-    """Per-layer budgets with mean <= ``target_mean``: every layer starts at its smallest
-    candidate; then the layer whose next candidate removes the most loss per added expert
-    moves up, while the mean stays within the target (greedy marginal allocation).
+def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float,
+             cost: Sequence[dict[int, float]] | None = None) -> list[int]:
+    """Per-layer budgets minimising the summed loss rise subject to a mean cost per layer
+    <= ``target_mean``; among equally good tables the cheapest. Exact: dynamic programming
+    over layers on whole experts (costs rounded up).
 
-    ``sensitivity``: per layer, {budget: loss rise}, the same candidates for every layer.
-    Raises ValueError if even the smallest candidates exceed the target."""
+    ``sensitivity``: per layer, {budget: loss rise}, the same candidates for every layer;
+    ``cost``: per layer, {budget: experts computed per step} (default: the budget itself).
+    Raises ValueError if even the cheapest table exceeds the target."""
     candidates = sorted(sensitivity[0])
-    level = [0] * len(sensitivity)
-    budget = [candidates[0]] * len(sensitivity)
-    limit = target_mean * len(sensitivity)
-    if sum(budget) > limit + 1e-9:
-        raise ValueError(f"target mean {target_mean} is below the smallest candidate "
-                         f"{candidates[0]}")
-    while True:
-        best, best_gain = None, -math.inf
-        for layer, now in enumerate(level):
-            if now + 1 >= len(candidates):
+    costs = [[math.ceil((cost[layer] if cost else {m: m for m in candidates})[m] - 1e-6)
+              for m in candidates] for layer in range(len(sensitivity))]
+    limit = math.floor(target_mean * len(sensitivity) + 1e-9)
+    cheapest = sum(min(c) for c in costs)
+    if cheapest > limit:
+        raise ValueError(f"target mean {target_mean} is below the cheapest table (every layer "
+                         f"at the smallest candidate {candidates[0]}: mean "
+                         f"{cheapest / len(costs):.1f})")
+    inf = math.inf
+    best = torch.zeros(limit + 1, dtype=torch.float64)  # best[t]: least loss with cost <= t
+    choices = []
+    for layer, table in enumerate(sensitivity):
+        new = torch.full((limit + 1,), inf, dtype=torch.float64)
+        pick = torch.zeros(limit + 1, dtype=torch.long)
+        for index, m in enumerate(candidates):
+            c = costs[layer][index]
+            if c > limit:
                 continue
-            step = candidates[now + 1] - candidates[now]
-            if sum(budget) + step > limit + 1e-9:
-                continue
-            table = sensitivity[layer]
-            gain = (table[candidates[now]] - table[candidates[now + 1]]) / step
-            if gain > best_gain:
-                best, best_gain = layer, gain
-        if best is None:
-            return budget
-        level[best] += 1
-        budget[best] = candidates[level[best]]
+            shifted = torch.full((limit + 1,), inf, dtype=torch.float64)
+            shifted[c:] = best[:limit + 1 - c] + table[m]
+            better = shifted < new - 1e-12
+            new = torch.where(better, shifted, new)
+            pick = torch.where(better, torch.full_like(pick, index), pick)
+        best = new
+        choices.append(pick)
+    least = float(best[limit])
+    t = int(torch.nonzero(best <= least + 1e-12)[0])  # the cheapest table as good as any
+    budgets = [0] * len(sensitivity)
+    for layer in reversed(range(len(sensitivity))):
+        index = int(choices[layer][t])
+        budgets[layer] = candidates[index]
+        t -= costs[layer][index]
+    return budgets
 
 
 def calibrated_policy(tables: Sequence[tuple[int, Sequence[int]]], num_experts: int
@@ -206,21 +242,29 @@ def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32
               windows: int = 64, window_len: int = 96, seed: int = 11) -> dict[str, Any]:
     """Sensitivities, allocations and policy for the checkpoint in ``folder``, one per-layer
     table per calibration batch size (how many rows share a step changes how much a budget
-    prunes; see the module doc). ``windows`` is rounded down to a multiple of each batch."""
+    prunes; see the module doc). ``target_mean``: experts computed per layer and decode step,
+    averaged over the layers, at each calibration batch (what the MoE layers read; a budget
+    at or above a step's union costs the union). ``windows`` is rounded down to a multiple of
+    each batch. Raises ValueError when the target is below the cheapest table."""
     from lynx.reference.data import code_stream, code_windows
     from lynx.reference.loading import load_reference
 
     model, tok = load_reference(folder, dtype=torch.float32)
     experts, top_k, _ = model_shape(model)
+    if target_mean < top_k:  # every step computes at least its rows' top-k distinct experts
+        raise ValueError(f"target mean {target_mean} is below the cheapest table: a step "
+                         f"computes at least top_k = {top_k} experts")
     stream = code_stream(tok, "train")
     candidates = default_candidates(experts, top_k)
     per_batch = []
     for batch in sorted(batches):
         data = code_windows(stream, windows - windows % batch, window_len,
                             torch.Generator().manual_seed(seed))
-        sensitivity = layer_sensitivity(model, data, batch, candidates)
-        per_batch.append({"batch": batch, "sensitivity_nats": sensitivity,
-                          "budgets": allocate(sensitivity, target_mean)})
+        sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
+        budgets = allocate(sensitivity, target_mean, kept)
+        per_batch.append({"batch": batch, "sensitivity_nats": sensitivity, "kept": kept,
+                          "budgets": budgets, "mean_kept": sum(
+                              k[m] for k, m in zip(kept, budgets, strict=True)) / len(budgets)})
     return {"model": str(folder), "target_mean": target_mean, "windows": windows,
             "window_len": window_len, "candidates": candidates, "per_batch": per_batch,
             "policy": calibrated_policy([(b["batch"], b["budgets"]) for b in per_batch],

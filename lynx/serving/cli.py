@@ -70,13 +70,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ServeError(f"calibrate: {exc}") from None
     for entry in result["per_batch"]:
         print(f"per-layer NLL rise [nats] when only that layer is pruned (batch "
-              f"{entry['batch']}):", file=sys.stderr)
-        print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"]) + "   budget",
-              file=sys.stderr)
+              f"{entry['batch']}; table: mean {entry['mean_kept']:.1f} experts computed per "
+              "layer and step):", file=sys.stderr)
+        print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"])
+              + "   budget (experts computed)", file=sys.stderr)
         for layer, (row, budget) in enumerate(zip(entry["sensitivity_nats"], entry["budgets"],
                                                   strict=True)):
             print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
-                  + f"   {budget:>6}", file=sys.stderr)
+                  + f"   {budget:>6} ({entry['kept'][layer][budget]:.1f})", file=sys.stderr)
     text = msgspec.json.encode(result["policy"]).decode()
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
@@ -100,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="stock vs Lynx on the same prompts")
     demo.add_argument("--model", default="mixtral-mini")
     demo.add_argument("--port", type=int, default=0, help="0: pick free ports")
-    cal = sub.add_parser("calibrate", help="per-layer budgets for a target mean budget "
+    cal = sub.add_parser("calibrate", help="per-layer budgets for a target mean of experts "
                          "(writes a policy JSON for LYNX_POLICY_FILE or PUT /v1/policy)")
     cal.add_argument("model", help="reference model name or checkpoint folder")
     cal.add_argument("--target-mean", type=float, required=True,
-                     help="mean experts per layer the table may use")
+                     help="experts computed per layer and decode step, averaged over the "
+                     "layers, at each calibration batch (a budget above a step's union costs "
+                     "the union)")
     cal.add_argument("--batches", default="16,32,64",
                      help="decode batch sizes to calibrate (one per-layer table each)")
     cal.add_argument("--windows", type=int, default=64)
