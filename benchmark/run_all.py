@@ -6,7 +6,8 @@
 2. end-to-end decode + accuracy on the SGLang CPU server (``benchmark/e2e_decode.py``);
 3. the SLO ramp (``benchmark/slo_ramp.py``) on the fine-grained model's server pair;
    full runs also: speculative verify steps (``benchmark/verify_steps.py``), goodput
-   (``benchmark/goodput.py``) and calibrated per-layer tables (``benchmark/calibration.py``);
+   (``benchmark/goodput.py``) and the speed/perplexity frontier of every policy, calibrated
+   per-layer tables included, on the production-ratio model (``benchmark/frontier.py``);
 4. ``benchmark/results/summary.json`` (the issue's schema), the PNGs under
    ``benchmark/results/`` and ``benchmark/RESULTS.md``.
 """
@@ -25,8 +26,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import (
-    calibration,
     e2e_decode,
+    frontier,
     goodput,
     moe_layer,
     plugin_overhead,
@@ -77,7 +78,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         best = slo.get("best_static") or "static:0"
         goodput.main(["--out", str(out_dir / "goodput.json"),
                       "--static-budget", best.split(":")[1]])
-        calibration.main(["--out", str(out_dir / "calibration.json")])
+        frontier.main(["--out", str(out_dir / "frontier.json")])
     slo["machine"] = machine_description()
     write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
@@ -111,12 +112,14 @@ def render(out_dir: Path) -> dict[str, Any]:
     images = os.path.relpath(out_dir, md_path.parent)
     verify = out_dir / "verify_steps.json"
     good = out_dir / "goodput.json"
-    cal = out_dir / "calibration.json"
-    md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost) + (
+    front = out_dir / "frontier.json"
+    layer_frontier = json.loads(front.read_text()) if front.exists() else None
+    md_path.write_text(results_markdown(moe, e2e, slo, info, images, hook_cost,
+                                        layer_frontier) + (
         verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else "") + (
         "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(
             json.loads(good.read_text())) if good.exists() else "") + (
-        calibration.markdown(json.loads(cal.read_text())) if cal.exists() else ""))
+        frontier.markdown(layer_frontier) if layer_frontier else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 
@@ -225,7 +228,8 @@ def _reruns(info: dict[str, Any]) -> str:
 
 def results_markdown(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
                      info: dict[str, Any], images: str,
-                     hook_cost: dict[str, Any] | None = None) -> str:
+                     hook_cost: dict[str, Any] | None = None,
+                     layer_frontier: dict[str, Any] | None = None) -> str:
     quick, c = info["quick"], info["frontier_c"]
     mode = "quick (`make bench-quick`)" if quick else "full (`make bench`)"
     return f"""# Lynx benchmarks: stock SGLang vs Lynx on this machine
@@ -279,7 +283,8 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary
 - `*` marks the default operating point (`budget`, m = max(2k, E/2), no pruning below 4 rows).
 
 ## Targets
-{report.markdown_table(["target", "measured"], report.targets(moe, e2e, slo, c))}
+{report.markdown_table(["target", "measured"], report.targets(moe, e2e, slo, c) + (
+    [frontier.target_row(layer_frontier)] if layer_frontier else []))}
 
 ## Reading
 {reading(moe, e2e, slo, c, hook_cost)}
