@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import msgspec
 import pytest
 import torch
+from conftest import reference_model
 
 from lynx.sglang_plugin.config import LynxConfigError, default_policy, load_config
 from lynx.sglang_plugin.step_state import NO_LIMIT, RuntimeState, StepLayout
@@ -136,3 +139,41 @@ def test_cli_rejects_bad_policy_before_starting_a_server() -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == (
         "lynx-serve: error: LYNX_POLICY: policy 'budget' needs at least one entry in 'budgets'")
+
+
+def _prepared(folder: Path, policy: PolicySpec | None = None) -> RuntimeState:
+    """`LynxRuntime.prepare` on a model runner whose checkpoint lives in ``folder`` (the
+    reference qwen3-moe-mini's config: 4 MoE layers, 32 experts, top-4)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from lynx.sglang_plugin.config import PluginConfig
+    from lynx.sglang_plugin.ranks import ParallelRanks
+    from lynx.sglang_plugin.runtime import LynxRuntime
+
+    config = PluginConfig(enabled=True, policy=policy, controller=None, replica_id="t",
+                          stale_after_s=10.0, safe_policy=None, stats_interval_s=3600.0,
+                          compile=False)
+    runner = SimpleNamespace(device="cpu", model=None, model_config=SimpleNamespace(
+        hf_config=AutoConfig.from_pretrained(reference_model("qwen3-moe-mini")),
+        model_path=str(folder)))
+    return LynxRuntime(config).prepare(runner, ranks=ParallelRanks(1, 2, 0, 1))
+
+
+def test_a_checkpoint_ships_its_calibrated_policy(tmp_path: Path) -> None:
+    table = PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=3, all_layers=32),
+        BudgetBucket(max_batch=1_000_000, per_layer=[24, 8, 12, 16])])
+    assert _prepared(tmp_path).policy == default_policy(32, 4)  # none shipped: the default
+    (tmp_path / "lynx_policy.json").write_bytes(msgspec.json.encode(table))
+    assert _prepared(tmp_path).policy == table  # the checkpoint's calibration
+    explicit = PolicySpec(name="off")
+    assert _prepared(tmp_path, explicit).policy == explicit  # LYNX_POLICY wins
+    (tmp_path / "lynx_policy.json").write_text('{"name": "budget", "budgets": [{"max_batch": '
+                                               '8, "per_layer": [4, 4]}]}')
+    with pytest.raises(LynxConfigError, match=r"lynx_policy.json: .*layers"):
+        _prepared(tmp_path)  # a table for another model: named, and the server stops
+    (tmp_path / "lynx_policy.json").write_text("{not json")
+    with pytest.raises(LynxConfigError, match="the checkpoint's calibrated policy"):
+        _prepared(tmp_path)

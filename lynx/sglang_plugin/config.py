@@ -4,7 +4,7 @@
 | variable | meaning | default |
 |---|---|---|
 | ``LYNX_ENABLED`` | ``1``/``true``/``yes`` turns the plugin on; otherwise it registers nothing | off |
-| ``LYNX_POLICY`` | the start-up policy as JSON (`lynx_protocol.policy.PolicySpec`) | `default_policy` |
+| ``LYNX_POLICY`` | the start-up policy as JSON (`lynx_protocol.policy.PolicySpec`) | see below |
 | ``LYNX_POLICY_FILE`` | path of a JSON file holding the start-up policy (instead of ``LYNX_POLICY``) | — |
 | ``LYNX_CONTROLLER`` | ZMQ endpoint of the policy controller (``ipc://…`` or ``tcp://host:port``) | none |
 | ``LYNX_REPLICA_ID`` | name this runtime registers under at the controller | host:pid |
@@ -16,6 +16,11 @@
 | ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
 | ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (Inductor; the start-up policy's graphs before serving, a policy switched to later on its first step; eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
+
+The start-up policy: ``LYNX_POLICY`` or ``LYNX_POLICY_FILE`` if set; else the checkpoint's
+calibrated table, ``<model folder>/lynx_policy.json`` (``lynx-serve calibrate <model> --out
+<model>/lynx_policy.json``), if the served model is a local folder holding one; else the
+conservative `default_policy` for the model's shape.
 
 Bad values raise `LynxConfigError` with a one-line reason; the scheduler refuses to start rather
 than silently serving a policy nobody asked for.
@@ -56,6 +61,25 @@ def default_policy(num_experts: int, top_k: int) -> PolicySpec:
 
 class LynxConfigError(ValueError):
     """Invalid Lynx configuration; the message names the variable and the problem."""
+
+
+CHECKPOINT_POLICY = "lynx_policy.json"
+
+
+def checkpoint_policy(model_path: str) -> tuple[PolicySpec, Path] | None:
+    """The calibrated start-up policy shipped in a local checkpoint folder
+    (``<model>/lynx_policy.json``, as ``lynx-serve calibrate <model> --out`` writes it) and its
+    path; None when there is none (e.g. a hub id). ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` take
+    precedence. Raises `LynxConfigError` when the file is unreadable or not a policy."""
+    path = Path(model_path) / CHECKPOINT_POLICY if model_path else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LynxConfigError(f"{path}: cannot read the checkpoint's policy: {exc.strerror}"
+                              ) from None
+    return _policy_from(f"{path} (the checkpoint's calibrated policy)", raw), path
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,16 @@ import torch
 from lynx.selection import apply_logit_bias, masking_logit_bias
 from lynx.selection.compiled import CompiledSelection
 from lynx.selection.step import LayerSelection
-from lynx.sglang_plugin.config import PluginConfig, default_policy
+from lynx.sglang_plugin.config import (
+    LynxConfigError,
+    PluginConfig,
+    checkpoint_policy,
+    default_policy,
+)
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
-from lynx_protocol.policy import validate_policy
+from lynx_protocol.policy import PolicyError, validate_policy
 
 logger = logging.getLogger("lynx.plugin")
 
@@ -74,10 +79,21 @@ class LynxRuntime:
             return self.state
         self.ranks = ranks or ranks_from_sglang()
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
-        policy = self.config.policy or default_policy(experts, top_k)
+        model = str(getattr(model_runner.model_config, "model_path", "") or "")
+        shipped = None if self.config.policy else checkpoint_policy(model)
+        policy = self.config.policy or (shipped[0] if shipped else None) or default_policy(
+            experts, top_k)
+        if shipped:
+            logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
+                        shipped[1])
         device = torch.device(model_runner.device)
         state = RuntimeState(layers, experts, top_k, device, policy)
-        validate_policy(policy, num_layers=layers, num_experts=experts, top_k=top_k)
+        try:
+            validate_policy(policy, num_layers=layers, num_experts=experts, top_k=top_k)
+        except PolicyError as exc:
+            if shipped:  # name the file: it was not set by the operator
+                raise LynxConfigError(f"{shipped[1]}: {exc}") from None
+            raise
         from lynx.sglang_plugin.exporter import StatsExporter
 
         self.state = state
@@ -100,7 +116,6 @@ class LynxRuntime:
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 
-            model = str(getattr(model_runner.model_config, "model_path", "") or "")
             self.controller = ControllerGlue(self, model=model[-512:])
         logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s (TP rank %d/%d, "
                     "DP rank %d/%d)", layers, experts, top_k, policy.name, device,
