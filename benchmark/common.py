@@ -31,7 +31,9 @@ CACHE_DIR = REPO_ROOT / ".cache" / "bench"
 ALL_BATCHES = 1_000_000  # a budget bucket that covers every batch size
 
 # Published Lynx headline figures (arXiv 2411.08982, v1 and v3; see docs in RESULTS.md).
-PUBLISHED = {"latency_v1": 1.55, "throughput_v3": 1.30, "max_loss_points": 1.0}
+PUBLISHED = {"latency_v1": 1.55, "throughput_v3": 1.30, "max_loss_points": 1.0,
+             # OEA (arXiv 2511.02237): MoE-layer decode latency -39% / -15% at batch 16
+             "oea_layer_qwen3_30b": 1 / (1 - 0.39), "oea_layer_qwen3_235b": 1 / (1 - 0.15)}
 
 
 def models_dir() -> Path:

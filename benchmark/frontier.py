@@ -13,10 +13,11 @@ layer and step):
 - ``ppl_rise``: held-out code perplexity under the policy / stock - 1, the model itself (fp32,
   `benchmark.accuracy.code_scores`: every row of B windows' position is one decode step).
 Prints a table, writes JSON and a plot (speedup against perplexity rise, one line per policy,
-the quality budget and the speed target drawn in). ``frontier`` marks the points no other
-point beats on both axes; ``above_published`` says, for each budget/affinity/piggyback point
-within the calibrated curve's perplexity range, whether that curve (linear between its points)
-is at least as fast at the same perplexity rise.
+the quality budget, the speed target and OEA's published MoE-layer speedups drawn in).
+``frontier`` marks the points no other point beats on both axes; ``above_published`` says,
+for each budget/affinity/piggyback point within the calibrated curve's perplexity range,
+whether that curve (linear between its points) is at least as fast at the same perplexity
+rise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark.common import (
     OFF,
+    PUBLISHED,
     RESULTS_DIR,
     Variant,
     budget_variant,
@@ -107,7 +109,7 @@ def mark_frontier(points: list[dict[str, Any]]) -> None:
             and (q["speedup"] > p["speedup"] or q["ppl_rise"] < p["ppl_rise"]) for q in points)
 
 
-PUBLISHED = ("budget", "affinity", "piggyback")
+PUBLISHED_POLICIES = ("budget", "affinity", "piggyback")
 
 
 def curve_at(curve: list[dict[str, Any]], ppl_rise: float) -> float | None:
@@ -128,7 +130,7 @@ def mark_above_published(points: list[dict[str, Any]]) -> None:
     envelope = [p for i, p in enumerate(cal) if all(q["speedup"] < p["speedup"]
                                                     for q in cal[:i])]
     for p in points:
-        if p["policy"] in PUBLISHED:
+        if p["policy"] in PUBLISHED_POLICIES:
             at = curve_at(envelope, p["ppl_rise"])
             p["above_published"] = None if at is None else bool(at >= p["speedup"])
 
@@ -213,6 +215,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     color=color, label=policy)
     ax.axvline(100 * result["ppl_budget"], color="grey", ls=":", label="quality budget")
     ax.axhline(result["speed_target"], color="grey", ls="--", label="speed target")
+    for key, label in (("oea_layer_qwen3_30b", "OEA paper: Qwen3-30B, B=16, GPU"),
+                       ("oea_layer_qwen3_235b", "OEA paper: Qwen3-235B, B=16, GPU")):
+        ax.axhline(PUBLISHED[key], color="C1", ls=":", lw=1,
+                   label=f"{label} ({PUBLISHED[key]:.2f}x)")
     ax.set_xscale("symlog", linthresh=1.0)
     ticks = [0, 0.25, 0.5, 1, 2, 5, 10]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
