@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-moe-128")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--means", default="24,32,40,48,56,64",
+    parser.add_argument("--means", default="24,32,40,48,56,64,72,80",
                         help="mean experts per layer: calibrated tables and uniform budgets")
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--draws", type=int, default=8)

@@ -4,6 +4,7 @@ leftovers of an interrupted state write are removed at start."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
     from lynx_protocol.policy import PolicySpec
 
     update = PolicyUpdate(version=1, policy=PolicySpec())
+    loop = asyncio.new_event_loop()  # the hub's asyncio socket sends through it (an earlier
+    asyncio.set_event_loop(loop)  # asyncio.run in this thread leaves no implicit loop)
     hub = Hub(LinkConfig(bind=f"ipc://{tmp_path}/hub.sock"), ControllerMetrics(),
               lambda: update)
     try:
@@ -95,3 +98,5 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
         assert kept[-1][1].seq == 40 and len(kept) < 40
     finally:
         hub.close()
+        asyncio.set_event_loop(None)
+        loop.close()
