@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--means", default="24,32,40,48,56,64,72,80",
                         help="mean experts per layer: calibrated tables and uniform budgets")
     parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--draws", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="fewer knobs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "frontier.json")
     args = parser.parse_args(argv)
