@@ -140,12 +140,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     started = time.time()
-    from lynx.calibrate import model_shape
-    from lynx.reference.loading import load_reference
+    from lynx.serving.models import moe_shape, read_config
 
-    net, _ = load_reference(models_dir() / args.model, dtype=torch.float32)
-    experts, top_k, _ = model_shape(net)
-    del net
+    _, experts, top_k = moe_shape(read_config(models_dir() / args.model))
     variants = policy_grid(experts, top_k, args.quick)
     uniform = {int(m) for m in args.means} - {v.knob for v in variants if v.policy == "budget"}
     variants += [budget_variant(m) for m in sorted(uniform) if top_k <= m < experts]
@@ -232,6 +229,21 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def target_row(result: dict[str, Any]) -> list[str]:
+    """The issue's frontier target next to the measured value (RESULTS.md's target table)."""
+    best = best_within_budget(result)
+    judged = [p for p in result["points"] if p.get("above_published") is not None]
+    above = sum(1 for p in judged if p["above_published"])
+    return [f">= {result['speed_target']:g}x MoE-layer speedup at <= "
+            f"{100 * result['ppl_budget']:g}% ppl, B={result['batch']}, {result['model']} "
+            "(fp32); frontier above budget/affinity/piggyback",
+            ("none within the budget" if best is None else
+             f"{best['speedup']:.2f}x ({best['policy']}:{best['knob']}, "
+             f"{100 * best['ppl_rise']:+.2f}%)") +
+            f"; calibrated curve at least as fast as {above} of {len(judged)} published points "
+            "in its range"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,17 +269,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def target_row(result: dict[str, Any]) -> list[str]:
-    """The issue's frontier target next to the measured value (RESULTS.md's target table)."""
-    best = best_within_budget(result)
-    judged = [p for p in result["points"] if p.get("above_published") is not None]
-    above = sum(1 for p in judged if p["above_published"])
-    return [f">= {result['speed_target']:g}x MoE-layer speedup at <= "
-            f"{100 * result['ppl_budget']:g}% ppl, B={result['batch']}, {result['model']} "
-            "(fp32); frontier above budget/affinity/piggyback",
-            ("none within the budget" if best is None else
-             f"{best['speedup']:.2f}x ({best['policy']}:{best['knob']}, "
-             f"{100 * best['ppl_rise']:+.2f}%)") +
-            f"; calibrated curve at least as fast as {above} of {len(judged)} published points "
-            "in its range"]

@@ -48,12 +48,12 @@ from benchmark.serving_pair import ServingPair
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
-
 def prompts_for_load(count: int = 64) -> list[str]:
     """The SLO runs' prompts: held-out 3-digit additions (decode cost does not depend on them)."""
     from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 
     return [arithmetic_prompt(a, b) for a, b in heldout_problems(count)]
+
 
 def controller_overrides(top_k: int, num_experts: int) -> dict[str, Any]:
     """Controller settings for runs of seconds, not minutes (1 s loop, 4 s windows)."""
@@ -105,7 +105,6 @@ def apply_mode(pair: ServingPair, mode: str) -> None:
 
 def run_ramp(pair: ServingPair, mode: str, args: Any, slo_ms: float, layers: int
              ) -> dict[str, Any]:
-
     apply_mode(pair, mode)
     stages = [(c, args.stage_s) for c in args.stages]
     target: dict[str, int] = {}
@@ -128,7 +127,6 @@ def run_ramp(pair: ServingPair, mode: str, args: Any, slo_ms: float, layers: int
 
 
 def run_step(pair: ServingPair, args: Any, slo_ms: float) -> dict[str, Any]:
-
     apply_mode(pair, "adaptive")
     stages = [(args.step_low, 8.0), (args.step_high, args.step_high_s), (args.step_low, 15.0)]
     target: dict[str, int] = {}
@@ -158,7 +156,6 @@ def profile(pair: ServingPair, top_k: int, floor: int, quick: bool) -> dict[str,
 
 
 def calibrate_slo(pair: ServingPair, peak: int, output_len: int, seconds: float) -> float:
-
     pair.set_policy(OFF)
     _, timings, _ = slo_load.run_schedule(pair.lynx.url, prompts_for_load(), [(peak, seconds)],
                                           output_len, dict)

@@ -182,8 +182,8 @@ def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float,
     ``cost``: per layer, {budget: experts computed per step} (default: the budget itself).
     Raises ValueError if even the cheapest table exceeds the target."""
     candidates = sorted(sensitivity[0])
-    costs = [[math.ceil((cost[layer] if cost else {m: m for m in candidates})[m] - 1e-6)
-              for m in candidates] for layer in range(len(sensitivity))]
+    per_layer = cost or [{m: float(m) for m in candidates}] * len(sensitivity)
+    costs = [[math.ceil(table[m] - 1e-6) for m in candidates] for table in per_layer]
     limit = math.floor(target_mean * len(sensitivity) + 1e-9)
     cheapest = sum(min(c) for c in costs)
     if cheapest > limit:

@@ -81,8 +81,7 @@ class LynxRuntime:
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = None if self.config.policy else checkpoint_policy(model)
-        policy = self.config.policy or (shipped[0] if shipped else None) or default_policy(
-            experts, top_k)
+        policy = self.config.policy or (shipped[0] if shipped else default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
                         shipped[1])
