@@ -27,6 +27,13 @@ echo "== building the lynx wheel"
 rm -rf "$OUT/wheel" && .venv/bin/python -m pip wheel "${PIP_QUIET[@]}" --no-deps -w "$OUT/wheel" . 2>&1 | grep -v "is ignored" || true
 WHEEL=$(ls "$OUT"/wheel/lynx_moe-*.whl)
 
+# The 3.12 resolution (pip --dry-run, ~2 minutes of index reads) runs while the tests run.
+resolve_venv="$OUT/py3.12"
+[ -x "$resolve_venv/bin/python" ] || "$(find_python 3.12)" -m venv "$resolve_venv"
+"$resolve_venv/bin/pip" install "${PIP_QUIET[@]}" --dry-run --ignore-installed \
+  --report "$OUT/resolve.json" "${WHEEL}[runtime]" > "$OUT/resolve.log" 2>&1 &
+RESOLVE_PID=$!
+
 for version in 3.12 3.13; do
   python=$(find_python "$version")
   venv="$OUT/py$version"
@@ -41,8 +48,9 @@ done
 
 venv="$OUT/py3.12"
 echo "== Python 3.12: the wheel next to sglang==0.5.23 (resolution, as in SGLang's image)"
-"$venv/bin/pip" install "${PIP_QUIET[@]}" --dry-run --ignore-installed --report "$OUT/resolve.json" \
-  "${WHEEL}[runtime]" 2>&1 | grep -v "is ignored" || true
+if ! wait "$RESOLVE_PID"; then
+  grep -v "is ignored" "$OUT/resolve.log" >&2; echo "the 3.12 resolution failed" >&2; exit 1
+fi
 "$venv/bin/python" - "$OUT/resolve.json" <<'EOF'
 import json, sys
 names = {i["metadata"]["name"].lower(): i["metadata"]["version"]

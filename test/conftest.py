@@ -38,6 +38,32 @@ def start_server(tmp_path: Path, model: str, env: dict[str, str] | None = None,
     return server.start()
 
 
+def spawn_servers(tmp_path: Path, model: str,
+                  specs: list[tuple[dict[str, str], tuple[str, ...]]]) -> list[SglangServer]:
+    """One server per (env, extra_args), launched without waiting (distinct ports); pair
+    with `wait_all_ready`. Start-up dominates the end-to-end tests, and it overlaps."""
+    ports: list[int] = []
+    while len(ports) < len(specs):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return [SglangServer(reference_model(model), port, env=env, extra_args=extra_args,
+                         log_path=tmp_path / f"sglang-{model}-{port}.log").spawn()
+            for port, (env, extra_args) in zip(ports, specs, strict=True)]
+
+
+def wait_all_ready(servers: list[SglangServer]) -> list[SglangServer]:
+    """Wait for every server of `spawn_servers`; on a failure all of them are stopped."""
+    try:
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator:
     started: list[SglangServer] = []
@@ -48,6 +74,13 @@ def server_factory(tmp_path: Path) -> Iterator:
         started.append(server)
         return server
 
+    def side_by_side(model: str, envs: list[dict[str, str]]) -> list[SglangServer]:
+        """One server per env, launched together (start-up dominates these tests)."""
+        servers = spawn_servers(tmp_path, model, [(env, ()) for env in envs])
+        started.extend(servers)
+        return wait_all_ready(servers)
+
+    factory.side_by_side = side_by_side  # type: ignore[attr-defined]
     yield factory
     for server in started:
         server.stop()

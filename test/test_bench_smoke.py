@@ -1,5 +1,6 @@
-"""Smoke tests of the benchmarks: the MoE-layer bench in quick mode at a tiny size, and the
-schema of ``benchmark/results/summary.json`` (the file ``make bench`` writes)."""
+"""Smoke tests of the benchmarks: `make bench-quick` end to end (its MoE-layer rows checked),
+the plugin-overhead script, and the schema of ``benchmark/results/summary.json`` (the file
+``make bench`` writes)."""
 
 from __future__ import annotations
 
@@ -77,30 +78,22 @@ def check_summary(summary: dict[str, Any]) -> None:
         assert set(slo["step_load"]) == {"interval_s", "time_to_slo_s", "time_to_unprune_s"}
 
 
-@pytest.mark.slow  # ~30 s: SGLang import plus a few hundred timed layer calls
-def test_moe_layer_quick_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "moe_layer.json"
-    cmd = [sys.executable, str(REPO / "benchmark" / "moe_layer.py"), "--quick", "--tiny",
-           "--synthetic-only", "--shapes", "qwen3-moe-mini-wide16,Qwen3-30B-A3B/4",
-           "--batches", "1,32", "--draws", "2", "--reps", "2", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert out.with_suffix(".png").stat().st_size > 0
-    rows = result["rows"]
+def check_moe_layer_rows(rows: list[dict[str, Any]]) -> None:
+    """The quick MoE-layer run: its shapes, batches and policies, every token's top-1 kept,
+    nothing dropped at batch 1, never more experts than the stock union, a default row per
+    shape and pruned batch whose weights-read bound is above 1."""
     assert {r["shape"].split()[0] for r in rows} == {"qwen3-moe-mini-wide16", "Qwen3-30B-A3B/4"}
-    assert {r["batch"] for r in rows} == {1, 32}
+    assert {r["batch"] for r in rows} == {1, 16, 64}
     assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback", "coverage"}
     for row in rows:
         _check_row({k: row[k] for k in MOE_KEYS}, MOE_KEYS, row["shape"])
-        assert row["stock_ms"] > 0 and row["lynx_ms"] > 0
-        assert row["top1_kept_rate"] == 1.0  # every token keeps its top-1 expert
+        assert row["top1_kept_rate"] == 1.0, row  # every token keeps its top-1 expert
         if row["batch"] == 1:
-            assert row["experts_kept"] == row["experts_stock"] == row["k"]  # nothing to drop
+            assert row["experts_kept"] == row["experts_stock"] == row["k"], row
         else:
-            assert row["experts_kept"] <= row["experts_stock"]
-    defaults = [r for r in rows if r["default"] and r["batch"] == 32]
-    assert len(defaults) == 2 and all(r["bound"] > 1 for r in defaults)
+            assert row["experts_kept"] <= row["experts_stock"], row
+    defaults = [r for r in rows if r["default"] and r["batch"] > 1]
+    assert len(defaults) == 4 and all(r["bound"] > 1 for r in defaults), defaults
 
 
 def test_summary_json_schema() -> None:
@@ -169,6 +162,7 @@ def test_bench_quick_writes_every_result(tmp_path: Path) -> None:
                           text=True, timeout=1800)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     check_summary(json.loads((tmp_path / "summary.json").read_text()))
+    check_moe_layer_rows(json.loads((tmp_path / "moe_layer.json").read_text())["rows"])
     for name in ("moe_layer.png", "slo_ramp.png", "frontier.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = (tmp_path / "RESULTS.md").read_text()

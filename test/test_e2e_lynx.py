@@ -28,18 +28,18 @@ def _exact_match(url: str) -> tuple[float, list[str]]:
 def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     server_factory, model: str
 ) -> None:
-    stock = server_factory(model, env=STOCK_WITHOUT_PLUGIN)
+    # Started side by side, queried one at a time (an idle server costs next to nothing).
+    stock, off, lynx = server_factory.side_by_side(model, [
+        STOCK_WITHOUT_PLUGIN, {"LYNX_ENABLED": "0"},
+        {"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1"}])
     stock_em, stock_texts = _exact_match(stock.url)
     stock.stop()
 
-    off = server_factory(model, env={"LYNX_ENABLED": "0"})
     _, off_texts = _exact_match(off.url)
     assert "lynx_" not in httpx.get(f"{off.url}/metrics", timeout=10).text
     off.stop()
     assert off_texts == stock_texts  # plugin installed but off: byte-identical greedy outputs
 
-    lynx = server_factory(model, env={"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2",
-                                      "LYNX_COMPILE": "1"})
     lynx_em, _ = _exact_match(lynx.url)
     _exact_match(lynx.url)  # a second window so the exporter has flushed the first
     metrics = httpx.get(f"{lynx.url}/metrics", timeout=10).text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -68,7 +69,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_rejects_bad_models_and_busy_port(tmp_path, server_factory) -> None:
+def test_cli_rejects_bad_models_and_busy_port(tmp_path) -> None:
     missing = _cli("serve", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
@@ -81,8 +82,11 @@ def test_cli_rejects_bad_models_and_busy_port(tmp_path, server_factory) -> None:
     bad = _cli("serve", str(corrupt))
     assert bad.returncode == 2 and "corrupt JSON" in bad.stderr and "Traceback" not in bad.stderr
 
-    server = server_factory("mixtral-mini")
-    busy = _cli("serve", "mixtral-mini", "--port", str(server.port))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:  # any listener will do
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        busy = _cli("serve", "mixtral-mini", "--port", str(port))
     assert busy.returncode == 2
-    assert f"port {server.port} on 127.0.0.1 is busy" in busy.stderr
+    assert f"port {port} on 127.0.0.1 is busy" in busy.stderr
     assert "Traceback" not in busy.stderr

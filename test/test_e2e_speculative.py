@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.metrics_reader import metric_sum, samples
 from lynx.serving.models import REFERENCE_MODELS
+from lynx.serving.server import SglangServer
 
 pytestmark = pytest.mark.slow
 MODEL = "qwen3-moe-mini"
@@ -48,15 +50,27 @@ def _steps(text: str, mode: str, pruned: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[str]:
-    from conftest import start_server
+def servers(tmp_path_factory) -> Iterator[dict[str, SglangServer]]:
+    """The plain reference server and the two NGRAM servers, started side by side."""
+    from conftest import spawn_servers, wait_all_ready
 
-    server = start_server(tmp_path_factory.mktemp("plain"), MODEL,
-                          extra_args=("--dtype", "float32"))
+    names = ("plain", "ngram", "ngram_prune_verify")
+    started = spawn_servers(tmp_path_factory.mktemp("spec"), MODEL, [
+        ({"LYNX_ENABLED": "0"}, ("--dtype", "float32")),
+        (_env(False), NGRAM), (_env(True), NGRAM)])
     try:
-        return [item["text"] for item in _generate(server.url)]
+        yield dict(zip(names, wait_all_ready(started), strict=True))
     finally:
-        server.stop()
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(servers: dict[str, SglangServer]) -> list[str]:
+    plain = servers["plain"]
+    texts = [item["text"] for item in _generate(plain.url)]
+    plain.stop()
+    return texts
 
 
 def _env(prune_verify: bool) -> dict[str, str]:
@@ -66,8 +80,8 @@ def _env(prune_verify: bool) -> dict[str, str]:
 
 
 def test_ngram_serves_the_non_speculative_outputs_and_verify_steps_stay_stock_by_default(
-        server_factory, reference) -> None:
-    server = server_factory(MODEL, env=_env(False), extra_args=NGRAM)
+        servers: dict[str, SglangServer], reference: list[str]) -> None:
+    server = servers["ngram"]
     items = _generate(server.url)
     assert [item["text"] for item in items] == reference
     assert sum(item["meta_info"]["spec_verify_ct"] for item in items) > 0
@@ -77,8 +91,9 @@ def test_ngram_serves_the_non_speculative_outputs_and_verify_steps_stay_stock_by
     assert metric_sum(text, "lynx_pruned_rows_total") == 0
 
 
-def test_prune_verify_prunes_every_verify_step_and_keeps_each_rows_top1(server_factory) -> None:
-    server = server_factory(MODEL, env=_env(True), extra_args=NGRAM)
+def test_prune_verify_prunes_every_verify_step_and_keeps_each_rows_top1(
+        servers: dict[str, SglangServer]) -> None:
+    server = servers["ngram_prune_verify"]
     items = _generate(server.url)
     assert all(item["meta_info"]["completion_tokens"] > 0 for item in items)
     assert all(item["meta_info"]["spec_accept_length"] >= 1.0 for item in items)

@@ -64,3 +64,32 @@ def test_rank_descending_keeps_large_integer_keys_exact() -> None:
     # AffinityBinning's batch keys are exact int64 radix sums beyond fp32's 24-bit mantissa.
     keys = torch.tensor([2**40 + 1, 2**40, 2**40 + 1, 5], dtype=torch.int64)
     assert rank_descending(keys).tolist() == [0, 2, 1, 3]
+
+
+@st.composite
+def adjacent_floats(draw: st.DrawFn) -> torch.Tensor:
+    """[T,E] fp32 rows of neighbouring values: a base (normal, binade edge, subnormal, zero,
+    huge) and its nearest fp32 neighbours, shuffled, with repeats; up to 256 experts."""
+    experts = draw(st.integers(2, 256))
+    base = draw(st.sampled_from([1.0, -1.0, 2.0**-126, -(2.0**-126), 2.0**-149, 0.0,
+                                 3.0e38, -3.0e38, 0.7, -1.5e-3]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    values = torch.full((2, experts), base, dtype=torch.float32)
+    steps = torch.randint(-3, 4, (2, experts), generator=gen)
+    for _ in range(3):  # walk each entry up to 3 fp32 neighbours away from the base
+        up = torch.nextafter(values, torch.full_like(values, torch.inf))
+        down = torch.nextafter(values, torch.full_like(values, -torch.inf))
+        values = torch.where(steps > 0, up, torch.where(steps < 0, down, values))
+        steps = steps - steps.sign()
+    return values
+
+
+@FAST
+@given(adjacent_floats())
+def test_neighbouring_fp32_values_keep_their_order_at_every_index(scores: torch.Tensor) -> None:
+    # The key's per-index step must stay below the spacing of adjacent fp32 values (normal,
+    # subnormal, at a binade edge, at fp32's largest magnitudes) for rows of up to 256.
+    assert torch.equal(stable_top_k(scores, scores.shape[-1]), _argsort(scores))
+    keys = order_key(scores)
+    assert torch.equal(torch.argsort(keys, dim=-1, descending=True), _argsort(scores))
+

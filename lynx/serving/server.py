@@ -78,6 +78,18 @@ class SglangServer:
         ]
 
     def start(self) -> SglangServer:
+        """Launch the server and wait until it answers /health (ServeError otherwise)."""
+        self.spawn()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self) -> SglangServer:
+        """Launch the server process without waiting for it (then `wait_ready`): several
+        servers then start side by side."""
         if not port_is_free(self.host, self.port):
             raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
         env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
@@ -90,11 +102,6 @@ class SglangServer:
                 self.command(), stdout=fh, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,
             )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def wait_ready(self) -> None:
