@@ -32,24 +32,32 @@ def model_card_scores(name: str) -> dict:
 
 def start_server(tmp_path: Path, model: str, env: dict[str, str] | None = None,
                  extra_args: tuple[str, ...] = ()) -> SglangServer:
-    port = free_port()
-    server = SglangServer(reference_model(model), port, env=env or {"LYNX_ENABLED": "0"},
-                          extra_args=extra_args, log_path=tmp_path / f"sglang-{model}-{port}.log")
-    return server.start()
+    """One server, started and ready (the plugin off unless ``env`` says otherwise)."""
+    return wait_all_ready(spawn_servers(tmp_path, model, [
+        (env or {"LYNX_ENABLED": "0"}, extra_args)]))[0]
 
 
 def spawn_servers(tmp_path: Path, model: str,
                   specs: list[tuple[dict[str, str], tuple[str, ...]]]) -> list[SglangServer]:
     """One server per (env, extra_args), launched without waiting (distinct ports); pair
-    with `wait_all_ready`. Start-up dominates the end-to-end tests, and it overlaps."""
+    with `wait_all_ready`. Start-up dominates the end-to-end tests, and it overlaps. If a
+    launch fails, the servers already launched are stopped."""
     ports: list[int] = []
     while len(ports) < len(specs):
         port = free_port()
         if port not in ports:
             ports.append(port)
-    return [SglangServer(reference_model(model), port, env=env, extra_args=extra_args,
-                         log_path=tmp_path / f"sglang-{model}-{port}.log").spawn()
-            for port, (env, extra_args) in zip(ports, specs, strict=True)]
+    servers: list[SglangServer] = []
+    try:
+        for port, (env, extra_args) in zip(ports, specs, strict=True):
+            servers.append(SglangServer(
+                reference_model(model), port, env=env, extra_args=extra_args,
+                log_path=tmp_path / f"sglang-{model}-{port}.log").spawn())
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def wait_all_ready(servers: list[SglangServer]) -> list[SglangServer]:

@@ -87,6 +87,7 @@ def check_moe_layer_rows(rows: list[dict[str, Any]]) -> None:
     assert {r["policy"] for r in rows} == {"budget", "affinity", "piggyback", "coverage"}
     for row in rows:
         _check_row({k: row[k] for k in MOE_KEYS}, MOE_KEYS, row["shape"])
+        assert row["stock_ms"] > 0 and row["lynx_ms"] > 0, row
         assert row["top1_kept_rate"] == 1.0, row  # every token keeps its top-1 expert
         if row["batch"] == 1:
             assert row["experts_kept"] == row["experts_stock"] == row["k"], row
