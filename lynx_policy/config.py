@@ -143,6 +143,10 @@ class ObserveConfig(_Section, frozen=True):
     """Runtime ``/metrics`` URLs scraped without Prometheus (plus registered ``metrics_url``)."""
     rate_window_s: PositiveFloat = 30.0
     """Window of the latency quantiles [s] (the PromQL ``rate(...[Ns])`` range)."""
+    min_tail_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 5.0
+    """A ``q`` quantile counts only when the window holds at least this many observations
+    above it (samples x (1 - q) >= this; p99 needs 500): the p99 of 100 samples is their
+    maximum, one outlier. Fewer: the reading counts as no data (the planners hold). 0: off."""
     label_selector: str = ""
     """PromQL label matchers added to every query, e.g. ``model_name="olmoe"``."""
     timeout_s: PositiveFloat = 2.0
@@ -154,7 +158,8 @@ class AdaptiveConfig(_Section, frozen=True):
     """Batch-size buckets (max decode rows) of the table adaptive mode builds from scratch
     (fine: the model plans each one, and a step uses its own bucket's budget at once)."""
     min_batch: PositiveInt = 8
-    """Buckets whose max_batch is below this are never tightened (reduction barely helps)."""
+    """Buckets whose max_batch is below this are never tightened (reduction barely helps), by
+    either planner; one that prunes (a table set by hand) is relaxed."""
     step_experts: PositiveInt = 4
     """Budget change per tighten/relax step [experts]."""
     headroom: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.2

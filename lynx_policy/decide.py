@@ -42,7 +42,10 @@ DIRECTIONS: tuple[str, ...] = ("tighten", "relax", "hold")
 class LatencyReading:
     target: SloTarget
     observed_s: float | None
-    """Observed quantile [s]; None when there was no traffic in the window."""
+    """Observed quantile [s]; None when the window held no traffic, or too few observations
+    to estimate the quantile (``observe.min_tail_samples``)."""
+    samples: float | None = None
+    """Observations in the window (None: not known)."""
 
 
 @dataclass(frozen=True)

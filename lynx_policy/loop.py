@@ -193,7 +193,8 @@ class ControlLoop:
             reason=decision.reason, version=self.keeper.state.version,
             latencies=[{"metric": r.target.metric, "quantile": r.target.quantile,
                         "target_ms": r.target.target_ms,
-                        "observed_ms": None if r.observed_s is None else r.observed_s * 1000.0}
+                        "observed_ms": None if r.observed_s is None else r.observed_s * 1000.0,
+                        "samples": r.samples}
                        for r in readings],
         )
         return decision

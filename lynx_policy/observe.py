@@ -7,8 +7,10 @@ Two sources, chosen by config:
   those runtimes registered), keeps the scrapes of the last window and computes the quantile
   from the bucket deltas across the window, summed over runtimes.
 
-Both return one `LatencyReading` per target; ``observed_s`` is None when the window held no
-traffic. Both raise `ObserveError` when the source cannot be read at all.
+Both return one `LatencyReading` per target with the window's observation count;
+``observed_s`` is None when the window held no traffic, or too few observations above the
+quantile to estimate it (`usable`). Both raise `ObserveError` when the source cannot be read
+at all.
 """
 
 from __future__ import annotations
@@ -44,8 +46,19 @@ class Observer(Protocol):
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]: ...
 
 
-def promql_for(target: SloTarget, config: ObserveConfig) -> str:
-    """Quantile query; matches the histogram under both spellings of its name.
+def usable(value: float | None, samples: float | None, target: SloTarget,
+           config: ObserveConfig) -> float | None:
+    """``value`` if the window's ``samples`` put at least ``config.min_tail_samples``
+    observations above the quantile, else None (an unknown count counts as enough)."""
+    if value is None or samples is None:
+        return value
+    above = samples * (1.0 - target.quantile)
+    return value if above >= config.min_tail_samples * (1 - 1e-9) else None  # 50 x 0.1 < 5
+
+
+def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False) -> str:
+    """Quantile query (``count``: the window's observation count instead); matches the
+    histogram under both spellings of its name.
 
     prometheus_client >= 0.22 serves OpenMetrics with ``escaping=underscores`` to scrapers that
     do not ask for UTF-8 names (Prometheus 2.x), so ``sglang:x`` is stored as ``sglang_x``
@@ -56,6 +69,9 @@ def promql_for(target: SloTarget, config: ObserveConfig) -> str:
     window = f"{max(1, round(config.rate_window_s))}s"
     histogram = SLO_HISTOGRAMS[target.metric]
     spellings = dict.fromkeys([histogram, histogram.replace(":", "_")])
+    if count:
+        return " or ".join(f"sum(increase({name}_count{selector}[{window}]))"
+                           for name in spellings)
     rates = " or ".join(f"sum by (le) (rate({name}_bucket{selector}[{window}]))"
                         for name in spellings)
     return f"histogram_quantile({target.quantile:g}, {rates})"
@@ -70,19 +86,24 @@ class PrometheusObserver:
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
         readings = []
         for target in targets:
-            query = promql_for(target, self.config)
-            try:
-                response = await self.client.get(self.url, params={"query": query},
-                                                 timeout=self.config.timeout_s)
-                body = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise ObserveError(f"Prometheus query failed: {type(exc).__name__}: {exc}"
-                                   ) from None
-            if response.status_code != 200 or body.get("status") != "success":
-                raise ObserveError(f"Prometheus answered {response.status_code}: "
-                                   f"{body.get('error', '')[:200]}")
-            readings.append(LatencyReading(target, _first_finite(body.get("data", {}))))
+            value = await self._query(promql_for(target, self.config))
+            samples = await self._query(promql_for(target, self.config, count=True))
+            readings.append(LatencyReading(target, usable(value, samples, target, self.config),
+                                           samples))
         return tuple(readings)
+
+    async def _query(self, query: str) -> float | None:
+        try:
+            response = await self.client.get(self.url, params={"query": query},
+                                             timeout=self.config.timeout_s)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ObserveError(f"Prometheus query failed: {type(exc).__name__}: {exc}"
+                               ) from None
+        if response.status_code != 200 or body.get("status") != "success":
+            raise ObserveError(f"Prometheus answered {response.status_code}: "
+                               f"{body.get('error', '')[:200]}")
+        return _first_finite(body.get("data", {}))
 
 
 def _first_finite(data: dict) -> float | None:
@@ -129,10 +150,13 @@ class ScrapeObserver:
             del self._scrapes[gone]
         if urls and failures == len(urls):
             raise ObserveError(f"all {len(urls)} runtime /metrics scrapes failed")
-        return tuple(
-            LatencyReading(t, histogram_quantile(t.quantile, totals[SLO_HISTOGRAMS[t.metric]]))
-            for t in targets
-        )
+        readings = []
+        for t in targets:
+            window = totals[SLO_HISTOGRAMS[t.metric]]
+            samples = window.get(math.inf, 0.0)
+            value = histogram_quantile(t.quantile, window)
+            readings.append(LatencyReading(t, usable(value, samples, t, self.config), samples))
+        return tuple(readings)
 
     def _window_delta(self, url: str, histograms: dict[str, CumulativeBuckets]
                       ) -> dict[str, CumulativeBuckets]:

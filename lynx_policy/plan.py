@@ -9,7 +9,8 @@ Method (after NVIDIA Dynamo's SLA planner, applied to the pruning knob instead o
    geometrically (``adaptive.correction_alpha``) and clamped to [`KAPPA_MIN`, `KAPPA_MAX`].
 2. Per batch-size bucket (representative batch B = the bucket's upper bound, capped just above
    the largest batch seen): the largest budget m with kappa * t(B, m) <= target * (1 - margin).
-   A bucket that meets target * (1 - headroom) unpruned is not pruned at all.
+   A bucket that meets target * (1 - headroom) unpruned is not pruned at all, nor is one
+   whose max_batch is below ``adaptive.min_batch`` (as in the reactive rules).
 3. Guards: never below the quality floor (experts, and routing mass kept when
    ``floor.min_mass_kept`` is set); tighten at once, relax only after ``relax_after_ticks``
    ticks that all allow it (the band between margin and headroom holds: no oscillation); no
@@ -151,8 +152,9 @@ def plan_bucket(model: FleetModel, bucket: BudgetBucket, batch: float,
         return experts if not needed else max(low, min(needed))
 
     cap = max(1, math.ceil(union))  # a budget >= the union prunes nothing
-    tight = min(goal(settings.margin), cap)
-    relaxed = min(goal(settings.headroom), cap)
+    protected = bucket.max_batch < settings.min_batch  # never tightened; relaxes if pruned
+    tight = cap if protected else min(goal(settings.margin), cap)
+    relaxed = cap if protected else min(goal(settings.headroom), cap)
     step = settings.max_step_experts
     new_eff, reason, streak_out = current_eff, "holds (between margin and headroom)", 0
     if tight < current_eff:
@@ -167,7 +169,8 @@ def plan_bucket(model: FleetModel, bucket: BudgetBucket, batch: float,
         else:
             reason = f"relax pending ({streak_out}/{settings.relax_after_ticks})"
     elif current_eff >= cap:
-        reason = "meets the SLO unpruned"
+        reason = (f"below adaptive.min_batch={settings.min_batch}: not pruned" if protected
+                  else "meets the SLO unpruned")
     if new_eff == current_eff and current_eff >= cap and tight >= cap:
         new = experts  # a budget above today's union prunes nothing: say so (no pruning)
     else:

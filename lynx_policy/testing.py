@@ -207,12 +207,13 @@ class LatencySource:
     """A runtime-like ``/metrics`` endpoint whose inter-token latency the test sets.
 
     A background thread observes ``latency_s`` into ``sglang:inter_token_latency_seconds``
-    ``rate_hz`` times per second, so the histogram's recent quantiles follow ``latency_s``.
+    ``rate_hz`` times per second, so the histogram's recent quantiles follow ``latency_s``
+    (500/s: a 3 s window holds enough samples for a P99, ``observe.min_tail_samples``).
     """
 
     BUCKETS = (0.02, 0.04, 0.08, 0.09, 0.15, 0.3, 0.6)
 
-    def __init__(self, latency_s: float, rate_hz: float = 100.0) -> None:
+    def __init__(self, latency_s: float, rate_hz: float = 500.0) -> None:
         from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
         self.latency_s = latency_s

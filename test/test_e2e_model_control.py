@@ -4,7 +4,11 @@ model, then a load step (1 -> 32 -> 1 streams) under the model planner.
 
 Asserted (no timings): the profile makes the model ready with a positive cost per expert;
 under the high load the runtime prunes decode steps and ``GET /v1/model`` explains the pruned
-bucket (predicted above target); after the drop new decode steps run unpruned.
+bucket (predicted above target); after the drop new decode steps run unpruned, the one-stream
+bucket being below ``adaptive.min_batch``.
+
+The SLO is a P90 ITL: one stream makes ~100 tokens in the 4 s window, too few for a P99 (its
+maximum: one scheduling outlier on this 2-core machine; `observe.min_tail_samples`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lynx_policy.testing import ControllerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 LOW, HIGH = 1, 32
+QUANTILE = 0.9
 
 
 class Streams(threading.Thread):
@@ -66,8 +71,8 @@ def decode_steps(url: str) -> dict[str, float]:
             for p in ("true", "false")}
 
 
-def p99_itl_s(prometheus: str, window_s: int = 6) -> float:
-    query = ("histogram_quantile(0.99, sum by (le) (rate(sglang_inter_token_latency_seconds"
+def itl_quantile_s(prometheus: str, window_s: int = 6) -> float:
+    query = (f"histogram_quantile({QUANTILE}, sum by (le) (rate(sglang_inter_token_latency_seconds"
              f"_bucket[{window_s}s])) or sum by (le) (rate({{__name__="
              f"\"sglang:inter_token_latency_seconds_bucket\"}}[{window_s}s])))")
     body = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
@@ -112,17 +117,17 @@ def test_profile_then_load_step_prunes_only_while_needed(tmp_path: Path) -> None
             assert fit["ready"] and fit["c_ms_per_expert"] > 0, fit
             assert ctl.admin.get("/v1/mode").json()["mode"] == "static"  # profile restored it
 
-            # Stock P99 ITL at both loads, then an SLO between them.
+            # Stock P90 ITL at both loads, then an SLO between them.
             itl = {}
             for n in (LOW, HIGH):
                 load = under_load(server.url, n, 8)
-                itl[n] = p99_itl_s(prometheus)
+                itl[n] = itl_quantile_s(prometheus)
                 load.stop_event.set()
                 load.join(60)
             assert itl[HIGH] > 1.3 * itl[LOW], itl
             target_ms = 1000 * (itl[LOW] * itl[HIGH]) ** 0.5
-            ctl.admin.put("/v1/slo", json={"targets": [
-                {"metric": "itl", "quantile": 0.99, "target_ms": target_ms}]}).raise_for_status()
+            slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
+            ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
             ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
 
             load = under_load(server.url, HIGH, 2)
@@ -149,6 +154,8 @@ def test_profile_then_load_step_prunes_only_while_needed(tmp_path: Path) -> None
             load.join(60)
             assert after["false"] > settled["false"] + 20
             assert after["true"] == settled["true"], (settled, after)
+            (low,) = [w for w in ctl.admin.get("/v1/model").json()["why"] if w["max_batch"] == 2]
+            assert low["budget"] >= low["union"] and "min_batch" in low["reason"], low
             assert load.failed == 0
         finally:
             server.stop()

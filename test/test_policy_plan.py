@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -173,3 +174,32 @@ def test_falls_back_to_reactive_until_the_model_is_ready() -> None:
     off = decide(observation(300, ((48.0, 1),)), OFF, Memory(), mode="adaptive",
                  settings=AdaptiveConfig(use_model=False), floor=FLOOR)
     assert off.planner == "reactive"
+
+
+def test_buckets_below_min_batch_are_never_pruned_by_the_model() -> None:
+    """``adaptive.min_batch`` binds the model planner as it binds the reactive rules: a
+    violated SLO prunes buckets at or above it only, and a small bucket that prunes (a table
+    set by hand) is relaxed after the relax streak."""
+    settings_ = AdaptiveConfig(buckets=[2, 4, 8, 16, 4096], min_batch=8, margin=0.1,
+                               headroom=0.2, relax_after_ticks=2, max_step_experts=64)
+    policy, memory = OFF, Memory()
+    for _ in range(6):  # far above target: every bucket the planner may prune is pruned
+        decision = decide(observation(1000.0, ((16.0, 100),)), policy, memory,
+                          mode="adaptive", settings=settings_, floor=FLOOR)
+        policy, memory = decision.policy, decision.memory
+    budgets = {b.max_batch: b.all_layers for b in policy.budgets}
+    assert budgets[2] == budgets[4] == EXPERTS, budgets
+    assert budgets[8] is not None and budgets[8] < FLEET.union(8)
+    assert budgets[16] is not None and budgets[16] < FLEET.union(16)
+    reasons = {w.max_batch: w.reason for w in decision.plans}
+    assert "min_batch" in reasons[2] and "min_batch" in reasons[4], reasons
+
+    hand = PolicySpec(name="budget", budgets=[
+        msgspec.structs.replace(b, all_layers=FLOOR.min_budget) if b.max_batch == 2 else b
+        for b in policy.budgets])
+    policy, memory = hand, Memory()
+    for _ in range(2):
+        decision = decide(observation(1000.0, ((16.0, 100),)), policy, memory,
+                          mode="adaptive", settings=settings_, floor=FLOOR)
+        policy, memory = decision.policy, decision.memory
+    assert {b.max_batch: b.all_layers for b in policy.budgets}[2] == EXPERTS

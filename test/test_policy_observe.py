@@ -1,0 +1,104 @@
+"""Observers: a quantile from a window with too few observations above it is no reading.
+
+The runtime side is a real prometheus_client histogram rendered as text; the HTTP layer is
+httpx's MockTransport (the live Prometheus path runs in test_policy_control_loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from lynx_policy.config import ObserveConfig, SloTarget
+from lynx_policy.observe import PrometheusObserver, ScrapeObserver, promql_for, usable
+
+P99 = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
+P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
+
+
+def test_usable_needs_enough_samples_above_the_quantile() -> None:
+    config = ObserveConfig(min_tail_samples=5)
+    assert usable(0.2, 499, P99, config) is None  # 4.99 above the P99
+    assert usable(0.2, 500, P99, config) == 0.2
+    assert usable(0.2, 50, P90, config) == 0.2  # 5 above the P90
+    assert usable(0.2, 49, P90, config) is None
+    assert usable(None, 10_000, P99, config) is None
+    assert usable(0.2, None, P99, config) == 0.2  # count unknown: kept
+    assert usable(0.2, 1, P99, ObserveConfig(min_tail_samples=0)) == 0.2
+
+
+class Runtime:
+    """A runtime's ``/metrics``: one ITL histogram the test observes into."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "ITL", buckets=(
+            0.01, 0.02, 0.05, 0.1, 0.2, 0.4), registry=self.registry)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=generate_latest(self.registry))
+
+    def observe(self, value: float, times: int) -> None:
+        for _ in range(times):
+            self.itl.observe(value)
+
+
+@pytest.mark.parametrize(("fast", "outliers", "expect_reading"), [
+    (100, 1, False),  # one stream for 4 s: the P99 would be the one outlier
+    (600, 10, True),  # 610 samples: 6.1 above the P99, in the outliers' bucket
+])
+def test_scrape_observer_drops_an_undersampled_quantile(fast: int, outliers: int,
+                                                        expect_reading: bool) -> None:
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0)
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            await observer.observe([P99])  # the window's base
+            runtime.observe(0.03, fast)
+            runtime.observe(0.35, outliers)
+            now[0] = 4.0
+            return await observer.observe([P99])
+
+    (reading,) = asyncio.run(run())
+    assert reading.samples == fast + outliers
+    if expect_reading:
+        assert reading.observed_s is not None and 0.2 < reading.observed_s <= 0.4
+    else:
+        assert reading.observed_s is None
+
+
+def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> None:
+    asked: list[str] = []
+    counts = {"value": 120.0}
+
+    def prometheus(request: httpx.Request) -> httpx.Response:
+        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
+        asked.append(query)
+        value = counts["value"] if "_count" in query else 0.3
+        return httpx.Response(200, json={"status": "success", "data": {
+            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+
+    config = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=30,
+                           label_selector='job="runtime"')
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(prometheus)) as client:
+            observer = PrometheusObserver(config, client)
+            thin = await observer.observe([P99])
+            counts["value"] = 5000.0
+            return thin + await observer.observe([P99])
+
+    thin, full = asyncio.run(run())
+    assert thin.observed_s is None and thin.samples == 120.0
+    assert full.observed_s == 0.3 and full.samples == 5000.0
+    assert asked[1] == promql_for(P99, config, count=True)
+    assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in asked[1]
+    assert "sglang_inter_token_latency_seconds_count" in asked[1]  # both spellings
+    assert math.isclose(thin.target.quantile, 0.99)
