@@ -6,7 +6,7 @@ What one "layer" is, exactly as SGLang's CPU engine runs it on a machine without
 - stock: ``select_experts`` (torch-native softmax top-k) then ``moe_forward_native`` (loops over
   experts, skips experts no token routes to: fewer distinct experts = fewer weights read);
 - Lynx: the per-layer selection step the plugin runs in SGLang's TopK hook
-  (``lynx.selection.select_layer_step``: keep set, routing, statistics; compiled by Inductor as
+  (``lynx.selection.select_layer_step``: keep set, routing, statistics; compiled by AOTInductor as
   the plugin runs it once warm, `lynx.selection.compiled`; compiled untimed before the reps),
   its routing merged into ``select_experts``' output, then the same ``moe_forward_native``.
 Expert weights are random bf16 (values do not matter for time); router logits are real routing

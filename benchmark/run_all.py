@@ -171,7 +171,7 @@ def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: in
              if r["default"] and r.get("select_eager_ms") and r["batch"] >= 16
              and "/" in r["shape"] and r["dtype"] == "fp32"]
     text.append(
-        f"The selection step, compiled by Inductor as the plugin runs it on the CPU "
+        f"The selection step, compiled by AOTInductor as the plugin runs it on the CPU "
         f"(`lynx.selection.compiled`), costs {100 * min(over_big, default=0):.1f}-"
         f"{100 * max(over_big, default=0):.1f}% of a layer at the default point on the "
         f"production-scale shapes (B >= 4) and up to {100 * max(over_all, default=0):.0f}% on "
@@ -258,7 +258,7 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary
   repetition); times are medians, ratios are ratios of medians (>1 = Lynx faster).
 - MoE layer: SGLang's own CPU path (`select_experts` + `moe_forward_native`), one torch thread;
   Lynx adds the plugin's selection step (`lynx.selection.select_layer_step`, compiled by
-  Inductor as the plugin runs it on the CPU) and merges its routing into SGLang's output.
+  AOTInductor as the plugin runs it on the CPU) and merges its routing into SGLang's output.
   `bound` = stock distinct experts / kept distinct experts (expert weights read);
   `speedup/bound` = fraction of the bound (1.0 = every expert removed turned into time saved);
   `gain frac.` = (speedup - 1) / (bound - 1); `overhead` = selection step alone / Lynx layer.

@@ -26,6 +26,9 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     assert not load_config({}).enabled
     assert load_config({"LYNX_ENABLED": "1"}).enabled
     assert not load_config({"LYNX_ENABLED": "0"}).enabled
+    assert load_config({"LYNX_ENABLED": "1"}).compile_cache is None  # the default directory
+    assert load_config({"LYNX_ENABLED": "1", "LYNX_COMPILE_CACHE": "/srv/lynx"}).compile_cache \
+        == Path("/srv/lynx")
 
 
 @pytest.mark.parametrize(("env", "message"), [
@@ -40,6 +43,7 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     ({"LYNX_STATS_INTERVAL_S": "soon"}, "is not a number"),
     ({"LYNX_TIME_MOE": "maybe"}, "LYNX_TIME_MOE='maybe': expected 1 or 0"),
     ({"LYNX_POLICY": '{"name": "off", "prune_verify": "yes"}'}, "invalid policy"),
+    ({"LYNX_COMPILE_CACHE": "/etc/hostname"}, "exists and is not a directory"),
 ])
 def test_bad_config_is_a_clear_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(LynxConfigError) as info:

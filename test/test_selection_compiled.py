@@ -11,6 +11,7 @@ Shape legend: T rows, E experts, K top_k."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_no_compiler_means_eager_with_one_warning(monkeypatch: pytest.MonkeyPatc
 
 def test_a_failed_compile_stays_eager_and_warns_once(monkeypatch: pytest.MonkeyPatch,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    def broken(key: object) -> None:
+    def broken(key: object, cache_dir: object) -> None:
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(compiled_mod, "compile_step", broken)
@@ -159,3 +160,87 @@ def test_a_failed_compile_stays_eager_and_warns_once(monkeypatch: pytest.MonkeyP
     warnings = [r for r in caplog.records if "compiling the selection step failed" in r.message]
     assert len(warnings) == 1 and "inductor exploded" in warnings[0].message
     assert len(selection.failed) == 1 and selection.graphs == {}  # tried once, not per step
+
+
+def test_a_package_is_compiled_once_then_loaded_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    key = GraphKey("budget", GPT_OSS, 32, torch.float32, False, False)
+    knobs = make_knobs(policy="budget", budget=6)
+    logits, valid, prunable = _inputs(12, 32, 5)
+    want = select_layer_step("budget", logits, GPT_OSS, knobs, valid, prunable)
+    first = CompiledSelection(cache_dir=tmp_path)
+    first.warm_up([key])
+    (package,) = tmp_path.glob("*.pt2")  # one package, no partial file left
+    assert package.name == compiled_mod.package_name(key)
+    assert_same(first("budget", logits, GPT_OSS, knobs, valid, prunable), want)
+
+    def no_compiling(*args: object) -> None:
+        raise AssertionError("compiled although a package was cached")
+
+    monkeypatch.setattr(compiled_mod, "export_package", no_compiling)
+    second = CompiledSelection(cache_dir=tmp_path)  # another process, in effect
+    second.warm_up([key])
+    assert list(second.graphs) == [key] and not second.failed
+    assert_same(second("budget", logits, GPT_OSS, knobs, valid, prunable), want)
+
+    good = package.read_bytes()
+    package.write_bytes(b"not a package")  # damaged: compiled afresh, with a warning
+    exported: list[Path] = []  # (the compiler's output stands in for a second compile)
+    monkeypatch.setattr(compiled_mod, "export_package",
+                        lambda key, path: exported.append(path) or path.write_bytes(good))
+    third = CompiledSelection(cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lynx.selection"):
+        third.warm_up([key])
+    assert any("unusable" in r.message for r in caplog.records)
+    assert_same(third("budget", logits, GPT_OSS, knobs, valid, prunable), want)
+    assert len(exported) == 1 and exported[0].parent == tmp_path
+    assert package.read_bytes() == good and list(tmp_path.glob("*.pt2")) == [package]
+
+
+def test_package_names_follow_everything_the_code_depends_on() -> None:
+    key = GraphKey("budget", QWEN3, 128, torch.float32, False, False)
+    names = {compiled_mod.package_name(k) for k in (
+        key, key._replace(policy="coverage"), key._replace(experts=64),
+        key._replace(dtype=torch.bfloat16), key._replace(has_bias=True),
+        key._replace(has_row_weight=True), key._replace(router=OLMOE))}
+    assert len(names) == 7
+    assert compiled_mod.package_name(key) == compiled_mod.package_name(
+        GraphKey("budget", RouterSpec(top_k=8, renormalize=True), 128, torch.float32, False,
+                 False))
+
+
+def test_an_unwritable_cache_compiles_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    exported: list[Path] = []
+
+    def export(key: GraphKey, path: Path) -> None:  # records where; no compiler run
+        exported.append(path)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(compiled_mod, "export_package", export)
+    selection = CompiledSelection(cache_dir=blocked / "cache")  # cannot be created
+    key = GraphKey("budget", GPT_OSS, 32, torch.float32, False, False)
+    with caplog.at_level(logging.WARNING, logger="lynx.selection"):
+        selection.warm_up([key])
+    assert any("not writable" in r.message for r in caplog.records)
+    assert len(exported) == 1 and blocked not in exported[0].parents  # a scratch directory
+    assert "stop here" in selection.failed[key]
+
+
+def test_steps_above_the_exported_rows_run_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    selection = CompiledSelection()
+    key = GraphKey("budget", QWEN3, 128, torch.float32, False, False)  # cached by CASES
+    selection.warm_up([key])
+    calls = []
+    graph = selection.graphs[key]
+    selection.graphs[key] = lambda *inputs: calls.append(inputs[0].shape[0]) or graph(*inputs)
+    monkeypatch.setattr(compiled_mod, "MAX_ROWS", 16)
+    knobs = make_knobs(policy="budget", budget=16)
+    for rows in (16, 17):
+        logits, valid, prunable = _inputs(rows, 128, rows)
+        got = selection("budget", logits, QWEN3, knobs, valid, prunable)
+        assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+    assert calls == [16] and not selection.failed

@@ -14,7 +14,8 @@
 | ``LYNX_STALE_AFTER_S`` | controller silence [s] after which the safe policy applies | 10 |
 | ``LYNX_SAFE_POLICY`` | ``keep`` (last good policy) or a JSON policy (default ``off``) | ``{"name":"off"}`` |
 | ``LYNX_STATS_INTERVAL_S`` | how often step statistics are exported / sent [s] | 1.0 |
-| ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (Inductor; the start-up policy's graphs before serving, a policy switched to later on its first step; eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
+| ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (AOTInductor; the start-up policy's graphs before serving, a policy switched to later on its first step; eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
+| ``LYNX_COMPILE_CACHE`` | directory keeping the compiled selection packages between processes (`lynx.selection.compiled`; unwritable: compiled without it, one warning) | ``$XDG_CACHE_HOME/lynx/selection`` or ``~/.cache/lynx/selection`` |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 The start-up policy: ``LYNX_POLICY`` or ``LYNX_POLICY_FILE`` if set; else the checkpoint's
@@ -97,6 +98,7 @@ class PluginConfig:
     plaintext_tcp: bool = False
     time_moe: bool = False  # LYNX_TIME_MOE: benchmark instrument (`moe_timer`)
     compile: bool = True  # LYNX_COMPILE: `lynx.selection.compiled` on the CPU
+    compile_cache: Path | None = None  # LYNX_COMPILE_CACHE (None: the default directory)
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -161,6 +163,9 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         raise LynxConfigError(f"LYNX_CONTROLLER={controller}: a tcp:// controller needs CURVE keys "
                               "(LYNX_CURVE_CLIENT_KEY, LYNX_CURVE_SERVER_KEY) or LYNX_PLAINTEXT_TCP=1")
     time_moe = _switch(env, "LYNX_TIME_MOE", default=False)
+    cache = Path(env["LYNX_COMPILE_CACHE"]) if env.get("LYNX_COMPILE_CACHE", "").strip() else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise LynxConfigError(f"LYNX_COMPILE_CACHE={cache}: exists and is not a directory")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -174,4 +179,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
         curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
+        compile_cache=cache,
     )

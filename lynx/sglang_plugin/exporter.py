@@ -84,7 +84,7 @@ class _Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5),
         )
         self.selection_graphs = Gauge(
-            "lynx_selection_graphs", "Compiled selection-step graphs (CPU, Inductor) by state: "
+            "lynx_selection_graphs", "Compiled selection-step graphs (CPU, AOTInductor) by state: "
             "ready, failed (then eager); none while LYNX_COMPILE=0 or no C++ compiler",
             ["state"], multiprocess_mode="livemostrecent")
         self.controller_connected = Gauge(

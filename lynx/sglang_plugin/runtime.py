@@ -66,7 +66,8 @@ class LynxRuntime:
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
         self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
-        self.compiled = CompiledSelection(enabled=config.compile)  # CPU steps (Inductor)
+        self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
+                                          cache_dir=config.compile_cache)
         self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
 
     # -- start-up ---------------------------------------------------------------------------
