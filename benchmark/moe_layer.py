@@ -257,11 +257,29 @@ def logits_for(shape: Shape, synthetic_only: bool, skew: SyntheticSkew
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
+def warm_up_packages(configs: list[tuple[Shape, torch.dtype]], quick: bool) -> None:
+    """Compile the selection packages every configuration will use, two at a time (untimed;
+    a cached package is not compiled again)."""
+    import os
+
+    from lynx.selection import RouterSpec
+    from lynx.selection.compiled import GraphKey, compile_packages, default_cache_dir
+
+    keys = [GraphKey(knobs_policy(selection_knobs(variant, 64, 0, shape.num_experts)),
+                     RouterSpec(top_k=shape.top_k, renormalize=True), shape.num_experts,
+                     torch.float32, False, False)  # the logits stay fp32 in every config
+            for shape, _ in configs
+            for variant in policy_grid(shape.num_experts, shape.top_k, quick)]
+    for error in compile_packages(keys, default_cache_dir(), jobs=min(2, os.cpu_count() or 1)):
+        print(f"[moe_layer] selection package not compiled: {error}", flush=True)
+
+
 def run(configs: list[tuple[Shape, torch.dtype]], batches: list[int], quick: bool, draws: int,
         reps: int, threads: int, synthetic_only: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Rows for every (shape, dtype) configuration, batch, policy and knob."""
     torch.set_num_threads(threads)
+    warm_up_packages(configs, quick)
     skew = SyntheticSkew()
     rows: list[dict[str, Any]] = []
     shape_info = []

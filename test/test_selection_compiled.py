@@ -55,7 +55,7 @@ CASES = [  # (policy, router, E, logits dtype, with bias, with row weights)
     ("coverage", DEEPSEEK_V3, 256, torch.bfloat16, True, False),
     ("affinity", OLMOE, 64, torch.float32, False, False),
     ("by_code", QWEN3, 128, torch.float32, False, True),
-    ("budget", GPT_OSS, 32, torch.bfloat16, False, False),
+    ("budget", GPT_OSS, 32, torch.float32, False, False),  # bench-quick's key: cached
 ]
 ROW_COUNTS = (2, 3, 8, 20, 32, 33, 64, 128, 130)  # = E and != E for every E above
 
@@ -169,8 +169,15 @@ def test_a_package_is_compiled_once_then_loaded_from_the_cache(
     knobs = make_knobs(policy="budget", budget=6)
     logits, valid, prunable = _inputs(12, 32, 5)
     want = select_layer_step("budget", logits, GPT_OSS, knobs, valid, prunable)
+    shared = CompiledSelection()  # the default cache (CASES compiled this key)
+    shared.warm_up([key])
+    good = (shared.cache_dir / compiled_mod.package_name(key)).read_bytes()
+    exported: list[Path] = []  # the compiler's output: that package (no second compile)
+    monkeypatch.setattr(compiled_mod, "export_package",
+                        lambda key, path: exported.append(path) or path.write_bytes(good))
     first = CompiledSelection(cache_dir=tmp_path)
     first.warm_up([key])
+    assert len(exported) == 1 and exported[0].parent == tmp_path  # compiled in the cache
     (package,) = tmp_path.glob("*.pt2")  # one package, no partial file left
     assert package.name == compiled_mod.package_name(key)
     assert_same(first("budget", logits, GPT_OSS, knobs, valid, prunable), want)
@@ -184,9 +191,8 @@ def test_a_package_is_compiled_once_then_loaded_from_the_cache(
     assert list(second.graphs) == [key] and not second.failed
     assert_same(second("budget", logits, GPT_OSS, knobs, valid, prunable), want)
 
-    good = package.read_bytes()
     package.write_bytes(b"not a package")  # damaged: compiled afresh, with a warning
-    exported: list[Path] = []  # (the compiler's output stands in for a second compile)
+    exported.clear()
     monkeypatch.setattr(compiled_mod, "export_package",
                         lambda key, path: exported.append(path) or path.write_bytes(good))
     third = CompiledSelection(cache_dir=tmp_path)
