@@ -84,10 +84,13 @@ class PrometheusObserver:
         self.url = config.prometheus_url.rstrip("/") + "/api/v1/query"
 
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
-        readings = []
+        readings, counts = [], {}  # one count query per histogram, whatever its targets
         for target in targets:
             value = await self._query(promql_for(target, self.config))
-            samples = await self._query(promql_for(target, self.config, count=True))
+            if target.metric not in counts:
+                counts[target.metric] = await self._query(
+                    promql_for(target, self.config, count=True))
+            samples = counts[target.metric]
             readings.append(LatencyReading(target, usable(value, samples, target, self.config),
                                            samples))
         return tuple(readings)

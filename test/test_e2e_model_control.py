@@ -26,6 +26,8 @@ from test_policy_control_loop import running_prometheus
 
 from lynx.serving.metrics_reader import samples
 from lynx.serving.server import SglangServer, free_port
+from lynx_policy.config import ObserveConfig, SloTarget
+from lynx_policy.observe import promql_for
 from lynx_policy.testing import ControllerProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -72,9 +74,9 @@ def decode_steps(url: str) -> dict[str, float]:
 
 
 def itl_quantile_s(prometheus: str, window_s: int = 6) -> float:
-    query = (f"histogram_quantile({QUANTILE}, sum by (le) (rate(sglang_inter_token_latency_seconds"
-             f"_bucket[{window_s}s])) or sum by (le) (rate({{__name__="
-             f"\"sglang:inter_token_latency_seconds_bucket\"}}[{window_s}s])))")
+    """The controller's own query (both spellings of the histogram's name) over ``window_s``."""
+    query = promql_for(SloTarget(metric="itl", quantile=QUANTILE),
+                       ObserveConfig(rate_window_s=window_s))
     body = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
     return float(body["data"]["result"][0]["value"][1])
 

@@ -93,12 +93,17 @@ def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> Non
             observer = PrometheusObserver(config, client)
             thin = await observer.observe([P99])
             counts["value"] = 5000.0
-            return thin + await observer.observe([P99])
+            full = await observer.observe([P99])
+            asked.clear()
+            both = await observer.observe([P99, P90])  # one histogram: one count query
+            assert [q for q in asked if "_count" in q] == [promql_for(P90, config, count=True)]
+            assert [r.observed_s for r in both] == [0.3, 0.3]
+            return thin + full
 
     thin, full = asyncio.run(run())
     assert thin.observed_s is None and thin.samples == 120.0
     assert full.observed_s == 0.3 and full.samples == 5000.0
-    assert asked[1] == promql_for(P99, config, count=True)
-    assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in asked[1]
-    assert "sglang_inter_token_latency_seconds_count" in asked[1]  # both spellings
+    count_query = promql_for(P99, config, count=True)
+    assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in count_query
+    assert "sglang_inter_token_latency_seconds_count" in count_query  # both spellings
     assert math.isclose(thin.target.quantile, 0.99)
