@@ -80,8 +80,8 @@ class ControlLoop:
             else:
                 delay = self.config.loop.interval_s
                 if self.backoff.succeeded():
+                    log.info("control loop recovered")  # logged before the gauge drops
                     self.metrics.loop_degraded.set(0)
-                    log.info("control loop recovered")
                     self.last_error = ""
             finally:
                 self.metrics.loop_duration.observe(time.monotonic() - started)
