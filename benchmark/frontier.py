@@ -73,7 +73,8 @@ def measure_speed(model: str, variants: list[Variant], batch: int, draws: int, r
     """moe_layer rows (by variant label) on ``model``'s widened shape, fp32."""
     import torch
 
-    from benchmark.moe_layer import SHAPES, MoeLayerBench, bench_shape_batch
+    from benchmark.moe_layer import bench_shape_batch
+    from benchmark.moe_shapes import SHAPES, MoeLayerBench
     from benchmark.routing_data import draw_batches, reference_logits
 
     (shape,) = [s for s in SHAPES if s.name == f"{model}-wide16"]

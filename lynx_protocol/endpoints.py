@@ -1,6 +1,7 @@
-"""Where the controller listens: ``ipc://`` by default, ``tcp://`` for containers.
+"""Where the controller listens (``ipc://`` by default, ``tcp://`` for containers) and how a
+runtime reaches it (`LinkSettings`).
 
-Chosen to stay clear of SGLang's own sockets: SGLang uses random ``ipc://`` temp files (and,
+Endpoints stay clear of SGLang's own sockets: SGLang uses random ``ipc://`` temp files (and,
 with DP attention, TCP ports ``port+233..238``; KV events 5557/5558), so Lynx uses
 ``/tmp/lynx-<name>.sock`` and TCP port `DEFAULT_TCP_PORT`.
 """
@@ -8,6 +9,9 @@ with DP attention, TCP ports ``port+233..238``; KV events 5557/5558), so Lynx us
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+
+from lynx_protocol.messages import MAX_MESSAGE_BYTES
 
 DEFAULT_NAME = "default"
 DEFAULT_TCP_PORT = 5790
@@ -52,3 +56,40 @@ def validate_endpoint(endpoint: str) -> str:
     if not 1 <= port <= 65535:
         raise EndpointError(f"port {port} out of range in {endpoint!r}")
     return endpoint
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    endpoint: str = field(default_factory=default_endpoint)
+    """Controller endpoint, ``ipc:///path`` or ``tcp://host:port``."""
+    staleness_s: float = 10.0
+    """Seconds without an answer to our messages before the link is ``stale``."""
+    heartbeat_s: float = 1.0
+    """Seconds between Heartbeats (or Register, while the controller does not know us)."""
+    send_queue: int = 64
+    """Messages ZMQ may buffer towards the controller; beyond that, sends are dropped."""
+    receive_queue: int = 64
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_receive_per_poll: int = 256
+    """Bound on messages drained by one poll, so a flood cannot stall a scheduler step."""
+    curve_client_secret: str = ""
+    """CURVE: this runtime's key pair file (``NAME.key_secret``), re-read at every reconnect."""
+    curve_server_public: str = ""
+    """CURVE: the controller's public key file; the link talks to no other server."""
+    plaintext_tcp: bool = False
+    """Explicit opt-in to an unauthenticated ``tcp://`` link."""
+
+    @property
+    def curve(self) -> bool:
+        return bool(self.curve_client_secret)
+
+    def __post_init__(self) -> None:
+        validate_endpoint(self.endpoint)
+        if bool(self.curve_client_secret) != bool(self.curve_server_public):
+            raise ValueError("curve_client_secret and curve_server_public go together")
+        if self.endpoint.startswith("tcp://") and not (self.curve or self.plaintext_tcp):
+            raise ValueError("a tcp:// controller link needs CURVE keys or plaintext_tcp")
+        if self.staleness_s <= 0 or self.heartbeat_s <= 0:
+            raise ValueError("staleness_s and heartbeat_s must be > 0")
+        if self.heartbeat_s >= self.staleness_s:
+            raise ValueError("heartbeat_s must be shorter than staleness_s")

@@ -68,8 +68,9 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
     """1024-layer StepStats (~17 KB each) from one replica: the hub keeps at most
     STATS_BYTES_PER_REPLICA of them, newest first."""
     from lynx_policy.config import LinkConfig
-    from lynx_policy.hub import STATS_BYTES_PER_REPLICA, Hub
+    from lynx_policy.hub import Hub
     from lynx_policy.metrics import ControllerMetrics
+    from lynx_policy.replica import STATS_BYTES_PER_REPLICA
     from lynx_protocol.messages import PolicyUpdate, StepStats, encode
     from lynx_protocol.policy import PolicySpec
 
