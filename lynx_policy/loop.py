@@ -24,7 +24,7 @@ from typing import Any
 from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import Decision, Memory, Observation, decide
 from lynx_policy.hub import Hub
-from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.metrics import ControllerMetrics, replace_series
 from lynx_policy.model import batch_mix
 from lynx_policy.modelstore import ModelStore
 from lynx_policy.observe import ObserveError, Observer
@@ -134,11 +134,10 @@ class ControlLoop:
         m.model_rmse.set(max((f.rmse_ms / f.mean_ms for f in fits), default=float("nan")))
         m.set_step_latencies(self.models.compare(recent))
         kappas = {(metric, q): k for metric, q, k in decision.memory.corrections}
-        m.correction.clear()
-        for reading in observation.latencies:  # NaN: not planned from the model (yet)
-            key = (reading.target.metric, reading.target.quantile)
-            m.correction.labels(metric=key[0], quantile=f"{key[1]:g}").set(
-                kappas.get(key, float("nan")))
+        replace_series(m.correction, ("metric", "quantile"), {  # NaN: no model (yet)
+            (r.target.metric, f"{r.target.quantile:g}"): kappas.get(
+                (r.target.metric, r.target.quantile), float("nan"))
+            for r in observation.latencies})
         policy = self.keeper.state.effective_policy()
         mass: float | None = 1.0
         if policy.name == "budget" and fleet is not None:

@@ -25,6 +25,19 @@ SLO_ATTAINMENT_TICKS = 120
 """Ticks (with latency data) the SLO attainment ratio is computed over."""
 
 
+def replace_series(gauge: Gauge, names: tuple[str, ...],
+                   values: dict[tuple[str, ...], float]) -> None:
+    """Make ``values`` (label values, in the gauge's label order ``names`` -> value) the
+    gauge's only series: set them first, then remove the others, so a scrape in between never
+    sees the current series missing (``clear()`` then ``set`` would leave that gap)."""
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    present = {tuple(sample.labels[n] for n in names)
+               for metric in gauge.collect() for sample in metric.samples}
+    for stale in present - values.keys():
+        gauge.remove(*stale)
+
+
 class ControllerMetrics:
     def __init__(self) -> None:
         disable_created_metrics()  # the controller process only; keeps /metrics readable
@@ -116,19 +129,15 @@ class ControllerMetrics:
             self.mode.labels(mode=name).set(1.0 if name == mode else 0.0)
 
     def set_budgets(self, rows: list[tuple[int, float]]) -> None:
-        self.budget.clear()
-        for max_batch, mean in rows:
-            self.budget.labels(max_batch=str(max_batch)).set(mean)
+        replace_series(self.budget, ("max_batch",), {(str(b),): mean for b, mean in rows})
 
     def set_step_latencies(self, rows: dict[int, tuple[float, float | None]]) -> None:
         """Per runtime bucket: (observed, predicted or None) mean step latency [ms]."""
-        self.step_observed.clear()
-        self.step_predicted.clear()
-        for max_batch, (observed, predicted) in sorted(rows.items()):
-            label = str(max_batch)
-            self.step_observed.labels(max_batch=label).set(observed / 1000.0)
-            self.step_predicted.labels(max_batch=label).set(
-                float("nan") if predicted is None else predicted / 1000.0)
+        replace_series(self.step_observed, ("max_batch",), {
+            (str(b),): observed / 1000.0 for b, (observed, _) in sorted(rows.items())})
+        replace_series(self.step_predicted, ("max_batch",), {
+            (str(b),): float("nan") if predicted is None else predicted / 1000.0
+            for b, (_, predicted) in sorted(rows.items())})
 
     def record_attainment(self, met: bool) -> None:
         self._attainment.append(met)

@@ -223,17 +223,23 @@ class LatencySource:
         self.port = free_tcp_port()
         self._server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._observe, args=(1.0 / rate_hz,), daemon=True)
+        self._thread = threading.Thread(target=self._observe, args=(rate_hz,), daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/metrics"
 
-    def _observe(self, period_s: float) -> None:
+    def _observe(self, rate_hz: float) -> None:
+        # Observations follow the wall clock, not the number of wake-ups: a thread starved on
+        # a busy machine catches up, so the window's sample count stays ~rate_hz per second.
         child = self.histogram.labels(model_name="test")
-        while not self._stop.wait(period_s):
-            child.observe(self.latency_s)
+        due = time.monotonic()
+        while not self._stop.wait(0.01):
+            behind = int((time.monotonic() - due) * rate_hz)
+            for _ in range(behind):
+                child.observe(self.latency_s)
+            due += behind / rate_hz
 
     def close(self) -> None:
         self._stop.set()

@@ -50,9 +50,10 @@ def spawn_servers(tmp_path: Path, model: str,
     servers: list[SglangServer] = []
     try:
         for port, (env, extra_args) in zip(ports, specs, strict=True):
-            servers.append(SglangServer(
-                reference_model(model), port, env=env, extra_args=extra_args,
-                log_path=tmp_path / f"sglang-{model}-{port}.log").spawn())
+            server = SglangServer(reference_model(model), port, env=env, extra_args=extra_args,
+                                  log_path=tmp_path / f"sglang-{model}-{port}.log")
+            server.ready_timeout_s *= len(specs)  # they share the CPUs while they start
+            servers.append(server.spawn())
     except BaseException:
         for server in servers:
             server.stop()

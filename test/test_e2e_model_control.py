@@ -13,6 +13,7 @@ maximum: one scheduling outlier on this 2-core machine; `observe.min_tail_sample
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -74,11 +75,21 @@ def decode_steps(url: str) -> dict[str, float]:
 
 
 def itl_quantile_s(prometheus: str, window_s: int = 6) -> float:
-    """The controller's own query (both spellings of the histogram's name) over ``window_s``."""
+    """The controller's own query (both spellings of the histogram's name) over ``window_s``,
+    polled until Prometheus has scraped enough of the load to answer with a number."""
     query = promql_for(SloTarget(metric="itl", quantile=QUANTILE),
                        ObserveConfig(rate_window_s=window_s))
-    body = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
-    return float(body["data"]["result"][0]["value"][1])
+    value = [math.nan]
+
+    def answered() -> bool:
+        body = httpx.get(f"{prometheus}/api/v1/query", params={"query": query},
+                         timeout=10).json()
+        result = body["data"]["result"]
+        value[0] = float(result[0]["value"][1]) if result else math.nan
+        return math.isfinite(value[0])
+
+    wait_until("a finite ITL quantile from Prometheus", answered, timeout_s=30)
+    return value[0]
 
 
 def under_load(url: str, n: int, seconds: float) -> Streams:
@@ -150,11 +161,13 @@ def test_profile_then_load_step_prunes_only_while_needed(tmp_path: Path) -> None
 
             load = under_load(server.url, LOW, 8)  # the drop; then new steps stay unpruned
             settled = decode_steps(server.url)
-            time.sleep(6)
+            time.sleep(6)  # several control ticks under the low load...
+            wait_until("unpruned decode steps under the low load",  # ... and >20 new steps
+                       lambda: decode_steps(server.url)["false"] > settled["false"] + 20,
+                       timeout_s=60)
             after = decode_steps(server.url)
             load.stop_event.set()
             load.join(60)
-            assert after["false"] > settled["false"] + 20
             assert after["true"] == settled["true"], (settled, after)
             (low,) = [w for w in ctl.admin.get("/v1/model").json()["why"] if w["max_batch"] == 2]
             assert low["budget"] >= low["union"] and "min_batch" in low["reason"], low

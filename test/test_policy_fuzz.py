@@ -79,7 +79,8 @@ def test_each_kind_of_bad_message_is_counted_by_reason(controller: ControllerPro
     expected = {reason: before[reason] + 1 for reason in cases}
     expected["malformed"] += 1
     wait_for(lambda: rejected(controller) == expected)
-    assert "rejected runtime message (unknown_version)" in controller.log_text()
+    # The log line follows the counter (another thread renders /metrics): wait for it too.
+    wait_for(lambda: "rejected runtime message (unknown_version)" in controller.log_text())
 
 
 @settings(max_examples=150, deadline=None,

@@ -61,11 +61,18 @@ def test_runtime_link_through_controller_crash_and_restart(tmp_path: Path) -> No
             pump(link, lambda: ctl.admin.get("/v1/replicas").json()["replicas"][0][
                 "last_stats"] is not None, 5, updates)
 
-            ctl.kill()  # SIGKILL: no goodbye on the socket
             link.take_transitions()
-            took = pump(link, lambda: link.state == "stale", 10, updates)
-            assert 1.0 < took < 4.0, f"stale after {took:.2f}s with staleness 1.5s"
-            assert [(t.old, t.new) for t in link.take_transitions()] == [("connected", "stale")]
+            killing = time.monotonic()
+            ctl.kill()  # SIGKILL: no goodbye on the socket
+            killed = time.monotonic()
+            pump(link, lambda: link.state == "stale", 10, updates)
+            (stale,) = link.take_transitions()
+            assert (stale.old, stale.new) == ("connected", "stale")
+            # Staleness (1.5 s) counts from the first unanswered message: sent at the earliest
+            # just before the kill, at the latest at the first poll after it (+ heartbeat_s).
+            assert stale.at - killing > 1.0 and stale.at - killed < 4.0, (
+                f"stale {stale.at - killing:.2f}s after the kill began, "
+                f"{stale.at - killed:.2f}s after it ended")
 
             applied_before_crash = updates[-1].version
             ctl.start()
