@@ -195,7 +195,11 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
             "messages_rejected": controller.hub.rejected,
             "loop": {"degraded": controller.loop.degraded, "ticks": controller.loop.ticks,
                      "last_error": controller.loop.last_error,
-                     "last_tick": None if report is None else report.__dict__},
+                     "last_tick": None if report is None else report.__dict__,
+                     "recent_ticks": [  # oldest first, without the latency detail
+                         {"tick": r.tick, "at": r.at, "signal": r.signal,
+                          "direction": r.direction, "version": r.version}
+                         for r in controller.loop.reports]},
         }
 
     @app.get("/v1/replicas", tags=["read"], summary="Known replicas and their last statistics")

@@ -37,6 +37,8 @@ from lynx_protocol.messages import (
 from lynx_protocol.security import AllowedClients, restrict_ipc_path, set_server_keys
 
 log = logging.getLogger(__name__)
+
+
 class Hub:
     def __init__(self, config: LinkConfig, metrics: ControllerMetrics,
                  current_update: Callable[[], PolicyUpdate],

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,14 @@ from lynx_policy.state import StateKeeper
 from lynx_policy.throttle import Backoff
 
 log = logging.getLogger(__name__)
+RECENT_TICKS = 120
+"""Tick reports kept for ``GET /v1/state`` (``loop.recent_ticks``): a minute at 0.5 s ticks."""
 
 
 @dataclass
 class TickReport:
+    tick: int
+    """The loop's tick number (1 = the first tick that produced a decision)."""
     at: float
     """Unix time the tick finished [s]."""
     signal: str
@@ -60,9 +65,13 @@ class ControlLoop:
         self.last_decision: Decision | None = None
         self.backoff = Backoff(config.loop.backoff_s)
         self.ticks = 0
-        self.last_report: TickReport | None = None
+        self.reports: deque[TickReport] = deque(maxlen=RECENT_TICKS)
         self.last_error = ""
         self.last_tick_monotonic = time.monotonic()
+
+    @property
+    def last_report(self) -> TickReport | None:
+        return self.reports[-1] if self.reports else None
 
     @property
     def degraded(self) -> bool:
@@ -173,11 +182,12 @@ class ControlLoop:
         self._model_metrics(observation, decision, recent)
         self.ticks += 1
         self.metrics.decisions.labels(direction=decision.direction).inc()
-        for reading in readings:
-            labels = {"metric": reading.target.metric, "quantile": f"{reading.target.quantile:g}"}
-            self.metrics.slo_target.labels(**labels).set(reading.target.target_ms / 1000.0)
-            self.metrics.latency.labels(**labels).set(
-                float("nan") if reading.observed_s is None else reading.observed_s)
+        targets = {(r.target.metric, f"{r.target.quantile:g}"): r for r in readings}
+        replace_series(self.metrics.slo_target, ("metric", "quantile"), {
+            key: r.target.target_ms / 1000.0 for key, r in targets.items()})
+        replace_series(self.metrics.latency, ("metric", "quantile"), {
+            key: float("nan") if r.observed_s is None else r.observed_s
+            for key, r in targets.items()})
         if decision.signal != "no_data":
             self.metrics.record_attainment(decision.signal != "violated")
         if decision.direction != "hold":
@@ -187,13 +197,14 @@ class ControlLoop:
             log.info("adaptive %s → policy version %d (%s)", decision.direction,
                      self.keeper.state.version, decision.reason)
             self.on_change()
-        self.last_report = TickReport(
-            at=time.time(), signal=decision.signal, direction=decision.direction,
+        self.reports.append(TickReport(
+            tick=self.ticks, at=time.time(), signal=decision.signal,
+            direction=decision.direction,
             reason=decision.reason, version=self.keeper.state.version,
             latencies=[{"metric": r.target.metric, "quantile": r.target.quantile,
                         "target_ms": r.target.target_ms,
                         "observed_ms": None if r.observed_s is None else r.observed_s * 1000.0,
                         "samples": r.samples}
                        for r in readings],
-        )
+        ))
         return decision

@@ -30,6 +30,7 @@ def replace_series(gauge: Gauge, names: tuple[str, ...],
     """Make ``values`` (label values, in the gauge's label order ``names`` -> value) the
     gauge's only series: set them first, then remove the others, so a scrape in between never
     sees the current series missing (``clear()`` then ``set`` would leave that gap)."""
+    values = {tuple(str(v) for v in labels): value for labels, value in values.items()}
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
     present = {tuple(sample.labels[n] for n in names)

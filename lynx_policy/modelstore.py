@@ -69,7 +69,7 @@ class ModelStore:
         self._cursor: dict[str, float] = {}  # replica -> receive time of the newest ingested
 
     def ingest_new(self, replicas: Iterable[Any]) -> int:
-        """Ingest the StepStats that hub replicas (`lynx_policy.hub.Replica`) received since
+        """Ingest the StepStats that hub replicas (`lynx_policy.replica.Replica`) received since
         the last call; returns the samples added."""
         added = 0
         for replica in replicas:

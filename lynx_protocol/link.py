@@ -34,7 +34,7 @@ from typing import Literal
 
 import zmq
 
-from lynx_protocol.endpoints import LinkSettings
+from lynx_protocol.endpoints import LinkSettings as LinkSettings  # re-exported
 from lynx_protocol.messages import (
     TO_RUNTIME,
     Ack,

@@ -51,3 +51,17 @@ def test_step_latency_series_keep_current_buckets_through_a_replacement() -> Non
     assert math.isnan(series(metrics.step_predicted)[("64",)])  # no prediction: NaN, not gone
     metrics.set_step_latencies({})
     assert series(metrics.step_observed) == {} and series(metrics.step_predicted) == {}
+
+
+def test_two_label_series_replaced_with_values_given_as_numbers() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from lynx_policy.metrics import replace_series
+
+    gauge = Gauge("g", "two labels", ["metric", "quantile"], registry=CollectorRegistry())
+    replace_series(gauge, ("metric", "quantile"), {("itl", 0.99): 0.08, ("ttft", 0.5): 1.0})
+    seen = watch_removals(gauge)
+    # A label value given as a number is the same series as its string (labels are strings).
+    replace_series(gauge, ("metric", "quantile"), {("itl", 0.99): 0.07, ("itl", "0.9"): 0.05})
+    assert series(gauge) == {("itl", "0.99"): 0.07, ("itl", "0.9"): 0.05}
+    assert seen == [{("itl", "0.99"): 0.07, ("ttft", "0.5"): 1.0, ("itl", "0.9"): 0.05}]

@@ -67,8 +67,9 @@ def test_refused_budgets_skipped_and_the_rest_interleaved(tmp_path: Path, genera
         assert ok > 0 and failed == 0
         cycled = applied_policies(tmp_path / "ctl" / "state")[2:]  # after 8, 4 (off: unchanged)
         # 1.8 s of load, a new budget every 0.2 s plus the PUT's own time (fsyncs on a busy
-        # CI disk): at least one full cycle, always in order.
-        assert len(cycled) >= 3, cycled
+        # CI disk): back to the first budget at least once (slices shorter than --seconds),
+        # always in order.
+        assert len(cycled) >= 4, cycled
         assert cycled == (["off", "8", "4"] * len(cycled))[:len(cycled)], cycled
     finally:
         ctl.stop()

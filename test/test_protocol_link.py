@@ -7,6 +7,7 @@ tested deterministically.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,10 +66,11 @@ class FakeController:
     def receive_until(self, done: Callable[[Message], bool], timeout_s: float = 5.0) -> Message:
         """Receive until a message satisfies ``done`` (a busy machine may delay delivery)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            msg = self.receive(max(0.01, deadline - time.monotonic()))
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.receive(left)
             if done(msg):
                 return msg
+        raise TimeoutError("no matching message from the link")
 
     def send(self, *messages: Message | bytes) -> None:
         assert self.peer is not None
@@ -111,17 +113,43 @@ def poll_until(link: RuntimeLink, now: float, done: Callable[[PolicyUpdate | Non
     raise TimeoutError("condition not reached")
 
 
+def supersede(link: RuntimeLink, now: float, superseded: int) -> None:
+    """Poll until ``superseded`` updates were dropped as old or repeated; none is delivered."""
+    def dropped(update: PolicyUpdate | None) -> bool:
+        assert update is None, f"delivered {update}"
+        return link.counters.updates_superseded >= superseded
+
+    poll_until(link, now, dropped)
+    assert link.counters.updates_superseded == superseded
+
+
 def sends_without_blocking(link: RuntimeLink, msg: Message, n: int,
                            now: float | None = None) -> list[bool]:
-    """``n`` sends of ``msg``; their results. A blocking send would hang for good (nobody
-    reads), so a thread with a generous bound tells that apart from a busy machine without
-    timing the sends."""
+    """``n`` sends of ``msg``; their results. Each send must return at once: a blocking send
+    (nobody reads) would hang for good, a send with a timeout would take milliseconds. Runs
+    in a thread with a generous bound, and checks the median send, which CPU load on a busy
+    machine barely moves (dropped sends take microseconds)."""
     results: list[bool] = []
-    sender = threading.Thread(target=lambda: results.extend(
-        link.send(msg, now) for _ in range(n)), daemon=True)
+    took: list[float] = []
+    errors: list[BaseException] = []
+
+    def send_all() -> None:
+        try:
+            for _ in range(n):
+                started = time.perf_counter()
+                results.append(link.send(msg, now))
+                took.append(time.perf_counter() - started)
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    sender = threading.Thread(target=send_all, daemon=True)
     sender.start()
     sender.join(120)
     assert not sender.is_alive(), "a send blocked"
+    if errors:
+        raise errors[0]
+    assert len(results) == n
+    assert statistics.median(took) < 0.002, f"median send {statistics.median(took) * 1e3:.2f} ms"
     return results
 
 
@@ -151,13 +179,9 @@ def test_registers_then_heartbeats_and_delivers_the_newest_update(
         time.sleep(1.0)  # all three are queued before the next poll
         update = link.poll_update(0.5)
         assert update is not None and update.version == 3
+        before = link.counters.updates_superseded
         controller.send(budget(2), budget(3))  # older and repeated versions are dropped
-
-        def superseded(update: PolicyUpdate | None) -> bool:
-            assert update is None, update
-            return link.counters.updates_superseded >= 3
-
-        poll_until(link, 0.6, superseded)
+        supersede(link, 0.6, before + 2)
 
         link.mark_applied(3)
         link.poll_update(1.0)  # heartbeat due
@@ -221,9 +245,9 @@ def test_staleness_fallback_recovery_and_redelivery(
         assert update is not None and update.version == 4
         assert link.state == "connected"
         assert [(t.old, t.new) for t in transitions][-1] == ("stale", "connected")
+        before = link.counters.updates_superseded
         controller.send(budget(4))
-        time.sleep(0.1)
-        assert link.poll_update(5.2) is None
+        supersede(link, 5.2, before + 1)
 
 
 def test_a_long_gap_between_polls_is_not_staleness(
