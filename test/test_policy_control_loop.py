@@ -115,6 +115,18 @@ def run_scenario(ctl: ControllerProcess, source: LatencySource, replica: FakeRep
     assert 0.0 < ctl.metric("lynx_controller_slo_attainment_ratio") < 1.0
     assert ctl.metric("lynx_controller_loop_degraded") == 0.0
 
+    # 4. An SLO target the operator replaced leaves /metrics: no stale target or latency.
+    ctl.admin.put("/v1/slo", json={"targets": [
+        {"metric": "itl", "quantile": 0.9, "target_ms": 100}]}).raise_for_status()
+
+    def only_the_new_target(_: object) -> bool:
+        text = ctl.admin.get("/metrics").text
+        return 'quantile="0.9"' in text and 'quantile="0.99"' not in text
+
+    drive(ctl, only_the_new_target, 10)
+    assert ctl.metric("lynx_controller_slo_target_seconds",
+                      {"metric": "itl", "quantile": "0.9"}) == 0.1
+
 
 @pytest.fixture
 def source() -> Iterator[LatencySource]:
