@@ -25,7 +25,7 @@ from typing import Any
 from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import Decision, Memory, Observation, decide
 from lynx_policy.hub import Hub
-from lynx_policy.metrics import ControllerMetrics, replace_series
+from lynx_policy.metrics import ControllerMetrics, replace_series, target_labels
 from lynx_policy.model import batch_mix
 from lynx_policy.modelstore import ModelStore
 from lynx_policy.observe import ObserveError, Observer
@@ -143,9 +143,9 @@ class ControlLoop:
         m.model_rmse.set(max((f.rmse_ms / f.mean_ms for f in fits), default=float("nan")))
         m.set_step_latencies(self.models.compare(recent))
         kappas = {(metric, q): k for metric, q, k in decision.memory.corrections}
-        replace_series(m.correction, ("metric", "quantile"), {  # NaN: no model (yet)
-            (r.target.metric, f"{r.target.quantile:g}"): kappas.get(
-                (r.target.metric, r.target.quantile), float("nan"))
+        replace_series(m.correction, {  # NaN: not planned from the model (yet)
+            target_labels(r.target): kappas.get((r.target.metric, r.target.quantile),
+                                                float("nan"))
             for r in observation.latencies})
         policy = self.keeper.state.effective_policy()
         mass: float | None = 1.0
@@ -182,12 +182,11 @@ class ControlLoop:
         self._model_metrics(observation, decision, recent)
         self.ticks += 1
         self.metrics.decisions.labels(direction=decision.direction).inc()
-        targets = {(r.target.metric, f"{r.target.quantile:g}"): r for r in readings}
-        replace_series(self.metrics.slo_target, ("metric", "quantile"), {
-            key: r.target.target_ms / 1000.0 for key, r in targets.items()})
-        replace_series(self.metrics.latency, ("metric", "quantile"), {
-            key: float("nan") if r.observed_s is None else r.observed_s
-            for key, r in targets.items()})
+        replace_series(self.metrics.slo_target, {
+            target_labels(r.target): r.target.target_ms / 1000.0 for r in readings})
+        replace_series(self.metrics.latency, {
+            target_labels(r.target): float("nan") if r.observed_s is None else r.observed_s
+            for r in readings})
         if decision.signal != "no_data":
             self.metrics.record_attainment(decision.signal != "violated")
         if decision.direction != "hold":

@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from lynx_policy.config import MODES
+from lynx_policy.config import MODES, SloTarget
 from lynx_policy.decide import DIRECTIONS
 from lynx_protocol.messages import REJECT_REASONS, TO_CONTROLLER
 
@@ -25,18 +25,23 @@ SLO_ATTAINMENT_TICKS = 120
 """Ticks (with latency data) the SLO attainment ratio is computed over."""
 
 
-def replace_series(gauge: Gauge, names: tuple[str, ...],
-                   values: dict[tuple[str, ...], float]) -> None:
-    """Make ``values`` (label values, in the gauge's label order ``names`` -> value) the
-    gauge's only series: set them first, then remove the others, so a scrape in between never
-    sees the current series missing (``clear()`` then ``set`` would leave that gap)."""
+def replace_series(gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+    """Make ``values`` (label values in the gauge's label order -> value) the gauge's only
+    series: set them first, then remove the others, so a scrape in between never sees the
+    current series missing (``clear()`` then ``set`` would leave that gap)."""
     values = {tuple(str(v) for v in labels): value for labels, value in values.items()}
     for labels, value in values.items():
         gauge.labels(*labels).set(value)
-    present = {tuple(sample.labels[n] for n in names)
+    # A sample's labels are in the gauge's label order, the order `labels` and `remove` take.
+    present = {tuple(sample.labels.values())
                for metric in gauge.collect() for sample in metric.samples}
     for stale in present - values.keys():
         gauge.remove(*stale)
+
+
+def target_labels(target: SloTarget) -> tuple[str, str]:
+    """``(metric, quantile)`` label values of an SLO target's series."""
+    return target.metric, f"{target.quantile:g}"
 
 
 class ControllerMetrics:
@@ -130,13 +135,13 @@ class ControllerMetrics:
             self.mode.labels(mode=name).set(1.0 if name == mode else 0.0)
 
     def set_budgets(self, rows: list[tuple[int, float]]) -> None:
-        replace_series(self.budget, ("max_batch",), {(str(b),): mean for b, mean in rows})
+        replace_series(self.budget, {(str(b),): mean for b, mean in rows})
 
     def set_step_latencies(self, rows: dict[int, tuple[float, float | None]]) -> None:
         """Per runtime bucket: (observed, predicted or None) mean step latency [ms]."""
-        replace_series(self.step_observed, ("max_batch",), {
+        replace_series(self.step_observed, {
             (str(b),): observed / 1000.0 for b, (observed, _) in sorted(rows.items())})
-        replace_series(self.step_predicted, ("max_batch",), {
+        replace_series(self.step_predicted, {
             (str(b),): float("nan") if predicted is None else predicted / 1000.0
             for b, (_, predicted) in sorted(rows.items())})
 

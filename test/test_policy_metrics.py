@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
-from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.metrics import ControllerMetrics, replace_series
 
 
 def series(gauge: Gauge) -> dict[tuple[str, ...], float]:
@@ -54,14 +54,10 @@ def test_step_latency_series_keep_current_buckets_through_a_replacement() -> Non
 
 
 def test_two_label_series_replaced_with_values_given_as_numbers() -> None:
-    from prometheus_client import CollectorRegistry
-
-    from lynx_policy.metrics import replace_series
-
     gauge = Gauge("g", "two labels", ["metric", "quantile"], registry=CollectorRegistry())
-    replace_series(gauge, ("metric", "quantile"), {("itl", 0.99): 0.08, ("ttft", 0.5): 1.0})
+    replace_series(gauge, {("itl", 0.99): 0.08, ("ttft", 0.5): 1.0})
     seen = watch_removals(gauge)
     # A label value given as a number is the same series as its string (labels are strings).
-    replace_series(gauge, ("metric", "quantile"), {("itl", 0.99): 0.07, ("itl", "0.9"): 0.05})
+    replace_series(gauge, {("itl", 0.99): 0.07, ("itl", "0.9"): 0.05})
     assert series(gauge) == {("itl", "0.99"): 0.07, ("itl", "0.9"): 0.05}
     assert seen == [{("itl", "0.99"): 0.07, ("ttft", "0.5"): 1.0, ("itl", "0.9"): 0.05}]
