@@ -10,6 +10,7 @@
 # brings up docker/compose.cpu.yaml + docker/compose.smoke.yaml (no Grafana) on 127.0.0.1; runs
 # scripts/compose_smoke_check.py; `down`, and checks that no container is left.
 #   --cold   start from nothing: delete the state dir (data root, base rootfs, wheelhouse)
+#            and a docker0 bridge left by an earlier daemon
 #   --keep   leave the stack (and a dockerd it started) running for inspection
 # Environment: LYNX_SMOKE_DIR (state, default /var/lib/lynx-compose-smoke), PYTHON (default
 # .venv/bin/python), LYNX_SMOKE_WHEEL_PORT (8471), LYNX_SMOKE_PROJECT (lynx-smoke).
@@ -20,7 +21,7 @@ for arg in "$@"; do
   case "$arg" in
     --cold) COLD=1 ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "compose-smoke: unknown argument '$arg' (use --cold, --keep)" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +42,10 @@ if [ "$COLD" = 1 ]; then
   [ -f /run/lynx-smoke-docker/dockerd.pid ] && kill -0 "$(cat /run/lynx-smoke-docker/dockerd.pid)" 2>/dev/null \
     && { echo "compose-smoke: --cold: a smoke dockerd still runs; stop it first" >&2; exit 2; }
   log "--cold: removing $SMOKE_DIR"; rm -rf "$SMOKE_DIR"
+  # docker0 outlives its daemon; a fresh machine has none (and then the first start differs)
+  if [ -e /sys/class/net/docker0 ] && ! pgrep -x dockerd >/dev/null; then
+    log "--cold: removing the docker0 bridge no daemon uses"; ip link delete docker0
+  fi
   T0=$(date +%s)  # times from here on are those of a fresh machine
 fi
 mkdir -p "$SMOKE_DIR"
@@ -104,7 +109,7 @@ s2=$(date +%s); smoke_base_image "$BASE"; step "base image ($BASE)" $(( $(date +
 wait "$WHEEL_PID" || { grep -v "is ignored" "$SMOKE_DIR/wheelhouse.log" | tail -n 20 >&2
   echo "compose-smoke: building the wheelhouse failed" >&2; exit 1; }
 step "wheelhouse ($(du -sh "$WHEELS" | cut -f1), from start)" $(( $(date +%s) - s ))
-GATEWAY=$("$DOCKER" network inspect bridge -f '{{(index .IPAM.Config 0).Gateway}}')
+GATEWAY=$(smoke_bridge_gateway)
 "$PY" -m http.server "$WHEEL_PORT" --bind "$GATEWAY" --directory "$WHEELS" >"$SMOKE_DIR/wheel-http.log" 2>&1 &
 HTTP_PID=$!
 sleep 1; kill -0 "$HTTP_PID" 2>/dev/null || { cat "$SMOKE_DIR/wheel-http.log" >&2

@@ -103,3 +103,43 @@ def test_check_script_rejects_a_missing_token_file(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(c.REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "no such file" in result.stderr
+
+
+# `docker network inspect bridge` as a daemon's first start prints it (Debian's docker.io
+# 20.10.24 on a fresh data root, no docker0 yet; moby/moby#26799): IPAM without a Gateway.
+FIRST_BOOT = {"{{range .IPAM.Config}}{{.Gateway}} {{end}}": " ",
+              '{{index .Options "com.docker.network.bridge.name"}}': "lo"}
+
+
+def _gateway(tmp_path: Path, answers: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the smoke script's smoke_bridge_gateway against a docker client that answers each
+    inspect format string as recorded (the interface it names is real: its address is read)."""
+    client = tmp_path / "docker"
+    client.write_text("#!/usr/bin/env python3\nimport sys\n"
+                      f"print({answers!r}[sys.argv[-1]])\n")
+    client.chmod(0o755)
+    script = (f"log() {{ :; }}; source {SCRIPTS / 'smoke' / 'docker_env.sh'}; "
+              f"DOCKER={client} PY={sys.executable}; smoke_bridge_gateway")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_bridge_gateway_on_a_daemons_first_start_comes_from_the_interface(
+        tmp_path: Path) -> None:
+    """CI's stop-20 failure: the wheelhouse server was bound to an empty address."""
+    result = _gateway(tmp_path, FIRST_BOOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "127.0.0.1"  # the address of the interface named (lo)
+
+
+def test_bridge_gateway_from_ipam_when_the_daemon_reports_it(tmp_path: Path) -> None:
+    result = _gateway(tmp_path, {**FIRST_BOOT, "{{range .IPAM.Config}}{{.Gateway}} {{end}}":
+                                 "172.17.0.1 "})
+    assert (result.returncode, result.stdout.strip()) == (0, "172.17.0.1")
+
+
+def test_bridge_gateway_missing_interface_is_a_clear_error(tmp_path: Path) -> None:
+    result = _gateway(tmp_path, {**FIRST_BOOT,
+                                 '{{index .Options "com.docker.network.bridge.name"}}': "nobr0"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert "'nobr0' has no IPv4 address" in result.stderr
+    assert "cannot find the host's address on Docker's default bridge" in result.stderr

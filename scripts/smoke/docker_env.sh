@@ -3,6 +3,7 @@
 #                       Debian's docker.io and start one of our own (own data root, exec root,
 #                       pidfile and socket; overlay2); smoke_docker_down stops only that one.
 #   smoke_base_image    make $PYTHON_IMAGE with debootstrap when it cannot be pulled.
+#   smoke_bridge_gateway  print the host's IPv4 address on the default bridge (builds reach it).
 # Needs: SMOKE_DIR (state: data root, cached rootfs), log (a function printing a timed line).
 
 DOCKER=${DOCKER:-/usr/bin/docker}   # Debian's client: BuildKit builds without buildx
@@ -67,6 +68,31 @@ smoke_docker_down() {  # only the daemon this script started, by its pid
     umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
   done
   SMOKE_DOCKERD_PID=""
+}
+
+smoke_bridge_gateway() {
+  # IPAM's Gateway, else the bridge interface's own address: a daemon's first start (no docker0,
+  # empty network store; every fresh CI machine) leaves Gateway out of the inspect output
+  # (moby/moby#26799), though docker0 has its address.
+  local gw iface
+  gw=$("$DOCKER" network inspect bridge -f '{{range .IPAM.Config}}{{.Gateway}} {{end}}' | awk '{print $1}')
+  if [ -z "$gw" ]; then
+    iface=$("$DOCKER" network inspect bridge -f '{{index .Options "com.docker.network.bridge.name"}}')
+    gw=$("$PY" - "${iface:-docker0}" <<'EOF'
+import fcntl, socket, struct, sys
+SIOCGIFADDR = 0x8915  # the interface's IPv4 address (netdevice(7))
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    try:
+        req = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", sys.argv[1][:15].encode()))
+    except OSError as e:
+        sys.exit(f"compose-smoke: bridge interface {sys.argv[1]!r} has no IPv4 address: {e}")
+print(socket.inet_ntoa(req[20:24]))
+EOF
+)
+  fi
+  [ -n "$gw" ] || { echo "compose-smoke: cannot find the host's address on Docker's default bridge" >&2
+    return 1; }
+  echo "$gw"
 }
 
 smoke_base_image() {  # $1: the tag the Dockerfiles build FROM
