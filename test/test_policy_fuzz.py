@@ -11,7 +11,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lynx_policy.testing import ControllerProcess
+from lynx_policy.testing import ControllerProcess, wait_until
 from lynx_protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -52,13 +52,6 @@ def rejected(controller: ControllerProcess) -> dict[str, float]:
             for r in reasons}
 
 
-def wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_each_kind_of_bad_message_is_counted_by_reason(controller: ControllerProcess,
                                                        dealer: zmq.Socket) -> None:
     good = msgspec.msgpack.decode(encode(REGISTER))
@@ -78,9 +71,11 @@ def test_each_kind_of_bad_message_is_counted_by_reason(controller: ControllerPro
     dealer.send_multipart([b"two", b"frames"])  # malformed at the frame level
     expected = {reason: before[reason] + 1 for reason in cases}
     expected["malformed"] += 1
-    wait_for(lambda: rejected(controller) == expected)
+    wait_until(f"rejections counted by reason: {expected}",
+               lambda: rejected(controller) == expected)
     # The log line follows the counter (another thread renders /metrics): wait for it too.
-    wait_for(lambda: "rejected runtime message (unknown_version)" in controller.log_text())
+    wait_until("the unknown_version rejection logged",
+               lambda: "rejected runtime message (unknown_version)" in controller.log_text())
 
 
 @settings(max_examples=150, deadline=None,
@@ -108,7 +103,7 @@ def test_fuzzed_garbage_never_stops_the_controller_answering(controller: Control
 def test_controller_still_registers_and_answers_after_the_fuzz(
         controller: ControllerProcess, dealer: zmq.Socket) -> None:
     # every fuzz example sent at least one bad payload, and each one was counted
-    wait_for(lambda: sum(rejected(controller).values()) >= 150)
+    wait_until(">= 150 rejections counted", lambda: sum(rejected(controller).values()) >= 150)
     while dealer.poll(0):
         dealer.recv()
     dealer.send(encode(REGISTER))
