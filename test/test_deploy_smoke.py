@@ -125,7 +125,8 @@ def _gateway(tmp_path: Path, answers: dict[str, str]) -> subprocess.CompletedPro
 
 def test_bridge_gateway_on_a_daemons_first_start_comes_from_the_interface(
         tmp_path: Path) -> None:
-    """CI's stop-20 failure: the wheelhouse server was bound to an empty address."""
+    """CI failure of stop 19 (compose-smoke on a fresh machine): the wheelhouse server was
+    bound to an empty address."""
     result = _gateway(tmp_path, FIRST_BOOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "127.0.0.1"  # the address of the interface named (lo)
