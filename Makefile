@@ -9,10 +9,7 @@ PYTEST_ARGS ?=
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing lynx + sglang==0.5.23 into $(VENV) (first time: ~5 minutes)"
-	@$(PY) -m pip install -q -e '.[runtime,dev]' 2>&1 | grep -v -E "is ignored|^WARNING: Location" || true
-	@$(PY) -c "import sglang, lynx, lynx_policy, lynx_protocol" 
+	@bash scripts/setup_venv.sh $(PYTHON) $(VENV)
 	@touch $(STAMP)
 
 setup: $(STAMP)

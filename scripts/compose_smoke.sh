@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make compose-smoke: build the Docker images for real and bring the CPU compose stack up.
-#   scripts/compose_smoke.sh [--cold] [--keep]
+#   scripts/compose_smoke.sh [--cold] [--keep] | --clean
 # On a machine without container registries (this project's CI): installs Debian's docker.io and
 # docker-compose if missing and starts its own dockerd (stopped at the end) unless one runs;
 # makes the base image (python:3.11.11-slim-bookworm) with debootstrap when it cannot be pulled;
@@ -12,17 +12,20 @@
 #   --cold   start from nothing: delete the state dir (data root, base rootfs, wheelhouse)
 #            and a docker0 bridge left by an earlier daemon
 #   --keep   leave the stack (and a dockerd it started) running for inspection
+#   --clean  only delete the state dir (~16 GiB: the data root with the images, the wheelhouse)
+# Needs ~17 GiB free for a cold run or after a dependency change, ~3 GiB otherwise (checked first).
 # Environment: LYNX_SMOKE_DIR (state, default /var/lib/lynx-compose-smoke), PYTHON (default
 # .venv/bin/python), LYNX_SMOKE_WHEEL_PORT (8471), LYNX_SMOKE_PROJECT (lynx-smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COLD=0 KEEP=0
+COLD=0 KEEP=0 CLEAN=0
 for arg in "$@"; do
   case "$arg" in
     --cold) COLD=1 ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "compose-smoke: unknown argument '$arg' (use --cold, --keep)" >&2; exit 2 ;;
+    --clean) CLEAN=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "compose-smoke: unknown argument '$arg' (use --cold, --keep, --clean)" >&2; exit 2 ;;
   esac
 done
 SMOKE_DIR=${LYNX_SMOKE_DIR:-/var/lib/lynx-compose-smoke}
@@ -33,14 +36,23 @@ VERSION=${LYNX_VERSION:-0.1.0}
 export LYNX_VERSION=$VERSION DOCKER_BUILDKIT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 log() { echo "[compose-smoke $(( $(date +%s) - T0 ))s] $*"; }
+smoke_dockerd_runs() {
+  [ -f /run/lynx-smoke-docker/dockerd.pid ] && kill -0 "$(cat /run/lynx-smoke-docker/dockerd.pid)" 2>/dev/null
+}
+if [ "$CLEAN" = 1 ]; then
+  smoke_dockerd_runs && { echo "compose-smoke: --clean: a smoke dockerd still runs; stop it first" >&2; exit 2; }
+  echo "compose-smoke: removing $SMOKE_DIR ($(du -sh "$SMOKE_DIR" 2>/dev/null | cut -f1 || echo absent))"
+  rm -rf "$SMOKE_DIR"; exit 0
+fi
 [ -x "$PY" ] || { echo "compose-smoke: $PY missing: run make setup (or set PYTHON)" >&2; exit 2; }
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
 # shellcheck source=scripts/smoke/docker_env.sh
 source scripts/smoke/docker_env.sh
 
 "$PY" -m lynx.deploy generate --check
 if [ "$COLD" = 1 ]; then
-  [ -f /run/lynx-smoke-docker/dockerd.pid ] && kill -0 "$(cat /run/lynx-smoke-docker/dockerd.pid)" 2>/dev/null \
-    && { echo "compose-smoke: --cold: a smoke dockerd still runs; stop it first" >&2; exit 2; }
+  smoke_dockerd_runs && { echo "compose-smoke: --cold: a smoke dockerd still runs; stop it first" >&2; exit 2; }
   log "--cold: removing $SMOKE_DIR"; rm -rf "$SMOKE_DIR"
   # docker0 outlives its daemon; a fresh machine has none (and then the first start differs)
   if [ -e /sys/class/net/docker0 ] && ! pgrep -x dockerd >/dev/null; then
@@ -68,11 +80,17 @@ step() { TIMES+="$(printf '%-34s %4ss' "$1" "$2")"$'\n'; }
 
 # --- wheelhouse: everything both images pip-install, from the host's pip (mirrors, cache) ------
 WHEELS="$SMOKE_DIR/wheelhouse"
+ROUTER=$(grep -o 'SGLANG_ROUTER_VERSION=[0-9.]*' docker/runtime.Dockerfile | cut -d= -f2)
+HATCHLING=$(grep -o -m1 'hatchling==[0-9.]*' docker/runtime.Dockerfile)
+STAMP=$( (cat pyproject.toml docker/controller-requirements.txt; echo "$ROUTER $HATCHLING") | sha256sum | cut -c1-16)
+# new dependencies: a new wheelhouse (~4 GiB) and runtime image (~11 GiB) before the old go
+if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" = "$STAMP" ]; then
+  need_disk "$SMOKE_DIR" 3 "compose-smoke"
+else
+  need_disk "$SMOKE_DIR" 17 "compose-smoke (new wheelhouse and images)"
+fi
 wheelhouse() {  # in the background, while the daemon starts and the base image is made
-  local stamp router hatchling
-  router=$(grep -o 'SGLANG_ROUTER_VERSION=[0-9.]*' docker/runtime.Dockerfile | cut -d= -f2)
-  hatchling=$(grep -o -m1 'hatchling==[0-9.]*' docker/runtime.Dockerfile)
-  stamp=$( (cat pyproject.toml docker/controller-requirements.txt; echo "$router $hatchling") | sha256sum | cut -c1-16)
+  local router=$ROUTER hatchling=$HATCHLING stamp=$STAMP
   [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
   log "wheelhouse: pip wheel .[runtime] sglang-router==$router $hatchling + controller pins"
   rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"

@@ -12,6 +12,11 @@ ROOT="$PWD"
 OUT="$ROOT/build/pyversions"
 PIP_QUIET=(-q --disable-pip-version-check)
 mkdir -p "$OUT"
+# shellcheck source=scripts/common.sh
+source scripts/common.sh
+# the 3.12 venv gets torch==2.14.1 with its CUDA wheels (~5.5 GiB) the first time
+[ -d "$OUT/py3.12/lib/python3.12/site-packages/torch" ] \
+  || need_disk "$OUT" 7 "make python-versions (torch==2.14.1 into $OUT/py3.12)"
 
 find_python() {  # $1 = 3.12: a working interpreter of that minor version (pyenv or PATH)
   local want=$1 candidate
@@ -24,7 +29,7 @@ find_python() {  # $1 = 3.12: a working interpreter of that minor version (pyenv
 }
 
 echo "== building the lynx wheel"
-rm -rf "$OUT/wheel" && .venv/bin/python -m pip wheel "${PIP_QUIET[@]}" --no-deps -w "$OUT/wheel" . 2>&1 | grep -v "is ignored" || true
+rm -rf "$OUT/wheel" && pip_filtered .venv/bin/python -m pip wheel "${PIP_QUIET[@]}" --no-deps -w "$OUT/wheel" .
 WHEEL=$(ls "$OUT"/wheel/lynx_moe-*.whl)
 
 # The 3.12 resolution (pip --dry-run, ~2 minutes of index reads) runs while the tests run.
@@ -39,8 +44,8 @@ for version in 3.12 3.13; do
   venv="$OUT/py$version"
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   echo "== Python $version: torch-free tests from the wheel ($("$venv/bin/python" -V))"
-  "$venv/bin/pip" install "${PIP_QUIET[@]}" --force-reinstall --no-deps "$WHEEL" 2>&1 | grep -v "is ignored" || true
-  "$venv/bin/pip" install "${PIP_QUIET[@]}" "$WHEEL" pytest pytest-timeout hypothesis pyyaml 2>&1 | grep -v "is ignored" || true
+  pip_filtered "$venv/bin/pip" install "${PIP_QUIET[@]}" --force-reinstall --no-deps "$WHEEL"
+  pip_filtered "$venv/bin/pip" install "${PIP_QUIET[@]}" "$WHEEL" pytest pytest-timeout hypothesis pyyaml
   (cd "$OUT" && "$venv/bin/python" -c "import lynx_policy, lynx_protocol, lynx; print('imports from', lynx.__file__)")
   (cd "$OUT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
     -c "$ROOT/pyproject.toml" "$ROOT"/test/test_protocol_*.py "$ROOT"/test/test_policy_*.py)
@@ -66,7 +71,7 @@ assert install.__module__ == 'lynx.sglang_plugin' and install() is None  # off: 
 print('entry point lynx ->', install.__module__ + ':' + install.__name__)")
 
 echo "== Python 3.12: selection-library tests with torch==2.14.1"
-"$venv/bin/pip" install "${PIP_QUIET[@]}" torch==2.14.1 numpy 2>&1 | grep -v "is ignored" || true
+pip_filtered "$venv/bin/pip" install "${PIP_QUIET[@]}" torch==2.14.1 numpy
 (cd "$OUT" && "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
   -c "$ROOT/pyproject.toml" "$ROOT"/test/test_selection_*.py "$ROOT"/test/test_triton_selection.py)
 echo "python versions: ok"
