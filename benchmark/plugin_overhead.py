@@ -53,12 +53,13 @@ def measure(steps: int) -> dict[str, Any]:
     """Median host cost of the hooks; leaves the caller's environment and hook state as found
     (the multiprocess directory is set only for prometheus_client imported from here on)."""
     saved_env = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if saved_env is None:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lynx-prom-")
-    try:
+    if saved_env is not None:
         return _measure(steps)
-    finally:
-        if saved_env is None:
+    with tempfile.TemporaryDirectory(prefix="lynx-prom-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            return _measure(steps)
+        finally:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 

@@ -9,6 +9,7 @@ import numbers
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,13 @@ def test_plugin_overhead_times_the_real_hooks_and_restores_them(tmp_path: Path) 
     sys.path.insert(0, str(REPO))
     from benchmark import plugin_overhead
     before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    plugin_overhead.measure(50)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        plugin_overhead.measure(50)
     assert os.environ.get("PROMETHEUS_MULTIPROC_DIR") == before
+    assert not list(scratch.glob("lynx-prom-*"))  # its multiprocess directory is gone
 
 
 @pytest.mark.slow  # ~5 min: `make bench-quick`, every benchmark end to end (CI runs it)

@@ -56,9 +56,13 @@ def test_server_answers_arithmetic_and_exports_latency(server_factory, model: st
     assert ttft and sum(v for _, v in ttft) >= 1
     assert itl and max(v for _, v in itl) > 0
 
+    # SGLang's worker processes write their metrics into the directory the server was given
+    metrics_dir = server.metrics_dir
+    assert metrics_dir is not None and list(metrics_dir.rglob("*.db")), metrics_dir
     pid = server.process.pid
     server.stop()
     assert server.process.poll() is not None
+    assert not metrics_dir.exists()  # a stopped server leaves nothing in /tmp
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert port_is_free(server.host, server.port)

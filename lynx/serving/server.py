@@ -6,16 +6,20 @@ CPU default flags and why:
 - ``--max-total-tokens 4096``: without a cap the default KV cache takes ~14.5 GB of RAM.
 - ``--sleep-on-idle``: otherwise the idle scheduler spins a whole core.
 - ``--enable-metrics``: Prometheus ``/metrics`` (latency histograms the controller reads).
+  Each server gets its own ``PROMETHEUS_MULTIPROC_DIR``, removed when it stops: SGLang's own
+  temporary one is removed only at a clean interpreter exit, so every stopped server left one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +68,7 @@ class SglangServer:
     log_path: Path | None = None
     ready_timeout_s: float = 240.0
     process: subprocess.Popen[bytes] | None = None
+    metrics_dir: Path | None = field(default=None, init=False)  # ours to remove at stop
 
     @property
     def url(self) -> str:
@@ -94,6 +99,9 @@ class SglangServer:
             raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
         env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
                "LYNX_METRICS_URL": f"{self.url}/metrics", **self.env}
+        if "PROMETHEUS_MULTIPROC_DIR" not in env:  # an operator's own is left alone
+            self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"lynx-sglang-{self.port}-metrics-"))
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         log = self.log_path or Path(f"/tmp/lynx-sglang-{self.port}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
@@ -129,7 +137,16 @@ class SglangServer:
         return "\n".join(kept[-lines:])
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop the server and all its children by process group (pid of the launcher)."""
+        """Stop the server and all its children by process group (pid of the launcher), then
+        remove the Prometheus multiprocess directory `spawn` made for it."""
+        try:
+            self._stop_process(timeout_s)
+        finally:
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None
+
+    def _stop_process(self, timeout_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         pgid = os.getpgid(self.process.pid)
