@@ -56,13 +56,14 @@ def test_server_answers_arithmetic_and_exports_latency(server_factory, model: st
     assert ttft and sum(v for _, v in ttft) >= 1
     assert itl and max(v for _, v in itl) > 0
 
-    # SGLang's worker processes write their metrics into the directory the server was given
-    metrics_dir = server.metrics_dir
-    assert metrics_dir is not None and list(metrics_dir.rglob("*.db")), metrics_dir
+    # SGLang's workers write their metrics, and name their IPC sockets, in the server's scratch
+    scratch = server.scratch_dir
+    assert scratch is not None and list((scratch / "metrics").rglob("*.db")), scratch
+    assert len([p for p in scratch.iterdir() if p.is_socket()]) >= 3, list(scratch.iterdir())
     pid = server.process.pid
     server.stop()
     assert server.process.poll() is not None
-    assert not metrics_dir.exists()  # a stopped server leaves nothing in /tmp
+    assert not scratch.exists()  # a stopped server leaves nothing in /tmp
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert port_is_free(server.host, server.port)

@@ -1,10 +1,13 @@
 """`SglangServer`'s process and temporary-file lifecycle, with a stand-in for
-``sglang.launch_server`` that writes Prometheus multiprocess files the way SGLang's workers do
-(the real server's case is in test_e2e_serving.py). Every stopped server used to leave its
-multiprocess directory in /tmp: about a thousand of them a day on a developer's machine."""
+``sglang.launch_server`` that leaves in its temporary directory what SGLang leaves: IPC names
+from ``NamedTemporaryFile(delete=False)`` and Prometheus multiprocess files (the real server's
+case is in test_e2e_serving.py). Every stopped server used to leave about ten entries in /tmp:
+hundreds per `make test`."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -13,10 +16,13 @@ import pytest
 
 from lynx.serving.server import ServeError, SglangServer, free_port
 
-# Answers /health with 200 and writes a metrics file where SGLang's workers write theirs.
+# Answers /health with 200 after leaving its files where SGLang leaves them; echoes its env.
 FAKE_SERVER = """
-import http.server, os, pathlib, sys
+import http.server, json, os, pathlib, sys, tempfile
+tempfile.NamedTemporaryFile(delete=False)  # an SGLang IPC name
 pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"], "counter_1.db").write_bytes(b"x")
+print(json.dumps({k: os.environ[k] for k in
+                  ("TMPDIR", "PROMETHEUS_MULTIPROC_DIR", "TORCHINDUCTOR_CACHE_DIR")}), flush=True)
 if sys.argv[2] == "die":
     sys.exit(3)
 class Health(http.server.BaseHTTPRequestHandler):
@@ -34,6 +40,8 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
     return scratch
 
 
@@ -44,36 +52,63 @@ class FakeServer(SglangServer):
         return [sys.executable, "-c", FAKE_SERVER, str(self.port), self.mode]
 
 
-def test_each_server_gets_its_own_metrics_dir_and_stop_removes_it(
+def _fake(tmp_path: Path, name: str, env: dict[str, str] | None = None) -> FakeServer:
+    return FakeServer(tmp_path, free_port(), env=env or {}, log_path=tmp_path / f"{name}.log",
+                      ready_timeout_s=30)
+
+
+def _env_seen(server: SglangServer) -> dict[str, str]:
+    assert server.log_path is not None
+    line = server.log_path.read_text().splitlines()[0]
+    return dict(json.loads(line))
+
+
+def test_each_server_gets_its_own_scratch_and_stop_removes_it(
         tmp_path: Path, scratch: Path) -> None:
-    first = FakeServer(tmp_path, free_port(), log_path=tmp_path / "a.log", ready_timeout_s=30)
-    second = FakeServer(tmp_path, free_port(), log_path=tmp_path / "b.log", ready_timeout_s=30)
+    first, second = _fake(tmp_path, "a"), _fake(tmp_path, "b")
     with first, second:
-        dirs = [first.metrics_dir, second.metrics_dir]
+        dirs = [first.scratch_dir, second.scratch_dir]
         assert dirs[0] is not None and dirs[1] is not None and dirs[0] != dirs[1]
-        for d in dirs:  # the process wrote into the directory it was given
-            assert d is not None and (d / "counter_1.db").exists()
-    assert all(d is not None and d.parent == scratch for d in dirs)
+        for server, d in zip((first, second), dirs, strict=True):
+            env = _env_seen(server)
+            assert env["TMPDIR"] == str(d) and d.parent == scratch
+            assert env["PROMETHEUS_MULTIPROC_DIR"] == str(d / "metrics")
+            # inductor's cache stays where torch puts it for this user, shared and warm
+            assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).parent == scratch
+            assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).name.startswith("torchinductor_")
+            assert (d / "metrics" / "counter_1.db").exists()
+            assert len([p for p in d.iterdir() if p.name != "metrics"]) == 1  # the IPC name
     assert list(scratch.iterdir()) == []
-    assert first.metrics_dir is None and second.metrics_dir is None
+    assert first.scratch_dir is None and second.scratch_dir is None
 
 
-def test_a_server_that_dies_at_start_up_leaves_no_metrics_dir(
-        tmp_path: Path, scratch: Path) -> None:
-    server = FakeServer(tmp_path, free_port(), log_path=tmp_path / "c.log", ready_timeout_s=30)
+def test_a_server_that_dies_at_start_up_leaves_nothing(tmp_path: Path, scratch: Path) -> None:
+    server = _fake(tmp_path, "c")
     server.mode = "die"
     with pytest.raises(ServeError, match="exited with code 3"):
         server.start()
-    assert server.metrics_dir is None
+    assert server.scratch_dir is None
     assert list(scratch.iterdir()) == []
 
 
-def test_an_operators_own_multiproc_dir_is_used_and_kept(tmp_path: Path, scratch: Path) -> None:
-    own = tmp_path / "prom"
+def test_a_launch_that_fails_leaves_nothing(tmp_path: Path, scratch: Path) -> None:
+    server = FakeServer(tmp_path, free_port(), log_path=tmp_path / "e.log")
+    server.command = lambda: ["/nonexistent/python"]  # type: ignore[method-assign]
+    with pytest.raises(FileNotFoundError):
+        server.spawn()
+    assert server.scratch_dir is None and list(scratch.iterdir()) == []
+
+
+def test_an_operators_own_dirs_are_used_and_kept(
+        tmp_path: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own, cache = tmp_path / "prom", tmp_path / "inductor"
     own.mkdir()
-    server = FakeServer(tmp_path, free_port(), env={"PROMETHEUS_MULTIPROC_DIR": str(own)},
-                        log_path=tmp_path / "d.log", ready_timeout_s=30)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    server = _fake(tmp_path, "d", env={"PROMETHEUS_MULTIPROC_DIR": str(own)})
     with server:
-        assert server.metrics_dir is None
+        env = _env_seen(server)
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == str(own)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
     assert (own / "counter_1.db").exists()
     assert list(scratch.iterdir()) == []
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)  # this process's env untouched

@@ -6,14 +6,20 @@ CPU default flags and why:
 - ``--max-total-tokens 4096``: without a cap the default KV cache takes ~14.5 GB of RAM.
 - ``--sleep-on-idle``: otherwise the idle scheduler spins a whole core.
 - ``--enable-metrics``: Prometheus ``/metrics`` (latency histograms the controller reads).
-  Each server gets its own ``PROMETHEUS_MULTIPROC_DIR``, removed when it stops: SGLang's own
-  temporary one is removed only at a clean interpreter exit, so every stopped server left one.
+
+Each server runs with its own scratch directory as ``TMPDIR``, removed when it stops: SGLang
+names its IPC sockets with ``NamedTemporaryFile(delete=False)`` and removes its Prometheus
+multiprocess directory only at a clean interpreter exit, so every stopped server left about ten
+entries in /tmp. The multiprocess directory is ``<scratch>/metrics`` unless the operator set
+``PROMETHEUS_MULTIPROC_DIR``; inductor's cache stays where it was (``TORCHINDUCTOR_CACHE_DIR``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +62,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _inductor_cache_dir() -> str:
+    """Where torch's inductor caches by default (``torch._inductor.runtime.cache_dir_utils``:
+    ``<tempdir>/torchinductor_<user>``), so a server with its own TMPDIR keeps a warm cache."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    return str(Path(tempfile.gettempdir()) / f"torchinductor_{user}")
+
+
 @dataclass
 class SglangServer:
     """One ``sglang.launch_server`` process on the CPU default; use as a context manager."""
@@ -68,7 +85,7 @@ class SglangServer:
     log_path: Path | None = None
     ready_timeout_s: float = 240.0
     process: subprocess.Popen[bytes] | None = None
-    metrics_dir: Path | None = field(default=None, init=False)  # ours to remove at stop
+    scratch_dir: Path | None = field(default=None, init=False)  # its TMPDIR, removed at stop
 
     @property
     def url(self) -> str:
@@ -97,19 +114,24 @@ class SglangServer:
         servers then start side by side."""
         if not port_is_free(self.host, self.port):
             raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
-        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
+        self.scratch_dir = Path(tempfile.mkdtemp(prefix=f"lynx-sglang-{self.port}-"))
+        (self.scratch_dir / "metrics").mkdir()
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(self.scratch_dir / "metrics"),
+               "TORCHINDUCTOR_CACHE_DIR": _inductor_cache_dir(),
+               **os.environ, "TMPDIR": str(self.scratch_dir), "SGLANG_USE_CPU_ENGINE": "1",
                "LYNX_METRICS_URL": f"{self.url}/metrics", **self.env}
-        if "PROMETHEUS_MULTIPROC_DIR" not in env:  # an operator's own is left alone
-            self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"lynx-sglang-{self.port}-metrics-"))
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         log = self.log_path or Path(f"/tmp/lynx-sglang-{self.port}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
-        with log.open("wb") as fh:
-            self.process = subprocess.Popen(
-                self.command(), stdout=fh, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
-            )
+        try:
+            with log.open("wb") as fh:
+                self.process = subprocess.Popen(
+                    self.command(), stdout=fh, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,
+                )
+        except BaseException:
+            self.stop()  # removes the scratch directory
+            raise
         return self
 
     def wait_ready(self) -> None:
@@ -142,9 +164,9 @@ class SglangServer:
         try:
             self._stop_process(timeout_s)
         finally:
-            if self.metrics_dir is not None:
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
-                self.metrics_dir = None
+            if self.scratch_dir is not None:
+                shutil.rmtree(self.scratch_dir, ignore_errors=True)
+                self.scratch_dir = None
 
     def _stop_process(self, timeout_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
