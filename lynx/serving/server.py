@@ -160,7 +160,7 @@ class SglangServer:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the server and all its children by process group (pid of the launcher), then
-        remove the Prometheus multiprocess directory `spawn` made for it."""
+        remove the scratch directory (its TMPDIR) `spawn` made for it."""
         try:
             self._stop_process(timeout_s)
         finally:
