@@ -36,9 +36,8 @@ VERSION=${LYNX_VERSION:-0.1.0}
 export LYNX_VERSION=$VERSION DOCKER_BUILDKIT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 log() { echo "[compose-smoke $(( $(date +%s) - T0 ))s] $*"; }
-smoke_dockerd_runs() {
-  [ -f /run/lynx-smoke-docker/dockerd.pid ] && kill -0 "$(cat /run/lynx-smoke-docker/dockerd.pid)" 2>/dev/null
-}
+# shellcheck source=scripts/smoke/docker_env.sh
+source scripts/smoke/docker_env.sh
 if [ "$CLEAN" = 1 ]; then
   smoke_dockerd_runs && { echo "compose-smoke: --clean: a smoke dockerd still runs; stop it first" >&2; exit 2; }
   echo "compose-smoke: removing $SMOKE_DIR ($(du -sh "$SMOKE_DIR" 2>/dev/null | cut -f1 || echo absent))"
@@ -47,8 +46,6 @@ fi
 [ -x "$PY" ] || { echo "compose-smoke: $PY missing: run make setup (or set PYTHON)" >&2; exit 2; }
 # shellcheck source=scripts/common.sh
 source scripts/common.sh
-# shellcheck source=scripts/smoke/docker_env.sh
-source scripts/smoke/docker_env.sh
 
 "$PY" -m lynx.deploy generate --check
 if [ "$COLD" = 1 ]; then
@@ -83,21 +80,21 @@ WHEELS="$SMOKE_DIR/wheelhouse"
 ROUTER=$(grep -o 'SGLANG_ROUTER_VERSION=[0-9.]*' docker/runtime.Dockerfile | cut -d= -f2)
 HATCHLING=$(grep -o -m1 'hatchling==[0-9.]*' docker/runtime.Dockerfile)
 STAMP=$( (cat pyproject.toml docker/controller-requirements.txt; echo "$ROUTER $HATCHLING") | sha256sum | cut -c1-16)
+wheelhouse_current() { [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" = "$STAMP" ]; }
 # new dependencies: a new wheelhouse (~4 GiB) and runtime image (~11 GiB) before the old go
-if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" = "$STAMP" ]; then
+if wheelhouse_current; then
   need_disk "$SMOKE_DIR" 3 "compose-smoke"
 else
   need_disk "$SMOKE_DIR" 17 "compose-smoke (new wheelhouse and images)"
 fi
 wheelhouse() {  # in the background, while the daemon starts and the base image is made
-  local router=$ROUTER hatchling=$HATCHLING stamp=$STAMP
-  [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" = "$stamp" ] && return 0
-  log "wheelhouse: pip wheel .[runtime] sglang-router==$router $hatchling + controller pins"
+  wheelhouse_current && return 0
+  log "wheelhouse: pip wheel .[runtime] sglang-router==$ROUTER $HATCHLING + controller pins"
   rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"
-  "$PY" -m pip wheel -q --wheel-dir "$WHEELS.tmp" ".[runtime]" "sglang-router==$router" "$hatchling"
+  "$PY" -m pip wheel -q --wheel-dir "$WHEELS.tmp" ".[runtime]" "sglang-router==$ROUTER" "$HATCHLING"
   "$PY" -m pip wheel -q --no-deps --wheel-dir "$WHEELS.tmp" -r docker/controller-requirements.txt
   rm -f "$WHEELS.tmp"/lynx_moe-*.whl
-  rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS" && echo "$stamp" >"$WHEELS/.stamp"
+  rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS" && echo "$STAMP" >"$WHEELS/.stamp"
 }
 s=$(date +%s)
 wheelhouse >"$SMOKE_DIR/wheelhouse.log" 2>&1 &

@@ -64,7 +64,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _inductor_cache_dir() -> str:
     """Where torch's inductor caches by default (``torch._inductor.runtime.cache_dir_utils``:
-    ``<tempdir>/torchinductor_<user>``), so a server with its own TMPDIR keeps a warm cache."""
+    ``<tempdir>/torchinductor_<user>``), so a server with its own TMPDIR keeps a warm cache.
+    Not imported from torch: that import costs ~3 s in launchers that have no torch otherwise
+    (`lynx-serve`, the demo)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -116,6 +118,7 @@ class SglangServer:
             raise ServeError(f"port {self.port} on {self.host} is busy; pick another with --port")
         self.scratch_dir = Path(tempfile.mkdtemp(prefix=f"lynx-sglang-{self.port}-"))
         (self.scratch_dir / "metrics").mkdir()
+        # defaults the caller's environment may override; then what this server must have
         env = {"PROMETHEUS_MULTIPROC_DIR": str(self.scratch_dir / "metrics"),
                "TORCHINDUCTOR_CACHE_DIR": _inductor_cache_dir(),
                **os.environ, "TMPDIR": str(self.scratch_dir), "SGLANG_USE_CPU_ENGINE": "1",

@@ -7,7 +7,12 @@
 # Needs: SMOKE_DIR (state: data root, cached rootfs), log (a function printing a timed line).
 
 DOCKER=${DOCKER:-/usr/bin/docker}   # Debian's client: BuildKit builds without buildx
+SMOKE_RUN=/run/lynx-smoke-docker    # our dockerd's exec root, pidfile and socket
 SMOKE_DOCKERD_PID=""
+
+smoke_dockerd_runs() {  # a dockerd of ours is running (this run's, or one left by --keep)
+  [ -f "$SMOKE_RUN/dockerd.pid" ] && kill -0 "$(cat "$SMOKE_RUN/dockerd.pid")" 2>/dev/null
+}
 
 smoke_install() {  # apt-get install the Debian packages named, if their command is missing
   local missing=() pkg cmd
@@ -34,11 +39,10 @@ smoke_docker_up() {
     export DOCKER_HOST=unix:///var/run/docker.sock
     log "using the running Docker daemon (/var/run/docker.sock)"; return 0
   fi
-  local run=/run/lynx-smoke-docker
+  local run=$SMOKE_RUN
   mkdir -p "$SMOKE_DIR/docker" "$run"
   export DOCKER_HOST="unix://$run/docker.sock"
-  if [ -f "$run/dockerd.pid" ] && kill -0 "$(cat "$run/dockerd.pid")" 2>/dev/null \
-     && "$DOCKER" info >/dev/null 2>&1; then  # left running by --keep: reuse it, leave it up
+  if smoke_dockerd_runs && "$DOCKER" info >/dev/null 2>&1; then  # left by --keep: reuse it
     log "reusing the smoke dockerd left running (pid $(cat "$run/dockerd.pid"))"; return 0
   fi
   log "starting dockerd (data root $SMOKE_DIR/docker, overlay2)"
@@ -64,7 +68,7 @@ smoke_docker_down() {  # only the daemon this script started, by its pid
   for i in $(seq 1 30); do kill -0 "$SMOKE_DOCKERD_PID" 2>/dev/null || break; sleep 1; done
   kill -0 "$SMOKE_DOCKERD_PID" 2>/dev/null && kill -9 "$SMOKE_DOCKERD_PID"
   # dockerd leaves its network-namespace mount behind
-  grep -o " /run/lynx-smoke-docker/[^ ]*" /proc/mounts | sort -r | while read -r mnt; do
+  grep -o " $SMOKE_RUN/[^ ]*" /proc/mounts | sort -r | while read -r mnt; do
     umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
   done
   SMOKE_DOCKERD_PID=""
