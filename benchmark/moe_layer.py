@@ -86,6 +86,7 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
             bench.experts(x, bench.route(x, z))
 
     runs["stock"] = stock_pass
+    own_ids = [bench.route(x, z).topk_ids for _, x, z in inputs]  # SGLang's, for select_pass
     meta: dict[str, tuple[Variant, list[int], list[int]]] = {}
     for variant in variants:
         by_layer = {layer: bench.knobs(variant, batch, layer) for layer, _, _ in inputs}
@@ -107,10 +108,10 @@ def bench_shape_batch(bench: MoeLayerBench, variants: list[Variant], draws: list
 
         def select_pass(by_layer: dict[int, tuple[Any, bool]] = by_layer,
                         eager: bool = False) -> None:
-            for layer, _, z in inputs:
+            for (layer, _, z), ids in zip(inputs, own_ids, strict=True):
                 knobs, prune = by_layer[layer]
                 if prune:
-                    bench.select(knobs, z, eager=eager)
+                    bench.select(knobs, z, ids, eager=eager)
 
         runs[f"lynx|{variant.label}"] = lynx_pass
         runs[f"select|{variant.label}"] = select_pass
@@ -165,7 +166,7 @@ def warm_up_packages(configs: list[tuple[Shape, torch.dtype]], quick: bool) -> N
 
     keys = [GraphKey(knobs_policy(selection_knobs(variant, 64, 0, shape.num_experts)),
                      RouterSpec(top_k=shape.top_k, renormalize=True), shape.num_experts,
-                     torch.float32, False, False)  # the logits stay fp32 in every config
+                     torch.float32, False, False, True)  # fp32 logits in every config
             for shape, _ in configs
             for variant in policy_grid(shape.num_experts, shape.top_k, quick)]
     for error in compile_packages(keys, default_cache_dir(), jobs=min(2, os.cpu_count() or 1)):

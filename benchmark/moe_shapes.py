@@ -95,24 +95,28 @@ class MoeLayerBench:
         knobs = selection_knobs(variant, batch, layer, self.shape.num_experts)
         return knobs, bool(knobs.enabled)
 
-    def select(self, knobs: Any, logits: torch.Tensor, *, eager: bool = False) -> Any:
+    def select(self, knobs: Any, logits: torch.Tensor, stock_ids: torch.Tensor, *,
+               eager: bool = False) -> Any:
         """The selection step of one layer as the plugin runs it in SGLang's TopK hook:
-        ``lynx.selection.select_layer_step`` (keep set, routing, statistics), compiled
-        (`lynx.selection.compiled`), or the eager specification with ``eager``."""
+        ``lynx.selection.select_layer_step`` (keep set, routing, statistics) judged on
+        SGLang's own routed ids ``stock_ids`` [T,K], compiled (`lynx.selection.compiled`), or
+        the eager specification with ``eager``."""
         from lynx.selection import select_layer_step
 
         rows = torch.ones(logits.shape[0], dtype=torch.bool)
         step = select_layer_step if eager else self.selection
-        return step(knobs_policy(knobs), logits, self.router, knobs, rows, rows)
+        return step(knobs_policy(knobs), logits, self.router, knobs, rows, rows,
+                    stock_ids=stock_ids)
 
     def route_lynx(self, knobs: Any, x: torch.Tensor, logits: torch.Tensor) -> Any:
         """What the plugin's TopK hook returns (STANDARD format): SGLang's routing with the
-        pruned rows' columns replaced by the selection's routing."""
+        rerouted rows' columns replaced by the selection's routing."""
         from lynx.sglang_plugin.formats import merge_standard_output
 
-        sel = self.select(knobs, logits)
-        return merge_standard_output(self.route(x, logits), sel.topk_weights, sel.topk_ids,
-                                     sel.apply_rows, self.shape.top_k)
+        own = self.route(x, logits)
+        sel = self.select(knobs, logits, own.topk_ids)
+        return merge_standard_output(own, sel.topk_weights, sel.topk_ids, sel.allowed,
+                                     self.shape.top_k)
 
 
 def knobs_policy(knobs: Any) -> str:

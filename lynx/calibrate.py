@@ -18,7 +18,8 @@ as is.
 
 The router hook applies the plugin's own selection step (`lynx.selection.select_layer_step`)
 to a transformers MoE router, every position of the B windows being one decode step (every
-row prunable: slightly pessimistic against a server, which never prunes prefill rows).
+row prunable: slightly pessimistic against a server, which never prunes prefill rows); as in
+the server, only rerouted rows change (`lynx.selection.merge_rerouted`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class RouterHook:
         self.experts += int(hit.sum())
 
     def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
-        from lynx.selection import select_layer_step
+        from lynx.selection import merge_rerouted, select_layer_step
 
         router_logits, scores, stock_ids = output
         if not bool(self.knobs.enabled):
@@ -88,11 +89,14 @@ class RouterHook:
         top_k = self.router.top_k  # [B, P, K] -> rows ordered like router_logits
         weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
         ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, top_k)
+        allowed = torch.stack([s.allowed for s in steps], dim=1).reshape(-1, z.shape[-1])
+        # As the server: rows with nothing dropped keep transformers' own routing bit for bit.
+        ids, weights = merge_rerouted(stock_ids, scores, ids, weights, allowed)
         stock_top1 = z.argmax(-1, keepdim=True)
         self.rows += stock_top1.numel()
         self.top1_kept += int((ids == stock_top1).any(-1).sum())
         self._count_experts(ids, z.shape[-1])
-        return router_logits, weights.to(scores.dtype), ids
+        return router_logits, weights, ids
 
 
 def moe_routers(model: Any) -> list[Any]:

@@ -2,7 +2,8 @@
 
     python scripts/gpu_check.py [--stage NAME] [--dry-run] [--out DIR]
 
-NAME: selection, capture, verify, moe_layer, selection_cost (default: all, in that order).
+NAME: selection, capture, nondrop, verify, moe_layer, selection_cost (default: all, in that
+order).
 
 Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``selection``: the library-level conformance cells on the device: `select_layer_step` (torch
@@ -12,6 +13,10 @@ Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``capture``: one CUDA-graph capture per router of the selection step as the plugin drives
   it (``by_code``, knobs in device tensors), then off -> budget -> affinity -> piggyback -> off
   switches by ``fill_`` and replay; every replay must equal the eager step; no recapture.
+- ``nondrop`` (`gpu_nondrop`): Lynx changes only what it prunes, under CUDA-graph capture:
+  the selection step (Triton) + `merge_rerouted` + `mask_rerouted_logits` captured once per
+  router; a budget that drops nothing replays to the engine's own ids, weights and logits bit
+  for bit, a binding one changes exactly the rows whose own top-K holds a dropped expert.
 - ``verify`` (`gpu_verify`): speculative verify-step selection (16 requests x 4 / 12 draft
   tokens, per-request depth weights), Triton vs specification and one graph capture per router.
 - ``moe_layer`` / ``selection_cost`` (`gpu_moe`): one MoE layer at full production shapes in
@@ -36,39 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lynx.selection import (
-    POLICY_NAMES,
-    RouterSpec,
-    make_knobs,
-    select_layer_step,
-)
+from lynx.selection import POLICY_NAMES, RouterSpec, make_knobs, select_layer_step
 
-# The routers of the conformance matrix (public config.json values), routed experts only.
-ROUTERS: dict[str, tuple[int, RouterSpec]] = {
-    "DeepSeek-V3": (256, RouterSpec(top_k=8, scoring="sigmoid", num_expert_group=8,
-                                    topk_group=4, has_correction_bias=True,
-                                    routed_scaling_factor=2.5, scale_on_output=True)),
-    "DeepSeek-V2-236B": (160, RouterSpec(top_k=6, renormalize=False, num_expert_group=8,
-                                         topk_group=3, routed_scaling_factor=16.0)),
-    "DeepSeek-V2-Lite": (64, RouterSpec(top_k=6, renormalize=False)),
-    "Qwen3-30B-A3B": (128, RouterSpec(top_k=8)),
-    "Mixtral-8x7B": (8, RouterSpec(top_k=2)),
-    "OLMoE-1B-7B": (64, RouterSpec(top_k=8, renormalize=False)),
-    "GPT-OSS-20B-raw": (32, RouterSpec(top_k=4, renormalize=False, weights="raw_logits")),
-    "GLM-4.5-Air": (128, RouterSpec(top_k=8, scoring="sigmoid", has_correction_bias=True)),
-}
-POLICIES = ("off", "budget", "affinity", "piggyback")
-FIELDS = ("keep", "apply_rows", "allowed", "topk_ids")
-
-
-def _inputs(experts: int, rows: int, seed: int, biased: bool
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, experts, generator=gen) * 1.5 + torch.randn(
-        experts, generator=gen)[None] * 1.5
-    logits = torch.cat([logits, torch.full((3, experts), float("nan"))])  # padding rows
-    bias = torch.randn(experts, generator=gen) * 0.05 + 5.0 if biased else None
-    return logits, bias
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import POLICIES, ROUTERS, _inputs, _same
+from gpu_moe import stage_moe_layer, stage_selection_cost
+from gpu_nondrop import stage_nondrop
+from gpu_verify import stage_verify
 
 
 def _step(fn: Any, policy: str, logits: torch.Tensor, router: RouterSpec, rows: int,
@@ -77,13 +56,6 @@ def _step(fn: Any, policy: str, logits: torch.Tensor, router: RouterSpec, rows: 
     valid = torch.arange(logits.shape[0], device=device) < rows
     b = bias.to(device) if bias is not None else None
     return fn(policy, logits.to(device), router, knobs, valid, valid, b)
-
-
-def _same(a: Any, b: Any) -> bool:
-    exact = all(torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()) for f in FIELDS)
-    return exact and torch.allclose(a.topk_weights.cpu(), b.topk_weights.cpu(), rtol=1e-5,
-                                    atol=1e-6) and torch.allclose(a.stats.cpu(), b.stats.cpu(),
-                                                                  rtol=1e-4, atol=1e-4)
 
 
 def stage_selection(device: str, dry_run: bool) -> dict[str, Any]:
@@ -141,12 +113,9 @@ def stage_capture(device: str, dry_run: bool) -> dict[str, Any]:
     return {"ok": not failures, "captured": len(ROUTERS), "failures": failures}
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_moe import stage_moe_layer, stage_selection_cost  # noqa: E402
-from gpu_verify import stage_verify  # noqa: E402
-
-STAGES = {"selection": stage_selection, "capture": stage_capture, "moe_layer": stage_moe_layer,
-          "selection_cost": stage_selection_cost, "verify": stage_verify}
+STAGES = {"selection": stage_selection, "capture": stage_capture, "nondrop": stage_nondrop,
+          "moe_layer": stage_moe_layer, "selection_cost": stage_selection_cost,
+          "verify": stage_verify}
 
 
 def _timed_out(*_: object) -> None:

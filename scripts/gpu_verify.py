@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from gpu_common import ROUTERS, _inputs, _same
 
 from lynx.selection import draft_depths, make_knobs, select_layer_step, verify_row_weights
 
@@ -38,7 +39,6 @@ def _tree_weights(requests: int, n: int, seed: int) -> torch.Tensor:
 
 
 def stage_verify(device: str, dry_run: bool) -> dict[str, Any]:
-    from gpu_check import ROUTERS, _inputs, _same
 
     failures: list[str] = []
     timings: dict[str, float] = {}
@@ -96,7 +96,6 @@ def _capture_check(logits: torch.Tensor, bias: torch.Tensor | None, router: Any,
                    valid: torch.Tensor, weight: torch.Tensor, n: int, device: str
                    ) -> str | None:
     """Capture once with the weights in a static buffer; refill for another tree; replay."""
-    from gpu_check import _same
 
     static_logits, static_weight = logits.to(device), weight.to(device)
     v = valid.to(device)

@@ -20,6 +20,8 @@ def test_gpu_check_dry_run_covers_every_router_and_stage(tmp_path: Path) -> None
     assert selection["ok"] and selection["failures"] == []
     assert selection["cells"] == 8 * 4 * 4  # routers x batch sizes x policies (torch only)
     assert json.loads((tmp_path / "capture.json").read_text())["ok"]
+    nondrop = json.loads((tmp_path / "nondrop.json").read_text())
+    assert nondrop["ok"] and nondrop["routers"] == 8 and nondrop["failures"] == []
     assert "[gpu_check] selection: ok" in done.stdout
     layer = json.loads((tmp_path / "moe_layer.json").read_text())
     assert layer["ok"] and len(layer["rows"]) == 2 * 3  # tiny shapes x batch sizes

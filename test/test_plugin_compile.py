@@ -18,7 +18,7 @@ ROUTER = RouterSpec(top_k=4)
 def test_a_controller_policy_is_compiled_on_arrival_and_serves_from_its_graph() -> None:
     runtime = make_runtime(PolicySpec(name="off"), experts=32, top_k=4, layers=1)
     runtime.compiled = CompiledSelection()
-    runtime._graph_keys = [GraphKey("", ROUTER, 32, torch.float32, False, False)]
+    runtime._graph_keys = [GraphKey("", ROUTER, 32, torch.float32, False, False, True)]
     runtime.compile_selection("off")
     assert runtime.compiled.graphs == {}  # policy off selects nothing: nothing to compile
 
@@ -26,7 +26,7 @@ def test_a_controller_policy_is_compiled_on_arrival_and_serves_from_its_graph() 
     args, _ = runtime.before_process_input_requests(object(), [message, "req"])
     assert args[1] == ["req"]  # the message is consumed, requests pass on
     assert list(runtime.compiled.graphs) == [GraphKey("coverage", ROUTER, 32, torch.float32,
-                                                      False, False)]
+                                                      False, False, True)]
     state = runtime.state
     assert state is not None and state.begin_step(StepLayout("decode", 16, 0))
 
@@ -36,7 +36,9 @@ def test_a_controller_policy_is_compiled_on_arrival_and_serves_from_its_graph() 
     from lynx.sglang_plugin.formats import LayerPlan
 
     logits = torch.randn(16, 32)
+    own_ids = logits.topk(4).indices.to(torch.int32)  # SGLang's STANDARD output, judged on
     selection = runtime.select(state, logits, LayerPlan("standard", router=ROUTER),
-                               type("Config", (), {"correction_bias": None}), 0)
+                               type("Config", (), {"correction_bias": None}), 0,
+                               stock_ids=own_ids)
     assert calls == [1]  # served from the graph compiled on arrival
     assert selection.apply_rows.all() and int(selection.keep.sum()) < 32

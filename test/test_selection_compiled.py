@@ -1,6 +1,6 @@
 """The compiled selection step (`lynx.selection.compiled`) against the eager specification.
 
-Expert ids, keep sets and pruned rows must be bitwise equal (they decide which weights are
+Expert ids, keep sets, pruned and rerouted rows must be bitwise equal (they decide which weights are
 read); weights and statistics equal to float rounding. Each case compiles one Inductor graph
 (seconds) that serves every row count, so the cases are chosen to cover the router kinds, the
 policies, row counts, padding rows, bf16 logits, a correction bias and row weights with few
@@ -44,7 +44,7 @@ def _inputs(rows: int, experts: int, seed: int, dtype: torch.dtype = torch.float
 
 
 def assert_same(compiled: LayerSelection, eager: LayerSelection) -> None:
-    for name in ("keep", "apply_rows", "allowed", "topk_ids"):
+    for name in ("keep", "apply_rows", "rerouted", "allowed", "topk_ids"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
     torch.testing.assert_close(compiled.topk_weights, eager.topk_weights)
     torch.testing.assert_close(compiled.stats, eager.stats)
@@ -90,6 +90,24 @@ def test_graph_serves_real_router_ties_bitwise() -> None:
         logits = (logits * 4).round() / 4  # few distinct values: many exact ties
         got = selection("budget", logits, QWEN3, knobs, valid, prunable)
         assert_same(got, select_layer_step("budget", logits, QWEN3, knobs, valid, prunable))
+
+
+def test_graph_judges_on_the_engines_own_ids_as_served() -> None:
+    """The plugin's STANDARD call: SGLang's own top-K (unsorted, ties broken its way) is the
+    stock routing; one row goes through the graph with a padding row added."""
+    selection = CompiledSelection()
+    knobs = make_knobs(policy="budget", budget=12)
+    for seed, rows in enumerate((1, 2, 5, 33, 64)):
+        logits, valid, prunable = _inputs(rows, 128, seed, torch.bfloat16)
+        logits = (logits * 4).round() / 4  # exact ties at the top-K boundary
+        own = logits.float().topk(8, sorted=False).indices.flip(-1).to(torch.int32)
+        got = selection("budget", logits, QWEN3, knobs, valid, prunable, stock_ids=own)
+        want = select_layer_step("budget", logits, QWEN3, knobs, valid, prunable,
+                                 stock_ids=own)
+        assert_same(got, want)
+        judged = valid & prunable  # rerouted exactly where the engine's own ids leave keep
+        assert torch.equal(got.rerouted, judged & ~got.keep[own.long()].all(-1))
+    assert len(selection.graphs) == 1 and not selection.failed
 
 
 def test_a_graph_that_raises_is_dropped_and_the_step_goes_eager(

@@ -208,7 +208,7 @@ def test_statistics_match_a_plain_loop(step: Step, policy: str) -> None:
     logits = step.logits.double()
     top_k = step.router.top_k
     union: set[int] = set()
-    mass_kept = mass_total = top1_kept = 0.0
+    mass_kept = mass_total = top1_kept = rerouted = 0.0
     rows = 0
     for t in range(logits.shape[0]):
         if not (bool(step.row_valid[t]) and bool(step.row_prunable[t])):
@@ -225,8 +225,9 @@ def test_statistics_match_a_plain_loop(step: Step, policy: str) -> None:
             mass_total += gates[e]
             mass_kept += gates[e] if keep[e] else 0.0
         top1_kept += 1.0 if keep[chosen[0]] else 0.0
+        rerouted += 0.0 if all(keep[e] for e in chosen) else 1.0
     expected = [float(rows > 0), float(sum(keep)) * (rows > 0), float(len(union)), mass_kept,
-                mass_total, top1_kept, float(rows), 0.0]
+                mass_total, top1_kept, float(rows), 0.0, rerouted]
     got = selection.stats.tolist()
     assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, expected, strict=True)
                ), (got, expected)

@@ -41,13 +41,14 @@ def policy_spec(name: str, budget: int | None = None, k0: int = 1) -> PolicySpec
     return PolicySpec(name=name)
 
 
-def make_runtime(policy: PolicySpec, experts: int, top_k: int, layers: int = 4
-                 ) -> LynxRuntime:
+def make_runtime(policy: PolicySpec, experts: int, top_k: int, layers: int = 4, *,
+                 compile: bool = False) -> LynxRuntime:
     """A runtime with its state and a (non-exporting) statistics exporter on the CPU; the
-    eager selection step (the compiled one is checked against it in test_selection_compiled)."""
+    eager selection step unless ``compile`` (then the server's AOTInductor step, packages in
+    the default cache; the compiled step is checked against eager in test_selection_compiled)."""
     config = PluginConfig(enabled=True, policy=policy, controller=None, replica_id="test",
                           stale_after_s=10.0, safe_policy=None, stats_interval_s=3600.0,
-                          compile=False)
+                          compile=compile)
     runtime = LynxRuntime(config)
     runtime.state = RuntimeState(layers, experts, top_k, torch.device("cpu"), policy)
     runtime.exporter = StatsExporter(runtime.state, config, tp_rank=1)  # no Prometheus

@@ -92,7 +92,8 @@ TOP1_KEPT_FOR = "5m"
 RUNTIME_METRICS = (
     "lynx_experts_kept_mean", "lynx_experts_stock_union_mean", "lynx_experts_kept_total",
     "lynx_experts_stock_union_total", "lynx_routing_mass_kept_total", "lynx_routing_mass_total",
-    "lynx_top1_kept_rows_total", "lynx_pruned_rows_total", "lynx_steps_total",
+    "lynx_top1_kept_rows_total", "lynx_pruned_rows_total", "lynx_rerouted_rows_total",
+    "lynx_steps_total",
     "lynx_step_duration_seconds_bucket", "lynx_policy_version", "lynx_policy_active",
     "lynx_controller_connected",
 )

@@ -119,12 +119,15 @@ ROWS: tuple[RowSpec, ...] = (
                              "instance"), "{{instance}} all layers")),
                   unit="percentunit", min_value=0, max_value=1, width=12),
         PanelSpec("Routing mass kept", "Share of the stock top-k routing weight of pruned rows "
-                  "that lands on kept experts (1 = nothing lost), and the share of pruned rows "
-                  "that kept their top-1 expert (must be exactly 1).",
+                  "that lands on kept experts (1 = nothing lost), the share of pruned rows "
+                  "that kept their top-1 expert (must be exactly 1), and the share of pruned "
+                  "rows Lynx rerouted (the only rows whose routing differs from SGLang's).",
                   (_q(_ratio("lynx_routing_mass_kept_total", "lynx_routing_mass_total",
                              "instance"), "{{instance}} routing mass kept"),
                    _q(_ratio("lynx_top1_kept_rows_total", "lynx_pruned_rows_total", "instance"),
-                      "{{instance}} top-1 kept")),
+                      "{{instance}} top-1 kept"),
+                   _q(_ratio("lynx_rerouted_rows_total", "lynx_pruned_rows_total", "instance"),
+                      "{{instance}} rerouted")),
                   unit="percentunit", max_value=1, width=12),
         PanelSpec("Steps by mode", "Forward steps per second by mode (decode, prefill, mixed) "
                   "and whether Lynx pruned them.",

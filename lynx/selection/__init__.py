@@ -6,8 +6,9 @@ Shape legend (used in every module):
 
 Entry point: `select_layer_step(policy, logits [T,E], router, knobs, row_valid [T],
 row_prunable [T], correction_bias [E] | None, row_weight=[T] | None) -> LayerSelection`
-(keep [E], apply_rows [T], allowed [T,E], topk_weights [T,K], topk_ids [T,K],
-stats [len(STAT_FIELDS)]).
+(keep [E], apply_rows [T], rerouted [T], allowed [T,E], topk_weights [T,K], topk_ids [T,K],
+stats [len(STAT_FIELDS)]); an engine keeps its own routing in every row not rerouted
+(`merge_rerouted`).
 No engine import, no global state, no host sync: CUDA-graph capturable, knobs are tensors.
 The torch code is the specification; `lynx.triton_selection` runs the hot part in Triton.
 """
@@ -31,7 +32,9 @@ from lynx.selection.routers import RouterSpec, StockRouting, gate_scores, stock_
 from lynx.selection.routing import (
     MASK_MARGIN,
     apply_logit_bias,
+    mask_rerouted_logits,
     masking_logit_bias,
+    merge_rerouted,
     route_restricted,
     routed_weights,
     row_allowed,
@@ -63,7 +66,9 @@ __all__ = [
     "keep_policy",
     "layer_statistics",
     "make_knobs",
+    "mask_rerouted_logits",
     "masking_logit_bias",
+    "merge_rerouted",
     "must_keep",
     "rank_descending",
     "route_restricted",

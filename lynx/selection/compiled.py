@@ -57,6 +57,7 @@ class GraphKey(NamedTuple):
     dtype: torch.dtype  # of the logits
     has_bias: bool
     has_row_weight: bool
+    has_stock_ids: bool = False  # the engine's own top-K ids are an input (STANDARD format)
 
 
 def cxx_compiler() -> str | None:
@@ -82,10 +83,13 @@ class _StepModule(torch.nn.Module):
         extra = list(rest[len(SelectionKnobs._fields):])
         bias = extra.pop(0) if self.key.has_bias else None
         weight = extra.pop(0) if self.key.has_row_weight else None
+        ids = extra.pop(0) if self.key.has_stock_ids else None
         return tuple(select_layer_step(self.key.policy, logits, self.key.router, knobs,
-                                       row_valid, row_prunable, bias, row_weight=weight))
+                                       row_valid, row_prunable, bias, row_weight=weight,
+                                       stock_ids=ids))
 
 
+PER_STEP = frozenset({"keep", "stats"})  # `LayerSelection` fields without a row dimension
 MAX_ROWS = 1 << 16
 """Most rows a compiled graph serves (the export's bound on T); larger steps run eagerly."""
 
@@ -98,7 +102,8 @@ def _example_inputs(key: GraphKey) -> tuple[torch.Tensor, ...]:
     # would fold aliased example inputs into one.
     knobs = make_knobs()
     extra = ([torch.zeros(key.experts)] if key.has_bias else []) + (
-        [torch.ones(rows)] if key.has_row_weight else [])
+        [torch.ones(rows)] if key.has_row_weight else []) + (
+        [torch.zeros(rows, key.router.top_k, dtype=torch.int64)] if key.has_stock_ids else [])
     return (torch.zeros(rows, key.experts, dtype=key.dtype), torch.zeros(rows, dtype=torch.bool),
             torch.zeros(rows, dtype=torch.bool), *knobs, *extra)
 
@@ -110,6 +115,7 @@ def package_name(key: GraphKey) -> str:
 
     digest = hashlib.sha256(repr((
         key.policy, key.router, key.experts, str(key.dtype), key.has_bias, key.has_row_weight,
+        key.has_stock_ids,
         torch.__version__, str(pick_vec_isa()), platform.machine(), MAX_ROWS)).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
@@ -125,7 +131,8 @@ def export_package(key: GraphKey, path: Path) -> None:
     example = _example_inputs(key)
     rows = torch.export.Dim("T", min=2, max=MAX_ROWS)
     knobs = (None,) * len(SelectionKnobs._fields)
-    extra = ((None,) if key.has_bias else ()) + (({0: rows},) if key.has_row_weight else ())
+    extra = ((None,) if key.has_bias else ()) + (({0: rows},) if key.has_row_weight else ()) + (
+        ({0: rows},) if key.has_stock_ids else ())
     with torch.no_grad():
         program = torch.export.export(
             _StepModule(key), example, strict=False,
@@ -148,10 +155,13 @@ class StepRunner:
         logits, valid, prunable, *rest = inputs
         padded = [logits.repeat(2, 1), torch.cat([valid, valid.new_zeros(1)]),
                   torch.cat([prunable, prunable.new_zeros(1)]), *rest]
-        if self.key.has_row_weight:
-            padded[-1] = torch.cat([rest[-1], rest[-1].new_zeros(1)])
-        keep, rows, allowed, weights, ids, stats = self.runner.run(padded)
-        return keep, rows[:1], allowed[:1], weights[:1], ids[:1], stats
+        per_row = int(self.key.has_row_weight) + int(self.key.has_stock_ids)
+        for i in range(len(padded) - per_row, len(padded)):  # row weight 0, ids repeated
+            tail = padded[i].new_zeros(1) if padded[i].dim() == 1 else padded[i]
+            padded[i] = torch.cat([padded[i], tail])
+        outputs = LayerSelection(*self.runner.run(padded))
+        return tuple(value if name in PER_STEP else value[:1]
+                     for name, value in zip(LayerSelection._fields, outputs, strict=True))
 
 
 def compile_step(key: GraphKey, cache_dir: Path | None = None
@@ -235,12 +245,13 @@ class CompiledSelection:
     def __call__(self, policy: str, logits: torch.Tensor, router: RouterSpec,
                  knobs: SelectionKnobs, row_valid: torch.Tensor, row_prunable: torch.Tensor,
                  correction_bias: torch.Tensor | None = None, *,
-                 row_weight: torch.Tensor | None = None) -> LayerSelection:
+                 row_weight: torch.Tensor | None = None,
+                 stock_ids: torch.Tensor | None = None) -> LayerSelection:
         """Same contract and results as `select_layer_step` (see the module doc)."""
         rows, experts = logits.shape
         graph = None
         key = GraphKey(policy, router, experts, logits.dtype, correction_bias is not None,
-                       row_weight is not None)
+                       row_weight is not None, stock_ids is not None)
         # Inside someone else's trace (torch.compile of the model, a graph capture) the
         # eager specification is what gets traced.
         if (self.enabled and not logits.is_cuda and 0 < rows <= MAX_ROWS
@@ -255,12 +266,14 @@ class CompiledSelection:
                 inputs.append(correction_bias.float().reshape(-1))
             if row_weight is not None:
                 inputs.append(row_weight.float())
+            if stock_ids is not None:
+                inputs.append(stock_ids.long().contiguous())
             try:
                 return LayerSelection(*graph(*inputs))
             except Exception as error:  # never take the forward down: eager from now on
                 self._give_up(key, error, "running the compiled selection step")
         return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
-                                 correction_bias, row_weight=row_weight)
+                                 correction_bias, row_weight=row_weight, stock_ids=stock_ids)
 
     def _give_up(self, key: GraphKey, error: Exception, doing: str) -> None:
         """Eager for ``key`` from now on; the first failure of all is logged."""

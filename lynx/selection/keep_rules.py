@@ -12,6 +12,10 @@ Shape legend: T rows, E experts, K top_k.
 - with no pruned row in the step, every expert is kept.
 All additions follow a fixed order (importance, then lower index), so the rules are
 deterministic and add only experts of the stock union.
+
+Batch importance is summed in fixed point (`IMPORTANCE_SCALE`, exact int64 sums) and rounded to
+fp32 once: the same value whatever the order of the rows, their number of padding rows or the
+reduction order a compiler or kernel picks, so near-ties cannot flip with row order.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lynx.selection.routers import RouterSpec, StockRouting
 
 RANK_FIRST = 1.0e9  # score offset that ranks a set of experts ahead of all others
 RANK_UNION = 1.0e3  # offset ranking stock-union experts ahead of the rest (gates are <= 1)
+IMPORTANCE_SCALE = float(1 << 32)  # fixed-point unit of summed gate mass: exact int64 sums
 
 
 class BatchRouting(NamedTuple):
@@ -36,14 +41,28 @@ class BatchRouting(NamedTuple):
     union: torch.Tensor  # [E] bool experts in some pruned row's stock top-K
 
 
+def fixed_point(mass: torch.Tensor) -> torch.Tensor:
+    """int64 image of fp32 gate mass ``mass`` (any shape, values in [0, 2^31)): truncated
+    ``mass * IMPORTANCE_SCALE``, exact (a power-of-two scale), so sums of it are exact and
+    independent of their order."""
+    return (mass.float() * IMPORTANCE_SCALE).to(torch.int64)
+
+
+def from_fixed_point(total: torch.Tensor) -> torch.Tensor:
+    """fp32 value of a sum of `fixed_point` images (one rounding, so equal sums give equal
+    floats)."""
+    return (total.to(torch.float64) / IMPORTANCE_SCALE).to(torch.float32)
+
+
 def gate_mass(stock: StockRouting, rows: torch.Tensor, weight: torch.Tensor | None = None
               ) -> torch.Tensor:
     """[E] fp32 stock top-K gate mass on each expert, summed over ``rows`` [T] bool (each row
-    scaled by ``weight`` [T] when given); rows outside ``rows`` never enter the sum."""
+    scaled by ``weight`` [T] when given); rows outside ``rows`` never enter the sum. Summed
+    in fixed point (`fixed_point`), so the result does not depend on the order of the rows."""
     gate = stock.gate.float() if weight is None else stock.gate.float() * weight.float()[:, None]
-    gate = torch.where(rows[:, None], gate, 0.0)
-    dense = torch.zeros(stock.choice.shape, dtype=torch.float32, device=stock.ids.device)
-    return dense.scatter(1, stock.ids, gate).sum(dim=0)
+    gate = fixed_point(torch.where(rows[:, None], gate, 0.0))
+    dense = torch.zeros(stock.choice.shape, dtype=torch.int64, device=stock.ids.device)
+    return from_fixed_point(dense.scatter(1, stock.ids, gate).sum(dim=0))
 
 
 def batch_totals(stock: StockRouting, rows: torch.Tensor) -> BatchRouting:

@@ -13,7 +13,9 @@ CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without
   importance (summed stock top-K gate mass of the pruned rows), lower index on ties; keep the
   first ``max(m, #must-keep, K)`` of the experts the pruned rows' stock top-K use (never one
   outside that union). One fixed ranking, so a smaller m keeps a subset.
-- ``affinity``: the published AffinityBinning (`lynx.selection.affinity`), B = valid rows.
+- ``affinity``: the published AffinityBinning (`lynx.selection.affinity`) over the pruned
+  rows (B = their count: prefill and padding rows neither vote nor count), binning the log
+  gate (`routers.affinity_logits`).
 - ``piggyback`` (OEA-style): each pruned row keeps its top-``k0``; the union is the active set
   the rows' other slots are re-routed onto.
 - ``coverage`` (ours): the fewest experts, by batch importance, whose summed stock top-K gate
@@ -73,8 +75,8 @@ class PolicyInputs(NamedTuple):
     logits: torch.Tensor  # [T,E] fp32 router logits
     router: RouterSpec
     correction_bias: torch.Tensor | None  # [E] for biased routers
-    row_valid: torch.Tensor  # [T] bool real rows with finite logits (vote in batch scores)
-    rows: torch.Tensor  # [T] bool rows this step prunes (valid, prunable, enabled)
+    rows: torch.Tensor  # [T] bool rows this step prunes (valid, finite, prunable, enabled):
+    # the only rows that vote, so padding and prefill rows never change a keep set
     batch: BatchRouting  # stock routing and per-expert totals over ``rows``
     must: torch.Tensor  # [E] bool experts no policy may drop
 
@@ -98,7 +100,7 @@ def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
 
 def keep_affinity(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     scores = affinity_logits(inputs.logits, inputs.router, inputs.correction_bias)
-    return affinity_choices(scores, inputs.router.top_k, inputs.row_valid, inputs.rows,
+    return affinity_choices(scores, inputs.router.top_k, inputs.rows, inputs.rows,
                             knobs.alpha, knobs.beta)
 
 

@@ -33,7 +33,6 @@ from lynx.selection.ranking import stable_top_k
 
 RENORMALIZE_EPSILON = 1.0e-20  # SGLang's _RENORMALIZE_SUM_EPSILON
 EXCLUDED = -1.0e4  # logit-domain value of experts outside a row's chosen groups (finite)
-MIN_CHOICE_SCORE = 1.0e-6  # floor before the log of a biased choice score
 
 
 @dataclass(frozen=True)
@@ -162,16 +161,47 @@ def stock_routing(logits: torch.Tensor, router: RouterSpec,
     return StockRouting(choice, ids, gate)
 
 
+def engine_routing(logits: torch.Tensor, router: RouterSpec,
+                   correction_bias: torch.Tensor | None, engine_ids: torch.Tensor
+                   ) -> StockRouting:
+    """The engine's own top-K decision as the stock routing (``engine_ids`` [T,K], any column
+    order: SGLang returns its top-K unsorted), so that near-ties the engine broke its own way
+    (bf16 logits tie often; CPU and CUDA kernels break ties differently) are what the keep
+    set, the statistics and the rerouted rows are judged on.
+
+    Ids are sorted best first by the router's choice score (ties: lower id), gates read at
+    them; grouped routers route within the library's chosen groups plus any group an engine
+    id lies in. Ids outside [0, E) (SGLang's -1 on padded rows) are clamped: such rows must
+    not be pruned rows. Shapes: ``logits`` [T,E] (finite), ``correction_bias`` [E]."""
+    experts = logits.shape[-1]
+    unrestricted = choice_scores(logits, router, correction_bias)
+    ids = engine_ids.long().clamp(0, experts - 1)
+    ids = ids.gather(1, stable_top_k(unrestricted.gather(1, ids), ids.shape[1]))
+    choice = unrestricted
+    if router.grouped:
+        groups = router.num_expert_group
+        assert groups is not None
+        chosen = chosen_groups(unrestricted, router)
+        chosen = chosen.scatter(1, ids // (experts // groups), True)  # engine ids' groups too
+        choice = restrict_to_chosen_groups(unrestricted, chosen, -torch.inf)
+    return StockRouting(choice, ids, gate_scores(logits, router).gather(1, ids))
+
+
 def affinity_logits(logits: torch.Tensor, router: RouterSpec,
                     correction_bias: torch.Tensor | None) -> torch.Tensor:
-    """[T,E] logit-domain scores with the router's ranking, for AffinityBinning's bins.
+    """[T,E] logit-domain scores for AffinityBinning's bins: the log of the gate, the weight
+    the router gives each expert (softmax: the logits, up to a per-row constant the bins
+    subtract anyway; sigmoid: log sigmoid(z)).
 
-    Routers without a bias: the logits. Biased routers: log of the choice score (floored at
-    MIN_CHOICE_SCORE). Grouped routers: experts outside the row's groups sit EXCLUDED below
-    the row's best expert, so they fall into the deepest bin."""
+    The correction bias only chooses, it never weighs (DeepSeek-V3), so it is not binned: the
+    bins are then invariant to everything the router's own choice is invariant to, a constant
+    shift of the bias included (binning log(sigmoid + bias) was not: it compresses every expert
+    into one bin at DeepSeek-V3's biases near +5; `benchmark/affinity_bias.py`). Grouped
+    routers: experts outside the row's chosen groups sit EXCLUDED below the row's best expert,
+    so they fall into the deepest bin. Shapes: ``logits`` [T,E], ``correction_bias`` [E]."""
     z = logits.float()
-    if router.has_correction_bias:
-        z = torch.log(choice_scores(z, router, correction_bias).clamp_min(MIN_CHOICE_SCORE))
+    if router.scoring == "sigmoid":
+        z = torch.nn.functional.logsigmoid(z)
     if not router.grouped:
         return z
     chosen = chosen_groups(choice_scores(logits, router, correction_bias), router)

@@ -8,11 +8,15 @@ Shape legend: T rows, E experts, K top_k (routed experts; fused shared slots are
   raw-logit weights, routed scaling factor where SGLang applies it) over the allowed experts.
   Dropped experts are excluded exactly (a boolean, not a finite penalty), so no logit scale
   makes a pruned row reach one. Rows allowed everything get the stock routing.
-- `masking_logit_bias`: for engines that route from logits themselves (SGLang's bypassed and
-  Triton-kernel TopK formats), a finite additive mask relative to each row's own logit span:
-  every dropped expert ends at least ``MASK_MARGIN`` below every allowed one whatever the scale
-  (a plain ``-inf`` can turn into NaN inside fused kernels). Valid for routers without a
-  correction bias only (with one, a masked expert still competes on its bias).
+- `merge_rerouted`: an engine's own routing with only the rows that need rerouting replaced:
+  a row whose own top-K lies inside its allowed set stays the engine's, bit for bit (Lynx
+  changes only what it prunes; the library's weights equal the engine's only to rounding).
+- `masking_logit_bias` / `mask_rerouted_logits`: for engines that route from logits themselves
+  (SGLang's bypassed and Triton-kernel TopK formats), a finite additive mask relative to each
+  row's own logit span: every dropped expert ends at least ``MASK_MARGIN`` below every allowed
+  one whatever the scale (a plain ``-inf`` can turn into NaN inside fused kernels), in the
+  rerouted rows only. Valid for routers without a correction bias only (with one, a masked
+  expert still competes on its bias).
 
 Weights without renormalisation are rescaled to the row's stock top-K gate mass (the published
 method's S_t: Lynx moves a row's weaker slots, it does not shrink the row's output); raw-logit
@@ -77,6 +81,21 @@ def route_restricted(logits: torch.Tensor, router: RouterSpec, stock: StockRouti
     return routed_weights(logits, router, ids, stock_gate_mass(stock)), ids
 
 
+def merge_rerouted(own_ids: torch.Tensor, own_weights: torch.Tensor, routed_ids: torch.Tensor,
+                   routed_weights: torch.Tensor, allowed: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T,K], weights [T,K]) in the dtypes of the engine's ``own_ids``/``own_weights``
+    [T,K] (its routed columns): the library's ``routed_ids``/``routed_weights`` [T,K] in the
+    rows whose own ids hold an expert outside ``allowed`` [T,E], the engine's own elsewhere.
+    Judged on the engine's ids, so an expert outside the keep set is never computed even where
+    the engine broke a near-tie differently. Out-of-range own ids (padding) are clamped for
+    the lookup only. Static shapes, no host sync (capturable)."""
+    own = own_ids.long().clamp(0, allowed.shape[1] - 1)
+    rewrite = ~allowed.gather(1, own).all(dim=-1, keepdim=True)  # [T,1]
+    return (torch.where(rewrite, routed_ids.to(own_ids.dtype), own_ids),
+            torch.where(rewrite, routed_weights.to(own_weights.dtype), own_weights))
+
+
 def masking_logit_bias(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """[T,E] fp32 additive bias: 0 where allowed, else ``-(row span + MASK_MARGIN)``.
 
@@ -84,6 +103,15 @@ def masking_logit_bias(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Ten
     z = logits.float()
     span = z.max(dim=-1, keepdim=True).values - z.min(dim=-1, keepdim=True).values
     return torch.where(allowed, 0.0, -(span + MASK_MARGIN))
+
+
+def mask_rerouted_logits(logits: torch.Tensor, allowed: torch.Tensor, rerouted: torch.Tensor
+                         ) -> torch.Tensor:
+    """[T,E] logits for engines that route from logits: rows in ``rerouted`` [T] masked to
+    their ``allowed`` [T,E] experts (`masking_logit_bias`), every other row the engine's
+    ``logits`` untouched (so it routes them exactly as stock). Static shapes: capturable."""
+    masked = apply_logit_bias(logits, masking_logit_bias(logits, allowed))
+    return torch.where(rerouted[:, None], masked, logits)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

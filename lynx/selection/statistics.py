@@ -20,13 +20,14 @@ STAT_FIELDS: tuple[str, ...] = (
     "top1_kept",  # pruned rows whose top-1 expert is kept
     "rows",  # pruned rows
     "nonfinite_rows",  # valid rows whose router logits hold NaN/inf (routed stock, not counted)
+    "rerouted_rows",  # pruned rows whose stock top-K held a dropped expert (routing changed)
 )
 
 
 def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor,
-                     nonfinite_rows: torch.Tensor) -> torch.Tensor:
+                     nonfinite_rows: torch.Tensor, rerouted: torch.Tensor) -> torch.Tensor:
     """[len(STAT_FIELDS)] fp32 statistics of one layer-step over ``rows`` [T] bool (the
-    pruned rows of ``batch``); ``nonfinite_rows`` [T] bool are only counted."""
+    pruned rows of ``batch``); ``nonfinite_rows`` and ``rerouted`` [T] bool are only counted."""
     stock = batch.stock
     gate = torch.where(rows[:, None], stock.gate.float(), 0.0)  # [T,K]
     kept_of_stock = keep[stock.ids]  # [T,K]
@@ -41,6 +42,7 @@ def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor
         (kept_of_stock[:, 0] & rows).sum().to(torch.float32),
         n_rows,
         nonfinite_rows.sum().to(torch.float32),
+        rerouted.sum().to(torch.float32),
     ])
 
 

@@ -18,12 +18,19 @@ What the plugin passes:
   rows (prefill rows: False, routed exactly stock);
 - ``correction_bias`` [E]: the router's bias, for routers with ``has_correction_bias``;
 - ``row_weight`` [T] fp32 (optional): each pruned row's vote in the batch importance
-  (speculative verify steps: `lynx.selection.speculative.verify_row_weights`); default 1.
+  (speculative verify steps: `lynx.selection.speculative.verify_row_weights`); default 1;
+- ``stock_ids`` [T,K] (optional): the engine's own top-K, where it routed before the step.
 
-What it gets back (`LayerSelection`): the keep set, the rows pruned, the experts each row may
-route to, the routing itself (pruned rows: the router's rule restricted to ``allowed``, see
-`lynx.selection.routing`; other rows: the stock routing of the library, which an engine
-replaces by its own output so that they stay bit for bit stock), and `STAT_FIELDS` stats.
+What it gets back (`LayerSelection`): the keep set, the rows pruned, the rows rerouted, the
+experts each row may route to, the routing itself (pruned rows: the router's rule restricted
+to ``allowed``, see `lynx.selection.routing`; other rows: the stock routing of the library),
+and `STAT_FIELDS` stats.
+
+Lynx changes only what it prunes: a pruned row whose stock top-K lies inside its ``allowed``
+set is *not rerouted*. An engine keeps its own output for every row outside ``rerouted``
+(the library's routing equals the engine's only to float rounding, and a bf16 MoE turns that
+into an occasional greedy flip), so a layer-step that drops no expert is the engine's own,
+bit for bit. Such rows still count in every statistic (``rows``, kept = union).
 A valid row whose logits hold NaN/inf is never pruned and never voted with; it is counted in
 ``nonfinite_rows``.
 """
@@ -50,7 +57,7 @@ from lynx.selection.policies import (
     keep_by_code,
     keep_policy,
 )
-from lynx.selection.routers import RouterSpec, stock_routing
+from lynx.selection.routers import RouterSpec, engine_routing, stock_routing
 from lynx.selection.routing import route_restricted, row_allowed
 from lynx.selection.statistics import layer_statistics
 
@@ -58,6 +65,7 @@ from lynx.selection.statistics import layer_statistics
 class LayerSelection(NamedTuple):
     keep: torch.Tensor  # [E] bool experts this layer computes for the pruned rows
     apply_rows: torch.Tensor  # [T] bool rows pruned this step (valid, finite, prunable, on)
+    rerouted: torch.Tensor  # [T] bool pruned rows whose stock top-K holds a non-allowed expert
     allowed: torch.Tensor  # [T,E] bool experts each row may route to (all for other rows)
     topk_weights: torch.Tensor  # [T,K] fp32 routing weights (see module doc)
     topk_ids: torch.Tensor  # [T,K] int64 routed expert ids, best first
@@ -89,24 +97,31 @@ def select_layer_step(
     policies: Mapping[str, KeepPolicy] | None = None,
     batch_routing: BatchRoutingFn = torch_batch_routing,
     row_weight: torch.Tensor | None = None,
+    stock_ids: torch.Tensor | None = None,
 ) -> LayerSelection:
     """Keep set, routing and statistics for one layer-step (see the module doc).
 
     ``policies`` replaces the policy table and ``batch_routing`` the stock-routing pass (the
-    Triton package passes its kernels through these). Raises ValueError for an unknown
-    policy name or a biased router without ``correction_bias``."""
+    Triton package passes its kernels through these). ``stock_ids`` [T,K]: the engine's own
+    top-K where it routed before the step (SGLang's STANDARD output): the stock routing is
+    then the engine's decision (`routers.engine_routing`), ties broken its way. Raises
+    ValueError for an unknown policy name or a biased router without ``correction_bias``."""
     choose = resolve_policy(policy, policies)
     finite = torch.isfinite(logits).all(dim=-1)  # [T]
     usable = row_valid & finite
     z = torch.where(usable[:, None], logits.float(), 0.0)  # padding may hold inf/NaN
     rows = usable & row_prunable & knobs.enabled
-    batch = batch_routing(z, router, correction_bias, rows)
+    if stock_ids is not None:
+        batch = batch_totals(engine_routing(z, router, correction_bias, stock_ids), rows)
+    else:
+        batch = batch_routing(z, router, correction_bias, rows)
     if row_weight is not None:
         batch = weighted_importance(batch, rows, row_weight)
     must = must_keep(batch)
-    inputs = PolicyInputs(z, router, correction_bias, usable, rows, batch, must)
+    inputs = PolicyInputs(z, router, correction_bias, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)
     allowed = row_allowed(keep, rows, batch.stock)
+    rerouted = rows & ~allowed.gather(1, batch.stock.ids).all(dim=-1)
     weights, ids = route_restricted(z, router, batch.stock, allowed)
-    stats = layer_statistics(batch, keep, rows, row_valid & ~finite)
-    return LayerSelection(keep, rows, allowed, weights, ids, stats)
+    stats = layer_statistics(batch, keep, rows, row_valid & ~finite, rerouted)
+    return LayerSelection(keep, rows, rerouted, allowed, weights, ids, stats)

@@ -69,6 +69,9 @@ class _Metrics:
         self.mass_total = Counter("lynx_routing_mass", "Stock top-k routing mass of pruned rows")
         self.top1_kept = Counter("lynx_top1_kept_rows", "Pruned rows whose top-1 expert was kept")
         self.rows = Counter("lynx_pruned_rows", "Rows that went through expert selection")
+        self.rerouted_rows = Counter(
+            "lynx_rerouted_rows", "Pruned rows whose routing Lynx changed (their stock top-k "
+            "held a dropped expert; every other row is SGLang's own), summed over layer-steps")
         self.nonfinite_rows = Counter(
             "lynx_nonfinite_router_rows", "Valid rows whose router logits held NaN/inf "
             "(routed stock, kept out of every statistic), summed over layer-steps")
@@ -198,6 +201,7 @@ class StatsExporter:
         m.mass_total.inc(float(delta[:, _FIELD["mass_total"]].sum()))
         m.top1_kept.inc(float(delta[:, _FIELD["top1_kept"]].sum()))
         m.rows.inc(float(delta[:, _FIELD["rows"]].sum()))
+        m.rerouted_rows.inc(float(delta[:, _FIELD["rerouted_rows"]].sum()))
         m.nonfinite_rows.inc(float(delta[:, _FIELD["nonfinite_rows"]].sum()))
         for graph_state, count in self.selection_graphs().items():
             m.selection_graphs.labels(state=graph_state).set(count)

@@ -4,15 +4,18 @@ Shape legend: T rows, E routed experts, K routed top_k, S fused shared slots (K 
 
 SGLang 0.5.23's ``TopK`` returns one of these (``TopKConfig.output_format``, fixed per layer):
 - STANDARD (``forward_native``/``forward_cpu`` always; ``forward_cuda`` by default): SGLang
-  routes every row itself; Lynx then overwrites the K routed columns of the pruned rows with
-  the library's routing restricted to the kept experts (`lynx.selection.select_layer_step`).
-  Rows that are not pruned keep SGLang's own output bit for bit, the S shared columns are never
-  touched, and no shared bias or logit penalty is involved, so every router kind is pruned
-  (grouped, correction bias, renormalize off, routed scaling factor in the weights or later,
-  raw-logit weights of the flashinfer TRT-LLM routed runner).
+  routes every row itself; Lynx then overwrites the K routed columns of the rows whose SGLang
+  top-K holds a dropped expert with the library's routing restricted to the kept experts
+  (`lynx.selection.select_layer_step`). Every other row keeps SGLang's own output bit for bit
+  (pruned rows with nothing dropped included), the S shared columns are never touched, and
+  no shared bias or logit penalty is involved, so every router kind is pruned (grouped,
+  correction bias, renormalize off, routed scaling factor in the weights or later, raw-logit
+  weights of the flashinfer TRT-LLM routed runner).
 - BYPASSED (flashinfer TRT-LLM / mxfp4 kernels route inside the MoE kernel) and TRITON_KERNEL
   (GPT-OSS on Hopper: routed from the logits by triton_kernels): Lynx can only change the
-  logits those kernels read, so it hands them a finite per-row mask (`masking_logit_bias`).
+  logits those kernels read, so it hands them a finite per-row mask
+  (`lynx.selection.mask_rerouted_logits`) in the rows it reroutes; the others get SGLang's
+  logits untouched.
   That equals the router's rule restricted to the kept experts only when the weights are
   renormalised over the K and no correction bias takes part (the kernels read one bias shared
   by all rows, and a softmax over all E changes with masked logits); otherwise: pass through.
@@ -29,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from lynx.selection import RouterSpec
+from lynx.selection import RouterSpec, merge_rerouted
 
 PASS_THROUGH_REASONS: tuple[str, ...] = (
     "custom_routing", "scoring", "expert_remapping", "waterfill", "packed_ids",
@@ -138,14 +141,15 @@ def plan_layer(topk: Any, path: str) -> LayerPlan:
 
 
 def merge_standard_output(output: Any, routed_weights: Any, routed_ids: Any,
-                          apply_rows: Any, top_k: int) -> Any:
-    """SGLang's STANDARD output with the first ``top_k`` (routed) columns of ``apply_rows``
-    [T] replaced by ``routed_weights``/``routed_ids`` [T,K]; shared columns and other rows
-    untouched (same dtypes, static shapes: capturable)."""
+                          allowed: Any, top_k: int) -> Any:
+    """SGLang's STANDARD output with the first ``top_k`` (routed) columns replaced by
+    ``routed_weights``/``routed_ids`` [T,K] only in the rows whose own routed ids (SGLang's)
+    hold an expert outside ``allowed`` [T,E] (`lynx.selection.merge_rerouted`). Every other
+    row, and the S shared columns, stay SGLang's bit for bit, so a step that drops nothing is
+    SGLang's own output. Same dtypes, static shapes, no host sync: capturable."""
     ids, weights = output.topk_ids, output.topk_weights
-    rows = apply_rows[:, None]
-    new_ids = torch.where(rows, routed_ids.to(ids.dtype), ids[:, :top_k])
-    new_weights = torch.where(rows, routed_weights.to(weights.dtype), weights[:, :top_k])
+    new_ids, new_weights = merge_rerouted(ids[:, :top_k], weights[:, :top_k], routed_ids,
+                                          routed_weights, allowed)
     if ids.shape[1] > top_k:
         new_ids = torch.cat([new_ids, ids[:, top_k:]], dim=1)
         new_weights = torch.cat([new_weights, weights[:, top_k:]], dim=1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lynx.selection import apply_logit_bias, masking_logit_bias
+from lynx.selection import mask_rerouted_logits
 from lynx.selection.compiled import CompiledSelection
 from lynx.selection.step import LayerSelection
 from lynx.sglang_plugin.config import (
@@ -135,9 +135,9 @@ class LynxRuntime:
         for module in model_runner.model.modules():
             if isinstance(module, TopK):
                 plan = plan_layer(module, "native")
-                if plan.router is not None:
+                if plan.router is not None:  # CPU paths are STANDARD: SGLang's ids go in
                     keys.append(GraphKey("", plan.router, state.num_experts, dtype,
-                                         plan.router.has_correction_bias, False))
+                                         plan.router.has_correction_bias, False, True))
         return list(dict.fromkeys(keys))
 
     def compile_selection(self, policy: str) -> None:
@@ -197,20 +197,22 @@ class LynxRuntime:
         if plan.mode == "pass":
             return original(topk, hidden_states, router_logits, *args, **kwargs)
         assert plan.router is not None
-        selection = self.select(state, router_logits, plan, topk.topk_config, layer)
-        if plan.mode == "logits":
-            masked = apply_logit_bias(router_logits,
-                                      masking_logit_bias(router_logits, selection.allowed))
+        if plan.mode == "logits":  # the kernel routes: mask only the rows Lynx reroutes
+            selection = self.select(state, router_logits, plan, topk.topk_config, layer)
+            masked = mask_rerouted_logits(router_logits, selection.allowed, selection.rerouted)
             output = original(topk, hidden_states, masked, *args, **kwargs)
-        else:
+        else:  # SGLang routes first; its own top-K is the stock routing Lynx judges rows on
             output = original(topk, hidden_states, router_logits, *args, **kwargs)
             if type(output).__name__ != "StandardTopKOutput" or (
                     output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots):
                 self.record_plan(layer, path, LayerPlan("pass", "packed_ids" if hasattr(
                     output, "packed_topk_ids") else "unexpected_output"))
                 return output
+            own_ids = output.topk_ids[:, : plan.router.top_k]
+            selection = self.select(state, router_logits, plan, topk.topk_config, layer,
+                                    stock_ids=own_ids)
             output = merge_standard_output(output, selection.topk_weights, selection.topk_ids,
-                                           selection.apply_rows, plan.router.top_k)
+                                           selection.allowed, plan.router.top_k)
         if self.exporter is not None:
             self.exporter.accumulate(layer, selection.stats)
         return output
@@ -238,9 +240,11 @@ class LynxRuntime:
             self.exporter.set_passed_through(plan.reason, len(passed))
 
     def select(self, state: RuntimeState, router_logits: torch.Tensor, plan: LayerPlan,
-               config: Any, layer: int) -> LayerSelection:
+               config: Any, layer: int, stock_ids: torch.Tensor | None = None
+               ) -> LayerSelection:
         """`lynx.selection.select_layer_step` for one layer: its Triton variant on CUDA, its
-        compiled graph on the CPU once ready (`lynx.selection.compiled`)."""
+        compiled graph on the CPU once ready (`lynx.selection.compiled`). ``stock_ids``
+        [T,K]: SGLang's own routed ids (STANDARD format), the stock routing to judge on."""
         assert plan.router is not None
         knobs = state.knobs
         rows = torch.arange(router_logits.shape[0], device=router_logits.device)
@@ -257,7 +261,7 @@ class LynxRuntime:
         if weight is not None and weight.shape[0] != router_logits.shape[0]:  # padded rows
             weight = torch.nn.functional.pad(weight, (0, router_logits.shape[0] - weight.shape[0]))
         return step(policy, router_logits, plan.router, knobs.for_layer(layer), valid,
-                    prunable, bias, row_weight=weight)
+                    prunable, bias, row_weight=weight, stock_ids=stock_ids)
 
     # -- controller link (on SGLang's request path) -----------------------------------------
     def after_pull_raw_reqs(self, result: list | None, *args: Any, **kwargs: Any

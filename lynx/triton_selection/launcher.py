@@ -24,7 +24,7 @@ from lynx.selection.affinity import (
     support_depth,
     valid_row_count,
 )
-from lynx.selection.keep_rules import BatchRouting
+from lynx.selection.keep_rules import IMPORTANCE_SCALE, BatchRouting, from_fixed_point
 from lynx.selection.policies import KEEP_POLICIES, KeepPolicy, PolicyInputs, SelectionKnobs
 from lynx.selection.routers import RouterSpec, StockRouting, affinity_logits
 from lynx.selection.step import LayerSelection, select_layer_step, torch_batch_routing
@@ -62,18 +62,19 @@ def triton_batch_routing(logits: torch.Tensor, router: RouterSpec,
     device = logits.device
     ids = torch.empty(num_rows, router.top_k, dtype=torch.int64, device=device)
     gate = torch.empty(num_rows, router.top_k, dtype=torch.float32, device=device)
-    partial_importance = torch.empty(programs, num_experts, dtype=torch.float32, device=device)
+    partial_importance = torch.empty(programs, num_experts, dtype=torch.int64, device=device)
     partial_top1 = torch.empty(programs, num_experts, dtype=torch.float32, device=device)
     stock_topk_kernel[(programs,)](
         logits, rows.to(torch.int32), ids, gate, partial_importance, partial_top1,
         num_rows, num_experts, logits.stride(0),
         TOP_K=router.top_k, SIGMOID=router.scoring == "sigmoid",
-        BLOCK_T=BLOCK_ROWS, BLOCK_E=_block_experts(num_experts),
+        BLOCK_T=BLOCK_ROWS, BLOCK_E=_block_experts(num_experts), SCALE=IMPORTANCE_SCALE,
     )
     stock = StockRouting(logits.float(), ids, gate)
     union = torch.zeros(num_rows, num_experts, dtype=torch.bool, device=device).scatter_(
         1, ids, rows[:, None].expand_as(ids)).any(dim=0)
-    return BatchRouting(stock, partial_importance.sum(dim=0), partial_top1.sum(dim=0), union)
+    return BatchRouting(stock, from_fixed_point(partial_importance.sum(dim=0)),
+                        partial_top1.sum(dim=0), union)
 
 
 def affinity_choices_triton(scores: torch.Tensor, top_k: int, row_valid: torch.Tensor,
@@ -104,8 +105,8 @@ def affinity_choices_triton(scores: torch.Tensor, top_k: int, row_valid: torch.T
 
 def keep_affinity_triton(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     scores = affinity_logits(inputs.logits, inputs.router, inputs.correction_bias)
-    return affinity_choices_triton(scores, inputs.router.top_k, inputs.row_valid,
-                                   inputs.rows, knobs.alpha, knobs.beta)
+    return affinity_choices_triton(scores, inputs.router.top_k, inputs.rows, inputs.rows,
+                                   knobs.alpha, knobs.beta)
 
 
 TRITON_POLICIES: Mapping[str, KeepPolicy] = MappingProxyType(
@@ -116,8 +117,11 @@ def select_layer_step_triton(
     policy: str, logits: torch.Tensor, router: RouterSpec, knobs: SelectionKnobs,
     row_valid: torch.Tensor, row_prunable: torch.Tensor,
     correction_bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None,
+    stock_ids: torch.Tensor | None = None,
 ) -> LayerSelection:
-    """Same contract and results as `lynx.selection.select_layer_step`, kernels inside."""
+    """Same contract and results as `lynx.selection.select_layer_step`, kernels inside (with
+    ``stock_ids``, the engine's own routing replaces the stock-routing kernel)."""
     return select_layer_step(policy, logits, router, knobs, row_valid, row_prunable,
                              correction_bias, policies=TRITON_POLICIES,
-                             batch_routing=triton_batch_routing, row_weight=row_weight)
+                             batch_routing=triton_batch_routing, row_weight=row_weight,
+                             stock_ids=stock_ids)

@@ -1,0 +1,197 @@
+"""Metamorphic properties: the keep set is invariant to whatever SGLang's routing is invariant
+to, for every policy and router kind (hypothesis; issue 22).
+
+- a constant shift of the correction bias (the router chooses by an argmax of gate + bias);
+- the order of the rows (same keep set; each row's routing follows the row, bit for bit);
+- an added row that is not prunable (prefill), wherever it sits in the batch;
+- padding rows, whatever they hold (`test_selection_properties`: padding).
+
+Shape legend: T rows, E experts, K top_k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from test_selection_properties import FAST, POLICIES, Step, steps
+
+from lynx.selection import (
+    LayerSelection,
+    RouterSpec,
+    make_knobs,
+    select_layer_step,
+    stock_routing,
+)
+from lynx.selection.statistics import STAT_FIELDS
+
+
+def _stock(step: Step, logits: torch.Tensor, bias: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T,K], groups [T,E] bool) of the stock routing of the valid rows."""
+    z = torch.where(step.row_valid[:, None], logits.float(), 0.0)
+    stock = stock_routing(z, step.router, bias)
+    return stock.ids, torch.isfinite(stock.choice)
+
+
+def _same_routing(a: LayerSelection, b: LayerSelection, rows: torch.Tensor | None = None
+                  ) -> None:
+    """Keep sets equal; per row (``rows`` of ``b`` in ``a``'s order), the same routing: ids
+    bit for bit, weights to rounding (torch's CPU kernels round an element differently in a
+    vector lane and in the scalar tail, so a row's weights may move in the last bit with its
+    position; an engine keeps its own weights for every row not rerouted)."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    assert torch.equal(a.keep, b.keep), "the keep set changed"
+    for name in ("apply_rows", "rerouted", "allowed", "topk_ids"):
+        assert torch.equal(getattr(a, name), pick(getattr(b, name))), name
+    torch.testing.assert_close(a.topk_weights, pick(b.topk_weights))
+
+
+def _same_statistics(a: LayerSelection, b: LayerSelection) -> None:
+    """Counts equal exactly; routing-mass sums to rounding (summed in another order)."""
+    counts = [STAT_FIELDS.index(f) for f in ("kept", "stock_union", "rows", "rerouted_rows")]
+    assert torch.equal(a.stats[counts], b.stats[counts])
+    torch.testing.assert_close(a.stats, b.stats)
+
+
+@FAST
+@given(steps(kinds=("biased", "biased-grouped")), st.sampled_from(POLICIES),
+       st.sampled_from([-1.0, 2.0, 5.0, -0.25]))
+def test_a_constant_bias_shift_changes_no_keep_set(step: Step, policy: str, shift: float
+                                                   ) -> None:
+    assert step.correction_bias is not None
+    shifted = step.correction_bias + shift
+    before, after = _stock(step, step.logits, step.correction_bias), _stock(
+        step, step.logits, shifted)
+    # fp32 rounding of gate + bias can flip a near-tie for SGLang's router too: only shifts
+    # that leave the router's own choice (ids and groups) unchanged are the premise.
+    assume(torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]))
+    moved = Step(step.logits, step.router, shifted, step.row_valid, step.row_prunable,
+                 step.knobs)
+    _same_routing(step.select(policy), moved.select(policy))
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES), st.randoms(use_true_random=False))
+def test_row_order_changes_no_keep_set_and_routing_follows_the_row(
+        step: Step, policy: str, rng) -> None:  # type: ignore[no-untyped-def]
+    order = list(range(step.logits.shape[0]))
+    rng.shuffle(order)
+    perm = torch.tensor(order)
+    shuffled = Step(step.logits[perm], step.router, step.correction_bias, step.row_valid[perm],
+                    step.row_prunable[perm], step.knobs)
+    selection, permuted = step.select(policy), shuffled.select(policy)
+    _same_routing(permuted, selection, perm)
+    _same_statistics(permuted, selection)
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES), st.integers(0, 40), st.sampled_from([0.5, 4.0]))
+def test_an_added_prefill_row_changes_no_keep_set(step: Step, policy: str, where: int,
+                                                  scale: float) -> None:
+    rows, experts = step.logits.shape
+    at = where % (rows + 1)
+    prefill = (torch.randn(1, experts, generator=torch.Generator().manual_seed(where))
+               * scale).to(step.logits.dtype)
+
+    def insert(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor[:at], value, tensor[at:]])
+
+    yes = torch.ones(1, dtype=torch.bool)
+    grown = Step(insert(step.logits, prefill), step.router, step.correction_bias,
+                 insert(step.row_valid, yes), insert(step.row_prunable, ~yes), step.knobs)
+    selection, with_prefill = step.select(policy), grown.select(policy)
+    others = torch.tensor([i for i in range(rows + 1) if i != at], dtype=torch.long)
+    _same_routing(selection, with_prefill, others)
+    assert not bool(with_prefill.apply_rows[at]) and not bool(with_prefill.rerouted[at])
+    _same_statistics(with_prefill, selection)
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES))
+def test_rerouted_rows_are_exactly_the_pruned_rows_with_a_dropped_expert(step: Step,
+                                                                          policy: str) -> None:
+    """The rows an engine rewrites: pruned, and their stock top-K leaves ``allowed``; every
+    other row's routing is the stock routing (so the engine's own output may stay)."""
+    selection = step.select(policy)
+    ids, _ = _stock(step, step.logits, step.correction_bias)
+    outside = ~selection.allowed.gather(1, ids).all(dim=-1)
+    assert torch.equal(selection.rerouted, selection.apply_rows & outside)
+    kept = selection.keep[ids].all(dim=-1)
+    if not step.router.grouped:  # non-grouped: allowed = keep for pruned rows
+        assert torch.equal(selection.rerouted, selection.apply_rows & ~kept)
+    still = ~selection.rerouted
+    assert torch.equal(selection.topk_ids[still], ids[still])
+
+
+KIMI_K2 = RouterSpec(top_k=8, scoring="sigmoid", has_correction_bias=True)  # E384
+DEEPSEEK_V3 = RouterSpec(top_k=8, scoring="sigmoid", num_expert_group=8, topk_group=4,
+                         has_correction_bias=True, routed_scaling_factor=2.5)  # E256
+
+
+@pytest.mark.parametrize(("router", "experts"), [(KIMI_K2, 384), (DEEPSEEK_V3, 256)],
+                         ids=["Kimi-K2", "DeepSeek-V3"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_production_biased_routers_keep_the_same_set_for_any_bias_offset(
+        router: RouterSpec, experts: int, policy: str) -> None:
+    """The reported cell: `affinity` kept 34, 33 and 25 of Kimi-K2's experts for bias shifts
+    0, -1 and +2 (it binned log(sigmoid + bias)); DeepSeek-V3's real biases sit near +5."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(experts, generator=gen) * 1.5)[None, :] + torch.randn(
+        32, experts, generator=gen) * 1.5
+    bias = torch.randn(experts, generator=gen) * 0.05
+    rows = torch.ones(32, dtype=torch.bool)
+    knobs = make_knobs(budget=24, alpha=3.0, beta=2.0, coverage=0.8)
+    selections = []
+    for shift in (0.0, -1.0, 2.0, 5.0):
+        assert torch.equal(stock_routing(logits, router, bias + shift).ids,
+                           stock_routing(logits, router, bias).ids)  # the premise
+        selections.append(select_layer_step(policy, logits, router, knobs, rows, rows,
+                                            bias + shift))
+    for other in selections[1:]:
+        _same_routing(other, selections[0])
+    if policy in ("budget", "affinity", "coverage"):  # (piggyback keeps grouped rows whole)
+        assert int(selections[0].keep.sum()) < int(selections[0].stats[2])  # it does prune
+
+
+@pytest.mark.parametrize(("policy", "knob"), [("budget", {"budget": 2}),
+                                              ("coverage", {"coverage": 0.6})])
+def test_an_exact_importance_tie_is_broken_by_expert_id_in_any_row_order(
+        policy: str, knob: dict) -> None:
+    """Experts 5 and 9 receive the same multiset of gate mass from different rows: a tie in
+    exact arithmetic that fp32 sums in row order broke by rounding (the keep set then
+    depended on the order of the batch in 17 of 20 draws). The fixed-point sum ties exactly,
+    so the lower id wins whatever the order."""
+    router = RouterSpec(top_k=2, scoring="sigmoid")  # elementwise gates: equal values
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        half = 24
+        u = torch.rand(half, generator=gen)
+        logits = torch.randn(2 * half, 32, generator=gen) - 6.0
+        logits[:, 0] = 10.0  # everyone's top-1
+        logits[:half, 5] = 5.0 + u  # second choice of the first half ...
+        logits[half:, 9] = 5.0 + u[torch.randperm(half, generator=gen)]  # ... and the rest
+        rows = torch.ones(2 * half, dtype=torch.bool)
+        knobs = make_knobs(**knob)
+        for _ in range(4):
+            order = torch.randperm(2 * half, generator=gen)
+            keep = select_layer_step(policy, logits[order], router, knobs, rows, rows).keep
+            assert keep.nonzero().flatten().tolist() == [0, 5], (seed, policy)
+
+
+def test_affinity_bias_benchmark_shows_the_shipped_scores_invariant() -> None:
+    """`benchmark/affinity_bias.py` (quick): the shipped scores (log gate) give the same
+    experts kept and routing mass kept at every bias offset; the former ones
+    (log(sigmoid + bias)) did not, and at DeepSeek-V3's real offset (+5) kept less mass."""
+    from benchmark.affinity_bias import run
+
+    cells = run([16], draws=2, alpha=3.0, beta=2.0)["cells"]
+    for router in ("DeepSeek-V3", "Kimi-K2"):
+        def by_offset(variant: str, router: str = router) -> dict[float, tuple]:
+            return {c["bias_offset"]: (c["kept"], c["mass_kept"]) for c in cells
+                    if c["router"] == router and c["variant"] == variant}
+
+        shipped, former = by_offset("gate_log"), by_offset("choice_log")
+        assert len(set(shipped.values())) == 1, shipped
+        assert len(set(former.values())) > 1, former
+        assert former[5.0][1] < shipped[5.0][1]
