@@ -169,30 +169,38 @@ class VerifyHook(SelectionHook):
     def __call__(self, module: Any, inputs: Any, output: Any) -> Any:
         import torch
 
-        from lynx.selection import select_layer_step, verify_row_weights
+        from lynx.selection import merge_rerouted, select_layer_step, verify_row_weights
 
         if not bool(self.knobs.enabled):
             return output
-        router_logits, scores, _ = output
-        z = router_logits.float().view(self.batch, -1, router_logits.shape[-1])
+        router_logits, scores, stock_ids = output
+        experts, top_k = router_logits.shape[-1], self.router.top_k
+        z = router_logits.float().view(self.batch, -1, experts)
+        own = stock_ids.view(self.batch, -1, top_k)  # transformers' own top-K (the engine's)
         positions, n = z.shape[1], self.drafts
-        weights = torch.empty(self.batch, positions, self.router.top_k)
-        ids = torch.empty(self.batch, positions, self.router.top_k, dtype=torch.int64)
+        weights = torch.empty(self.batch, positions, top_k)
+        ids = torch.empty(self.batch, positions, top_k, dtype=torch.int64)
+        allowed = torch.empty(self.batch, positions, experts, dtype=torch.bool)
         for start in range(0, positions, n):
             block = z[:, start:start + n]  # [R, n', E]
             width = block.shape[1]
             rows = torch.ones(self.batch * width, dtype=torch.bool)
             depth = torch.arange(width).repeat(self.batch)
-            step = select_layer_step(self.variant.policy, block.reshape(-1, z.shape[-1]),
+            step = select_layer_step(self.variant.policy, block.reshape(-1, experts),
                                      self.router, self.knobs, rows, rows,
-                                     row_weight=verify_row_weights(depth, width))
+                                     row_weight=verify_row_weights(depth, width),
+                                     stock_ids=own[:, start:start + n].reshape(-1, top_k))
             weights[:, start:start + width] = step.topk_weights.view(self.batch, width, -1)
             ids[:, start:start + width] = step.topk_ids.view(self.batch, width, -1)
+            allowed[:, start:start + width] = step.allowed.view(self.batch, width, -1)
+        # As the server: rows with nothing dropped keep transformers' own routing.
+        flat_ids, flat_weights = merge_rerouted(
+            stock_ids, scores, ids.reshape(-1, top_k), weights.reshape(-1, top_k),
+            allowed.reshape(-1, experts))
         stock_top1 = router_logits.argmax(-1, keepdim=True)
-        flat_ids = ids.reshape(-1, self.router.top_k)
         self.rows += stock_top1.numel()
         self.top1_kept += int((flat_ids == stock_top1).any(-1).sum())
-        return router_logits, weights.reshape(-1, self.router.top_k).to(scores.dtype), flat_ids
+        return router_logits, flat_weights, flat_ids
 
 
 def perplexity_rise(budget: int, drafts: list[int], requests: int) -> dict[int, Any]:

@@ -84,8 +84,10 @@ class RouterHook:
         z = router_logits.float()
         per_pos = z.view(self.batch, -1, z.shape[-1])  # [B, P, E]
         rows = torch.ones(self.batch, dtype=torch.bool)
+        own = stock_ids.view(self.batch, -1, stock_ids.shape[-1])  # transformers' own top-K
         steps = [select_layer_step(self.spec.name, per_pos[:, t], self.router, self.knobs,
-                                   rows, rows) for t in range(per_pos.shape[1])]
+                                   rows, rows, stock_ids=own[:, t])
+                 for t in range(per_pos.shape[1])]
         top_k = self.router.top_k  # [B, P, K] -> rows ordered like router_logits
         weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
         ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, top_k)

@@ -3,14 +3,13 @@
 Per router of the conformance matrix, 32 decode rows + 3 NaN padding rows: the engine's own
 routing (the torch specification's ids, int32 and unsorted as SGLang returns them, passed as
 ``stock_ids``; its weights one ulp off, as SGLang's differ from the library's by rounding) and
-one
-captured graph of what the plugin's TopK hook runs: the selection step (Triton variant,
-``by_code``, knobs in device tensors), `merge_rerouted` (STANDARD format) and
-`mask_rerouted_logits` (masked-logits formats). Replays:
+one captured graph of what the plugin's TopK hook runs: the selection step (Triton variant,
+``by_code``, knobs in device tensors) with `merge_rerouted` (STANDARD format), and the step
+without the engine's ids with `mask_rerouted_logits` (masked-logits formats). Replays:
 - a budget of the stock union (nothing dropped): ids, weights and logits are the engine's own,
-  bit for bit, in every row; no row is rerouted;
+  bit for bit, in every row; no row is rerouted or masked;
 - budget K (binding): exactly the rows whose own top-K holds a dropped expert change; the
-  others stay bit for bit.
+  others stay bit for bit; every such row is masked, the others' logits are untouched.
 ``--dry-run``: the same checks eagerly with the torch specification on the CPU.
 """
 
@@ -42,11 +41,14 @@ def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _hook(step: Any, logits: torch.Tensor, router: Any, knobs: Any, valid: torch.Tensor,
           bias: torch.Tensor | None, own_ids: torch.Tensor, own_weights: torch.Tensor
           ) -> tuple[torch.Tensor, ...]:
+    """STANDARD (SGLang routed first: its ids judge) and masked-logits (judged before the
+    kernel routes) as the plugin drives them."""
     sel = step("by_code", logits, router, knobs, valid, valid, bias, stock_ids=own_ids)
     ids, weights = merge_rerouted(own_ids, own_weights, sel.topk_ids, sel.topk_weights,
                                   sel.allowed)
-    return ids, weights, mask_rerouted_logits(logits, sel.allowed, sel.rerouted), sel.keep, \
-        sel.rerouted
+    before = step("by_code", logits, router, knobs, valid, valid, bias)
+    masked = mask_rerouted_logits(logits, before.allowed, before.rerouted)
+    return ids, weights, masked, sel.keep, sel.rerouted, before.rerouted
 
 
 def _runner(step: Any, args: tuple, dry_run: bool) -> Any:
@@ -92,17 +94,19 @@ def stage_nondrop(device: str, dry_run: bool) -> dict[str, Any]:
         knobs = make_knobs(device, budget=union, policy="budget")
         knobs.policy_code.fill_(POLICY_NAMES.index("budget"))
         run = _runner(step, (logits, router, knobs, valid, b, own_ids, own_weights), dry_run)
-        ids, weights, masked, _, rerouted = run()  # nothing dropped
+        ids, weights, masked, _, rerouted, masked_rows = run()  # nothing dropped
         if not (_bitwise(ids, own_ids) and _bitwise(weights, own_weights)
-                and _bitwise(masked, logits) and not bool(rerouted.any())):
+                and _bitwise(masked, logits) and not bool(rerouted.any())
+                and not bool(masked_rows.any())):
             failures.append(f"{name}: a non-binding budget changed the engine's routing")
         knobs.budget.fill_(router.top_k)  # binding
-        ids, weights, masked, keep, rerouted = (t.clone() for t in run())
+        ids, weights, masked, keep, rerouted, masked_rows = (t.clone() for t in run())
         fits = keep[stock.ids].all(dim=-1) | ~valid
         same = (ids == own_ids).all(-1) & (weights == own_weights).all(-1)
         untouched = (masked == logits).all(-1) | logits.isnan().any(-1)
         if not (bool(rerouted.any()) and torch.equal(rerouted, ~fits)
-                and torch.equal(same, fits) and bool(untouched[fits].all())):
+                and torch.equal(same, fits) and bool(untouched[~masked_rows].all())
+                and bool((masked_rows >= ~fits).all())):
             failures.append(f"{name}: a binding budget changed a row with nothing dropped")
     return {"ok": not failures, "routers": len(ROUTERS), "failures": failures,
             "captured": 0 if dry_run else len(ROUTERS)}

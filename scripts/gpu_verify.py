@@ -39,7 +39,6 @@ def _tree_weights(requests: int, n: int, seed: int) -> torch.Tensor:
 
 
 def stage_verify(device: str, dry_run: bool) -> dict[str, Any]:
-
     failures: list[str] = []
     timings: dict[str, float] = {}
     cells = 0
@@ -96,7 +95,6 @@ def _capture_check(logits: torch.Tensor, bias: torch.Tensor | None, router: Any,
                    valid: torch.Tensor, weight: torch.Tensor, n: int, device: str
                    ) -> str | None:
     """Capture once with the weights in a static buffer; refill for another tree; replay."""
-
     static_logits, static_weight = logits.to(device), weight.to(device)
     v = valid.to(device)
     b = bias.to(device) if bias is not None else None

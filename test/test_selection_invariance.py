@@ -6,6 +6,10 @@ to, for every policy and router kind (hypothesis; issue 22).
 - an added row that is not prunable (prefill), wherever it sits in the batch;
 - padding rows, whatever they hold (`test_selection_properties`: padding).
 
+Each property runs on both stock routings the plugin uses: the library's own (masked-logits
+formats) and an engine's own top-K (STANDARD: SGLang routes first, ``stock_ids``), here an
+engine that breaks exact ties toward the higher id and returns its top-K unsorted.
+
 Shape legend: T rows, E experts, K top_k."""
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lynx.selection import (
     select_layer_step,
     stock_routing,
 )
+from lynx.selection.ranking import stable_top_k
 from lynx.selection.statistics import STAT_FIELDS
 
 
@@ -32,6 +37,25 @@ def _stock(step: Step, logits: torch.Tensor, bias: torch.Tensor | None
     z = torch.where(step.row_valid[:, None], logits.float(), 0.0)
     stock = stock_routing(z, step.router, bias)
     return stock.ids, torch.isfinite(stock.choice)
+
+
+def engine_ids(step: Step, logits: torch.Tensor, bias: torch.Tensor | None, seed: int
+               ) -> torch.Tensor:
+    """[T,K] int32 an engine's own top-K: exact ties broken toward the higher id (the library
+    breaks them toward the lower), columns in a seeded shuffled order (SGLang: unsorted)."""
+    z = torch.where(step.row_valid[:, None], logits.float(), 0.0)
+    choice = stock_routing(z, step.router, bias).choice
+    experts, top_k = choice.shape[1], step.router.top_k
+    ids = experts - 1 - stable_top_k(choice.flip(-1), top_k)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.argsort(torch.rand(ids.shape, generator=gen), dim=1)
+    return ids.gather(1, order).to(torch.int32)
+
+
+def run(step: Step, policy: str, ids: torch.Tensor | None) -> LayerSelection:
+    """The step as the plugin runs it: library stock routing (``ids`` None) or the engine's."""
+    return select_layer_step(policy, step.logits, step.router, step.knobs, step.row_valid,
+                             step.row_prunable, step.correction_bias, stock_ids=ids)
 
 
 def _same_routing(a: LayerSelection, b: LayerSelection, rows: torch.Tensor | None = None
@@ -56,9 +80,9 @@ def _same_statistics(a: LayerSelection, b: LayerSelection) -> None:
 
 @FAST
 @given(steps(kinds=("biased", "biased-grouped")), st.sampled_from(POLICIES),
-       st.sampled_from([-1.0, 2.0, 5.0, -0.25]))
-def test_a_constant_bias_shift_changes_no_keep_set(step: Step, policy: str, shift: float
-                                                   ) -> None:
+       st.sampled_from([-1.0, 2.0, 5.0, -0.25]), st.booleans())
+def test_a_constant_bias_shift_changes_no_keep_set(step: Step, policy: str, shift: float,
+                                                   engine: bool) -> None:
     assert step.correction_bias is not None
     shifted = step.correction_bias + shift
     before, after = _stock(step, step.logits, step.correction_bias), _stock(
@@ -68,27 +92,32 @@ def test_a_constant_bias_shift_changes_no_keep_set(step: Step, policy: str, shif
     assume(torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]))
     moved = Step(step.logits, step.router, shifted, step.row_valid, step.row_prunable,
                  step.knobs)
-    _same_routing(step.select(policy), moved.select(policy))
+    ids = engine_ids(step, step.logits, step.correction_bias, 0) if engine else None
+    moved_ids = engine_ids(moved, step.logits, shifted, 0) if engine else None
+    _same_routing(run(step, policy, ids), run(moved, policy, moved_ids))
 
 
 @FAST
-@given(steps(), st.sampled_from(POLICIES), st.randoms(use_true_random=False))
+@given(steps(), st.sampled_from(POLICIES), st.randoms(use_true_random=False), st.booleans())
 def test_row_order_changes_no_keep_set_and_routing_follows_the_row(
-        step: Step, policy: str, rng) -> None:  # type: ignore[no-untyped-def]
+        step: Step, policy: str, rng, engine: bool) -> None:  # type: ignore[no-untyped-def]
     order = list(range(step.logits.shape[0]))
     rng.shuffle(order)
     perm = torch.tensor(order)
     shuffled = Step(step.logits[perm], step.router, step.correction_bias, step.row_valid[perm],
                     step.row_prunable[perm], step.knobs)
-    selection, permuted = step.select(policy), shuffled.select(policy)
+    ids = engine_ids(step, step.logits, step.correction_bias, 1) if engine else None
+    selection = run(step, policy, ids)
+    permuted = run(shuffled, policy, ids[perm] if ids is not None else None)
     _same_routing(permuted, selection, perm)
     _same_statistics(permuted, selection)
 
 
 @FAST
-@given(steps(), st.sampled_from(POLICIES), st.integers(0, 40), st.sampled_from([0.5, 4.0]))
+@given(steps(), st.sampled_from(POLICIES), st.integers(0, 40), st.sampled_from([0.5, 4.0]),
+       st.booleans())
 def test_an_added_prefill_row_changes_no_keep_set(step: Step, policy: str, where: int,
-                                                  scale: float) -> None:
+                                                  scale: float, engine: bool) -> None:
     rows, experts = step.logits.shape
     at = where % (rows + 1)
     prefill = (torch.randn(1, experts, generator=torch.Generator().manual_seed(where))
@@ -100,7 +129,11 @@ def test_an_added_prefill_row_changes_no_keep_set(step: Step, policy: str, where
     yes = torch.ones(1, dtype=torch.bool)
     grown = Step(insert(step.logits, prefill), step.router, step.correction_bias,
                  insert(step.row_valid, yes), insert(step.row_prunable, ~yes), step.knobs)
-    selection, with_prefill = step.select(policy), grown.select(policy)
+    grown_ids = engine_ids(grown, grown.logits, step.correction_bias, 2) if engine else None
+    ids = None
+    if grown_ids is not None:  # the same engine decision for every row but the new one
+        ids = torch.cat([grown_ids[:at], grown_ids[at + 1:]])
+    selection, with_prefill = run(step, policy, ids), run(grown, policy, grown_ids)
     others = torch.tensor([i for i in range(rows + 1) if i != at], dtype=torch.long)
     _same_routing(selection, with_prefill, others)
     assert not bool(with_prefill.apply_rows[at]) and not bool(with_prefill.rerouted[at])
@@ -111,17 +144,67 @@ def test_an_added_prefill_row_changes_no_keep_set(step: Step, policy: str, where
 @given(steps(), st.sampled_from(POLICIES))
 def test_rerouted_rows_are_exactly_the_pruned_rows_with_a_dropped_expert(step: Step,
                                                                           policy: str) -> None:
-    """The rows an engine rewrites: pruned, and their stock top-K leaves ``allowed``; every
-    other row's routing is the stock routing (so the engine's own output may stay)."""
-    selection = step.select(policy)
-    ids, _ = _stock(step, step.logits, step.correction_bias)
-    outside = ~selection.allowed.gather(1, ids).all(dim=-1)
-    assert torch.equal(selection.rerouted, selection.apply_rows & outside)
-    kept = selection.keep[ids].all(dim=-1)
-    if not step.router.grouped:  # non-grouped: allowed = keep for pruned rows
-        assert torch.equal(selection.rerouted, selection.apply_rows & ~kept)
-    still = ~selection.rerouted
-    assert torch.equal(selection.topk_ids[still], ids[still])
+    """The rows an engine rewrites. Judged on the engine's own top-K: exactly the pruned rows
+    whose own ids leave ``allowed``. Judged on the library's (the engine routes later, masked
+    formats): those, plus the rows where a dropped expert ties with the K-th choice (the
+    engine may break that tie toward it); every other row's routing is the stock routing."""
+    own = engine_ids(step, step.logits, step.correction_bias, 3)
+    exact = run(step, policy, own)
+    outside = ~exact.allowed.gather(1, own.long()).all(dim=-1)
+    assert torch.equal(exact.rerouted, exact.apply_rows & outside)
+
+    judged = run(step, policy, None)
+    z = torch.where(step.row_valid[:, None], step.logits.float(), 0.0)
+    stock = stock_routing(z, step.router, step.correction_bias)
+    outside = ~judged.allowed.gather(1, stock.ids).all(dim=-1)
+    kth = stock.choice.gather(1, stock.ids[:, -1:])
+    tied = (torch.where(judged.allowed, -torch.inf, stock.choice) == kth).any(-1)
+    assert torch.equal(judged.rerouted, judged.apply_rows & (outside | tied))
+    still = ~judged.rerouted
+    assert torch.equal(judged.topk_ids[still], stock.ids[still])
+
+
+@FAST
+@given(steps(kinds=("softmax", "softmax-raw", "sigmoid")), st.sampled_from(POLICIES))
+def test_a_kernel_routing_masked_logits_never_reaches_a_dropped_expert(step: Step,
+                                                                      policy: str) -> None:
+    """Masked-logits formats: the kernel routes after Lynx and breaks ties its own way (here
+    toward the higher id). Rows Lynx leaves unmasked must not reach a dropped expert even so,
+    and they route exactly as the kernel would unmasked."""
+    from lynx.selection import mask_rerouted_logits
+
+    sel = run(step, policy, None)
+    z = torch.where(step.row_valid[:, None], step.logits.float(), 0.0)
+    masked = mask_rerouted_logits(z, sel.allowed, sel.rerouted)
+    experts, top_k = z.shape[1], step.router.top_k
+
+    def kernel(logits: torch.Tensor) -> torch.Tensor:
+        return experts - 1 - stable_top_k(logits.flip(-1), top_k)
+
+    ids = kernel(masked)
+    assert bool(sel.allowed.gather(1, ids)[sel.apply_rows].all()), "a dropped expert computed"
+    assert torch.equal(ids[~sel.rerouted], kernel(z)[~sel.rerouted])
+
+
+@FAST
+@given(steps(), st.sampled_from(POLICIES), st.integers(0, 1000))
+def test_the_engines_column_order_changes_nothing(step: Step, policy: str, seed: int) -> None:
+    """SGLang returns its top-K unsorted; the order of its columns must not matter (ties in
+    the row's ranking go to the lower id, not to the earlier column)."""
+    ids = engine_ids(step, step.logits, step.correction_bias, seed)
+    _same_routing(run(step, policy, ids), run(step, policy, ids.flip(-1)))
+
+
+def test_an_engines_tied_ids_rank_by_id_not_by_column() -> None:
+    """Row 0 ties experts 1 and 3 for its top-1: whichever column SGLang put first, the lower
+    id is the row's top-1 (must-keep), so the keep set is the same (budget 1)."""
+    logits = torch.tensor([[1.0, 3.0, 0.0, 3.0], [3.0, 0.0, 2.0, 0.5]])
+    rows = torch.ones(2, dtype=torch.bool)
+    router, knobs = RouterSpec(top_k=2), make_knobs(budget=1)
+    keeps = [select_layer_step("budget", logits, router, knobs, rows, rows,
+                               stock_ids=torch.tensor(ids)).keep.nonzero().flatten().tolist()
+             for ids in ([[3, 1], [0, 2]], [[1, 3], [0, 2]])]
+    assert keeps == [[0, 1], [0, 1]]
 
 
 KIMI_K2 = RouterSpec(top_k=8, scoring="sigmoid", has_correction_bias=True)  # E384

@@ -10,8 +10,8 @@ package whose C++ runner is called directly: no Python wrappers per call (measur
 E=128). A one-row step runs on the graph with one padding row added (a padding row neither
 votes nor is pruned); a step above `MAX_ROWS` rows runs eagerly. The graph is specialised to
 the Python constants, so it is compiled once per `GraphKey` (policy name, `RouterSpec`, E,
-logits dtype, with/without correction bias and row weights) and reused by every layer and
-step with that key.
+logits dtype, with/without correction bias, row weights and the engine's own top-K ids) and
+reused by every layer and step with that key.
 
 Compiling takes ~20-30 s on this 2-core machine, so packages are kept on disk
 (``cache_dir``; the plugin's ``LYNX_COMPILE_CACHE``) under a name hashing the key, the torch

@@ -13,9 +13,11 @@ Shape legend: T rows, E experts, K top_k.
 All additions follow a fixed order (importance, then lower index), so the rules are
 deterministic and add only experts of the stock union.
 
-Batch importance is summed in fixed point (`IMPORTANCE_SCALE`, exact int64 sums) and rounded to
-fp32 once: the same value whatever the order of the rows, their number of padding rows or the
-reduction order a compiler or kernel picks, so near-ties cannot flip with row order.
+Batch importance is summed in fixed point (`IMPORTANCE_SCALE`, exact int64 sums; a gate below
+2^-32 counts as 0) and rounded to fp32 once: for the same gates, the same value whatever the
+order of the rows, their number of padding rows or the reduction order a compiler or kernel
+picks, so near-ties cannot flip with row order. (Gates themselves may differ by rounding
+between implementations, e.g. a Triton softmax and torch's.)
 """
 
 from __future__ import annotations

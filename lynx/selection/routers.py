@@ -175,7 +175,7 @@ def engine_routing(logits: torch.Tensor, router: RouterSpec,
     not be pruned rows. Shapes: ``logits`` [T,E] (finite), ``correction_bias`` [E]."""
     experts = logits.shape[-1]
     unrestricted = choice_scores(logits, router, correction_bias)
-    ids = engine_ids.long().clamp(0, experts - 1)
+    ids = engine_ids.long().clamp(0, experts - 1).sort(dim=1).values  # column order: gone
     ids = ids.gather(1, stable_top_k(unrestricted.gather(1, ids), ids.shape[1]))
     choice = unrestricted
     if router.grouped:

@@ -45,6 +45,20 @@ def row_allowed(keep: torch.Tensor, apply_rows: torch.Tensor, stock: StockRoutin
     return ~apply_rows[:, None] | (keep[None, :] & torch.isfinite(stock.choice))
 
 
+def rerouted_rows(stock: StockRouting, allowed: torch.Tensor, rows: torch.Tensor, *,
+                  exact: bool) -> torch.Tensor:
+    """[T] bool: the ``rows`` [T] an engine must reroute, because their stock top-K holds an
+    expert outside ``allowed`` [T,E]. ``exact``: ``stock`` is the engine's own decision
+    (`routers.engine_routing`). Otherwise the engine routes after the step (masked-logits
+    formats) and may break a near-tie its own way, so a row with a dropped expert tied with its
+    K-th choice counts too: masked, it cannot reach that expert."""
+    outside = ~allowed.gather(1, stock.ids).all(dim=-1)
+    if not exact:
+        kth = stock.choice.gather(1, stock.ids[:, -1:])  # [T,1] the row's K-th choice score
+        outside = outside | (torch.where(allowed, -torch.inf, stock.choice) >= kth).any(-1)
+    return rows & outside
+
+
 def stock_gate_mass(stock: StockRouting) -> torch.Tensor:
     """[T] each row's stock top-K gate mass (the scale of its un-renormalised weights)."""
     return stock.gate.float().sum(dim=-1)

@@ -27,10 +27,12 @@ to ``allowed``, see `lynx.selection.routing`; other rows: the stock routing of t
 and `STAT_FIELDS` stats.
 
 Lynx changes only what it prunes: a pruned row whose stock top-K lies inside its ``allowed``
-set is *not rerouted*. An engine keeps its own output for every row outside ``rerouted``
-(the library's routing equals the engine's only to float rounding, and a bf16 MoE turns that
-into an occasional greedy flip), so a layer-step that drops no expert is the engine's own,
-bit for bit. Such rows still count in every statistic (``rows``, kept = union).
+set is *not rerouted* (`routing.rerouted_rows`; without ``stock_ids`` the engine routes after
+the step, so a row whose K-th choice ties with a dropped expert counts as rerouted too). An
+engine keeps its own output for every row outside ``rerouted`` (the library's routing equals
+the engine's only to float rounding, and a bf16 MoE turns that into an occasional greedy
+flip), so a layer-step that drops no expert is the engine's own, bit for bit. Such rows
+still count in every statistic (``rows``, kept = union).
 A valid row whose logits hold NaN/inf is never pruned and never voted with; it is counted in
 ``nonfinite_rows``.
 """
@@ -58,7 +60,7 @@ from lynx.selection.policies import (
     keep_policy,
 )
 from lynx.selection.routers import RouterSpec, engine_routing, stock_routing
-from lynx.selection.routing import route_restricted, row_allowed
+from lynx.selection.routing import rerouted_rows, route_restricted, row_allowed
 from lynx.selection.statistics import layer_statistics
 
 
@@ -121,7 +123,7 @@ def select_layer_step(
     inputs = PolicyInputs(z, router, correction_bias, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)
     allowed = row_allowed(keep, rows, batch.stock)
-    rerouted = rows & ~allowed.gather(1, batch.stock.ids).all(dim=-1)
+    rerouted = rerouted_rows(batch.stock, allowed, rows, exact=stock_ids is not None)
     weights, ids = route_restricted(z, router, batch.stock, allowed)
     stats = layer_statistics(batch, keep, rows, row_valid & ~finite, rerouted)
     return LayerSelection(keep, rows, rerouted, allowed, weights, ids, stats)

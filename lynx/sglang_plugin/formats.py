@@ -14,8 +14,9 @@ SGLang 0.5.23's ``TopK`` returns one of these (``TopKConfig.output_format``, fix
 - BYPASSED (flashinfer TRT-LLM / mxfp4 kernels route inside the MoE kernel) and TRITON_KERNEL
   (GPT-OSS on Hopper: routed from the logits by triton_kernels): Lynx can only change the
   logits those kernels read, so it hands them a finite per-row mask
-  (`lynx.selection.mask_rerouted_logits`) in the rows it reroutes; the others get SGLang's
-  logits untouched.
+  (`lynx.selection.mask_rerouted_logits`) in the rows it reroutes, judged before the kernel
+  routes (a row whose K-th choice ties with a dropped expert is masked too: the kernel might
+  break the tie toward it); the others get SGLang's logits untouched.
   That equals the router's rule restricted to the kept experts only when the weights are
   renormalised over the K and no correction bias takes part (the kernels read one bias shared
   by all rows, and a softmax over all E changes with masked logits); otherwise: pass through.
