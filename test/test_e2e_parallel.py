@@ -159,3 +159,17 @@ def test_data_parallel_registers_one_replica_per_dp_rank_and_counts_once(
     assert names == ["dp2/dp0", "dp2/dp1"]
     applied = _applied(tmp_path / "dp2.jsonl")
     assert set(applied) == {("0", "0"), ("1", "0")}
+
+
+def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
+        tmp_path: Path, parallel) -> None:
+    """``--tp-size 2 --ep-size 2`` on the CPU engine (SGLang alone crashed at the first prefill:
+    its native MoE cannot skip the other rank's -1 ids; `lynx.cpu_compat.moe_native`). With
+    Lynx at budget 2: the single process's greedy outputs and counters (TP rank 0 counts),
+    and both ranks apply the start-up policy at the same step."""
+    ctl, _, counters = parallel("ep2", ("--tp-size", "2", "--ep-size", "2"), replicas=1)
+    assert counters["lynx_pruned_rows_total"] > 0
+    assert [r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()["replicas"]] == ["ep2"]
+    applied = _applied(tmp_path / "ep2.jsonl")
+    assert set(applied) == {("0", "0"), ("0", "1")}
+    assert applied[("0", "0")] == applied[("0", "1")]

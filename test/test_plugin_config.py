@@ -68,6 +68,8 @@ def test_plugin_registers_nothing_when_disabled_and_everything_when_enabled() ->
     assert "sglang.srt.layers.moe.topk.TopK.forward_cuda" in targets
     assert "sglang.srt.layers.moe.topk.TopK.forward_cpu" in targets
     assert "sglang.srt.model_executor.model_runner.ModelRunner.forward" in targets
+    # EP: SGLang's batch-1 compiled MoE path, -1 ids safe on every device
+    assert "sglang.srt.layers.moe.fused_moe_native.fused_moe_forward_native" in targets
 
 
 def test_entry_point_is_installed() -> None:
@@ -75,6 +77,26 @@ def test_entry_point_is_installed() -> None:
 
     names = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
     assert names.get("lynx") == "lynx.sglang_plugin:install"
+    assert names.get("lynx_cpu_compat") == "lynx.cpu_compat.hooks:install"
+
+
+@pytest.mark.parametrize("engine", ["0", "1"])
+def test_cpu_compat_hooks_register_on_the_cpu_engine_only(engine: str) -> None:
+    """Verify attention and both native MoE paths (EP's -1 ids) on the CPU engine, nothing
+    elsewhere; a second install adds nothing."""
+    code = ("from lynx.cpu_compat.hooks import install\n"
+            "from sglang.srt.plugins.hook_registry import HookRegistry\n"
+            "install(); install(); print(sorted((k, len(v)) for k, v in "
+            "HookRegistry._hooks.items()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={"PATH": "/usr/bin:/bin",
+                                           "SGLANG_USE_CPU_ENGINE": engine})
+    hooks = dict(eval(out.stdout.strip().splitlines()[-1]))  # a printed list of pairs
+    native = "sglang.srt.layers.moe.fused_moe_native"
+    want = {f"{native}.moe_forward_native": 1, f"{native}.fused_moe_forward_native": 1,
+            "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend."
+            "forward_extend": 1}
+    assert hooks == (want if engine == "1" else {}), out.stderr[-2000:]
 
 
 def _state(policy: PolicySpec, layers: int = 3) -> RuntimeState:

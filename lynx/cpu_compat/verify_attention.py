@@ -2,23 +2,19 @@
 
 SGLang 0.5.23's ``TorchNativeAttnBackend.forward_extend`` reads ``extend_prefix_lens``, which
 a TARGET_VERIFY batch does not have, and knows no draft-tree mask, so NGRAM speculative
-decoding cannot run on the CPU engine. `install` (entry point ``sglang.srt.plugins:
-lynx_cpu_compat``, active only with ``SGLANG_USE_CPU_ENGINE=1``) registers an AROUND hook on
-that method: verify batches go to `tree_verify_attention`, every other batch to SGLang's own
-code unchanged. Shapes: B requests, n draft tokens per request, T = B*n query rows,
-H query heads, Hkv key/value heads, D head size, P_b the verified prefix of request b.
+decoding cannot run on the CPU engine. `register` adds an AROUND hook on that method (from
+`lynx.cpu_compat.hooks.install`, CPU engine only): verify batches go to
+`tree_verify_attention`, every other batch to SGLang's own code unchanged. Shapes: B
+requests, n draft tokens per request, T = B*n query rows, H query heads, Hkv key/value heads,
+D head size, P_b the verified prefix of request b.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
-
-logger = logging.getLogger("lynx.cpu_compat")
 
 BACKEND = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
 
@@ -85,11 +81,8 @@ def around_forward_extend(original: Any, backend: Any, q: torch.Tensor, k: torch
     return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
 
-def install() -> None:
-    """SGLang plugin entry point: register the verify hook on the CPU engine only."""
-    if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") != "1" or \
-            os.environ.get("LYNX_CPU_COMPAT", "1") == "0":
-        return
+def register() -> None:
+    """Register the verify hook with SGLang's HookRegistry (once per process)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     target = f"{BACKEND}.forward_extend"
@@ -97,4 +90,3 @@ def install() -> None:
            for _t, hook, _s in HookRegistry._hooks.get(target, [])):
         return
     HookRegistry.register(target, around_forward_extend, HookType.AROUND)
-    logger.info("Lynx CPU compat: tree attention for speculative verify steps registered")

@@ -9,7 +9,10 @@ builds one `LynxRuntime`, the plugin's only state, and registers its bound metho
   AROUND ``TopK.forward_native|forward_cuda|forward_cpu`` (prune decode rows per output
   format, see `lynx.sglang_plugin.formats`),
   AROUND ``ModelRunner.forward`` (per-step state: forward mode, real rows, decode rows, knobs),
-  BEFORE ``ModelRunner.init_cuda_graphs`` (allocate device knobs before any graph capture).
+  BEFORE ``ModelRunner.init_cuda_graphs`` (allocate device knobs before any graph capture),
+  AROUND SGLang's batch-1 torch-compile MoE (``fused_moe_forward_native``: under expert
+  parallelism it wrapped the other ranks' -1 ids to its last expert; see
+  `lynx.cpu_compat.moe_native`).
 SGLang applies the hooks right after all plugins ran. ``SGLANG_PLUGINS`` (a whitelist of entry
 point names) is honoured by SGLang itself: leave ``lynx`` out of it and nothing is registered.
 """
@@ -63,6 +66,9 @@ def install() -> LynxRuntime | None:
                           HookType.AROUND)
     HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", runtime.before_init_cuda_graphs,
                           HookType.BEFORE)
+    from lynx.cpu_compat.moe_native import register_compile_path
+
+    register_compile_path()  # EP: SGLang's batch-1 compiled MoE would wrap -1 ids silently
     if config.controller:
         HookRegistry.register(RECEIVER_PULL, runtime.after_pull_raw_reqs, HookType.AFTER)
         HookRegistry.register(SCHEDULER_INPUT, runtime.before_process_input_requests,

@@ -1,0 +1,27 @@
+"""The CPU engine's SGLang hooks: entry point ``sglang.srt.plugins: lynx_cpu_compat``.
+
+Active only with ``SGLANG_USE_CPU_ENGINE=1`` (and ``LYNX_CPU_COMPAT`` not 0), independent of
+``LYNX_ENABLED``: they make stock SGLang run on this CPU, Lynx or not.
+- `verify_attention`: tree attention for speculative (NGRAM) verify steps;
+- `moe_native`: the native MoE paths with non-local (-1) expert ids, so ``--ep-size`` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("lynx.cpu_compat")
+
+
+def install() -> None:
+    """SGLang plugin entry point: register the CPU engine's hooks (no-op elsewhere)."""
+    if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") != "1" or \
+            os.environ.get("LYNX_CPU_COMPAT", "1") == "0":
+        return
+    from lynx.cpu_compat import moe_native, verify_attention
+
+    verify_attention.register()
+    moe_native.register()
+    logger.info("Lynx CPU compat: speculative verify attention and expert-parallel native "
+                "MoE (-1 expert ids) registered")
