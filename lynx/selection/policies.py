@@ -12,7 +12,9 @@ CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without
 - ``budget`` (ours): rank experts must-keep first (every pruned row's top-1), then by batch
   importance (summed stock top-K gate mass of the pruned rows), lower index on ties; keep the
   first ``max(m, #must-keep, K)`` of the experts the pruned rows' stock top-K use (never one
-  outside that union). One fixed ranking, so a smaller m keeps a subset.
+  outside that union). One fixed ranking, so a smaller m keeps a subset. Under expert
+  parallelism (``RouterSpec.ep_ranks`` R > 1) the budget is spent per rank instead: every
+  rank keeps its best up to one level max(ceil(m/R), forced per rank) (`lynx.selection.ep`).
 - ``affinity``: the published AffinityBinning (`lynx.selection.affinity`) over the pruned
   rows (B = their count: prefill and padding rows neither vote nor count), binning the log
   gate (`routers.affinity_logits`).
@@ -34,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from lynx.selection.affinity import affinity_choices
+from lynx.selection.ep import keep_per_rank, rank_level
 from lynx.selection.keep_rules import RANK_FIRST, BatchRouting
 from lynx.selection.ranking import rank_descending
 from lynx.selection.routers import RouterSpec, affinity_logits
@@ -91,6 +94,10 @@ def keep_off(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
 def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     must = inputs.must
     score = must.to(torch.float32) * RANK_FIRST + inputs.batch.importance
+    ranks = inputs.router.ep_ranks
+    if ranks > 1:  # expert parallelism: the budget per rank, at one level (`selection.ep`)
+        level = rank_level(must, knobs.budget, ranks)
+        return keep_per_rank(score, inputs.batch.union, level, ranks)
     limit = torch.maximum(knobs.budget.to(torch.int64),
                           must.sum().clamp_min(inputs.router.top_k))
     # Experts no pruned row routes to would only give the rows' remapped slots somewhere new

@@ -56,6 +56,7 @@ class RouterSpec:
     routed_scaling_factor: float | None = None
     scale_on_output: bool = False  # the factor multiplies the TopK weights (else: later)
     shared_slots: int = 0  # fused shared-expert columns the engine appends (never pruned)
+    ep_ranks: int = 1  # expert-parallel ranks holding contiguous blocks of E/R experts
 
     @property
     def grouped(self) -> bool:
@@ -77,6 +78,8 @@ class RouterSpec:
         """Raise ValueError if the spec cannot route ``num_experts`` experts."""
         if not 1 <= self.top_k <= num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, {num_experts}]")
+        if self.ep_ranks < 1 or num_experts % self.ep_ranks:
+            raise ValueError(f"{num_experts} experts do not split into {self.ep_ranks} EP ranks")
         if self.scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"unsupported scoring {self.scoring!r}")
         if self.weights == "raw_logits" and (self.scoring != "softmax" or self.grouped
