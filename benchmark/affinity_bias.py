@@ -40,13 +40,7 @@ from benchmark.common import RESULTS_DIR, markdown_table, rounded, write_json
 from benchmark.routing_data import SyntheticSkew
 from lynx.selection import RouterSpec, batch_totals, finalize_keep, must_keep, stock_routing
 from lynx.selection.affinity import affinity_choices
-from lynx.selection.routers import (
-    EXCLUDED,
-    affinity_logits,
-    choice_scores,
-    chosen_groups,
-    restrict_to_chosen_groups,
-)
+from lynx.selection.routers import affinity_logits, choice_scores, outside_groups_excluded
 from lynx.selection.statistics import STAT_FIELDS, layer_statistics
 
 ROUTERS = {  # public config.json values
@@ -58,20 +52,11 @@ OFFSETS = (0.0, -1.0, 2.0, 5.0)  # DeepSeek-V3's real biases sit near +5 (min +2
 Scores = Callable[[torch.Tensor, RouterSpec, torch.Tensor], torch.Tensor]
 
 
-def _in_groups(scores: torch.Tensor, z: torch.Tensor, router: RouterSpec, bias: torch.Tensor
-               ) -> torch.Tensor:
-    if not router.grouped:
-        return scores
-    chosen = chosen_groups(choice_scores(z, router, bias), router)
-    return restrict_to_chosen_groups(scores, chosen,
-                                     scores.max(dim=-1, keepdim=True).values + EXCLUDED)
-
-
 VARIANTS: dict[str, Scores] = {
-    "choice_log": lambda z, r, b: _in_groups(
+    "choice_log": lambda z, r, b: outside_groups_excluded(
         torch.log(choice_scores(z, r, b).clamp_min(1e-6)), z, r, b),
     "gate_log": affinity_logits,
-    "choice_offset": lambda z, r, b: _in_groups(
+    "choice_offset": lambda z, r, b: outside_groups_excluded(
         (choice_scores(z, r, b) - choice_scores(z, r, b).max(-1, keepdim=True).values) / 0.25,
         z, r, b),
 }

@@ -115,7 +115,7 @@ class MoeLayerBench:
 
         own = self.route(x, logits)
         sel = self.select(knobs, logits, own.topk_ids)
-        return merge_standard_output(own, sel.topk_weights, sel.topk_ids, sel.allowed,
+        return merge_standard_output(own, sel.topk_weights, sel.topk_ids, sel.rerouted,
                                      self.shape.top_k)
 
 

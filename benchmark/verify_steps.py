@@ -180,7 +180,7 @@ class VerifyHook(SelectionHook):
         positions, n = z.shape[1], self.drafts
         weights = torch.empty(self.batch, positions, top_k)
         ids = torch.empty(self.batch, positions, top_k, dtype=torch.int64)
-        allowed = torch.empty(self.batch, positions, experts, dtype=torch.bool)
+        rerouted = torch.empty(self.batch, positions, dtype=torch.bool)
         for start in range(0, positions, n):
             block = z[:, start:start + n]  # [R, n', E]
             width = block.shape[1]
@@ -192,11 +192,11 @@ class VerifyHook(SelectionHook):
                                      stock_ids=own[:, start:start + n].reshape(-1, top_k))
             weights[:, start:start + width] = step.topk_weights.view(self.batch, width, -1)
             ids[:, start:start + width] = step.topk_ids.view(self.batch, width, -1)
-            allowed[:, start:start + width] = step.allowed.view(self.batch, width, -1)
+            rerouted[:, start:start + width] = step.rerouted.view(self.batch, width)
         # As the server: rows with nothing dropped keep transformers' own routing.
         flat_ids, flat_weights = merge_rerouted(
             stock_ids, scores, ids.reshape(-1, top_k), weights.reshape(-1, top_k),
-            allowed.reshape(-1, experts))
+            rerouted.reshape(-1))
         stock_top1 = router_logits.argmax(-1, keepdim=True)
         self.rows += stock_top1.numel()
         self.top1_kept += int((flat_ids == stock_top1).any(-1).sum())

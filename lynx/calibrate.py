@@ -91,9 +91,9 @@ class RouterHook:
         top_k = self.router.top_k  # [B, P, K] -> rows ordered like router_logits
         weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
         ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, top_k)
-        allowed = torch.stack([s.allowed for s in steps], dim=1).reshape(-1, z.shape[-1])
+        rerouted = torch.stack([s.rerouted for s in steps], dim=1).reshape(-1)
         # As the server: rows with nothing dropped keep transformers' own routing bit for bit.
-        ids, weights = merge_rerouted(stock_ids, scores, ids, weights, allowed)
+        ids, weights = merge_rerouted(stock_ids, scores, ids, weights, rerouted)
         stock_top1 = z.argmax(-1, keepdim=True)
         self.rows += stock_top1.numel()
         self.top1_kept += int((ids == stock_top1).any(-1).sum())

@@ -45,7 +45,7 @@ def _hook(step: Any, logits: torch.Tensor, router: Any, knobs: Any, valid: torch
     kernel routes) as the plugin drives them."""
     sel = step("by_code", logits, router, knobs, valid, valid, bias, stock_ids=own_ids)
     ids, weights = merge_rerouted(own_ids, own_weights, sel.topk_ids, sel.topk_weights,
-                                  sel.allowed)
+                                  sel.rerouted)
     before = step("by_code", logits, router, knobs, valid, valid, bias)
     masked = mask_rerouted_logits(logits, before.allowed, before.rerouted)
     return ids, weights, masked, sel.keep, sel.rerouted, before.rerouted

@@ -10,8 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger("lynx.cpu_compat")
+
+
+def register_once(target: str, hook: Any) -> None:
+    """AROUND ``hook`` on ``target`` with SGLang's HookRegistry, unless a hook of that name is
+    already registered there (plugins may install more than once per process)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if not any(getattr(h, "__name__", "") == hook.__name__
+               for _t, h, _s in HookRegistry._hooks.get(target, [])):
+        HookRegistry.register(target, hook, HookType.AROUND)
 
 
 def install() -> None:

@@ -62,13 +62,10 @@ HOOKS = {f"{NATIVE}.moe_forward_native": moe_forward_native_local,
 
 def register(targets: tuple[str, ...] = tuple(HOOKS)) -> None:
     """Register the hooks of ``targets`` with SGLang's HookRegistry (once per process)."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from lynx.cpu_compat.hooks import register_once
 
     for target in targets:
-        hook = HOOKS[target]
-        if not any(getattr(h, "__name__", "") == hook.__name__
-                   for _t, h, _s in HookRegistry._hooks.get(target, [])):
-            HookRegistry.register(target, hook, HookType.AROUND)
+        register_once(target, HOOKS[target])
 
 
 def register_compile_path() -> None:

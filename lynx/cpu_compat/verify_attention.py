@@ -83,10 +83,6 @@ def around_forward_extend(original: Any, backend: Any, q: torch.Tensor, k: torch
 
 def register() -> None:
     """Register the verify hook with SGLang's HookRegistry (once per process)."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from lynx.cpu_compat.hooks import register_once
 
-    target = f"{BACKEND}.forward_extend"
-    if any(getattr(hook, "__name__", "") == around_forward_extend.__name__
-           for _t, hook, _s in HookRegistry._hooks.get(target, [])):
-        return
-    HookRegistry.register(target, around_forward_extend, HookType.AROUND)
+    register_once(f"{BACKEND}.forward_extend", around_forward_extend)

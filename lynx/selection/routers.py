@@ -205,7 +205,16 @@ def affinity_logits(logits: torch.Tensor, router: RouterSpec,
     z = logits.float()
     if router.scoring == "sigmoid":
         z = torch.nn.functional.logsigmoid(z)
+    return outside_groups_excluded(z, logits, router, correction_bias)
+
+
+def outside_groups_excluded(scores: torch.Tensor, logits: torch.Tensor, router: RouterSpec,
+                            correction_bias: torch.Tensor | None) -> torch.Tensor:
+    """[T,E] logit-domain ``scores`` with every expert outside the row's chosen groups (by
+    ``logits`` [T,E] and the bias) set EXCLUDED below the row's best score; unchanged for
+    routers without groups."""
     if not router.grouped:
-        return z
+        return scores
     chosen = chosen_groups(choice_scores(logits, router, correction_bias), router)
-    return restrict_to_chosen_groups(z, chosen, z.max(dim=-1, keepdim=True).values + EXCLUDED)
+    return restrict_to_chosen_groups(scores, chosen,
+                                     scores.max(dim=-1, keepdim=True).values + EXCLUDED)

@@ -96,16 +96,16 @@ def route_restricted(logits: torch.Tensor, router: RouterSpec, stock: StockRouti
 
 
 def merge_rerouted(own_ids: torch.Tensor, own_weights: torch.Tensor, routed_ids: torch.Tensor,
-                   routed_weights: torch.Tensor, allowed: torch.Tensor
+                   routed_weights: torch.Tensor, rerouted: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [T,K], weights [T,K]) in the dtypes of the engine's ``own_ids``/``own_weights``
     [T,K] (its routed columns): the library's ``routed_ids``/``routed_weights`` [T,K] in the
-    rows whose own ids hold an expert outside ``allowed`` [T,E], the engine's own elsewhere.
-    Judged on the engine's ids, so an expert outside the keep set is never computed even where
-    the engine broke a near-tie differently. Out-of-range own ids (padding) are clamped for
-    the lookup only. Static shapes, no host sync (capturable)."""
-    own = own_ids.long().clamp(0, allowed.shape[1] - 1)
-    rewrite = ~allowed.gather(1, own).all(dim=-1, keepdim=True)  # [T,1]
+    ``rerouted`` [T] rows, the engine's own elsewhere. Pass the ``rerouted`` of a step given
+    the same own ids as ``stock_ids``: the rows whose own ids hold an expert outside the keep
+    set, judged on the engine's ids (so an expert outside it is never computed, even where the
+    engine broke a near-tie differently), and the rows the statistics count. Static shapes, no
+    host sync (capturable)."""
+    rewrite = rerouted[:, None]
     return (torch.where(rewrite, routed_ids.to(own_ids.dtype), own_ids),
             torch.where(rewrite, routed_weights.to(own_weights.dtype), own_weights))
 

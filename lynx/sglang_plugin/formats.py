@@ -142,15 +142,16 @@ def plan_layer(topk: Any, path: str) -> LayerPlan:
 
 
 def merge_standard_output(output: Any, routed_weights: Any, routed_ids: Any,
-                          allowed: Any, top_k: int) -> Any:
+                          rerouted: Any, top_k: int) -> Any:
     """SGLang's STANDARD output with the first ``top_k`` (routed) columns replaced by
-    ``routed_weights``/``routed_ids`` [T,K] only in the rows whose own routed ids (SGLang's)
-    hold an expert outside ``allowed`` [T,E] (`lynx.selection.merge_rerouted`). Every other
+    ``routed_weights``/``routed_ids`` [T,K] only in the ``rerouted`` [T] rows: those whose own
+    routed ids (SGLang's, the step's ``stock_ids``) hold a dropped expert
+    (`lynx.selection.merge_rerouted`). Every other
     row, and the S shared columns, stay SGLang's bit for bit, so a step that drops nothing is
     SGLang's own output. Same dtypes, static shapes, no host sync: capturable."""
     ids, weights = output.topk_ids, output.topk_weights
     new_ids, new_weights = merge_rerouted(ids[:, :top_k], weights[:, :top_k], routed_ids,
-                                          routed_weights, allowed)
+                                          routed_weights, rerouted)
     if ids.shape[1] > top_k:
         new_ids = torch.cat([new_ids, ids[:, top_k:]], dim=1)
         new_weights = torch.cat([new_weights, weights[:, top_k:]], dim=1)

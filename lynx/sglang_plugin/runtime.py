@@ -212,7 +212,7 @@ class LynxRuntime:
             selection = self.select(state, router_logits, plan, topk.topk_config, layer,
                                     stock_ids=own_ids)
             output = merge_standard_output(output, selection.topk_weights, selection.topk_ids,
-                                           selection.allowed, plan.router.top_k)
+                                           selection.rerouted, plan.router.top_k)
         if self.exporter is not None:
             self.exporter.accumulate(layer, selection.stats)
         return output
