@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from lynx_policy.admin_ladder import add_ladder_routes, pinned_rung_policy
 from lynx_policy.config import (
     Mode,
     QualityFloor,
@@ -48,6 +49,8 @@ T = TypeVar("T")
 
 class ModeBody(msgspec.Struct, forbid_unknown_fields=True):
     mode: Mode
+    rung: str | None = None
+    """With ``static``: pin this rung of the ladder (its tables on the adaptive buckets)."""
 
 
 class SloBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -240,7 +243,17 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
              openapi_extra=_body_doc(ModeBody))
     async def put_mode(request: Request, _: Authorized) -> dict[str, Any]:
         body = await read_body(request, ModeBody, "put_mode")
-        apply(request, "put_mode", mode=body.mode)
+        if body.rung is None:
+            apply(request, "put_mode", mode=body.mode)
+        else:
+            try:
+                if body.mode != "static":
+                    raise PolicyError("'rung' pins a static policy: give mode 'static'")
+                spec = pinned_rung_policy(controller, body.rung)
+            except PolicyError as exc:
+                reject(request, "put_mode", 422, str(exc))
+            check_fits_replicas(request, "put_mode", spec)
+            apply(request, "put_mode", mode="static", policy=spec)
         return {"mode": controller.keeper.state.mode, "version": controller.keeper.state.version}
 
     @app.get("/v1/slo", tags=["policy"], summary="SLO targets")
@@ -304,5 +317,10 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
             app.openapi_schema = doc
         return app.openapi_schema
 
+    def record(request: Request, action: str, **fields: Any) -> None:
+        actor, client = _caller(request)
+        audit.record(actor=actor, client=client, action=action, outcome="applied", **fields)
+
+    add_ladder_routes(app, controller, Authorized, read_body, reject, record)
     app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lynx_protocol.endpoints import EndpointError, default_endpoint, validate_endpoint
+from lynx_protocol.ladder import load_ladder
 from lynx_protocol.messages import MAX_MESSAGE_BYTES
 from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
@@ -205,6 +206,9 @@ class ControllerConfig(_Section, frozen=True):
     loop: LoopConfig = msgspec.field(default_factory=LoopConfig)
     observe: ObserveConfig = msgspec.field(default_factory=ObserveConfig)
     adaptive: AdaptiveConfig = msgspec.field(default_factory=AdaptiveConfig)
+    ladder: str = ""
+    """Ladder file (``lynx-serve calibrate --ladder``) adaptive mode plans over; empty: uniform
+    budgets. One set by ``PUT /v1/ladder`` is persisted in ``state.dir`` and wins."""
 
 
 def validate_slo(targets: list[SloTarget]) -> list[SloTarget]:
@@ -295,6 +299,8 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None
         validate_policy(config.policy)
         validate_slo(config.slo)
         validate_floor_fits(config.policy, config.floor)
+        if config.ladder:
+            load_ladder(config.ladder)  # LadderError: one line naming the file
         if not config.loop.backoff_s:
             raise ValueError("loop.backoff_s needs at least one delay")
         if config.observe.prometheus_url and not config.observe.prometheus_url.startswith(

@@ -31,6 +31,8 @@ import msgspec
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import STEP_METRICS, BucketPlan, correction, plan_table, smooth
+from lynx_policy.rungs import plan_ladder
+from lynx_protocol.ladder import Ladder
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 Signal = Literal["violated", "within", "headroom", "no_data"]
@@ -172,16 +174,19 @@ def step_policy(
 
 def decide(
     observation: Observation, policy: PolicySpec, memory: Memory, *, mode: Mode,
-    settings: AdaptiveConfig, floor: QualityFloor,
+    settings: AdaptiveConfig, floor: QualityFloor, ladder: Ladder | None = None,
 ) -> Decision:
-    """One control decision. Only ``adaptive`` mode ever changes the policy."""
+    """One control decision. Only ``adaptive`` mode ever changes the policy. With a
+    ``ladder`` (one that fits the replicas), the model planner plans over its rungs
+    (`lynx_policy.rungs`); without one, over uniform budgets (`lynx_policy.plan`)."""
     signal = classify(observation.latencies, settings.headroom)
     if mode != "adaptive":
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
     model = observation.model
     if (settings.use_model and model is not None and model.ready
             and any(r.target.metric in STEP_METRICS for r in observation.latencies)):
-        return decide_from_model(observation, model, policy, memory, signal, settings, floor)
+        return decide_from_model(observation, model, policy, memory, signal, settings, floor,
+                                 ladder)
     if signal == "violated":
         memory = Memory(violated_ticks=memory.violated_ticks + 1)
         wanted: Direction = ("tighten" if memory.violated_ticks >= settings.tighten_after_ticks
@@ -209,7 +214,7 @@ def decide(
 
 def decide_from_model(observation: Observation, model: FleetModel, policy: PolicySpec,
                       memory: Memory, signal: Signal, settings: AdaptiveConfig,
-                      floor: QualityFloor) -> Decision:
+                      floor: QualityFloor, ladder: Ladder | None = None) -> Decision:
     """Model planner: update the correction factor of every step target, then plan every
     bucket (`lynx_policy.plan.plan_table`)."""
     previous = {(metric, q): kappa for metric, q, kappa in memory.corrections}
@@ -227,8 +232,12 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         corrections.append((target.metric, target.quantile, kappa))
         targets.append((target.target_ms, kappa))
     table = adaptive_table(policy, settings, observation.num_experts)
-    new_policy, plans, streaks, changed = plan_table(model, table, targets,
-                                                     memory.relax_streaks, settings, floor)
+    if ladder is not None and ladder.model.num_experts == observation.num_experts:
+        new_policy, plans, streaks, changed = plan_ladder(model, ladder, table, targets,
+                                                          memory.relax_streaks, settings, floor)
+    else:
+        new_policy, plans, streaks, changed = plan_table(model, table, targets,
+                                                         memory.relax_streaks, settings, floor)
     memory = Memory(corrections=tuple(corrections), relax_streaks=streaks)
     kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
     if not changed:

@@ -25,12 +25,14 @@ from typing import Any
 from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import Decision, Memory, Observation, decide
 from lynx_policy.hub import Hub
+from lynx_policy.ladders import LadderStore
 from lynx_policy.metrics import ControllerMetrics, replace_series, target_labels
 from lynx_policy.model import batch_mix
 from lynx_policy.modelstore import ModelStore
 from lynx_policy.observe import ObserveError, Observer
 from lynx_policy.state import StateKeeper
 from lynx_policy.throttle import Backoff
+from lynx_protocol.ladder import PPL_RISE, Ladder
 
 log = logging.getLogger(__name__)
 RECENT_TICKS = 120
@@ -53,13 +55,14 @@ class TickReport:
 class ControlLoop:
     def __init__(self, config: ControllerConfig, keeper: StateKeeper, hub: Hub,
                  metrics: ControllerMetrics, observer: Observer,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], ladders: LadderStore | None = None) -> None:
         self.config = config
         self.keeper = keeper
         self.hub = hub
         self.metrics = metrics
         self.observer = observer
         self.on_change = on_change
+        self.ladders = ladders or LadderStore(config.state.dir)
         self.memory = Memory()
         self.models = ModelStore(config.state.dir)
         self.last_decision: Decision | None = None
@@ -126,6 +129,7 @@ class ControlLoop:
                             for m, q, k in (decision.memory.corrections if decision else ())],
             "table": policy_document(self.keeper.state.effective_policy()),
             "why": [asdict(plan) for plan in (decision.plans if decision else ())],
+            "ladder": self.ladders.view(r.registration for r in self.hub.connected()),
             "settings": {"use_model": settings.use_model, "margin": settings.margin,
                          "headroom": settings.headroom,
                          "max_step_experts": settings.max_step_experts,
@@ -133,8 +137,9 @@ class ControlLoop:
         }
 
     def _model_metrics(self, observation: Observation, decision: Decision,
-                       recent: list[tuple[str, Any]]) -> None:
+                       recent: list[tuple[str, Any]], ladder: Ladder | None) -> None:
         from lynx_policy.plan import expected_mass_kept
+        from lynx_policy.rungs import expected_quality_cost
 
         m = self.metrics
         fleet = observation.model
@@ -156,6 +161,9 @@ class ControlLoop:
             total = sum(w for _, w in weights)
             mass = sum(v * w for v, w in weights) / total if total else None
         m.mass_kept.set(float("nan") if mass is None else mass)
+        cost = (expected_quality_cost(ladder, policy, observation.batch_mix) if ladder
+                else 0.0 if policy.name == "off" else None)
+        m.quality_cost.labels(kind=PPL_RISE).set(float("nan") if cost is None else cost)
 
     async def tick(self) -> Decision:
         self.hub.housekeeping()
@@ -174,12 +182,13 @@ class ControlLoop:
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
         )
+        ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,
-                          settings=self.config.adaptive, floor=state.floor)
+                          settings=self.config.adaptive, floor=state.floor, ladder=ladder)
         self.memory = decision.memory
         self.last_decision = decision
         self.models.save()
-        self._model_metrics(observation, decision, recent)
+        self._model_metrics(observation, decision, recent, ladder)
         self.ticks += 1
         self.metrics.decisions.labels(direction=decision.direction).inc()
         replace_series(self.metrics.slo_target, {

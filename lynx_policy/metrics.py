@@ -116,6 +116,12 @@ class ControllerMetrics:
                                "Expected routing mass kept by the applied table over the "
                                "recent batch mix (1: no pruning; NaN: not measured yet)",
                                registry=r)
+        self.quality_cost = Gauge(
+            "lynx_controller_expected_quality_cost", "Expected quality cost of the applied "
+            "table over the recent batch mix, from the ladder's measured rung costs (ppl_rise: "
+            "held-out perplexity rise as a fraction; 0: no pruning; NaN: not a ladder's rung)",
+            ["kind"], registry=r)
+        self.quality_cost.labels(kind="ppl_rise").set(0.0)
         self.model_ready.set(0)
         self.model_rmse.set(float("nan"))
         self.mass_kept.set(1.0)

@@ -55,6 +55,10 @@ class BucketPlan:
     mass_kept: float | None
     """Expected routing mass kept at this budget (None: not measured yet)."""
     reason: str
+    rung: str | None = None
+    """Ladder planning: the rung applied (``budget`` is then its experts computed)."""
+    quality_cost: float | None = None
+    """Ladder planning: the rung's measured held-out perplexity rise [fraction]."""
 
 
 def quantile_of(values: list[tuple[float, float]], q: float) -> float:

@@ -19,6 +19,7 @@ import uvicorn
 from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import mean_budgets
 from lynx_policy.hub import Hub
+from lynx_policy.ladders import LadderStore
 from lynx_policy.loop import ControlLoop
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.observe import make_observer
@@ -38,12 +39,13 @@ class Controller:
         self.started_at = time.time()
         self.metrics = ControllerMetrics()
         self.keeper = StateKeeper(config)
+        self.ladders = LadderStore(config.state.dir, config.ladder)
         self._update = self.keeper.state.update_message()
         self.hub = Hub(config.link, self.metrics, self.current_update)
         self.http = httpx.AsyncClient()
         self.observer = make_observer(config.observe, self.http, self._registered_metrics_urls)
         self.loop = ControlLoop(config, self.keeper, self.hub, self.metrics, self.observer,
-                                self.state_changed)
+                                self.state_changed, self.ladders)
         self.app = create_admin_app(self, admin_token)
         self.stop_event = asyncio.Event()
         self.server: uvicorn.Server | None = None

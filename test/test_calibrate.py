@@ -112,3 +112,32 @@ def test_calibrate_command_writes_a_per_layer_table_for_a_real_model(tmp_path) -
                           "--target-mean", "2"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "below the cheapest table" in bad.stderr
     assert json.loads(out.read_text())["name"] == "budget"
+
+
+def test_a_ladder_is_deterministic_for_a_seed_and_pareto_ordered(tmp_path) -> None:
+    """Two runs of the ladder calibration of a real checkpoint give the same file; every rung
+    is measured at every batch, costs rise and experts fall along it, and the CLI writes it."""
+    from lynx.calibrate.ladder import build_ladder
+    from lynx_protocol.ladder import PPL_RISE, encode_ladder, load_ladder, validate_ladder
+
+    folder = reference_model("qwen3-moe-mini")
+    kwargs = {"means": [24, 16, 12], "batches": (4, 8), "windows": 8, "window_len": 24,
+              "heldout_windows": 8, "seed": 3, "max_ppl_rise": 0.5}
+    first, report = build_ladder(folder, **kwargs)
+    second, _ = build_ladder(folder, **kwargs)
+    assert encode_ladder(first) == encode_ladder(second)
+    validate_ladder(first, num_layers=4, num_experts=32)
+    assert first.rungs[0].name == "none" and len(first.rungs) >= 2
+    assert [t.batch for t in first.rungs[1].tables] == [4, 8]
+    measured = {name for entry in report["per_batch"] for name in entry["rungs"]}
+    assert {r.name for r in first.rungs[1:]} | {d.name for d in first.dropped} == measured
+    for table in first.rungs[-1].tables:
+        assert table.cost(PPL_RISE) is not None and 0.0 < table.mass_kept < 1.0
+        assert "heldout" in table.costs[0].source
+    out = tmp_path / "ladder.json"
+    done = subprocess.run([sys.executable, "-m", "lynx.serving.cli", "calibrate", str(folder),
+                           "--ladder", "--means", "16,12", "--batches", "4", "--windows", "4",
+                           "--window-len", "16", "--heldout-windows", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_ladder(out).model.num_experts == 32 and "rung" in done.stderr

@@ -34,8 +34,8 @@ class LiveReplica:
     every 0.2 s, as the plugin's scheduler loop would), so a slow machine cannot let it go stale
     between tests; the newest policy update it received is `update`."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.link = RuntimeLink(REGISTER, LinkSettings(endpoint=endpoint, heartbeat_s=0.2,
+    def __init__(self, endpoint: str, registration: Register = REGISTER) -> None:
+        self.link = RuntimeLink(registration, LinkSettings(endpoint=endpoint, heartbeat_s=0.2,
                                                        staleness_s=5.0))
         self.update: PolicyUpdate | None = None
         self._stop = threading.Event()

@@ -106,7 +106,7 @@ CONTROLLER_METRICS = (
     "lynx_controller_budget_experts", "lynx_controller_step_latency_observed_seconds",
     "lynx_controller_step_latency_predicted_seconds", "lynx_controller_model_ready",
     "lynx_controller_model_error_ratio", "lynx_controller_latency_correction",
-    "lynx_controller_expected_mass_kept_ratio",
+    "lynx_controller_expected_mass_kept_ratio", "lynx_controller_expected_quality_cost",
 )
 SGLANG_METRICS = (
     "sglang:inter_token_latency_seconds_bucket", "sglang:time_to_first_token_seconds_bucket",

@@ -174,12 +174,14 @@ ROWS: tuple[RowSpec, ...] = (
         PanelSpec("Model state and quality cost", "1 while the model plans the budgets (0: "
                   "reactive rules); fit error (RMSE / mean step); correction factor (observed "
                   "client quantile / predicted step quantile); expected routing mass kept by "
-                  "the applied table over the recent batch mix (1: nothing pruned).",
+                  "the applied table over the recent batch mix (1: nothing pruned); with a "
+                  "ladder, the expected held-out perplexity rise of the rungs applied.",
                   (_q("lynx_controller_model_ready", "model ready"),
                    _q("lynx_controller_model_error_ratio", "fit error"),
                    _q("lynx_controller_latency_correction", "correction {{metric}} "
                       "p{{quantile}}"),
-                   _q("lynx_controller_expected_mass_kept_ratio", "expected mass kept")),
+                   _q("lynx_controller_expected_mass_kept_ratio", "expected mass kept"),
+                   _q("lynx_controller_expected_quality_cost", "expected {{kind}}")),
                   width=12),
     )),
     RowSpec("Load", (

@@ -64,6 +64,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ServeError(f"calibrate: need batches >= {NO_PRUNING_BELOW}, --windows >= the "
                          "largest batch, --window-len >= 2")
     folder = resolve_model(args.model)
+    if args.ladder:
+        return _calibrate_ladder(args, folder, batches)
+    if args.target_mean is None:
+        raise ServeError("calibrate: give --target-mean (one policy) or --ladder")
     try:
         result = calibrate(folder, args.target_mean, batches, args.windows, args.window_len)
     except ValueError as exc:
@@ -79,6 +83,42 @@ def _calibrate(args: argparse.Namespace) -> int:
             print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
                   + f"   {budget:>6} ({entry['kept'][layer][budget]:.1f})", file=sys.stderr)
     text = msgspec.json.encode(result["policy"]).decode()
+    if args.out is not None:
+        args.out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]) -> int:
+    from lynx.calibrate.ladder import build_ladder
+    from lynx_protocol.ladder import PPL_RISE, encode_ladder
+
+    try:
+        means = ([float(m) for m in args.means.split(",") if m.strip()] if args.means
+                 else None)
+    except ValueError:
+        raise ServeError(f"calibrate: --means {args.means!r} is not a list of numbers"
+                         ) from None
+    if not 0 < args.max_ppl_rise <= 10 or args.heldout_windows < batches[-1]:
+        raise ServeError("calibrate: need 0 < --max-ppl-rise <= 10 and --heldout-windows >= "
+                         "the largest batch")
+    try:
+        ladder, _ = build_ladder(folder, means, batches, args.windows, args.window_len,
+                                 args.heldout_windows, max_ppl_rise=args.max_ppl_rise)
+    except ValueError as exc:
+        raise ServeError(f"calibrate: {exc}") from None
+    print("rung      " + "".join(f"  B={t.batch}: experts  mass   ppl" for t in
+                                  ladder.rungs[0].tables), file=sys.stderr)
+    for rung in ladder.rungs:
+        print(f"{rung.name:<10}" + "".join(
+            f"  {t.experts_computed:13.2f} {t.mass_kept:6.3f} "
+            f"{100 * (t.cost(PPL_RISE) or 0):+5.2f}%"
+            for t in rung.tables), file=sys.stderr)
+    for gone in ladder.dropped:
+        print(f"dropped {gone.name}: {gone.reason}", file=sys.stderr)
+    text = encode_ladder(ladder).decode()
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
         print(f"wrote {args.out}", file=sys.stderr)
@@ -104,10 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     cal = sub.add_parser("calibrate", help="per-layer budgets for a target mean of experts "
                          "(writes a policy JSON for LYNX_POLICY_FILE or PUT /v1/policy)")
     cal.add_argument("model", help="reference model name or checkpoint folder")
-    cal.add_argument("--target-mean", type=float, required=True,
+    cal.add_argument("--target-mean", type=float,
                      help="experts computed per layer and decode step, averaged over the "
                      "layers, at each calibration batch (a budget above a step's union costs "
-                     "the union)")
+                     "the union); without --ladder, required")
+    cal.add_argument("--ladder", action="store_true",
+                     help="write a ladder (lynx-ladder/1: one calibrated table per mean of "
+                     "--means, each measured on held-out data) instead of one policy")
+    cal.add_argument("--means", help="ladder: comma-separated mean budgets (default: 3/4 of "
+                     "E down to 1/8 of E, those >= 1.5 top_k)")
+    cal.add_argument("--max-ppl-rise", type=float, default=0.05,
+                     help="ladder: quality floor, held-out perplexity rise as a fraction")
+    cal.add_argument("--heldout-windows", type=int, default=64)
     cal.add_argument("--batches", default="16,32,64",
                      help="decode batch sizes to calibrate (one per-layer table each)")
     cal.add_argument("--windows", type=int, default=64)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lynx.selection import NO_BUDGET_LIMIT, RouterSpec, SelectionKnobs, make_knobs
+from lynx.selection.statistics import STAT_FIELDS
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 NO_PRUNING_BELOW = 4  # decode rows, as the default policy
@@ -64,6 +65,8 @@ class RouterHook:
         self.top1_kept = 0  # of which kept their stock top-1 expert
         self.steps = 0  # decode steps (positions) seen
         self.experts = 0  # distinct experts computed, summed over the steps
+        self.mass_kept = 0.0  # stock top-K gate mass of pruned rows on kept experts
+        self.mass_total = 0.0  # stock top-K gate mass of pruned rows
 
     def _count_experts(self, ids: torch.Tensor, experts: int) -> None:
         """``ids`` [B*P, K]: distinct experts per position, added up."""
@@ -92,6 +95,9 @@ class RouterHook:
         weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
         ids = torch.stack([s.topk_ids for s in steps], dim=1).reshape(-1, top_k)
         rerouted = torch.stack([s.rerouted for s in steps], dim=1).reshape(-1)
+        stats = torch.stack([s.stats for s in steps]).sum(0)
+        self.mass_kept += float(stats[STAT_FIELDS.index("mass_kept")])
+        self.mass_total += float(stats[STAT_FIELDS.index("mass_total")])
         # As the server: rows with nothing dropped keep transformers' own routing bit for bit.
         ids, weights = merge_rerouted(stock_ids, scores, ids, weights, rerouted)
         stock_top1 = z.argmax(-1, keepdim=True)

@@ -1,0 +1,151 @@
+"""The ladder (``lynx-serve calibrate --ladder``): calibrated per-layer tables at a set of mean
+budgets, each measured on held-out data, as the controller's knob (`lynx_protocol.ladder`).
+
+Shape legend: N windows, P positions per window, B windows decoded together, L MoE layers,
+E experts, K top_k.
+
+Per calibration batch B the per-layer sensitivities are measured once on the *training*
+split (`lynx.calibrate.tables.layer_sensitivity`); every rung's tables are then exact
+allocations (`allocate`) for its mean budget, so one sensitivity pass serves every rung. Each
+table is measured on *held-out* windows (never the calibration data) with the whole table
+applied: the perplexity rise over no pruning (cost kind ``ppl_rise``), the mean distinct
+experts computed per layer and step, and the routing mass kept. Rungs that cost more than a
+faster one (measurement noise on a flat stretch) and rungs beyond ``max_ppl_rise`` (the
+quality floor) are dropped and listed with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lynx.calibrate.tables import (
+    allocate,
+    default_candidates,
+    layer_sensitivity,
+    model_shape,
+    router_hooks,
+    window_nll,
+)
+from lynx_protocol.ladder import (
+    LADDER_FORMAT,
+    PPL_RISE,
+    DroppedRung,
+    Ladder,
+    LadderModel,
+    Rung,
+    RungCost,
+    RungTable,
+    pareto_filter,
+    validate_ladder,
+)
+from lynx_protocol.policy import BudgetBucket, PolicySpec
+
+STOCK_RUNG = "none"
+
+
+def default_means(num_experts: int, top_k: int) -> list[float]:
+    """Mean budgets tried: 3/4, 5/8, 1/2, 3/8, 5/16, 1/4, 3/16 and 1/8 of E, those >= 1.5 K
+    (a step computes at least K experts), descending."""
+    fractions = (0.75, 0.625, 0.5, 0.375, 0.3125, 0.25, 0.1875, 0.125)
+    means = sorted({round(num_experts * f, 2) for f in fractions}, reverse=True)
+    return [m for m in means if m >= 1.5 * top_k]
+
+
+def table_policy(per_layer: Sequence[int]) -> PolicySpec:
+    """One per-layer table for every batch size."""
+    return PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=1_000_000,
+                                                           per_layer=list(per_layer))])
+
+
+@torch.no_grad()
+def measure_table(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int
+                  ) -> tuple[float, float, float]:
+    """(mean next-token NLL [nats], mean distinct experts computed per layer and step,
+    routing mass kept [fraction]) of ``windows`` [N,P] decoded B at a time under ``spec``."""
+    total, count = 0.0, 0
+    with router_hooks(model, spec, batch) as hooks:
+        for chunk in windows.split(batch):
+            nll, tokens, _ = window_nll(model, chunk)
+            total, count = total + nll, count + tokens
+    experts = sum(h.experts / max(h.steps, 1) for h in hooks) / len(hooks)
+    mass_total = sum(h.mass_total for h in hooks)
+    mass = sum(h.mass_kept for h in hooks) / mass_total if mass_total > 0 else 1.0
+    return total / count, experts, min(max(mass, 0.0), 1.0)
+
+
+def build_ladder(folder: Path, means: Sequence[float] | None = None,
+                 batches: Sequence[int] = (16, 32, 64), windows: int = 64,
+                 window_len: int = 96, heldout_windows: int = 64, seed: int = 11,
+                 max_ppl_rise: float = 0.05) -> tuple[Ladder, dict[str, Any]]:
+    """The ladder of the checkpoint in ``folder`` and a report (sensitivities, every measured
+    rung before filtering). ``means``: mean budgets [experts per layer] of the candidate
+    rungs (default `default_means`); ``max_ppl_rise``: the quality floor, as a fraction.
+    Deterministic for a seed. Raises ValueError when no mean is at or above top_k."""
+    from lynx.reference.data import code_stream, code_windows
+    from lynx.reference.loading import load_reference
+
+    torch.manual_seed(seed)
+    model, tok = load_reference(folder, dtype=torch.float32)
+    experts, top_k, _ = model_shape(model)
+    layers = model.config.num_hidden_layers
+    means = sorted(set(means or default_means(experts, top_k)), reverse=True)
+    if not means or means[-1] < top_k:
+        raise ValueError(f"mean budgets {means} must be >= top_k = {top_k} (a step computes "
+                         "at least its rows' top-k experts)")
+    train, heldout = code_stream(tok, "train"), code_stream(tok, "heldout")
+    candidates = default_candidates(experts, top_k)
+    tables: dict[str, list[RungTable]] = {}
+    unreachable: dict[str, str] = {}
+    report: dict[str, Any] = {"candidates": candidates, "per_batch": []}
+    for batch in sorted(batches):
+        data = code_windows(train, windows - windows % batch, window_len,
+                            torch.Generator().manual_seed(seed))
+        held = code_windows(heldout, heldout_windows - heldout_windows % batch, window_len,
+                            torch.Generator().manual_seed(seed + 1))
+        sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
+        stock_nll, stock_experts, _ = measure_table(model, held, PolicySpec(name="off"), batch)
+        source = (f"heldout code split, {held.shape[0]} windows x {window_len} tokens decoded "
+                  f"{batch} at a time, vs no pruning (stock NLL {stock_nll:.4f} nats)")
+        tables.setdefault(STOCK_RUNG, []).append(RungTable(
+            batch=batch, per_layer=[experts] * layers, experts_computed=round(stock_experts, 4),
+            mass_kept=1.0, costs=[RungCost(kind=PPL_RISE, value=0.0, source=source)]))
+        entry: dict[str, Any] = {"batch": batch, "stock_nll": stock_nll,
+                                 "sensitivity_nats": sensitivity, "kept": kept, "rungs": {}}
+        for mean in means:
+            name = f"m{mean:g}"
+            try:
+                budgets = allocate(sensitivity, mean, kept)
+            except ValueError as exc:
+                unreachable[name] = str(exc)
+                continue
+            nll, computed, mass = measure_table(model, held, table_policy(budgets), batch)
+            rise = math.expm1(nll - stock_nll)
+            tables.setdefault(name, []).append(RungTable(
+                batch=batch, per_layer=budgets, experts_computed=round(computed, 4),
+                mass_kept=round(mass, 6), costs=[RungCost(kind=PPL_RISE, value=round(rise, 6),
+                                                          source=source)]))
+            entry["rungs"][name] = {"budgets": budgets, "experts_computed": computed,
+                                    "mass_kept": mass, "ppl_rise": rise}
+        report["per_batch"].append(entry)
+    complete = [Rung(name=name, tables=t) for name, t in tables.items()
+                if len(t) == len(batches) and name not in unreachable]
+    kept_rungs, dropped = pareto_filter(complete)
+    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
+                for n, why in unreachable.items()]
+    within = [r for r in kept_rungs if r.cost() <= max_ppl_rise]
+    dropped += [DroppedRung(name=r.name, reason=f"ppl_rise {r.cost():.5f} beyond the quality "
+                            f"floor {max_ppl_rise:g}") for r in kept_rungs if r not in within]
+    ladder = Ladder(
+        format=LADDER_FORMAT,
+        model=LadderModel(num_layers=layers, num_experts=experts, top_k=top_k,
+                          name=Path(folder).name),
+        rungs=within, dropped=dropped,
+        source=(f"lynx-serve calibrate --ladder: sensitivities on {windows} training windows x "
+                f"{window_len} tokens, costs on {heldout_windows} held-out windows, seed "
+                f"{seed}, batches {sorted(batches)}, floor ppl_rise <= {max_ppl_rise:g}"))
+    return validate_ladder(ladder, where=str(folder)), report

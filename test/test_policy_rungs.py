@@ -1,0 +1,151 @@
+"""decide() over a ladder (`lynx_policy.rungs`): properties of planning over rungs (pure).
+
+The plant: a replica whose mean decode step takes t(B, m) = 5 + 1.0 B + 2.0 m ms, clients that
+see ``kappa`` times the step latency of the batch mix under the applied table.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ladders import EXPERTS, LAYERS, TOP_K, ladders, mini_ladder
+
+from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
+from lynx_policy.decide import LatencyReading, Memory, Observation, decide
+from lynx_policy.model import FleetModel, LatencyFit, expected_union
+from lynx_policy.rungs import expected_quality_cost, rung_experts, rung_policy, usable_rungs
+from lynx_protocol.ladder import Ladder, rung_of_bucket
+from lynx_protocol.policy import PolicySpec, validate_policy
+
+FIT = LatencyFit(a_ms=5.0, b_ms_per_row=1.0, c_ms_per_expert=2.0, samples=40, steps=800,
+                 rmse_ms=0.5, mean_ms=60.0, expert_spread=8.0, ready=True, reason="ok")
+FLEET = FleetModel(fits=(FIT,), num_experts=EXPERTS, top_k=TOP_K, largest_batch=64)
+SETTINGS = AdaptiveConfig(buckets=[4, 8, 16, 32, 48, 64, 4096], margin=0.1, headroom=0.2,
+                          relax_after_ticks=3, max_step_experts=6)
+TARGET = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
+NO_FLOOR = QualityFloor(min_budget=1)
+OFF = PolicySpec()
+
+
+def step(ladder: Ladder, policy: PolicySpec, observed_ms: float, mix, memory: Memory,
+         floor: QualityFloor = NO_FLOOR):
+    obs = Observation(latencies=(LatencyReading(TARGET, observed_ms / 1000.0),),
+                      batch_steps=None, num_experts=EXPERTS, model=FLEET, batch_mix=mix)
+    decision = decide(obs, policy, memory, mode="adaptive", settings=SETTINGS, floor=floor,
+                      ladder=ladder)
+    assert decision.planner == "model"
+    validate_policy(decision.policy, num_layers=ladder.model.num_layers,
+                    num_experts=EXPERTS, top_k=TOP_K)
+    return decision
+
+
+def rungs_of(ladder: Ladder, policy: PolicySpec) -> list[int]:
+    if policy.name != "budget":
+        return [0] * len(SETTINGS.buckets)
+    found = [rung_of_bucket(ladder, b) for b in policy.budgets]
+    assert None not in found  # the planner writes rungs, nothing else
+    return [f or 0 for f in found]
+
+
+def plant(ladder: Ladder, policy: PolicySpec, mix, kappa: float) -> float:
+    """Client P99 ITL [ms]: kappa x the slowest step of the mix under ``policy``."""
+    worst = 0.0
+    for batch, _ in mix:
+        index = 0
+        bucket = next((b for b in policy.budgets if batch <= b.max_batch), None) \
+            if policy.name == "budget" else None
+        if bucket is not None:
+            index = rung_of_bucket(ladder, bucket) or 0
+        union = FLEET.union(batch)
+        worst = max(worst, FIT.predict(batch, rung_experts(ladder.rungs[index], batch, union)
+                                       if index else union))
+    return kappa * worst
+
+
+@settings(max_examples=60, deadline=None)
+@given(ladders(), st.floats(0.5, 3.0), st.floats(1.0, 2.0), st.integers(0, 3))
+def test_planning_is_monotone_in_load_and_keeps_the_floor(ladder, kappa, more, floor_budget
+                                                         ) -> None:
+    mix = ((48.0, 100),)
+    floor = QualityFloor(min_budget=1 + 4 * floor_budget)
+    base = plant(ladder, OFF, mix, kappa)
+    light = step(ladder, OFF, base, mix, Memory(), floor)
+    heavy = step(ladder, OFF, base * more, mix, Memory(), floor)
+    usable = usable_rungs(ladder, floor)
+    for a, b, why in zip(rungs_of(ladder, light.policy), rungs_of(ladder, heavy.policy),
+                         heavy.plans, strict=True):
+        assert a in usable and b in usable  # never below the quality floor
+        if "cannot close the gap" in why.reason:
+            assert b == 0  # a load no rung can serve: held where it was, not tightened
+        else:
+            assert a <= b  # more load (that pruning can serve) never prunes less
+
+
+@settings(max_examples=60, deadline=None)
+@given(ladders(), st.floats(0.3, 4.0))
+def test_never_a_costlier_rung_when_a_cheaper_one_meets_the_prediction(ladder, kappa) -> None:
+    mix = ((48.0, 100),)
+    decision = step(ladder, OFF, plant(ladder, OFF, mix, kappa), mix, Memory())
+    (_, _, raw), = decision.memory.corrections
+    for chosen, plan in zip(rungs_of(ladder, decision.policy), decision.plans, strict=True):
+        union = FLEET.union(plan.batch)
+        for cheaper in range(chosen):  # every less-pruning rung misses the planning bound
+            experts = rung_experts(ladder.rungs[cheaper], plan.max_batch, union)
+            assert raw * FIT.predict(plan.batch, experts) > TARGET.target_ms * (1 - 0.1) - 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(ladders(), st.lists(st.floats(0.2, 5.0), min_size=2, max_size=12))
+def test_change_per_tick_is_bounded(ladder, kappas) -> None:
+    mix = ((48.0, 100),)
+    policy, memory = OFF, Memory()
+    usable = usable_rungs(ladder, NO_FLOOR)
+    for kappa in kappas:
+        decision = step(ladder, policy, plant(ladder, policy, mix, kappa), mix, memory)
+        for before, after, plan in zip(rungs_of(ladder, policy), rungs_of(ladder, decision.policy),
+                                       decision.plans, strict=True):
+            if before == after:
+                continue
+            union = FLEET.union(plan.batch)
+            e = [rung_experts(ladder.rungs[i], plan.max_batch, union) for i in usable]
+            i, j = usable.index(before), usable.index(after)
+            assert abs(i - j) == 1 or abs(e[i] - e[j]) <= SETTINGS.max_step_experts + 1e-9
+        policy, memory = decision.policy, decision.memory
+
+
+def test_no_tightening_for_a_miss_the_lowest_rung_cannot_fix() -> None:
+    ladder, mix = mini_ladder(), ((48.0, 100),)
+    decision = step(ladder, OFF, 10 * plant(ladder, OFF, mix, 1.0), mix, Memory())
+    assert decision.direction == "hold" and decision.policy == OFF
+    assert all("cannot close the gap" in p.reason for p in decision.plans
+               if p.max_batch >= SETTINGS.min_batch)
+
+
+def test_a_load_step_moves_the_rung_up_and_back_and_reports_its_cost() -> None:
+    ladder = mini_ladder()
+    low, high = ((10.0, 100),), ((48.0, 100), (60.0, 50))
+    policy, memory, seen = OFF, Memory(), []
+    for mix in (low,) * 6 + (high,) * 10 + (low,) * 30:
+        decision = step(ladder, policy, plant(ladder, policy, mix, 1.0), mix, memory)
+        policy, memory = decision.policy, decision.memory
+        served = next(i for i, b in enumerate(SETTINGS.buckets) if b >= max(x for x, _ in mix))
+        seen.append((rungs_of(ladder, policy)[served],  # the rung the mix's largest batch gets
+                     expected_quality_cost(ladder, policy, mix)))
+    assert seen[5] == (0, 0.0)  # light load: no pruning, no cost
+    peak = max(r for r, _ in seen[6:16])
+    assert peak >= 2 and seen[15][1] > 0.0  # the jump tightens, at a stated cost
+    assert seen[-1] == (0, 0.0)  # and it relaxes all the way back after the drop
+    assert all(p.rung is not None and p.quality_cost is not None for p in decision.plans)
+
+
+def test_a_pinned_rung_is_a_static_budget_policy() -> None:
+    ladder = mini_ladder()
+    policy = rung_policy(ladder, "m12", SETTINGS.buckets, SETTINGS.min_batch)
+    validate_policy(policy, num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K)
+    assert [rung_of_bucket(ladder, b) for b in policy.budgets] == [0, 3, 3, 3, 3, 3, 3]
+    assert math.isclose(expected_quality_cost(ladder, policy, ((32.0, 1), (64.0, 1))) or 0,
+                        0.010)
+    assert expected_quality_cost(ladder, OFF, ((32.0, 1),)) == 0.0
+    assert expected_union(EXPERTS, TOP_K, 48) > 16
