@@ -27,7 +27,18 @@ import math
 from lynx_policy.config import AdaptiveConfig, QualityFloor
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import BucketPlan, effective_experts, planning_batch
-from lynx_protocol.ladder import PPL_RISE, Ladder, Rung, rung_bucket, rung_of_bucket, table_for
+from lynx_protocol.ladder import (
+    PPL_RISE,
+    Ladder,
+    Rung,
+    rung_bucket,
+    rung_of_bucket,
+    rung_policy,
+    table_for,
+)
+
+__all__ = ["expected_quality_cost", "plan_ladder", "rung_experts", "rung_policy",
+           "usable_rungs"]
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 
@@ -151,16 +162,6 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
             changed.append(i)
     policy = msgspec.structs.replace(table, budgets=buckets) if changed else table
     return policy, tuple(plans), tuple(new_streaks), tuple(changed)
-
-
-def rung_policy(ladder: Ladder, name: str, edges: list[int], min_batch: int) -> PolicySpec:
-    """A static policy pinning rung ``name`` on buckets with upper bounds ``edges`` (buckets
-    below ``min_batch`` rows not pruned). Raises `LadderError` for an unknown rung."""
-    rung = ladder.rung(name)
-    experts = ladder.model.num_experts
-    return PolicySpec(name="budget", budgets=[
-        BudgetBucket(max_batch=edge, all_layers=experts) if edge < min_batch
-        else rung_bucket(rung, edge, edge, experts) for edge in edges])
 
 
 def expected_quality_cost(ladder: Ladder, policy: PolicySpec,

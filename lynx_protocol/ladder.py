@@ -36,7 +36,14 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from lynx_protocol.policy import MAX_BATCH, MAX_EXPERTS, MAX_LAYERS, Budget, BudgetBucket
+from lynx_protocol.policy import (
+    MAX_BATCH,
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    Budget,
+    BudgetBucket,
+    PolicySpec,
+)
 
 LADDER_FORMAT = "lynx-ladder/1"
 MAX_RUNGS = 16
@@ -205,6 +212,27 @@ def rung_bucket(rung: Rung, max_batch: int, batch: float, num_experts: int) -> B
     if not prunes(table, num_experts):
         return BudgetBucket(max_batch=max_batch, all_layers=num_experts)
     return BudgetBucket(max_batch=max_batch, per_layer=list(table.per_layer))
+
+
+def rung_policy(ladder: Ladder, name: str, edges: list[int], min_batch: int) -> PolicySpec:
+    """A static ``budget`` policy pinning rung ``name`` on buckets with upper bounds ``edges``
+    (each bucket gets the table for its upper bound; buckets below ``min_batch`` rows are not
+    pruned). Raises `LadderError` for an unknown rung."""
+    rung = ladder.rung(name)
+    experts = ladder.model.num_experts
+    return PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=edge, all_layers=experts) if edge < min_batch
+        else rung_bucket(rung, edge, edge, experts) for edge in edges])
+
+
+def batch_rule_edges(ladder: Ladder, no_pruning_below: int) -> list[int]:
+    """Bucket upper bounds that apply the batch rule exactly: no pruning below
+    ``no_pruning_below`` rows, then one bucket per calibrated batch reaching up to the next
+    one (the last bucket covers everything above)."""
+    batches = [t.batch for t in ladder.rungs[0].tables]
+    edges = [no_pruning_below - 1] if no_pruning_below > 1 else []
+    edges += [b - 1 for b in batches[1:] if b - 1 > (edges[-1] if edges else 0)]
+    return [*edges, MAX_BATCH]
 
 
 def rung_of_bucket(ladder: Ladder, bucket: BudgetBucket) -> int | None:

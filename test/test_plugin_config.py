@@ -44,6 +44,8 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     ({"LYNX_TIME_MOE": "maybe"}, "LYNX_TIME_MOE='maybe': expected 1 or 0"),
     ({"LYNX_POLICY": '{"name": "off", "prune_verify": "yes"}'}, "invalid policy"),
     ({"LYNX_COMPILE_CACHE": "/etc/hostname"}, "exists and is not a directory"),
+    ({"LYNX_POLICY": '{"name": "off"}', "LYNX_LADDER_RUNG": "m12"},
+     "not LYNX_POLICY and LYNX_LADDER_RUNG"),
 ])
 def test_bad_config_is_a_clear_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(LynxConfigError) as info:
@@ -167,7 +169,7 @@ def test_cli_rejects_bad_policy_before_starting_a_server() -> None:
         "lynx-serve: error: LYNX_POLICY: policy 'budget' needs at least one entry in 'budgets'")
 
 
-def _prepared(folder: Path, policy: PolicySpec | None = None) -> RuntimeState:
+def _prepared(folder: Path, policy: PolicySpec | None = None, rung: str = "") -> RuntimeState:
     """`LynxRuntime.prepare` on a model runner whose checkpoint lives in ``folder`` (the
     reference qwen3-moe-mini's config: 4 MoE layers, 32 experts, top-4)."""
     from types import SimpleNamespace
@@ -180,7 +182,7 @@ def _prepared(folder: Path, policy: PolicySpec | None = None) -> RuntimeState:
 
     config = PluginConfig(enabled=True, policy=policy, controller=None, replica_id="t",
                           stale_after_s=10.0, safe_policy=None, stats_interval_s=3600.0,
-                          compile=False)
+                          compile=False, ladder_rung=rung)
     runner = SimpleNamespace(device="cpu", model=None, model_config=SimpleNamespace(
         hf_config=AutoConfig.from_pretrained(reference_model("qwen3-moe-mini")),
         model_path=str(folder)))
@@ -203,3 +205,27 @@ def test_a_checkpoint_ships_its_calibrated_policy(tmp_path: Path) -> None:
     (tmp_path / "lynx_policy.json").write_text("{not json")
     with pytest.raises(LynxConfigError, match="the checkpoint's calibrated policy"):
         _prepared(tmp_path)
+
+
+def test_a_runtime_starts_on_a_rung_of_the_checkpoints_ladder(tmp_path: Path) -> None:
+    """``LYNX_LADDER_RUNG``: the rung's tables under the ladder's batch rule; a missing,
+    damaged or mismatched ladder, or an unknown rung, stops the server with the file named."""
+    from ladders import mini_ladder, small_ladder
+
+    from lynx_protocol.ladder import encode_ladder, rung_of_bucket
+
+    with pytest.raises(LynxConfigError, match=r"ships no lynx_ladder\.json"):
+        _prepared(tmp_path, rung="m12")
+    ladder = mini_ladder()  # 4 layers x 32 experts, as the reference qwen3-moe-mini
+    (tmp_path / "lynx_ladder.json").write_bytes(encode_ladder(ladder))
+    policy = _prepared(tmp_path, rung="m12").policy
+    assert [b.max_batch for b in policy.budgets] == [3, 31, 63, 1 << 20]  # batches 16/32/64
+    assert [rung_of_bucket(ladder, b) for b in policy.budgets] == [0, 3, 3, 3]
+    with pytest.raises(LynxConfigError, match=r"lynx_ladder.json: no rung 'm99'"):
+        _prepared(tmp_path, rung="m99")
+    (tmp_path / "lynx_ladder.json").write_bytes(encode_ladder(small_ladder()))
+    with pytest.raises(LynxConfigError, match=r"lynx_ladder.json: made for 2 MoE layers"):
+        _prepared(tmp_path, rung="m4")
+    (tmp_path / "lynx_ladder.json").write_text("{")
+    with pytest.raises(LynxConfigError, match=r"lynx_ladder.json: not valid JSON"):
+        _prepared(tmp_path, rung="m4")

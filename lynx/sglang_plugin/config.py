@@ -6,6 +6,7 @@
 | ``LYNX_ENABLED`` | ``1``/``true``/``yes`` turns the plugin on; otherwise it registers nothing | off |
 | ``LYNX_POLICY`` | the start-up policy as JSON (`lynx_protocol.policy.PolicySpec`) | see below |
 | ``LYNX_POLICY_FILE`` | path of a JSON file holding the start-up policy (instead of ``LYNX_POLICY``) | — |
+| ``LYNX_LADDER_RUNG`` | start on this rung of the checkpoint's ladder, ``<model folder>/lynx_ladder.json`` (``lynx-serve calibrate <model> --ladder --out …``; instead of ``LYNX_POLICY``) | — |
 | ``LYNX_CONTROLLER`` | ZMQ endpoint of the policy controller (``ipc://…`` or ``tcp://host:port``) | none |
 | ``LYNX_REPLICA_ID`` | name this runtime registers under at the controller | host:pid |
 | ``LYNX_CURVE_CLIENT_KEY`` | this runtime's CURVE key pair file (``NAME.key_secret``) for a ``tcp://`` controller | none |
@@ -18,7 +19,8 @@
 | ``LYNX_COMPILE_CACHE`` | directory keeping the compiled selection packages between processes (`lynx.selection.compiled`; unwritable: compiled without it, one warning) | ``$XDG_CACHE_HOME/lynx/selection`` or ``~/.cache/lynx/selection`` |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
-The start-up policy: ``LYNX_POLICY`` or ``LYNX_POLICY_FILE`` if set; else the checkpoint's
+The start-up policy: ``LYNX_POLICY``, ``LYNX_POLICY_FILE`` or ``LYNX_LADDER_RUNG`` if set (one
+of them); else the checkpoint's
 calibrated table, ``<model folder>/lynx_policy.json`` (``lynx-serve calibrate <model> --out
 <model>/lynx_policy.json``), if the served model is a local folder holding one; else the
 conservative `default_policy` for the model's shape.
@@ -65,6 +67,39 @@ class LynxConfigError(ValueError):
 
 
 CHECKPOINT_POLICY = "lynx_policy.json"
+CHECKPOINT_LADDER = "lynx_ladder.json"
+NO_PRUNING_BELOW = 4  # decode rows; as `default_policy` and the calibrated tables
+
+
+def ladder_rung_policy(model_path: str, rung: str, num_layers: int, num_experts: int
+                       ) -> tuple[PolicySpec, Path]:
+    """Rung ``rung`` of the ladder shipped in a local checkpoint folder
+    (``<model>/lynx_ladder.json``) as a start-up policy (the ladder's batch rule, no pruning
+    below `NO_PRUNING_BELOW` rows) and the ladder's path. Raises `LynxConfigError` (naming
+    the file) when there is no such file, it is damaged, made for another shape, or lacks
+    the rung."""
+    from lynx_protocol.ladder import (
+        LadderError,
+        batch_rule_edges,
+        load_ladder,
+        rung_policy,
+        validate_ladder,
+    )
+
+    path = Path(model_path) / CHECKPOINT_LADDER
+    if not model_path or not path.is_file():
+        where = model_path or "no local folder"
+        raise LynxConfigError(f"LYNX_LADDER_RUNG={rung}: the served model ({where}) ships no "
+                              f"{CHECKPOINT_LADDER}")
+    try:
+        ladder = validate_ladder(load_ladder(path), where=str(path), num_layers=num_layers,
+                                 num_experts=num_experts)
+        return rung_policy(ladder, rung, batch_rule_edges(ladder, NO_PRUNING_BELOW),
+                           NO_PRUNING_BELOW), path
+    except LadderError as exc:
+        message = str(exc)
+        raise LynxConfigError(message if str(path) in message else f"{path}: {message}"
+                              ) from None
 
 
 def checkpoint_policy(model_path: str) -> tuple[PolicySpec, Path] | None:
@@ -99,6 +134,7 @@ class PluginConfig:
     time_moe: bool = False  # LYNX_TIME_MOE: benchmark instrument (`moe_timer`)
     compile: bool = True  # LYNX_COMPILE: `lynx.selection.compiled` on the CPU
     compile_cache: Path | None = None  # LYNX_COMPILE_CACHE (None: the default directory)
+    ladder_rung: str = ""  # LYNX_LADDER_RUNG: start on this rung of the checkpoint's ladder
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -136,8 +172,10 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
 
 def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     enabled = plugin_enabled(env)
-    if env.get("LYNX_POLICY") and env.get("LYNX_POLICY_FILE"):
-        raise LynxConfigError("set LYNX_POLICY or LYNX_POLICY_FILE, not both")
+    chosen = [n for n in ("LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_LADDER_RUNG") if env.get(n)]
+    if len(chosen) > 1:
+        raise LynxConfigError(f"set one of LYNX_POLICY, LYNX_POLICY_FILE, LYNX_LADDER_RUNG, "
+                              f"not {' and '.join(chosen)}")
     policy: PolicySpec | None = None
     if env.get("LYNX_POLICY"):
         policy = _policy_from("LYNX_POLICY", env["LYNX_POLICY"])
@@ -179,5 +217,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         apply_log=Path(env["LYNX_APPLY_LOG"]) if env.get("LYNX_APPLY_LOG") else None,
         curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
-        compile_cache=cache,
+        compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
     )

@@ -27,6 +27,7 @@ from lynx.sglang_plugin.config import (
     PluginConfig,
     checkpoint_policy,
     default_policy,
+    ladder_rung_policy,
 )
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
@@ -81,7 +82,9 @@ class LynxRuntime:
         self.ranks = ranks or ranks_from_sglang()
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
-        shipped = None if self.config.policy else checkpoint_policy(model)
+        shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
+                   if self.config.ladder_rung else
+                   None if self.config.policy else checkpoint_policy(model))
         policy = self.config.policy or (shipped[0] if shipped else default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
