@@ -36,8 +36,12 @@ class RequestTiming:
 
 
 async def stream_generate(client: httpx.AsyncClient, url: str, prompt: str,
-                          max_new_tokens: int) -> RequestTiming:
-    payload = {"text": prompt, "stream": True,
+                          max_new_tokens: int, input_ids: list[int] | None = None
+                          ) -> RequestTiming:
+    """One streamed request: ``prompt`` as text, or ``input_ids`` (token ids) when given."""
+    source: dict[str, object] = {"text": prompt} if input_ids is None else {
+        "input_ids": input_ids}
+    payload = {**source, "stream": True,
                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                                    "ignore_eos": True}}
     start = time.perf_counter()
