@@ -100,7 +100,7 @@ def scale_trace(trace: list[TraceRequest], *, start_s: float, duration_s: float,
                      max(1, round(request.generated_tokens * output_scale)))
         at = (request.at_s - start_s) / time_scale
         out += [ReplayRequest(at + 1e-3 * c, prompt, output) for c in range(copies)]
-    return out
+    return sorted(out, key=lambda r: r.at_s)
 
 
 def rate_shape(times_s: list[float], bin_s: float, duration_s: float) -> list[float]:
