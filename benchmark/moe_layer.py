@@ -162,7 +162,8 @@ def warm_up_packages(configs: list[tuple[Shape, torch.dtype]], quick: bool) -> N
     import os
 
     from lynx.selection import RouterSpec
-    from lynx.selection.compiled import GraphKey, compile_packages, default_cache_dir
+    from lynx.selection.compile_worker import compile_packages
+    from lynx.selection.compiled import GraphKey, default_cache_dir
 
     keys = [GraphKey(knobs_policy(selection_knobs(variant, 64, 0, shape.num_experts)),
                      RouterSpec(top_k=shape.top_k, renormalize=True), shape.num_experts,

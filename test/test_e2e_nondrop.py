@@ -12,6 +12,8 @@ controller switches to a non-binding budget table (budget < E at batch sizes who
 union stays below it: by construction ``--max-running-requests`` x top_k <= budget for the
 small models; measured for qwen3-moe-128 at 32) and the same answers must come back. The
 server's own counters prove the premise: rows were pruned, kept = union, no row rerouted.
+The table's selection package is not cached (an empty ``LYNX_COMPILE_CACHE``): a worker
+process compiles it while the steps run eagerly, and the server then serves from it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def _counters(url: str) -> dict[str, float]:
     return {name: metric_sum(text, name) for name in names}
 
 
+def _graphs(url: str) -> dict[str, float]:
+    """lynx_selection_graphs by state, after a one-token request (a scheduler iteration
+    loads a finished worker's package, steps export; no decode step is needed)."""
+    import httpx
+
+    from lynx.serving.metrics_reader import samples
+
+    generate_greedy(url, [arithmetic_prompt(3, 4)], 1)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {labels["state"]: value for labels, value in samples(text, "lynx_selection_graphs")}
+
+
 def _applied(url: str) -> float:
     """The runtime's policy version after a one-token request (the scheduler takes policies
     off SGLang's request path and exports between steps)."""
@@ -62,7 +76,8 @@ def test_a_budget_that_drops_nothing_serves_stock_answers(tmp_path, model: str) 
     try:
         server = start_server(tmp_path, model, env={
             "LYNX_ENABLED": "1", **ctl.runtime_env(), "LYNX_POLICY": '{"name":"off"}',
-            "LYNX_SAFE_POLICY": "keep", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1"},
+            "LYNX_SAFE_POLICY": "keep", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1",
+            "LYNX_COMPILE_CACHE": str(tmp_path / "packages")},  # empty: compiled while serving
             extra_args=("--dtype", "bfloat16", "--max-running-requests", str(batch)))
         wait_until("replica registered",
                    lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) == 1)
@@ -78,6 +93,10 @@ def test_a_budget_that_drops_nothing_serves_stock_answers(tmp_path, model: str) 
         lynx = _answers(server.url)
         _answers(server.url)  # steps after the measured ones flush its last window
         after = _counters(server.url)
+        # the table's package was compiled by a worker process while steps ran eagerly
+        wait_until("the compiled selection step is served", lambda: _graphs(server.url).get(
+            "ready", 0) >= 1, timeout_s=300)
+        assert _graphs(server.url).get("failed", 0) == 0
     finally:
         if server is not None:
             server.stop()

@@ -17,10 +17,10 @@ Compiling takes ~20-30 s on this 2-core machine, so packages are kept on disk
 (``cache_dir``; the plugin's ``LYNX_COMPILE_CACHE``) under a name hashing the key, the torch
 version, the CPU's vector ISA and the source of `lynx.selection`: the next process loads one
 in milliseconds. An engine compiles or loads its known keys before serving
-(`CompiledSelection.warm_up`); a key first seen while serving (a policy switched to at run
-time) is compiled on that call, a one-off stall. Not on another thread: exporting patches
-``torch.nn.Module.__call__`` process-wide, which would break a model forward running
-concurrently.
+(`CompiledSelection.warm_up`); a policy switched to at run time is prefetched: a worker process
+compiles it while the step runs eagerly (`CompiledSelection.prefetch`, `compile_worker`; not a
+thread: exporting patches ``torch.nn.Module.__call__`` process-wide). A key never warmed up
+nor prefetched is compiled on its first call, a one-off stall.
 Expert ids, keep sets and routed rows are bit for bit the eager specification's (tested);
 weights and statistics agree to float rounding (Inductor may re-associate sums).
 
@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from lynx.selection.compile_worker import BackgroundCompiles
 from lynx.selection.policies import SelectionKnobs, make_knobs
 from lynx.selection.routers import RouterSpec
 from lynx.selection.step import LayerSelection, select_layer_step
@@ -198,28 +199,6 @@ def compile_step(key: GraphKey, cache_dir: Path | None = None
         return StepRunner(path, key)
 
 
-def _compile_into(key: GraphKey, cache_dir: Path) -> str:
-    try:
-        compile_step(key, cache_dir)
-        return ""
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-
-
-def compile_packages(keys: list[GraphKey], cache_dir: Path, jobs: int = 2) -> list[str]:
-    """Compile the packages of ``keys`` missing from ``cache_dir`` in ``jobs`` processes side
-    by side (a benchmark's warm-up: one compile uses one core). Returns one error per key
-    that failed (its `CompiledSelection` tries again, then runs eagerly)."""
-    missing = [k for k in dict.fromkeys(keys) if not (cache_dir / package_name(k)).is_file()]
-    if jobs < 2 or len(missing) < 2:
-        return [e for e in (_compile_into(k, cache_dir) for k in missing) if e]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [e for e in pool.map(_compile_into, missing, [cache_dir] * len(missing)) if e]
-
-
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/lynx/selection`` (``~/.cache/lynx/selection``)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -236,6 +215,7 @@ class CompiledSelection:
         self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
         self.graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self.failed: dict[GraphKey, str] = {}
+        self.background = BackgroundCompiles(self.cache_dir)  # `prefetch`ed keys compiling
         self.compiler = cxx_compiler() if enabled else None
         self.enabled = enabled and self.compiler is not None
         if enabled and self.compiler is None:
@@ -256,8 +236,11 @@ class CompiledSelection:
         # eager specification is what gets traced.
         if (self.enabled and not logits.is_cuda and 0 < rows <= MAX_ROWS
                 and not torch.compiler.is_compiling()):
+            if key in self.background.running:
+                self.collect(key)
             graph = self.graphs.get(key)
-            if graph is None and key not in self.failed:
+            if (graph is None and key not in self.failed
+                    and key not in self.background.running):
                 graph = self.compile(key)
         if graph is not None:
             # The graph assumes the example's contiguous strides.
@@ -289,6 +272,33 @@ class CompiledSelection:
             for key in keys:
                 if key not in self.graphs and key not in self.failed:
                     self.compile(key)
+
+    def prefetch(self, keys: list[GraphKey]) -> None:
+        """Make ``keys`` ready without stalling the caller: a cached package is loaded now
+        (milliseconds), a missing one compiled by a worker process (`compile_worker`) while
+        the step runs eagerly; the first step after the worker is done loads it."""
+        if not self.enabled:
+            return
+        writable = os.access(self.cache_dir if self.cache_dir.exists()
+                             else self.cache_dir.parent, os.W_OK)
+        for key in keys:
+            if key in self.graphs or key in self.failed:
+                continue
+            if not writable or (self.cache_dir / package_name(key)).is_file():
+                self.compile(key)  # a cached package loads in milliseconds; no cache: here
+            else:
+                self.background.start(key)
+
+    def collect(self, only: GraphKey | None = None) -> None:
+        """Load the packages whose worker has finished (milliseconds each; a failed worker's
+        key runs eagerly from now on), without waiting for the others. The engine calls it
+        every scheduler iteration while workers run, so readiness needs no decode traffic."""
+        for key in [only] if only is not None else list(self.background.running):
+            done, error = self.background.finished(key)
+            if done and error:
+                self._give_up(key, RuntimeError(error), "compiling the selection step")
+            elif done:
+                self.compile(key)  # loads the worker's package from the cache
 
     def counts(self) -> dict[str, int]:
         """Graphs by state: ``ready``, ``failed`` (both 0 when compiling is off)."""

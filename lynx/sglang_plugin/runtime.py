@@ -143,12 +143,17 @@ class LynxRuntime:
                                          plan.router.has_correction_bias, False, True))
         return list(dict.fromkeys(keys))
 
-    def compile_selection(self, policy: str) -> None:
-        """Compile ``policy``'s selection graphs now, between steps: before serving for the
-        start-up policy, on arrival for one the controller sends (a one-off stall of the
-        scheduler loop, never inside a measured forward)."""
+    def compile_selection(self, policy: str, *, background: bool = False) -> None:
+        """Make ``policy``'s selection graphs ready: before serving (the start-up policy),
+        compiled now; with ``background`` (a policy the controller sends while serving), a
+        cached package loads now and a missing one compiles in a worker process while the
+        steps run eagerly, so no request waits on a compile (`selection.compile_worker`)."""
         if policy != "off":
-            self.compiled.warm_up([key._replace(policy=policy) for key in self._graph_keys])
+            keys = [key._replace(policy=policy) for key in self._graph_keys]
+            if background:
+                self.compiled.prefetch(keys)
+            else:
+                self.compiled.warm_up(keys)
 
     def _log_apply(self, policy: Any, version: int, step: int) -> None:
         """Append this rank's policy application to ``LYNX_APPLY_LOG`` (one JSON line)."""
@@ -282,11 +287,13 @@ class LynxRuntime:
                                       **kwargs: Any) -> tuple[tuple, dict] | None:
         from lynx.sglang_plugin.controller_glue import PolicyMessage
 
+        if self.compiled.background.running:  # every scheduler iteration, steps or not
+            self.compiled.collect()
         if not any(isinstance(r, PolicyMessage) for r in recv_reqs):
             return None
         for message in (r for r in recv_reqs if isinstance(r, PolicyMessage)):
             if self.state is not None:
-                self.compile_selection(message.policy.name)
+                self.compile_selection(message.policy.name, background=True)
                 self.state.stage_policy(message.policy, message.version)
                 logger.info("Lynx: staged policy %s v%d (%s)", message.policy.name,
                             message.version, message.reason)
