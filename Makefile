@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lynx-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint models bench bench-quick dashboards deploy-check prometheus clean-venv python-versions link-keys gpu-check compose-smoke
+.PHONY: setup demo test test-fast lint models bench bench-quick testbed ladders dashboards deploy-check prometheus clean-venv python-versions link-keys gpu-check compose-smoke
 
 # Idempotent: the virtualenv is (re)installed only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -47,6 +47,16 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmark/run_all.py --quick
+
+# The decode-bound testbed (widened fp32 copies, cached under .cache/bench/models; ~5 GB) and,
+# with TESTBED_MEASURE=1, its MoE share, speedup and TPOT ratio (benchmark/results/testbed.json).
+testbed: setup
+	$(PY) benchmark/testbed.py --models qwen3-moe-128,qwen3-moe-mini --build-only
+	@if [ "$(TESTBED_MEASURE)" = "1" ]; then $(PY) benchmark/testbed.py --models qwen3-moe-128,qwen3-moe-mini; fi
+
+# Ladders shipped with the reference checkpoints (models/<m>/lynx_ladder.json; minutes).
+ladders: setup
+	for m in mixtral-mini qwen3-moe-mini qwen3-moe-128; do $(PY) -m lynx.serving.cli calibrate $$m --ladder --out models/$$m/lynx_ladder.json || exit 1; done
 
 # Deployment files (compose, Prometheus, Grafana dashboard) are generated from lynx/deploy.
 dashboards: setup

@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark.accuracy import code_scores, compare_code, exact_match_server
 from benchmark.common import (
-    CACHE_DIR,
     OFF,
     RESULTS_DIR,
     default_variant,
@@ -56,15 +55,9 @@ LYNX_ENV = {"LYNX_TIME_MOE": "1"}  # the Lynx server times its MoE blocks (the c
 
 def widened(model: str, factor: int) -> Path:
     """The float32 widened copy of a reference checkpoint (built once, cached)."""
-    from lynx.reference.widen import widen_checkpoint
+    from benchmark.testbed import build
 
-    src = models_dir() / model
-    dst = CACHE_DIR / "models" / f"{model}-wide{factor}-f32"
-    stamp = dst / "widen.json"
-    src_mtime = max(p.stat().st_mtime for p in src.glob("*.safetensors"))
-    if not stamp.is_file() or stamp.stat().st_mtime < src_mtime:
-        widen_checkpoint(src, factor, dst, dtype="float32")
-    return dst
+    return build(model, factor)
 
 
 def run_model(model: str, args: argparse.Namespace, pair: ServingPair | None = None

@@ -51,6 +51,28 @@ class LatencyReading:
 
 
 @dataclass(frozen=True)
+class StallSteps:
+    """Recent forward steps that pruning does not shorten (prefill and mixed steps: their time
+    is the prompt's), over all replicas' StepStats."""
+
+    share: float
+    """Their share of all forward steps [0, 1]."""
+    mean_ms: float
+    """Their mean forward latency [ms]."""
+
+
+def stall_owned(reading: LatencyReading, stalls: StallSteps | None) -> bool:
+    """Does this reading miss its target because of steps pruning does not shorten? True for
+    an ``itl`` quantile q above its target when the prefill/mixed steps alone can fill its tail
+    (share >= 1 - q) and take longer than the target on average: every such step is a gap
+    above the target however few experts the decode steps compute."""
+    target = reading.target
+    return (target.metric == "itl" and stalls is not None and reading.observed_s is not None
+            and reading.observed_s * 1000.0 > target.target_ms
+            and stalls.share >= 1.0 - target.quantile and stalls.mean_ms > target.target_ms)
+
+
+@dataclass(frozen=True)
 class Observation:
     latencies: tuple[LatencyReading, ...]
     batch_steps: dict[int, int] | None
@@ -61,6 +83,8 @@ class Observation:
     """The replicas' latency model (None or not ready: reactive rules)."""
     batch_mix: tuple[tuple[float, int], ...] = ()
     """Recent pure decode steps as (mean decode rows, steps) pairs over all replicas."""
+    stalls: StallSteps | None = None
+    """Recent prefill/mixed steps (None: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +206,16 @@ def decide(
     signal = classify(observation.latencies, settings.headroom)
     if mode != "adaptive":
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
+    missed = [r for r in observation.latencies if r.observed_s is not None
+              and r.observed_s * 1000.0 > r.target.target_ms]
+    if missed and all(stall_owned(r, observation.stalls) for r in missed):
+        stalls = observation.stalls
+        assert stalls is not None
+        return Decision(policy, memory, signal, "hold",
+                        f"misses come from prefill/mixed steps ({100 * stalls.share:.1f}% of "
+                        f"steps, mean {stalls.mean_ms:.1f} ms): pruning cannot fix them; "
+                        "holds (shorten prefill chunks instead)",
+                        planner="model" if memory.corrections else "reactive")
     model = observation.model
     if (settings.use_model and model is not None and model.ready
             and any(r.target.metric in STEP_METRICS for r in observation.latencies)):
@@ -224,7 +258,7 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         if target.metric not in STEP_METRICS:
             continue
         kappa = previous.get((target.metric, target.quantile))
-        if reading.observed_s is not None:
+        if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
             raw = correction(model, policy, observation.batch_mix, target, reading.observed_s)
             if raw is not None and raw > 0:
                 kappa = smooth(kappa, raw, settings.correction_alpha)

@@ -18,12 +18,12 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from lynx_policy.config import ControllerConfig
-from lynx_policy.decide import Decision, Memory, Observation, decide
+from lynx_policy.decide import Decision, Memory, Observation, StallSteps, decide
 from lynx_policy.hub import Hub
 from lynx_policy.ladders import LadderStore
 from lynx_policy.metrics import ControllerMetrics, replace_series, target_labels
@@ -33,6 +33,7 @@ from lynx_policy.observe import ObserveError, Observer
 from lynx_policy.state import StateKeeper
 from lynx_policy.throttle import Backoff
 from lynx_protocol.ladder import PPL_RISE, Ladder
+from lynx_protocol.messages import StepStats
 
 log = logging.getLogger(__name__)
 RECENT_TICKS = 120
@@ -50,6 +51,19 @@ class TickReport:
     reason: str
     latencies: list[dict[str, Any]]
     version: int
+
+
+def stall_steps(stats: Iterable[StepStats]) -> StallSteps | None:
+    """Share and mean latency of the prefill/mixed steps in these StepStats (None: no steps)."""
+    steps = stalled = 0
+    stalled_ms = 0.0
+    for s in stats:
+        steps += s.decode_steps + s.prefill_steps + s.mixed_steps
+        stalled += s.prefill_steps + s.mixed_steps
+        stalled_ms += s.prefill_latency_sum_ms + s.mixed_latency_sum_ms
+    if steps == 0:
+        return None
+    return StallSteps(share=stalled / steps, mean_ms=stalled_ms / stalled if stalled else 0.0)
 
 
 class ControlLoop:
@@ -181,6 +195,7 @@ class ControlLoop:
             batch_steps=self.hub.batch_steps(window),
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
+            stalls=stall_steps(stats for _, stats in recent),
         )
         ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,

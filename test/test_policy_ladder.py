@@ -126,3 +126,20 @@ def test_a_rung_travels_as_an_ordinary_per_layer_budget_policy() -> None:
         assert rung_of_bucket(ladder, bucket) == index
         assert (bucket.all_layers == EXPERTS) == (index == 0)
     assert msgspec.json.decode(encode_ladder(ladder))["format"] == "lynx-ladder/1"
+
+
+@pytest.mark.parametrize("model", ["mixtral-mini", "qwen3-moe-mini", "qwen3-moe-128"])
+def test_the_reference_checkpoints_ship_a_ladder_that_fits_them(model: str) -> None:
+    """``make ladders`` output, committed beside each checkpoint: valid, for its shape, with a
+    pruning rung whose held-out cost is measured and below the 5% floor."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "models" / model
+    config = json.loads((folder / "config.json").read_text())
+    experts = config.get("num_local_experts") or config["num_experts"]
+    ladder = validate_ladder(load_ladder(folder / "lynx_ladder.json"),
+                             num_layers=config["num_hidden_layers"], num_experts=experts)
+    assert ladder.model.top_k == config["num_experts_per_tok"] and len(ladder.rungs) >= 2
+    assert all(r.cost() <= 0.05 for r in ladder.rungs)
+    assert all(t.costs and "heldout" in t.costs[0].source for r in ladder.rungs
+               for t in r.tables)

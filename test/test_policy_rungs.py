@@ -149,3 +149,46 @@ def test_a_pinned_rung_is_a_static_budget_policy() -> None:
                         0.010)
     assert expected_quality_cost(ladder, OFF, ((32.0, 1),)) == 0.0
     assert expected_union(EXPERTS, TOP_K, 48) > 16
+
+
+def test_misses_that_prefill_steps_own_do_not_tighten_nor_inflate_the_correction() -> None:
+    """p99 ITL above target because 5% of steps are 150 ms prefills: pruning the decode steps
+    cannot fix it, so nothing tightens and kappa keeps the decode steps' own ratio."""
+    from lynx_policy.decide import StallSteps
+
+    ladder, mix = mini_ladder(), ((48.0, 100),)
+    calm = step(ladder, OFF, plant(ladder, OFF, mix, 0.6), mix, Memory())
+    (_, _, kappa), = calm.memory.corrections
+    stalls = StallSteps(share=0.05, mean_ms=150.0)
+    obs = Observation(latencies=(LatencyReading(TARGET, 0.150),), batch_steps=None,
+                      num_experts=EXPERTS, model=FLEET, batch_mix=mix, stalls=stalls)
+    held = decide(obs, calm.policy, calm.memory, mode="adaptive", settings=SETTINGS,
+                  floor=NO_FLOOR, ladder=ladder)
+    assert held.direction == "hold" and held.policy == calm.policy
+    assert "prefill/mixed steps" in held.reason and held.memory.corrections[0][2] == kappa
+    # the same miss with rare or short prefills is the decode steps': it tightens
+    for other in (StallSteps(share=0.001, mean_ms=150.0), StallSteps(share=0.05, mean_ms=40.0)):
+        moved = decide(Observation(latencies=(LatencyReading(TARGET, 0.150),),
+                                   batch_steps=None, num_experts=EXPERTS, model=FLEET,
+                                   batch_mix=mix, stalls=other),
+                       calm.policy, calm.memory, mode="adaptive", settings=SETTINGS,
+                       floor=NO_FLOOR, ladder=ladder)
+        assert moved.direction == "tighten", (other, moved.reason)
+
+
+def test_stall_steps_are_summed_over_the_replicas_statistics() -> None:
+    from lynx_policy.loop import stall_steps
+    from lynx_protocol.messages import StepStats
+
+    def stats(decode: int, prefill: int, mixed: int, prefill_ms: float, mixed_ms: float):
+        return StepStats(replica_id="r", seq=1, window_s=1.0, batch_size_edges=[8],
+                         batch_size_counts=[0, 0], decode_steps=decode, prefill_steps=prefill,
+                         mixed_steps=mixed, experts_kept_mean=[], stock_union_mean=[],
+                         routing_mass_kept=1.0, step_latency_p50_ms=1.0,
+                         step_latency_p99_ms=1.0, applied_policy_version=1,
+                         prefill_latency_sum_ms=prefill_ms, mixed_latency_sum_ms=mixed_ms)
+
+    got = stall_steps([stats(90, 4, 1, 400.0, 100.0), stats(95, 0, 0, 0.0, 0.0)])
+    assert got is not None and math.isclose(got.share, 5 / 190)
+    assert math.isclose(got.mean_ms, 100.0)
+    assert stall_steps([]) is None

@@ -3,7 +3,9 @@
 Active only with ``SGLANG_USE_CPU_ENGINE=1`` (and ``LYNX_CPU_COMPAT`` not 0), independent of
 ``LYNX_ENABLED``: they make stock SGLang run on this CPU, Lynx or not.
 - `verify_attention`: tree attention for speculative (NGRAM) verify steps;
-- `moe_native`: the native MoE paths with non-local (-1) expert ids, so ``--ep-size`` serves.
+- `moe_native`: the native MoE paths with non-local (-1) expert ids, so ``--ep-size`` serves;
+- `decode_attention`: the torch-native backend's decode attention in one batched call instead
+  of a loop over the requests.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def install() -> None:
     if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") != "1" or \
             os.environ.get("LYNX_CPU_COMPAT", "1") == "0":
         return
-    from lynx.cpu_compat import moe_native, verify_attention
+    from lynx.cpu_compat import decode_attention, moe_native, verify_attention
 
     verify_attention.register()
     moe_native.register()
-    logger.info("Lynx CPU compat: speculative verify attention and expert-parallel native "
-                "MoE (-1 expert ids) registered")
+    decode_attention.register()
+    logger.info("Lynx CPU compat: speculative verify attention, expert-parallel native MoE "
+                "(-1 expert ids) and batched decode attention registered")
