@@ -23,7 +23,6 @@ within 1% held-out perplexity (``--max-ppl-rise``). Written to ``results/testbed
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark.common import CACHE_DIR, RESULTS_DIR, Variant, machine_description, models_dir
 from benchmark.common import write_json as write_result
+from lynx.serving.server import DECODE_BOUND_FLAGS
 from lynx_protocol.ladder import Ladder, batch_rule_edges, load_ladder, rung_policy
 
 WIDEN = {"qwen3-moe-128": 128, "qwen3-moe-mini": 128}
 """Expert widening per testbed model: the smallest power of two giving f >= 0.8 at C=32."""
-SERVER_FLAGS: tuple[str, ...] = ("--dtype", "float32", "--max-total-tokens", "16384",
-                                 "--max-running-requests", "32")
+SERVER_FLAGS = DECODE_BOUND_FLAGS
 CONCURRENCY = 32
 NO_PRUNING_BELOW = 4
 LADDER_FILE = "lynx_ladder.json"
@@ -47,20 +46,11 @@ LADDER_FILE = "lynx_ladder.json"
 def build(model: str, widen: int | None = None) -> Path:
     """The float32 widened copy of reference checkpoint ``model`` (built once, cached; the
     checkpoint's ladder copied beside it when newer). Returns its folder."""
-    from lynx.reference.widen import widen_checkpoint
+    from lynx.reference.widen import cached_widening
 
     factor = widen or WIDEN[model]
-    src = models_dir() / model
-    dst = CACHE_DIR / "models" / f"{model}-wide{factor}-f32"
-    stamp = dst / "widen.json"
-    src_mtime = max(p.stat().st_mtime for p in src.glob("*.safetensors"))
-    if not stamp.is_file() or stamp.stat().st_mtime < src_mtime:
-        widen_checkpoint(src, factor, dst, dtype="float32")
-    ladder = src / LADDER_FILE
-    if ladder.is_file() and (not (dst / LADDER_FILE).is_file() or (
-            dst / LADDER_FILE).stat().st_mtime < ladder.stat().st_mtime):
-        shutil.copy2(ladder, dst / LADDER_FILE)
-    return dst
+    return cached_widening(models_dir() / model, factor,
+                           CACHE_DIR / "models" / f"{model}-wide{factor}-f32")
 
 
 def rung_within(ladder: Ladder, max_ppl_rise: float) -> str:

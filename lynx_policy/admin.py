@@ -1,12 +1,16 @@
 """Admin HTTP API (FastAPI): read state and replicas; change policy, SLO, mode, quality floor.
 
 Every ``/v1`` route needs ``Authorization: Bearer <token>`` (401 when missing, 403 when
-wrong). Bodies are decoded and validated with msgspec (the same types the runtime uses); a bad
-body is a 422 whose ``detail`` says which field and why. Accepted changes become a new policy
-version, persisted before they are sent; accepted, unchanged and rejected change attempts and
-auth failures on changes all go to the audit log (who: ``X-Lynx-Actor`` header + client
-address; never the token). ``/healthz`` and ``/metrics`` are open, ``/docs`` and
-``/openapi.json`` document the API.
+wrong; a client address with ``admin.auth_failures_per_peer`` failures in
+``admin.auth_window_s`` gets 429 without a token check until the window clears). Bodies are
+decoded and validated with msgspec (the same types the runtime uses); a bad body is a 422
+whose ``detail`` says which field and why, and a body is refused by its Content-Length, or at
+the cap while read in chunks, before it is buffered. Accepted changes become a new policy
+version, persisted before they are sent; accepted, unchanged and rejected change attempts go
+to the audit log (who: ``X-Lynx-Actor`` header + client address; never the token), auth
+failures sampled per reason (``admin.audit_*``; every one is counted in
+``lynx_controller_admin_rejections_total``). ``/healthz`` and ``/metrics`` are open,
+``/docs`` and ``/openapi.json`` document the API.
 """
 
 import hmac
@@ -24,11 +28,12 @@ from lynx_policy.admin_ladder import add_ladder_routes, pinned_rung_policy
 from lynx_policy.config import (
     Mode,
     QualityFloor,
-    SloTarget,
+    SloTargets,
     validate_floor_fits,
     validate_slo,
 )
 from lynx_policy.decide import enforce_floor
+from lynx_policy.throttle import PeerThrottle, SampledCount
 from lynx_protocol.messages import policy_update_size
 from lynx_protocol.policy import (
     PolicyError,
@@ -54,7 +59,7 @@ class ModeBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class SloBody(msgspec.Struct, forbid_unknown_fields=True):
-    targets: list[SloTarget]
+    targets: SloTargets
 
 
 class ModelResetBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,31 +93,59 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
     expected = token.encode()
     audit = controller.keeper.audit
 
+    admin_config = controller.config.admin
+    throttle = PeerThrottle(admin_config.auth_failures_per_peer, admin_config.auth_window_s)
+    sampled = SampledCount(admin_config.audit_rejections_per_interval,
+                           admin_config.audit_interval_s)
+
+    def refuse(request: Request, reason: str, status: int, detail: str,
+               headers: dict[str, str] | None = None) -> NoReturn:
+        """Count every auth rejection; audit the mutating ones, sampled per reason."""
+        actor, client = _caller(request)
+        controller.metrics.admin_rejections.labels(reason=reason).inc()
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            passes, held = sampled.take(reason)
+            if passes:
+                extra = {"similar_not_audited": held} if held else {}
+                audit.record(actor=actor, client=client, action=request.url.path,
+                             outcome=reason, **extra)
+        raise HTTPException(status, detail, headers=headers)
+
     def authorized(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> str:
         actor, client = _caller(request)
-        mutating = request.method not in ("GET", "HEAD", "OPTIONS")
+        wait_s = throttle.throttled(client)
+        if wait_s > 0:
+            refuse(request, "throttled", 429, "too many failed authentications",
+                   {"Retry-After": str(max(1, round(wait_s)))})
         if credentials is None:
-            if mutating:
-                audit.record(actor=actor, client=client, action=request.url.path,
-                             outcome="unauthenticated")
-            raise HTTPException(401, "missing bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+            throttle.failed(client)
+            refuse(request, "unauthenticated", 401, "missing bearer token",
+                   {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(credentials.credentials.encode(), expected):
-            if mutating:
-                audit.record(actor=actor, client=client, action=request.url.path,
-                             outcome="forbidden")
-            raise HTTPException(403, "invalid bearer token")
+            throttle.failed(client)
+            refuse(request, "forbidden", 403, "invalid bearer token")
         return actor
 
     Authorized = Annotated[str, Depends(authorized)]
 
     async def read_body(request: Request, cls: type[T], action: str) -> T:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            reject(request, action, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+        """Decode a JSON body of at most MAX_BODY_BYTES: refused by its Content-Length
+        before a byte is read, else read in chunks and refused at the cap (never buffered
+        whole first)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            reject(request, action, 413, f"body larger than {MAX_BODY_BYTES} bytes (or a bad "
+                   "Content-Length)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                reject(request, action, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return msgspec.json.decode(raw, type=cls)
         except msgspec.ValidationError as exc:

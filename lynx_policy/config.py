@@ -24,7 +24,15 @@ import msgspec
 from lynx_protocol.endpoints import EndpointError, default_endpoint, validate_endpoint
 from lynx_protocol.ladder import load_ladder
 from lynx_protocol.messages import MAX_MESSAGE_BYTES
-from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
+from lynx_protocol.policy import (
+    MAX_BATCH,
+    MAX_BUCKETS,
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    PolicyError,
+    PolicySpec,
+    validate_policy,
+)
 
 ENV_PREFIX = "LYNX_POLICY__"
 TOKEN_ENV = "LYNX_ADMIN_TOKEN"
@@ -40,6 +48,12 @@ SLO_HISTOGRAMS: dict[str, str] = {
     "e2e": "sglang:e2e_request_latency_seconds",
 }
 """SGLang 0.5.23 histogram behind each SLO metric (there is no time_per_output_token)."""
+
+# Bounds on every list that enters through the config file or the admin API (one place: the
+# admin API decodes the same types, so both refuse an oversized list with the field's path).
+MAX_SLO_TARGETS = 16
+MAX_SCRAPE_URLS = 64
+MAX_BACKOFF_STEPS = 16
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -64,9 +78,10 @@ class SloTarget(_Section, frozen=True):
 class QualityFloor(_Section, frozen=True):
     """Most aggressive reduction allowed: the adaptive loop never goes below these budgets."""
 
-    min_budget: Annotated[int, msgspec.Meta(ge=1)] = 2
+    min_budget: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPERTS)] = 2
     """Minimum experts per layer and step [experts], for every layer."""
-    per_layer: list[Annotated[int, msgspec.Meta(ge=1)]] | None = None
+    per_layer: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPERTS)]],
+                         msgspec.Meta(max_length=MAX_LAYERS)] | None = None
     """Optional per-layer minimum [experts]; the effective floor is max(min_budget, this)."""
 
     min_mass_kept: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
@@ -120,6 +135,15 @@ class AdminConfig(_Section, frozen=True):
     """Optional TLS for the admin API (PEM certificate chain); with ``tls_key_file``. The bearer
     token is required either way."""
     tls_key_file: str = ""
+    auth_failures_per_peer: PositiveInt = 20
+    """Failed authentications a client address may make per ``auth_window_s``; beyond it the
+    admin API answers 429 without checking the token."""
+    auth_window_s: PositiveFloat = 10.0
+    audit_rejections_per_interval: PositiveInt = 10
+    """Audit lines per rejection reason (``unauthenticated``, ``forbidden``, ``throttled``)
+    per ``audit_interval_s``; the rest are counted (the next line says how many) and always
+    counted in ``lynx_controller_admin_rejections_total``."""
+    audit_interval_s: PositiveFloat = 60.0
 
 
 class StateConfig(_Section, frozen=True):
@@ -130,8 +154,8 @@ class StateConfig(_Section, frozen=True):
 class LoopConfig(_Section, frozen=True):
     interval_s: PositiveFloat = 5.0
     """Seconds between two observe → decide → act ticks while healthy."""
-    backoff_s: list[PositiveFloat] = msgspec.field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0,
-                                                                            30.0])
+    backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(max_length=MAX_BACKOFF_STEPS)] = \
+        msgspec.field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0])
     """Delays after consecutive failed ticks (the last one repeats)."""
     stats_window_s: PositiveFloat = 30.0
     """StepStats older than this do not count towards the live batch-size mix [s]."""
@@ -140,7 +164,9 @@ class LoopConfig(_Section, frozen=True):
 class ObserveConfig(_Section, frozen=True):
     prometheus_url: str = ""
     """Prometheus server (e.g. ``http://prometheus:9090``); empty: scrape runtimes directly."""
-    scrape_urls: list[str] = msgspec.field(default_factory=list)
+    scrape_urls: Annotated[list[Annotated[str, msgspec.Meta(max_length=2048)]],
+                           msgspec.Meta(max_length=MAX_SCRAPE_URLS)] = \
+        msgspec.field(default_factory=list)
     """Runtime ``/metrics`` URLs scraped without Prometheus (plus registered ``metrics_url``)."""
     rate_window_s: PositiveFloat = 30.0
     """Window of the latency quantiles [s] (the PromQL ``rate(...[Ns])`` range)."""
@@ -154,7 +180,9 @@ class ObserveConfig(_Section, frozen=True):
 
 
 class AdaptiveConfig(_Section, frozen=True):
-    buckets: list[PositiveInt] = msgspec.field(default_factory=lambda: [
+    buckets: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)]],
+                       msgspec.Meta(min_length=1, max_length=MAX_BUCKETS)] = \
+        msgspec.field(default_factory=lambda: [
         2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 4096])
     """Batch-size buckets (max decode rows) of the table adaptive mode builds from scratch
     (fine: the model plans each one, and a step uses its own bucket's budget at once)."""
@@ -191,6 +219,9 @@ class AdaptiveConfig(_Section, frozen=True):
                              "between them is where a budget holds)")
 
 
+SloTargets = Annotated[list[SloTarget], msgspec.Meta(max_length=MAX_SLO_TARGETS)]
+
+
 def _default_slo() -> list[SloTarget]:
     return [SloTarget()]
 
@@ -198,7 +229,7 @@ def _default_slo() -> list[SloTarget]:
 class ControllerConfig(_Section, frozen=True):
     mode: Mode = "off"
     policy: PolicySpec = msgspec.field(default_factory=PolicySpec)
-    slo: list[SloTarget] = msgspec.field(default_factory=_default_slo)
+    slo: SloTargets = msgspec.field(default_factory=_default_slo)
     floor: QualityFloor = msgspec.field(default_factory=QualityFloor)
     link: LinkConfig = msgspec.field(default_factory=LinkConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)

@@ -116,6 +116,12 @@ class ControllerMetrics:
                                "Expected routing mass kept by the applied table over the "
                                "recent batch mix (1: no pruning; NaN: not measured yet)",
                                registry=r)
+        self.admin_rejections = Counter(
+            "lynx_controller_admin_rejections", "Admin API requests refused before the route: "
+            "unauthenticated, forbidden, throttled (every one; the audit log samples them)",
+            ["reason"], registry=r)
+        for reason in ("unauthenticated", "forbidden", "throttled"):
+            self.admin_rejections.labels(reason=reason)
         self.quality_cost = Gauge(
             "lynx_controller_expected_quality_cost", "Expected quality cost of the applied "
             "table over the recent batch mix, from the ladder's measured rung costs (ppl_rise: "

@@ -24,8 +24,9 @@ REGISTER = Register(replica_id="admin-test-0", model="m", num_layers=2, num_expe
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]:
-    with ControllerProcess.launch(tmp_path_factory.mktemp("admin"),
-                                  {"mode": "static"}) as ctl:
+    with ControllerProcess.launch(tmp_path_factory.mktemp("admin"),  # no auth throttling:
+                                  {"mode": "static",  # these tests fail auth on purpose
+                                   "admin": {"auth_failures_per_peer": 100_000}}) as ctl:
         yield ctl
 
 

@@ -119,6 +119,23 @@ def widen_checkpoint(src: str | Path, n: int, dst: str | Path | None = None,
     return dst
 
 
+def cached_widening(src: str | Path, n: int, dst: str | Path, dtype: str = "float32") -> Path:
+    """``dst`` holding the widened copy of ``src``: built when missing or older than the
+    source weights; the source's other files (tokenizer, ``lynx_ladder.json``) refreshed when
+    newer. Returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    stamp = dst / "widen.json"
+    src_mtime = max(p.stat().st_mtime for p in src.glob("*.safetensors"))
+    if not stamp.is_file() or stamp.stat().st_mtime < src_mtime:
+        return widen_checkpoint(src, n, dst, dtype=dtype)
+    for extra in src.iterdir():
+        copy = dst / extra.name
+        if (extra.suffix != ".safetensors" and extra.name != "config.json" and extra.is_file()
+                and (not copy.is_file() or copy.stat().st_mtime < extra.stat().st_mtime)):
+            shutil.copy2(extra, copy)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     from lynx.reference.specs import SPECS
     from lynx.reference.train import MODELS_DIR

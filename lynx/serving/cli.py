@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--policy", help="start-up policy as JSON (see lynx_protocol.policy)")
     serve.add_argument("--controller", help="policy controller endpoint (ipc:// or tcp://)")
     demo = sub.add_parser("demo", help="stock vs Lynx on the same prompts")
-    demo.add_argument("--model", default="mixtral-mini")
+    demo.add_argument("--model", default="qwen3-moe-128")
     demo.add_argument("--port", type=int, default=0, help="0: pick free ports")
+    demo.add_argument("--widen", type=int, default=64,
+                      help="expert widening of the served copy (1: the checkpoint itself)")
     cal = sub.add_parser("calibrate", help="per-layer budgets for a target mean of experts "
                          "(writes a policy JSON for LYNX_POLICY_FILE or PUT /v1/policy)")
     cal.add_argument("model", help="reference model name or checkpoint folder")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         from lynx.serving.demo import run_demo
 
-        return run_demo(args.model, args.port)
+        return run_demo(args.model, args.port, args.widen)
     except (ModelError, ServeError, LynxConfigError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"lynx-serve: error: {first_line}", file=sys.stderr)

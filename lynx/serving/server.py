@@ -42,6 +42,12 @@ CPU_DEFAULT_FLAGS: tuple[str, ...] = (
 )
 
 
+DECODE_BOUND_FLAGS: tuple[str, ...] = ("--dtype", "float32", "--max-total-tokens", "16384",
+                                       "--max-running-requests", "32")
+"""The decode-bound testbed's flags (widened fp32 checkpoints): a KV pool for 32 full
+requests instead of the default 4,096 tokens (~8)."""
+
+
 class ServeError(RuntimeError):
     """The server could not be started or did not become ready; the message is one line."""
 
