@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lynx_policy.admin_ladder import add_ladder_routes, pinned_rung_policy
+from lynx_policy.admin_replicas import add_replica_routes
 from lynx_policy.config import (
     Mode,
     QualityFloor,
@@ -355,5 +356,6 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
         audit.record(actor=actor, client=client, action=action, outcome="applied", **fields)
 
     add_ladder_routes(app, controller, Authorized, read_body, reject, record)
+    add_replica_routes(app, controller, Authorized, record)
     app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from lynx_policy.config import LinkConfig
 from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.owners import ReplicaOwners
 from lynx_policy.replica import STATS_BYTES_PER_REPLICA, Replica
 from lynx_policy.throttle import RateLimitedLog
 from lynx_protocol.messages import (
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class Hub:
     def __init__(self, config: LinkConfig, metrics: ControllerMetrics,
                  current_update: Callable[[], PolicyUpdate],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, state_dir: str = "") -> None:
         self.config = config
         self.metrics = metrics
         self.current_update = current_update
@@ -68,6 +69,8 @@ class Hub:
         elif config.bind.startswith("tcp://"):
             log.warning("link %s is plain-text TCP (link.plaintext_tcp): any process that can "
                         "reach it can register replicas and read policies", config.bind)
+        self.owners = (ReplicaOwners(state_dir, self.allowed.keys)  # CURVE: ids bound to keys
+                       if state_dir and self.allowed is not None else None)
         for option, value in (
             (zmq.LINGER, 0), (zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, config.send_queue),
             (zmq.RCVHWM, config.send_queue), (zmq.MAXMSGSIZE, 4 * config.max_message_bytes),
@@ -80,7 +83,7 @@ class Hub:
         """Receive forever; every message is handled before the next one is read."""
         while True:
             try:
-                frames = await self._socket.recv_multipart(copy=True)
+                parts = await self._socket.recv_multipart(copy=False)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as exc:
@@ -90,11 +93,13 @@ class Hub:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self.handle(frames)
+                self.handle([part.bytes for part in parts], _user_id(parts[-1]))
             except Exception:  # a bug in one handler must not end the receive loop
                 log.exception("unexpected error while handling a runtime message")
 
-    def handle(self, frames: list[bytes]) -> None:
+    def handle(self, frames: list[bytes], key: str = "") -> None:
+        """One message; ``key``: the CURVE key (z85) ZMQ authenticated its sender with ("":
+        no CURVE), which owns the replica ids it registers (`lynx_policy.owners`)."""
         identity, payloads = frames[0], frames[1:]
         if len(payloads) != 1:
             self._reject("malformed", f"{len(payloads)} payload frames, expected 1")
@@ -108,6 +113,14 @@ class Hub:
         now = self.clock()
         self.received += 1
         self.metrics.messages_received.labels(type=_TAGS[type(msg)]).inc()
+        assert isinstance(msg, Register | StepStats | Heartbeat)  # accept=TO_CONTROLLER
+        if self.owners is not None and not self.owners.check(
+                msg.replica_id, key, registering=isinstance(msg, Register)):
+            self.metrics.replica_key_refusals.inc()
+            self._reject_log.warning("wrong_key", "refused a %s for replica %s: the id is bound "
+                                     "to another allowed CURVE key", _TAGS[type(msg)],
+                                     msg.replica_id)
+            return
         if isinstance(msg, Register):
             self._on_register(identity, msg, now)
             return
@@ -143,8 +156,12 @@ class Hub:
                 replica.stats_bytes.popleft()
 
     def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
-        known = msg.replica_id in self.replicas
-        if not known and len(self.replicas) >= self.config.max_replicas:
+        previous = self.replicas.get(msg.replica_id)
+        known = previous is not None
+        if previous is not None and _shape(previous.registration) != _shape(msg):
+            known = False  # a new registration under a known id: logged as such below
+            log.info("replica %s re-registers with another model shape", msg.replica_id)
+        if previous is None and len(self.replicas) >= self.config.max_replicas:
             self.metrics.registrations_refused.inc()
             self._reject_log.warning("max_replicas", "replica registrations refused: %d "
                                      "replicas known (link.max_replicas)", len(self.replicas))
@@ -253,6 +270,18 @@ class Hub:
             self._auth.stop()
         self._socket.close(0)
         self._context.term()
+
+
+def _shape(reg: Register) -> tuple[object, ...]:
+    return (reg.model, reg.num_layers, reg.num_experts, reg.top_k, tuple(reg.policies))
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The CURVE key (z85) ZAP authenticated the message's sender with; "" without one."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return ""
 
 
 _TAGS: dict[type, str] = {Register: "register", StepStats: "step_stats", Heartbeat: "heartbeat"}

@@ -116,6 +116,9 @@ class ControllerMetrics:
                                "Expected routing mass kept by the applied table over the "
                                "recent batch mix (1: no pruning; NaN: not measured yet)",
                                registry=r)
+        self.replica_key_refusals = Counter(
+            "lynx_controller_replica_key_refusals", "Register/heartbeat/statistics messages "
+            "refused: the replica id is bound to another allowed CURVE key", registry=r)
         self.admin_rejections = Counter(
             "lynx_controller_admin_rejections", "Admin API requests refused before the route: "
             "unauthenticated, forbidden, throttled (every one; the audit log samples them)",

@@ -41,7 +41,8 @@ class Controller:
         self.keeper = StateKeeper(config)
         self.ladders = LadderStore(config.state.dir, config.ladder)
         self._update = self.keeper.state.update_message()
-        self.hub = Hub(config.link, self.metrics, self.current_update)
+        self.hub = Hub(config.link, self.metrics, self.current_update,
+                       state_dir=config.state.dir)
         self.http = httpx.AsyncClient()
         self.observer = make_observer(config.observe, self.http, self._registered_metrics_urls)
         self.loop = ControlLoop(config, self.keeper, self.hub, self.metrics, self.observer,

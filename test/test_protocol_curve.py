@@ -201,3 +201,35 @@ def test_allow_list_changes_take_effect_without_restarting_the_controller(
             assert not _pump(removed, lambda: removed.registered, 1.5)
         assert ctl.process is not None and ctl.process.pid == pid and ctl.process.poll() is None
         assert _replicas(ctl) == ["runtime-b"]
+
+
+def test_a_replica_id_belongs_to_the_key_that_registered_it(tmp_path: Path,
+                                                             keys: dict[str, Path]) -> None:
+    """A second allowed key cannot take over, heartbeat or send statistics under an id (refused
+    and counted, the owner stays current); ownership survives a controller restart; removing
+    the owner's key from the allow-list releases the id to its replacement; the admin can
+    release an id."""
+    allowed = keys["allowed"]
+    (allowed / keys["runtime-b.pub"].name).write_bytes(keys["runtime-b.pub"].read_bytes())
+    with _controller(tmp_path, keys) as ctl:
+        with _link(ctl, "shared-id", keys["runtime-a"], keys["server_public"]) as owner:
+            assert _pump(owner, lambda: owner.registered, 10.0)
+            with _link(ctl, "shared-id", keys["runtime-b"], keys["server_public"]) as thief:
+                assert not _pump(thief, lambda: thief.registered, 2.0)
+                assert _pump(owner, lambda: ctl.metric(
+                    "lynx_controller_replica_key_refusals_total") >= 2, 10.0)
+            assert owner.registered and _replicas(ctl) == ["shared-id"]
+        ctl.restart()  # ownership is persisted
+        with _link(ctl, "shared-id", keys["runtime-b"], keys["server_public"]) as thief:
+            assert not _pump(thief, lambda: thief.registered, 2.0)
+        (allowed / keys["runtime-a.pub"].name).unlink()  # rotation: the owner's key leaves
+        with _link(ctl, "shared-id", keys["runtime-b"], keys["server_public"]) as successor:
+            assert _pump(successor, lambda: successor.registered, 10.0)
+        (allowed / keys["runtime-a.pub"].name).write_bytes(keys["runtime-a.pub"].read_bytes())
+        with _link(ctl, "shared-id", keys["runtime-a"], keys["server_public"]) as old:
+            assert not _pump(old, lambda: old.registered, 2.0)  # now runtime-b's
+        reply = ctl.admin.delete("/v1/replicas/shared-id")
+        assert reply.status_code == 200 and reply.json()["key_released"] is True
+        with _link(ctl, "shared-id", keys["runtime-a"], keys["server_public"]) as back:
+            assert _pump(back, lambda: back.registered, 10.0)
+        assert ctl.admin.delete("/v1/replicas/no-such").status_code == 404
