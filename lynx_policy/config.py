@@ -168,6 +168,11 @@ class ObserveConfig(_Section, frozen=True):
                            msgspec.Meta(max_length=MAX_SCRAPE_URLS)] = \
         msgspec.field(default_factory=list)
     """Runtime ``/metrics`` URLs scraped without Prometheus (plus registered ``metrics_url``)."""
+    metrics_hosts: Annotated[list[Annotated[str, msgspec.Meta(max_length=255)]],
+                             msgspec.Meta(max_length=MAX_SCRAPE_URLS)] = \
+        msgspec.field(default_factory=list)
+    """Hosts a runtime's registered ``metrics_url`` may name besides the address its link
+    connected from (ipc:// runtimes: loopback); others are never fetched (no SSRF)."""
     rate_window_s: PositiveFloat = 30.0
     """Window of the latency quantiles [s] (the PromQL ``rate(...[Ns])`` range)."""
     min_tail_samples: Annotated[float, msgspec.Meta(ge=0.0)] = 5.0

@@ -93,13 +93,17 @@ class Hub:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self.handle([part.bytes for part in parts], _user_id(parts[-1]))
+                peer = (_property(parts[-1], "Peer-Address")  # ipc:// has no IP address
+                        if self.config.bind.startswith("tcp://") else "")
+                self.handle([part.bytes for part in parts], _property(parts[-1], "User-Id"),
+                            peer)
             except Exception:  # a bug in one handler must not end the receive loop
                 log.exception("unexpected error while handling a runtime message")
 
-    def handle(self, frames: list[bytes], key: str = "") -> None:
+    def handle(self, frames: list[bytes], key: str = "", peer: str = "") -> None:
         """One message; ``key``: the CURVE key (z85) ZMQ authenticated its sender with ("":
-        no CURVE), which owns the replica ids it registers (`lynx_policy.owners`)."""
+        no CURVE), which owns the replica ids it registers (`lynx_policy.owners`); ``peer``:
+        the address it connected from ("" on ipc://)."""
         identity, payloads = frames[0], frames[1:]
         if len(payloads) != 1:
             self._reject("malformed", f"{len(payloads)} payload frames, expected 1")
@@ -122,7 +126,7 @@ class Hub:
                                      msg.replica_id)
             return
         if isinstance(msg, Register):
-            self._on_register(identity, msg, now)
+            self._on_register(identity, msg, now, peer)
             return
         assert isinstance(msg, StepStats | Heartbeat)  # decode(accept=TO_CONTROLLER) guarantees
         replica = self.replicas.get(msg.replica_id)
@@ -155,7 +159,7 @@ class Hub:
                 replica.recent_stats.popleft()
                 replica.stats_bytes.popleft()
 
-    def _on_register(self, identity: bytes, msg: Register, now: float) -> None:
+    def _on_register(self, identity: bytes, msg: Register, now: float, peer: str = "") -> None:
         previous = self.replicas.get(msg.replica_id)
         known = previous is not None
         if previous is not None and _shape(previous.registration) != _shape(msg):
@@ -168,7 +172,7 @@ class Hub:
             return
         self.replicas[msg.replica_id] = Replica(registration=msg, identity=identity,
                                                 registered_at=time.time(), last_seen=now,
-                                                messages=1)
+                                                messages=1, peer_address=peer)
         if not known:
             log.info("replica %s registered: model=%s layers=%d experts=%d top_k=%d tp=%d",
                      msg.replica_id, msg.model, msg.num_layers, msg.num_experts, msg.top_k,
@@ -276,10 +280,11 @@ def _shape(reg: Register) -> tuple[object, ...]:
     return (reg.model, reg.num_layers, reg.num_experts, reg.top_k, tuple(reg.policies))
 
 
-def _user_id(frame: zmq.Frame) -> str:
-    """The CURVE key (z85) ZAP authenticated the message's sender with; "" without one."""
+def _property(frame: zmq.Frame, name: str) -> str:
+    """A ZMQ message property: ``User-Id`` (the CURVE key ZAP authenticated the sender with,
+    z85) or ``Peer-Address`` (its IP); "" when the transport has none."""
     try:
-        return str(frame.get("User-Id") or "")
+        return str(frame.get(name) or "")
     except (zmq.ZMQError, AttributeError, TypeError):
         return ""
 

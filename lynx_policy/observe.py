@@ -15,6 +15,7 @@ at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -119,9 +120,44 @@ def _first_finite(data: dict) -> float | None:
     return value if math.isfinite(value) else None
 
 
+async def host_addresses(host: str) -> set[str]:
+    """The IP addresses ``host`` resolves to (empty when it does not)."""
+    import ipaddress
+    import socket
+
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None,
+                                                             type=socket.SOCK_STREAM)
+    except OSError:
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
+async def scrape_allowed(url: str, peer: str, allowed_hosts: list[str]) -> bool:
+    """May the controller fetch a runtime's registered ``metrics_url``? Only http(s) URLs
+    whose host is in ``observe.metrics_hosts`` or resolves to the address the link saw the
+    runtime connect from (``peer``; a local ``ipc://`` runtime: a loopback address). The
+    controller fetches what a runtime names, so an unchecked URL would be a blind SSRF."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    if parts.hostname in allowed_hosts:
+        return True
+    addresses = await host_addresses(parts.hostname)
+    if not peer:
+        return bool(addresses) and all(a.startswith("127.") or a == "::1" for a in addresses)
+    return peer in addresses
+
+
 class ScrapeObserver:
     def __init__(self, config: ObserveConfig, client: httpx.AsyncClient,
-                 registered_urls: Callable[[], list[str]],
+                 registered_urls: Callable[[], list[tuple[str, str]]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.client = client
@@ -130,24 +166,50 @@ class ScrapeObserver:
         self._scrapes: dict[str, deque[tuple[float, dict[str, CumulativeBuckets]]]] = {}
         self._failure_log = RateLimitedLog(log, every_s=60.0)
 
-    def urls(self) -> list[str]:
-        return sorted({*self.config.scrape_urls, *(u for u in self.registered_urls() if u)})
+    async def urls(self) -> list[str]:
+        """The configured URLs and the registered ones the allow-list lets through."""
+        registered = []
+        for url, peer in self.registered_urls():
+            if url and await scrape_allowed(url, peer, self.config.metrics_hosts):
+                registered.append(url)
+            elif url:
+                self._failure_log.warning(f"refused {url}", "not scraping %s: its host is not "
+                                          "in observe.metrics_hosts and is not the address "
+                                          "the runtime connected from (%s)", url,
+                                          peer or "ipc")
+        return sorted({*self.config.scrape_urls, *registered})
+
+    async def _scrape(self, url: str, names: set[str]) -> dict[str, CumulativeBuckets]:
+        response = await self.client.get(url, timeout=self.config.timeout_s)
+        response.raise_for_status()
+        return parse_histograms(response.text, names)
 
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
+        """Every URL scraped concurrently under one deadline (``observe.timeout_s``): a slow
+        or tarpitting endpoint fails alone, and never holds the loop past the deadline."""
         names = {SLO_HISTOGRAMS[t.metric] for t in targets}
-        urls = self.urls()
+        try:
+            urls = await asyncio.wait_for(self.urls(), self.config.timeout_s)
+        except TimeoutError:
+            raise ObserveError("resolving the runtimes' metrics hosts timed out") from None
         totals: dict[str, CumulativeBuckets] = {name: {} for name in names}
+        tasks = {url: asyncio.ensure_future(self._scrape(url, names)) for url in urls}
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=self.config.timeout_s)
         failures = 0
-        for url in urls:
-            try:
-                response = await self.client.get(url, timeout=self.config.timeout_s)
-                response.raise_for_status()
-                histograms = parse_histograms(response.text, names)
-            except (httpx.HTTPError, ValueError) as exc:
+        for url, task in tasks.items():
+            if not task.done():
+                task.cancel()
                 failures += 1
-                self._failure_log.warning(url, "scrape of %s failed: %s", url, exc)
+                self._failure_log.warning(url, "scrape of %s failed: no answer within %.1f s",
+                                          url, self.config.timeout_s)
                 continue
-            for name, buckets in self._window_delta(url, histograms).items():
+            error = task.exception()
+            if error is not None:
+                failures += 1
+                self._failure_log.warning(url, "scrape of %s failed: %s", url, error)
+                continue
+            for name, buckets in self._window_delta(url, task.result()).items():
                 merge(totals[name], buckets)
         for gone in set(self._scrapes) - set(urls):
             del self._scrapes[gone]
@@ -178,7 +240,7 @@ class ScrapeObserver:
 
 
 def make_observer(config: ObserveConfig, client: httpx.AsyncClient,
-                  registered_urls: Callable[[], list[str]]) -> Observer:
+                  registered_urls: Callable[[], list[tuple[str, str]]]) -> Observer:
     if config.prometheus_url:
         return PrometheusObserver(config, client)
     return ScrapeObserver(config, client, registered_urls)

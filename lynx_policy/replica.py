@@ -40,6 +40,8 @@ class Replica:
     last_sent_at: float = float("-inf")
     behind_since: float | None = None
     """Monotonic time since which the replica has not acknowledged the current version."""
+    peer_address: str = ""
+    """The IP address the link saw the runtime connect from ("" on ipc://)."""
 
     @property
     def replica_id(self) -> str:

@@ -56,8 +56,9 @@ class Controller:
     def current_update(self) -> PolicyUpdate:
         return self._update
 
-    def _registered_metrics_urls(self) -> list[str]:
-        return [r.registration.metrics_url for r in self.hub.connected()]
+    def _registered_metrics_urls(self) -> list[tuple[str, str]]:
+        """(metrics_url, the address the link saw the runtime connect from) per replica."""
+        return [(r.registration.metrics_url, r.peer_address) for r in self.hub.connected()]
 
     def num_experts(self) -> int:
         return self.hub.num_experts() or self.config.adaptive.default_num_experts

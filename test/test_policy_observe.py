@@ -107,3 +107,53 @@ def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> Non
     assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in count_query
     assert "sglang_inter_token_latency_seconds_count" in count_query  # both spellings
     assert math.isclose(thin.target.quantile, 0.99)
+
+
+def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None:
+    """No blind SSRF: a runtime's metrics_url must name the address its link came from (a
+    local ipc:// runtime: loopback) or a host in observe.metrics_hosts."""
+    import asyncio
+
+    from lynx_policy.observe import scrape_allowed
+
+    def allowed(url: str, peer: str, hosts: list[str] | None = None) -> bool:
+        return asyncio.run(scrape_allowed(url, peer, hosts or []))
+
+    assert allowed("http://10.0.0.7:30000/metrics", "10.0.0.7")  # the link's own peer
+    assert not allowed("http://10.0.0.8:30000/metrics", "10.0.0.7")  # someone else
+    assert not allowed("http://169.254.169.254/latest/meta-data", "10.0.0.7")
+    assert allowed("http://localhost:30000/metrics", "")  # ipc:// runtime: loopback only
+    assert not allowed("http://10.0.0.8:30000/metrics", "")
+    assert allowed("http://sglang-1:30000/metrics", "10.0.0.9", ["sglang-1"])  # allow-listed
+    assert not allowed("file:///etc/passwd", "")
+    assert not allowed("http://no-such-host.invalid/metrics", "10.0.0.7")
+
+
+def test_a_tarpit_cannot_hold_a_tick_past_the_deadline() -> None:
+    """Twelve endpoints that accept and never answer: all are scraped at once under one
+    deadline (sequential scrapes took 12 x the timeout and stalled /healthz)."""
+    import asyncio
+    import socket
+    import time
+
+    from lynx_policy.observe import ObserveError
+
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(64)
+    port = tarpit.getsockname()[1]
+    config = ObserveConfig(scrape_urls=[f"http://127.0.0.1:{port}/m{i}" for i in range(12)],
+                           timeout_s=0.5)
+
+    async def tick() -> float:
+        async with httpx.AsyncClient() as client:
+            observer = ScrapeObserver(config, client, lambda: [])
+            started = time.monotonic()
+            with pytest.raises(ObserveError, match="all 12 runtime /metrics scrapes failed"):
+                await observer.observe([SloTarget()])
+            return time.monotonic() - started
+
+    try:
+        assert asyncio.run(tick()) < 1.5
+    finally:
+        tarpit.close()
