@@ -34,6 +34,7 @@ from benchmark import (
     results_md,
     slo_plot,
     slo_ramp,
+    testbed,
     verify_steps,
 )
 from benchmark.common import REPO_ROOT, RESULTS_DIR, machine_description, models_dir, write_json
@@ -78,6 +79,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         goodput.main(["--out", str(out_dir / "goodput.json"),
                       "--static-budget", best.split(":")[1]])
         frontier.main(["--out", str(out_dir / "frontier.json")])
+        testbed.main(["--out", str(out_dir / "testbed.json")])
     slo["machine"] = machine_description()
     write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
@@ -105,6 +107,10 @@ def render(out_dir: Path) -> dict[str, Any]:
     slo_plot.plot(slo, out_dir / "slo_ramp.png")
     report.plot_frontier(e2e, info["frontier_c"], out_dir / "frontier.png")
     summary = report.summary(moe["machine"], moe, e2e, slo)
+    bed = out_dir / "testbed.json"
+    bed_data = json.loads(bed.read_text()) if bed.exists() else None
+    if bed_data:
+        summary["testbed"] = testbed.summary_block(bed_data)
     write_json(out_dir / "summary.json", summary)
     md_path = (REPO_ROOT / "benchmark" / "RESULTS.md" if out_dir.resolve() == RESULTS_DIR.resolve()
                else out_dir / "RESULTS.md")
@@ -118,7 +124,8 @@ def render(out_dir: Path) -> dict[str, Any]:
         verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else "") + (
         "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(
             json.loads(good.read_text())) if good.exists() else "") + (
-        frontier.markdown(layer_frontier) if layer_frontier else ""))
+        frontier.markdown(layer_frontier) if layer_frontier else "") + (
+        testbed.markdown(bed_data) if bed_data else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 

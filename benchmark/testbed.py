@@ -94,6 +94,32 @@ def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
             "tpot_ratio": row.get("tpot_ratio_off"), "row": row}
 
 
+SUMMARY_KEYS = ("model", "concurrency", "moe_share_f", "moe_speedup_s", "amdahl_bound",
+                "tpot_ratio", "ppl_rise")
+
+
+def summary_block(data: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``'s ``testbed``: the first (production-ratio) testbed's numbers."""
+    first = data["testbeds"][0]
+    return {key: first.get(key) for key in SUMMARY_KEYS}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The RESULTS.md section: one row per testbed."""
+    rows = ["| model | widen | C | f (TPOT) | f (forward) | rung | ppl rise | S | Amdahl bound "
+            "| TPOT ratio off / rung |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["testbeds"]:
+        rows.append(f"| {r['model']} | x{r['widen']} | {r['concurrency']} | {r['moe_share_f']} "
+                    f"| {r['moe_share_of_forward']} | {r['rung']} | "
+                    f"{100 * r['ppl_rise']:+.2f}% | {r['moe_speedup_s']} | {r['amdahl_bound']} "
+                    f"| {r['tpot_ratio']} |")
+    return ("\n## The decode-bound testbed (`benchmark/testbed.py`)\n\nExperts widened in fp32, "
+            f"one OpenMP thread per server, {data['reps']} interleaved repetitions (medians): "
+            "the MoE blocks' share f of the client TPOT and of the forward (policy off), the "
+            "in-server MoE speedup S at the ladder rung within 1% held-out perplexity, the "
+            "Amdahl bound and the TPOT ratio.\n\n" + "\n".join(rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="qwen3-moe-128")

@@ -19,13 +19,15 @@ class Completion:
 
 def generate_greedy(
     base_url: str, prompts: list[str], max_new_tokens: int, timeout_s: float = 300.0,
-    stop: list[str] | None = None,
+    stop: list[str] | None = None, ignore_eos: bool = False,
 ) -> tuple[list[Completion], float]:
-    """Send all prompts in one ``/generate`` call (SGLang batches them); returns wall seconds."""
+    """Send all prompts in one ``/generate`` call (SGLang batches them); returns wall seconds.
+    ``ignore_eos``: every prompt decodes exactly ``max_new_tokens`` tokens."""
     payload = {
         "text": prompts,
         "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                            **({"stop": stop} if stop else {})},
+                            **({"stop": stop} if stop else {}),
+                            **({"ignore_eos": True} if ignore_eos else {})},
     }
     start = time.perf_counter()
     response = httpx.post(f"{base_url}/generate", json=payload, timeout=timeout_s)

@@ -12,8 +12,10 @@ full testbed, x128).
    the server), the default policy, then the checkpoint's ladder (``PUT /v1/ladder``) and
    its rung within 1% held-out perplexity pinned by name (``PUT /v1/mode``).
 Every run answers one untimed warm-up batch first (one-off work: a selection package compiled
-for a new policy, caches), then ``TIMED`` batches; the demo prints their median and, per
-layer, the experts kept vs the stock router's union over the timed batches' pruned steps.
+for a new policy, caches) and the batch of additions (exact match), then ``TIMED`` decode
+batches (held-out code prompts, ``MAX_NEW_TOKENS`` tokens each, EOS ignored); the demo prints
+their median and, per layer, the experts kept vs the stock router's union over their pruned
+steps.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from lynx_policy.testing import ControllerProcess  # the controller's process he
 from lynx_protocol.ladder import load_ladder
 
 BATCH = 32
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 64  # per prompt of the timed decode batches (EOS ignored)
 TIMED = 5  # timed batches per run (after one untimed warm-up batch); the median is printed
 WIDEN = 64  # fits make demo's budget; the full testbed is x128
 MAX_PPL_RISE = 0.01
@@ -80,18 +82,34 @@ def _flush(server: SglangServer, prompt: str) -> None:
     generate_greedy(server.url, [prompt], 1)
 
 
+def code_prompts(count: int = BATCH, chars: int = 160) -> list[str]:
+    """Openings of held-out code files (the reference models' other training task): long
+    decodes with varied routing, unlike additions, whose tokens route much alike."""
+    from lynx.reference.data import iter_sources
+
+    prompts = []
+    for text in iter_sources("heldout"):
+        if len(text) >= chars:
+            prompts.append(text[:chars])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
 def _batch(server: SglangServer, label: str) -> RunResult:
-    """One untimed warm-up batch, then `TIMED` batches: median wall time, experts kept vs
-    stock union per layer over the timed batches' own pruned layer-steps, and the MoE share
-    of their decode steps."""
+    """One untimed warm-up batch and the additions, then `TIMED` decode batches: median wall
+    time, experts kept vs stock union per layer over their own pruned layer-steps, and the
+    MoE share of their decode steps."""
     problems = heldout_problems(BATCH)
     prompts = [arithmetic_prompt(a, b) for a, b in problems]
-    generate_greedy(server.url, prompts, MAX_NEW_TOKENS)  # warm-up: one-off work lands here
+    code = code_prompts()
+    generate_greedy(server.url, code, MAX_NEW_TOKENS, ignore_eos=True)  # one-off work here
+    completions, _ = generate_greedy(server.url, prompts, 8)  # the answers (exact match)
     _flush(server, prompts[0])
     before = _totals(server.url)
     walls = []
     for _ in range(TIMED):
-        completions, wall = generate_greedy(server.url, prompts, MAX_NEW_TOKENS)
+        _, wall = generate_greedy(server.url, code, MAX_NEW_TOKENS, ignore_eos=True)
         walls.append(wall)
     _flush(server, prompts[0])
     after = _totals(server.url)
@@ -116,8 +134,8 @@ def _batch(server: SglangServer, label: str) -> RunResult:
 
 def _print_run(run: RunResult) -> None:
     share = "" if run.moe_share is None else f"; MoE share of a decode step f={run.moe_share:.2f}"
-    print(f"[{run.label}] exact match {run.exact_match:6.1%}   batch of {BATCH} x "
-          f"{MAX_NEW_TOKENS} tokens: median {run.wall_s:.3f}s over {TIMED} timed batches{share}")
+    print(f"[{run.label}] exact match {run.exact_match:6.1%}   decode batch of {BATCH} x "
+          f"{MAX_NEW_TOKENS} tokens: median {run.wall_s:.3f}s over {TIMED}{share}")
     for layer in sorted(run.kept):
         print(f"    layer {layer}: experts kept {run.kept[layer]:6.2f} per pruned step "
               f"(stock router union {run.union.get(layer, 0.0):6.2f}), these batches")
@@ -206,8 +224,8 @@ def run_demo(model: str = "qwen3-moe-128", port: int = 0, widen: int = WIDEN) ->
     print(f"median batch time, stock / Lynx (above 1: faster): default "
           f"{stock.wall_s / default.wall_s:.2f}x, rung {rung.name} "
           f"{stock.wall_s / pinned.wall_s:.2f}x (policy off: {stock.wall_s / off.wall_s:.2f}x)"
-          f"{bound}. Batches include their prefill; benchmark/testbed.py measures decode "
-          "steps alone.")
+          f"{bound}. Batches include their prefill; benchmark/testbed.py measures the full "
+          "testbed (x128) under SGLang's serving benchmark.")
     return 0
 
 
