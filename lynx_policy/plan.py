@@ -24,6 +24,7 @@ but not planned for (the reactive rules still see them when the model is not rea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -192,18 +193,21 @@ def plan_bucket(model: FleetModel, bucket: BudgetBucket, batch: float,
     return out, why, streak_out
 
 
-def plan_table(model: FleetModel, table: PolicySpec, targets: list[tuple[float, float]],
-               streaks: tuple[int, ...], settings: AdaptiveConfig, floor: QualityFloor
-               ) -> tuple[PolicySpec, tuple[BucketPlan, ...], tuple[int, ...], tuple[int, ...]]:
-    """Plan every bucket of a budget table. Returns (policy, why per bucket, new relax
+BucketPlanner = Callable[[BudgetBucket, float, int], tuple[BudgetBucket, BucketPlan, int]]
+TablePlan = tuple[PolicySpec, tuple[BucketPlan, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def plan_buckets(table: PolicySpec, largest_batch: float, streaks: tuple[int, ...],
+                 plan_one: BucketPlanner) -> TablePlan:
+    """Plan every bucket of a budget table with ``plan_one(bucket, planning batch, relax
+    streak) -> (bucket, why, new streak)``. Returns (policy, why per bucket, new relax
     streaks, indices of changed buckets)."""
     if len(streaks) != len(table.budgets):
         streaks = (0,) * len(table.budgets)
     buckets, plans, new_streaks, changed = [], [], [], []
     for i, bucket in enumerate(table.budgets):
-        batch = planning_batch(table.budgets, i, model.largest_batch)
-        new, why, streak = plan_bucket(model, bucket, batch, targets, streaks[i], settings,
-                                       floor)
+        new, why, streak = plan_one(bucket, planning_batch(table.budgets, i, largest_batch),
+                                    streaks[i])
         buckets.append(new)
         plans.append(why)
         new_streaks.append(streak)
@@ -211,6 +215,14 @@ def plan_table(model: FleetModel, table: PolicySpec, targets: list[tuple[float, 
             changed.append(i)
     policy = msgspec.structs.replace(table, budgets=buckets) if changed else table
     return policy, tuple(plans), tuple(new_streaks), tuple(changed)
+
+
+def plan_table(model: FleetModel, table: PolicySpec, targets: list[tuple[float, float]],
+               streaks: tuple[int, ...], settings: AdaptiveConfig, floor: QualityFloor
+               ) -> TablePlan:
+    """Plan every bucket of a budget table with uniform budgets (`plan_bucket`)."""
+    return plan_buckets(table, model.largest_batch, streaks, lambda bucket, batch, streak:
+                        plan_bucket(model, bucket, batch, targets, streak, settings, floor))
 
 
 def expected_mass_kept(model: FleetModel, policy: PolicySpec,

@@ -26,7 +26,7 @@ import math
 
 from lynx_policy.config import AdaptiveConfig, QualityFloor
 from lynx_policy.model import FleetModel
-from lynx_policy.plan import BucketPlan, effective_experts, planning_batch
+from lynx_policy.plan import BucketPlan, TablePlan, effective_experts, plan_buckets
 from lynx_protocol.ladder import (
     PPL_RISE,
     Ladder,
@@ -141,27 +141,12 @@ def plan_rung_bucket(model: FleetModel, ladder: Ladder, usable: list[int], bucke
 
 def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
                 targets: list[tuple[float, float]], streaks: tuple[int, ...],
-                settings: AdaptiveConfig, floor: QualityFloor
-                ) -> tuple[PolicySpec, tuple[BucketPlan, ...], tuple[int, ...], tuple[int, ...]]:
-    """Plan every bucket of a budget table over the ladder's rungs. Returns (policy, why per
-    bucket, new relax streaks, indices of changed buckets), as `plan_table`."""
-    import msgspec
-
+                settings: AdaptiveConfig, floor: QualityFloor) -> TablePlan:
+    """Plan every bucket of a budget table over the ladder's rungs (as `plan_table`)."""
     usable = usable_rungs(ladder, floor)
-    if len(streaks) != len(table.budgets):
-        streaks = (0,) * len(table.budgets)
-    buckets, plans, new_streaks, changed = [], [], [], []
-    for i, bucket in enumerate(table.budgets):
-        batch = planning_batch(table.budgets, i, model.largest_batch)
-        new, why, streak = plan_rung_bucket(model, ladder, usable, bucket, batch, targets,
-                                            streaks[i], settings)
-        buckets.append(new)
-        plans.append(why)
-        new_streaks.append(streak)
-        if new != bucket:
-            changed.append(i)
-    policy = msgspec.structs.replace(table, budgets=buckets) if changed else table
-    return policy, tuple(plans), tuple(new_streaks), tuple(changed)
+    return plan_buckets(table, model.largest_batch, streaks, lambda bucket, batch, streak:
+                        plan_rung_bucket(model, ladder, usable, bucket, batch, targets, streak,
+                                         settings))
 
 
 def expected_quality_cost(ladder: Ladder, policy: PolicySpec,

@@ -82,13 +82,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                                                   strict=True)):
             print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
                   + f"   {budget:>6} ({entry['kept'][layer][budget]:.1f})", file=sys.stderr)
-    text = msgspec.json.encode(result["policy"]).decode()
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
-    return 0
+    return _emit(msgspec.json.encode(result["policy"]).decode(), args.out)
 
 
 def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]) -> int:
@@ -118,10 +112,14 @@ def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]
             for t in rung.tables), file=sys.stderr)
     for gone in ladder.dropped:
         print(f"dropped {gone.name}: {gone.reason}", file=sys.stderr)
-    text = encode_ladder(ladder).decode()
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
+    return _emit(encode_ladder(ladder).decode(), args.out)
+
+
+def _emit(text: str, out: Path | None) -> int:
+    """Write ``text`` to ``out`` (saying so on stderr), or to stdout."""
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
     else:
         print(text)
     return 0
