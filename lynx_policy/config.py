@@ -144,6 +144,13 @@ class AdminConfig(_Section, frozen=True):
     per ``audit_interval_s``; the rest are counted (the next line says how many) and always
     counted in ``lynx_controller_admin_rejections_total``."""
     audit_interval_s: PositiveFloat = 60.0
+    header_timeout_s: PositiveFloat = 10.0
+    """A connection that has not sent a complete request head this long after connecting (or
+    after its previous response) is closed: slow clients cannot hold descriptors."""
+    max_connections: PositiveInt = 512
+    """Admin connections waiting for a request head at most (also at most half the
+    descriptor limit, so HTTP cannot starve the link); a new one evicts the longest-waiting,
+    so a request that sends its head at once is always served."""
 
 
 class StateConfig(_Section, frozen=True):

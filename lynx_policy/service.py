@@ -18,6 +18,7 @@ import uvicorn
 
 from lynx_policy.config import ControllerConfig
 from lynx_policy.decide import mean_budgets
+from lynx_policy.http import RepeatFilter, raise_fd_limit, with_deadline
 from lynx_policy.hub import Hub
 from lynx_policy.ladders import LadderStore
 from lynx_policy.loop import ControlLoop
@@ -88,9 +89,15 @@ class Controller:
 
     async def run(self) -> None:
         admin = self.config.admin
+        soft, _ = raise_fd_limit(log)
+        repeats = RepeatFilter()
+        for name in ("asyncio", "uvicorn.error"):  # e.g. accept() failing under fd exhaustion
+            logging.getLogger(name).addFilter(repeats)
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, host=admin.host, port=admin.port, log_level="warning",
             access_log=False, lifespan="off", server_header=False,
+            http=with_deadline(admin.header_timeout_s,
+                               min(admin.max_connections, max(16, soft // 2))),
             ssl_certfile=admin.tls_cert_file or None, ssl_keyfile=admin.tls_key_file or None))
         self._tasks = [asyncio.create_task(self.hub.serve(), name="lynx-hub"),
                        asyncio.create_task(self.loop.run(self.stop_event), name="lynx-loop")]

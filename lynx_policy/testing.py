@@ -61,11 +61,13 @@ class ControllerProcess:
     token: str = DEFAULT_TOKEN
     process: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    fd_limit: int | None = None
+    """Soft and hard RLIMIT_NOFILE of the controller process (None: inherited)."""
 
     @classmethod
     def launch(cls, workdir: Path, overrides: dict[str, Any] | None = None,
                token: str = DEFAULT_TOKEN, timeout_s: float = 30.0, *,
-               curve: bool = False) -> ControllerProcess:
+               curve: bool = False, fd_limit: int | None = None) -> ControllerProcess:
         """Start a controller in ``workdir``. ``curve``: the link on ``tcp://127.0.0.1`` sealed
         with CURVE, keys generated under ``workdir/keys`` (see `runtime_env`); else ipc://."""
         workdir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ class ControllerProcess:
             "state": {"dir": str(workdir / "state")},
             "loop": {"interval_s": 0.5, "backoff_s": [0.5, 1.0]},
         }
-        runner = cls(workdir, deep_merge(base, overrides or {}), token)
+        runner = cls(workdir, deep_merge(base, overrides or {}), token, fd_limit=fd_limit)
         runner.start(timeout_s)
         return runner
 
@@ -140,8 +142,15 @@ class ControllerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lynx_policy.cli", "serve", "--config",
                  str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=None if self.fd_limit is None else self._limit_fds)
         self.wait_healthy(timeout_s)
+
+    def _limit_fds(self) -> None:
+        import resource
+
+        assert self.fd_limit is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, self.fd_limit))
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

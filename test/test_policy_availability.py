@@ -4,6 +4,7 @@ refused before they are buffered, every list that enters bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -111,3 +112,46 @@ def test_the_config_loader_uses_the_same_bounds(tmp_path: Path) -> None:
     config.write_text(json.dumps({"adaptive": {"buckets": list(range(1, 100))}}))
     with pytest.raises(ConfigError, match=r"\$\.adaptive\.buckets"):
         load_config(config, environ={})
+
+
+def test_slow_clients_cannot_starve_healthz_or_a_legitimate_put(tmp_path: Path) -> None:
+    """A controller with 256 descriptors; 300 clients each sending half a request head and
+    then nothing. The head deadline (2 s) closes them, so /healthz and an authenticated PUT
+    answer within a few seconds while the flood is still connected, and the repeated accept
+    error is not logged once per attempt."""
+    with ControllerProcess.launch(tmp_path / "ctl", {"mode": "static", "admin": {
+            "header_timeout_s": 2.0, "max_connections": 100}}, fd_limit=256) as ctl:
+        host, port = ctl.admin_url.removeprefix("http://").split(":")
+        slow: list[socket.socket] = []
+        for _ in range(300):
+            try:
+                sock = socket.create_connection((host, int(port)), timeout=2)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+                slow.append(sock)
+            except OSError:
+                break  # the listen backlog is full: the flood is as big as it gets
+        try:
+            started = time.monotonic()
+            deadline = started + 20
+            health = put = None
+            while time.monotonic() < deadline and (health is None or put is None):
+                try:
+                    if health is None:
+                        health = httpx.get(f"{ctl.admin_url}/healthz", timeout=3).status_code
+                    if put is None:
+                        put = ctl.admin.put("/v1/mode", json={"mode": "off"}).status_code
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            assert (health, put) == (200, 200), (health, put)
+            assert time.monotonic() - started < 15
+            closed = 0
+            for sock in slow:  # the server closed the stalled connections
+                sock.settimeout(0.1)
+                with contextlib.suppress(TimeoutError, OSError):
+                    closed += sock.recv(1) == b""
+            assert closed >= len(slow) // 2, (closed, len(slow))
+        finally:
+            for sock in slow:
+                sock.close()
+        log = ctl.log_text()
+        assert log.count("socket.accept() out of system resource") <= 20, log[-2000:]
