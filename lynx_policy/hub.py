@@ -21,7 +21,7 @@ import zmq.asyncio
 from lynx_policy.config import LinkConfig
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.owners import ReplicaOwners
-from lynx_policy.replica import STATS_BYTES_PER_REPLICA, Replica
+from lynx_policy.replica import STATS_BYTES_PER_REPLICA, Replica, decoded_size
 from lynx_policy.throttle import RateLimitedLog
 from lynx_protocol.messages import (
     TO_CONTROLLER,
@@ -151,7 +151,7 @@ class Hub:
                 if msg.seq > previous.seq + 1:
                     replica.stats_gaps += msg.seq - previous.seq - 1
             replica.recent_stats.append((now, msg))
-            replica.stats_bytes.append(len(payloads[0]))
+            replica.stats_bytes.append(decoded_size(msg))
             while len(replica.stats_bytes) > len(replica.recent_stats):  # deque maxlen dropped
                 replica.stats_bytes.popleft()
             while (sum(replica.stats_bytes) > STATS_BYTES_PER_REPLICA

@@ -65,12 +65,12 @@ def test_idle_replica_is_fine_and_a_silent_one_degrades_health(tmp_path: Path) -
 
 
 def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
-    """1024-layer StepStats (~17 KB each) from one replica: the hub keeps at most
-    STATS_BYTES_PER_REPLICA of them, newest first."""
+    """1024-layer StepStats (~19 KB encoded, ~68 KB decoded each) from one replica: the hub
+    keeps at most STATS_BYTES_PER_REPLICA decoded bytes of them, newest first."""
     from lynx_policy.config import LinkConfig
     from lynx_policy.hub import Hub
     from lynx_policy.metrics import ControllerMetrics
-    from lynx_policy.replica import STATS_BYTES_PER_REPLICA
+    from lynx_policy.replica import STATS_BYTES_PER_REPLICA, decoded_size
     from lynx_protocol.messages import PolicyUpdate, StepStats, encode
     from lynx_protocol.policy import PolicySpec
 
@@ -92,7 +92,7 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
                               step_latency_p50_ms=1.0, step_latency_p99_ms=2.0,
                               applied_policy_version=1)
             payload = encode(stats)
-            sizes.append(len(payload))
+            sizes.append(decoded_size(stats))
             hub.handle([b"id", payload])
         kept = hub.replicas["big"].recent_stats
         assert sum(sizes[-len(kept):]) <= STATS_BYTES_PER_REPLICA < sum(sizes)
@@ -101,3 +101,31 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
         hub.close()
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_the_decoded_size_estimate_is_an_upper_bound_of_what_decoding_holds() -> None:
+    import tracemalloc
+
+    from lynx_policy.replica import decoded_size
+    from lynx_protocol.messages import TO_CONTROLLER, DecodeBucket, StepStats, decode, encode
+
+    for layers, buckets in ((1024, 0), (1024, 17), (4, 17), (4, 0), (0, 0)):
+        stats = StepStats(
+            replica_id="r" * 64, seq=1, window_s=1.0, batch_size_edges=list(range(1, 17)),
+            batch_size_counts=[1] * 17, decode_steps=1, prefill_steps=0, mixed_steps=0,
+            experts_kept_mean=[12.5 + i for i in range(layers)],
+            stock_union_mean=[33.25 + i for i in range(layers)], routing_mass_kept=0.9,
+            step_latency_p50_ms=1.0, step_latency_p99_ms=2.0, applied_policy_version=1,
+            decode_buckets=[DecodeBucket(
+                max_batch=i + 1, steps=15 * 1000 + 105, latency_sum_ms=1.5 * i,
+                latency_counts=[1000 + j for j in range(15)], pruned_steps=3,
+                experts_kept_mean=1.5, stock_union_mean=2.5, routing_mass_kept=0.9)
+                for i in range(buckets)])
+        payload = encode(stats)
+        tracemalloc.start()
+        held = decode(payload, accept=TO_CONTROLLER, max_bytes=1 << 20)
+        measured, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert held == stats
+        assert measured <= decoded_size(stats) <= 1.3 * measured + 2048, (layers, buckets)
+        assert decoded_size(stats) > len(payload)  # the encoded size undercounts
