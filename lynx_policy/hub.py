@@ -60,7 +60,8 @@ class Hub:
             from zmq.auth.asyncio import AsyncioAuthenticator
 
             self.allowed = AllowedClients(Path(config.curve_clients_dir),
-                                          on_denied=metrics.auth_denied.inc)
+                                          on_denied=metrics.auth_denied.labels(
+                                              reason="wrong_key").inc)
             self._auth = AsyncioAuthenticator(self._context)
             self._auth.start()
             self._auth.configure_curve_callback(domain="lynx",
@@ -78,6 +79,26 @@ class Hub:
             self._socket.setsockopt(option, value)
         self._socket.bind(config.bind)
         restrict_ipc_path(config.bind)
+        self._monitor = (self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                         if config.curve else None)
+
+    async def watch_handshakes(self) -> None:
+        """CURVE links: count handshakes that failed before ZAP (a peer without CURVE is a
+        mechanism mismatch, never seen by the allow-list)."""
+        if self._monitor is None:
+            return
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            no_curve = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+            reason = "no_curve" if no_curve else "protocol"
+            self.metrics.auth_denied.labels(reason=reason).inc()
+            self._reject_log.warning(f"handshake {reason}", "link handshake refused (%s) from "
+                                     "%s", reason, event.get("endpoint", b"?"))
 
     async def serve(self) -> None:
         """Receive forever; every message is handled before the next one is read."""
@@ -272,6 +293,9 @@ class Hub:
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(0)
         self._socket.close(0)
         self._context.term()
 

@@ -76,8 +76,12 @@ class ControllerMetrics:
         self.replicas_behind = Gauge(
             "lynx_controller_replicas_behind", "Connected replicas that refused, or have not "
             "acknowledged within link.ack_timeout_s, the current policy version", registry=r)
-        self.auth_denied = Counter("lynx_controller_auth_denied",
-                                   "CURVE handshakes refused: client key not allowed", registry=r)
+        self.auth_denied = Counter(
+            "lynx_controller_auth_denied", "Link handshakes refused, by reason: wrong_key (a "
+            "CURVE key not allowed), no_curve (a peer without CURVE), protocol (another "
+            "handshake error)", ["reason"], registry=r)
+        for reason in ("wrong_key", "no_curve", "protocol"):
+            self.auth_denied.labels(reason=reason)
         self.registrations_refused = Counter(
             "lynx_controller_registrations_refused",
             "Register messages refused because link.max_replicas replicas are known", registry=r)

@@ -101,6 +101,9 @@ class Controller:
             ssl_certfile=admin.tls_cert_file or None, ssl_keyfile=admin.tls_key_file or None))
         self._tasks = [asyncio.create_task(self.hub.serve(), name="lynx-hub"),
                        asyncio.create_task(self.loop.run(self.stop_event), name="lynx-loop")]
+        if self.config.link.curve:  # handshakes refused before ZAP (no CURVE) are counted
+            self._tasks.append(asyncio.create_task(self.hub.watch_handshakes(),
+                                                   name="lynx-handshakes"))
         state = self.keeper.state
         log.info("lynx-policy serving: link %s, admin http://%s:%d, mode %s, policy version %d%s",
                  self.config.link.bind, admin.host, admin.port, state.mode, state.version,

@@ -87,7 +87,7 @@ def test_allowed_key_registers_and_a_wrong_client_key_is_refused(tmp_path: Path,
             # the intruder never registers meanwhile.
             def denied_twice() -> bool:
                 return bad.registered or (bad.counters.reconnects >= 1 and ctl.metric(
-                    "lynx_controller_auth_denied_total") >= 2)
+                    "lynx_controller_auth_denied_total", {"reason": "wrong_key"}) >= 2)
 
             assert _pump(bad, denied_twice, 20.0)
             assert not bad.registered
@@ -233,3 +233,29 @@ def test_a_replica_id_belongs_to_the_key_that_registered_it(tmp_path: Path,
         with _link(ctl, "shared-id", keys["runtime-a"], keys["server_public"]) as back:
             assert _pump(back, lambda: back.registered, 10.0)
         assert ctl.admin.delete("/v1/replicas/no-such").status_code == 404
+
+
+def test_a_peer_without_curve_is_refused_and_counted(tmp_path: Path,
+                                                     keys: dict[str, Path]) -> None:
+    """A plain-text peer on the CURVE port fails the handshake before the allow-list sees it:
+    counted as no_curve, never registered; wrong keys stay counted as wrong_key."""
+    import zmq
+
+    with _controller(tmp_path, keys) as ctl:
+        context = zmq.Context()
+        plain = context.socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(ctl.endpoint)
+        try:
+            plain.send(b"not a CURVE handshake")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and ctl.metric(
+                    "lynx_controller_auth_denied_total", {"reason": "no_curve"}) < 1:
+                time.sleep(0.1)
+            assert ctl.metric("lynx_controller_auth_denied_total", {"reason": "no_curve"}) >= 1
+            assert ctl.metric("lynx_controller_auth_denied_total", {"reason": "wrong_key"}) == 0
+            assert _replicas(ctl) == []
+            assert ctl.admin.get("/healthz").json()["status"] == "ok"
+        finally:
+            plain.close()
+            context.term()
