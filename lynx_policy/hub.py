@@ -79,20 +79,27 @@ class Hub:
             self._socket.setsockopt(option, value)
         self._socket.bind(config.bind)
         restrict_ipc_path(config.bind)
-        self._monitor = (self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-                         if config.curve else None)
+        self._monitor: zmq.Socket | None = None
+        if config.curve:  # handshakes refused before ZAP: a plain (sync) PAIR, drained by timer
+            address = f"inproc://lynx-handshakes-{id(self)}"
+            self._socket.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            self._monitor = zmq.Socket(self._context, zmq.PAIR)
+            self._monitor.connect(address)
 
-    async def watch_handshakes(self) -> None:
+    async def watch_handshakes(self, every_s: float = 0.25) -> None:
         """CURVE links: count handshakes that failed before ZAP (a peer without CURVE is a
-        mechanism mismatch, never seen by the allow-list)."""
-        if self._monitor is None:
-            return
+        mechanism mismatch, never seen by the allow-list). Drained every ``every_s``."""
+        while self._monitor is not None:
+            self.count_refused_handshakes()
+            await asyncio.sleep(every_s)
+
+    def count_refused_handshakes(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
 
-        while True:
+        while self._monitor is not None:
             try:
-                event = parse_monitor_message(await self._monitor.recv_multipart())
-            except zmq.ZMQError:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
                 return
             no_curve = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
             reason = "no_curve" if no_curve else "protocol"
@@ -296,6 +303,7 @@ class Hub:
         if self._monitor is not None:
             self._socket.disable_monitor()
             self._monitor.close(0)
+            self._monitor = None
         self._socket.close(0)
         self._context.term()
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lynx_policy.config import MAX_SLO_TARGETS, ConfigError, load_config
-from lynx_policy.testing import ControllerProcess
+from lynx_policy.testing import ControllerProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,27 @@ def test_256_replicas_at_the_statistics_bound_stay_under_a_stated_rss(tmp_path: 
             for sock in sockets:
                 sock.close()
             context.term()
+
+
+def test_a_tarpit_metrics_url_cannot_stall_a_real_controllers_loop(tmp_path: Path) -> None:
+    """Twelve scrape URLs that accept and never answer, against a real controller: each tick
+    ends within one observe.timeout_s (0.5 s), and /healthz answers at once."""
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(64)
+    urls = [f"http://127.0.0.1:{tarpit.getsockname()[1]}/m{i}" for i in range(12)]
+    try:
+        with ControllerProcess.launch(tmp_path / "ctl", {
+                "mode": "adaptive", "observe": {"scrape_urls": urls, "timeout_s": 0.5},
+                "loop": {"interval_s": 0.5, "backoff_s": [0.5]}}) as ctl:
+            name = "lynx_controller_loop_duration_seconds"
+            wait_until("ticks under the tarpit", lambda: ctl.metric(f"{name}_count") >= 6,
+                       timeout_s=30)
+            ticks, seconds = ctl.metric(f"{name}_count"), ctl.metric(f"{name}_sum")
+            assert seconds / ticks < 0.9, (ticks, seconds)  # sequential scrapes: ~6 s a tick
+            started = time.monotonic()
+            health = httpx.get(f"{ctl.admin_url}/healthz", timeout=5)
+            assert health.status_code == 200 and time.monotonic() - started < 1.0
+            assert "scrapes failed" in ctl.admin.get("/v1/state").json()["loop"]["last_error"]
+    finally:
+        tarpit.close()
