@@ -161,6 +161,10 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
                      status=status, reason=reason[:500])
         raise HTTPException(status, reason)
 
+    def record(request: Request, action: str, **fields: Any) -> None:
+        actor, client = _caller(request)
+        audit.record(actor=actor, client=client, action=action, outcome="applied", **fields)
+
     def apply(request: Request, action: str, **fields: Any) -> None:
         actor, client = _caller(request)
         current = controller.keeper.state
@@ -338,9 +342,7 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
     async def reset_model(request: Request, _: Authorized) -> dict[str, Any]:
         body = await read_body(request, ModelResetBody, "reset_model")
         dropped = controller.loop.models.reset(body.replica_id)
-        actor, client = _caller(request)
-        audit.record(actor=actor, client=client, action="reset_model", outcome="applied",
-                     replica_id=body.replica_id, replicas_forgotten=dropped)
+        record(request, "reset_model", replica_id=body.replica_id, replicas_forgotten=dropped)
         return {"replicas_forgotten": dropped}
 
     def openapi() -> dict[str, Any]:
@@ -350,10 +352,6 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
             doc.setdefault("components", {}).setdefault("schemas", {}).update(_COMPONENTS)
             app.openapi_schema = doc
         return app.openapi_schema
-
-    def record(request: Request, action: str, **fields: Any) -> None:
-        actor, client = _caller(request)
-        audit.record(actor=actor, client=client, action=action, outcome="applied", **fields)
 
     add_ladder_routes(app, controller, Authorized, read_body, reject, record)
     add_replica_routes(app, controller, Authorized, record)

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastapi import FastAPI, Request
 
 from lynx_policy.config import validate_floor_fits
-from lynx_policy.rungs import rung_policy
-from lynx_protocol.ladder import Ladder, LadderError, validate_ladder
+from lynx_protocol.ladder import Ladder, LadderError, rung_policy, validate_ladder
 from lynx_protocol.policy import PolicyError, PolicySpec
 
 if TYPE_CHECKING:

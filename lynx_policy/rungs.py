@@ -33,12 +33,8 @@ from lynx_protocol.ladder import (
     Rung,
     rung_bucket,
     rung_of_bucket,
-    rung_policy,
     table_for,
 )
-
-__all__ = ["expected_quality_cost", "plan_ladder", "rung_experts", "rung_policy",
-           "usable_rungs"]
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 
@@ -104,8 +100,8 @@ def plan_rung_bucket(model: FleetModel, ladder: Ladder, usable: list[int], bucke
     tight = 0 if protected else goal(settings.margin)
     relaxed = 0 if protected else goal(settings.headroom)
     new, streak_out = current, 0
-    lowest_ms = max(k * model.predict(batch, experts[-1]) for _, k in targets)
     if tight is None:
+        lowest_ms = max(k * model.predict(batch, experts[-1]) for _, k in targets)
         reason = (f"cannot close the gap: the lowest usable rung {rungs[-1].name} predicts "
                   f"{lowest_ms:.1f} ms, above the target; holds")
     elif tight > current:

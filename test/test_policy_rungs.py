@@ -15,8 +15,8 @@ from ladders import EXPERTS, LAYERS, TOP_K, ladders, mini_ladder
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
 from lynx_policy.model import FleetModel, LatencyFit, expected_union
-from lynx_policy.rungs import expected_quality_cost, rung_experts, rung_policy, usable_rungs
-from lynx_protocol.ladder import Ladder, rung_of_bucket
+from lynx_policy.rungs import expected_quality_cost, rung_experts, usable_rungs
+from lynx_protocol.ladder import Ladder, rung_of_bucket, rung_policy
 from lynx_protocol.policy import PolicySpec, validate_policy
 
 FIT = LatencyFit(a_ms=5.0, b_ms_per_row=1.0, c_ms_per_expert=2.0, samples=40, steps=800,

@@ -71,6 +71,13 @@ def _mode_for(key: str, layout: dict[str, str], tensor: torch.Tensor) -> str | N
     return None
 
 
+def _extras(src: Path) -> list[Path]:
+    """The checkpoint's files a widened copy takes over as they are (tokenizer, card,
+    ``lynx_ladder.json``): all but the weights and ``config.json``."""
+    return [p for p in src.iterdir()
+            if p.suffix != ".safetensors" and p.name != "config.json" and p.is_file()]
+
+
 def widen_checkpoint(src: str | Path, n: int, dst: str | Path | None = None,
                      dtype: str = "same") -> Path:
     """Write the widened copy of checkpoint ``src`` to ``dst``; return ``dst``."""
@@ -106,9 +113,8 @@ def widen_checkpoint(src: str | Path, n: int, dst: str | Path | None = None,
     if dtype != "same":
         config["dtype"] = dtype
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for extra in src.iterdir():
-        if extra.suffix != ".safetensors" and extra.name != "config.json" and extra.is_file():
-            shutil.copy2(extra, dst / extra.name)
+    for extra in _extras(src):
+        shutil.copy2(extra, dst / extra.name)
     if (dst / "model.safetensors.index.json").is_file():
         index = json.loads((dst / "model.safetensors.index.json").read_text())
         index.get("metadata", {}).pop("total_size", None)
@@ -128,10 +134,9 @@ def cached_widening(src: str | Path, n: int, dst: str | Path, dtype: str = "floa
     src_mtime = max(p.stat().st_mtime for p in src.glob("*.safetensors"))
     if not stamp.is_file() or stamp.stat().st_mtime < src_mtime:
         return widen_checkpoint(src, n, dst, dtype=dtype)
-    for extra in src.iterdir():
+    for extra in _extras(src):
         copy = dst / extra.name
-        if (extra.suffix != ".safetensors" and extra.name != "config.json" and extra.is_file()
-                and (not copy.is_file() or copy.stat().st_mtime < extra.stat().st_mtime)):
+        if not copy.is_file() or copy.stat().st_mtime < extra.stat().st_mtime:
             shutil.copy2(extra, copy)
     return dst
 

@@ -35,7 +35,7 @@ class BackgroundCompiles:
         if key in self.running:
             return
         blob = base64.b64encode(pickle.dumps(key)).decode()
-        log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in `finished` or `stop`)
+        log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in `finished`)
         self._logs[key] = log
         self.running[key] = subprocess.Popen(
             [sys.executable, "-m", "lynx.selection.compile_worker", str(self.cache_dir), blob],
@@ -55,15 +55,6 @@ class BackgroundCompiles:
         if worker.returncode == 0:
             return True, ""
         return True, lines[-1] if lines else f"compile worker exited {worker.returncode}"
-
-    def stop(self) -> None:
-        """Kill the workers still running (process shutdown)."""
-        for worker in self.running.values():
-            worker.kill()
-        for log in self._logs.values():
-            log.close()
-        self.running.clear()
-        self._logs.clear()
 
 
 def _compile_into(key: Any, cache_dir: Path) -> str:
