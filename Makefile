@@ -21,8 +21,9 @@ prometheus:
 demo: setup
 	$(PY) -m lynx.serving.demo
 
+# --timeout: no test may hang CI (one that runs 15 minutes fails; PYTEST_ARGS may override).
 test: setup prometheus
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 # Python 3.12 / 3.13 (SGLang's image and the GPU machine run 3.12): the built wheel's
 # torch-free tests, its resolution next to sglang==0.5.23, its entry point, the selection tests.

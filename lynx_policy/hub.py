@@ -82,13 +82,15 @@ class Hub:
         self._monitor: zmq.Socket | None = None
         if config.curve:  # handshakes refused before ZAP: a plain (sync) PAIR, drained by timer
             address = f"inproc://lynx-handshakes-{id(self)}"
-            self._socket.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            self._socket.monitor(address, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
             self._monitor = zmq.Socket(self._context, zmq.PAIR)
             self._monitor.connect(address)
 
     async def watch_handshakes(self, every_s: float = 0.25) -> None:
         """CURVE links: count handshakes that failed before ZAP (a peer without CURVE is a
-        mechanism mismatch, never seen by the allow-list). Drained every ``every_s``."""
+        mechanism mismatch, never seen by the allow-list; or, when it saw the mismatch first
+        and reset the connection, an aborted handshake). Drained every ``every_s``."""
         while self._monitor is not None:
             self.count_refused_handshakes()
             await asyncio.sleep(every_s)
@@ -101,8 +103,12 @@ class Hub:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            no_curve = event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-            reason = "no_curve" if no_curve else "protocol"
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                reason = "aborted"
+            elif event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                reason = "no_curve"
+            else:
+                reason = "protocol"
             self.metrics.auth_denied.labels(reason=reason).inc()
             self._reject_log.warning(f"handshake {reason}", "link handshake refused (%s) from "
                                      "%s", reason, event.get("endpoint", b"?"))

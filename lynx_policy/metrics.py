@@ -79,8 +79,9 @@ class ControllerMetrics:
         self.auth_denied = Counter(
             "lynx_controller_auth_denied", "Link handshakes refused, by reason: wrong_key (a "
             "CURVE key not allowed), no_curve (a peer without CURVE), protocol (another "
-            "handshake error)", ["reason"], registry=r)
-        for reason in ("wrong_key", "no_curve", "protocol"):
+            "handshake error), aborted (the peer went away mid-handshake: a peer without CURVE "
+            "that saw the mismatch first, a scanner, a network fault)", ["reason"], registry=r)
+        for reason in ("wrong_key", "no_curve", "protocol", "aborted"):
             self.auth_denied.labels(reason=reason)
         self.registrations_refused = Counter(
             "lynx_controller_registrations_refused",

@@ -10,103 +10,68 @@ decode steps run unpruned and the one-stream bucket is on rung ``none``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_e2e_model_control import HIGH, LOW, QUANTILE, decode_steps, itl_quantile_s, under_load
-from test_policy_control_loop import running_prometheus
+from e2e_control import (
+    HIGH,
+    LOW,
+    QUANTILE,
+    decode_steps,
+    itl_quantile_s,
+    profiled_testbed,
+    under_load,
+)
 
-from lynx.serving.server import SglangServer, free_port
 from lynx_policy.model import expected_union
 from lynx_policy.rungs import rung_experts
-from lynx_policy.testing import ControllerProcess, wait_until
+from lynx_policy.testing import wait_until
 from lynx_protocol.ladder import load_ladder
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
-    from benchmark.e2e_decode import widened
+    with profiled_testbed(tmp_path, before_profile="ladder") as bed:
+        ctl, server, fit = bed.ctl, bed.server, bed.fit
+        ladder = load_ladder(bed.folder / "lynx_ladder.json")
 
-    folder = widened("qwen3-moe-mini", 16)
-    ladder = load_ladder(folder / "lynx_ladder.json")
-    port = free_port()
-    with running_prometheus(tmp_path / "prometheus", port) as prometheus:
-        ctl = ControllerProcess.launch(tmp_path / "ctl", overrides={
-            "mode": "static", "policy": {"name": "off"}, "floor": {"min_budget": 4},
-            "loop": {"interval_s": 0.5, "backoff_s": [0.5], "stats_window_s": 5.0},
-            "observe": {"prometheus_url": prometheus, "rate_window_s": 4},
-            "adaptive": {"relax_after_ticks": 2, "max_step_experts": 16}})
-        server = SglangServer(folder, port, env={
-            "OMP_NUM_THREADS": "1", "LYNX_ENABLED": "1", **ctl.runtime_env(),
-            "LYNX_POLICY": '{"name":"off"}', "LYNX_STATS_INTERVAL_S": "0.5",
-            "LYNX_SAFE_POLICY": "keep"}, extra_args=("--dtype", "float32"),
-            log_path=tmp_path / "sglang.log", ready_timeout_s=600)
-        try:
-            server.start()
-            wait_until("replica registered",
-                       lambda: len(ctl.admin.get("/v1/replicas").json()["replicas"]) == 1)
-            ctl.admin.put("/v1/ladder", content=(folder / "lynx_ladder.json").read_bytes()
-                          ).raise_for_status()
-            profile = subprocess.run(
-                [sys.executable, "-m", "lynx_policy.cli", "profile", "--admin-url",
-                 ctl.admin_url, "--server-url", server.url, "--budgets", "off,8,4",
-                 "--concurrency", "2,24", "--seconds", "5", "--slice-s", "1",
-                 "--output-len", "16"],
-                env={**os.environ, "LYNX_ADMIN_TOKEN": ctl.token}, capture_output=True,
-                text=True, timeout=600)
-            assert profile.returncode == 0, profile.stdout + profile.stderr
-            (fit,) = [r["fit"] for r in ctl.admin.get("/v1/model").json()["replicas"].values()]
-            assert fit["ready"] and fit["c_ms_per_expert"] > 0, fit
+        # An SLO the model says the lowest rung meets at HIGH and no pruning misses: the
+        # planner's correction factor makes its unpruned prediction the observed quantile,
+        # so the target sits between that and the lowest rung's share of it.
+        def step_ms(experts: float) -> float:
+            return fit["a_ms"] + fit["b_ms_per_row"] * HIGH + fit["c_ms_per_expert"] * experts
 
-            # An SLO the model says the lowest rung meets at HIGH and no pruning misses: the
-            # planner's correction factor makes its unpruned prediction the observed quantile,
-            # so the target sits between that and the lowest rung's share of it.
-            def step_ms(experts: float) -> float:
-                return fit["a_ms"] + fit["b_ms_per_row"] * HIGH + fit["c_ms_per_expert"] * experts
+        with under_load(server.url, HIGH, 8):
+            observed_ms = 1000 * itl_quantile_s(bed.prometheus)
+        union = expected_union(32, 4, HIGH)
+        ratio = step_ms(rung_experts(ladder.rungs[-1], HIGH, union)) / step_ms(union)
+        assert ratio < 0.97, ratio  # the ladder's lowest rung shortens the step
+        target_ms = observed_ms * (1 + ratio) / 2 / 0.9  # between them, after the margin
+        slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
+        ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
+        ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
 
-            load = under_load(server.url, HIGH, 8)
-            observed_ms = 1000 * itl_quantile_s(prometheus)
-            load.stop_event.set()
-            load.join(60)
-            union = expected_union(32, 4, HIGH)
-            ratio = step_ms(rung_experts(ladder.rungs[-1], HIGH, union)) / step_ms(union)
-            assert ratio < 0.97, ratio  # the ladder's lowest rung shortens the step
-            target_ms = observed_ms * (1 + ratio) / 2 / 0.9  # between them, after the margin
-            slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
-            ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
-            ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
-
-            load = under_load(server.url, HIGH, 2)
+        with under_load(server.url, HIGH, 2):
             before = decode_steps(server.url)
             wait_until("decode steps pruned under the high load",
                        lambda: decode_steps(server.url)["true"] > before["true"] + 20,
                        timeout_s=90)
             view = ctl.admin.get("/v1/model").json()
-            (high,) = [w for w in view["why"] if w["max_batch"] == HIGH]
-            assert high["rung"] not in (None, "none") and high["quality_cost"] > 0, view["why"]
             cost = ctl.metric("lynx_controller_expected_quality_cost", {"kind": "ppl_rise"})
-            assert not cost < 0  # exported (NaN while a window's steps meet another table)
-            load.stop_event.set()
-            load.join(60)
+        (high,) = [w for w in view["why"] if w["max_batch"] == HIGH]
+        assert high["rung"] not in (None, "none") and high["quality_cost"] > 0, view["why"]
+        assert not cost < 0  # exported (NaN while a window's steps meet another table)
 
-            load = under_load(server.url, LOW, 8)
+        with under_load(server.url, LOW, 8) as load:
             settled = decode_steps(server.url)
             time.sleep(6)
             wait_until("unpruned decode steps under the low load",
                        lambda: decode_steps(server.url)["false"] > settled["false"] + 20,
                        timeout_s=60)
             after = decode_steps(server.url)
-            load.stop_event.set()
-            load.join(60)
-            assert after["true"] == settled["true"], (settled, after)
-            (low,) = [w for w in ctl.admin.get("/v1/model").json()["why"] if w["max_batch"] == 2]
-            assert low["rung"] == "none" and low["quality_cost"] == 0, low
-            assert load.failed == 0
-        finally:
-            server.stop()
-            ctl.stop()
+        assert after["true"] == settled["true"], (settled, after)
+        (low,) = [w for w in ctl.admin.get("/v1/model").json()["why"] if w["max_batch"] == 2]
+        assert low["rung"] == "none" and low["quality_cost"] == 0, low
+        assert load.failed == 0

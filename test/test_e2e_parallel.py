@@ -137,15 +137,18 @@ def test_tensor_parallel_counts_once_and_switches_policy_on_the_same_step(
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     versions = []
-    for budget in (3, 2, 4, 2):
-        policy = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": budget}]}
-        assert ctl.admin.put("/v1/policy", json=policy).status_code == 200
-        versions.append(ctl.admin.get("/v1/policy").json()["version"])
-        wait_until("both ranks applied it", lambda v=versions[-1]: all(
-            v in steps for steps in _applied(tmp_path / "tp2.jsonl").values())
-            and len(_applied(tmp_path / "tp2.jsonl")) == 2, timeout_s=60)
-    stop.set()
-    thread.join(timeout=120)
+    try:  # the load stops also when an assertion fails
+        for budget in (3, 2, 4, 2):
+            policy = {"name": "budget",
+                      "budgets": [{"max_batch": 100000, "all_layers": budget}]}
+            assert ctl.admin.put("/v1/policy", json=policy).status_code == 200
+            versions.append(ctl.admin.get("/v1/policy").json()["version"])
+            wait_until("both ranks applied it", lambda v=versions[-1]: all(
+                v in steps for steps in _applied(tmp_path / "tp2.jsonl").values())
+                and len(_applied(tmp_path / "tp2.jsonl")) == 2, timeout_s=60)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
     applied = _applied(tmp_path / "tp2.jsonl")
     assert set(applied) == {("0", "0"), ("0", "1")}
     assert applied[("0", "0")] == applied[("0", "1")]  # every version, the same step
