@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmark import slo_report
 from benchmark.common import PUBLISHED, markdown_table, rounded
 
 MOE_KEYS = ("shape", "E", "k", "batch", "policy", "knob", "stock_ms", "lynx_ms", "speedup",
@@ -17,13 +16,11 @@ E2E_KEYS = ("model", "concurrency", "policy", "knob", "tpot_stock_ms", "tpot_lyn
             "top1_kept_rate", "default", "moe_share", "amdahl_bound")
 
 
-def summary(machine: str, moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any]
-            ) -> dict[str, Any]:
+def summary(machine: str, moe: dict[str, Any], e2e: dict[str, Any]) -> dict[str, Any]:
     return {
         "machine": machine,
         "moe_layer": [{k: row[k] for k in MOE_KEYS} for row in moe["rows"]],
         "e2e": [{k: row[k] for k in E2E_KEYS} for row in e2e["rows"]],
-        "slo": slo_report.summary_block(slo),
     }
 
 
@@ -159,8 +156,7 @@ def _e2e_tables(e2e: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
-            frontier_c: int) -> list[list[Any]]:
+def targets(moe: dict[str, Any], e2e: dict[str, Any], frontier_c: int) -> list[list[Any]]:
     """The issue's targets next to the measured values."""
     fine = [r for r in moe["rows"] if r.get("fine_grained") and 16 <= r["batch"] <= 64
             and r["dtype"] == "fp32" and r["bound"] >= 1.02
@@ -195,7 +191,6 @@ def targets(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
          "none qualifies" if best_e2e is None else
          f"{best_e2e['speedup']:.2f}x ({best_e2e['model']} {best_e2e['label']}, "
          f"EM {best_e2e['em_delta_points']:+.1f} pt, ppl {100 * best_e2e['ppl_rise']:+.2f}%)"],
-        *slo_report.targets(slo),
     ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from benchmark import frontier, report, slo_report
+from benchmark import frontier, report, slo_pareto_report
 
 
 def machine_block(machine: str, info: dict[str, Any]) -> str:
@@ -21,7 +21,7 @@ def _span(values: list[float], unit: str = "x") -> str:
             f"(median {statistics.median(values):.2f}{unit})")
 
 
-def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: int,
+def reading(moe: dict[str, Any], e2e: dict[str, Any], pareto: dict[str, Any], c: int,
             hook_cost: dict[str, Any] | None = None) -> str:
     """The one-paragraph reading, computed from the numbers of this run."""
     rows = moe["rows"]
@@ -95,8 +95,8 @@ def reading(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any], c: in
                 part += (f", while its hooks cost {hook_cost['per_step_us']:.0f} us per step "
                          f"({share:.2f}% of the stock step, `benchmark/plugin_overhead.py`)")
         text.append(part + ".")
-    if slo_report.reading(slo):
-        text.append(slo_report.reading(slo))
+    if pareto and slo_pareto_report.reading(pareto):
+        text.append(slo_pareto_report.reading(pareto))
     text.append(
         "All comparisons are interleaved and reported as medians, and server CPU time per "
         "token is listed next to wall time, but on this shared machine single ratios still "
@@ -111,7 +111,7 @@ def _reruns(info: dict[str, Any]) -> str:
     return ("\n\nSince then:" + "".join(lines)) if lines else ""
 
 
-def results_markdown(moe: dict[str, Any], e2e: dict[str, Any], slo: dict[str, Any],
+def results_markdown(moe: dict[str, Any], e2e: dict[str, Any], pareto: dict[str, Any],
                      info: dict[str, Any], images: str,
                      hook_cost: dict[str, Any] | None = None,
                      layer_frontier: dict[str, Any] | None = None) -> str:
@@ -132,11 +132,11 @@ make bench          # python benchmark/run_all.py          (full)
 make bench-quick    # python benchmark/run_all.py --quick  (< 5 minutes, CI smoke)
 python benchmark/moe_layer.py [--quick] [--shapes ...] [--batches ...] [--dtypes ...]
 python benchmark/e2e_decode.py [--quick] [--models ...] [--concurrency ...]
-python benchmark/slo_ramp.py [--quick] [--slo-ms auto|MS]
+python benchmark/slo_pareto.py [--quick] [--reps 5] [--load 0.9]
 python benchmark/plugin_overhead.py         # the hooks' host cost per step, policy off
 python benchmark/run_all.py --render-only   # plots, summary.json, RESULTS.md from the JSONs
 ```
-Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary}}.json`.
+Raw results: `benchmark/results/{{moe_layer,e2e,slo_pareto,plugin_overhead,summary}}.json`.
 
 ## How to read the numbers
 - Every stock-vs-Lynx comparison is measured in the same run, interleaved (shuffled order per
@@ -168,11 +168,12 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_ramp,plugin_overhead,summary
 - `*` marks the default operating point (`budget`, m = max(2k, E/2), no pruning below 4 rows).
 
 ## Targets
-{report.markdown_table(["target", "measured"], report.targets(moe, e2e, slo, c) + (
+{report.markdown_table(["target", "measured"], report.targets(moe, e2e, c)
+    + slo_pareto_report.targets(pareto) + (
     [frontier.target_row(layer_frontier)] if layer_frontier else []))}
 
 ## Reading
-{reading(moe, e2e, slo, c, hook_cost)}
+{reading(moe, e2e, pareto, c, hook_cost)}
 
 ## Not measured here
 - No GPU was lent: SGLang's fused-MoE Triton kernel and Lynx's Triton selection kernels (the
@@ -198,8 +199,4 @@ s/L = stock/Lynx.
 ## Frontier
 ![frontier]({images}/frontier.png)
 
-## SLO ramp and step load
-{slo_report.markdown(slo)}
-
-![SLO ramp]({images}/slo_ramp.png)
-"""
+{slo_pareto_report.markdown(pareto, f"{images}/slo_pareto.png")}"""

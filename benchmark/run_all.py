@@ -4,10 +4,13 @@
 
 1. MoE-layer microbenchmark (``benchmark/moe_layer.py``);
 2. end-to-end decode + accuracy on the SGLang CPU server (``benchmark/e2e_decode.py``);
-3. the SLO ramp (``benchmark/slo_ramp.py``) on the fine-grained model's server pair;
-   full runs also: speculative verify steps (``benchmark/verify_steps.py``), goodput
-   (``benchmark/goodput.py``) and the speed/perplexity frontier of every policy, calibrated
-   per-layer tables included, on the production-ratio model (``benchmark/frontier.py``);
+3. SLO attainment against quality cost (``benchmark/slo_pareto.py``: stock, every ladder
+   rung and the adaptive controller on a trace replay; quick: qwen3-moe-mini x16, one
+   repetition, a short replay; full: the decode-bound testbed); full runs also: speculative
+   verify steps (``benchmark/verify_steps.py``), goodput (``benchmark/goodput.py``),
+   the testbed's f, S and TPOT ratio (``benchmark/testbed.py``) and the speed/perplexity
+   frontier of every policy, calibrated per-layer tables included, on the production-ratio
+   model (``benchmark/frontier.py``);
 4. ``benchmark/results/summary.json`` (the issue's schema), the PNGs under
    ``benchmark/results/`` and ``benchmark/RESULTS.md``.
 """
@@ -32,15 +35,12 @@ from benchmark import (
     plugin_overhead,
     report,
     results_md,
-    slo_plot,
-    slo_ramp,
+    slo_pareto,
+    slo_pareto_report,
     testbed,
     verify_steps,
 )
-from benchmark.common import REPO_ROOT, RESULTS_DIR, machine_description, models_dir, write_json
-from benchmark.serving_pair import ServingPair
-
-SLO_MODEL = "qwen3-moe-mini"
+from benchmark.common import REPO_ROOT, RESULTS_DIR, models_dir, write_json
 
 
 def run(quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -52,36 +52,17 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
     # 1. MoE layer
     margs = moe_layer.parse_args([*mode, "--out", str(out_dir / "moe_layer.json")])
     moe_layer.run_from_args(margs)
-    # 2 + 3. end to end and SLO (the SLO model's server pair serves both)
+    # 2. end to end
     eargs = e2e_decode.parse_args([*mode, "--no-progress", "--out", str(out_dir / "e2e.json")])
-    sargs = slo_ramp.parse_args([*mode, "--out", str(out_dir / "slo_ramp.json")])
-    from lynx.serving.models import moe_shape, read_config
-
-    models, slo = [], None
-    for model in eargs.models:
-        if model != SLO_MODEL:
-            models.append(e2e_decode.run_model(model, eargs))
-            continue
-        _, experts, top_k = moe_shape(read_config(models_dir() / model))
-        t0 = time.time()
-        with ServingPair.launch(e2e_decode.widened(model, eargs.widen),
-                                controller_overrides=slo_ramp.controller_overrides(
-                                    top_k, experts),
-                                extra_lynx_env=e2e_decode.LYNX_ENV) as pair:
-            startup = time.time() - t0
-            models.append(e2e_decode._run_on_pair(model, eargs, pair, startup))
-            slo = slo_ramp.run(pair, model, experts, top_k, sargs)
-    e2e_decode.finish(eargs, models)
-    assert slo is not None, f"{SLO_MODEL} must be among the e2e models"
+    e2e_decode.finish(eargs, [e2e_decode.run_model(model, eargs) for model in eargs.models])
+    # 3. SLO attainment against quality cost
+    if slo_pareto.main([*mode, "--out", str(out_dir / "slo_pareto.json")]) != 0:
+        raise SystemExit("run_all: slo_pareto failed")
     if not quick:
         verify_steps.main(["--out", str(out_dir / "verify_steps.json")])
-        best = slo.get("best_static") or "static:0"
-        goodput.main(["--out", str(out_dir / "goodput.json"),
-                      "--static-budget", best.split(":")[1]])
+        goodput.main(["--out", str(out_dir / "goodput.json")])
         frontier.main(["--out", str(out_dir / "frontier.json")])
         testbed.main(["--out", str(out_dir / "testbed.json")])
-    slo["machine"] = machine_description()
-    write_json(sargs.out, slo)
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
@@ -98,15 +79,16 @@ def render(out_dir: Path) -> dict[str, Any]:
     def load(name: str) -> dict[str, Any]:
         return dict(json.loads((out_dir / name).read_text()))
 
-    moe, e2e, slo, info = (load("moe_layer.json"), load("e2e.json"), load("slo_ramp.json"),
-                           load("run_info.json"))
+    moe, e2e, pareto, info = (load("moe_layer.json"), load("e2e.json"),
+                              load("slo_pareto.json"), load("run_info.json"))
     e2e["rows"] = e2e_decode.summary_rows(e2e)  # derived data: today's definitions
     hook_cost = (load("plugin_overhead.json") if (out_dir / "plugin_overhead.json").exists()
                  else None)
     moe_layer.plot(moe, out_dir / "moe_layer.png")
-    slo_plot.plot(slo, out_dir / "slo_ramp.png")
+    slo_pareto_report.plot(pareto, out_dir / "slo_pareto.png")
     report.plot_frontier(e2e, info["frontier_c"], out_dir / "frontier.png")
-    summary = report.summary(moe["machine"], moe, e2e, slo)
+    summary = report.summary(moe["machine"], moe, e2e)
+    summary["slo_pareto"] = slo_pareto_report.summary_block(pareto)
     bed = out_dir / "testbed.json"
     bed_data = json.loads(bed.read_text()) if bed.exists() else None
     if bed_data:
@@ -119,7 +101,7 @@ def render(out_dir: Path) -> dict[str, Any]:
     good = out_dir / "goodput.json"
     front = out_dir / "frontier.json"
     layer_frontier = json.loads(front.read_text()) if front.exists() else None
-    md_path.write_text(results_md.results_markdown(moe, e2e, slo, info, images, hook_cost,
+    md_path.write_text(results_md.results_markdown(moe, e2e, pareto, info, images, hook_cost,
                                         layer_frontier) + (
         verify_steps.markdown(json.loads(verify.read_text())) if verify.exists() else "") + (
         "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(

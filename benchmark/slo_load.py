@@ -87,9 +87,10 @@ def counters(url: str) -> dict[str, float]:
 
 
 def windows(timings: list[RequestTiming], timeline: list[dict[str, Any]], start: float,
-            end: float, window_s: float, slo_ms: float) -> list[dict[str, Any]]:
-    """Per window: target concurrency, P99 ITL [ms], tokens, meets_slo, budget and experts
-    kept (from the timeline)."""
+            end: float, window_s: float, slo_ms: float, quantile: float = 99
+            ) -> list[dict[str, Any]]:
+    """Per window: target concurrency, the ``quantile`` (default P99) of its inter-token gaps
+    [ms], tokens, meets_slo, budget and experts kept (from the timeline)."""
     out = []
     t = start
     while t < end - 1e-9:
@@ -99,10 +100,10 @@ def windows(timings: list[RequestTiming], timeline: list[dict[str, Any]], start:
         tokens = sum(1 for r in timings for at in r.chunk_times_s if t <= at < hi)
         points = [p for p in timeline if t <= p["t"] < hi]
         kept = [p["experts_kept"] for p in points if p.get("experts_kept") is not None]
-        p99 = percentile(gaps, 99) * 1e3 if gaps else None
+        p99 = percentile(gaps, quantile) * 1e3 if gaps else None
         out.append({"t0_s": rounded(t - start, 2), "t1_s": rounded(hi - start, 2),
                     "target_concurrency": points[-1]["target"] if points else None,
-                    "itl_p99_ms": rounded(p99, 2) if p99 is not None else None,
+                    f"itl_p{quantile:g}_ms": rounded(p99, 2) if p99 is not None else None,
                     "tokens": tokens, "meets_slo": p99 is not None and p99 <= slo_ms,
                     "experts_kept": rounded(sum(kept) / len(kept), 3) if kept else None,
                     "budget": points[-1].get("budget") if points else None})
@@ -133,15 +134,15 @@ def quality_of_run(before: dict[str, float], after: dict[str, float], layers: in
 
 
 def step_response(timings: list[RequestTiming], timeline: list[dict[str, Any]], start: float,
-                  stages: list[Stage], slo_ms: float, window_s: float = 1.0
-                  ) -> dict[str, Any]:
+                  stages: list[Stage], slo_ms: float, window_s: float = 1.0,
+                  quantile: float = 99) -> dict[str, Any]:
     """For a low → high → low schedule: seconds from the jump until every later window of the
     high stage meets the SLO (``None``: the last window did not), and seconds from the drop
     until the last sampled increase of the pruned-step counter (0: none after the drop)."""
     jump = start + stages[0][1]
     drop = jump + stages[1][1]
     end = drop + stages[2][1]
-    high = windows(timings, timeline, jump, drop, window_s, slo_ms)
+    high = windows(timings, timeline, jump, drop, window_s, slo_ms, quantile)
     time_to_slo: float | None = None
     for i, w in enumerate(high):
         if all(x["meets_slo"] for x in high[i:]):
@@ -156,4 +157,4 @@ def step_response(timings: list[RequestTiming], timeline: list[dict[str, Any]], 
             "time_to_unprune_s": rounded(last_increase - drop, 2),
             "high_windows_meeting_slo": sum(w["meets_slo"] for w in high),
             "high_windows": len(high),
-            "windows": windows(timings, timeline, start, end, window_s, slo_ms)}
+            "windows": windows(timings, timeline, start, end, window_s, slo_ms, quantile)}

@@ -130,3 +130,32 @@ async def replay(url: str, schedule: list[ReplayRequest], vocab: int, seed: int 
 
         timings = await asyncio.gather(*(one(i) for i in range(len(schedule))))
     return list(zip(schedule, timings, strict=True))
+
+
+async def closed_loop_rps(url: str, requests: list[ReplayRequest], vocab: int,
+                          concurrency: int, seconds: float, seed: int = 1) -> float:
+    """Capacity of a server for this request mix: ``concurrency`` closed-loop clients send
+    ``requests`` (their lengths, not their times) back to back for ``seconds``; returns
+    completed requests per second. Raises ValueError without requests."""
+    if not requests:
+        raise ValueError("no requests to measure the capacity with")
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    done: list[float] = []
+    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
+        start = time.perf_counter()
+        end = start + seconds
+
+        async def worker(index: int) -> None:
+            n = index
+            while time.perf_counter() < end:
+                request = requests[n % len(requests)]
+                n += concurrency
+                ids = [rng.randrange(3, vocab) for _ in range(request.prompt_tokens)]
+                timing = await stream_generate(client, url, "", request.output_tokens,
+                                               input_ids=ids)
+                if timing.ok and time.perf_counter() <= end:
+                    done.append(time.perf_counter())
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return len(done) / seconds

@@ -111,7 +111,10 @@ class Admin:
     def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         reply = self.client.request(method, path, json=body)
         if reply.status_code >= 400:
-            detail = reply.json().get("detail", reply.text) if reply.content else ""
+            try:  # the API answers JSON; a proxy or a crash may not
+                detail = reply.json().get("detail", reply.text)
+            except ValueError:
+                detail = reply.text[:200]
             raise ProfileError(f"{method} {path}: {reply.status_code} {detail}")
         return dict(reply.json())
 

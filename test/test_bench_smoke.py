@@ -44,13 +44,25 @@ def _check_row(row: dict[str, Any], spec: dict[str, Any], where: str) -> None:
         assert ok, f"{where}: {key}={value!r} is not {kind}"
 
 
-SLO_RUN_KEYS = ("mode", "throughput_within_slo", "slo_attainment", "routing_mass_kept",
-                "experts_kept_mean")
+PARETO_RUN_KEYS = {"mode", "target", "rep", "attainment", "goodput", "quality_cost_ppl",
+                   "mass_kept"}
+TESTBED_KEYS = {"model", "concurrency", "moe_share_f", "moe_speedup_s", "amdahl_bound",
+                "tpot_ratio", "ppl_rise"}
+
+
+def check_pareto_run(run: dict[str, Any]) -> None:
+    assert set(run) == PARETO_RUN_KEYS, run
+    assert run["mode"] in ("off", "adaptive") or run["mode"].startswith("static:"), run
+    assert 0 <= run["attainment"] <= 1 and run["goodput"] >= 0, run
+    assert run["quality_cost_ppl"] is None or run["quality_cost_ppl"] >= -0.01, run
+    assert 0 < run["mass_kept"] <= 1, run
+    if run["mode"] == "off":
+        assert run["quality_cost_ppl"] in (0.0, None) and run["mass_kept"] == 1.0, run
 
 
 def check_summary(summary: dict[str, Any]) -> None:
     """The issue's summary.json schema, exactly; stock and Lynx numbers present and positive."""
-    assert set(summary) == {"machine", "moe_layer", "e2e", "slo"}
+    assert set(summary) - {"testbed"} == {"machine", "moe_layer", "e2e", "slo_pareto"}
     assert isinstance(summary["machine"], str) and summary["machine"]
     assert summary["moe_layer"], "no MoE-layer rows"
     for i, row in enumerate(summary["moe_layer"]):
@@ -66,17 +78,22 @@ def check_summary(summary: dict[str, Any]) -> None:
         assert 0 < row["moe_share"] <= 1 and row["amdahl_bound"] >= 1 - row["moe_share"]
         for key in ("exact_match_stock", "exact_match_lynx", "top1_kept_rate"):
             assert 0.0 <= row[key] <= 1.0, f"e2e[{i}].{key}={row[key]} not a fraction"
-    slo = summary["slo"]
-    assert {"slo_ms", "runs", "step_load"} <= set(slo) and slo["slo_ms"] > 0
-    modes = {run["mode"] for run in slo["runs"]}
-    assert {"adaptive", "off"} <= modes and any(m.startswith("static:") for m in modes), modes
-    for run in slo["runs"]:  # one entry per repetition and mode
-        assert set(SLO_RUN_KEYS) <= set(run), run
-        assert run["throughput_within_slo"] >= 0 and 0 <= run["slo_attainment"] <= 1
-        assert 0 < run["routing_mass_kept"] <= 1
-        assert run["experts_kept_mean"] is None or run["experts_kept_mean"] > 0
-    if slo["step_load"] is not None:
-        assert set(slo["step_load"]) == {"interval_s", "time_to_slo_s", "time_to_unprune_s"}
+    pareto = summary["slo_pareto"]
+    assert set(pareto) == {"targets_ms", "runs", "nonstationary", "step_load"}
+    targets = pareto["targets_ms"]
+    assert set(targets) == {"loose", "medium", "tight"} and all(v > 0 for v in targets.values())
+    assert targets["loose"] >= targets["medium"] >= targets["tight"], targets
+    modes = {(run["mode"], run["target"]) for run in pareto["runs"]}
+    for target in targets:  # off and a static scored against every target, adaptive per target
+        assert {("off", target), ("adaptive", target)} <= modes, modes
+        assert any(m.startswith("static:") and t == target for m, t in modes), modes
+    for run in pareto["runs"] + pareto["nonstationary"]["runs"]:
+        check_pareto_run(run)
+    assert pareto["nonstationary"]["runs"]
+    if pareto["step_load"] is not None:
+        assert set(pareto["step_load"]) == {"interval_s", "time_to_slo_s", "time_to_unprune_s"}
+    if "testbed" in summary:
+        assert set(summary["testbed"]) == TESTBED_KEYS
 
 
 def check_moe_layer_rows(rows: list[dict[str, Any]]) -> None:
@@ -107,11 +124,12 @@ def test_summary_json_schema() -> None:
 def test_schema_check_rejects_missing_or_extra_fields() -> None:
     row = {k: 1.0 for k in E2E_KEYS} | {"model": "m", "policy": "budget", "knob": 4,
                                          "concurrency": 32, "default": True}
-    summary = {"machine": "cpu", "e2e": [row], "slo": {"slo_ms": 1.0, "step_load": None,
-                                                       "runs": [
-        {"mode": m, "throughput_within_slo": 1.0, "slo_attainment": 1.0,
-         "routing_mass_kept": 1.0, "experts_kept_mean": None}
-        for m in ("adaptive", "off", "static:8")]},
+    runs = [{"mode": m, "target": t, "rep": 0, "attainment": 0.9, "goodput": 1.0,
+             "quality_cost_ppl": 0.0, "mass_kept": 1.0}
+            for m in ("adaptive", "off", "static:m48") for t in ("loose", "medium", "tight")]
+    summary = {"machine": "cpu", "e2e": [row], "slo_pareto": {
+        "targets_ms": {"loose": 3.0, "medium": 2.0, "tight": 1.0}, "runs": runs,
+        "nonstationary": {"runs": runs[:1]}, "step_load": None},
         "moe_layer": [{k: 1.0 for k in MOE_KEYS} | {"shape": "s", "E": 8, "k": 2, "batch": 16,
                                                    "policy": "budget", "knob": 4,
                                                    "default": False}]}
@@ -125,7 +143,7 @@ def test_schema_check_rejects_missing_or_extra_fields() -> None:
     with pytest.raises(AssertionError):
         check_summary(broken)
     broken = json.loads(json.dumps(summary))
-    del broken["slo"]["runs"][0]["routing_mass_kept"]
+    del broken["slo_pareto"]["runs"][0]["mass_kept"]
     with pytest.raises(AssertionError):
         check_summary(broken)
     broken = json.loads(json.dumps(summary))
@@ -170,7 +188,7 @@ def test_bench_quick_writes_every_result(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     check_summary(json.loads((tmp_path / "summary.json").read_text()))
     check_moe_layer_rows(json.loads((tmp_path / "moe_layer.json").read_text())["rows"])
-    for name in ("moe_layer.png", "slo_ramp.png", "frontier.png"):
+    for name in ("moe_layer.png", "slo_pareto.png", "frontier.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     results = (tmp_path / "RESULTS.md").read_text()
     assert "Amdahl bound" in results and "Selection overhead" in results

@@ -1,0 +1,172 @@
+"""The measured pieces of the SLO Pareto experiment (`benchmark/slo_pareto.py`, its module doc
+says what each step does): a mode applied through the controller's admin API, one replay with
+its quality cost sampled, its scored rows, the non-stationary replay and the step load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from benchmark import slo_load, slo_pareto_score, trace_replay
+from benchmark.common import OFF, rounded
+from benchmark.serving_pair import ServingPair
+from benchmark.slo_ramp import prompts_for_load
+
+
+class Sampler(threading.Thread):
+    """Every second: the controller's expected quality cost and the tokens generated."""
+
+    def __init__(self, pair: ServingPair) -> None:
+        super().__init__(daemon=True)
+        self.pair, self.stop_event, self.points = pair, threading.Event(), []
+
+    def run(self) -> None:
+        last = None
+        while not self.stop_event.wait(1.0):
+            try:
+                tokens = sum(slo_load.counters(self.pair.lynx.url)[k] for k in (
+                    "sglang:generation_tokens_total", "sglang_generation_tokens_total"))
+                cost = self.pair.controller.metric("lynx_controller_expected_quality_cost",
+                                                   {"kind": "ppl_rise"})
+            except Exception:  # a missed sample is a missed sample
+                continue
+            if last is not None:
+                self.points.append((tokens - last, cost))
+            last = tokens
+
+    def cost(self) -> tuple[float | None, float]:
+        """(token-weighted cost, share of the tokens whose sample had a cost)."""
+        known = [(w, c) for w, c in self.points if w > 0 and not math.isnan(c)]
+        total = sum(w for w, _ in self.points if w > 0)
+        weight = sum(w for w, _ in known)
+        return (sum(w * c for w, c in known) / weight if weight else None,
+                weight / total if total else 0.0)
+
+
+def apply_mode(pair: ServingPair, mode: str, target_ms: float | None) -> None:
+    pair.set_policy(OFF)  # every run starts from no pruning, in static mode
+    if mode.startswith("static:"):
+        reply = pair.controller.admin.put("/v1/mode", json={
+            "mode": "static", "rung": mode.split(":", 1)[1]})
+        reply.raise_for_status()
+        pair._wait_version(int(reply.json()["version"]))
+    elif mode == "adaptive":
+        assert target_ms is not None
+        pair.put("/v1/slo", {"targets": [{"metric": "tpot", "quantile": 0.9,
+                                          "target_ms": target_ms}]})
+        pair.set_mode("adaptive")
+
+
+def replay(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,
+           layers: int, during: Any = None) -> dict[str, Any]:
+    """One replay; ``during(start_perf)`` runs in a thread alongside it (non-stationary)."""
+    before = slo_load.counters(pair.lynx.url)
+    sampler = Sampler(pair)
+    sampler.start()
+    start = time.perf_counter()
+    side = threading.Thread(target=during, args=(start,), daemon=True) if during else None
+    if side:
+        side.start()
+    try:
+        timed = asyncio.run(trace_replay.replay(pair.lynx.url, schedule, vocab))
+    finally:
+        sampler.stop_event.set()
+        sampler.join(10)
+        if side:
+            side.join(120)
+    duration = time.perf_counter() - start
+    quality = slo_load.quality_of_run(before, slo_load.counters(pair.lynx.url), layers)
+    cost, known = sampler.cost()
+    timings = [t for _, t in timed]
+    return {"timings": timings, "start": start, "duration_s": duration,
+            "quality_cost_ppl": None if cost is None else rounded(cost, 6),
+            "cost_known_share": rounded(known, 3),
+            "mass_kept": quality["routing_mass_kept"],
+            "failed": sum(1 for t in timings if not t.ok)}
+
+
+def scored(mode: str, rep: int, run: dict[str, Any], targets: dict[str, float],
+           only: str | None = None) -> list[dict[str, Any]]:
+    """The run's rows of ``summary.json``'s ``slo_pareto.runs``: one per target scored."""
+    return [{"mode": mode, "target": name, "rep": rep, "target_ms": ms,
+             **slo_pareto_score.score(run["timings"], ms, run["duration_s"]),
+             "quality_cost_ppl": run["quality_cost_ppl"], "mass_kept": run["mass_kept"],
+             "cost_known_share": run["cost_known_share"],
+             "p90_tpot_ms": rounded(slo_pareto_score.p90_tpot_ms(run["timings"]), 2),
+             "failed": run["failed"]}
+            for name, ms in targets.items() if only in (None, name)]
+
+
+def cpu_hog(seconds: float) -> None:
+    """One busy process for ``seconds`` (killed afterwards, whatever happens)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(seconds)
+    finally:
+        hog.kill()
+        hog.wait(10)
+
+
+def nonstationary(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,
+                  layers: int, targets: dict[str, float], statics: list[str], reps: int,
+                  ) -> dict[str, Any]:
+    """Module doc, step 4: adaptive and ``statics``, each ``reps`` times, rotated."""
+    span = schedule[-1].at_s if schedule else 0.0
+    switch_s, hog_from, hog_to = 0.5 * span, 0.25 * span, 0.6 * span
+    runs = []
+    modes = ["adaptive", *dict.fromkeys(statics)]
+    for rep in range(reps):
+        for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:
+            apply_mode(pair, mode, targets["medium"])
+
+            def during(start: float, adaptive: bool = mode == "adaptive") -> None:
+                time.sleep(hog_from)
+                hog = threading.Thread(target=cpu_hog, args=(hog_to - hog_from,))
+                hog.start()
+                time.sleep(max(0.0, switch_s - hog_from))
+                if adaptive:  # the operator tightens the SLO mid-run
+                    pair.put("/v1/slo", {"targets": [{"metric": "tpot", "quantile": 0.9,
+                                                      "target_ms": targets["tight"]}]})
+                hog.join()
+
+            run = replay(pair, schedule, vocab, layers, during)
+            switch_at = run["start"] + switch_s
+
+            def target_at(sent: float, switch_at: float = switch_at) -> float:
+                return targets["medium"] if sent < switch_at else targets["tight"]
+
+            runs.append({"mode": mode, "target": "medium->tight", "rep": rep,
+                         **slo_pareto_score.score(run["timings"], target_at, run["duration_s"]),
+                         "quality_cost_ppl": run["quality_cost_ppl"],
+                         "mass_kept": run["mass_kept"], "failed": run["failed"]})
+            print(f"[slo_pareto] non-stationary rep {rep} {mode}: attainment "
+                  f"{runs[-1]['attainment']}, cost {run['quality_cost_ppl']}", flush=True)
+    pair.set_policy(OFF)
+    return {"switch_s": rounded(switch_s, 2), "hog_s": [rounded(hog_from, 2), rounded(hog_to, 2)],
+            "runs": runs}
+
+
+def step_load(pair: ServingPair, target_ms: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Module doc, step 5: windows of 1 s, their P90 inter-token gap against the target."""
+    apply_mode(pair, "adaptive", target_ms)
+    stages = [(4, 4.0 if args.quick else 8.0), (48, args.step_high_s),
+              (4, 6.0 if args.quick else 15.0)]
+    last: dict[str, float] = {}
+
+    def sample() -> dict[str, Any]:
+        steps = slo_load.counters(pair.lynx.url)["pruned_decode_steps"]
+        last["v"] = steps
+        return {"pruned_steps": steps}
+
+    start, timings, timeline = slo_load.run_schedule(
+        pair.lynx.url, prompts_for_load(), stages, args.step_output_len, sample, poll_s=0.5)
+    pair.set_policy(OFF)
+    out = slo_load.step_response(timings, timeline, start, stages, target_ms, quantile=90)
+    return {"interval_s": 1.0, "target_ms": target_ms, **out}
