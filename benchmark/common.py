@@ -9,6 +9,7 @@ reported as medians; ratios are ratios of medians.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -224,3 +225,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+"""Student t, two-sided 95%, by sample size (2.0 beyond 10)."""
+
+
+def mean_ci(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Mean and 95% Student-t interval (interval None with one value, all None with none)."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return {"mean": None, "ci_low": None, "ci_high": None}
+    mean = statistics.fmean(kept)
+    if len(kept) < 2:
+        return {"mean": rounded(mean, 4), "ci_low": None, "ci_high": None}
+    half = T_975.get(len(kept), 2.0) * statistics.stdev(kept) / len(kept) ** 0.5
+    return {"mean": rounded(mean, 4), "ci_low": rounded(mean - half, 4),
+            "ci_high": rounded(mean + half, 4)}

@@ -15,12 +15,11 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmark.common import percentile, rounded
+from benchmark.common import mean_ci, percentile, rounded
 from benchmark.loadgen import RequestTiming
 
 MEETS = 0.9
 TARGETS = ("loose", "medium", "tight")
-T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
 def meets(timing: RequestTiming, target_ms: float) -> bool:
@@ -70,19 +69,6 @@ def choose_targets(p90: dict[str, float], ladder_order: Sequence[str], usable: S
     medium = min(loose, slack * p90[middle])  # ordered even where pruning does not pay
     return {"loose": rounded(loose, 2), "medium": rounded(medium, 2),
             "tight": rounded(min(medium, slack * p90[tight]), 2)}
-
-
-def mean_ci(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean and 95% Student-t interval (interval None with one value, all None with none)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": None, "ci_low": None, "ci_high": None}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": rounded(mean, 4), "ci_low": None, "ci_high": None}
-    half = T_975.get(len(values), 2.0) * statistics.stdev(values) / len(values) ** 0.5
-    return {"mean": rounded(mean, 4), "ci_low": rounded(mean - half, 4),
-            "ci_high": rounded(mean + half, 4)}
 
 
 def oracle_static(runs: Sequence[dict[str, Any]], target: str) -> dict[str, Any]:

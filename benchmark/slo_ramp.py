@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -38,14 +37,13 @@ from benchmark.common import (
     RESULTS_DIR,
     budget_variant,
     machine_description,
+    mean_ci,
     models_dir,
     percentile,
     rounded,
     write_json,
 )
 from benchmark.serving_pair import ServingPair
-
-T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
 
 
 def prompts_for_load(count: int = 64) -> list[str]:
@@ -160,18 +158,6 @@ def calibrate_slo(pair: ServingPair, peak: int, output_len: int, seconds: float)
     _, timings, _ = slo_load.run_schedule(pair.lynx.url, prompts_for_load(), [(peak, seconds)],
                                           output_len, dict)
     return round(0.85 * percentile([g for t in timings for g in t.itl_s], 99) * 1e3, 1)
-
-
-def mean_ci(values: list[float]) -> dict[str, float | None]:
-    """Mean and 95% Student-t interval (interval None with one value, all None with none)."""
-    if not values:
-        return {"mean": None, "ci_low": None, "ci_high": None}
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": rounded(mean, 4), "ci_low": None, "ci_high": None}
-    half = T_975.get(len(values), 2.0) * statistics.stdev(values) / len(values) ** 0.5
-    return {"mean": rounded(mean, 4), "ci_low": rounded(mean - half, 4),
-            "ci_high": rounded(mean + half, 4)}
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
