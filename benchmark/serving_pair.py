@@ -159,6 +159,14 @@ class ServingPair:
         reply.raise_for_status()
         self._wait_version(int(reply.json()["version"]))
 
+    def pin_rung(self, rung: str) -> None:
+        """Static mode with rung ``rung`` of the controller's ladder pinned
+        (``PUT /v1/mode {"mode": "static", "rung": ...}``), applied by the runtime before
+        returning."""
+        reply = self.controller.admin.put("/v1/mode", json={"mode": "static", "rung": rung})
+        reply.raise_for_status()
+        self._wait_version(int(reply.json()["version"]))
+
     def set_mode(self, mode: str) -> None:
         """Change the controller's mode; waits (briefly) for the runtime to take the new
         version when the effective policy changes with it."""

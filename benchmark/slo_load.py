@@ -100,11 +100,11 @@ def windows(timings: list[RequestTiming], timeline: list[dict[str, Any]], start:
         tokens = sum(1 for r in timings for at in r.chunk_times_s if t <= at < hi)
         points = [p for p in timeline if t <= p["t"] < hi]
         kept = [p["experts_kept"] for p in points if p.get("experts_kept") is not None]
-        p99 = percentile(gaps, quantile) * 1e3 if gaps else None
+        tail_ms = percentile(gaps, quantile) * 1e3 if gaps else None
         out.append({"t0_s": rounded(t - start, 2), "t1_s": rounded(hi - start, 2),
                     "target_concurrency": points[-1]["target"] if points else None,
-                    f"itl_p{quantile:g}_ms": rounded(p99, 2) if p99 is not None else None,
-                    "tokens": tokens, "meets_slo": p99 is not None and p99 <= slo_ms,
+                    f"itl_p{quantile:g}_ms": rounded(tail_ms, 2) if tail_ms is not None else None,
+                    "tokens": tokens, "meets_slo": tail_ms is not None and tail_ms <= slo_ms,
                     "experts_kept": rounded(sum(kept) / len(kept), 3) if kept else None,
                     "budget": points[-1].get("budget") if points else None})
         t = hi

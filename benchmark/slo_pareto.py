@@ -199,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (models_dir() / args.model / "config.json").is_file():
         print(f"slo_pareto: no checkpoint {args.model} under {models_dir()}", file=sys.stderr)
         return 2
-    try:
-        trace_replay.load_trace()
+    try:  # the trace file and the excerpt, before any server starts
         schedule_for(args, 1.0)
     except (OSError, ValueError) as exc:
         print(f"slo_pareto: {exc}", file=sys.stderr)

@@ -53,10 +53,7 @@ class Sampler(threading.Thread):
 def apply_mode(pair: ServingPair, mode: str, target_ms: float | None) -> None:
     pair.set_policy(OFF)  # every run starts from no pruning, in static mode
     if mode.startswith("static:"):
-        reply = pair.controller.admin.put("/v1/mode", json={
-            "mode": "static", "rung": mode.split(":", 1)[1]})
-        reply.raise_for_status()
-        pair._wait_version(int(reply.json()["version"]))
+        pair.pin_rung(mode.split(":", 1)[1])
     elif mode == "adaptive":
         assert target_ms is not None
         pair.put("/v1/slo", {"targets": [{"metric": "tpot", "quantile": 0.9,
@@ -158,12 +155,8 @@ def step_load(pair: ServingPair, target_ms: float, args: argparse.Namespace) -> 
     apply_mode(pair, "adaptive", target_ms)
     stages = [(4, 4.0 if args.quick else 8.0), (48, args.step_high_s),
               (4, 6.0 if args.quick else 15.0)]
-    last: dict[str, float] = {}
-
     def sample() -> dict[str, Any]:
-        steps = slo_load.counters(pair.lynx.url)["pruned_decode_steps"]
-        last["v"] = steps
-        return {"pruned_steps": steps}
+        return {"pruned_steps": slo_load.counters(pair.lynx.url)["pruned_decode_steps"]}
 
     start, timings, timeline = slo_load.run_schedule(
         pair.lynx.url, prompts_for_load(), stages, args.step_output_len, sample, poll_s=0.5)
