@@ -23,7 +23,7 @@ together; their tighten steps are also what gives a passively learnt model its s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import msgspec
@@ -97,6 +97,10 @@ class Memory:
     """Model planner: (metric, quantile, kappa) per step target (observed / predicted)."""
     relax_streaks: tuple[int, ...] = ()
     """Model planner: per bucket, consecutive ticks that allowed relaxing."""
+    plans: tuple[BucketPlan, ...] = ()
+    """Model planner: its last plan of every bucket of ``planned`` (a hold that does not plan
+    still says why each bucket has its budget, while that table is in force)."""
+    planned: PolicySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -211,11 +215,13 @@ def decide(
     if missed and all(stall_owned(r, observation.stalls) for r in missed):
         stalls = observation.stalls
         assert stalls is not None
-        return Decision(policy, memory, signal, "hold",
-                        f"misses come from prefill/mixed steps ({100 * stalls.share:.1f}% of "
-                        f"steps, mean {stalls.mean_ms:.1f} ms): pruning cannot fix them; "
-                        "holds (shorten prefill chunks instead)",
-                        planner="model" if memory.corrections else "reactive")
+        reason = (f"misses come from prefill/mixed steps ({100 * stalls.share:.1f}% of steps, "
+                  f"mean {stalls.mean_ms:.1f} ms): pruning cannot fix them; holds (shorten "
+                  "prefill chunks instead)")
+        held = (tuple(replace(p, reason=reason) for p in memory.plans)
+                if memory.planned == policy else ())
+        return Decision(policy, memory, signal, "hold", reason,
+                        planner="model" if memory.corrections else "reactive", plans=held)
     model = observation.model
     if (settings.use_model and model is not None and model.ready
             and any(r.target.metric in STEP_METRICS for r in observation.latencies)):
@@ -272,7 +278,8 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     else:
         new_policy, plans, streaks, changed = plan_table(model, table, targets,
                                                          memory.relax_streaks, settings, floor)
-    memory = Memory(corrections=tuple(corrections), relax_streaks=streaks)
+    memory = Memory(corrections=tuple(corrections), relax_streaks=streaks, plans=plans,
+                    planned=new_policy if changed else policy)
     kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
     if not changed:
         return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",

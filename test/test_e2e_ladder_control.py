@@ -60,7 +60,10 @@ def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
                        timeout_s=90)
             view = ctl.admin.get("/v1/model").json()
             cost = ctl.metric("lynx_controller_expected_quality_cost", {"kind": "ppl_rise"})
-        (high,) = [w for w in view["why"] if w["max_batch"] == HIGH]
+        assert view["planner"] == "model", view["reason"]
+        highs = [w for w in view["why"] if w["max_batch"] == HIGH]
+        assert len(highs) == 1, (view["reason"], view["why"])
+        high = highs[0]
         assert high["rung"] not in (None, "none") and high["quality_cost"] > 0, view["why"]
         assert not cost < 0  # exported (NaN while a window's steps meet another table)
 
