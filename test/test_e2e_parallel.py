@@ -21,7 +21,7 @@ import pytest
 
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.client import generate_greedy
-from lynx.serving.metrics_reader import metric_sum
+from lynx.serving.metrics_reader import metric_sum, samples
 from lynx.serving.server import SglangServer
 from lynx_policy.testing import ControllerProcess, wait_until
 
@@ -168,10 +168,20 @@ def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
         tmp_path: Path, parallel) -> None:
     """``--tp-size 2 --ep-size 2`` on the CPU engine (SGLang alone crashed at the first prefill:
     its native MoE cannot skip the other rank's -1 ids; `lynx.cpu_compat.moe_native`). With
-    Lynx at budget 2: the single process's greedy outputs and counters (TP rank 0 counts),
-    and both ranks apply the start-up policy at the same step."""
-    ctl, _, counters = parallel("ep2", ("--tp-size", "2", "--ep-size", "2"), replicas=1)
+    Lynx at budget 2 spent per EP rank (the default): the single process's greedy outputs and
+    counters for one request at a time (TP rank 0 counts), both ranks apply the start-up
+    policy at the same step, and under a batch the busiest rank's experts are exported for
+    stock and Lynx routing."""
+    ctl, server, counters = parallel("ep2", ("--tp-size", "2", "--ep-size", "2"), replicas=1)
     assert counters["lynx_pruned_rows_total"] > 0
+    generate_greedy(server.url, PROMPTS, 6)  # one batch of 6 rows: a keep set per rank
+    time.sleep(0.5)
+    generate_greedy(server.url, PROMPTS[:2], 1)  # closes the window (no decode step)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    busiest = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_experts_max")}
+    mean = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_experts_mean")}
+    assert 0 < busiest["lynx"] <= busiest["stock"] <= 4, busiest  # 8 experts on 2 ranks
+    assert 0 < mean["lynx"] <= busiest["lynx"] and mean["stock"] <= busiest["stock"]
     assert [r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()["replicas"]] == ["ep2"]
     applied = _applied(tmp_path / "ep2.jsonl")
     assert set(applied) == {("0", "0"), ("0", "1")}

@@ -27,6 +27,8 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     assert load_config({"LYNX_ENABLED": "1"}).enabled
     assert not load_config({"LYNX_ENABLED": "0"}).enabled
     assert load_config({"LYNX_ENABLED": "1"}).compile_cache is None  # the default directory
+    assert load_config({"LYNX_ENABLED": "1"}).ep_balance  # per EP rank unless switched off
+    assert not load_config({"LYNX_ENABLED": "1", "LYNX_EP_BALANCE": "0"}).ep_balance
     assert load_config({"LYNX_ENABLED": "1", "LYNX_COMPILE_CACHE": "/srv/lynx"}).compile_cache \
         == Path("/srv/lynx")
 
@@ -44,6 +46,7 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     ({"LYNX_TIME_MOE": "maybe"}, "LYNX_TIME_MOE='maybe': expected 1 or 0"),
     ({"LYNX_POLICY": '{"name": "off", "prune_verify": "yes"}'}, "invalid policy"),
     ({"LYNX_COMPILE_CACHE": "/etc/hostname"}, "exists and is not a directory"),
+    ({"LYNX_EP_BALANCE": "per-rank"}, "LYNX_EP_BALANCE='per-rank': expected 1 or 0"),
     ({"LYNX_POLICY": '{"name": "off"}', "LYNX_LADDER_RUNG": "m12"},
      "not LYNX_POLICY and LYNX_LADDER_RUNG"),
 ])

@@ -27,6 +27,16 @@ def test_ranks_come_from_sglangs_parallel_state(world_rank: int, dp_rank: int | 
     assert ranks.replica_id("r") == expected
 
 
+def test_the_expert_parallel_size_comes_from_sglangs_parallel_state() -> None:
+    from sglang.test.test_utils import published_topology
+
+    with published_topology(ranks={"world_rank": 1}, tp_size=2, ep_size=2):
+        ranks = ranks_from_sglang()
+    assert ranks == ParallelRanks(1, 2, 0, 1, ep_size=2)
+    with published_topology(tp_size=2):
+        assert ranks_from_sglang().ep_size == 1
+
+
 def test_missing_parallel_state_is_a_start_up_error_not_rank_zero() -> None:
     from sglang.srt.runtime_context import reset_context
 

@@ -62,6 +62,7 @@ def steps(draw: st.DrawFn, kinds: tuple[str, ...] = ROUTER_KINDS) -> Step:
         scoring="sigmoid" if kind in ("sigmoid", "biased", "biased-grouped") else "softmax",
         num_expert_group=groups, topk_group=topk_group,
         has_correction_bias=kind in ("biased", "biased-grouped"),
+        ep_ranks=draw(st.sampled_from([r for r in (1, 1, 2, 4) if experts % r == 0])),
     )
     router.check(experts)
     rows = draw(st.integers(1, 40))
@@ -172,12 +173,23 @@ def test_budget_bound_and_monotone_in_m(step: Step) -> None:
             assert kept == experts
         else:  # never an expert outside the pruned rows' stock union
             assert bool((keep <= union).all())
+            if router.ep_ranks > 1:  # one level L for every rank (`selection.ep`)
+                ranks = router.ep_ranks
+                top1 = torch.zeros(experts, dtype=torch.bool)
+                top1[stock.ids[:, 0][pruned]] = True
+                held = union.view(ranks, -1).sum(dim=1)
+                k_level = next(v for v in range(1, experts + 1)  # K experts to route to
+                               if int(held.clamp_max(v).sum()) >= router.top_k)
+                level = max(-(-m // ranks), int(top1.view(ranks, -1).sum(dim=1).max()), k_level)
+                expected = int(held.clamp_max(level).sum())
+            else:
+                expected = min(int(union.sum()), max(m, distinct_top1, router.top_k))
             if not router.grouped:
-                assert kept == min(int(union.sum()), max(m, distinct_top1, router.top_k))
+                assert kept == expected, (kept, expected)
                 if previous is not None:
                     assert bool((keep <= previous).all()), "a smaller budget kept a new expert"
             else:  # grouped: rows short of K kept experts in their groups keep their top-K
-                assert kept >= min(int(union.sum()), max(m, distinct_top1, router.top_k))
+                assert kept >= expected, (kept, expected)
         previous = keep
 
 
@@ -227,8 +239,13 @@ def test_statistics_match_a_plain_loop(step: Step, policy: str) -> None:
         top1_kept += 1.0 if keep[chosen[0]] else 0.0
         tie = any(not keep[e] and row[e] == row[chosen[-1]] for e in range(len(row)))
         rerouted += 0.0 if all(keep[e] for e in chosen) and not tie else 1.0
+    ranks, experts = step.router.ep_ranks, len(keep)
+    block = experts // ranks
+    rank_kept = max(sum(keep[r * block:(r + 1) * block]) for r in range(ranks))
+    rank_union = max(len([e for e in union if e // block == r]) for r in range(ranks))
     expected = [float(rows > 0), float(sum(keep)) * (rows > 0), float(len(union)), mass_kept,
-                mass_total, top1_kept, float(rows), 0.0, rerouted]
+                mass_total, top1_kept, float(rows), 0.0, rerouted,
+                float(rank_kept) * (rows > 0), float(rank_union)]
     got = selection.stats.tolist()
     assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, expected, strict=True)
                ), (got, expected)

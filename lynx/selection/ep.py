@@ -8,7 +8,11 @@ active experts. A global budget keeps the m most important experts wherever they
 whole keep set can sit on one rank (XShare, arXiv 2602.07265, reports up to 3x lower peak
 per-GPU load from balancing the kept experts per GPU). Lynx's EP rule, one level for all ranks:
 
-    L = max(ceil(m / R), max_r forced_r),  forced = experts no policy may drop (top-1s)
+    L = max(ceil(m / R), max_r forced_r, L_K),  forced = experts no policy may drop (top-1s)
+
+where L_K is the lowest level at which the ranks hold K experts of the union in all (every
+row needs K kept experts to route to: a rank-blind top-K floor added after the level would
+pile the missing experts onto the rank with the most important ones, above the level),
 
 and each rank keeps its forced experts, then its most important others of the stock union, up
 to L. A rank below the level fills up to it for free (the step waits for the slowest rank
@@ -24,17 +28,27 @@ from __future__ import annotations
 import torch
 
 
-def rank_level(forced: torch.Tensor, budget: torch.Tensor, ranks: int) -> torch.Tensor:
-    """0-dim int64 L: ``max(ceil(budget / R), most forced experts on one rank)``.
+def rank_level(forced: torch.Tensor, budget: torch.Tensor, ranks: int,
+               union: torch.Tensor | None = None, top_k: int = 0) -> torch.Tensor:
+    """0-dim int64 L: ``max(ceil(budget / R), most forced experts on one rank, L_K)``, L_K the
+    lowest level at which the ranks hold min(K, |union|) experts of ``union`` in all (0
+    without a union).
 
-    ``forced`` [E] bool, ``budget`` 0-dim int (experts, the policy's m), ``ranks`` R (E % R
-    must be 0: ValueError otherwise)."""
+    ``forced``, ``union`` [E] bool, ``budget`` 0-dim int (experts, the policy's m), ``ranks``
+    R (E % R must be 0: ValueError otherwise), ``top_k`` K."""
     experts = forced.shape[0]
     if ranks < 1 or experts % ranks:
         raise ValueError(f"{experts} experts do not split into {ranks} EP ranks")
     per_rank = forced.view(ranks, experts // ranks).sum(dim=1).max()
     share = (budget.to(torch.int64) + ranks - 1) // ranks
-    return torch.maximum(share, per_rank)
+    level = torch.maximum(share, per_rank)
+    if union is None or top_k < 1:
+        return level
+    held = union.view(ranks, -1).sum(dim=1)  # [R]
+    levels = torch.arange(1, experts // ranks + 1, device=union.device)  # [B]
+    total = torch.minimum(held[None, :], levels[:, None]).sum(dim=1)  # [B] kept at each level
+    need = torch.clamp(held.sum(), max=top_k)
+    return torch.maximum(level, (total < need).sum() + 1)
 
 
 def rank_positions(score: torch.Tensor, ranks: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ CUDA graph / ``torch.compile(fullgraph=True)`` graph follows a ``fill_`` without
   importance (summed stock top-K gate mass of the pruned rows), lower index on ties; keep the
   first ``max(m, #must-keep, K)`` of the experts the pruned rows' stock top-K use (never one
   outside that union). One fixed ranking, so a smaller m keeps a subset. Under expert
-  parallelism (``RouterSpec.ep_ranks`` R > 1) the budget is spent per rank instead: every
-  rank keeps its best up to one level max(ceil(m/R), forced per rank) (`lynx.selection.ep`).
+  parallelism (``RouterSpec.ep_ranks`` R > 1, ``ep_balance``) the budget is spent per rank
+  instead: every rank keeps its best up to one level max(ceil(m/R), forced per rank, the
+  level giving K experts in all) (`lynx.selection.ep`).
 - ``affinity``: the published AffinityBinning (`lynx.selection.affinity`) over the pruned
   rows (B = their count: prefill and padding rows neither vote nor count), binning the log
   gate (`routers.affinity_logits`).
@@ -95,8 +96,8 @@ def keep_budget(inputs: PolicyInputs, knobs: SelectionKnobs) -> torch.Tensor:
     must = inputs.must
     score = must.to(torch.float32) * RANK_FIRST + inputs.batch.importance
     ranks = inputs.router.ep_ranks
-    if ranks > 1:  # expert parallelism: the budget per rank, at one level (`selection.ep`)
-        level = rank_level(must, knobs.budget, ranks)
+    if ranks > 1 and inputs.router.ep_balance:  # the budget per EP rank (`selection.ep`)
+        level = rank_level(must, knobs.budget, ranks, inputs.batch.union, inputs.router.top_k)
         return keep_per_rank(score, inputs.batch.union, level, ranks)
     limit = torch.maximum(knobs.budget.to(torch.int64),
                           must.sum().clamp_min(inputs.router.top_k))

@@ -57,6 +57,7 @@ class RouterSpec:
     scale_on_output: bool = False  # the factor multiplies the TopK weights (else: later)
     shared_slots: int = 0  # fused shared-expert columns the engine appends (never pruned)
     ep_ranks: int = 1  # expert-parallel ranks holding contiguous blocks of E/R experts
+    ep_balance: bool = True  # with ep_ranks > 1: budgets are spent per rank (`selection.ep`)
 
     @property
     def grouped(self) -> bool:

@@ -21,13 +21,18 @@ STAT_FIELDS: tuple[str, ...] = (
     "rows",  # pruned rows
     "nonfinite_rows",  # valid rows whose router logits hold NaN/inf (routed stock, not counted)
     "rerouted_rows",  # pruned rows whose stock top-K held a dropped expert (routing changed)
+    "rank_kept_max",  # kept experts on the busiest EP rank (= kept without EP; 0: no row)
+    "rank_union_max",  # stock-union experts on the busiest EP rank (what stock would read)
 )
 
 
 def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor,
-                     nonfinite_rows: torch.Tensor, rerouted: torch.Tensor) -> torch.Tensor:
+                     nonfinite_rows: torch.Tensor, rerouted: torch.Tensor, ranks: int = 1
+                     ) -> torch.Tensor:
     """[len(STAT_FIELDS)] fp32 statistics of one layer-step over ``rows`` [T] bool (the
-    pruned rows of ``batch``); ``nonfinite_rows`` and ``rerouted`` [T] bool are only counted."""
+    pruned rows of ``batch``); ``nonfinite_rows`` and ``rerouted`` [T] bool are only counted.
+    ``ranks``: EP ranks R holding contiguous blocks of E / R experts (the busiest rank's
+    experts, kept and stock, are counted per step: the MoE step waits for that rank)."""
     stock = batch.stock
     gate = torch.where(rows[:, None], stock.gate.float(), 0.0)  # [T,K]
     kept_of_stock = keep[stock.ids]  # [T,K]
@@ -43,6 +48,8 @@ def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor
         n_rows,
         nonfinite_rows.sum().to(torch.float32),
         rerouted.sum().to(torch.float32),
+        keep.view(ranks, -1).sum(dim=1).max().to(torch.float32) * any_row,
+        batch.union.view(ranks, -1).sum(dim=1).max().to(torch.float32),
     ])
 
 

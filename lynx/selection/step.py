@@ -125,5 +125,6 @@ def select_layer_step(
     allowed = row_allowed(keep, rows, batch.stock)
     rerouted = rerouted_rows(batch.stock, allowed, rows, exact=stock_ids is not None)
     weights, ids = route_restricted(z, router, batch.stock, allowed)
-    stats = layer_statistics(batch, keep, rows, row_valid & ~finite, rerouted)
+    stats = layer_statistics(batch, keep, rows, row_valid & ~finite, rerouted,
+                             router.ep_ranks)
     return LayerSelection(keep, rows, rerouted, allowed, weights, ids, stats)

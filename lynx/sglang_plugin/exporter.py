@@ -90,6 +90,17 @@ class _Metrics:
             "lynx_selection_graphs", "Compiled selection-step graphs (CPU, AOTInductor) by state: "
             "ready, failed (then eager); none while LYNX_COMPILE=0 or no C++ compiler",
             ["state"], multiprocess_mode="livemostrecent")
+        ep = "{} on an EP rank (TP+EP: experts it reads per MoE layer-step), mean over the " \
+            "last window's pruned layer-steps; routing=stock: what the batch's stock top-k " \
+            "needed, lynx: what ran"
+        self.ep_rank_max = Gauge("lynx_ep_rank_experts_max", ep.format("Most active experts"),
+                                 ["routing"], multiprocess_mode="livemostrecent")
+        self.ep_rank_mean = Gauge("lynx_ep_rank_experts_mean", ep.format("Mean active experts"),
+                                  ["routing"], multiprocess_mode="livemostrecent")
+        self.ep_balancedness = Gauge(
+            "lynx_ep_balancedness", "lynx_ep_rank_experts_mean / lynx_ep_rank_experts_max "
+            "(1: every EP rank reads as many experts as the busiest; SGLang's "
+            "eplb_balancedness convention)", ["routing"], multiprocess_mode="livemostrecent")
         self.controller_connected = Gauge(
             "lynx_controller_connected", "1 while the policy controller is heard from",
             multiprocess_mode="livemostrecent",
@@ -97,9 +108,11 @@ class _Metrics:
 
 
 class StatsExporter:
-    def __init__(self, state: RuntimeState, config: PluginConfig, tp_rank: int = 0) -> None:
+    def __init__(self, state: RuntimeState, config: PluginConfig, tp_rank: int = 0,
+                 ep_ranks: int = 1) -> None:
         self.config = config
         self.export = tp_rank == 0
+        self.ep_ranks = ep_ranks  # > 1: the EP balance gauges are exported
         # [slot, layer, field]: slot = decode batch-size bucket or mixed (`step_state`)
         self.accumulator = torch.zeros(STAT_SLOTS, state.num_layers, len(STAT_FIELDS),
                                        dtype=torch.float64, device=state.device)
@@ -203,6 +216,8 @@ class StatsExporter:
         m.rows.inc(float(delta[:, _FIELD["rows"]].sum()))
         m.rerouted_rows.inc(float(delta[:, _FIELD["rerouted_rows"]].sum()))
         m.nonfinite_rows.inc(float(delta[:, _FIELD["nonfinite_rows"]].sum()))
+        if self.ep_ranks > 1:
+            self._export_ep(delta)
         for graph_state, count in self.selection_graphs().items():
             m.selection_graphs.labels(state=graph_state).set(count)
         shown = (state.policy.name, state.policy_version)
@@ -212,6 +227,20 @@ class StatsExporter:
             m.policy_info.labels(policy=state.policy.name).set(1)
             m.policy_version.set(state.policy_version)
             self._policy_shown = shown
+
+    def _export_ep(self, delta: torch.Tensor) -> None:
+        """Busiest and mean EP rank's active experts over the window's pruned layer-steps."""
+        steps = float(delta[:, _FIELD["layer_steps"]].sum())
+        if not steps:
+            return
+        m = self.metrics
+        for routing, busiest, total in (("lynx", "rank_kept_max", "kept"),
+                                        ("stock", "rank_union_max", "stock_union")):
+            most = float(delta[:, _FIELD[busiest]].sum()) / steps
+            mean = float(delta[:, _FIELD[total]].sum()) / steps / self.ep_ranks
+            m.ep_rank_max.labels(routing=routing).set(most)
+            m.ep_rank_mean.labels(routing=routing).set(mean)
+            m.ep_balancedness.labels(routing=routing).set(mean / most if most else 1.0)
 
     def snapshot(self) -> Any:
         return self.last_window

@@ -78,8 +78,11 @@ def output_format_of(topk: Any, path: str) -> str:
     return "STANDARD" if fmt is None else fmt.name
 
 
-def router_spec(config: Any, *, raw_logits: bool = False) -> RouterSpec:
-    """The library's description of an SGLang ``TopKConfig`` (routed experts only)."""
+def router_spec(config: Any, *, raw_logits: bool = False, ep_ranks: int = 1,
+                ep_balance: bool = True) -> RouterSpec:
+    """The library's description of an SGLang ``TopKConfig`` (routed experts only);
+    ``ep_ranks``: the EP layout (statistics per rank); ``ep_balance``: spend budgets per EP
+    rank (`lynx.selection.ep`) instead of one global budget."""
     grouped = bool(config.use_grouped_topk and config.num_expert_group
                    and config.num_expert_group > 1)
     shared = int(config.num_shared_topk_slots)
@@ -93,7 +96,7 @@ def router_spec(config: Any, *, raw_logits: bool = False) -> RouterSpec:
         routed_scaling_factor=(float(config.routed_scaling_factor)
                                if config.routed_scaling_factor is not None else None),
         scale_on_output=bool(config.apply_routed_scaling_factor_on_output),
-        shared_slots=shared,
+        shared_slots=shared, ep_ranks=ep_ranks, ep_balance=ep_balance,
     )
 
 
@@ -106,9 +109,13 @@ def _raw_logit_runner(config: Any, path: str) -> bool:
             and not config.use_grouped_topk)
 
 
-def plan_layer(topk: Any, path: str) -> LayerPlan:
+def plan_layer(topk: Any, path: str, ep_ranks: int = 1, ep_balance: bool = True
+               ) -> LayerPlan:
     """Decide how one TopK call is handled (see the module doc). Never raises for a config
-    SGLang accepts: what Lynx cannot prune correctly becomes a pass-through with a reason."""
+    SGLang accepts: what Lynx cannot prune correctly becomes a pass-through with a reason.
+    ``ep_ranks``: the EP ranks (SGLang's contiguous blocks of E / R routed experts per rank;
+    the EPLB and per-rank shared-slot layouts pass through before this), ``ep_balance``:
+    spend budgets per rank."""
     config = topk.topk_config
     if getattr(topk, "is_draft", False):
         return _pass("draft")
@@ -124,20 +131,23 @@ def plan_layer(topk: Any, path: str) -> LayerPlan:
     fmt = output_format_of(topk, path)
     if fmt == "STANDARD":
         return LayerPlan("standard", router=router_spec(
-            config, raw_logits=_raw_logit_runner(config, path)))
+            config, raw_logits=_raw_logit_runner(config, path), ep_ranks=ep_ranks,
+            ep_balance=ep_balance))
     if fmt == "BYPASSED":
         if config.correction_bias is not None:
             return _pass("bypassed_shared_bias")
         if not config.renormalize:
             return _pass("bypassed_unnormalized")
-        return LayerPlan("logits", router=router_spec(config))
+        return LayerPlan("logits", router=router_spec(config, ep_ranks=ep_ranks,
+                                                      ep_balance=ep_balance))
     if fmt == "TRITON_KERNEL":
         # triton_kernels' routing is a plain softmax top-K of the logits (no groups, bias or
         # shared slots) and renormalises only with sm_first=False.
         if (config.correction_bias is not None or config.use_grouped_topk
                 or not config.renormalize or config.num_shared_topk_slots):
             return _pass("triton_kernel_router")
-        return LayerPlan("logits", router=router_spec(config))
+        return LayerPlan("logits", router=router_spec(config, ep_ranks=ep_ranks,
+                                                      ep_balance=ep_balance))
     return _pass("unexpected_output")
 
 

@@ -11,6 +11,10 @@ Roles Lynx derives from the ranks:
   on the same replicated router logits, so one export counts each step once) and owns the
   controller link (it is the rank that pulls requests from the tokenizer; SGLang broadcasts
   them, and with them Lynx's policy messages, to the other TP ranks).
+Expert parallelism without an all-to-all backend (``--ep-size``): every rank holds the same
+tokens and replicated router logits, so every rank computes the same keep set; rank r holds
+the contiguous block of E / ``ep_size`` routed experts that SGLang assigns it, and Lynx spends
+``budget`` tables per rank (`lynx.selection.ep`, ``LYNX_EP_BALANCE``).
 DP attention (``--enable-dp-attention``) gathers all DP ranks' tokens into each MoE layer; that
 layout is not modelled here and is refused at start-up.
 """
@@ -30,6 +34,7 @@ class ParallelRanks:
     tp_size: int
     dp_rank: int  # 0 without data parallelism
     dp_size: int
+    ep_size: int = 1  # MoE expert-parallel ranks (SGLang's moe_ep_size; 1 without EP)
 
     @property
     def exports(self) -> bool:
@@ -55,6 +60,7 @@ def ranks_from_sglang() -> ParallelRanks:
         dp_size = int(parallel.dp_size or 1)
         attn_dp = int(parallel.attn_dp_size or 1)
         dp_rank = parallel.dp_rank  # None: no data-parallel controller
+        ep_size = int(getattr(parallel, "moe_ep_size", 1) or 1)
     except (ImportError, ValueError, RuntimeError, AttributeError) as exc:
         raise RankError(f"Lynx: SGLang's parallel state is not available ({exc}); the plugin "
                         "runs inside SGLang's scheduler processes only") from None
@@ -63,4 +69,4 @@ def ranks_from_sglang() -> ParallelRanks:
                         "layers see every DP rank's tokens; disable Lynx or DP attention")
     if not 0 <= tp_rank < tp_size:
         raise RankError(f"Lynx: inconsistent TP rank {tp_rank} of {tp_size}")
-    return ParallelRanks(tp_rank, tp_size, int(dp_rank or 0), dp_size)
+    return ParallelRanks(tp_rank, tp_size, int(dp_rank or 0), dp_size, ep_size)

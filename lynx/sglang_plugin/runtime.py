@@ -70,6 +70,7 @@ class LynxRuntime:
         self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
                                           cache_dir=config.compile_cache)
         self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
+        self.ep_layout = (1, config.ep_balance)  # (EP ranks, budgets per rank), from `prepare`
 
     # -- start-up ---------------------------------------------------------------------------
     def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
@@ -80,6 +81,7 @@ class LynxRuntime:
         if self.state is not None:
             return self.state
         self.ranks = ranks or ranks_from_sglang()
+        self.ep_layout = (self.ranks.ep_size, self.config.ep_balance)
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
@@ -103,7 +105,8 @@ class LynxRuntime:
         if self.config.apply_log is not None:
             state.on_apply = self._log_apply
             self._log_apply(state.policy, state.policy_version, state.step_index)
-        self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank)
+        self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank,
+                                      ep_ranks=self.ranks.ep_size)
         self.exporter.selection_graphs = self.compiled.counts
         if device.type == "cpu" and self.compiled.enabled:
             try:
@@ -121,9 +124,9 @@ class LynxRuntime:
 
             self.controller = ControllerGlue(self, model=model[-512:])
         logger.info("Lynx ready: %d layers, %d experts, top-%d, policy %s on %s (TP rank %d/%d, "
-                    "DP rank %d/%d)", layers, experts, top_k, policy.name, device,
-                    self.ranks.tp_rank, self.ranks.tp_size, self.ranks.dp_rank,
-                    self.ranks.dp_size)
+                    "DP rank %d/%d, EP %d, budgets per EP rank: %s)", layers, experts, top_k,
+                    policy.name, device, self.ranks.tp_rank, self.ranks.tp_size,
+                    self.ranks.dp_rank, self.ranks.dp_size, *self.ep_layout)
         return state
 
     def selection_graph_keys(self, model_runner: Any, state: RuntimeState) -> list[Any]:
@@ -137,7 +140,7 @@ class LynxRuntime:
         keys = []
         for module in model_runner.model.modules():
             if isinstance(module, TopK):
-                plan = plan_layer(module, "native")
+                plan = plan_layer(module, "native", *self.ep_layout)
                 if plan.router is not None:  # CPU paths are STANDARD: SGLang's ids go in
                     keys.append(GraphKey("", plan.router, state.num_experts, dtype,
                                          plan.router.has_correction_bias, False, True))
@@ -229,7 +232,7 @@ class LynxRuntime:
         """The layer's plan, decided on its first call (the output format is fixed per layer)."""
         plan = self.plans.get((layer, path))
         if plan is None or plan.reason == "dynamic_expert_bias":
-            plan = plan_layer(topk, path)
+            plan = plan_layer(topk, path, *self.ep_layout)
             self.record_plan(layer, path, plan)
         return plan
 
