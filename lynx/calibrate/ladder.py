@@ -81,12 +81,16 @@ def measure_table(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: in
 def build_ladder(folder: Path, means: Sequence[float] | None = None,
                  batches: Sequence[int] = (16, 32, 64), windows: int = 64,
                  window_len: int = 96, heldout_windows: int = 64, seed: int = 11,
-                 max_ppl_rise: float = 0.05) -> tuple[Ladder, dict[str, Any]]:
+                 max_ppl_rise: float = 0.05, documents: list[str] | None = None
+                 ) -> tuple[Ladder, dict[str, Any]]:
     """The ladder of the checkpoint in ``folder`` and a report (sensitivities, every measured
     rung before filtering). ``means``: mean budgets [experts per layer] of the candidate
     rungs (default `default_means`); ``max_ppl_rise``: the quality floor, as a fraction.
-    Deterministic for a seed. Raises ValueError when no mean is at or above top_k."""
-    from lynx.reference.data import code_stream, code_windows
+    ``documents``: the user's corpus, split into calibration and held-out documents
+    (`lynx.calibrate.corpus`; default: the reference models' code splits). Deterministic for
+    a seed. Raises ValueError when no mean is at or above top_k, `CorpusError` when the
+    corpus is too small."""
+    from lynx.calibrate.corpus import calibration_streams, corpus_windows
     from lynx.reference.loading import load_reference
 
     torch.manual_seed(seed)
@@ -97,19 +101,19 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
     if not means or means[-1] < top_k:
         raise ValueError(f"mean budgets {means} must be >= top_k = {top_k} (a step computes "
                          "at least its rows' top-k experts)")
-    train, heldout = code_stream(tok, "train"), code_stream(tok, "heldout")
+    train, heldout, what = calibration_streams(tok, documents)
     candidates = default_candidates(experts, top_k)
     tables: dict[str, list[RungTable]] = {}
     unreachable: dict[str, str] = {}
     report: dict[str, Any] = {"candidates": candidates, "per_batch": []}
     for batch in sorted(batches):
-        data = code_windows(train, windows - windows % batch, window_len,
-                            torch.Generator().manual_seed(seed))
-        held = code_windows(heldout, heldout_windows - heldout_windows % batch, window_len,
-                            torch.Generator().manual_seed(seed + 1))
+        data = corpus_windows(train, windows - windows % batch, window_len,
+                              torch.Generator().manual_seed(seed), f"the calibration {what}")
+        held = corpus_windows(heldout, heldout_windows - heldout_windows % batch, window_len,
+                              torch.Generator().manual_seed(seed + 1), f"the heldout {what}")
         sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
         stock_nll, stock_experts, _ = measure_table(model, held, PolicySpec(name="off"), batch)
-        source = (f"heldout code split, {held.shape[0]} windows x {window_len} tokens decoded "
+        source = (f"heldout {what}, {held.shape[0]} windows x {window_len} tokens decoded "
                   f"{batch} at a time, vs no pruning (stock NLL {stock_nll:.4f} nats)")
         tables.setdefault(STOCK_RUNG, []).append(RungTable(
             batch=batch, per_layer=[experts] * layers, experts_computed=round(stock_experts, 4),

@@ -251,14 +251,17 @@ def default_candidates(num_experts: int, top_k: int) -> list[int]:
 
 
 def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32, 64),
-              windows: int = 64, window_len: int = 96, seed: int = 11) -> dict[str, Any]:
+              windows: int = 64, window_len: int = 96, seed: int = 11,
+              documents: list[str] | None = None) -> dict[str, Any]:
     """Sensitivities, allocations and policy for the checkpoint in ``folder``, one per-layer
     table per calibration batch size (how many rows share a step changes how much a budget
     prunes; see the module doc). ``target_mean``: experts computed per layer and decode step,
     averaged over the layers, at each calibration batch (what the MoE layers read; a budget
     at or above a step's union costs the union). ``windows`` is rounded down to a multiple of
-    each batch. Raises ValueError when the target is below the cheapest table."""
-    from lynx.reference.data import code_stream, code_windows
+    each batch. ``documents``: the user's corpus (`lynx.calibrate.corpus`; default: the
+    reference models' training code). Raises ValueError when the target is below the
+    cheapest table, `CorpusError` when the corpus is too small."""
+    from lynx.calibrate.corpus import calibration_streams, corpus_windows
     from lynx.reference.loading import load_reference
 
     model, tok = load_reference(folder, dtype=torch.float32)
@@ -266,18 +269,18 @@ def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32
     if target_mean < top_k:  # every step computes at least its rows' top-k distinct experts
         raise ValueError(f"target mean {target_mean} is below the cheapest table: a step "
                          f"computes at least top_k = {top_k} experts")
-    stream = code_stream(tok, "train")
+    stream, _, what = calibration_streams(tok, documents)
     candidates = default_candidates(experts, top_k)
     per_batch = []
     for batch in sorted(batches):
-        data = code_windows(stream, windows - windows % batch, window_len,
-                            torch.Generator().manual_seed(seed))
+        data = corpus_windows(stream, windows - windows % batch, window_len,
+                              torch.Generator().manual_seed(seed), f"the calibration {what}")
         sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
         budgets = allocate(sensitivity, target_mean, kept)
         per_batch.append({"batch": batch, "sensitivity_nats": sensitivity, "kept": kept,
                           "budgets": budgets, "mean_kept": sum(
                               k[m] for k, m in zip(kept, budgets, strict=True)) / len(budgets)})
-    return {"model": str(folder), "target_mean": target_mean, "windows": windows,
+    return {"model": str(folder), "data": what, "target_mean": target_mean, "windows": windows,
             "window_len": window_len, "candidates": candidates, "per_batch": per_batch,
             "policy": calibrated_policy([(b["batch"], b["budgets"]) for b in per_batch],
                                         experts)}

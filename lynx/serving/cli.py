@@ -53,6 +53,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     import msgspec
 
     from lynx.calibrate import NO_PRUNING_BELOW, calibrate
+    from lynx.calibrate.corpus import CorpusError, read_documents
 
     try:
         batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
@@ -64,16 +65,28 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ServeError(f"calibrate: need batches >= {NO_PRUNING_BELOW}, --windows >= the "
                          "largest batch, --window-len >= 2")
     folder = resolve_model(args.model)
-    if args.ladder:
-        return _calibrate_ladder(args, folder, batches)
-    if args.target_mean is None:
+    if not args.ladder and args.target_mean is None:
         raise ServeError("calibrate: give --target-mean (one policy) or --ladder")
+    skipped: list[Path] = []
+    try:  # the corpus is read before the model loads: a bad one fails at once
+        documents = (read_documents(args.corpus, args.text_field, skipped) if args.corpus
+                     else None)
+    except CorpusError as exc:
+        raise ServeError(f"calibrate: --corpus {exc}") from None
+    if documents is not None:
+        print(f"corpus: {len(documents)} documents" + (
+            f", {len(skipped)} files skipped (not UTF-8 text; first: {skipped[0]})"
+            if skipped else ""), file=sys.stderr)
+    if args.ladder:
+        return _calibrate_ladder(args, folder, batches, documents)
     try:
-        result = calibrate(folder, args.target_mean, batches, args.windows, args.window_len)
+        result = calibrate(folder, args.target_mean, batches, args.windows, args.window_len,
+                           documents=documents)
     except ValueError as exc:
         raise ServeError(f"calibrate: {exc}") from None
     for entry in result["per_batch"]:
-        print(f"per-layer NLL rise [nats] when only that layer is pruned (batch "
+        print(f"per-layer NLL rise [nats] on the calibration {result['data']} when only that "
+              f"layer is pruned (batch "
               f"{entry['batch']}; table: mean {entry['mean_kept']:.1f} experts computed per "
               "layer and step):", file=sys.stderr)
         print("layer  " + " ".join(f"{m:>7}" for m in result["candidates"])
@@ -85,7 +98,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     return _emit(msgspec.json.encode(result["policy"]).decode(), args.out)
 
 
-def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]) -> int:
+def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int],
+                      documents: list[str] | None) -> int:
     from lynx.calibrate.ladder import build_ladder
     from lynx_protocol.ladder import PPL_RISE, encode_ladder
 
@@ -100,7 +114,8 @@ def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]
                          "the largest batch")
     try:
         ladder, _ = build_ladder(folder, means, batches, args.windows, args.window_len,
-                                 args.heldout_windows, max_ppl_rise=args.max_ppl_rise)
+                                 args.heldout_windows, max_ppl_rise=args.max_ppl_rise,
+                                 documents=documents)
     except ValueError as exc:
         raise ServeError(f"calibrate: {exc}") from None
     print("rung      " + "".join(f"  B={t.batch}: experts  mass   ppl" for t in
@@ -160,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="decode batch sizes to calibrate (one per-layer table each)")
     cal.add_argument("--windows", type=int, default=64)
     cal.add_argument("--window-len", type=int, default=96)
+    cal.add_argument("--corpus", help="calibrate on your own text: a text file, a folder of "
+                     "them, a .jsonl file or hf:NAME[:SPLIT] from the local datasets cache "
+                     "(default: the reference models' code splits); every 5th document is "
+                     "held out")
+    cal.add_argument("--text-field", default="text", help="--corpus: the JSONL / dataset field")
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
     args = parser.parse_args(argv)
     try:
