@@ -7,6 +7,7 @@ Reading the accumulator is the only host sync the plugin does, once per interval
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.config import PluginConfig
 from lynx.sglang_plugin.formats import PASS_THROUGH_REASONS
+from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.step_state import (
     BATCH_BUCKETS,
     STAT_SLOTS,
@@ -27,6 +29,7 @@ from lynx.sglang_plugin.step_state import (
 from lynx_protocol.messages import LATENCY_EDGES_MS
 
 _FIELD = {name: i for i, name in enumerate(STAT_FIELDS)}
+logger = logging.getLogger("lynx.plugin")
 
 
 @dataclass
@@ -101,6 +104,10 @@ class _Metrics:
             "lynx_ep_balancedness", "lynx_ep_rank_experts_mean / lynx_ep_rank_experts_max "
             "(1: every EP rank reads as many experts as the busiest; SGLang's "
             "eplb_balancedness convention)", ["routing"], multiprocess_mode="livemostrecent")
+        self.default_idle = Gauge(
+            "lynx_default_policy_cuts_nothing", "1 once the built-in default policy has cut "
+            "under 1% of the stock experts over 200 pruned decode steps (calibrate this "
+            "checkpoint)", multiprocess_mode="livemostrecent")
         self.controller_connected = Gauge(
             "lynx_controller_connected", "1 while the policy controller is heard from",
             multiprocess_mode="livemostrecent",
@@ -125,6 +132,7 @@ class StatsExporter:
         self._policy_shown: tuple[str, int] | None = None
         self.passed_through: dict[str, int] = dict.fromkeys(PASS_THROUGH_REASONS, 0)
         self.selection_graphs: Callable[[], dict[str, int]] = dict  # state -> graphs
+        self.idle_default: IdleDefaultWatch | None = None  # set when serving the default
 
     @property
     def metrics(self) -> _Metrics:
@@ -195,6 +203,13 @@ class StatsExporter:
         window.top1_kept = float(delta[:, _FIELD["top1_kept"]].sum()) / rows if rows else 1.0
         window.decode_buckets = bucket_summary(window, by_slot.sum(dim=1))
         self.last_window = window
+        watch = self.idle_default
+        if watch is not None and self.export:
+            said = watch.observe(state.policy, layer_steps, delta[:, _FIELD["kept"]],
+                                 delta[:, _FIELD["stock_union"]])
+            if said:
+                logger.warning(said)
+            self.metrics.default_idle.set(int(watch.idle and state.policy == watch.default))
         if self.export:
             self._export(state, delta, seen, window)
         return window

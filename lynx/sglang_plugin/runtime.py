@@ -30,6 +30,7 @@ from lynx.sglang_plugin.config import (
     ladder_rung_policy,
 )
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
+from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
 from lynx_protocol.policy import PolicyError, validate_policy
@@ -108,6 +109,8 @@ class LynxRuntime:
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank,
                                       ep_ranks=self.ranks.ep_size)
         self.exporter.selection_graphs = self.compiled.counts
+        if not (self.config.policy or shipped):  # the built-in default: say if it is idle
+            self.exporter.idle_default = IdleDefaultWatch(policy, layers)
         if device.type == "cpu" and self.compiled.enabled:
             try:
                 self._graph_keys = self.selection_graph_keys(model_runner, state)
