@@ -39,6 +39,11 @@ def test_server_answers_arithmetic_and_exports_latency(server_factory, model: st
         "model": model, "prompt": arithmetic_prompt(a, b), "max_tokens": 6, "temperature": 0})
     reply.raise_for_status()
     assert parse_answer(reply.json()["choices"][0]["text"]) == a + b
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={  # was a 400
+        "model": model, "messages": [{"role": "user", "content": arithmetic_prompt(a, b)}],
+        "max_tokens": 6, "temperature": 0})
+    chat.raise_for_status()
+    assert parse_answer(chat.json()["choices"][0]["message"]["content"]) == a + b
 
     # SGLang records inter-token latency for streamed requests only.
     with httpx.stream("POST", f"{server.url}/generate", timeout=60, json={

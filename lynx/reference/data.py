@@ -29,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / ".cache" / "reference"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# The reference models are completion models: a chat is its messages' text, joined, so that
+# SGLang's OpenAI chat endpoint (and chat-based evaluations) reach them with the same tokens.
+CHAT_TEMPLATE = "{%- for message in messages %}{{- message['content'] }}{%- endfor %}"
 VOCAB_SIZE = 1024
 STDLIB_HELDOUT_BUCKETS = 10
 IGNORE = -100
@@ -97,6 +100,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int = VOCAB_SIZE) -> PreTr
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, model_max_length=512,
         clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
     check_tokenizer(fast)
     return fast
 
