@@ -2,8 +2,8 @@
 
     python scripts/gpu_check.py [--stage NAME] [--dry-run] [--out DIR]
 
-NAME: selection, capture, nondrop, verify, moe_layer, selection_cost (default: all, in that
-order).
+NAME: selection, capture, nondrop, verify, moe_layer, selection_cost, ep_balance (default:
+all, in that order).
 
 Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``selection``: the library-level conformance cells on the device: `select_layer_step` (torch
@@ -22,6 +22,9 @@ Stages (results are written to ``$OUT`` or ``--out`` as each stage finishes):
 - ``moe_layer`` / ``selection_cost`` (`gpu_moe`): one MoE layer at full production shapes in
   bf16, stock routing vs Lynx's (budget 2K), against the weights-read bound; the selection
   step's own cost, eager and graph-replayed.
+- ``ep_balance`` (`gpu_ep`): expert parallelism on one GPU: the experts split into R = 4, 8
+  blocks, each block timed alone as a grouped GEMM, the step = the slowest block; stock vs the
+  global budget vs the per-rank level at m = E/4 (`lynx.selection.ep`).
 ``--dry-run`` runs the same set-up on the CPU (no Triton, no graphs, tiny shapes in fp32), so
 the script is known to start before a GPU is ever available.
 """
@@ -45,6 +48,7 @@ from lynx.selection import POLICY_NAMES, RouterSpec, make_knobs, select_layer_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import POLICIES, ROUTERS, _inputs, _same
+from gpu_ep import stage_ep_balance
 from gpu_moe import stage_moe_layer, stage_selection_cost
 from gpu_nondrop import stage_nondrop
 from gpu_verify import stage_verify
@@ -115,7 +119,7 @@ def stage_capture(device: str, dry_run: bool) -> dict[str, Any]:
 
 STAGES = {"selection": stage_selection, "capture": stage_capture, "nondrop": stage_nondrop,
           "moe_layer": stage_moe_layer, "selection_cost": stage_selection_cost,
-          "verify": stage_verify}
+          "verify": stage_verify, "ep_balance": stage_ep_balance}
 
 
 def _timed_out(*_: object) -> None:

@@ -3,9 +3,11 @@ selection step's own cost (used by `gpu_check.py`; no SGLang needed).
 
 Shape legend: B rows (decode batch), E experts, K top_k, H hidden, I expert FFN width.
 
-The MoE layer is the per-expert grouped form SGLang's native path uses (gather the rows routed
-to an expert, SwiGLU FFN, scatter-add weighted), over the experts that have rows only: an
-expert nobody routes to is never read, so the layer's cost follows the experts used. Timing:
+The MoE layer is timed as one grouped GEMM per projection (`gpu_ep.grouped_moe`, PyTorch's
+``torch._grouped_mm``; an expert nobody routes to is an empty group, never read, so the
+layer's cost follows the experts used); routing and the pairs' placement are inside both
+times. `moe_layer` (gather the rows routed to an expert, SwiGLU FFN, scatter-add weighted,
+SGLang's native form) is its reference, checked against it in every run. Timing:
 CUDA events, medians of interleaved repetitions; the selection step is inside the Lynx time.
 Bound: the weights-read bound = bytes of the experts actually read / the device-to-device copy
 bandwidth measured in the same run.
@@ -14,13 +16,18 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lynx.selection import RouterSpec, make_knobs, select_layer_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ep import grouped_moe, grouped_plan
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def stage_moe_layer(device: str, dry_run: bool) -> dict[str, Any]:
     reps = 3 if dry_run else 15
     bandwidth = copy_bandwidth(device, 8 if dry_run else 2048)
     timer = _timer(device)
-    rows_out = []
+    rows_out, exact = [], True
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
         w13 = (torch.randn(shape.experts, 2 * shape.ffn, shape.hidden, generator=gen) * 0.02
@@ -113,14 +120,18 @@ def stage_moe_layer(device: str, dry_run: bool) -> dict[str, Any]:
             stock_w, stock_ids = torch.softmax(logits, -1).topk(shape.top_k, dim=-1)
             stock_w = stock_w / stock_w.sum(-1, keepdim=True)
 
-            def stock(x=x, w=stock_w, ids=stock_ids, w13=w13, w2=w2) -> None:
-                moe_layer(x, ids, w, w13, w2)
+            def stock(x=x, w=stock_w, ids=stock_ids, w13=w13, w2=w2) -> torch.Tensor:
+                return grouped_moe(x, w, grouped_plan(ids, w13.shape[0]), w13, w2)
 
             def lynx(x=x, logits=logits, rows=rows, w13=w13, w2=w2, router=router,
-                     knobs=knobs) -> None:
+                     knobs=knobs) -> torch.Tensor:
                 sel = select_layer_step("budget", logits, router, knobs, rows, rows)
-                moe_layer(x, sel.topk_ids, sel.topk_weights, w13, w2)
+                return grouped_moe(x, sel.topk_weights, grouped_plan(sel.topk_ids, w13.shape[0]),
+                                   w13, w2)
 
+            reference = moe_layer(x, stock_ids, stock_w, w13, w2)
+            exact = exact and torch.allclose(stock().float(), reference.float(), rtol=2e-2,
+                                             atol=2e-3)
             sel = select_layer_step("budget", logits, router, knobs, rows, rows)
             used = {"stock": int(stock_ids.unique().numel()),
                     "lynx": int(sel.topk_ids.unique().numel())}
@@ -139,9 +150,9 @@ def stage_moe_layer(device: str, dry_run: bool) -> dict[str, Any]:
                 "weights_bound_ms_lynx": round(used["lynx"] * expert_bytes / bandwidth, 4),
                 "bound_speedup": round(used["stock"] / used["lynx"], 3),
             })
-    ok = all(r["experts_lynx"] <= r["experts_stock"] for r in rows_out)
-    return {"ok": ok, "dtype": str(dtype), "copy_bandwidth_gbps": round(bandwidth / 1e6, 1),
-            "rows": rows_out}
+    ok = exact and all(r["experts_lynx"] <= r["experts_stock"] for r in rows_out)
+    return {"ok": ok, "grouped_equals_reference": exact, "dtype": str(dtype),
+            "copy_bandwidth_gbps": round(bandwidth / 1e6, 1), "rows": rows_out}
 
 
 def stage_selection_cost(device: str, dry_run: bool) -> dict[str, Any]:

@@ -30,6 +30,10 @@ def test_gpu_check_dry_run_covers_every_router_and_stage(tmp_path: Path) -> None
         assert row["bound_speedup"] == round(row["experts_stock"] / row["experts_lynx"], 3)
     verify = json.loads((tmp_path / "verify.json").read_text())
     assert verify["ok"] and verify["cells"] == 8 * 2  # routers x (16x4, 16x12) draft rows
+    assert layer["grouped_equals_reference"]  # the grouped GEMM is the per-expert loop's layer
+    ep = json.loads((tmp_path / "ep_balance.json").read_text())
+    assert ep["ok"] and len(ep["rows"]) == 2 * 3  # batch sizes x variants (one shape, R=2)
+    assert {r["variant"] for r in ep["rows"]} == {"stock", "global", "ep_aware"}
     cost = json.loads((tmp_path / "selection_cost.json").read_text())
     assert cost["ok"] and all(r["eager_ms"] > 0 for r in cost["rows"])
 
@@ -55,3 +59,33 @@ def test_moe_layer_reference_matches_a_dense_computation() -> None:
             gate, up = (w13[ids[t, k]] @ x[t]).chunk(2)
             want[t] += weights[t, k] * (w2[ids[t, k]] @ (torch.nn.functional.silu(gate) * up))
     assert torch.allclose(moe_layer(x, ids, weights, w13, w2), want, atol=1e-4)
+
+
+def test_the_grouped_gemm_layer_and_its_ep_blocks_are_the_dense_mixture() -> None:
+    """The grouped-GEMM layer the GPU stages time equals the per-expert reference, and the EP
+    blocks' partial outputs add up to it (pairs of other blocks skipped, empty groups too)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_ep import grouped_moe, grouped_plan
+    from gpu_moe import moe_layer
+
+    gen = torch.Generator().manual_seed(1)
+    experts, hidden, ffn, rows, top_k, ranks = 16, 64, 32, 10, 4, 4
+    block = experts // ranks
+    w13 = torch.randn(experts, 2 * ffn, hidden, generator=gen) * 0.1
+    w2 = torch.randn(experts, hidden, ffn, generator=gen) * 0.1
+    x = torch.randn(rows, hidden, generator=gen)
+    logits = torch.randn(rows, experts, generator=gen)
+    logits[:, :block] += 3.0  # the first block is busy, others are partly empty
+    weights, ids = torch.softmax(logits, -1).topk(top_k)
+    want = moe_layer(x, ids, weights, w13, w2)
+    whole = grouped_moe(x, weights, grouped_plan(ids, experts), w13, w2)
+    parts = sum(grouped_moe(x, weights, grouped_plan(ids, block, r * block),
+                            w13[r * block:(r + 1) * block], w2[r * block:(r + 1) * block])
+                for r in range(ranks))
+    assert torch.allclose(whole, want, atol=1e-5) and torch.allclose(parts, want, atol=1e-5)
+    plan = grouped_plan(ids, experts)
+    assert plan.size % 16 == 0 and int(plan.offs[-1]) == plan.size  # padded groups
