@@ -21,8 +21,9 @@ SGLang 0.5.23's ``TopK`` returns one of these (``TopKConfig.output_format``, fix
   renormalised over the K and no correction bias takes part (the kernels read one bias shared
   by all rows, and a softmax over all E changes with masked logits); otherwise: pass through.
 - anything else passes through unchanged, counted per reason (`PASS_THROUGH_REASONS`), logged
-  once: custom routing functions (Llama-4), other scoring functions, EPLB / per-rank shared
-  slot remapping (ids are physical there), Waterfill expansion, packed FlashInfer ids,
+  once: custom routing functions (Llama-4), other scoring functions, per-rank shared slot
+  remapping (DeepEP-class layouts), EPLB calls whose dispatch Lynx cannot map back
+  (``fake``, ``lp``: `lynx.sglang_plugin.eplb`), Waterfill expansion, packed FlashInfer ids,
   per-token dynamic expert bias, speculative draft layers.
 """
 
@@ -38,7 +39,7 @@ from lynx.selection import RouterSpec, merge_rerouted
 PASS_THROUGH_REASONS: tuple[str, ...] = (
     "custom_routing", "scoring", "expert_remapping", "waterfill", "packed_ids",
     "dynamic_expert_bias", "draft", "bypassed_shared_bias", "bypassed_unnormalized",
-    "triton_kernel_router", "unexpected_output",
+    "triton_kernel_router", "unexpected_output", "eplb_dispatch",
 )
 
 Mode = Literal["standard", "logits", "pass"]
@@ -57,17 +58,16 @@ def _pass(reason: str) -> LayerPlan:
     return LayerPlan("pass", reason)
 
 
-def _sglang_remaps_ids(num_shared_slots: int) -> bool:
-    """EPLB logical->physical maps or per-rank shared-slot layouts (DeepEP): ids are not the
-    router's logical expert ids, so the library's routing cannot be written into them."""
-    from sglang.srt.layers.moe.topk import is_expert_remapping_enabled
+def _per_rank_shared_slots(num_shared_slots: int) -> bool:
+    """Per-rank shared-slot layouts (DeepEP-class backends): the shared columns' ids differ
+    per rank, so the layer passes through. (EPLB's physical ids are decided per call:
+    `lynx.sglang_plugin.eplb`.)"""
     from sglang.srt.layers.moe.utils import has_per_rank_fused_shared_slots
 
     try:
-        per_rank = has_per_rank_fused_shared_slots(num_shared_slots)
+        return bool(has_per_rank_fused_shared_slots(num_shared_slots))
     except (ValueError, AttributeError):  # no published server config (unit tests)
-        per_rank = False
-    return per_rank or is_expert_remapping_enabled()
+        return False
 
 
 def output_format_of(topk: Any, path: str) -> str:
@@ -114,7 +114,7 @@ def plan_layer(topk: Any, path: str, ep_ranks: int = 1, ep_balance: bool = True
     """Decide how one TopK call is handled (see the module doc). Never raises for a config
     SGLang accepts: what Lynx cannot prune correctly becomes a pass-through with a reason.
     ``ep_ranks``: the EP ranks (SGLang's contiguous blocks of E / R routed experts per rank;
-    the EPLB and per-rank shared-slot layouts pass through before this), ``ep_balance``:
+    the per-rank shared-slot layouts pass through before this), ``ep_balance``:
     spend budgets per rank."""
     config = topk.topk_config
     if getattr(topk, "is_draft", False):
@@ -126,7 +126,7 @@ def plan_layer(topk: Any, path: str, ep_ranks: int = 1, ep_balance: bool = True
         return _pass("scoring")
     if getattr(topk, "enable_waterfill", False):
         return _pass("waterfill")
-    if _sglang_remaps_ids(int(config.num_shared_topk_slots)):
+    if _per_rank_shared_slots(int(config.num_shared_topk_slots)):
         return _pass("expert_remapping")
     fmt = output_format_of(topk, path)
     if fmt == "STANDARD":

@@ -22,6 +22,7 @@ import torch
 from lynx.selection import mask_rerouted_logits
 from lynx.selection.compiled import CompiledSelection
 from lynx.selection.step import LayerSelection
+from lynx.sglang_plugin import eplb
 from lynx.sglang_plugin.config import (
     LynxConfigError,
     PluginConfig,
@@ -216,6 +217,10 @@ class LynxRuntime:
             masked = mask_rerouted_logits(router_logits, selection.allowed, selection.rerouted)
             output = original(topk, hidden_states, masked, *args, **kwargs)
         else:  # SGLang routes first; its own top-K is the stock routing Lynx judges rows on
+            info = eplb.call_dispatch_info(topk, kwargs)  # physical ids under EPLB (`eplb`)
+            if info is not None and info.ep_dispatch_algorithm not in eplb.MAPPED:
+                self.record_plan(layer, path, LayerPlan("pass", "eplb_dispatch"))
+                return original(topk, hidden_states, router_logits, *args, **kwargs)
             output = original(topk, hidden_states, router_logits, *args, **kwargs)
             if type(output).__name__ != "StandardTopKOutput" or (
                     output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots):
@@ -224,8 +229,11 @@ class LynxRuntime:
                 return output
             own_ids = output.topk_ids[:, : plan.router.top_k]
             selection = self.select(state, router_logits, plan, topk.topk_config, layer,
-                                    stock_ids=own_ids)
-            output = merge_standard_output(output, selection.topk_weights, selection.topk_ids,
+                                    stock_ids=own_ids if info is None else eplb.to_logical(
+                                        own_ids, info))
+            ids = selection.topk_ids if info is None else eplb.to_physical(
+                selection.topk_ids, info)  # only the rerouted rows take them
+            output = merge_standard_output(output, selection.topk_weights, ids,
                                            selection.rerouted, plan.router.top_k)
         if self.exporter is not None:
             self.exporter.accumulate(layer, selection.stats)
@@ -234,7 +242,7 @@ class LynxRuntime:
     def plan_for(self, topk: Any, layer: int, path: str) -> LayerPlan:
         """The layer's plan, decided on its first call (the output format is fixed per layer)."""
         plan = self.plans.get((layer, path))
-        if plan is None or plan.reason == "dynamic_expert_bias":
+        if plan is None or plan.reason in ("dynamic_expert_bias", "eplb_dispatch"):  # per call
             plan = plan_layer(topk, path, *self.ep_layout)
             self.record_plan(layer, path, plan)
         return plan
