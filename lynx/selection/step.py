@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 
+from lynx.selection.global_batch import AllReduce, global_batch
 from lynx.selection.keep_rules import (
     BatchRouting,
     batch_totals,
@@ -100,14 +101,17 @@ def select_layer_step(
     batch_routing: BatchRoutingFn = torch_batch_routing,
     row_weight: torch.Tensor | None = None,
     stock_ids: torch.Tensor | None = None,
+    all_reduce: AllReduce | None = None,
 ) -> LayerSelection:
     """Keep set, routing and statistics for one layer-step (see the module doc).
 
     ``policies`` replaces the policy table and ``batch_routing`` the stock-routing pass (the
     Triton package passes its kernels through these). ``stock_ids`` [T,K]: the engine's own
     top-K where it routed before the step (SGLang's STANDARD output): the stock routing is
-    then the engine's decision (`routers.engine_routing`), ties broken its way. Raises
-    ValueError for an unknown policy name or a biased router without ``correction_bias``."""
+    then the engine's decision (`routers.engine_routing`), ties broken its way.
+    ``all_reduce`` (DP attention): sums the per-expert totals over the EP group, so the keep
+    set comes from every rank's rows (`lynx.selection.global_batch`). Raises ValueError for
+    an unknown policy name or a biased router without ``correction_bias``."""
     choose = resolve_policy(policy, policies)
     finite = torch.isfinite(logits).all(dim=-1)  # [T]
     usable = row_valid & finite
@@ -119,6 +123,8 @@ def select_layer_step(
         batch = batch_routing(z, router, correction_bias, rows)
     if row_weight is not None:
         batch = weighted_importance(batch, rows, row_weight)
+    if all_reduce is not None:  # DP attention: the EP group's rows as one batch
+        batch = global_batch(batch, rows, all_reduce, row_weight)
     must = must_keep(batch)
     inputs = PolicyInputs(z, router, correction_bias, rows, batch, must)
     keep = finalize_keep(choose(inputs, knobs), batch, must, router, rows)
