@@ -10,7 +10,9 @@ reference model), biased routers with a correction bias ~ 5 + N(0, 0.05) (DeepSe
 biases sit near +5). For each (model, R, T) and variant, the smallest budget whose routing mass
 kept reaches ``--mass`` (binary search: mass is monotone in the budget for both rules), then
 per rank: active experts (max, mean) and token pairs routed there (max). Writes
-``benchmark/results/ep_balance.json`` (one row per model, ep, batch, variant).
+``benchmark/results/ep_balance.json`` (one row per model, ep, batch, variant), and under
+``dp_allreduce`` the stated cost of DP attention's one all-reduce per MoE layer
+(`allreduce_cost`).
 
     python benchmark/ep_balance.py [--ep 4 8 16 32 64] [--batches 8 32 128 256] [--draws 3]
 """
@@ -18,6 +20,7 @@ per rank: active experts (max, mean) and token pairs routed there (max). Writes
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from dataclasses import replace
@@ -39,6 +42,27 @@ MODELS = {  # public config.json values (routed experts)
     "Kimi-K2": (384, RouterSpec(top_k=8, scoring="sigmoid", has_correction_bias=True)),
 }
 MASS, KEPT = STAT_FIELDS.index("mass_kept"), STAT_FIELDS.index("mass_total")
+MOE_LAYERS = {"DeepSeek-V3": 58, "Qwen3-235B-A22B": 94, "Kimi-K2": 60}  # config.json:
+# num_hidden_layers minus the dense first_k_dense_replace layers
+
+
+def allreduce_cost(eps: list[int], alpha_us: float, gbs: float) -> list[dict]:
+    """DP attention's one all-reduce per MoE layer of a [3, E] int64 tensor
+    (`lynx.selection.global_batch`), stated model: a ring of R ranks, 2(R-1) steps of latency
+    ``alpha_us`` each plus 2(R-1)/R of the bytes at ``gbs`` GB/s per link (the upper estimate),
+    and a binary tree, 2 ceil(log2 R) steps plus twice the bytes (the lower one; NCCL picks
+    a tree or low-latency protocol for messages this small)."""
+    rows = []
+    for name, (experts, _) in MODELS.items():
+        size = 3 * experts * 8
+        for ranks in eps:
+            us = 2 * (ranks - 1) * alpha_us + 2 * (ranks - 1) / ranks * size / (gbs * 1e3)
+            tree = 2 * math.ceil(math.log2(ranks)) * alpha_us + 2 * size / (gbs * 1e3)
+            rows.append({"model": name, "ep": ranks, "bytes": size, "us_per_layer": rounded(us),
+                         "ms_per_step": rounded(us * MOE_LAYERS[name] / 1e3),
+                         "tree_us_per_layer": rounded(tree),
+                         "tree_ms_per_step": rounded(tree * MOE_LAYERS[name] / 1e3)})
+    return rows
 
 
 def _select(logits: torch.Tensor, router: RouterSpec, bias: torch.Tensor | None,
@@ -110,17 +134,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128, 256])
     parser.add_argument("--draws", type=int, default=3, help="decode batches per cell")
     parser.add_argument("--mass", type=float, default=0.9, help="routing mass kept, (0, 1]")
+    parser.add_argument("--allreduce-alpha-us", type=float, default=5.0,
+                        help="DP attention cost model: per-step latency of a ring all-reduce")
+    parser.add_argument("--allreduce-gbs", type=float, default=400.0,
+                        help="DP attention cost model: link bandwidth [GB/s] (NVLink-class)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "ep_balance.json")
     args = parser.parse_args(argv)
-    if not 0.0 < args.mass <= 1.0 or args.draws < 1 or min(args.ep + args.batches) < 1:
-        parser.error("--mass must be in (0, 1]; --draws, --ep and --batches positive")
+    if not 0.0 < args.mass <= 1.0 or args.draws < 1 or min(args.ep + args.batches) < 1 or not (
+            args.allreduce_alpha_us >= 0 and args.allreduce_gbs > 0):
+        parser.error("--mass must be in (0, 1]; --draws, --ep, --batches and --allreduce-gbs "
+                     "positive; --allreduce-alpha-us >= 0")
     result = run(args.ep, args.batches, args.draws, args.mass)
+    result["dp_allreduce"] = {"alpha_us": args.allreduce_alpha_us, "gbs": args.allreduce_gbs,
+                              "rows": allreduce_cost(args.ep, args.allreduce_alpha_us,
+                                                     args.allreduce_gbs)}
     write_json(args.out, result)
     print(markdown_table(["model", "EP", "T", "variant", "max rank experts", "mean",
                           "max rank pairs", "mass kept"],
                          [[r["model"], r["ep"], r["batch"], r["variant"], r["max_rank_experts"],
                            r["mean_rank_experts"], r["max_rank_pairs"], r["mass_kept"]]
                           for r in result["rows"]]))
+    print(markdown_table(["model", "EP", "all-reduce bytes", "ring us/layer", "ring ms/step",
+                          "tree us/layer", "tree ms/step"],
+                         [[r["model"], r["ep"], r["bytes"], r["us_per_layer"], r["ms_per_step"],
+                           r["tree_us_per_layer"], r["tree_ms_per_step"]]
+                          for r in result["dp_allreduce"]["rows"]]))
     print(f"wrote {args.out}")
 
 

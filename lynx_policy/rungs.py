@@ -11,11 +11,8 @@ integer budgets; a rung is experts computed + quality cost):
 - Usable rungs: rung 0 (no pruning) and every rung whose tables respect the quality floor
   (per-layer budgets, and ``mass_kept`` >= ``floor.min_mass_kept``).
 - goal(margin): the first usable rung with kappa * t(B, e_i) <= target * (1 - margin) for
-  every step target. When even the last usable rung misses, the goal is that rung: it narrows
-  the gap most within the quality floor (a quantile SLO is met by more requests when the
-  steps are shorter, and the model may underpredict what pruning buys), as the uniform
-  planner goes to its floor. Misses pruning cannot shorten at all (prefill stalls) are held
-  before planning (`lynx_policy.decide.stall_owned`).
+  every step target. When even the last usable rung misses, pruning cannot close the gap: the
+  bucket holds and says so instead of tightening.
 - Tighten at once toward goal(margin); relax toward goal(headroom) only after
   ``relax_after_ticks`` ticks that all allow it; hold in between (no oscillation). A move
   goes to the furthest rung toward the goal whose experts differ by at most
@@ -100,20 +97,16 @@ def plan_rung_bucket(model: FleetModel, ladder: Ladder, usable: list[int], bucke
 
     current, exact = _current(ladder, bucket, usable, experts, union)
     protected = bucket.max_batch < settings.min_batch
-    feasible = goal(settings.margin)
-    tight = 0 if protected else (len(usable) - 1 if feasible is None else feasible)
+    tight = 0 if protected else goal(settings.margin)
     relaxed = 0 if protected else goal(settings.headroom)
     new, streak_out = current, 0
-    gap = "" if protected or feasible is not None else (
-        f"the lowest usable rung {rungs[-1].name} predicts "
-        f"{max(k * model.predict(batch, experts[-1]) for _, k in targets):.1f} ms, above "
-        "the target")
-    if tight > current:
+    if tight is None:
+        lowest_ms = max(k * model.predict(batch, experts[-1]) for _, k in targets)
+        reason = (f"cannot close the gap: the lowest usable rung {rungs[-1].name} predicts "
+                  f"{lowest_ms:.1f} ms, above the target; holds")
+    elif tight > current:
         new = _move(experts, current, tight, settings.max_step_experts)
-        reason = (f"tighten: predicted above target, toward rung {rungs[tight].name}" +
-                  (f" ({gap}: narrows the gap)" if gap else ""))
-    elif gap:
-        reason = f"at the lowest usable rung: {gap}; holds"
+        reason = f"tighten: predicted above target, toward rung {rungs[tight].name}"
     elif relaxed is not None and relaxed < current:
         streak_out = streak + 1
         if streak_out >= settings.relax_after_ticks:

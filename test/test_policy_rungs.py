@@ -77,7 +77,10 @@ def test_planning_is_monotone_in_load_and_keeps_the_floor(ladder, kappa, more, f
     for a, b, why in zip(rungs_of(ladder, light.policy), rungs_of(ladder, heavy.policy),
                          heavy.plans, strict=True):
         assert a in usable and b in usable  # never below the quality floor
-        assert a <= b, why.reason  # more load never prunes less (no rung meeting it included)
+        if "cannot close the gap" in why.reason:
+            assert b == 0  # a load no rung can serve: held where it was, not tightened
+        else:
+            assert a <= b  # more load (that pruning can serve) never prunes less
 
 
 @settings(max_examples=60, deadline=None)
@@ -112,22 +115,12 @@ def test_change_per_tick_is_bounded(ladder, kappas) -> None:
         policy, memory = decision.policy, decision.memory
 
 
-def test_a_miss_no_rung_can_close_moves_to_the_lowest_usable_rung_and_holds_there() -> None:
-    """The model says even the lowest rung misses: it narrows the gap most (the uniform
-    planner goes to its floor alike), step by bounded step, then holds there; never below
-    the quality floor."""
+def test_no_tightening_for_a_miss_the_lowest_rung_cannot_fix() -> None:
     ladder, mix = mini_ladder(), ((48.0, 100),)
-    floor = QualityFloor(min_budget=8)
-    usable = usable_rungs(ladder, floor)
-    policy, memory, path = OFF, Memory(), []
-    for _ in range(len(ladder.rungs) + 2):
-        decision = step(ladder, policy, 10 * plant(ladder, OFF, mix, 1.0), mix, memory, floor)
-        policy, memory = decision.policy, decision.memory
-        path.append(rungs_of(ladder, policy)[-1])
-    assert path[0] > 0 and path == sorted(path) and path[-1] == usable[-1] < len(ladder.rungs) - 1
-    last = decision.plans[-1]
-    assert decision.direction == "hold" and "at the lowest usable rung" in last.reason
-    assert last.predicted_ms > last.target_ms  # it says the gap is still there
+    decision = step(ladder, OFF, 10 * plant(ladder, OFF, mix, 1.0), mix, Memory())
+    assert decision.direction == "hold" and decision.policy == OFF
+    assert all("cannot close the gap" in p.reason for p in decision.plans
+               if p.max_batch >= SETTINGS.min_batch)
 
 
 def test_a_load_step_moves_the_rung_up_and_back_and_reports_its_cost() -> None:
