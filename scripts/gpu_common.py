@@ -4,6 +4,7 @@ specification. Shape legend: T rows, E experts, K top_k."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,3 +46,22 @@ def _same(a: Any, b: Any) -> bool:
                                                                   rtol=1e-4, atol=1e-4)
 
 
+
+
+def timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    """``run(fn)`` -> milliseconds of one call of ``fn``: CUDA events on a GPU, else the
+    wall clock."""
+    def run(fn: Callable[[], Any]) -> float:
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return float(start.elapsed_time(end))
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return run

@@ -16,14 +16,19 @@ are zero and cost no weight reads).
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from lynx.selection import RouterSpec, make_knobs, select_layer_step
 from lynx.selection.ep import rank_loads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import timer
 
 
 class GroupedPlan(NamedTuple):
@@ -71,21 +76,6 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, plan: GroupedPlan, w13: 
     return out
 
 
-def _time(device: str, fn: Any) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return float(start.elapsed_time(end))
-    import time
-
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 SHAPES = (("Qwen3-30B-A3B", 128, 8, 2048, 768), ("DeepSeek-V2-Lite", 64, 6, 2048, 1408))
 DRY_SHAPES = (("tiny-fine", 16, 4, 64, 32),)
 
@@ -95,7 +85,7 @@ def stage_ep_balance(device: str, dry_run: bool) -> dict[str, Any]:
     the same budget m = E/4: each rank's block timed alone (grouped GEMM), the step's time =
     the slowest rank's; median of interleaved repetitions."""
     dtype = torch.float32 if dry_run else torch.bfloat16
-    reps = 2 if dry_run else 15
+    reps, clock = (2 if dry_run else 15), timer(device)
     rows_out = []
     for name, experts, top_k, hidden, ffn in (DRY_SHAPES if dry_run else SHAPES):
         gen = torch.Generator().manual_seed(0)
@@ -124,7 +114,7 @@ def stage_ep_balance(device: str, dry_run: bool) -> dict[str, Any]:
                 times: dict[str, list[float]] = {v: [] for v in routes}
                 for rep in range(reps + 1):  # the first is a warm-up
                     for variant, per_rank in calls.items():
-                        slowest = max(_time(device, call) for call in per_rank)
+                        slowest = max(clock(call) for call in per_rank)
                         if rep:
                             times[variant].append(slowest)
                 for variant, sel in routes.items():

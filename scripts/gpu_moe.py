@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from lynx.selection import RouterSpec, make_knobs, select_layer_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import timer as make_timer
 from gpu_ep import grouped_moe, grouped_plan
 
 
@@ -67,28 +67,11 @@ def moe_layer(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: to
     return out
 
 
-def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
-    def run(fn: Callable[[], Any]) -> float:
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return float(start.elapsed_time(end))
-        import time
-
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return run
-
-
 def copy_bandwidth(device: str, megabytes: int) -> float:
     """Device-to-device copy bandwidth [bytes/ms] (read + write counted)."""
     src = torch.empty(megabytes << 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    timer = _timer(device)
+    timer = make_timer(device)
     times = [timer(lambda: dst.copy_(src)) for _ in range(5)]
     return 2 * src.numel() / statistics.median(times[1:])
 
@@ -100,7 +83,7 @@ def stage_moe_layer(device: str, dry_run: bool) -> dict[str, Any]:
     batches = (1, 4, 16) if dry_run else (1, 2, 4, 8, 16, 32, 64, 128)
     reps = 3 if dry_run else 15
     bandwidth = copy_bandwidth(device, 8 if dry_run else 2048)
-    timer = _timer(device)
+    timer = make_timer(device)
     rows_out, exact = [], True
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -158,7 +141,7 @@ def stage_moe_layer(device: str, dry_run: bool) -> dict[str, Any]:
 def stage_selection_cost(device: str, dry_run: bool) -> dict[str, Any]:
     """The selection step alone (eager; CUDA-graph replay on a GPU) as a share of the layer."""
     shapes = DRY_RUN if dry_run else PRODUCTION
-    timer = _timer(device)
+    timer = make_timer(device)
     out = []
     for shape in shapes:
         for batch in ((4, 16) if dry_run else (16, 32, 64)):
