@@ -101,13 +101,14 @@ def parallel(tmp_path: Path, server_factory, single_process):  # type: ignore[no
     counters); controllers are stopped at the end."""
     controllers: list[ControllerProcess] = []
 
-    def start(name: str, args: tuple[str, ...], replicas: int
+    def start(name: str, args: tuple[str, ...], replicas: int, extra_env: dict | None = None
               ) -> tuple[ControllerProcess, SglangServer, dict]:
         ctl = ControllerProcess.launch(tmp_path / "controller",
                                        overrides={"mode": "static", "policy": POLICY},
                                        curve=True)
         controllers.append(ctl)
-        server = server_factory("mixtral-mini", env=_env(tmp_path, name, ctl), extra_args=args)
+        server = server_factory("mixtral-mini", env={**_env(tmp_path, name, ctl),
+                                                     **(extra_env or {})}, extra_args=args)
         wait_until(f"{replicas} replica(s) registered", lambda: len(
             ctl.admin.get("/v1/replicas").json()["replicas"]) >= replicas, timeout_s=60)
         texts, counters = _sequential(server.url)
@@ -171,8 +172,9 @@ def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
     Lynx at budget 2 spent per EP rank (the default): the single process's greedy outputs and
     counters for one request at a time (TP rank 0 counts), both ranks apply the start-up
     policy at the same step, and under a batch the busiest rank's experts are exported for
-    stock and Lynx routing."""
-    ctl, server, counters = parallel("ep2", ("--tp-size", "2", "--ep-size", "2"), replicas=1)
+    stock and Lynx routing, and each rank's expert time before the combine (LYNX_TIME_MOE)."""
+    ctl, server, counters = parallel("ep2", ("--tp-size", "2", "--ep-size", "2"), replicas=1,
+                                     extra_env={"LYNX_TIME_MOE": "1"})
     assert counters["lynx_pruned_rows_total"] > 0
     generate_greedy(server.url, PROMPTS, 6)  # one batch of 6 rows: a keep set per rank
     time.sleep(0.5)
@@ -182,6 +184,11 @@ def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
     mean = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_experts_mean")}
     assert 0 < busiest["lynx"] <= busiest["stock"] <= 4, busiest  # 8 experts on 2 ranks
     assert 0 < mean["lynx"] <= busiest["lynx"] and mean["stock"] <= busiest["stock"]
+    # each rank times its own experts before the combine (the block timer includes the
+    # all-reduce, so both ranks' block times converge to the slowest's)
+    expert_s = {lab["tp_rank"]: v for lab, v in samples(text, "lynx_moe_expert_seconds_total")
+                if lab.get("mode") == "decode"}
+    assert set(expert_s) == {"0", "1"} and min(expert_s.values()) > 0, expert_s
     assert [r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()["replicas"]] == ["ep2"]
     applied = _applied(tmp_path / "ep2.jsonl")
     assert set(applied) == {("0", "0"), ("0", "1")}

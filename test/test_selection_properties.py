@@ -296,3 +296,21 @@ def test_coverage_keeps_the_target_mass_with_the_fewest_experts(step: Step, targ
     if not step.router.grouped and bool(pruned.any()):
         step.knobs.coverage.fill_(target / 2)
         assert bool((step.select("coverage").keep <= keep).all())
+
+
+def test_the_top_k_floor_ranks_near_equal_experts_by_importance_not_by_id() -> None:
+    """CI found `coverage` keeping, at target 0.3, an expert it dropped at 0.6 (sigmoid
+    router, 3 rows, E64 top-8): the top-K floor ranked the union by 1e3 + importance in fp32,
+    where 0.99977 and 0.99976 tie, and broke the tie by id. Expert 5 is the more important
+    one here and must be the one the floor adds."""
+    from lynx.selection.keep_rules import BatchRouting, with_top_k_floor
+
+    importance = torch.zeros(8)
+    importance[0], importance[2], importance[5] = 3.0, 0.99976, 0.99977
+    union = importance > 0
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[0] = True
+    batch = BatchRouting(None, importance, torch.zeros(8), union)  # type: ignore[arg-type]
+    assert with_top_k_floor(keep, batch, 2).nonzero().flatten().tolist() == [0, 5]
+    assert with_top_k_floor(keep, batch, 4).sum() == 4  # the union first, then the rest
+    assert bool(with_top_k_floor(keep, batch, 4)[[0, 2, 5]].all())

@@ -30,7 +30,6 @@ from lynx.selection.ranking import rank_descending
 from lynx.selection.routers import RouterSpec, StockRouting
 
 RANK_FIRST = 1.0e9  # score offset that ranks a set of experts ahead of all others
-RANK_UNION = 1.0e3  # offset ranking stock-union experts ahead of the rest (gates are <= 1)
 IMPORTANCE_SCALE = float(1 << 32)  # fixed-point unit of summed gate mass: exact int64 sums
 
 
@@ -94,9 +93,11 @@ def must_keep(batch: BatchRouting) -> torch.Tensor:
 
 def with_top_k_floor(keep: torch.Tensor, batch: BatchRouting, top_k: int) -> torch.Tensor:
     """``keep`` plus, if it holds fewer than K experts, the most important others of the
-    stock union (union experts rank first even where a gate underflowed to 0)."""
-    score = (keep.to(torch.float32) * RANK_FIRST + batch.union.to(torch.float32) * RANK_UNION
-             + batch.importance)
+    stock union (union experts rank first even where a gate underflowed to 0), ranked by the
+    importance itself: an offset added to it in fp32 (1e3 + 0.99977 == 1e3 + 0.99976) tied
+    near-equal experts and broke the ties by id, against the order `coverage` and `budget`
+    rank them in, so a smaller target could keep an expert a larger one did not."""
+    score = torch.where(keep, RANK_FIRST, torch.where(batch.union, batch.importance, -1.0))
     return keep | (rank_descending(score) < top_k)
 
 

@@ -37,6 +37,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec, decode_policy_json
 
@@ -61,6 +62,20 @@ def default_policy(num_experts: int, top_k: int) -> PolicySpec:
             BudgetBucket(max_batch=1_000_000, all_layers=budget),
         ],
     )
+
+
+def moe_shape(hf_config: Any) -> tuple[int, int, int]:
+    """(layers, routed experts, routed top_k) of a Hugging Face config; ValueError if the
+    model has no routed experts."""
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    experts = getattr(text_config, "num_local_experts", None) or getattr(
+        text_config, "num_experts", None) or getattr(text_config, "n_routed_experts", None)
+    if not experts:
+        raise ValueError(
+            f"Lynx: model {getattr(hf_config, 'architectures', '?')} has no routed experts "
+            "(num_local_experts / num_experts / n_routed_experts); disable Lynx for it"
+        )
+    return int(text_config.num_hidden_layers), int(experts), int(text_config.num_experts_per_tok)
 
 
 class LynxConfigError(ValueError):

@@ -5,6 +5,11 @@ SGLang's ``TopK`` modules (the MoE block: router, top-k, experts, and the shared
 the block has one), and exports ``lynx_moe_seconds_total{mode}`` and
 ``lynx_moe_calls_total{mode}`` (mode: the step's `StepLayout.mode`). This gives the MoE share
 of a step (f) and the in-server MoE speedup of a policy, from the same runs as the latency.
+Those block times include the combine all-reduce under TP/EP, so every rank's converges to
+the slowest's. Each rank therefore also times its own expert computation, before the combine
+(each ``FusedMoE``'s ``run_moe_core``), and exports it from every rank:
+``lynx_moe_expert_seconds_total{mode, tp_rank}``. Under EP the slowest rank's series is what
+the step waits for.
 On CUDA each hook synchronises the device (exact times, slower steps): a benchmark tool, off
 by default.
 """
@@ -22,7 +27,7 @@ class MoeTimer:
     """Times every MoE block forward of ``model``; ``mode_of()`` names the running step."""
 
     def __init__(self, model: torch.nn.Module, mode_of: Callable[[], str],
-                 export: bool = True) -> None:
+                 export: bool = True, tp_rank: int = 0) -> None:
         from sglang.srt.layers.moe.topk import TopK
 
         self.mode_of = mode_of
@@ -36,6 +41,35 @@ class MoeTimer:
         for block in self.blocks:
             block.register_forward_pre_hook(self._before)
             block.register_forward_hook(self._after)
+        self.tp_rank = str(tp_rank)
+        self.expert_seconds: dict[str, float] = {}
+        self._expert_metric: Any = None
+        for module in model.modules():  # the experts' own compute, before the combine
+            core = getattr(module, "run_moe_core", None)
+            if callable(core):
+                module.run_moe_core = self._timed_core(module, core)  # type: ignore[method-assign]
+
+    def _timed_core(self, module: torch.nn.Module, core: Callable[..., Any]) -> Callable[..., Any]:
+        def run_moe_core(*args: Any, **kwargs: Any) -> Any:
+            self._sync(module)
+            start = time.perf_counter()
+            out = core(*args, **kwargs)
+            self._sync(module)
+            mode, seconds = self.mode_of(), time.perf_counter() - start
+            self.expert_seconds[mode] = self.expert_seconds.get(mode, 0.0) + seconds
+            self.expert_metric.labels(mode=mode, tp_rank=self.tp_rank).inc(seconds)
+            return out
+        return run_moe_core
+
+    @property
+    def expert_metric(self) -> Any:
+        if self._expert_metric is None:  # every rank exports its own
+            from prometheus_client import Counter
+
+            self._expert_metric = Counter(
+                "lynx_moe_expert_seconds", "Wall time of this rank's expert computation, "
+                "before the combine (LYNX_TIME_MOE=1)", ["mode", "tp_rank"])
+        return self._expert_metric
 
     def _sync(self, module: torch.nn.Module) -> None:
         param = next(module.parameters(), None)

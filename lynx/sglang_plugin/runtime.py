@@ -29,6 +29,7 @@ from lynx.sglang_plugin.config import (
     checkpoint_policy,
     default_policy,
     ladder_rung_policy,
+    moe_shape,
 )
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
@@ -37,20 +38,6 @@ from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batc
 from lynx_protocol.policy import PolicyError, validate_policy
 
 logger = logging.getLogger("lynx.plugin")
-
-
-def moe_shape(hf_config: Any) -> tuple[int, int, int]:
-    """(layers, routed experts, routed top_k) of a Hugging Face config; ValueError if the
-    model has no routed experts."""
-    text_config = getattr(hf_config, "text_config", None) or hf_config
-    experts = getattr(text_config, "num_local_experts", None) or getattr(
-        text_config, "num_experts", None) or getattr(text_config, "n_routed_experts", None)
-    if not experts:
-        raise ValueError(
-            f"Lynx: model {getattr(hf_config, 'architectures', '?')} has no routed experts "
-            "(num_local_experts / num_experts / n_routed_experts); disable Lynx for it"
-        )
-    return int(text_config.num_hidden_layers), int(experts), int(text_config.num_experts_per_tok)
 
 
 def _capturing() -> bool:
@@ -122,7 +109,8 @@ class LynxRuntime:
             from lynx.sglang_plugin.moe_timer import MoeTimer
 
             self.moe_timer = MoeTimer(model_runner.model, lambda: state.layout.mode,
-                                      export=self.ranks.tp_rank == 0)
+                                      export=self.ranks.tp_rank == 0,
+                                      tp_rank=self.ranks.tp_rank)
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 
