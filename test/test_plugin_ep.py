@@ -8,6 +8,7 @@ Shape legend: T rows, E experts, K top_k, R EP ranks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from topk_harness import stock as stock_call
 
 from lynx.selection import STAT_FIELDS
 from lynx.selection.ep import rank_loads
+from lynx.sglang_plugin.ranks import ParallelRanks
 from lynx.sglang_plugin.step_state import StepLayout
 
 pytest.importorskip("sglang.srt.layers.moe.topk")
@@ -39,7 +41,8 @@ def skewed_logits() -> torch.Tensor:
 def serve_one_step(balance: bool, ranks: int = R) -> tuple[Any, Any]:
     """(SGLang's STANDARD output through the hook, the runtime) for one decode step."""
     runtime = make_runtime(policy_spec("budget", budget=BUDGET), E, K, layers=1)
-    runtime.ep_layout = (ranks, balance)
+    runtime.ranks = ParallelRanks(0, 1, 0, 1, ep_size=ranks)  # as SGLang's state would say
+    runtime.config = replace(runtime.config, ep_balance=balance)
     with sglang_topology():
         topk = build_topk(experts=E, top_k=K)
         out = standard(call(runtime, topk, skewed_logits(), StepLayout("decode", T, 0)))

@@ -108,17 +108,10 @@ def read_documents(spec: str, text_field: str = "text", skipped: list[Path] | No
 def token_streams(docs: list[str], tok: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration, held-out) int64 token streams [N], [M] of ``docs`` under the
     checkpoint's tokenizer ``tok``, each document followed by its end token."""
-    eos = tok.eos_token_id
+    from lynx.reference.data import joined_ids
 
     def stream(texts: list[str]) -> torch.Tensor:
-        ids: list[int] = []
-        for start in range(0, len(texts), 64):
-            for enc in tok(texts[start:start + 64], add_special_tokens=False,
-                           verbose=False)["input_ids"]:
-                ids.extend(enc)
-                if eos is not None:
-                    ids.append(int(eos))
-        return torch.tensor(ids, dtype=torch.int64)
+        return torch.tensor(joined_ids(tok, texts, tok.eos_token_id), dtype=torch.int64)
 
     if len(docs) >= HELDOUT_EVERY:
         held = [d for i, d in enumerate(docs) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
@@ -133,11 +126,12 @@ def corpus_windows(stream: torch.Tensor, n: int, length: int, gen: torch.Generat
                    what: str) -> torch.Tensor:
     """``n`` random windows [n, length] of ``stream``; `CorpusError` (naming ``what``, e.g.
     "the held-out part of the corpus") when it holds fewer than ``length + 1`` tokens."""
+    from lynx.reference.data import code_windows
+
     if stream.numel() <= length:
         raise CorpusError(f"{what} has {stream.numel()} tokens; a window needs {length + 1} "
                           "(add text or lower --window-len)")
-    starts = torch.randint(0, stream.numel() - length, (n,), generator=gen)
-    return stream[starts[:, None] + torch.arange(length)[None, :]].long()
+    return code_windows(stream, n, length, gen)
 
 
 def calibration_streams(tok: Any, documents: list[str] | None

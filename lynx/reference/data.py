@@ -133,20 +133,26 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(repr(vocab).encode()).hexdigest()[:12]
 
 
+def joined_ids(tok: PreTrainedTokenizerBase, texts: list[str], eos: int | None) -> list[int]:
+    """``texts`` tokenized (64 at a time, no special tokens), each followed by ``eos``
+    (nothing when None)."""
+    ids: list[int] = []
+    for start in range(0, len(texts), 64):
+        for enc in tok(texts[start:start + 64], add_special_tokens=False,
+                       verbose=False)["input_ids"]:
+            ids.extend(enc)
+            if eos is not None:
+                ids.append(int(eos))
+    return ids
+
+
 def code_stream(tok: PreTrainedTokenizerBase, split: str,
                 cache_dir: Path = CACHE_DIR) -> torch.Tensor:
     """All files of a split, tokenized and joined with the end token (int16, cached)."""
     cache = cache_dir / f"code-{split}-{tokenizer_fingerprint(tok)}.pt"
     if cache.is_file():
         return torch.load(cache)
-    eos = tok.convert_tokens_to_ids(EOS)
-    ids: list[int] = []
-    texts = list(iter_sources(split))
-    for start in range(0, len(texts), 64):
-        chunk = tok(texts[start:start + 64], add_special_tokens=False, verbose=False)
-        for enc in chunk["input_ids"]:
-            ids.extend(enc)
-            ids.append(eos)
+    ids = joined_ids(tok, list(iter_sources(split)), tok.convert_tokens_to_ids(EOS))
     stream = torch.tensor(ids, dtype=torch.int16)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(stream, cache)

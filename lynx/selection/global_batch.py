@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from lynx.selection.keep_rules import BatchRouting, fixed_point, from_fixed_point
+from lynx.selection.keep_rules import BatchRouting, from_fixed_point, gate_mass_fixed
 
 AllReduce = Callable[[torch.Tensor], None]  # sums a tensor over the EP group, in place
 
@@ -36,12 +36,8 @@ def local_totals(batch: BatchRouting, rows: torch.Tensor, weight: torch.Tensor |
                  ) -> torch.Tensor:
     """[3, E] int64 (importance in fixed point, top-1 votes, union count) of this rank's
     pruned ``rows`` [T] bool (each row's vote scaled by ``weight`` [T] when given)."""
-    stock = batch.stock
-    gate = stock.gate.float() if weight is None else stock.gate.float() * weight.float()[:, None]
-    dense = torch.zeros(stock.choice.shape, dtype=torch.int64, device=stock.ids.device)
-    mass = dense.scatter(1, stock.ids, fixed_point(torch.where(rows[:, None], gate, 0.0)))
-    return torch.stack([mass.sum(dim=0), batch.top1_votes.to(torch.int64),
-                        batch.union.to(torch.int64)])
+    return torch.stack([gate_mass_fixed(batch.stock, rows, weight),
+                        batch.top1_votes.to(torch.int64), batch.union.to(torch.int64)])
 
 
 def idle_contribution(experts: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -55,15 +55,22 @@ def from_fixed_point(total: torch.Tensor) -> torch.Tensor:
     return (total.to(torch.float64) / IMPORTANCE_SCALE).to(torch.float32)
 
 
-def gate_mass(stock: StockRouting, rows: torch.Tensor, weight: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """[E] fp32 stock top-K gate mass on each expert, summed over ``rows`` [T] bool (each row
-    scaled by ``weight`` [T] when given); rows outside ``rows`` never enter the sum. Summed
-    in fixed point (`fixed_point`), so the result does not depend on the order of the rows."""
+def gate_mass_fixed(stock: StockRouting, rows: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[E] int64 `fixed_point` sum over ``rows`` [T] bool of the stock top-K gate mass on each
+    expert (each row scaled by ``weight`` [T] when given); rows outside ``rows`` never enter
+    the sum. Exact, so it does not depend on the order of the rows (or of the ranks adding
+    their sums: `lynx.selection.global_batch`)."""
     gate = stock.gate.float() if weight is None else stock.gate.float() * weight.float()[:, None]
     gate = fixed_point(torch.where(rows[:, None], gate, 0.0))
     dense = torch.zeros(stock.choice.shape, dtype=torch.int64, device=stock.ids.device)
-    return from_fixed_point(dense.scatter(1, stock.ids, gate).sum(dim=0))
+    return dense.scatter(1, stock.ids, gate).sum(dim=0)
+
+
+def gate_mass(stock: StockRouting, rows: torch.Tensor, weight: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """[E] fp32 `gate_mass_fixed`: the stock top-K gate mass on each expert over ``rows``."""
+    return from_fixed_point(gate_mass_fixed(stock, rows, weight))
 
 
 def batch_totals(stock: StockRouting, rows: torch.Tensor) -> BatchRouting:

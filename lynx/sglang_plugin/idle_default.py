@@ -45,11 +45,10 @@ class IdleDefaultWatch:
         steps = self.layer_steps / max(1, self.num_layers)
         if steps < MIN_STEPS or not self.union:
             return None
+        self.said = True  # the verdict is reached once; a default that cuts says nothing
         cut = 1.0 - self.kept / self.union
         if cut >= MAX_CUT:
-            self.said = True  # it cuts: nothing to say, ever
             return None
-        self.said = True
         return (f"Lynx: the built-in default policy cut {100 * cut:.2f}% of the experts the "
                 f"batches needed over {steps:.0f} pruned decode steps on this router (mean "
                 f"{self.union / self.layer_steps:.1f} experts per layer-step): it buys nothing "

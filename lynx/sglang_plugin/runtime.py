@@ -59,7 +59,11 @@ class LynxRuntime:
         self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
                                           cache_dir=config.compile_cache)
         self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
-        self.ep_layout = (1, config.ep_balance)  # (EP ranks, budgets per rank), from `prepare`
+
+    @property
+    def ep_layout(self) -> tuple[int, bool]:
+        """(EP ranks, whether budgets are spent per rank): `plan_layer`'s EP arguments."""
+        return self.ranks.ep_size, self.config.ep_balance
 
     # -- start-up ---------------------------------------------------------------------------
     def prepare(self, model_runner: Any, ranks: ParallelRanks | None = None) -> RuntimeState:
@@ -70,7 +74,6 @@ class LynxRuntime:
         if self.state is not None:
             return self.state
         self.ranks = ranks or ranks_from_sglang()
-        self.ep_layout = (self.ranks.ep_size, self.config.ep_balance)
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
