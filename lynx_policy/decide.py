@@ -29,9 +29,9 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
+from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder, step_points
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import STEP_METRICS, BucketPlan, correction, plan_table, smooth
-from lynx_policy.rungs import plan_ladder
 from lynx_protocol.ladder import Ladder
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
@@ -206,7 +206,8 @@ def decide(
 ) -> Decision:
     """One control decision. Only ``adaptive`` mode ever changes the policy. With a
     ``ladder`` (one that fits the replicas), the model planner plans over its rungs
-    (`lynx_policy.rungs`); without one, over uniform budgets (`lynx_policy.plan`)."""
+    (`lynx_policy.ladder_plan`, at the batch mix); without one, over uniform budgets
+    (`lynx_policy.plan`)."""
     signal = classify(observation.latencies, settings.headroom)
     if mode != "adaptive":
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
@@ -258,23 +259,33 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     """Model planner: update the correction factor of every step target, then plan every
     bucket (`lynx_policy.plan.plan_table`)."""
     previous = {(metric, q): kappa for metric, q, kappa in memory.corrections}
-    corrections, targets = [], []
+    at_mix = ladder is not None and ladder.model.num_experts == observation.num_experts
+    points = step_points(model, policy, observation.batch_mix) if at_mix else []
+    corrections, targets, mix_targets = [], [], []
     for reading in observation.latencies:
         target = reading.target
         if target.metric not in STEP_METRICS:
             continue
         kappa = previous.get((target.metric, target.quantile))
         if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
-            raw = correction(model, policy, observation.batch_mix, target, reading.observed_s)
+            if at_mix:  # the statistic the ladder planner predicts with (ladder_plan, 1)
+                reference = (mix_statistic(points, target.metric, target.quantile)
+                             if points else 0.0)
+                raw = reading.observed_s * 1000.0 / reference if reference > 0 else None
+            else:
+                raw = correction(model, policy, observation.batch_mix, target,
+                                 reading.observed_s)
             if raw is not None and raw > 0:
                 kappa = smooth(kappa, raw, settings.correction_alpha)
         kappa = 1.0 if kappa is None else kappa
         corrections.append((target.metric, target.quantile, kappa))
         targets.append((target.target_ms, kappa))
+        mix_targets.append(MixTarget(target.metric, target.quantile, target.target_ms, kappa))
     table = adaptive_table(policy, settings, observation.num_experts)
-    if ladder is not None and ladder.model.num_experts == observation.num_experts:
-        new_policy, plans, streaks, changed = plan_ladder(model, ladder, table, targets,
-                                                          memory.relax_streaks, settings, floor)
+    if at_mix and ladder is not None:
+        new_policy, plans, streaks, changed = plan_ladder(
+            model, ladder, table, observation.batch_mix, mix_targets, memory.relax_streaks,
+            settings, floor)
     else:
         new_policy, plans, streaks, changed = plan_table(model, table, targets,
                                                          memory.relax_streaks, settings, floor)

@@ -1,0 +1,251 @@
+"""Planning over a ladder's rungs at the observed batch mix. Pure (no I/O, no clock);
+`lynx_policy.decide` calls it instead of `lynx_policy.plan.plan_table` when the controller
+holds a ladder that fits the connected replicas.
+
+Legend: mix = ((B_j, n_j), ...), recent pure decode steps (B_j mean decode rows of one
+runtime bucket window, n_j its steps); a point's *tokens* are B_j * n_j (every row of a decode
+step emits one). A table assigns one usable rung to each budget bucket; t(B, m) is the latency
+model (`lynx_policy.model`), e_P(B) the experts a step of B rows computes under table P (the
+rung's table for the bucket's ``max_batch``, capped by the stock union at B).
+
+Method:
+1. Prediction at the mix. S(P) is the statistic of t(B_j, e_P(B_j)) over the mix that matches
+   the SLO: the token-weighted mean for a ``tpot`` target (a request's TPOT is its mean gap),
+   the token-weighted q-quantile for an ``itl`` target (each token's gap is its step). The
+   correction kappa = observed quantile / S(applied table) (smoothed, clamped) and a table P is
+   predicted to give kappa * S(P): the ratio of step times between tables at the mix the
+   clients saw. (Applying a kappa fitted at the mix to one step at a bucket's upper bound made
+   every rung infeasible on the SLO Pareto testbed: kappa 3.0-3.6 x a 32-row step.)
+2. The chain. From no pruning, each link moves one loaded bucket (mix tokens in it, and
+   ``max_batch`` >= ``adaptive.min_batch``) to a later usable rung: the move that saves the
+   most predicted time per token-weighted quality cost added (ties: the most time). goal(x) is
+   the first table of the chain with kappa * S <= target * (1 - x) for every target. The chain
+   only ever prunes more, so goal is monotone in load. When its end (every loaded bucket on
+   the lowest usable rung) misses, pruning cannot close the gap: the table holds.
+3. Hysteresis (as `lynx_policy.plan`): tighten at once toward goal(margin) when the applied
+   table is predicted to miss target * (1 - margin); relax toward goal(headroom) only after
+   ``relax_after_ticks`` ticks that all allow it; hold in between. A bucket moves at most to
+   the furthest rung within ``max_step_experts`` experts of its own (and at least one rung).
+4. Buckets the mix does not load follow the nearest loaded bucket below them (no pruning below
+   the first one): a jump in load finds its bucket as pruned as the largest one loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import msgspec
+
+from lynx_policy.config import AdaptiveConfig, QualityFloor
+from lynx_policy.model import FleetModel
+from lynx_policy.plan import (
+    BucketPlan,
+    TablePlan,
+    effective_experts,
+    planning_batch,
+    quantile_of,
+)
+from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
+from lynx_protocol.ladder import PPL_RISE, Ladder, rung_bucket, table_for
+from lynx_protocol.policy import PolicySpec
+
+
+@dataclass(frozen=True)
+class MixTarget:
+    """One step target as the mix planner sees it."""
+
+    metric: str
+    """``tpot`` (token-weighted mean) or ``itl`` (token-weighted quantile)."""
+    quantile: float
+    bound_ms: float
+    """Target before margins [ms]."""
+    kappa: float
+
+
+def mix_statistic(points: list[tuple[float, float]], metric: str, quantile: float) -> float:
+    """S over (step latency [ms], tokens) pairs: the token-weighted mean for ``tpot``, the
+    token-weighted ``quantile`` otherwise. Raises ValueError on no tokens."""
+    total = sum(w for _, w in points)
+    if total <= 0:
+        raise ValueError("mix_statistic: no tokens in the mix")
+    if metric == "tpot":
+        return sum(t * w for t, w in points) / total
+    return quantile_of(points, quantile)
+
+
+def step_points(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...]
+                ) -> list[tuple[float, float]]:
+    """(predicted step latency [ms], tokens) per mix point under an applied ``policy`` (any
+    table: `lynx_policy.plan.effective_experts`)."""
+    return [(model.predict(b, effective_experts(policy, b, model.union(b))), b * n)
+            for b, n in mix if n > 0 and b > 0]
+
+
+class _Mix:
+    """The mix split by bucket, with every (bucket, rung position)'s predicted points."""
+
+    def __init__(self, model: FleetModel, ladder: Ladder, usable: list[int], table: PolicySpec,
+                 mix: tuple[tuple[float, int], ...]) -> None:
+        edges = [b.max_batch for b in table.budgets]
+        self.tokens = [0.0] * len(edges)
+        self.steps = [0.0] * len(edges)
+        self.rows = [0.0] * len(edges)
+        by_bucket: list[list[float]] = [[] for _ in edges]
+        weights: list[list[float]] = [[] for _ in edges]
+        for batch, steps in mix:
+            if steps <= 0 or batch <= 0:
+                continue
+            i = next((k for k, e in enumerate(edges) if math.ceil(batch) <= e), len(edges) - 1)
+            by_bucket[i].append(batch)
+            weights[i].append(batch * steps)
+            self.tokens[i] += batch * steps
+            self.steps[i] += steps
+            self.rows[i] += batch * steps
+        self.points: list[list[list[tuple[float, float]]]] = []  # [bucket][position][point]
+        self.costs: list[list[float]] = []  # [bucket][position] ppl rise of its table
+        for i, edge in enumerate(edges):
+            per_position, costs = [], []
+            for position, index in enumerate(usable):
+                rung = ladder.rungs[index]
+                per_position.append([
+                    (model.predict(b, rung_experts(rung, edge, model.union(b)) if position
+                                   else model.union(b)), w)
+                    for b, w in zip(by_bucket[i], weights[i], strict=True)])
+                costs.append((table_for(rung, edge).cost(PPL_RISE) or 0.0) if position else 0.0)
+            self.points.append(per_position)
+            self.costs.append(costs)
+        self.total = sum(self.tokens)
+
+    def predict(self, positions: list[int], target: MixTarget) -> float:
+        """kappa * S of the table with these rung positions [ms]."""
+        points = [p for i, j in enumerate(positions) for p in self.points[i][j]]
+        return target.kappa * mix_statistic(points, target.metric, target.quantile)
+
+    def cost(self, positions: list[int]) -> float:
+        """Token-weighted quality cost of the table [fraction]."""
+        return sum(self.tokens[i] * self.costs[i][j] for i, j in enumerate(positions)
+                   ) / max(self.total, 1e-12)
+
+
+def _meets(mix: _Mix, positions: list[int], targets: list[MixTarget], slack: float) -> bool:
+    return all(mix.predict(positions, t) <= t.bound_ms * (1 - slack) for t in targets)
+
+
+def chain_goal(mix: _Mix, loaded: list[int], top: int, targets: list[MixTarget],
+               slack: float) -> list[int] | None:
+    """The first table of the chain (module docstring, 2) that meets every target after
+    ``slack``; None when its end misses. ``loaded``: bucket indices it may move; ``top``: the
+    last usable rung position."""
+    positions = [0] * len(mix.tokens)
+    while not _meets(mix, positions, targets, slack):
+        now = [mix.predict(positions, t) for t in targets]
+        best: tuple[tuple[float, float, int, int], int, int] | None = None
+        for i in loaded:
+            for j in range(positions[i] + 1, top + 1):
+                moved = [*positions[:i], j, *positions[i + 1:]]
+                saved = sum(a - mix.predict(moved, t) for a, t in zip(now, targets,
+                                                                      strict=True))
+                if saved <= 1e-12:
+                    continue
+                added = mix.cost(moved) - mix.cost(positions)
+                ratio = math.inf if added <= 1e-12 else saved / added
+                key = (ratio, saved, -i, -j)  # ties: the lower bucket, the nearer rung
+                if best is None or key > best[0]:
+                    best = (key, i, j)
+        if best is None:
+            return None
+        positions[best[1]] = best[2]
+    return positions
+
+
+def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
+                mix: tuple[tuple[float, int], ...], targets: list[MixTarget],
+                streaks: tuple[int, ...], settings: AdaptiveConfig, floor: QualityFloor
+                ) -> TablePlan:
+    """Plan every bucket of a budget table over the ladder's rungs at the mix (module
+    docstring). Returns (policy, why per bucket, new relax streaks, changed bucket indices)."""
+    usable = usable_rungs(ladder, floor)
+    rungs = [ladder.rungs[i] for i in usable]
+    buckets = table.budgets
+    mixed = _Mix(model, ladder, usable, table, mix)
+    loaded = [i for i, b in enumerate(buckets)
+              if mixed.tokens[i] > 0 and b.max_batch >= settings.min_batch]
+    rows = [mixed.rows[i] / mixed.steps[i] if mixed.steps[i]
+            else planning_batch(buckets, i, model.largest_batch) for i in range(len(buckets))]
+    experts = [[rung_experts(r, b.max_batch, model.union(rows[i])) for r in rungs]
+               for i, b in enumerate(buckets)]
+    current = [current_position(ladder, b, usable, experts[i], model.union(rows[i]))
+               for i, b in enumerate(buckets)]
+    positions = [p for p, _ in current]
+    streak = streaks[0] if streaks else 0
+    new, streak_out = list(positions), 0
+    top = len(usable) - 1
+    if not loaded:
+        reason = "no loaded bucket at or above adaptive.min_batch: not pruned"
+        new = [0] * len(buckets)
+    elif not _meets(mixed, positions, targets, settings.margin):
+        goal = chain_goal(mixed, loaded, top, targets, settings.margin)
+        if goal is None:
+            lowest = [top if i in loaded else 0 for i in range(len(buckets))]
+            worst = max(mixed.predict(lowest, t) for t in targets)
+            reason = (f"cannot close the gap: the lowest usable rung {rungs[-1].name} predicts "
+                      f"{worst:.1f} ms at the mix, above the target; holds")
+        else:
+            for i in loaded:
+                if goal[i] > positions[i]:
+                    new[i] = move_toward(experts[i], positions[i], goal[i],
+                                         settings.max_step_experts)
+            reason = "tighten: the table is predicted above the target at the mix"
+    else:
+        goal = chain_goal(mixed, loaded, top, targets, settings.headroom)
+        lower = goal is not None and any(goal[i] < positions[i] for i in loaded)
+        if goal is not None and lower:
+            streak_out = streak + 1
+            if streak_out >= settings.relax_after_ticks:
+                for i in loaded:
+                    if goal[i] < positions[i]:
+                        new[i] = move_toward(experts[i], positions[i], goal[i],
+                                             settings.max_step_experts)
+                streak_out, reason = 0, "relax: headroom at the mix"
+            else:
+                reason = f"relax pending ({streak_out}/{settings.relax_after_ticks})"
+        elif all(positions[i] == 0 for i in loaded):
+            reason = "meets the SLO unpruned"
+        else:
+            reason = "holds (between margin and headroom)"
+    follow = 0
+    for i, bucket in enumerate(buckets):  # protected and unloaded buckets (docstring, 4)
+        if bucket.max_batch < settings.min_batch:
+            new[i] = 0
+        elif i in loaded:
+            follow = new[i]
+        else:
+            new[i] = follow
+    out, plans, changed = [], [], []
+    tightest = max(targets, key=lambda t: mixed.predict(new, t) / t.bound_ms)
+    predicted = round(mixed.predict(new, tightest), 3)
+    unpruned = round(mixed.predict([0] * len(buckets), tightest), 3)
+    for i, bucket in enumerate(buckets):
+        j, exact = new[i], current[i][1]
+        rung = rungs[j]
+        written = bucket if (j == positions[i] and exact) else rung_bucket(
+            rung, bucket.max_batch, bucket.max_batch, ladder.model.num_experts)
+        if written != bucket:
+            changed.append(i)
+        out.append(written)
+        why = reason if i in loaded else (
+            f"below adaptive.min_batch={settings.min_batch}: not pruned"
+            if bucket.max_batch < settings.min_batch
+            else f"no recent steps: follows the loaded bucket below (rung {rung.name})")
+        rung_table = table_for(rung, bucket.max_batch)
+        plans.append(BucketPlan(
+            max_batch=bucket.max_batch, batch=round(rows[i], 3),
+            union=round(model.union(rows[i]), 3),
+            budget=round(experts[i][j]) if j else ladder.model.num_experts,
+            predicted_ms=predicted, unpruned_ms=unpruned,
+            target_ms=round(tightest.bound_ms * (1 - settings.margin), 3),
+            mass_kept=rung_table.mass_kept if j else 1.0, reason=why, rung=rung.name,
+            quality_cost=(rung_table.cost(PPL_RISE) or 0.0) if j else 0.0))
+    policy = msgspec.structs.replace(table, budgets=out) if changed else table
+    return policy, tuple(plans), (streak_out,) * len(buckets), tuple(changed)
