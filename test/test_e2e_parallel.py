@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lynx.deploy.dashboard import referenced_metric_names
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems
 from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import metric_sum, samples
@@ -189,6 +190,10 @@ def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
     expert_s = {lab["tp_rank"]: v for lab, v in samples(text, "lynx_moe_expert_seconds_total")
                 if lab.get("mode") == "decode"}
     assert set(expert_s) == {"0", "1"} and min(expert_s.values()) > 0, expert_s
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                if line and not line.startswith("#")}
+    ep_panels = referenced_metric_names("ep")  # the dashboard's EP row reads live series
+    assert ep_panels and ep_panels <= exported, ep_panels - exported
     assert [r["replica_id"] for r in ctl.admin.get("/v1/replicas").json()["replicas"]] == ["ep2"]
     applied = _applied(tmp_path / "ep2.jsonl")
     assert set(applied) == {("0", "0"), ("0", "1")}

@@ -97,6 +97,12 @@ RUNTIME_METRICS = (
     "lynx_step_duration_seconds_bucket", "lynx_policy_version", "lynx_policy_active",
     "lynx_controller_connected",
 )
+EP_RUNTIME_METRICS = (
+    "lynx_ep_rank_experts_max", "lynx_ep_rank_experts_mean", "lynx_ep_balancedness",
+    "lynx_moe_expert_seconds_total",
+)
+"""Runtime series of an EP deployment (``--ep-size`` > 1, ``LYNX_TIME_MOE=1``): the
+dashboard's ``ep`` panels."""
 CONTROLLER_METRICS = (
     "lynx_controller_mode", "lynx_controller_policy_version", "lynx_controller_decisions_total",
     "lynx_controller_slo_attainment_ratio", "lynx_controller_replicas_connected",
