@@ -8,15 +8,15 @@ Random token-id prompts (``--dataset-name random-ids``, no download), Poisson ar
 each ``--request-rate``; the modes are rotated at every rate. Reported per mode: goodput and
 SLO attainment per rate, and the highest rate at which >= 90% of requests met the SLO (the
 published anchors' "throughput under SLO"). ``--tpot-ms auto``: stock's median TPOT at the
-highest rate (so stock misses the SLO there). ``--static-budget``: default, the best static
-table of ``benchmark/results/slo_ramp.json`` (within the quality budget), else 2k. The
-adaptive controller's SLO is the same TPOT as its P90 (``tpot`` histogram).
+highest rate (so stock misses the SLO there). ``--static-budget``: the static uniform budget
+(default 2k, which is also the controller's floor here; the ladder's rungs as statics are
+``benchmark/slo_pareto.py``'s). The adaptive controller's SLO is the same TPOT as its P90
+(``tpot`` histogram).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,17 +33,8 @@ from benchmark.slo_ramp import apply_mode, controller_overrides, profile
 ATTAINMENT = 0.9
 
 
-def best_static(top_k: int) -> int:
-    path = RESULTS_DIR / "slo_ramp.json"
-    if path.is_file():
-        best = json.loads(path.read_text()).get("best_static")
-        if best:
-            return int(best.split(":")[1])
-    return 2 * top_k
-
-
 def run(pair: ServingPair, args: argparse.Namespace, top_k: int) -> dict[str, Any]:
-    static = args.static_budget or best_static(top_k)
+    static = args.static_budget or 2 * top_k
     pair.put("/v1/floor", {"min_budget": static})
     prof = profile(pair, top_k, static, quick=False)
     modes = ["off", "adaptive", f"static:{static}"]
