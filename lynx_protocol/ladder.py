@@ -19,6 +19,11 @@ Format ``lynx-ladder/1`` (JSON, one object):
   (``ppl_rise``: held-out perplexity rise as a fraction, 0.0049 = +0.49 %; the accuracy gate
   adds kinds), ``value`` and ``source`` (what measured it).
 - ``dropped[]``: rungs the Pareto filter or the quality floor removed, with the reason.
+- ``threshold`` (optional, encoded only when set): ``kind`` and ``value``, the largest cost of
+  that kind a rung may have for a runtime to start on it unattended: a runtime serving a
+  checkpoint that ships the ladder starts on `start_rung`, the furthest rung within it.
+  Readers from before the field refuse a ladder that sets it (one line naming the file or
+  request; ``forbid_unknown_fields``): upgrade the controller before shipping such ladders.
 
 Batch rule: a step of B decode rows uses the table of the nearest calibrated batch at or below
 B, else the smallest (`table_for`). On the wire a rung is an ordinary per-layer ``budget``
@@ -100,6 +105,13 @@ class DroppedRung(_Plain, frozen=True):
     reason: Text
 
 
+class Threshold(_Plain, frozen=True):
+    """The largest cost of ``kind`` a rung may have for a runtime to start on it unattended."""
+
+    value: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
+    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = PPL_RISE
+
+
 class LadderModel(_Plain, frozen=True):
     num_layers: Annotated[int, msgspec.Meta(ge=1, le=MAX_LAYERS)]
     num_experts: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPERTS)]
@@ -107,19 +119,31 @@ class LadderModel(_Plain, frozen=True):
     name: Text = ""
 
 
-class Ladder(_Plain, frozen=True):
+class Ladder(_Plain, frozen=True, omit_defaults=True):
     format: Literal["lynx-ladder/1"]
     model: LadderModel
     rungs: Annotated[list[Rung], msgspec.Meta(min_length=1, max_length=MAX_RUNGS)]
     dropped: Annotated[list[DroppedRung], msgspec.Meta(max_length=4 * MAX_RUNGS)] = \
         msgspec.field(default_factory=list)
     source: Text = ""
+    threshold: Threshold | None = None
 
     def rung(self, name: str) -> Rung:
         for rung in self.rungs:
             if rung.name == name:
                 return rung
         raise LadderError(f"no rung {name!r}; the ladder has {[r.name for r in self.rungs]}")
+
+
+def start_rung(ladder: Ladder) -> Rung | None:
+    """The rung a runtime starts on: the furthest whose every table measured the threshold's
+    cost kind at or below its value (rung 0 when none does); None without a threshold."""
+    limit = ladder.threshold
+    if limit is None:
+        return None
+    within = [r for r in ladder.rungs if all(
+        (cost := t.cost(limit.kind)) is not None and cost <= limit.value for t in r.tables)]
+    return within[-1] if within else ladder.rungs[0]
 
 
 def prunes(table: RungTable, num_experts: int) -> bool:

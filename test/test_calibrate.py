@@ -118,7 +118,13 @@ def test_a_ladder_is_deterministic_for_a_seed_and_pareto_ordered(tmp_path) -> No
     """Two runs of the ladder calibration of a real checkpoint give the same file; every rung
     is measured at every batch, costs rise and experts fall along it, and the CLI writes it."""
     from lynx.calibrate.ladder import build_ladder
-    from lynx_protocol.ladder import PPL_RISE, encode_ladder, load_ladder, validate_ladder
+    from lynx_protocol.ladder import (
+        PPL_RISE,
+        encode_ladder,
+        load_ladder,
+        start_rung,
+        validate_ladder,
+    )
 
     folder = reference_model("qwen3-moe-mini")
     kwargs = {"means": [24, 16, 12], "batches": (4, 8), "windows": 8, "window_len": 24,
@@ -140,4 +146,10 @@ def test_a_ladder_is_deterministic_for_a_seed_and_pareto_ordered(tmp_path) -> No
                            "--window-len", "16", "--heldout-windows", "4", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert load_ladder(out).model.num_experts == 32 and "rung" in done.stderr
+    written = load_ladder(out)
+    assert written.model.num_experts == 32 and "rung" in done.stderr
+    # the start threshold is stored, and the CLI names the rung a runtime starts on
+    assert written.threshold is not None and written.threshold.value == 0.01
+    start = start_rung(written)
+    assert start is not None and f"start rung: {start.name}" in done.stderr
+    assert all((t.cost(PPL_RISE) or 0) <= 0.01 for t in start.tables)

@@ -234,3 +234,29 @@ def test_a_runtime_starts_on_a_rung_of_the_checkpoints_ladder(tmp_path: Path) ->
     (tmp_path / "lynx_ladder.json").write_text("{")
     with pytest.raises(LynxConfigError, match=r"lynx_ladder.json: not valid JSON"):
         _prepared(tmp_path, rung="m4")
+
+
+def test_a_runtime_starts_on_the_ladders_start_rung_unless_told_otherwise(tmp_path: Path
+                                                                          ) -> None:
+    """A shipped ladder with a threshold (as ``lynx-serve calibrate --ladder`` writes it):
+    the runtime starts on the furthest rung within it, before the checkpoint's
+    lynx_policy.json; LYNX_POLICY and LYNX_LADDER_RUNG still win; without a threshold the
+    ladder is the controller's only, as before."""
+    from ladders import mini_ladder
+
+    from lynx_protocol.ladder import Threshold, encode_ladder, rung_of_bucket
+
+    ladder = mini_ladder()
+    table = PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=8, all_layers=16)])
+    (tmp_path / "lynx_policy.json").write_bytes(msgspec.json.encode(table))
+    (tmp_path / "lynx_ladder.json").write_bytes(encode_ladder(ladder))
+    assert _prepared(tmp_path).policy == table  # no threshold: the ladder is not read
+    limited = msgspec.structs.replace(ladder, threshold=Threshold(value=0.005))
+    (tmp_path / "lynx_ladder.json").write_bytes(encode_ladder(limited))
+    started = _prepared(tmp_path).policy
+    assert [rung_of_bucket(ladder, b) for b in started.budgets] == [0, 2, 2, 2]  # m16
+    assert _prepared(tmp_path, rung="m8").policy != started  # a named rung wins
+    assert _prepared(tmp_path, PolicySpec(name="off")).policy == PolicySpec(name="off")
+    (tmp_path / "lynx_ladder.json").write_text('{"format": "lynx-ladder/1"')
+    with pytest.raises(LynxConfigError, match=r"lynx_ladder.json: not valid JSON"):
+        _prepared(tmp_path)  # a damaged shipped ladder stops the server, named

@@ -21,8 +21,10 @@ from lynx_protocol.ladder import (
     encode_ladder,
     load_ladder,
     pareto_filter,
+    Threshold,
     rung_bucket,
     rung_of_bucket,
+    start_rung,
     table_for,
     validate_ladder,
 )
@@ -35,6 +37,23 @@ from lynx_protocol.policy import PolicySpec, validate_policy
 def test_a_ladder_round_trips_through_its_file_format(ladder) -> None:
     validate_ladder(ladder)
     assert decode_ladder(encode_ladder(ladder)) == ladder
+
+
+def test_the_start_threshold_is_optional_and_picks_the_furthest_rung_within_it() -> None:
+    ladder = mini_ladder()  # ppl_rise: none 0, m20 0.002, m16 0.004, m12 0.010, m8 0.030
+    assert b"threshold" not in encode_ladder(ladder)  # encoded only when set
+    assert start_rung(ladder) is None  # no threshold: the runtime does not start on a rung
+    for value, name in ((0.0, "none"), (0.004, "m16"), (0.0099, "m16"), (0.01, "m12"),
+                        (1.0, "m8")):
+        limited = msgspec.structs.replace(ladder, threshold=Threshold(value=value))
+        assert decode_ladder(encode_ladder(limited)) == limited
+        assert json.loads(encode_ladder(limited))["threshold"] == {"value": value,
+                                                                  "kind": "ppl_rise"}
+        chosen = start_rung(limited)
+        assert chosen is not None and chosen.name == name, (value, chosen)
+    other = msgspec.structs.replace(ladder, threshold=Threshold(value=1.0, kind="exact_match"))
+    chosen = start_rung(other)  # a kind no rung measured: no pruning
+    assert chosen is not None and chosen.name == "none"
 
 
 def test_file_errors_are_one_line_and_name_the_file(tmp_path) -> None:
@@ -55,6 +74,8 @@ def test_file_errors_are_one_line_and_name_the_file(tmp_path) -> None:
         "unknown.json": {**good, "extra": 1},
         "negative.json": {**good, "rungs": [good["rungs"][0], {**good["rungs"][1], "tables": [
             {**t, "per_layer": [0] * LAYERS} for t in good["rungs"][1]["tables"]]}]},
+        "threshold.json": {**good, "threshold": {"value": -0.01}},
+        "threshold_kind.json": {**good, "threshold": {"value": 0.01, "kind": "PPL"}},
     }
     for name, content in cases.items():
         path = tmp_path / name

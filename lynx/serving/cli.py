@@ -100,8 +100,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int],
                       documents: list[str] | None) -> int:
+    import msgspec
+
     from lynx.calibrate.ladder import build_ladder
-    from lynx_protocol.ladder import PPL_RISE, encode_ladder
+    from lynx_protocol.ladder import PPL_RISE, Threshold, encode_ladder, start_rung
 
     try:
         means = ([float(m) for m in args.means.split(",") if m.strip()] if args.means
@@ -112,6 +114,8 @@ def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]
     if not 0 < args.max_ppl_rise <= 10 or args.heldout_windows < batches[-1]:
         raise ServeError("calibrate: need 0 < --max-ppl-rise <= 10 and --heldout-windows >= "
                          "the largest batch")
+    if not 0 <= args.start_threshold <= args.max_ppl_rise:
+        raise ServeError("calibrate: need 0 <= --start-threshold <= --max-ppl-rise")
     try:
         ladder, _ = build_ladder(folder, means, batches, args.windows, args.window_len,
                                  args.heldout_windows, max_ppl_rise=args.max_ppl_rise,
@@ -127,6 +131,12 @@ def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]
             for t in rung.tables), file=sys.stderr)
     for gone in ladder.dropped:
         print(f"dropped {gone.name}: {gone.reason}", file=sys.stderr)
+    if not args.no_start:
+        ladder = msgspec.structs.replace(ladder, threshold=Threshold(value=args.start_threshold))
+        start = start_rung(ladder)
+        print(f"start rung: {start.name if start else '-'} (the furthest within ppl_rise <= "
+              f"{args.start_threshold:g}; a runtime serving the folder that holds this file as "
+              f"lynx_ladder.json starts on it)", file=sys.stderr)
     return _emit(encode_ladder(ladder).decode(), args.out)
 
 
@@ -170,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                      "E down to 1/8 of E, those >= 1.5 top_k)")
     cal.add_argument("--max-ppl-rise", type=float, default=0.05,
                      help="ladder: quality floor, held-out perplexity rise as a fraction")
+    cal.add_argument("--start-threshold", type=float, default=0.01,
+                     help="ladder: a runtime serving the checkpoint starts on the furthest rung "
+                     "with held-out perplexity rise at most this (a fraction; stored as the "
+                     "ladder's threshold)")
+    cal.add_argument("--no-start", action="store_true",
+                     help="ladder: store no threshold (runtimes start unpruned or on "
+                     "lynx_policy.json; the controller still plans over the rungs)")
     cal.add_argument("--heldout-windows", type=int, default=64)
     cal.add_argument("--batches", default="16,32,64",
                      help="decode batch sizes to calibrate (one per-layer table each)")

@@ -21,10 +21,11 @@
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 The start-up policy: ``LYNX_POLICY``, ``LYNX_POLICY_FILE`` or ``LYNX_LADDER_RUNG`` if set (one
-of them); else the checkpoint's
-calibrated table, ``<model folder>/lynx_policy.json`` (``lynx-serve calibrate <model> --out
-<model>/lynx_policy.json``), if the served model is a local folder holding one; else the
-conservative `default_policy` for the model's shape.
+of them); else, when the served model is a local folder, the start rung of its ladder
+(``<model folder>/lynx_ladder.json`` with a ``threshold``, as ``lynx-serve calibrate <model>
+--ladder`` writes it: the furthest rung within it), else its calibrated table,
+``<model folder>/lynx_policy.json`` (``lynx-serve calibrate <model> --out
+<model>/lynx_policy.json``); else the conservative `default_policy` for the model's shape.
 
 Bad values raise `LynxConfigError` with a one-line reason; the scheduler refuses to start rather
 than silently serving a policy nobody asked for.
@@ -87,30 +88,46 @@ CHECKPOINT_LADDER = "lynx_ladder.json"
 NO_PRUNING_BELOW = 4  # decode rows; as `default_policy` and the calibrated tables
 
 
-def ladder_rung_policy(model_path: str, rung: str, num_layers: int, num_experts: int
-                       ) -> tuple[PolicySpec, Path]:
+def ladder_rung_policy(model_path: str, rung: str | None, num_layers: int, num_experts: int
+                       ) -> tuple[PolicySpec, Path] | None:
     """Rung ``rung`` of the ladder shipped in a local checkpoint folder
     (``<model>/lynx_ladder.json``) as a start-up policy (the ladder's batch rule, no pruning
-    below `NO_PRUNING_BELOW` rows) and the ladder's path. Raises `LynxConfigError` (naming
-    the file) when there is no such file, it is damaged, made for another shape, or lacks
+    below `NO_PRUNING_BELOW` rows) and the ladder's path. ``rung`` None: the ladder's
+    `start_rung` (the furthest within its ``threshold``), and None when the folder ships no
+    ladder or its ladder sets no threshold. Raises `LynxConfigError` (naming the file) when a
+    named rung's ladder is missing, or the ladder is damaged, made for another shape, or lacks
     the rung."""
     from lynx_protocol.ladder import (
         LadderError,
         batch_rule_edges,
-        load_ladder,
+        decode_ladder,
         rung_policy,
+        start_rung,
         validate_ladder,
     )
 
     path = Path(model_path) / CHECKPOINT_LADDER
     if not model_path or not path.is_file():
+        if rung is None:
+            return None
         where = model_path or "no local folder"
         raise LynxConfigError(f"LYNX_LADDER_RUNG={rung}: the served model ({where}) ships no "
                               f"{CHECKPOINT_LADDER}")
     try:
-        ladder = validate_ladder(load_ladder(path), where=str(path), num_layers=num_layers,
-                                 num_experts=num_experts)
-        return rung_policy(ladder, rung, batch_rule_edges(ladder, NO_PRUNING_BELOW),
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise LadderError(f"{path}: cannot read: {exc.strerror}") from None
+        ladder = decode_ladder(raw, where=str(path))
+        name = rung
+        if name is None:
+            start = start_rung(ladder)
+            if start is None:
+                return None
+            name = start.name
+        validate_ladder(ladder, where=str(path), num_layers=num_layers,
+                        num_experts=num_experts)
+        return rung_policy(ladder, name, batch_rule_edges(ladder, NO_PRUNING_BELOW),
                            NO_PRUNING_BELOW), path
     except LadderError as exc:
         message = str(exc)

@@ -77,8 +77,8 @@ class LynxRuntime:
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
-                   if self.config.ladder_rung else
-                   None if self.config.policy else checkpoint_policy(model))
+                   if self.config.ladder_rung else None if self.config.policy else
+                   ladder_rung_policy(model, None, layers, experts) or checkpoint_policy(model))
         policy = self.config.policy or (shipped[0] if shipped else default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
