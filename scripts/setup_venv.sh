@@ -17,9 +17,9 @@ else
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 echo "installing lynx + sglang==0.5.23 into $VENV (first time: ~5 minutes)"
-if ! pip_filtered "$VENV/bin/python" -m pip install -q -e '.[runtime,dev]'; then
+if ! pip_filtered "$VENV/bin/python" -m pip install -q -e '.[runtime,dev,eval]'; then
   echo "make setup: pip install failed (its error is above); $VENV is incomplete," \
        "make setup installs it again" >&2
   exit 1
 fi
-"$VENV/bin/python" -c "import sglang, lynx, lynx_policy, lynx_protocol"
+"$VENV/bin/python" -c "import sglang, lynx, lynx_policy, lynx_protocol, lm_eval"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from lynx.evaluate.gate import GateError
 from lynx.serving.models import ModelError, resolve_model
 from lynx.serving.server import ServeError, SglangServer
 from lynx.sglang_plugin.config import LynxConfigError, load_config
@@ -198,16 +199,23 @@ def main(argv: list[str] | None = None) -> int:
                      "held out")
     cal.add_argument("--text-field", default="text", help="--corpus: the JSONL / dataset field")
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
+    from lynx.evaluate.cli import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "evaluate":
+            from lynx.evaluate.cli import run
+
+            return run(args)
         if args.command == "calibrate":
             return _calibrate(args)
         from lynx.serving.demo import run_demo
 
         return run_demo(args.model, args.port, args.widen)
-    except (ModelError, ServeError, LynxConfigError) as exc:
+    except (ModelError, ServeError, LynxConfigError, GateError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"lynx-serve: error: {first_line}", file=sys.stderr)
         rest = str(exc).splitlines()[1:]
