@@ -222,6 +222,11 @@ class AdaptiveConfig(_Section, frozen=True):
     """Model planning: a bucket's effective budget moves by at most this per tick [experts]."""
     correction_alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
     """Weight of the newest observed/predicted ratio in the correction factor's EMA."""
+    arrivals: Literal["open", "closed"] = "open"
+    """Ladder planning: how batches answer a faster step. ``open`` (requests arrive on their
+    own, as in serving): by Little's law the running batch scales with TPOT, so a table that
+    shortens steps also shrinks the batches (`lynx_policy.ladder_plan`). ``closed`` (a fixed
+    number of clients, each waiting for its answer): batches stay as observed."""
 
     def __post_init__(self) -> None:
         if any(b <= a for a, b in itertools.pairwise(self.buckets)):

@@ -16,6 +16,13 @@ Method:
    predicted to give kappa * S(P): the ratio of step times between tables at the mix the
    clients saw. (Applying a kappa fitted at the mix to one step at a bucket's upper bound made
    every rung infeasible on the SLO Pareto testbed: kappa 3.0-3.6 x a 32-row step.)
+   Open arrivals (``adaptive.arrivals``, the default): requests keep arriving at the same rate,
+   so by Little's law the running batch scales with TPOT. Under P every batch is s * B_j, s the
+   fixed point of s = S_P(s) / S(applied) (token-weighted means): with t = a + b B + c m that
+   is s = (a + c m_P) / (a + c m_applied), so pruning also shrinks the b B term. On the SLO
+   Pareto testbed (t = 17.0 + 2.42 B + 0.44 m ms) rung m32 against no pruning predicts 0.51;
+   measured P90 TPOT 70.9 against 138.4 ms (0.51), where fixed batches predict 0.75.
+   ``closed`` (fixed clients): s = 1.
 2. The chain. From no pruning, each link moves one loaded bucket (mix tokens in it, and
    ``max_batch`` >= ``adaptive.min_batch``) to a later usable rung: the move that saves the
    most predicted time per token-weighted quality cost added (ties: the most time). goal(x) is
@@ -26,8 +33,10 @@ Method:
    table is predicted to miss target * (1 - margin); relax toward goal(headroom) only after
    ``relax_after_ticks`` ticks that all allow it; hold in between. A bucket moves at most to
    the furthest rung within ``max_step_experts`` experts of its own (and at least one rung).
-4. Buckets the mix does not load follow the nearest loaded bucket below them (no pruning below
-   the first one): a jump in load finds its bucket as pruned as the largest one loaded.
+4. Buckets the mix does not load (at or above ``min_batch``) follow the nearest loaded bucket
+   below them, or the lowest loaded one when none is below: a jump in load finds its bucket as
+   pruned as the largest one loaded, and batches that pruning shrinks (open arrivals) find the
+   smaller buckets pruned as well, instead of falling back to no pruning and growing again.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ from lynx_policy.plan import (
 from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
 from lynx_protocol.ladder import PPL_RISE, Ladder, rung_bucket, table_for
 from lynx_protocol.policy import PolicySpec
+
+SCALE_MIN, SCALE_MAX = 0.05, 20.0
+"""Bounds of the open-arrivals batch scale."""
 
 
 @dataclass(frozen=True)
@@ -83,43 +95,73 @@ def step_points(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, i
 
 
 class _Mix:
-    """The mix split by bucket, with every (bucket, rung position)'s predicted points."""
+    """The mix split by bucket; predicts any table's statistic, batches scaled by Little's law
+    under open arrivals (module docstring, 1)."""
 
     def __init__(self, model: FleetModel, ladder: Ladder, usable: list[int], table: PolicySpec,
-                 mix: tuple[tuple[float, int], ...]) -> None:
-        edges = [b.max_batch for b in table.budgets]
-        self.tokens = [0.0] * len(edges)
-        self.steps = [0.0] * len(edges)
-        self.rows = [0.0] * len(edges)
-        by_bucket: list[list[float]] = [[] for _ in edges]
-        weights: list[list[float]] = [[] for _ in edges]
+                 mix: tuple[tuple[float, int], ...], open_loop: bool) -> None:
+        self.model, self.open_loop = model, open_loop
+        self.edges = [b.max_batch for b in table.budgets]
+        self.rungs = [ladder.rungs[i] for i in usable]
+        self.tokens = [0.0] * len(self.edges)
+        self.steps = [0.0] * len(self.edges)
+        self.by_bucket: list[list[tuple[float, float]]] = [[] for _ in self.edges]
         for batch, steps in mix:
             if steps <= 0 or batch <= 0:
                 continue
-            i = next((k for k, e in enumerate(edges) if math.ceil(batch) <= e), len(edges) - 1)
-            by_bucket[i].append(batch)
-            weights[i].append(batch * steps)
+            i = next((k for k, e in enumerate(self.edges) if math.ceil(batch) <= e),
+                     len(self.edges) - 1)
+            self.by_bucket[i].append((batch, batch * steps))
             self.tokens[i] += batch * steps
             self.steps[i] += steps
-            self.rows[i] += batch * steps
-        self.points: list[list[list[tuple[float, float]]]] = []  # [bucket][position][point]
-        self.costs: list[list[float]] = []  # [bucket][position] ppl rise of its table
-        for i, edge in enumerate(edges):
-            per_position, costs = [], []
-            for position, index in enumerate(usable):
-                rung = ladder.rungs[index]
-                per_position.append([
-                    (model.predict(b, rung_experts(rung, edge, model.union(b)) if position
-                                   else model.union(b)), w)
-                    for b, w in zip(by_bucket[i], weights[i], strict=True)])
-                costs.append((table_for(rung, edge).cost(PPL_RISE) or 0.0) if position else 0.0)
-            self.points.append(per_position)
-            self.costs.append(costs)
+        self.costs = [[(table_for(r, edge).cost(PPL_RISE) or 0.0) if j else 0.0
+                       for j, r in enumerate(self.rungs)] for edge in self.edges]
         self.total = sum(self.tokens)
+        self._unions: dict[float, float] = {}
+        self._scales: dict[tuple[int, ...], float] = {}
+        self.base_mean = 0.0  # S of the applied table at the observed batches (`set_applied`)
+
+    def _union(self, batch: float) -> float:
+        key = round(batch, 2)
+        if key not in self._unions:
+            self._unions[key] = self.model.union(key)
+        return self._unions[key]
+
+    def points(self, positions: list[int], scale: float = 1.0) -> list[tuple[float, float]]:
+        """(predicted step latency [ms], tokens) of every mix point under the table, its
+        batch scaled by ``scale`` (the rung stays its observed bucket's)."""
+        out = []
+        for i, j in enumerate(positions):
+            for batch, tokens in self.by_bucket[i]:
+                rows = max(1.0, batch * scale)
+                union = self._union(rows)
+                experts = rung_experts(self.rungs[j], self.edges[i], union) if j else union
+                out.append((self.model.predict(rows, experts), tokens))
+        return out
+
+    def set_applied(self, positions: list[int]) -> None:
+        self.base_mean = mix_statistic(self.points(positions), "tpot", 0.5)
+
+    def scale(self, positions: list[int]) -> float:
+        """Batch scale s under the table: 1 for closed arrivals; open: the fixed point of
+        s = S_P(s) / S_applied (mean step time; Little's law at a constant arrival rate), a
+        contraction since a step grows slower than its batch."""
+        key = tuple(positions)
+        if key not in self._scales:
+            s = 1.0
+            if self.open_loop and self.base_mean > 0:
+                for _ in range(40):
+                    new = min(SCALE_MAX, max(SCALE_MIN, mix_statistic(
+                        self.points(positions, s), "tpot", 0.5) / self.base_mean))
+                    done, s = abs(new - s) < 1e-4, new
+                    if done:
+                        break
+            self._scales[key] = s
+        return self._scales[key]
 
     def predict(self, positions: list[int], target: MixTarget) -> float:
         """kappa * S of the table with these rung positions [ms]."""
-        points = [p for i, j in enumerate(positions) for p in self.points[i][j]]
+        points = self.points(positions, self.scale(positions))
         return target.kappa * mix_statistic(points, target.metric, target.quantile)
 
     def cost(self, positions: list[int]) -> float:
@@ -168,16 +210,17 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
     usable = usable_rungs(ladder, floor)
     rungs = [ladder.rungs[i] for i in usable]
     buckets = table.budgets
-    mixed = _Mix(model, ladder, usable, table, mix)
+    mixed = _Mix(model, ladder, usable, table, mix, settings.arrivals == "open")
     loaded = [i for i, b in enumerate(buckets)
               if mixed.tokens[i] > 0 and b.max_batch >= settings.min_batch]
-    rows = [mixed.rows[i] / mixed.steps[i] if mixed.steps[i]
+    rows = [mixed.tokens[i] / mixed.steps[i] if mixed.steps[i]
             else planning_batch(buckets, i, model.largest_batch) for i in range(len(buckets))]
     experts = [[rung_experts(r, b.max_batch, model.union(rows[i])) for r in rungs]
                for i, b in enumerate(buckets)]
     current = [current_position(ladder, b, usable, experts[i], model.union(rows[i]))
                for i, b in enumerate(buckets)]
     positions = [p for p, _ in current]
+    mixed.set_applied(positions)
     streak = streaks[0] if streaks else 0
     new, streak_out = list(positions), 0
     top = len(usable) - 1
@@ -214,7 +257,7 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
             reason = "meets the SLO unpruned"
         else:
             reason = "holds (between margin and headroom)"
-    follow = 0
+    follow = new[loaded[0]] if loaded else 0
     for i, bucket in enumerate(buckets):  # protected and unloaded buckets (docstring, 4)
         if bucket.max_batch < settings.min_batch:
             new[i] = 0
@@ -237,7 +280,7 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
         why = reason if i in loaded else (
             f"below adaptive.min_batch={settings.min_batch}: not pruned"
             if bucket.max_batch < settings.min_batch
-            else f"no recent steps: follows the loaded bucket below (rung {rung.name})")
+            else f"no recent steps: follows the nearest loaded bucket (rung {rung.name})")
         rung_table = table_for(rung, bucket.max_batch)
         plans.append(BucketPlan(
             max_batch=bucket.max_batch, batch=round(rows[i], 3),

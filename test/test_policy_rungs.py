@@ -26,7 +26,7 @@ FIT = LatencyFit(a_ms=5.0, b_ms_per_row=1.0, c_ms_per_expert=2.0, samples=40, st
                  rmse_ms=0.5, mean_ms=60.0, expert_spread=8.0, ready=True, reason="ok")
 FLEET = FleetModel(fits=(FIT,), num_experts=EXPERTS, top_k=TOP_K, largest_batch=64)
 SETTINGS = AdaptiveConfig(buckets=[4, 8, 16, 32, 48, 64, 4096], margin=0.1, headroom=0.2,
-                          relax_after_ticks=3, max_step_experts=6)
+                          relax_after_ticks=3, max_step_experts=6, arrivals="closed")
 TARGET = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
 NO_FLOOR = QualityFloor(min_budget=1)
 OFF = PolicySpec()
@@ -142,8 +142,8 @@ def test_kappa_fitted_at_the_mix_is_applied_at_the_mix() -> None:
     assert math.isclose(kappa, 3.0)
     assert all(p.predicted_ms < p.unpruned_ms for p in decision.plans)
     rungs = rungs_of(ladder, decision.policy)
-    assert rungs[2] > 0 and rungs[3:] == [rungs[2]] * 4  # idle buckets above follow bucket 16
-    assert rungs[:2] == [0, 0]  # below adaptive.min_batch
+    assert rungs[2] > 0 and rungs[1:] == [rungs[2]] * 6  # idle buckets follow bucket 16
+    assert rungs[0] == 0  # below adaptive.min_batch
 
 
 def test_no_tightening_for_a_miss_the_lowest_rung_cannot_fix() -> None:
@@ -233,3 +233,50 @@ def test_stall_steps_are_summed_over_the_replicas_statistics() -> None:
     assert got is not None and math.isclose(got.share, 5 / 190)
     assert math.isclose(got.mean_ms, 100.0)
     assert stall_steps([]) is None
+
+
+def test_open_arrivals_shrink_the_batches_and_the_planner_counts_on_it() -> None:
+    """A replica under open arrivals (Little's law: B = k x TPOT), the testbed's fit: pruning to
+    the lowest rung meets a target the fixed-batch model calls out of reach. With
+    ``arrivals="open"`` the planner tightens and the plant then meets the target; with
+    ``closed`` it says it cannot close the gap and holds."""
+    fit = msgspec.structs.replace(FIT, a_ms=17.0, b_ms_per_row=2.42, c_ms_per_expert=0.437)
+    fleet = FleetModel(fits=(fit,), num_experts=EXPERTS, top_k=TOP_K, largest_batch=64)
+    ladder, k = mini_ladder(), 0.25  # rows per ms of TPOT (arrival rate x output length)
+
+    def tpot_and_batch(policy: PolicySpec) -> tuple[float, float]:
+        tpot = 50.0
+        for _ in range(200):  # the plant's own fixed point
+            batch = k * tpot
+            experts = fleet.union(batch)
+            if policy.name == "budget":
+                bucket = next(b for b in policy.budgets if math.ceil(batch) <= b.max_batch)
+                index = rung_of_bucket(ladder, bucket) or 0
+                if index:
+                    experts = rung_experts(ladder.rungs[index], bucket.max_batch, experts)
+            tpot = fit.predict(batch, experts)
+        return tpot, batch
+
+    off_ms, off_rows = tpot_and_batch(OFF)
+    lowest_ms, _ = tpot_and_batch(rung_policy(ladder, "m8", SETTINGS.buckets, SETTINGS.min_batch))
+    lowest = rung_experts(ladder.rungs[-1], 32, fleet.union(off_rows))
+    fixed_batch_ms = fit.predict(off_rows, lowest)
+    target_ms = (lowest_ms + fixed_batch_ms) / 2 / 0.9  # reachable open, not with fixed batches
+    assert lowest_ms < target_ms * 0.9 < fixed_batch_ms and off_ms > target_ms
+    target = SloTarget(metric="tpot", quantile=0.9, target_ms=target_ms)
+    for arrivals in ("open", "closed"):
+        settings_ = msgspec.structs.replace(SETTINGS, arrivals=arrivals)
+        policy, memory = OFF, Memory()
+        for _ in range(6):
+            observed, rows = tpot_and_batch(policy)
+            obs = Observation(latencies=(LatencyReading(target, observed / 1000.0),),
+                              batch_steps=None, num_experts=EXPERTS, model=fleet,
+                              batch_mix=((rows, 100),))
+            decision = decide(obs, policy, memory, mode="adaptive", settings=settings_,
+                              floor=NO_FLOOR, ladder=ladder)
+            policy, memory = decision.policy, decision.memory
+        if arrivals == "open":
+            assert tpot_and_batch(policy)[0] <= target_ms, decision.plans
+        else:
+            assert policy == OFF and any("cannot close the gap" in p.reason
+                                         for p in decision.plans)
