@@ -46,8 +46,11 @@ QUICK_MODEL, QUICK_WIDEN = "qwen3-moe-mini", 16
 
 
 def controller_overrides(top_k: int, num_experts: int) -> dict[str, Any]:
-    """1 s control loop, 4 s rate windows; the floor at top_k experts per layer."""
-    return {"observe": {"rate_window_s": 4.0},
+    """1 s control loop; latency windows of 4 s, widened (doubling, up to 32 s) until a P90
+    has 20 observations (min_tail_samples 2): at the replay's ~2.4 requests/s a 4 s window
+    holds ~10 per-request TPOTs, so the default (50 for a P90) read no data in most ticks and
+    adaptive held. The floor at top_k experts per layer."""
+    return {"observe": {"rate_window_s": 4.0, "max_window_s": 32.0, "min_tail_samples": 2.0},
             "loop": {"interval_s": 1.0, "backoff_s": [1.0, 2.0], "stats_window_s": 5.0},
             "adaptive": {"relax_after_ticks": 3, "margin": 0.1, "headroom": 0.2,
                          "min_batch": 4, "max_step_experts": num_experts},

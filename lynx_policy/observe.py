@@ -57,7 +57,17 @@ def usable(value: float | None, samples: float | None, target: SloTarget,
     return value if above >= config.min_tail_samples * (1 - 1e-9) else None  # 50 x 0.1 < 5
 
 
-def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False) -> str:
+def windows(config: ObserveConfig) -> list[float]:
+    """The windows a reading tries in turn [s]: ``rate_window_s``, doubled up to
+    ``max_window_s`` (the last one exactly)."""
+    out = [config.rate_window_s]
+    while config.max_window_s is not None and out[-1] < config.max_window_s:
+        out.append(min(2 * out[-1], config.max_window_s))
+    return out
+
+
+def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
+               window_s: float | None = None) -> str:
     """Quantile query (``count``: the window's observation count instead); matches the
     histogram under both spellings of its name.
 
@@ -67,7 +77,7 @@ def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False) ->
     never both.
     """
     selector = f"{{{config.label_selector}}}" if config.label_selector else ""
-    window = f"{max(1, round(config.rate_window_s))}s"
+    window = f"{max(1, round(window_s or config.rate_window_s))}s"
     histogram = SLO_HISTOGRAMS[target.metric]
     spellings = dict.fromkeys([histogram, histogram.replace(":", "_")])
     if count:
@@ -85,15 +95,19 @@ class PrometheusObserver:
         self.url = config.prometheus_url.rstrip("/") + "/api/v1/query"
 
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
-        readings, counts = [], {}  # one count query per histogram, whatever its targets
+        readings = []
+        counts: dict[tuple[str, float], float | None] = {}  # one count query per histogram
         for target in targets:
-            value = await self._query(promql_for(target, self.config))
-            if target.metric not in counts:
-                counts[target.metric] = await self._query(
-                    promql_for(target, self.config, count=True))
-            samples = counts[target.metric]
-            readings.append(LatencyReading(target, usable(value, samples, target, self.config),
-                                           samples))
+            for window in windows(self.config):  # the narrowest window with enough samples
+                value = await self._query(promql_for(target, self.config, window_s=window))
+                if (target.metric, window) not in counts:
+                    counts[(target.metric, window)] = await self._query(
+                        promql_for(target, self.config, count=True, window_s=window))
+                samples = counts[(target.metric, window)]
+                reading = usable(value, samples, target, self.config)
+                if reading is not None:
+                    break
+            readings.append(LatencyReading(target, reading, samples))
         return tuple(readings)
 
     async def _query(self, query: str) -> float | None:
@@ -192,11 +206,10 @@ class ScrapeObserver:
             urls = await asyncio.wait_for(self.urls(), self.config.timeout_s)
         except TimeoutError:
             raise ObserveError("resolving the runtimes' metrics hosts timed out") from None
-        totals: dict[str, CumulativeBuckets] = {name: {} for name in names}
         tasks = {url: asyncio.ensure_future(self._scrape(url, names)) for url in urls}
         if tasks:
             await asyncio.wait(tasks.values(), timeout=self.config.timeout_s)
-        failures = 0
+        failures, fresh = 0, []
         for url, task in tasks.items():
             if not task.done():
                 task.cancel()
@@ -209,34 +222,50 @@ class ScrapeObserver:
                 failures += 1
                 self._failure_log.warning(url, "scrape of %s failed: %s", url, error)
                 continue
-            for name, buckets in self._window_delta(url, task.result()).items():
-                merge(totals[name], buckets)
+            self._remember(url, task.result())
+            fresh.append(url)
         for gone in set(self._scrapes) - set(urls):
             del self._scrapes[gone]
         if urls and failures == len(urls):
             raise ObserveError(f"all {len(urls)} runtime /metrics scrapes failed")
         readings = []
         for t in targets:
-            window = totals[SLO_HISTOGRAMS[t.metric]]
-            samples = window.get(math.inf, 0.0)
-            value = histogram_quantile(t.quantile, window)
-            readings.append(LatencyReading(t, usable(value, samples, t, self.config), samples))
+            name = SLO_HISTOGRAMS[t.metric]
+            for window_s in windows(self.config):  # the narrowest window with enough samples
+                window: CumulativeBuckets = {}
+                for url in fresh:
+                    merge(window, self._window_delta(url, window_s).get(name, {}))
+                samples = window.get(math.inf, 0.0)
+                value = histogram_quantile(t.quantile, window)
+                reading = usable(value, samples, t, self.config)
+                if reading is not None:
+                    break
+            readings.append(LatencyReading(t, reading, samples))
         return tuple(readings)
 
-    def _window_delta(self, url: str, histograms: dict[str, CumulativeBuckets]
-                      ) -> dict[str, CumulativeBuckets]:
-        """Bucket deltas between this scrape and the oldest one still inside the window."""
+    def _remember(self, url: str, histograms: dict[str, CumulativeBuckets]) -> None:
+        """Keep this scrape, and the scrapes back to the widest window."""
         now = self.clock()
         history = self._scrapes.setdefault(url, deque())
         history.append((now, histograms))
-        horizon = now - self.config.rate_window_s
+        horizon = now - windows(self.config)[-1]
         while len(history) > 2 and history[1][0] <= horizon:
             history.popleft()
-        if len(history) < 2:
+
+    def _window_delta(self, url: str, window_s: float) -> dict[str, CumulativeBuckets]:
+        """Bucket deltas between the newest scrape and the newest one at or before the
+        window's start (the oldest kept when none is)."""
+        history = self._scrapes.get(url)
+        if not history or len(history) < 2:
             return {}
+        now, newest = history[-1]
         base = history[0][1]
+        for at, histograms in history:
+            if at > now - window_s:
+                break
+            base = histograms
         return {name: bucket_delta(buckets, base.get(name)) for name, buckets in
-                histograms.items()}
+                newest.items()}
 
 
 def make_observer(config: ObserveConfig, client: httpx.AsyncClient,

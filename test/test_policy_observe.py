@@ -14,7 +14,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from lynx_policy.config import ObserveConfig, SloTarget
-from lynx_policy.observe import PrometheusObserver, ScrapeObserver, promql_for, usable
+from lynx_policy.observe import (
+    PrometheusObserver,
+    ScrapeObserver,
+    promql_for,
+    usable,
+    windows,
+)
 
 P99 = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
 P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
@@ -107,6 +113,62 @@ def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> Non
     assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in count_query
     assert "sglang_inter_token_latency_seconds_count" in count_query  # both spellings
     assert math.isclose(thin.target.quantile, 0.99)
+
+
+def test_at_low_traffic_the_scrape_observer_widens_its_window_instead_of_going_blind(
+        ) -> None:
+    """2.5 requests/s: a 4 s window holds 10 observations (a P90 needs 50); with
+    max_window_s = 32 the reading comes from the narrowest window that holds enough (4, 8,
+    16 s: 10, 20, 40; 32 s: 80), and only from scrapes inside it (older slow ones do not
+    count)."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                           max_window_s=32.0)
+    narrow = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0)
+
+    async def run(cfg: ObserveConfig) -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(cfg, client, lambda: [], clock=lambda: now[0])
+            now[0] = 0.0
+            await observer.observe([P90])
+            runtime.observe(0.35, 40)  # slow, and more than 32 s before the last scrape
+            for second in range(1, 41):
+                now[0] = 20.0 + second
+                runtime.observe(0.03, 2 if second % 2 else 3)  # 2.5 per second, fast
+                last = await observer.observe([P90])
+            return last
+
+    (wide,) = asyncio.run(run(config))
+    assert wide.observed_s is not None and wide.observed_s <= 0.05  # not the old outliers
+    assert wide.samples == 80  # the 16 s window (40) was too thin
+    (blind,) = asyncio.run(run(narrow))
+    assert blind.observed_s is None and blind.samples == 10  # the 4 s window alone
+    assert windows(config) == [4.0, 8.0, 16.0, 32.0]
+    assert windows(ObserveConfig(rate_window_s=5.0, max_window_s=12.0)) == [5.0, 10.0, 12.0]
+    with pytest.raises(ValueError, match="max_window_s"):
+        ObserveConfig(rate_window_s=30.0, max_window_s=10.0)
+
+
+def test_the_prometheus_observer_widens_a_thin_window_too() -> None:
+    per_second = 2.5
+
+    def prometheus(request: httpx.Request) -> httpx.Response:
+        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
+        window = float(query.split("[")[1].split("s]")[0])
+        value = per_second * window if "_count" in query else 0.08
+        return httpx.Response(200, json={"status": "success", "data": {
+            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+
+    config = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=4,
+                           max_window_s=64)
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(prometheus)) as client:
+            return await PrometheusObserver(config, client).observe([P90])
+
+    (reading,) = asyncio.run(run())
+    assert reading.observed_s == 0.08 and reading.samples == 80.0  # the 32 s window
 
 
 def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None:
