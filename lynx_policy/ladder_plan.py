@@ -41,6 +41,8 @@ Method:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -94,6 +96,20 @@ def step_points(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, i
             for b, n in mix if n > 0 and b > 0]
 
 
+class _SortedBudgets:
+    """A table's per-layer budgets, sorted with prefix sums: the mean over layers of
+    min(budget, union) in O(log L) (`rung_experts` without the scan)."""
+
+    def __init__(self, per_layer: list[int]) -> None:
+        self.values = sorted(per_layer)
+        self.prefix = [0, *itertools.accumulate(self.values)]
+
+    def mean_capped(self, union: float) -> float:
+        below = bisect.bisect_left(self.values, union)
+        capped = self.prefix[below] + union * (len(self.values) - below)
+        return capped / len(self.values)
+
+
 class _Mix:
     """The mix split by bucket; predicts any table's statistic, batches scaled by Little's law
     under open arrivals (module docstring, 1)."""
@@ -116,13 +132,16 @@ class _Mix:
             self.steps[i] += steps
         self.costs = [[(table_for(r, edge).cost(PPL_RISE) or 0.0) if j else 0.0
                        for j, r in enumerate(self.rungs)] for edge in self.edges]
+        self._budgets = [[_SortedBudgets(table_for(r, edge).per_layer) for r in self.rungs]
+                         for edge in self.edges]  # [bucket][position]
         self.total = sum(self.tokens)
         self._unions: dict[float, float] = {}
         self._scales: dict[tuple[int, ...], float] = {}
+        self._points: dict[tuple[int, ...], list[tuple[float, float]]] = {}
         self.base_mean = 0.0  # S of the applied table at the observed batches (`set_applied`)
 
     def _union(self, batch: float) -> float:
-        key = round(batch, 2)
+        key = round(batch * 8) / 8  # 1/8 row: far below what a batch mix resolves
         if key not in self._unions:
             self._unions[key] = self.model.union(key)
         return self._unions[key]
@@ -135,34 +154,43 @@ class _Mix:
             for batch, tokens in self.by_bucket[i]:
                 rows = max(1.0, batch * scale)
                 union = self._union(rows)
-                experts = rung_experts(self.rungs[j], self.edges[i], union) if j else union
+                experts = self._budgets[i][j].mean_capped(union) if j else union
                 out.append((self.model.predict(rows, experts), tokens))
         return out
 
     def set_applied(self, positions: list[int]) -> None:
         self.base_mean = mix_statistic(self.points(positions), "tpot", 0.5)
 
-    def scale(self, positions: list[int]) -> float:
+    def scale(self, positions: list[int], start: float = 1.0) -> float:
         """Batch scale s under the table: 1 for closed arrivals; open: the fixed point of
-        s = S_P(s) / S_applied (mean step time; Little's law at a constant arrival rate), a
-        contraction since a step grows slower than its batch."""
+        s = g(s) = S_P(s) / S_applied (mean step time; Little's law at a constant arrival
+        rate), found by the secant method on g(s) - s from ``start`` (g is a contraction: a
+        step grows slower than its batch)."""
         key = tuple(positions)
         if key not in self._scales:
             s = 1.0
             if self.open_loop and self.base_mean > 0:
-                for _ in range(40):
-                    new = min(SCALE_MAX, max(SCALE_MIN, mix_statistic(
-                        self.points(positions, s), "tpot", 0.5) / self.base_mean))
-                    done, s = abs(new - s) < 1e-4, new
-                    if done:
+                def f(x: float) -> float:
+                    return mix_statistic(self.points(positions, x), "tpot", 0.5) / \
+                        self.base_mean - x
+                x0, f0 = start, f(start)
+                x1 = min(SCALE_MAX, max(SCALE_MIN, x0 + f0))
+                for _ in range(12):
+                    f1 = f(x1)
+                    if abs(f1) < 1e-4 or f1 == f0:
                         break
+                    x0, x1, f0 = x1, min(SCALE_MAX, max(SCALE_MIN,
+                                                       x1 - f1 * (x1 - x0) / (f1 - f0))), f1
+                s = x1
             self._scales[key] = s
         return self._scales[key]
 
     def predict(self, positions: list[int], target: MixTarget) -> float:
         """kappa * S of the table with these rung positions [ms]."""
-        points = self.points(positions, self.scale(positions))
-        return target.kappa * mix_statistic(points, target.metric, target.quantile)
+        key = tuple(positions)
+        if key not in self._points:
+            self._points[key] = self.points(positions, self.scale(positions))
+        return target.kappa * mix_statistic(self._points[key], target.metric, target.quantile)
 
     def cost(self, positions: list[int]) -> float:
         """Token-weighted quality cost of the table [fraction]."""
@@ -182,10 +210,12 @@ def chain_goal(mix: _Mix, loaded: list[int], top: int, targets: list[MixTarget],
     positions = [0] * len(mix.tokens)
     while not _meets(mix, positions, targets, slack):
         now = [mix.predict(positions, t) for t in targets]
+        here = mix.scale(positions)
         best: tuple[tuple[float, float, int, int], int, int] | None = None
         for i in loaded:
             for j in range(positions[i] + 1, top + 1):
                 moved = [*positions[:i], j, *positions[i + 1:]]
+                mix.scale(moved, start=here)  # the neighbour's scale: a near start
                 saved = sum(a - mix.predict(moved, t) for a, t in zip(now, targets,
                                                                       strict=True))
                 if saved <= 1e-12:
