@@ -19,10 +19,13 @@ Method:
    Open arrivals (``adaptive.arrivals``, the default): requests keep arriving at the same rate,
    so by Little's law the running batch scales with TPOT. Under P every batch is s * B_j, s the
    fixed point of s = S_P(s) / S(applied) (token-weighted means): with t = a + b B + c m that
-   is s = (a + c m_P) / (a + c m_applied), so pruning also shrinks the b B term. On the SLO
-   Pareto testbed (t = 17.0 + 2.42 B + 0.44 m ms) rung m32 against no pruning predicts 0.51;
-   measured P90 TPOT 70.9 against 138.4 ms (0.51), where fixed batches predict 0.75.
-   ``closed`` (fixed clients): s = 1.
+   is s = (a + c m_P) / (a + c m_applied), so pruning also shrinks the b B term.
+   ``closed`` (fixed clients): s = 1. On the SLO Pareto testbed (t = 17.9 + 2.43 B + 0.42 m
+   ms, ~24 rows) rung m32 against no pruning measured 0.71-0.77 in P90 TPOT (two clean runs);
+   open predicts 0.52, closed 0.74. Open is the default all the same: its optimism is undone
+   within a few ticks (kappa is refitted against the applied table every tick, so a table
+   that missed is predicted to miss), while closed, with the margin, predicts the lowest rung
+   misses a target that rung measurably meets, and then holds for good.
 2. The chain. From no pruning, each link moves one loaded bucket (mix tokens in it, and
    ``max_batch`` >= ``adaptive.min_batch``) to a later usable rung: the move that saves the
    most predicted time per token-weighted quality cost added (ties: the most time). goal(x) is
