@@ -1,7 +1,6 @@
 """The accuracy gate (`lynx.evaluate`): lm-eval task definitions of the held-out tasks, the
 paired deltas, one-line refusals, and the gate end to end against real CPU servers (slow):
-the default policy passes, a planted policy that breaks accuracy (budget 1 on a top-4 model)
-fails."""
+the default policy passes with real pruning; the verdict path fails a planted drop."""
 
 from __future__ import annotations
 
@@ -77,25 +76,49 @@ def test_bad_gate_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert done.stderr.startswith("lynx-serve: error: ") and message in done.stderr
 
 
-@pytest.mark.slow  # three CPU servers (one stock, two Lynx) and lm-eval
-def test_the_gate_passes_the_default_and_fails_a_policy_that_breaks_accuracy(
-        tmp_path: Path) -> None:
+def test_a_drop_beyond_the_threshold_fails_the_gate_with_exit_1(tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """The verdict path of the command (servers and lm-eval replaced by their results): a task
+    that lost 20 points fails a 1-point gate, exit 1, and the report says so."""
+    import contextlib
+
+    from lynx.evaluate import cli, gate
+    from lynx.serving.cli import main
+
+    scores = {"stock": {i: 1.0 for i in range(10)}, "lynx": {**{i: 1.0 for i in range(8)},
+                                                             8: 0.0, 9: 0.0}}
+    monkeypatch.setattr(gate, "run_tasks", lambda url, tasks, *a: {
+        "lynx_add3": TaskScores("lynx_add3", "exact_match,f", scores[url])})
+    monkeypatch.setattr(cli, "_server", lambda *a: contextlib.nullcontext("lynx"))
+    monkeypatch.setattr(cli, "_pruning", lambda url, model: {
+        "pruned_decode_steps": 5.0, "decode_steps": 5.0, "pruned_rows": 40.0,
+        "kept_over_stock_union": 0.5})
+    monkeypatch.setattr(gate, "served_model", lambda url: "m")
+    out = tmp_path / "report.json"
+    code = main(["evaluate", "--model", "qwen3-moe-mini", "--stock-url", "stock",
+                 "--tasks", "lynx_add3", "--out", str(out)])
+    assert code == 1 and "gate: FAIL" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert not report["passed"] and report["tasks"][0]["delta"] == -20.0
+
+
+@pytest.mark.slow  # two CPU servers (one stock, one Lynx) and lm-eval
+def test_the_gate_passes_the_default_with_real_pruning(tmp_path: Path) -> None:
+    """The default policy through the gate on real servers: the Lynx server pruned (its
+    counters say so) and the held-out additions did not drop. (Budget 1 on this top-4 model
+    does not break it at 16 rows in flight either: every row keeps its top-1 expert and the
+    batch's top-1 union holds ~half the stock union; measured 100 vs 100.)"""
     from lynx.serving.models import resolve_model
     from lynx.serving.server import SglangServer, free_port
 
     with SglangServer(resolve_model("qwen3-moe-mini"), free_port(),
                       env={"LYNX_ENABLED": "0"}) as stock:
         passed = _evaluate("--stock-url", stock.url, "--out", str(tmp_path / "default.json"))
-        broken = _evaluate("--stock-url", stock.url, "--out", str(tmp_path / "budget1.json"),
-                           "--policy", '{"name": "budget", "budgets": '
-                           '[{"max_batch": 1048576, "all_layers": 1}]}')
     assert passed.returncode == 0, passed.stdout + passed.stderr[-3000:]
     good = json.loads((tmp_path / "default.json").read_text())
-    assert good["passed"] and good["lynx_server"]["pruned_rows"] > 0  # it did prune
+    lynx = good["lynx_server"]
+    assert good["passed"] and lynx["pruned_decode_steps"] > 0 and lynx["pruned_rows"] > 0
+    assert lynx["kept_over_stock_union"] < 1.0  # it did prune
     (task,) = good["tasks"]
     assert task["task"] == "lynx_add3" and task["n"] == 64 and task["stock"] > 90
-    assert broken.returncode == 1, broken.stdout + broken.stderr[-3000:]
-    bad = json.loads((tmp_path / "budget1.json").read_text())
-    (task,) = bad["tasks"]
-    assert not bad["passed"] and task["delta"] < -10 and task["stderr"] > 0
-    assert "FAIL" in broken.stdout
+    assert "gate: PASS" in passed.stdout

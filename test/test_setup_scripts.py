@@ -97,7 +97,7 @@ def test_make_setup_stops_at_a_failed_pip_and_leaves_no_stamp(tmp_path: Path) ->
     assert "make setup: pip install failed" in result.stderr
     assert "ModuleNotFoundError" not in result.stdout + result.stderr
     calls = (venv / "calls").read_text().splitlines()
-    assert calls == ["-m pip install -q -e .[runtime,dev]"]  # no import check after it
+    assert calls == ["-m pip install -q -e .[runtime,dev,eval]"]  # no import check after it
     assert not (venv / ".lynx-installed").exists()  # the next make setup installs again
 
 
@@ -118,8 +118,8 @@ def test_make_setup_update_needs_little_space(tmp_path: Path, free_gib: int, ok:
     assert (result.returncode == 0) == ok, result.stderr
     if ok:
         assert (venv / "calls").read_text().splitlines() == [
-            "-m pip install -q -e .[runtime,dev]",
-            "-c import sglang, lynx, lynx_policy, lynx_protocol"]
+            "-m pip install -q -e .[runtime,dev,eval]",
+            "-c import sglang, lynx, lynx_policy, lynx_protocol, lm_eval"]
 
 
 def test_compose_smoke_clean_removes_only_its_state(tmp_path: Path) -> None:

@@ -71,16 +71,28 @@ def _server(model: Path, env: dict[str, str], work: Path, name: str) -> Iterator
         yield server.url
 
 
-def _pruning(url: str) -> dict[str, float]:
-    """How much the Lynx server pruned during the run (its counters)."""
+def _pruning(url: str, model: str) -> dict[str, float]:
+    """How much the Lynx server pruned during the run. Step counts are live; the row and
+    expert counters come with the statistics window, which a step after
+    ``LYNX_STATS_INTERVAL_S`` (1 s) closes: one short request after a pause closes it."""
+    import time
+
     import httpx
 
-    from lynx.serving.metrics_reader import metric_sum
+    from lynx.serving.metrics_reader import metric_sum, samples
 
+    time.sleep(1.5)
+    httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "1+1=",
+                                              "max_tokens": 2, "temperature": 0}, timeout=60)
+    time.sleep(0.5)
     text = httpx.get(f"{url}/metrics", timeout=10).text
+    steps = {labels.get("pruned"): value for labels, value in samples(text, "lynx_steps_total")
+             if labels.get("mode") == "decode"}
     kept = metric_sum(text, "lynx_experts_kept_total")
     union = metric_sum(text, "lynx_experts_stock_union_total")
-    return {"pruned_rows": metric_sum(text, "lynx_pruned_rows_total"),
+    decode = sum(steps.values())
+    return {"pruned_decode_steps": steps.get("true", 0.0), "decode_steps": decode,
+            "pruned_rows": metric_sum(text, "lynx_pruned_rows_total"),
             "kept_over_stock_union": round(kept / union, 4) if union else 1.0}
 
 
@@ -109,17 +121,20 @@ def run(args: argparse.Namespace) -> int:
         stock = gate.run_tasks(stock_url, tasks, include, args.concurrency, args.limit, cache)
     with _server(model, env, work, "lynx") as url:
         lynx = gate.run_tasks(url, tasks, include, args.concurrency, args.limit, cache)
-        pruning = _pruning(url)
+        from lynx.evaluate.gate import served_model
+
+        pruning = _pruning(url, served_model(url))
     deltas = gate.compare(stock, lynx, args.threshold)
     policy = {k: v for k, v in env.items() if k != "LYNX_ENABLED"} or {"policy": "checkpoint"}
     out = gate.report(deltas, args.threshold, {
         "model": str(model), "policy": policy, "concurrency": args.concurrency,
         "limit": args.limit, "lynx_server": pruning, "harness": "lm-eval local-completions"})
     print(gate.table(deltas))
-    print(f"Lynx server: {pruning['pruned_rows']:.0f} pruned rows, experts kept / stock union "
-          f"{pruning['kept_over_stock_union']:.3f}"
-          + ("  (nothing was pruned: the gate measured stock)" if not pruning["pruned_rows"]
-             else ""))
+    print(f"Lynx server: {pruning['pruned_decode_steps']:.0f} of {pruning['decode_steps']:.0f} "
+          f"decode steps pruned ({pruning['pruned_rows']:.0f} rows), experts kept / stock "
+          f"union {pruning['kept_over_stock_union']:.3f}"
+          + ("  (nothing was pruned: the gate measured stock)"
+             if not pruning["pruned_decode_steps"] else ""))
     print("gate: " + ("PASS" if out["passed"] else "FAIL")
           + f" (threshold {args.threshold:g} points)")
     if args.out:
