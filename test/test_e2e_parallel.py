@@ -185,6 +185,11 @@ def test_expert_parallel_serves_the_single_process_outputs_with_lynx(
     mean = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_experts_mean")}
     assert 0 < busiest["lynx"] <= busiest["stock"] <= 4, busiest  # 8 experts on 2 ranks
     assert 0 < mean["lynx"] <= busiest["lynx"] and mean["stock"] <= busiest["stock"]
+    pairs_max = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_pairs_max")}
+    pairs_mean = {lab["routing"]: v for lab, v in samples(text, "lynx_ep_rank_pairs_mean")}
+    assert pairs_mean["lynx"] == pairs_mean["stock"] > 0  # every row routes top-2 either way
+    for routing in ("lynx", "stock"):  # the busiest of 2 ranks: between the mean and all
+        assert pairs_mean[routing] <= pairs_max[routing] <= 2 * pairs_mean[routing], pairs_max
     # each rank times its own experts before the combine (the block timer includes the
     # all-reduce, so both ranks' block times converge to the slowest's)
     expert_s = {lab["tp_rank"]: v for lab, v in samples(text, "lynx_moe_expert_seconds_total")

@@ -85,11 +85,11 @@ class _Gauge:
 
 
 def test_the_exporter_turns_the_rank_statistics_into_the_ep_gauges() -> None:
-    (_, _), runtime = serve_one_step(balance=True)
+    (out, stock), runtime = serve_one_step(balance=True)
     exporter, values = runtime.exporter, {}
     exporter.ep_ranks = R
     exporter._metrics = type("M", (), {name: _Gauge(name, values) for name in (
-        "ep_rank_max", "ep_rank_mean", "ep_balancedness")})()
+        "ep_rank_max", "ep_rank_mean", "ep_balancedness", "ep_pairs_max", "ep_pairs_mean")})()
     delta = exporter.layer_totals()
     exporter._export_ep(delta)
     d = delta[0]
@@ -100,3 +100,10 @@ def test_the_exporter_turns_the_rank_statistics_into_the_ep_gauges() -> None:
     assert values[("ep_rank_max", "stock")] == E // R
     assert values[("ep_rank_max", "lynx")] < values[("ep_rank_max", "stock")]
     assert 0 < values[("ep_balancedness", "stock")] <= 1
+    # token pairs: every row routes K pairs under either routing; the busiest rank's pairs
+    # are the step's own count (one layer-step: the stock top-K of the skewed batch)
+    assert values[("ep_pairs_mean", "lynx")] == values[("ep_pairs_mean", "stock")] == T * K / R
+    stock_pairs = torch.bincount(stock.topk_ids.flatten() // (E // R), minlength=R)
+    assert values[("ep_pairs_max", "stock")] == float(stock_pairs.max())
+    lynx_pairs = torch.bincount(out.topk_ids.flatten() // (E // R), minlength=R)
+    assert values[("ep_pairs_max", "lynx")] == float(lynx_pairs.max())

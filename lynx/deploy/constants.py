@@ -99,7 +99,7 @@ RUNTIME_METRICS = (
 )
 EP_RUNTIME_METRICS = (
     "lynx_ep_rank_experts_max", "lynx_ep_rank_experts_mean", "lynx_ep_balancedness",
-    "lynx_moe_expert_seconds_total",
+    "lynx_ep_rank_pairs_max", "lynx_ep_rank_pairs_mean", "lynx_moe_expert_seconds_total",
 )
 """Runtime series of an EP deployment (``--ep-size`` > 1, ``LYNX_TIME_MOE=1``): the
 dashboard's ``ep`` panels."""

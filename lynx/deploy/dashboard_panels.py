@@ -212,12 +212,19 @@ ROWS: tuple[RowSpec, ...] = (
                   (_q(f"lynx_ep_rank_experts_max{{{SEL}}}", "{{instance}} busiest {{routing}}"),
                    _q(f"lynx_ep_rank_experts_mean{{{SEL}}}", "{{instance}} mean {{routing}}"),
                    _q(f"lynx_ep_balancedness{{{SEL}}}", "{{instance}} balancedness "
-                      "{{routing}}")), width=12, topology="ep"),
+                      "{{routing}}")), width=8, topology="ep"),
+        PanelSpec("Token pairs per EP rank: busiest vs mean", "(token, expert) pairs the "
+                  "busiest EP rank and the mean rank compute per MoE layer-step, stock top-k "
+                  "vs what Lynx ran: rerouted choices land on kept experts, so pruning can "
+                  "move compute between ranks. Empty unless served with --ep-size > 1.",
+                  (_q(f"lynx_ep_rank_pairs_max{{{SEL}}}", "{{instance}} busiest {{routing}}"),
+                   _q(f"lynx_ep_rank_pairs_mean{{{SEL}}}", "{{instance}} mean {{routing}}")),
+                  unit="short", width=8, topology="ep"),
         PanelSpec("Expert time per rank", "Seconds per second each rank spends in its own "
                   "experts during decode steps, before the combine (LYNX_TIME_MOE=1): the "
                   "slowest rank sets the MoE step. Empty unless LYNX_TIME_MOE=1.",
                   (_q("sum by (instance, tp_rank) (rate(lynx_moe_expert_seconds_total"
                       f'{{{SEL}, mode="decode"}}[{R}]))', "{{instance}} rank {{tp_rank}}"),),
-                  unit="percentunit", width=12, topology="ep"),
+                  unit="percentunit", width=8, topology="ep"),
     )),
 )

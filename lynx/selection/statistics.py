@@ -23,16 +23,31 @@ STAT_FIELDS: tuple[str, ...] = (
     "rerouted_rows",  # pruned rows whose stock top-K held a dropped expert (routing changed)
     "rank_kept_max",  # kept experts on the busiest EP rank (= kept without EP; 0: no row)
     "rank_union_max",  # stock-union experts on the busiest EP rank (what stock would read)
+    "pairs",  # (pruned row, expert) pairs: rows x K (mean per EP rank = pairs / R)
+    "rank_pairs_max",  # (pruned row, expert) pairs routed to the EP rank with the most (Lynx)
+    "rank_stock_pairs_max",  # the same under the stock top-K (what stock would compute)
 )
 
 
+def rank_pairs_max(ids: torch.Tensor, rows: torch.Tensor, experts: int, ranks: int
+                   ) -> torch.Tensor:
+    """0-dim fp32: the most (row, expert) pairs of ``rows`` [T] bool that ``ids`` [T,K]
+    (expert ids in [0, E)) sends to one EP rank (rank r holds experts [r*E/R, (r+1)*E/R)):
+    the token pairs the busiest rank computes. Static shapes (a scatter-add over R slots)."""
+    rank = (ids.clamp(0, experts - 1) // (experts // ranks)).flatten()  # [T*K]
+    weight = rows[:, None].expand_as(ids).flatten().to(torch.float32)
+    return torch.zeros(ranks, dtype=torch.float32, device=ids.device
+                       ).scatter_add(0, rank, weight).max()
+
+
 def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor,
-                     nonfinite_rows: torch.Tensor, rerouted: torch.Tensor, ranks: int = 1
-                     ) -> torch.Tensor:
+                     nonfinite_rows: torch.Tensor, rerouted: torch.Tensor, ranks: int = 1,
+                     ids: torch.Tensor | None = None) -> torch.Tensor:
     """[len(STAT_FIELDS)] fp32 statistics of one layer-step over ``rows`` [T] bool (the
     pruned rows of ``batch``); ``nonfinite_rows`` and ``rerouted`` [T] bool are only counted.
     ``ranks``: EP ranks R holding contiguous blocks of E / R experts (the busiest rank's
-    experts, kept and stock, are counted per step: the MoE step waits for that rank)."""
+    experts and token pairs, Lynx's and stock's, are counted per step: the MoE step waits for
+    that rank). ``ids`` [T,K]: the routing Lynx wrote (None: the stock top-K)."""
     stock = batch.stock
     gate = torch.where(rows[:, None], stock.gate.float(), 0.0)  # [T,K]
     kept_of_stock = keep[stock.ids]  # [T,K]
@@ -50,6 +65,9 @@ def layer_statistics(batch: BatchRouting, keep: torch.Tensor, rows: torch.Tensor
         rerouted.sum().to(torch.float32),
         keep.view(ranks, -1).sum(dim=1).max().to(torch.float32) * any_row,
         batch.union.view(ranks, -1).sum(dim=1).max().to(torch.float32),
+        n_rows * stock.ids.shape[1],
+        rank_pairs_max(stock.ids if ids is None else ids, rows, keep.shape[0], ranks),
+        rank_pairs_max(stock.ids, rows, keep.shape[0], ranks),
     ])
 
 

@@ -132,5 +132,5 @@ def select_layer_step(
     rerouted = rerouted_rows(batch.stock, allowed, rows, exact=stock_ids is not None)
     weights, ids = route_restricted(z, router, batch.stock, allowed)
     stats = layer_statistics(batch, keep, rows, row_valid & ~finite, rerouted,
-                             router.ep_ranks)
+                             router.ep_ranks, ids)
     return LayerSelection(keep, rows, rerouted, allowed, weights, ids, stats)

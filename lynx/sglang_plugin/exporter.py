@@ -104,6 +104,13 @@ class _Metrics:
             "lynx_ep_balancedness", "lynx_ep_rank_experts_mean / lynx_ep_rank_experts_max "
             "(1: every EP rank reads as many experts as the busiest; SGLang's "
             "eplb_balancedness convention)", ["routing"], multiprocess_mode="livemostrecent")
+        pairs = "{} on an EP rank: (token, expert) pairs it computes per MoE layer-step, mean " \
+            "over the last window's pruned layer-steps; routing=stock: the stock top-k's, " \
+            "lynx: what ran"
+        self.ep_pairs_max = Gauge("lynx_ep_rank_pairs_max", pairs.format("Most token pairs"),
+                                  ["routing"], multiprocess_mode="livemostrecent")
+        self.ep_pairs_mean = Gauge("lynx_ep_rank_pairs_mean", pairs.format("Mean token pairs"),
+                                   ["routing"], multiprocess_mode="livemostrecent")
         self.default_idle = Gauge(
             "lynx_default_policy_cuts_nothing", "1 once the built-in default policy has cut "
             "under 1% of the stock experts over 200 pruned decode steps (calibrate this "
@@ -244,18 +251,26 @@ class StatsExporter:
             self._policy_shown = shown
 
     def _export_ep(self, delta: torch.Tensor) -> None:
-        """Busiest and mean EP rank's active experts over the window's pruned layer-steps."""
+        """Busiest and mean EP rank's active experts and token pairs over the window's pruned
+        layer-steps."""
         steps = float(delta[:, _FIELD["layer_steps"]].sum())
         if not steps:
             return
         m = self.metrics
-        for routing, busiest, total in (("lynx", "rank_kept_max", "kept"),
-                                        ("stock", "rank_union_max", "stock_union")):
-            most = float(delta[:, _FIELD[busiest]].sum()) / steps
-            mean = float(delta[:, _FIELD[total]].sum()) / steps / self.ep_ranks
+
+        def per_step(field: str) -> float:
+            return float(delta[:, _FIELD[field]].sum()) / steps
+
+        pairs_mean = per_step("pairs") / self.ep_ranks  # every row routes K pairs either way
+        for routing, busiest, total, pairs_max in (
+                ("lynx", "rank_kept_max", "kept", "rank_pairs_max"),
+                ("stock", "rank_union_max", "stock_union", "rank_stock_pairs_max")):
+            most, mean = per_step(busiest), per_step(total) / self.ep_ranks
             m.ep_rank_max.labels(routing=routing).set(most)
             m.ep_rank_mean.labels(routing=routing).set(mean)
             m.ep_balancedness.labels(routing=routing).set(mean / most if most else 1.0)
+            m.ep_pairs_max.labels(routing=routing).set(per_step(pairs_max))
+            m.ep_pairs_mean.labels(routing=routing).set(pairs_mean)
 
     def snapshot(self) -> Any:
         return self.last_window
