@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import (
     e2e_decode,
+    ep_serving,
     frontier,
     goodput,
     moe_layer,
@@ -63,6 +64,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         goodput.main(["--out", str(out_dir / "goodput.json")])
         frontier.main(["--out", str(out_dir / "frontier.json")])
         testbed.main(["--out", str(out_dir / "testbed.json")])
+        ep_serving.main(["--out", str(out_dir / "ep_serving.json")])
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
@@ -100,6 +102,7 @@ def render(out_dir: Path) -> dict[str, Any]:
     verify = out_dir / "verify_steps.json"
     good = out_dir / "goodput.json"
     front = out_dir / "frontier.json"
+    ep = out_dir / "ep_serving.json"
     layer_frontier = json.loads(front.read_text()) if front.exists() else None
     md_path.write_text(results_md.results_markdown(moe, e2e, pareto, info, images, hook_cost,
                                         layer_frontier) + (
@@ -107,7 +110,8 @@ def render(out_dir: Path) -> dict[str, Any]:
         "\n## Goodput (SGLang's serving benchmark)\n" + goodput.markdown(
             json.loads(good.read_text())) if good.exists() else "") + (
         frontier.markdown(layer_frontier) if layer_frontier else "") + (
-        testbed.markdown(bed_data) if bed_data else ""))
+        testbed.markdown(bed_data) if bed_data else "") + (
+        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else ""))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 
