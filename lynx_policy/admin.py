@@ -33,7 +33,7 @@ from lynx_policy.config import (
     validate_floor_fits,
     validate_slo,
 )
-from lynx_policy.decide import enforce_floor
+from lynx_policy.tables import enforce_floor
 from lynx_policy.throttle import PeerThrottle, SampledCount
 from lynx_protocol.messages import policy_update_size
 from lynx_protocol.policy import (

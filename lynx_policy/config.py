@@ -190,6 +190,11 @@ class ObserveConfig(_Section, frozen=True):
     """When ``rate_window_s`` holds too few observations for a quantile, widen the window by
     doubling up to this [s] instead of reading no data (at 2.4 requests/s a 4 s window holds
     ~10 per-request TPOTs, a p90 needs 50). None: never widen."""
+    confidence: Annotated[float, msgspec.Meta(ge=0.5, lt=1.0)] = 0.9
+    """One-sided confidence of the bounds each reading carries on its quantile (from the
+    window's observation count, `lynx_policy.quantiles.confidence_levels`): the model planner
+    tightens only on a miss its lower bound confirms and relaxes only on headroom its upper
+    bound confirms. 0.5: the bounds are the estimate (act on every reading)."""
     label_selector: str = ""
     """PromQL label matchers added to every query, e.g. ``model_name="olmoe"``."""
     timeout_s: PositiveFloat = 2.0
@@ -230,6 +235,11 @@ class AdaptiveConfig(_Section, frozen=True):
     """Model planning: a bucket's effective budget moves by at most this per tick [experts]."""
     correction_alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
     """Weight of the newest observed/predicted ratio in the correction factor's EMA."""
+    settle: bool = True
+    """Model planning: after a table change, a reading whose window reaches back before the
+    change (a ``tpot`` window twice over: a request's TPOT is recorded when it ends) neither
+    refits the correction factor nor moves the table further in the change's direction (its
+    steps are the old table's, biased that way). False: every reading counts."""
     arrivals: Literal["open", "closed"] = "open"
     """Ladder planning: how batches answer a faster step. ``open`` (requests arrive on their
     own, as in serving): by Little's law the running batch scales with TPOT, so a table that

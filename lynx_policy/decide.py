@@ -6,8 +6,13 @@ and acts on the result. Aggressiveness is the expert ``budget`` per batch-size b
 
 Two planners. Once the latency model of the connected replicas is ready (and
 ``adaptive.use_model``), every bucket's budget is computed from the model and a correction
-factor (`lynx_policy.plan`). Before that, the reactive rules below step all active buckets
-together; their tighten steps are also what gives a passively learnt model its spread in m.
+factor (`lynx_policy.plan`, or over a ladder's rungs at the batch mix:
+`lynx_policy.ladder_plan`). A model move is taken only on evidence
+(`lynx_policy.evidence`): a tighten on a miss the reading's lower bound confirms, a relax on
+a meet its upper bound confirms, and neither in the direction of the last change while the
+latency window still reaches back before it. Before the model is ready, the reactive rules
+below step all active buckets together (`lynx_policy.tables.step_policy`); their tighten steps
+are also what gives a passively learnt model its spread in m.
 
 - SLO signal (`classify`): ``violated`` if any quantile is above its target, ``headroom`` if
   all observed quantiles are below ``target * (1 - headroom)``, ``within`` in between,
@@ -29,11 +34,13 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
+from lynx_policy.evidence import evidence_veto, fresh, observed_buckets
 from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder, step_points
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import STEP_METRICS, BucketPlan, correction, plan_table, smooth
+from lynx_policy.tables import adaptive_table, bucket_shares, mean_budgets, step_policy
 from lynx_protocol.ladder import Ladder
-from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
+from lynx_protocol.policy import PolicySpec
 
 Signal = Literal["violated", "within", "headroom", "no_data"]
 Direction = Literal["tighten", "relax", "hold"]
@@ -48,6 +55,22 @@ class LatencyReading:
     to estimate the quantile (``observe.min_tail_samples``)."""
     samples: float | None = None
     """Observations in the window (None: not known)."""
+    lower_s: float | None = None
+    """Lower confidence bound of the quantile [s] (``observe.confidence``; None: unknown,
+    the estimate counts as its own bound)."""
+    upper_s: float | None = None
+    """Upper confidence bound of the quantile [s] (None: unknown)."""
+    window_s: float | None = None
+    """The window the quantile was read over [s] (None: unknown)."""
+
+    def bounds_s(self) -> tuple[float, float] | None:
+        """(lower, upper) [s]; None without an estimate."""
+        if self.observed_s is None:
+            return None
+        return (self.observed_s if self.lower_s is None else min(self.lower_s,
+                                                                 self.observed_s),
+                self.observed_s if self.upper_s is None else max(self.upper_s,
+                                                                 self.observed_s))
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,8 @@ class Observation:
     """Recent pure decode steps as (mean decode rows, steps) pairs over all replicas."""
     stalls: StallSteps | None = None
     """Recent prefill/mixed steps (None: unknown)."""
+    since_change_s: float | None = None
+    """Seconds since the applied table last changed (None: not since the controller started)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,8 @@ class Memory:
     """Model planner: its last plan of every bucket of ``planned`` (a hold that does not plan
     still says why each bucket has its budget, while that table is in force)."""
     planned: PolicySpec | None = None
+    last_direction: str = ""
+    """Model planner: ``tighten``/``relax`` of its last change (settling, `evidence_veto`)."""
 
 
 @dataclass(frozen=True)
@@ -128,76 +155,6 @@ def classify(latencies: tuple[LatencyReading, ...], headroom: float) -> Signal:
     if all(observed < target * (1.0 - headroom) for observed, target in pairs):
         return "headroom"
     return "within"
-
-
-def adaptive_table(policy: PolicySpec, settings: AdaptiveConfig, num_experts: int) -> PolicySpec:
-    """The policy as a ``budget`` table; a fresh table (no pruning anywhere) if it is not one."""
-    if policy.name == "budget" and policy.budgets:
-        return policy
-    budgets = [BudgetBucket(max_batch=b, all_layers=num_experts) for b in settings.buckets]
-    return msgspec.structs.replace(policy, name="budget", budgets=budgets)
-
-
-def bucket_shares(policy: PolicySpec, batch_steps: dict[int, int] | None) -> list[float] | None:
-    """Share of recent decode steps that each bucket of ``policy`` served (None: unknown)."""
-    if batch_steps is None:
-        return None
-    total = sum(batch_steps.values())
-    if total <= 0:
-        return None
-    shares = [0.0] * len(policy.budgets)
-    for batch_size, steps in batch_steps.items():
-        chosen = bucket_for(policy, batch_size)
-        if chosen is not None:
-            shares[policy.budgets.index(chosen)] += steps / total
-    return shares
-
-
-def _shift(values: list[int], delta: int, floors: list[int], num_experts: int) -> list[int]:
-    shifted = []
-    for value, low in zip(values, floors, strict=True):
-        current = min(value, num_experts)
-        if delta < 0:
-            new = min(current, max(low, current + delta))
-        else:
-            new = max(current, min(num_experts, current + delta))
-        shifted.append(value if new == current else new)
-    return shifted
-
-
-def _shift_bucket(bucket: BudgetBucket, delta: int, floor: QualityFloor, num_experts: int
-                  ) -> BudgetBucket:
-    if bucket.per_layer is not None:
-        floors = [floor.for_layer(i) for i in range(len(bucket.per_layer))]
-        return msgspec.structs.replace(
-            bucket, per_layer=_shift(bucket.per_layer, delta, floors, num_experts))
-    assert bucket.all_layers is not None
-    (value,) = _shift([bucket.all_layers], delta, [floor.highest()], num_experts)
-    return msgspec.structs.replace(bucket, all_layers=value)
-
-
-def step_policy(
-    policy: PolicySpec, direction: Direction, shares: list[float] | None,
-    settings: AdaptiveConfig, floor: QualityFloor, num_experts: int,
-) -> tuple[PolicySpec, tuple[int, ...]]:
-    """Apply one tighten/relax step to a budget table; returns (policy, changed bucket indices)."""
-    if direction == "hold":
-        return policy, ()
-    delta = -settings.step_experts if direction == "tighten" else settings.step_experts
-    new_buckets: list[BudgetBucket] = []
-    changed: list[int] = []
-    for i, bucket in enumerate(policy.budgets):
-        eligible = True
-        if direction == "tighten":
-            active = shares is None or shares[i] >= settings.min_active_fraction
-            eligible = active and bucket.max_batch >= settings.min_batch
-        new_bucket = _shift_bucket(bucket, delta, floor, num_experts) if eligible else bucket
-        if new_bucket != bucket:
-            changed.append(i)
-        new_buckets.append(new_bucket)
-    if not changed:
-        return policy, ()
-    return msgspec.structs.replace(policy, budgets=new_buckets), tuple(changed)
 
 
 def decide(
@@ -267,7 +224,8 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         if target.metric not in STEP_METRICS:
             continue
         kappa = previous.get((target.metric, target.quantile))
-        if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
+        if (reading.observed_s is not None and not stall_owned(reading, observation.stalls)
+                and fresh(reading, observation.since_change_s, settings)):
             if at_mix:  # the statistic the ladder planner predicts with (ladder_plan, 1)
                 reference = (mix_statistic(points, target.metric, target.quantile)
                              if points else 0.0)
@@ -290,7 +248,8 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         new_policy, plans, streaks, changed = plan_table(model, table, targets,
                                                          memory.relax_streaks, settings, floor)
     memory = Memory(corrections=tuple(corrections), relax_streaks=streaks, plans=plans,
-                    planned=new_policy if changed else policy)
+                    planned=new_policy if changed else policy,
+                    last_direction=memory.last_direction)
     kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
     if not changed:
         return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",
@@ -299,32 +258,22 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     tightened = any(after[b.max_batch] < before[b.max_batch]
                     for b in (new_policy.budgets[i] for i in changed))
     direction: Direction = "tighten" if tightened else "relax"
+    veto = evidence_veto(direction, observation.latencies, observation.since_change_s,
+                         memory.last_direction, settings)
+    if veto is not None:  # the readings speak for the buckets recent steps ran in: they hold
+        observed = observed_buckets(table, observation.batch_mix, settings.min_batch)
+        kept = tuple(i for i in changed if i not in observed)
+        held = tuple(replace(p, reason=f"{veto} (planned: {p.reason})")
+                     if i in observed else p for i, p in enumerate(plans))
+        if not kept:
+            memory = replace(memory, plans=held, planned=policy)
+            return Decision(policy, memory, signal, "hold", f"model: {veto} ({kappas})",
+                            planner="model", plans=held)
+        new_policy = msgspec.structs.replace(new_policy, budgets=[
+            table.budgets[i] if i in observed else b for i, b in enumerate(new_policy.budgets)])
+        changed, plans = kept, held
+        memory = replace(memory, plans=held, planned=new_policy)
+    memory = replace(memory, last_direction=direction)
     return Decision(new_policy, memory, signal, direction,
                     f"model: {direction} buckets {list(changed)} ({kappas})", changed,
                     planner="model", plans=plans)
-
-
-def enforce_floor(policy: PolicySpec, floor: QualityFloor, num_experts: int) -> PolicySpec:
-    """Raise any budget below the floor up to it (used when the floor itself is raised)."""
-    if policy.name != "budget":
-        return policy
-    buckets = []
-    for bucket in policy.budgets:
-        if bucket.per_layer is not None:
-            values = [max(v, floor.for_layer(i)) for i, v in enumerate(bucket.per_layer)]
-            buckets.append(msgspec.structs.replace(bucket, per_layer=values))
-        else:
-            assert bucket.all_layers is not None
-            buckets.append(msgspec.structs.replace(
-                bucket, all_layers=max(bucket.all_layers, min(floor.highest(), num_experts))))
-    return msgspec.structs.replace(policy, budgets=buckets)
-
-
-def mean_budgets(policy: PolicySpec, num_experts: int) -> list[tuple[int, float]]:
-    """(max_batch, mean budget over layers, capped at num_experts) per bucket, for metrics."""
-    rows = []
-    for bucket in policy.budgets:
-        values = bucket.per_layer if bucket.per_layer is not None else [bucket.all_layers or 0]
-        mean = sum(min(v, num_experts) for v in values) / max(1, len(values))
-        rows.append((bucket.max_batch, mean))
-    return rows

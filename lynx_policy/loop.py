@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lynx_policy.config import ControllerConfig
@@ -85,6 +85,18 @@ class ControlLoop:
         self.reports: deque[TickReport] = deque(maxlen=RECENT_TICKS)
         self.last_error = ""
         self.last_tick_monotonic = time.monotonic()
+        self._applied: Any = None  # the effective policy last seen, and when it changed
+        self._changed_at: float | None = None
+
+    def _since_change_s(self) -> float | None:
+        """Seconds since the effective policy last changed (None: not since start-up). A
+        change made elsewhere (admin API) is noticed here, its direction unknown."""
+        policy, now = self.keeper.state.effective_policy(), time.monotonic()
+        if self._applied is not None and policy != self._applied:
+            self._changed_at = now
+            self.memory = replace(self.memory, last_direction="")
+        self._applied = policy
+        return None if self._changed_at is None else now - self._changed_at
 
     @property
     def last_report(self) -> TickReport | None:
@@ -147,7 +159,9 @@ class ControlLoop:
             "settings": {"use_model": settings.use_model, "margin": settings.margin,
                          "headroom": settings.headroom,
                          "max_step_experts": settings.max_step_experts,
-                         "relax_after_ticks": settings.relax_after_ticks},
+                         "relax_after_ticks": settings.relax_after_ticks,
+                         "settle": settings.settle,
+                         "confidence": self.config.observe.confidence},
         }
 
     def _model_metrics(self, observation: Observation, decision: Decision,
@@ -184,6 +198,7 @@ class ControlLoop:
         state = self.keeper.state
         readings = await self.observer.observe(state.slo)
         state = self.keeper.state  # admin changes may have landed while we awaited
+        since_change_s = self._since_change_s()
         connected = self.hub.connected()
         self.models.ingest_new(connected)
         now, window = self.hub.clock(), self.config.loop.stats_window_s
@@ -195,7 +210,7 @@ class ControlLoop:
             batch_steps=self.hub.batch_steps(window),
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
-            stalls=stall_steps(stats for _, stats in recent),
+            stalls=stall_steps(stats for _, stats in recent), since_change_s=since_change_s,
         )
         ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,
@@ -219,6 +234,8 @@ class ControlLoop:
                                policy=decision.policy)
             log.info("adaptive %s → policy version %d (%s)", decision.direction,
                      self.keeper.state.version, decision.reason)
+            self._applied, self._changed_at = self.keeper.state.effective_policy(), \
+                time.monotonic()
             self.on_change()
         self.reports.append(TickReport(
             tick=self.ticks, at=time.time(), signal=decision.signal,
@@ -227,7 +244,9 @@ class ControlLoop:
             latencies=[{"metric": r.target.metric, "quantile": r.target.quantile,
                         "target_ms": r.target.target_ms,
                         "observed_ms": None if r.observed_s is None else r.observed_s * 1000.0,
-                        "samples": r.samples}
+                        "samples": r.samples, "window_s": r.window_s,
+                        "bounds_ms": None if (b := r.bounds_s()) is None
+                        else [b[0] * 1000.0, b[1] * 1000.0]}
                        for r in readings],
         ))
         return decision

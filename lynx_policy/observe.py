@@ -30,6 +30,7 @@ from lynx_policy.decide import LatencyReading
 from lynx_policy.quantiles import (
     CumulativeBuckets,
     bucket_delta,
+    confidence_levels,
     histogram_quantile,
     merge,
     parse_histograms,
@@ -67,9 +68,9 @@ def windows(config: ObserveConfig) -> list[float]:
 
 
 def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
-               window_s: float | None = None) -> str:
-    """Quantile query (``count``: the window's observation count instead); matches the
-    histogram under both spellings of its name.
+               window_s: float | None = None, quantile: float | None = None) -> str:
+    """Quantile query (``quantile``: another level than the target's; ``count``: the window's
+    observation count instead); matches the histogram under both spellings of its name.
 
     prometheus_client >= 0.22 serves OpenMetrics with ``escaping=underscores`` to scrapers that
     do not ask for UTF-8 names (Prometheus 2.x), so ``sglang:x`` is stored as ``sglang_x``
@@ -85,7 +86,8 @@ def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
                            for name in spellings)
     rates = " or ".join(f"sum by (le) (rate({name}_bucket{selector}[{window}]))"
                         for name in spellings)
-    return f"histogram_quantile({target.quantile:g}, {rates})"
+    level = target.quantile if quantile is None else quantile
+    return f"histogram_quantile({level:.6g}, {rates})"
 
 
 class PrometheusObserver:
@@ -107,7 +109,14 @@ class PrometheusObserver:
                 reading = usable(value, samples, target, self.config)
                 if reading is not None:
                     break
-            readings.append(LatencyReading(target, reading, samples))
+            bounds: list[float | None] = [None, None]
+            if reading is not None:
+                for i, level in enumerate(confidence_levels(target.quantile, samples,
+                                                            self.config.confidence)):
+                    bounds[i] = reading if level == target.quantile else await self._query(
+                        promql_for(target, self.config, window_s=window, quantile=level))
+            readings.append(LatencyReading(target, reading, samples, bounds[0], bounds[1],
+                                           window))
         return tuple(readings)
 
     async def _query(self, query: str) -> float | None:
@@ -240,7 +249,10 @@ class ScrapeObserver:
                 reading = usable(value, samples, t, self.config)
                 if reading is not None:
                     break
-            readings.append(LatencyReading(t, reading, samples))
+            low, high = (None, None) if reading is None else (
+                histogram_quantile(level, window)
+                for level in confidence_levels(t.quantile, samples, self.config.confidence))
+            readings.append(LatencyReading(t, reading, samples, low, high, window_s))
         return tuple(readings)
 
     def _remember(self, url: str, histograms: dict[str, CumulativeBuckets]) -> None:

@@ -40,6 +40,22 @@ def histogram_quantile(q: float, buckets: CumulativeBuckets) -> float | None:
     return bounds[-2] if len(bounds) > 1 else None
 
 
+def confidence_levels(q: float, samples: float | None, confidence: float
+                      ) -> tuple[float, float]:
+    """Quantile levels (q_lo, q_hi) whose estimates bound the true ``q`` quantile from below
+    and above, each at one-sided ``confidence``, from ``samples`` observations: the ranks of
+    the distribution-free interval, n q -/+ z sqrt(n q (1 - q)) by the normal approximation to
+    the binomial (Conover, Practical Nonparametric Statistics, 3rd ed., 1999, sec. 3.2),
+    divided by n and clipped to [0, 1]. (q, q) at confidence 0.5 or an unknown/empty count.
+    The P90 of 20 per-request TPOTs at 0.9: (0.81, 0.99)."""
+    if samples is None or samples <= 0 or confidence <= 0.5:
+        return q, q
+    from statistics import NormalDist
+
+    spread = NormalDist().inv_cdf(confidence) * math.sqrt(q * (1.0 - q) / samples)
+    return max(0.0, q - spread), min(1.0, q + spread)
+
+
 def parse_histograms(text: str, names: set[str]) -> dict[str, CumulativeBuckets]:
     """Cumulative buckets of each histogram in ``names``, summed over all label sets.
 

@@ -17,7 +17,6 @@ import httpx
 import uvicorn
 
 from lynx_policy.config import ControllerConfig
-from lynx_policy.decide import mean_budgets
 from lynx_policy.http import RepeatFilter, raise_fd_limit, with_deadline
 from lynx_policy.hub import Hub
 from lynx_policy.ladders import LadderStore
@@ -25,6 +24,7 @@ from lynx_policy.loop import ControlLoop
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.observe import make_observer
 from lynx_policy.state import PersistedState, StateKeeper
+from lynx_policy.tables import mean_budgets
 from lynx_protocol.messages import PolicyUpdate
 
 log = logging.getLogger(__name__)

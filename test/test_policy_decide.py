@@ -7,15 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
-from lynx_policy.decide import (
-    LatencyReading,
-    Memory,
-    Observation,
-    bucket_shares,
-    classify,
-    decide,
-    enforce_floor,
-)
+from lynx_policy.decide import LatencyReading, Memory, Observation, classify, decide
+from lynx_policy.tables import bucket_shares, enforce_floor
 from lynx_protocol.policy import BudgetBucket, PolicySpec, validate_policy
 
 SETTINGS = AdaptiveConfig(buckets=[4, 16, 64, 4096], min_batch=8, step_experts=2,

@@ -21,6 +21,7 @@ from lynx_policy.observe import (
     usable,
     windows,
 )
+from lynx_policy.quantiles import confidence_levels
 
 P99 = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
 P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
@@ -169,6 +170,61 @@ def test_the_prometheus_observer_widens_a_thin_window_too() -> None:
 
     (reading,) = asyncio.run(run())
     assert reading.observed_s == 0.08 and reading.samples == 80.0  # the 32 s window
+
+
+def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
+    """Both observers read the bounds at `confidence_levels` from the window the estimate came
+    from: 20 ITLs, 16 fast and 4 slow. The P90 lies in the slow bucket, its lower bound (P81)
+    among the fast ones: a miss the window does not confirm."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                           min_tail_samples=2.0)
+
+    async def scrape() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            await observer.observe([P90])
+            runtime.observe(0.015, 17)
+            runtime.observe(0.3, 3)
+            now[0] = 4.0
+            return await observer.observe([P90])
+
+    (reading,) = asyncio.run(scrape())
+    assert reading.window_s == 4.0 and reading.samples == 20
+    assert reading.lower_s is not None and reading.upper_s is not None
+    assert reading.lower_s <= 0.02 < 0.2 < reading.observed_s <= reading.upper_s <= 0.4
+    unbounded = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                              min_tail_samples=2.0, confidence=0.5)
+    config = unbounded
+    now[0] = 0.0
+    runtime = Runtime()
+    (plain,) = asyncio.run(scrape())
+    assert plain.lower_s == plain.observed_s == plain.upper_s
+
+    asked: list[str] = []
+
+    def prometheus(request: httpx.Request) -> httpx.Response:
+        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
+        asked.append(query)
+        level = 0.0 if "_count" in query else float(query.split("(")[1].split(",")[0])
+        value = 20.0 if "_count" in query else level  # a quantile answers its own level
+        return httpx.Response(200, json={"status": "success", "data": {
+            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+
+    prom = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=8,
+                         min_tail_samples=2.0)
+
+    async def query() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(prometheus)) as client:
+            return await PrometheusObserver(prom, client).observe([P90])
+
+    (reading,) = asyncio.run(query())
+    low, high = confidence_levels(0.9, 20, 0.9)
+    assert reading.observed_s == 0.9 and reading.window_s == 8
+    assert math.isclose(reading.lower_s or 0, low, rel_tol=1e-5)
+    assert math.isclose(reading.upper_s or 0, high, rel_tol=1e-5)
+    assert all("[8s]" in q for q in asked) and len(asked) == 4  # estimate, count, two bounds
 
 
 def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None:

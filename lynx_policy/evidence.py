@@ -1,0 +1,106 @@
+"""Evidence: may the model planner act on this tick's latency readings? Pure (no I/O, no clock).
+
+Acting on every reading failed on the SLO Pareto replay (`benchmark/slo_pareto.py`, P90 TPOT at
+~2.4 requests/s; the controller's reasoning polled every 5 s): the correction factor kappa
+ranged 0.66-2.11 within single 60 s replays, the planner tightened at once on a reading above
+target x (1 - margin) and relaxed only after ``relax_after_ticks`` calm ones, and the table
+ratcheted towards the lowest rungs (quality cost 6.6x the oracle static's at the loose target).
+Two causes, two rules:
+
+- **Sampling noise.** A P90 of 20 per-request TPOTs is the 18th-19th order statistic: above
+  a bound the true P90 meets in a third of windows. Each reading carries one-sided bounds at
+  ``observe.confidence`` (`lynx_policy.quantiles.confidence_levels`). A tighten needs some
+  target's *lower* bound above the planning line target x (1 - margin) (a confirmed miss); a
+  relax needs every read target's *upper* bound below the target itself (confirmed met; how
+  far to relax is the planner's headroom rule). The upper bound of a P90 from 20 samples is
+  near their maximum, ~1.2x the estimate for a lognormal sigma of 0.3: below target x
+  (1 - margin) it would almost never confirm, and a table once pruned would stay so.
+- **Stale windows** (``adaptive.settle``). After a change, a window that reaches back before it
+  holds the old table's steps (a ``tpot`` window twice over: a request's TPOT is recorded when
+  it ends, after decoding through the window before). After a tighten those steps are slower
+  than the new table's, so kappa = observed / S(new table) comes out high and the planner
+  tightens again; after a relax, low. Such a reading does not refit kappa (`fresh`), and the
+  table does not move further in the last change's direction until a reading is fresh; the
+  opposite direction stays open (the bias is against it, so its evidence is conservative).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from lynx_protocol.policy import PolicySpec, bucket_for
+
+if TYPE_CHECKING:
+    from lynx_policy.config import AdaptiveConfig
+    from lynx_policy.decide import LatencyReading
+
+
+def observed_buckets(table: PolicySpec, mix: tuple[tuple[float, int], ...], min_batch: int
+                     ) -> set[int]:
+    """Indices of the budget ``table``'s buckets (``max_batch`` >= ``min_batch``) that the recent
+    decode steps of ``mix`` ((mean rows, steps) pairs) ran in: the buckets a latency reading
+    is evidence about. A veto holds these; a planned move of any other bucket (one made ready
+    before its load arrives, or one below ``min_batch`` returned to no pruning) goes ahead."""
+    out = set()
+    for rows, steps in mix:
+        chosen = bucket_for(table, math.ceil(rows)) if steps > 0 and rows > 0 else None
+        if chosen is not None and chosen.max_batch >= min_batch:
+            out.add(table.budgets.index(chosen))
+    return out
+
+
+def settle_lag_s(reading: LatencyReading) -> float | None:
+    """How long after a change this reading's window stops holding earlier steps [s]: its
+    window, twice for ``tpot`` (None: the window is not known)."""
+    if reading.window_s is None:
+        return None
+    return reading.window_s * (2.0 if reading.target.metric == "tpot" else 1.0)
+
+
+def fresh(reading: LatencyReading, since_change_s: float | None,
+          settings: AdaptiveConfig) -> bool:
+    """Did every step behind this reading run under the applied table? (True when settling is
+    off, or the change time or the window is unknown.)"""
+    lag = settle_lag_s(reading)
+    return (not settings.settle or since_change_s is None or lag is None
+            or since_change_s >= lag)
+
+
+def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],
+                  since_change_s: float | None, last_direction: str,
+                  settings: AdaptiveConfig) -> str | None:
+    """Why the planner's ``direction`` (``tighten``/``relax``/``hold``) must not be taken this
+    tick (module docstring), or None when the readings support it. Readings without data
+    neither support nor block a move."""
+    if direction not in ("tighten", "relax"):
+        return None
+    read = [r for r in readings if r.observed_s is not None]
+    if direction == last_direction:
+        stale = [r for r in read if not fresh(r, since_change_s, settings)]
+        if stale:
+            lag = max(settle_lag_s(r) or 0.0 for r in stale)
+            return (f"settling: the last {direction} was {since_change_s or 0.0:.1f} s ago and "
+                    f"the latency window reaches back {lag:.1f} s, into the table before it; "
+                    "holds")
+    bound = 1.0 - settings.margin
+    if direction == "tighten":
+        misses = [r for r in read if (b := r.bounds_s()) is not None
+                  and b[0] * 1000.0 > r.target.target_ms * bound]
+        if read and not misses:
+            worst = max(read, key=lambda r: (r.bounds_s() or (0.0, 0.0))[0]
+                        / r.target.target_ms)
+            low = (worst.bounds_s() or (0.0, 0.0))[0] * 1000.0
+            return (f"miss not confirmed: the {worst.target.metric} p"
+                    f"{worst.target.quantile * 100:g} lower bound {low:.1f} ms is within "
+                    f"{worst.target.target_ms * bound:.1f} ms; holds")
+        return None
+    unconfirmed = [r for r in read if (b := r.bounds_s()) is not None
+                   and b[1] * 1000.0 >= r.target.target_ms]
+    if unconfirmed:
+        r = unconfirmed[0]
+        high = (r.bounds_s() or (0.0, 0.0))[1] * 1000.0
+        return (f"room not confirmed: the {r.target.metric} p{r.target.quantile * 100:g} "
+                f"upper bound {high:.1f} ms reaches the target {r.target.target_ms:.1f} ms; "
+                "holds")
+    return None
