@@ -56,8 +56,8 @@ from lynx_policy.model import FleetModel
 from lynx_policy.plan import (
     BucketPlan,
     TablePlan,
-    effective_experts,
     planning_batch,
+    predicted_steps,
     quantile_of,
 )
 from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
@@ -94,9 +94,8 @@ def mix_statistic(points: list[tuple[float, float]], metric: str, quantile: floa
 def step_points(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...]
                 ) -> list[tuple[float, float]]:
     """(predicted step latency [ms], tokens) per mix point under an applied ``policy`` (any
-    table: `lynx_policy.plan.effective_experts`)."""
-    return [(model.predict(b, effective_experts(policy, b, model.union(b))), b * n)
-            for b, n in mix if n > 0 and b > 0]
+    table: `lynx_policy.plan.predicted_steps`, token-weighted)."""
+    return predicted_steps(model, policy, mix, by_tokens=True)
 
 
 class _SortedBudgets:

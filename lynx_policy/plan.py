@@ -85,12 +85,20 @@ def effective_experts(policy: PolicySpec, batch: float, union: float) -> float:
     return min(union, sum(values) / len(values))
 
 
+def predicted_steps(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...],
+                    by_tokens: bool) -> list[tuple[float, float]]:
+    """(predicted step latency [ms], weight) per point of the batch mix ((mean rows, steps)
+    pairs) under the applied ``policy`` (any table, `effective_experts`); the weight is the
+    point's steps, or its tokens (rows x steps) when ``by_tokens``."""
+    return [(model.predict(b, effective_experts(policy, b, model.union(b))),
+             b * n if by_tokens else float(n)) for b, n in mix if n > 0 and b > 0]
+
+
 def correction(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...],
                target: SloTarget, observed_s: float) -> float | None:
     """Raw kappa for one target: observed quantile / predicted quantile over the batch mix
-    ((mean rows, steps) pairs); None without a mix."""
-    predicted = [(model.predict(b, effective_experts(policy, b, model.union(b))), float(n))
-                 for b, n in mix if n > 0]
+    ((mean rows, steps) pairs), steps weighted by count; None without a mix."""
+    predicted = predicted_steps(model, policy, mix, by_tokens=False)
     if not predicted:
         return None
     reference = quantile_of(predicted, target.quantile)

@@ -1,8 +1,9 @@
 """EPLB through SGLang's own ``TopK`` (issue 24, part 3): a call that carries a physical map
 never gets logical ids written into its physical-id output. With SGLang's ``static`` or
 ``dynamic`` dispatch Lynx judges on the logical ids behind SGLang's physical ones, rows with
-nothing dropped keep SGLang's physical ids bit for bit, and rerouted rows get physical ids by
-SGLang's own dispatch; ``fake`` / ``lp`` calls pass through, counted.
+nothing dropped keep SGLang's physical ids bit for bit, and each kept expert's rerouted choices
+go to one replica (a used one, else the least-loaded rank's); ``fake`` / ``lp`` calls pass
+through, counted.
 
 Shape legend: T rows, E logical experts, K top_k, P physical experts (E + redundant)."""
 
@@ -84,10 +85,44 @@ def test_under_eplb_only_rerouted_rows_change_and_they_get_physical_ids(algorith
     assert untouched.any() and (~untouched).any()
     assert torch.equal(out.topk_ids[untouched], stock.topk_ids[untouched])  # bit for bit
     assert torch.equal(out.topk_weights[untouched], stock.topk_weights[untouched])
-    # every rerouted id is a physical replica SGLang's dispatch picks for its logical expert
-    assert torch.equal(out.topk_ids[~untouched], eplb.to_physical(
-        logical_out, info)[~untouched])
+    # every rerouted id is a replica of its logical expert, and one replica per expert: the
+    # one the untouched rows use where they use one
+    assert torch.equal(eplb.to_logical(out.topk_ids, info), logical_out)
+    used = set(stock.topk_ids[untouched].flatten().tolist())
+    for expert in kept:
+        slots = set(out.topk_ids[~untouched][logical_out[~untouched] == expert].tolist())
+        assert len(slots) <= 1, (expert, slots)
+        replicas = set(REPLICAS[expert][: int(NUM_VALID[expert])].tolist())
+        if slots and used & replicas:
+            assert slots <= used, (expert, slots, used)
     assert runtime.exporter.passed_through["eplb_dispatch"] == 0
+
+
+def test_rerouted_choices_go_to_a_used_replica_else_the_least_loaded_rank() -> None:
+    """Two EP ranks of 6 physical slots each. Logical 0 has replicas at slots 9 and 10 (rank
+    1), logical 3 at slot 1 (rank 0) and 11 (rank 1). Rows 2-3 are rerouted to logical 0 and
+    3: every choice of 0 goes to slot 10, the replica the untouched rows use; 3, which no
+    untouched row uses, goes to the rank with fewer used replicas, and with one rank to its
+    lowest slot."""
+    from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo
+
+    table = torch.tensor([[9, 10], [8, 0], [7, 0], [1, 11], [5, 0], [4, 0], [3, 0], [2, 0]])
+    info = ExpertLocationDispatchInfo(
+        ep_dispatch_algorithm="dynamic", partial_logical_to_rank_dispatch_physical_map=table[
+            :, 0].clone(), partial_logical_to_all_physical_map=table,
+        partial_logical_to_all_physical_map_num_valid=NUM_VALID, num_physical_experts=PHYSICAL,
+        rank_invariant=True)
+    logical = torch.tensor([[0, 0], [0, 0], [0, 3], [3, 0]])
+    rerouted = torch.tensor([False, False, True, True])
+    rank0_busy = torch.tensor([[2, 3], [4, 10], [0, 0], [0, 0]])  # rank 0: 3 used, rank 1: 1
+    out = eplb.consolidated(logical, rank0_busy, rerouted, info, ranks=2)
+    assert out[:2].tolist() == rank0_busy[:2].tolist()  # untouched rows: SGLang's ids
+    assert out[2:].tolist() == [[10, 11], [11, 10]]
+    rank1_busy = torch.tensor([[10, 8], [7, 2], [0, 0], [0, 0]])  # rank 0: 1 used, rank 1: 3
+    assert eplb.consolidated(logical, rank1_busy, rerouted, info, ranks=2)[2:].tolist() == [
+        [10, 1], [1, 10]]
+    assert eplb.consolidated(logical, rank0_busy, rerouted, info)[2:].tolist() == [
+        [10, 1], [1, 10]]  # one rank: a used replica, else the lowest slot
 
 
 @pytest.mark.parametrize("algorithm", ["fake", "lp"])

@@ -121,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
         stock = gate.run_tasks(stock_url, tasks, include, args.concurrency, args.limit, cache)
     with _server(model, env, work, "lynx") as url:
         lynx = gate.run_tasks(url, tasks, include, args.concurrency, args.limit, cache)
-        from lynx.evaluate.gate import served_model
-
-        pruning = _pruning(url, served_model(url))
+        pruning = _pruning(url, gate.served_model(url))
     deltas = gate.compare(stock, lynx, args.threshold)
     policy = {k: v for k, v in env.items() if k != "LYNX_ENABLED"} or {"policy": "checkpoint"}
     out = gate.report(deltas, args.threshold, {

@@ -10,9 +10,12 @@ are mapped, so the plugin asks per call:
 - no dispatch info: the ids are logical; pruned as everywhere else;
 - ``static`` or ``dynamic``: the physical ids are mapped back to logical ones through the
   layer's replica table (every physical id is a replica of exactly one logical expert), Lynx
-  judges and reroutes on those, and only the rerouted rows get new ids, mapped to physical
-  ones by SGLang's own dispatch (`topk_ids_logical_to_physical`: the rank's replica, or one
-  spread by row). Rows with nothing dropped keep SGLang's physical ids bit for bit;
+  judges and reroutes on those, and only the rerouted rows get new ids (`consolidated`): all of
+  a kept expert's rerouted choices go to *one* of its replicas, one that the step's other rows
+  already use if there is one (its weights are read anyway), else the one on the EP rank with
+  the fewest active replicas. SGLang's own dispatch (`to_physical`) would pick the rank's
+  replica (``static``) or spread the rows over replicas (``dynamic``), waking replicas that
+  nothing else needs. Rows with nothing dropped keep SGLang's physical ids bit for bit;
 - ``fake`` (router logits replaced for load tests) and ``lp`` (replicas from an LP solved
   inside SGLang's routing): the call passes through unpruned, counted as ``eplb_dispatch``.
 EPLB rebalances from what SGLang's expert-distribution recorder counted, which is the stock
@@ -57,3 +60,30 @@ def to_physical(logical: torch.Tensor, info: Any) -> torch.Tensor:
     from sglang.srt.eplb.expert_location_dispatch import topk_ids_logical_to_physical
 
     return topk_ids_logical_to_physical(logical, info).to(logical.dtype)
+
+
+def consolidated(logical: torch.Tensor, physical: torch.Tensor, rerouted: torch.Tensor,
+                 info: Any, ranks: int = 1) -> torch.Tensor:
+    """[T,K] physical ids for ``logical`` [T,K]: SGLang's own ``physical`` [T,K] on rows not
+    ``rerouted`` [T] bool; on rerouted rows each logical expert's one chosen replica (module
+    docstring): first a replica the unrerouted rows use, then the one whose EP rank (``ranks``
+    contiguous blocks of the physical slots; 1 when they do not divide) holds the fewest
+    used replicas, then the lowest slot. Static shapes, no host sync."""
+    device = physical.device
+    table = info.partial_logical_to_all_physical_map.to(device).long()  # [E,X]
+    slots = int(info.num_physical_experts)
+    valid = torch.arange(table.shape[1], device=device)[None, :] < \
+        info.partial_logical_to_all_physical_map_num_valid.to(device)[:, None]  # [E,X]
+    kept_rows = (~rerouted)[:, None].expand_as(physical).flatten()
+    used = torch.zeros(slots + 1, dtype=torch.long, device=device).scatter_add_(
+        0, torch.where(kept_rows, physical.flatten().long(), slots),
+        torch.ones_like(kept_rows, dtype=torch.long))[:slots] > 0  # [P]
+    per_rank = slots // ranks if ranks > 1 and slots % ranks == 0 else slots
+    rank = torch.arange(slots, device=device) // per_rank  # [P]
+    load = torch.zeros(slots // per_rank, dtype=torch.long, device=device).scatter_add_(
+        0, rank, used.long())  # used replicas per rank
+    slot = table.clamp(0, slots - 1)
+    key = ((~used[slot]).long() * (slots + 1) + load[rank[slot]]) * (slots + 1) + slot
+    key = torch.where(valid, key, torch.iinfo(torch.long).max)
+    choice = table.gather(1, key.argmin(dim=1, keepdim=True)).squeeze(1)  # [E]
+    return torch.where(rerouted[:, None], choice[logical.long()].to(physical.dtype), physical)

@@ -222,8 +222,8 @@ class LynxRuntime:
             selection = self.select(state, router_logits, plan, topk.topk_config, layer,
                                     stock_ids=own_ids if info is None else eplb.to_logical(
                                         own_ids, info))
-            ids = selection.topk_ids if info is None else eplb.to_physical(
-                selection.topk_ids, info)  # only the rerouted rows take them
+            ids = selection.topk_ids if info is None else eplb.consolidated(
+                selection.topk_ids, own_ids, selection.rerouted, info, self.ep_layout[0])
             output = merge_standard_output(output, selection.topk_weights, ids,
                                            selection.rerouted, plan.router.top_k)
         if self.exporter is not None:
