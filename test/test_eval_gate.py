@@ -4,7 +4,9 @@ the default policy passes with real pruning; the verdict path fails a planted dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import yaml
 from lynx.evaluate.gate import GateError, TaskScores, check_tasks, paired_delta, primary_metric
 from lynx.evaluate.tasks import task_names, write_tasks
 from lynx.reference.tasks import TASKS, answer_text, arithmetic_prompt
+from lynx_protocol.ladder import PPL_RISE
 
 
 def test_the_task_files_hold_the_heldout_problems_and_lm_eval_loads_them(tmp_path: Path
@@ -122,3 +125,70 @@ def test_the_gate_passes_the_default_with_real_pruning(tmp_path: Path) -> None:
     (task,) = good["tasks"]
     assert task["task"] == "lynx_add3" and task["n"] == 64 and task["stock"] > 90
     assert "gate: PASS" in passed.stdout
+
+
+def test_attach_writes_each_task_drop_into_every_table_of_the_rung(tmp_path: Path) -> None:
+    from lynx.evaluate.attach import attach, attach_to_file, cost_kind
+    from lynx.evaluate.gate import TaskDelta
+    from lynx_protocol.ladder import decode_ladder, encode_ladder, load_ladder
+
+    path = tmp_path / "lynx_ladder.json"
+    shutil.copy(Path("models/qwen3-moe-mini/lynx_ladder.json"), path)
+    before = load_ladder(path)
+    drop = TaskDelta("lynx_add3", "exact_match,f", 100.0, 98.5, -1.5, 0.6, 64, False)
+    gain = TaskDelta("My-Task.v2", "acc,none", 50.0, 51.0, 1.0, 0.5, 64, True)
+    after = attach_to_file(path, "m16", [drop, gain], "lm-eval 0.4.13")
+    assert load_ladder(path) == after == decode_ladder(encode_ladder(after))  # round trip
+    rung = after.rung("m16")
+    for table in rung.tables:
+        assert table.cost("acc_drop_lynx_add3") == 0.015 and table.cost(PPL_RISE) is not None
+        assert table.cost("acc_drop_my_task_v2") == -0.01
+        assert "n=64" in table.costs[-1].source and "lm-eval 0.4.13" in table.costs[-1].source
+    assert [r for r in after.rungs if r.name != "m16"] == [
+        r for r in before.rungs if r.name != "m16"]  # other rungs untouched
+    again = attach(after, "m16", [dataclasses.replace(drop, delta=-3.0)], "rerun")
+    assert [c.kind for c in again.rung("m16").tables[0].costs].count(
+        "acc_drop_lynx_add3") == 1
+    assert again.rung("m16").cost("acc_drop_lynx_add3") == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="no rung 'm4'"):
+        attach(after, "m4", [drop], "x")
+    assert cost_kind("A" * 40) == "acc_drop_" + "a" * 23 and len(cost_kind("A" * 40)) == 32
+
+
+def test_the_gate_attaches_its_drops_to_the_rung_it_ran(tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    """The command's path with servers and lm-eval replaced by their results: ``--rung m16
+    --attach FILE`` writes the measured drop into m16's tables; a server that pruned nothing
+    attaches nothing; --attach without --rung, or with a rung the ladder lacks, is refused
+    before any server starts."""
+    import contextlib
+
+    from lynx.evaluate import cli, gate
+    from lynx.serving.cli import main
+    from lynx_protocol.ladder import load_ladder
+
+    path = tmp_path / "ladder.json"
+    shutil.copy(Path("models/qwen3-moe-mini/lynx_ladder.json"), path)
+    scores = {"stock": {i: 1.0 for i in range(10)}, "lynx": {**{i: 1.0 for i in range(9)},
+                                                             9: 0.0}}
+    monkeypatch.setattr(gate, "run_tasks", lambda url, tasks, *a: {
+        "lynx_add3": TaskScores("lynx_add3", "exact_match,f", scores[url])})
+    monkeypatch.setattr(cli, "_server", lambda *a: contextlib.nullcontext("lynx"))
+    pruned = {"pruned_decode_steps": 5.0, "decode_steps": 5.0, "pruned_rows": 40.0,
+              "kept_over_stock_union": 0.5}
+    monkeypatch.setattr(cli, "_pruning", lambda url, model: pruned)
+    monkeypatch.setattr(gate, "served_model", lambda url: "m")
+    base = ["evaluate", "--model", "qwen3-moe-mini", "--stock-url", "stock", "--tasks",
+            "lynx_add3", "--rung", "m16"]
+    assert main([*base, "--attach", str(path)]) == 1  # a 10-point drop fails the 1-point gate
+    assert "attached to rung m16" in capsys.readouterr().out
+    assert load_ladder(path).rung("m16").cost("acc_drop_lynx_add3") == pytest.approx(0.1)
+    pruned["pruned_decode_steps"] = 0.0
+    scores["lynx"][9] = 1.0
+    assert main([*base, "--attach", str(path)]) == 0
+    assert "not attached" in capsys.readouterr().out
+    assert load_ladder(path).rung("m16").cost("acc_drop_lynx_add3") == pytest.approx(0.1)
+    assert main([*base[:-2], "--attach", str(path)]) == 2
+    assert "--attach needs --rung" in capsys.readouterr().err
+    assert main([*base[:-1], "m4", "--attach", str(path)]) == 2
+    assert "has no rung 'm4'" in capsys.readouterr().err

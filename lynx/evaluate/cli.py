@@ -2,13 +2,15 @@
 
     lynx-serve evaluate --model qwen3-moe-128 [--policy JSON | --policy-file F | --rung NAME]
         [--tasks lynx_heldout] [--include-path DIR] [--limit 256] [--concurrency 16]
-        [--threshold 1.0] [--stock-url URL] [--out report.json]
+        [--threshold 1.0] [--stock-url URL] [--out report.json] [--attach [LADDER]]
 
 Starts a stock SGLang server (unless ``--stock-url`` names a running one) and a Lynx server
 with the policy under test (default: what the checkpoint ships, else the built-in default),
 one after the other; runs the lm-eval tasks on each (the project's held-out tasks are written
 by `lynx.evaluate.tasks`; ``--include-path`` adds the user's own task YAMLs); prints per-task
 deltas with standard errors and how much the Lynx server pruned; writes the JSON report.
+With ``--rung NAME --attach``, each task's measured drop is written into that rung of the
+ladder as a cost of its own kind (`lynx.evaluate.attach`).
 Exit 0: every task within ``--threshold`` points; 1: a task is not; 2: bad input.
 """
 
@@ -45,6 +47,10 @@ def add_parser(sub: Any) -> None:
                     help=f"requests in flight (>= {CONCURRENCY_MIN}: real decode batches)")
     ev.add_argument("--threshold", type=float, default=1.0,
                     help="largest allowed drop per task [points]")
+    ev.add_argument("--attach", nargs="?", const="", metavar="LADDER",
+                    help="with --rung: write each task's measured drop into that rung of this "
+                    "ladder file as an acc_drop_<task> cost (default: the checkpoint's "
+                    "lynx_ladder.json)")
     ev.add_argument("--stock-url", help="compare against this running stock server")
     ev.add_argument("--out", type=Path, help="write the JSON report here")
 
@@ -96,6 +102,43 @@ def _pruning(url: str, model: str) -> dict[str, float]:
             "kept_over_stock_union": round(kept / union, 4) if union else 1.0}
 
 
+def _attach_target(args: argparse.Namespace, model: Path) -> Path | None:
+    """The ladder ``--attach`` writes to, checked before any server starts (None: no attach).
+    ServeError: no ``--rung``, or a ladder that is damaged or lacks the rung."""
+    from lynx.sglang_plugin.config import CHECKPOINT_LADDER
+    from lynx_protocol.ladder import LadderError, load_ladder
+
+    if args.attach is None:
+        return None
+    if not args.rung:
+        raise ServeError("evaluate: --attach needs --rung (the rung the costs belong to)")
+    path = Path(args.attach) if args.attach else model / CHECKPOINT_LADDER
+    try:
+        names = [r.name for r in load_ladder(path).rungs]
+    except LadderError as exc:
+        raise ServeError(f"evaluate: --attach: {exc}") from None
+    if args.rung not in names:
+        raise ServeError(f"evaluate: --attach: {path} has no rung {args.rung!r} ({names})")
+    return path
+
+
+def _attach(path: Path, args: argparse.Namespace, deltas: list[Any],
+            pruning: dict[str, float]) -> None:
+    """Write the drops into the rung (`lynx.evaluate.attach`), unless nothing was pruned."""
+    from importlib.metadata import version
+
+    from lynx.evaluate.attach import attach_to_file, cost_kind
+
+    if not pruning["pruned_decode_steps"]:
+        print(f"not attached to {path}: the Lynx server pruned nothing, so the drops are "
+              "stock's")
+        return
+    attach_to_file(path, args.rung, deltas, f"lm-eval {version('lm_eval')} (lynx-serve "
+                   f"evaluate), {args.concurrency} requests in flight, limit {args.limit}")
+    kinds = ", ".join(cost_kind(d.task) for d in deltas)
+    print(f"attached to rung {args.rung} of {path}: {kinds}")
+
+
 def run(args: argparse.Namespace) -> int:
     """The gate (module docstring); ServeError / GateError on bad input."""
     from lynx.evaluate import gate
@@ -109,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ServeError(f"evaluate: --include-path {missing} is not a folder")
     model = resolve_model(args.model)
+    ladder_path = _attach_target(args, model)
     env = _lynx_env(args)
     work = Path(tempfile.mkdtemp(prefix="lynx-evaluate-"))
     write_tasks(work / "tasks")
@@ -133,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
           f"union {pruning['kept_over_stock_union']:.3f}"
           + ("  (nothing was pruned: the gate measured stock)"
              if not pruning["pruned_decode_steps"] else ""))
+    if ladder_path is not None:
+        _attach(ladder_path, args, deltas, pruning)
     print("gate: " + ("PASS" if out["passed"] else "FAIL")
           + f" (threshold {args.threshold:g} points)")
     if args.out:
