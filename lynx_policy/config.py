@@ -236,10 +236,10 @@ class AdaptiveConfig(_Section, frozen=True):
     correction_alpha: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
     """Weight of the newest observed/predicted ratio in the correction factor's EMA."""
     settle: bool = True
-    """Model planning: after a table change, a reading whose window reaches back before the
-    change (a ``tpot`` window twice over: a request's TPOT is recorded when it ends) neither
-    refits the correction factor nor moves the table further in the change's direction (its
-    steps are the old table's, biased that way). False: every reading counts."""
+    """Model planning: fit the correction factor against the tables the latency window saw
+    (each weighted by its share of the window; a ``tpot`` window counts twice over, a
+    request's TPOT being recorded when it ends), not against the table applied now: after a
+    change the window still holds the old table's steps. False: the applied table only."""
     arrivals: Literal["open", "closed"] = "open"
     """Ladder planning: how batches answer a faster step. ``open`` (requests arrive on their
     own, as in serving): by Little's law the running batch scales with TPOT, so a table that

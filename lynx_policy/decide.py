@@ -6,11 +6,10 @@ and acts on the result. Aggressiveness is the expert ``budget`` per batch-size b
 
 Two planners. Once the latency model of the connected replicas is ready (and
 ``adaptive.use_model``), every bucket's budget is computed from the model and a correction
-factor (`lynx_policy.plan`, or over a ladder's rungs at the batch mix:
-`lynx_policy.ladder_plan`). A model move is taken only on evidence
-(`lynx_policy.evidence`): a tighten on a miss the reading's lower bound confirms, a relax on
-a meet its upper bound confirms, and neither in the direction of the last change while the
-latency window still reaches back before it. Before the model is ready, the reactive rules
+factor fitted against the tables the latency window saw (`lynx_policy.plan`, or over a
+ladder's rungs at the batch mix: `lynx_policy.ladder_plan`). A model move is taken only on
+evidence (`lynx_policy.evidence`): a tighten on a miss the reading's lower bound confirms, a
+relax on a meet its upper bound confirms. Before the model is ready, the reactive rules
 below step all active buckets together (`lynx_policy.tables.step_policy`); their tighten steps
 are also what gives a passively learnt model its spread in m.
 
@@ -34,10 +33,17 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
-from lynx_policy.evidence import evidence_veto, fresh, observed_buckets
-from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder, step_points
+from lynx_policy.evidence import evidence_veto, observed_buckets, window_tables
+from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder
 from lynx_policy.model import FleetModel
-from lynx_policy.plan import STEP_METRICS, BucketPlan, correction, plan_table, smooth
+from lynx_policy.plan import (
+    STEP_METRICS,
+    BucketPlan,
+    plan_table,
+    predicted_steps,
+    quantile_of,
+    smooth,
+)
 from lynx_policy.tables import adaptive_table, bucket_shares, mean_budgets, step_policy
 from lynx_protocol.ladder import Ladder
 from lynx_protocol.policy import PolicySpec
@@ -108,8 +114,9 @@ class Observation:
     """Recent pure decode steps as (mean decode rows, steps) pairs over all replicas."""
     stalls: StallSteps | None = None
     """Recent prefill/mixed steps (None: unknown)."""
-    since_change_s: float | None = None
-    """Seconds since the applied table last changed (None: not since the controller started)."""
+    history: tuple[tuple[float, PolicySpec], ...] = ()
+    """The applied tables of the recent past as (seconds since it took effect, table), newest
+    first (`lynx_policy.evidence.window_tables`); empty: only the current one is known."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,6 @@ class Memory:
     """Model planner: its last plan of every bucket of ``planned`` (a hold that does not plan
     still says why each bucket has its budget, while that table is in force)."""
     planned: PolicySpec | None = None
-    last_direction: str = ""
-    """Model planner: ``tighten``/``relax`` of its last change (settling, `evidence_veto`)."""
 
 
 @dataclass(frozen=True)
@@ -217,24 +222,26 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     bucket (`lynx_policy.plan.plan_table`)."""
     previous = {(metric, q): kappa for metric, q, kappa in memory.corrections}
     at_mix = ladder is not None and ladder.model.num_experts == observation.num_experts
-    points = step_points(model, policy, observation.batch_mix) if at_mix else []
+    mix = observation.batch_mix
     corrections, targets, mix_targets = [], [], []
     for reading in observation.latencies:
         target = reading.target
         if target.metric not in STEP_METRICS:
             continue
         kappa = previous.get((target.metric, target.quantile))
-        if (reading.observed_s is not None and not stall_owned(reading, observation.stalls)
-                and fresh(reading, observation.since_change_s, settings)):
-            if at_mix:  # the statistic the ladder planner predicts with (ladder_plan, 1)
-                reference = (mix_statistic(points, target.metric, target.quantile)
-                             if points else 0.0)
-                raw = reading.observed_s * 1000.0 / reference if reference > 0 else None
-            else:
-                raw = correction(model, policy, observation.batch_mix, target,
-                                 reading.observed_s)
-            if raw is not None and raw > 0:
-                kappa = smooth(kappa, raw, settings.correction_alpha)
+        if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
+            # the model's statistic over the tables the window saw (`evidence.window_tables`):
+            # at the mix, as the ladder planner predicts (ladder_plan, 1), else step-weighted
+            parts = [(share, mix_statistic(points, target.metric, target.quantile) if at_mix
+                      else quantile_of(points, target.quantile))
+                     for share, table in window_tables(reading, observation.history, policy,
+                                                       settings)
+                     if (points := predicted_steps(model, table, mix, by_tokens=at_mix))]
+            reference = sum(share * value for share, value in parts) / max(
+                sum(share for share, _ in parts), 1e-12)
+            if parts and reference > 0:
+                kappa = smooth(kappa, reading.observed_s * 1000.0 / reference,
+                               settings.correction_alpha)
         kappa = 1.0 if kappa is None else kappa
         corrections.append((target.metric, target.quantile, kappa))
         targets.append((target.target_ms, kappa))
@@ -248,8 +255,7 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         new_policy, plans, streaks, changed = plan_table(model, table, targets,
                                                          memory.relax_streaks, settings, floor)
     memory = Memory(corrections=tuple(corrections), relax_streaks=streaks, plans=plans,
-                    planned=new_policy if changed else policy,
-                    last_direction=memory.last_direction)
+                    planned=new_policy if changed else policy)
     kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
     if not changed:
         return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",
@@ -258,8 +264,7 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     tightened = any(after[b.max_batch] < before[b.max_batch]
                     for b in (new_policy.budgets[i] for i in changed))
     direction: Direction = "tighten" if tightened else "relax"
-    veto = evidence_veto(direction, observation.latencies, observation.since_change_s,
-                         memory.last_direction, settings)
+    veto = evidence_veto(direction, observation.latencies, settings)
     if veto is not None:  # the readings speak for the buckets recent steps ran in: they hold
         observed = observed_buckets(table, observation.batch_mix, settings.min_batch)
         kept = tuple(i for i in changed if i not in observed)
@@ -273,7 +278,6 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
             table.budgets[i] if i in observed else b for i, b in enumerate(new_policy.budgets)])
         changed, plans = kept, held
         memory = replace(memory, plans=held, planned=new_policy)
-    memory = replace(memory, last_direction=direction)
     return Decision(new_policy, memory, signal, direction,
                     f"model: {direction} buckets {list(changed)} ({kappas})", changed,
                     planner="model", plans=plans)

@@ -17,11 +17,13 @@ Two causes, two rules:
   (1 - margin) it would almost never confirm, and a table once pruned would stay so.
 - **Stale windows** (``adaptive.settle``). After a change, a window that reaches back before it
   holds the old table's steps (a ``tpot`` window twice over: a request's TPOT is recorded when
-  it ends, after decoding through the window before). After a tighten those steps are slower
-  than the new table's, so kappa = observed / S(new table) comes out high and the planner
-  tightens again; after a relax, low. Such a reading does not refit kappa (`fresh`), and the
-  table does not move further in the last change's direction until a reading is fresh; the
-  opposite direction stays open (the bias is against it, so its evidence is conservative).
+  it ends, after decoding through the window before). Fitting kappa = observed / S(new table)
+  then comes out high after a tighten (those steps were slower), so the planner tightens
+  again, and low after a relax. kappa is fitted against the tables the window actually saw
+  instead: S is the mean of S(table) over the window, each table weighted by its share of it
+  (`window_tables`). A first version froze kappa and blocked same-direction moves until a
+  window was fresh; at ~1.7 requests/s the observer's window is 32 s (64 s for ``tpot``),
+  longer than the SLO Pareto replay, so the controller ran open-loop on an unfitted kappa.
 """
 
 from __future__ import annotations
@@ -50,25 +52,38 @@ def observed_buckets(table: PolicySpec, mix: tuple[tuple[float, int], ...], min_
     return out
 
 
-def settle_lag_s(reading: LatencyReading) -> float | None:
-    """How long after a change this reading's window stops holding earlier steps [s]: its
-    window, twice for ``tpot`` (None: the window is not known)."""
+def window_lag_s(reading: LatencyReading) -> float | None:
+    """How far back the steps behind this reading reach [s]: its window, twice for ``tpot``
+    (None: the window is not known)."""
     if reading.window_s is None:
         return None
     return reading.window_s * (2.0 if reading.target.metric == "tpot" else 1.0)
 
 
-def fresh(reading: LatencyReading, since_change_s: float | None,
-          settings: AdaptiveConfig) -> bool:
-    """Did every step behind this reading run under the applied table? (True when settling is
-    off, or the change time or the window is unknown.)"""
-    lag = settle_lag_s(reading)
-    return (not settings.settle or since_change_s is None or lag is None
-            or since_change_s >= lag)
+def window_tables(reading: LatencyReading, history: tuple[tuple[float, PolicySpec], ...],
+                  current: PolicySpec, settings: AdaptiveConfig
+                  ) -> list[tuple[float, PolicySpec]]:
+    """(share of the reading's window [0, 1], table) for the tables applied during it.
+    ``history``: (seconds since it took effect, table), newest first, the newest being
+    ``current``; the oldest known table covers the rest of the window. [(1, current)] when
+    settling is off, the window is unknown or no history is."""
+    lag = window_lag_s(reading)
+    if not settings.settle or lag is None or lag <= 0 or not history:
+        return [(1.0, current)]
+    out, start = [], 0.0
+    for age, table in history:
+        end = min(max(age, start), lag)
+        if end > start:
+            out.append(((end - start) / lag, table))
+        start = end
+        if start >= lag:
+            break
+    if start < lag:  # before the oldest known change: its table
+        out.append(((lag - start) / lag, history[-1][1]))
+    return out
 
 
 def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],
-                  since_change_s: float | None, last_direction: str,
                   settings: AdaptiveConfig) -> str | None:
     """Why the planner's ``direction`` (``tighten``/``relax``/``hold``) must not be taken this
     tick (module docstring), or None when the readings support it. Readings without data
@@ -76,13 +91,6 @@ def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],
     if direction not in ("tighten", "relax"):
         return None
     read = [r for r in readings if r.observed_s is not None]
-    if direction == last_direction:
-        stale = [r for r in read if not fresh(r, since_change_s, settings)]
-        if stale:
-            lag = max(settle_lag_s(r) or 0.0 for r in stale)
-            return (f"settling: the last {direction} was {since_change_s or 0.0:.1f} s ago and "
-                    f"the latency window reaches back {lag:.1f} s, into the table before it; "
-                    "holds")
     bound = 1.0 - settings.margin
     if direction == "tighten":
         misses = [r for r in read if (b := r.bounds_s()) is not None

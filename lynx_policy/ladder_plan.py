@@ -12,7 +12,9 @@ Method:
 1. Prediction at the mix. S(P) is the statistic of t(B_j, e_P(B_j)) over the mix that matches
    the SLO: the token-weighted mean for a ``tpot`` target (a request's TPOT is its mean gap),
    the token-weighted q-quantile for an ``itl`` target (each token's gap is its step). The
-   correction kappa = observed quantile / S(applied table) (smoothed, clamped) and a table P is
+   correction kappa = observed quantile / S of the tables the latency window saw (the applied
+   one once the window is past the last change; `lynx_policy.evidence.window_tables`;
+   smoothed, clamped) and a table P is
    predicted to give kappa * S(P): the ratio of step times between tables at the mix the
    clients saw. (Applying a kappa fitted at the mix to one step at a bucket's upper bound made
    every rung infeasible on the SLO Pareto testbed: kappa 3.0-3.6 x a 32-row step.)

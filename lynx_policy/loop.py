@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lynx_policy.config import ControllerConfig
@@ -36,6 +36,8 @@ from lynx_protocol.ladder import PPL_RISE, Ladder
 from lynx_protocol.messages import StepStats
 
 log = logging.getLogger(__name__)
+HISTORY = 64
+"""Effective-policy changes remembered for the latency windows' table mix."""
 RECENT_TICKS = 120
 """Tick reports kept for ``GET /v1/state`` (``loop.recent_ticks``): a minute at 0.5 s ticks."""
 
@@ -85,18 +87,20 @@ class ControlLoop:
         self.reports: deque[TickReport] = deque(maxlen=RECENT_TICKS)
         self.last_error = ""
         self.last_tick_monotonic = time.monotonic()
-        self._applied: Any = None  # the effective policy last seen, and when it changed
-        self._changed_at: float | None = None
+        self._applied: deque[tuple[float, Any]] = deque(maxlen=HISTORY)  # (monotonic, table)
 
-    def _since_change_s(self) -> float | None:
-        """Seconds since the effective policy last changed (None: not since start-up). A
-        change made elsewhere (admin API) is noticed here, its direction unknown."""
-        policy, now = self.keeper.state.effective_policy(), time.monotonic()
-        if self._applied is not None and policy != self._applied:
-            self._changed_at = now
-            self.memory = replace(self.memory, last_direction="")
-        self._applied = policy
-        return None if self._changed_at is None else now - self._changed_at
+    def _history(self) -> tuple[tuple[float, Any], ...]:
+        """The effective policies since start-up as (seconds since it took effect, policy),
+        newest first (`Observation.history`). A change made elsewhere (admin API) is noticed
+        here, at the tick after it."""
+        self._note_applied()
+        now = time.monotonic()
+        return tuple((now - at, policy) for at, policy in reversed(self._applied))
+
+    def _note_applied(self) -> None:
+        policy = self.keeper.state.effective_policy()
+        if not self._applied or self._applied[-1][1] != policy:
+            self._applied.append((time.monotonic(), policy))
 
     @property
     def last_report(self) -> TickReport | None:
@@ -198,7 +202,7 @@ class ControlLoop:
         state = self.keeper.state
         readings = await self.observer.observe(state.slo)
         state = self.keeper.state  # admin changes may have landed while we awaited
-        since_change_s = self._since_change_s()
+        history = self._history()
         connected = self.hub.connected()
         self.models.ingest_new(connected)
         now, window = self.hub.clock(), self.config.loop.stats_window_s
@@ -210,7 +214,7 @@ class ControlLoop:
             batch_steps=self.hub.batch_steps(window),
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
-            stalls=stall_steps(stats for _, stats in recent), since_change_s=since_change_s,
+            stalls=stall_steps(stats for _, stats in recent), history=history,
         )
         ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,
@@ -234,8 +238,7 @@ class ControlLoop:
                                policy=decision.policy)
             log.info("adaptive %s → policy version %d (%s)", decision.direction,
                      self.keeper.state.version, decision.reason)
-            self._applied, self._changed_at = self.keeper.state.effective_policy(), \
-                time.monotonic()
+            self._note_applied()
             self.on_change()
         self.reports.append(TickReport(
             tick=self.ticks, at=time.time(), signal=decision.signal,

@@ -4,7 +4,9 @@ the connected replicas is ready, and falls back to reactive steps before that.
 
 Method (after NVIDIA Dynamo's SLA planner, applied to the pruning knob instead of replicas):
 1. Correction: kappa = observed client quantile / the same quantile of the predicted step
-   latencies over the recent batch mix under the applied table. It folds in what the step
+   latencies over the recent batch mix under the tables the latency window saw
+   (`lynx_policy.decide.decide_from_model`, `lynx_policy.evidence.window_tables`;
+   `predicted_steps` weighted by steps). It folds in what the step
    model does not see (prefill stalls, quantile vs mean, client-side overheads); smoothed
    geometrically (``adaptive.correction_alpha``) and clamped to [`KAPPA_MIN`, `KAPPA_MAX`].
 2. Per batch-size bucket (representative batch B = the bucket's upper bound, capped just above
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
+from lynx_policy.config import AdaptiveConfig, QualityFloor
 from lynx_policy.model import FleetModel
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
@@ -92,17 +94,6 @@ def predicted_steps(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[floa
     point's steps, or its tokens (rows x steps) when ``by_tokens``."""
     return [(model.predict(b, effective_experts(policy, b, model.union(b))),
              b * n if by_tokens else float(n)) for b, n in mix if n > 0 and b > 0]
-
-
-def correction(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...],
-               target: SloTarget, observed_s: float) -> float | None:
-    """Raw kappa for one target: observed quantile / predicted quantile over the batch mix
-    ((mean rows, steps) pairs), steps weighted by count; None without a mix."""
-    predicted = predicted_steps(model, policy, mix, by_tokens=False)
-    if not predicted:
-        return None
-    reference = quantile_of(predicted, target.quantile)
-    return observed_s * 1000.0 / reference if reference > 0 else None
 
 
 def smooth(previous: float | None, raw: float, alpha: float) -> float:
