@@ -243,9 +243,22 @@ def test_statistics_match_a_plain_loop(step: Step, policy: str) -> None:
     block = experts // ranks
     rank_kept = max(sum(keep[r * block:(r + 1) * block]) for r in range(ranks))
     rank_union = max(len([e for e in union if e // block == r]) for r in range(ranks))
+    pruned = [t for t in range(logits.shape[0])
+              if bool(step.row_valid[t]) and bool(step.row_prunable[t])]
+
+    def busiest_pairs(ids: list[list[int]]) -> float:
+        counts = [0] * ranks
+        for t in pruned:
+            for e in ids[t]:
+                counts[e // block] += 1
+        return float(max(counts))
+
+    stock_ids = [sorted(range(len(r)), key=lambda e, r=r: (-r[e], e))[:top_k]
+                 for r in logits.tolist()]
     expected = [float(rows > 0), float(sum(keep)) * (rows > 0), float(len(union)), mass_kept,
                 mass_total, top1_kept, float(rows), 0.0, rerouted,
-                float(rank_kept) * (rows > 0), float(rank_union)]
+                float(rank_kept) * (rows > 0), float(rank_union), float(rows * top_k),
+                busiest_pairs(selection.topk_ids.tolist()), busiest_pairs(stock_ids)]
     got = selection.stats.tolist()
     assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, expected, strict=True)
                ), (got, expected)
