@@ -215,6 +215,14 @@ def decide(
                     f"{signal}: {wanted} buckets {list(changed)}", changed)
 
 
+def _direction(table: PolicySpec, new_policy: PolicySpec, changed: tuple[int, ...],
+               num_experts: int) -> Direction:
+    """``tighten`` if any changed bucket's mean budget fell, else ``relax``."""
+    before, after = (dict(mean_budgets(p, num_experts)) for p in (table, new_policy))
+    return "tighten" if any(after[b.max_batch] < before[b.max_batch]
+                            for b in (new_policy.budgets[i] for i in changed)) else "relax"
+
+
 def decide_from_model(observation: Observation, model: FleetModel, policy: PolicySpec,
                       memory: Memory, signal: Signal, settings: AdaptiveConfig,
                       floor: QualityFloor, ladder: Ladder | None = None) -> Decision:
@@ -260,10 +268,7 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
     if not changed:
         return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",
                         planner="model", plans=plans)
-    before, after = (dict(mean_budgets(p, observation.num_experts)) for p in (table, new_policy))
-    tightened = any(after[b.max_batch] < before[b.max_batch]
-                    for b in (new_policy.budgets[i] for i in changed))
-    direction: Direction = "tighten" if tightened else "relax"
+    direction = _direction(table, new_policy, changed, observation.num_experts)
     veto = evidence_veto(direction, observation.latencies, settings)
     if veto is not None:  # the readings speak for the buckets recent steps ran in: they hold
         observed = observed_buckets(table, observation.batch_mix, settings.min_batch)
@@ -278,6 +283,7 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
             table.budgets[i] if i in observed else b for i, b in enumerate(new_policy.budgets)])
         changed, plans = kept, held
         memory = replace(memory, plans=held, planned=new_policy)
+        direction = _direction(table, new_policy, changed, observation.num_experts)
     return Decision(new_policy, memory, signal, direction,
                     f"model: {direction} buckets {list(changed)} ({kappas})", changed,
                     planner="model", plans=plans)

@@ -19,7 +19,7 @@ from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
 from lynx_policy.model import FleetModel, LatencyFit, MassPoint, expected_union
 from lynx_policy.plan import effective_experts
-from lynx_protocol.policy import PolicySpec, validate_policy
+from lynx_protocol.policy import BudgetBucket, PolicySpec, validate_policy
 
 EXPERTS, TOP_K = 32, 4
 FIT = LatencyFit(a_ms=5.0, b_ms_per_row=1.0, c_ms_per_expert=2.0, samples=40, steps=800,
@@ -203,3 +203,23 @@ def test_buckets_below_min_batch_are_never_pruned_by_the_model() -> None:
                           mode="adaptive", settings=settings_, floor=FLOOR)
         policy, memory = decision.policy, decision.memory
     assert {b.max_batch: b.all_layers for b in policy.budgets}[2] == EXPERTS
+
+
+def test_a_partly_vetoed_plan_reports_the_direction_of_what_it_applies() -> None:
+    """An unconfirmed miss (lower bound far below the target) holds the tighten of the loaded
+    16-row bucket; the protected 2-row bucket still returns to no pruning, and the decision
+    is a relax of that bucket alone (it was reported as a tighten)."""
+    settings_ = AdaptiveConfig(buckets=[2, 16], min_batch=8, margin=0.1, headroom=0.2,
+                               relax_after_ticks=1, max_step_experts=64)
+    table = PolicySpec(name="budget", budgets=[
+        BudgetBucket(max_batch=b, all_layers=FLOOR.min_budget if b == 2 else EXPERTS)
+        for b in settings_.buckets])
+    unconfirmed = Observation(latencies=(LatencyReading(TARGET, 1.0, 100.0, 0.01, 2.0, 4.0),),
+                              batch_steps=None, num_experts=EXPERTS, model=FLEET,
+                              batch_mix=((16.0, 100),))
+    decision = decide(unconfirmed, table, Memory(), mode="adaptive", settings=settings_,
+                      floor=FLOOR)
+    budgets = {b.max_batch: b.all_layers for b in decision.policy.budgets}
+    assert budgets[2] == EXPERTS and budgets[16] == EXPERTS, budgets
+    assert decision.direction == "relax" and decision.changed_buckets == (0,), decision.reason
+    assert "miss not confirmed" in {w.max_batch: w.reason for w in decision.plans}[16]
