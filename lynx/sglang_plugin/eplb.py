@@ -13,9 +13,10 @@ are mapped, so the plugin asks per call:
   judges and reroutes on those, and only the rerouted rows get new ids (`consolidated`): all of
   a kept expert's rerouted choices go to *one* of its replicas, one that the step's other rows
   already use if there is one (its weights are read anyway), else the one on the EP rank with
-  the fewest active replicas. SGLang's own dispatch (`to_physical`) would pick the rank's
-  replica (``static``) or spread the rows over replicas (``dynamic``), waking replicas that
-  nothing else needs. Rows with nothing dropped keep SGLang's physical ids bit for bit;
+  the fewest active replicas. SGLang's own dispatch (``topk_ids_logical_to_physical``) would
+  pick the rank's replica (``static``) or spread the rows over replicas (``dynamic``), waking
+  replicas that nothing else needs. Rows with nothing dropped keep SGLang's physical ids bit
+  for bit;
 - ``fake`` (router logits replaced for load tests) and ``lp`` (replicas from an LP solved
   inside SGLang's routing): the call passes through unpruned, counted as ``eplb_dispatch``.
 EPLB rebalances from what SGLang's expert-distribution recorder counted, which is the stock
@@ -53,13 +54,6 @@ def to_logical(physical: torch.Tensor, info: Any) -> torch.Tensor:
     inverse.scatter_(0, torch.where(valid, table, slots).flatten().long(),
                      logical.flatten().to(physical.dtype))
     return inverse[physical.long()]
-
-
-def to_physical(logical: torch.Tensor, info: Any) -> torch.Tensor:
-    """[T,K] physical ids of ``logical`` [T,K] by SGLang's own dispatch for ``info``."""
-    from sglang.srt.eplb.expert_location_dispatch import topk_ids_logical_to_physical
-
-    return topk_ids_logical_to_physical(logical, info).to(logical.dtype)
 
 
 def consolidated(logical: torch.Tensor, physical: torch.Tensor, rerouted: torch.Tensor,
