@@ -1,7 +1,7 @@
 """The ladder end to end: a real SGLang CPU server with the plugin, a real Prometheus, the
 real controller planning over the checkpoint's ladder (``PUT /v1/ladder``).
 
-After ``lynx-policy profile`` makes the latency model ready, the SLO (P90 ITL) is set from the
+After ``lynx-policy profile`` makes the latency model ready, the SLO (median ITL) is set from the
 model so that at 32 streams the unpruned step misses it and the ladder's lowest rung meets
 it. Asserted (no timings): under the high load the buckets serving it (16 rows and up) apply
 a pruning rung and `GET /v1/model` names it with its measured quality cost; after the drop
@@ -26,7 +26,6 @@ from e2e_control import (
 
 from lynx_policy.model import expected_union
 from lynx_policy.rungs import rung_experts
-from lynx_policy.testing import wait_until
 from lynx_protocol.ladder import load_ladder
 
 pytestmark = pytest.mark.slow
@@ -37,27 +36,30 @@ def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
         ctl, server, fit = bed.ctl, bed.server, bed.fit
         ladder = load_ladder(bed.folder / "lynx_ladder.json")
 
-        # An SLO the model says the lowest rung meets at HIGH and no pruning misses: the
-        # planner's correction factor makes its unpruned prediction the observed quantile,
-        # so the target sits between that and the lowest rung's share of it.
+        # An SLO that no pruning misses and the lowest rung meets, as the planner predicts at
+        # the batch mix: there the rung shortens the median ITL by only 4-6% on this testbed
+        # (its own "lowest usable rung predicts" readings, x64; 2-12% at x16), much less than
+        # the one-step model says at 32 rows. So the planning line, target x (1 - margin),
+        # sits 2% below the unpruned median: most 8 s windows confirm a miss, and the chain's
+        # end (every loaded bucket on the lowest rung) meets the line.
         def step_ms(experts: float) -> float:
             return fit["a_ms"] + fit["b_ms_per_row"] * HIGH + fit["c_ms_per_expert"] * experts
 
-        with under_load(server.url, HIGH, 8):
-            observed_ms = 1000 * itl_quantile_s(bed.prometheus)
+        with under_load(server.url, HIGH, 14):
+            observed_ms = 1000 * itl_quantile_s(bed.prometheus, window_s=12)
         union = expected_union(32, 4, HIGH)
         ratio = step_ms(rung_experts(ladder.rungs[-1], HIGH, union)) / step_ms(union)
         assert ratio < 0.97, ratio  # the ladder's lowest rung shortens the step
-        target_ms = observed_ms * (1 + ratio) / 2 / 0.9  # between them, after the margin
+        target_ms = 0.98 * observed_ms / 0.9
         slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
         ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
         ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
 
         with under_load(server.url, HIGH, 2):
             before = decode_steps(server.url)
-            wait_until("decode steps pruned under the high load",
-                       lambda: decode_steps(server.url)["true"] > before["true"] + 20,
-                       timeout_s=90)
+            bed.trace.wait_until("decode steps pruned under the high load",
+                                 lambda: decode_steps(server.url)["true"] > before["true"] + 20,
+                                 timeout_s=90)
             view = ctl.admin.get("/v1/model").json()
             cost = ctl.metric("lynx_controller_expected_quality_cost", {"kind": "ppl_rise"})
         assert view["planner"] == "model", view["reason"]
@@ -71,9 +73,9 @@ def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
         with under_load(server.url, LOW, 8) as load:
             settled = decode_steps(server.url)
             time.sleep(6)
-            wait_until("unpruned decode steps under the low load",
-                       lambda: decode_steps(server.url)["false"] > settled["false"] + 20,
-                       timeout_s=60)
+            bed.trace.wait_until("unpruned decode steps under the low load",
+                                 lambda: decode_steps(server.url)["false"] > settled["false"] + 20,
+                                 timeout_s=60)
             after = decode_steps(server.url)
         assert after["true"] == settled["true"], (settled, after)
         (low,) = [w for w in ctl.admin.get("/v1/model").json()["why"] if w["max_batch"] == 2]
