@@ -36,12 +36,11 @@ def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
         ctl, server, fit = bed.ctl, bed.server, bed.fit
         ladder = load_ladder(bed.folder / "lynx_ladder.json")
 
-        # An SLO that no pruning misses and the lowest rung meets, as the planner predicts at
-        # the batch mix: there the rung shortens the median ITL by only 4-6% on this testbed
-        # (its own "lowest usable rung predicts" readings, x64; 2-12% at x16), much less than
-        # the one-step model says at 32 rows. So the planning line, target x (1 - margin),
-        # sits 2% below the unpruned median: most 8 s windows confirm a miss, and the chain's
-        # end (every loaded bucket on the lowest rung) meets the line.
+        # An SLO that no pruning misses and the lowest rung meets. The planning line, target x
+        # (1 - margin), sits 2% below the unpruned median ITL measured over 12 s: most 8 s
+        # windows confirm the miss, and the lowest rung, ~20% faster by the model, closes the
+        # gap with room to spare for the seconds after a table change, when the median rose
+        # (56 -> 72-77 ms here, kappa 1.2 -> 1.6) before the pruned steps caught up.
         def step_ms(experts: float) -> float:
             return fit["a_ms"] + fit["b_ms_per_row"] * HIGH + fit["c_ms_per_expert"] * experts
 
