@@ -12,14 +12,20 @@ import math
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ladders import EXPERTS, LAYERS, TOP_K, ladders, mini_ladder
+from ladders import EXPERTS, LAYERS, TOP_K, ladders, mini_ladder, rung
 
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
 from lynx_policy.ladder_plan import mix_statistic, step_points
 from lynx_policy.model import FleetModel, LatencyFit, expected_union
 from lynx_policy.rungs import expected_quality_cost, rung_experts, usable_rungs
-from lynx_protocol.ladder import Ladder, rung_of_bucket, rung_policy
+from lynx_protocol.ladder import (
+    LADDER_FORMAT,
+    Ladder,
+    LadderModel,
+    rung_of_bucket,
+    rung_policy,
+)
 from lynx_protocol.policy import PolicySpec, validate_policy
 
 FIT = LatencyFit(a_ms=5.0, b_ms_per_row=1.0, c_ms_per_expert=2.0, samples=40, steps=800,
@@ -97,6 +103,22 @@ def test_never_a_costlier_rung_when_a_cheaper_one_meets_the_prediction(ladder, k
             experts = rung_experts(ladder.rungs[cheaper], plan.max_batch, union) \
                 if cheaper else union
             assert raw * FIT.predict(batch, experts) > TARGET.target_ms * (1 - 0.1) - 1e-9
+
+
+def test_a_move_past_a_rung_that_suffices_stops_there() -> None:
+    # CI's counterexample (Python 3.12 stage): after the free r1, r4 saves marginally more
+    # time per cost than r3, and the chain jumped to r4 although r3 already met the bound.
+    ladder = Ladder(format=LADDER_FORMAT, model=LadderModel(num_layers=4, num_experts=EXPERTS,
+                                                            top_k=TOP_K),
+                    rungs=[rung("none", [EXPERTS] * 4, 0.0), rung("r1", [30, 30, 24, 30], 0.0),
+                           rung("r3", [28, 28, 22, 28], 0.015625),
+                           rung("r4", [27, 27, 21, 27], 0.0234375)])
+    mix = ((11.0, 100),)
+    decision = step(ladder, OFF, plant(ladder, OFF, mix, 1.40625), mix, Memory())
+    assert decision.direction == "tighten"
+    (busy,) = [p for p in decision.plans if p.max_batch == 16]
+    assert busy.rung == "r3", busy
+    assert busy.predicted_ms <= TARGET.target_ms * (1 - 0.1)
 
 
 @settings(max_examples=60, deadline=None)
