@@ -105,6 +105,27 @@ def test_check_script_rejects_a_missing_token_file(tmp_path: Path) -> None:
     assert "no such file" in result.stderr
 
 
+def test_check_script_waits_for_the_base_panels_only() -> None:
+    # The EP row (topology "ep") stays empty on the CPU compose stack; the check waited for it
+    # and failed after 180 s (a fresh clone's make compose-smoke, 2026-12-06), while the live
+    # deploy test had moved to the base topology.
+    import importlib.util
+
+    from lynx.deploy.dashboard import dashboard_queries
+    from lynx.deploy.prometheus import rule_queries
+
+    spec = importlib.util.spec_from_file_location("compose_smoke_check",
+                                                  SCRIPTS / "compose_smoke_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    queries = module.panel_queries()
+    ep = dashboard_queries(rate_interval="30s", topology="ep")
+    assert ep and not set(ep) & set(queries)
+    assert set(queries) == {*dashboard_queries(rate_interval="30s", topology="base"),
+                            *rule_queries()}
+
+
 # `docker network inspect bridge` as a daemon's first start prints it (Debian's docker.io
 # 20.10.24 on a fresh data root, no docker0 yet; moby/moby#26799): IPAM without a Gateway.
 FIRST_BOOT = {"{{range .IPAM.Config}}{{.Gateway}} {{end}}": " ",
