@@ -35,7 +35,7 @@ WIDEN = 64
 .cache): the ladder's lowest rung must shorten a decode step by more than the latency readings
 vary. Profiled at x16 (c = 0.19 ms per expert) the rung saves ~3 ms of a ~20 ms step at 30
 rows, while the median ITL read 12.3-19.5 ms across 4 s windows under the same load; at x64
-(c = 0.71-0.84 ms per expert) it saves ~12 ms of ~55 ms, and 8 s windows read within +-6%."""
+(c = 0.71-0.84 ms per expert) it saves ~12 ms of ~55 ms, and 8 s windows read within +-6-8%."""
 QUANTILE = 0.5
 """The SLO's quantile: the median ITL, which the decode step sets. At 32 streams of 16 tokens
 here ~2 requests start per decode step, and the P90 ITL is a prefill-stall tail (~35 ms
