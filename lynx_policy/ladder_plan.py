@@ -62,7 +62,6 @@ from lynx_policy.plan import (
     BucketPlan,
     TablePlan,
     planning_batch,
-    predicted_steps,
     quantile_of,
 )
 from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
@@ -94,13 +93,6 @@ def mix_statistic(points: list[tuple[float, float]], metric: str, quantile: floa
     if metric == "tpot":
         return sum(t * w for t, w in points) / total
     return quantile_of(points, quantile)
-
-
-def step_points(model: FleetModel, policy: PolicySpec, mix: tuple[tuple[float, int], ...]
-                ) -> list[tuple[float, float]]:
-    """(predicted step latency [ms], tokens) per mix point under an applied ``policy`` (any
-    table: `lynx_policy.plan.predicted_steps`, token-weighted)."""
-    return predicted_steps(model, policy, mix, by_tokens=True)
 
 
 class _SortedBudgets:

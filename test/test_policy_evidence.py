@@ -21,8 +21,9 @@ from ladders import EXPERTS, TOP_K, mini_ladder
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
 from lynx_policy.evidence import evidence_veto, observed_buckets, window_tables
-from lynx_policy.ladder_plan import mix_statistic, step_points
+from lynx_policy.ladder_plan import mix_statistic
 from lynx_policy.model import FleetModel, LatencyFit
+from lynx_policy.plan import predicted_steps
 from lynx_policy.quantiles import confidence_levels, histogram_quantile
 from lynx_policy.rungs import expected_quality_cost
 from lynx_protocol.ladder import rung_policy
@@ -112,7 +113,7 @@ def test_the_window_is_split_over_the_tables_it_saw() -> None:
 
 
 def mean_tpot(policy: PolicySpec) -> float:
-    return mix_statistic(step_points(FLEET, policy, MIX), "tpot", 0.9)
+    return mix_statistic(predicted_steps(FLEET, policy, MIX, by_tokens=True), "tpot", 0.9)
 
 
 def run(settings: AdaptiveConfig, confidence: float, target_ms: float, *, sigma: float = SIGMA,

@@ -16,8 +16,9 @@ from ladders import EXPERTS, LAYERS, TOP_K, ladders, mini_ladder, rung
 
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
-from lynx_policy.ladder_plan import mix_statistic, step_points
+from lynx_policy.ladder_plan import mix_statistic
 from lynx_policy.model import FleetModel, LatencyFit, expected_union
+from lynx_policy.plan import predicted_steps
 from lynx_policy.rungs import expected_quality_cost, rung_experts, usable_rungs
 from lynx_protocol.ladder import (
     LADDER_FORMAT,
@@ -60,7 +61,8 @@ def rungs_of(ladder: Ladder, policy: PolicySpec) -> list[int]:
 
 def plant(ladder: Ladder, policy: PolicySpec, mix, kappa: float, metric: str = "itl") -> float:
     """Client latency [ms]: kappa x the mix statistic of the model's steps under ``policy``."""
-    return kappa * mix_statistic(step_points(FLEET, policy, mix), metric, TARGET.quantile)
+    points = predicted_steps(FLEET, policy, mix, by_tokens=True)
+    return kappa * mix_statistic(points, metric, TARGET.quantile)
 
 
 mixes = st.lists(st.tuples(st.floats(8.0, 80.0), st.integers(1, 200)), min_size=1, max_size=4)
@@ -149,8 +151,8 @@ def test_kappa_fitted_at_the_mix_is_applied_at_the_mix() -> None:
     fleet = FleetModel(fits=(fit,), num_experts=EXPERTS, top_k=TOP_K, largest_batch=64)
     ladder, mix = mini_ladder(), ((12.0, 100),)
     lowest = rung_policy(ladder, "m8", SETTINGS.buckets, SETTINGS.min_batch)
-    observed, best = (3.0 * mix_statistic(step_points(fleet, p, mix), "tpot", 0.9)
-                      for p in (OFF, lowest))
+    observed, best = (3.0 * mix_statistic(predicted_steps(fleet, p, mix, by_tokens=True),
+                                          "tpot", 0.9) for p in (OFF, lowest))
     target_ms = (observed + best) / 2 / 0.9
     at_bound = fit.predict(16, rung_experts(ladder.rungs[-1], 16, fleet.union(16)))
     assert 3.0 * at_bound > target_ms * 0.9  # infeasible at the bucket's bound
