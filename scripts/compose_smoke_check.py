@@ -26,8 +26,7 @@ from typing import Any
 import httpx
 
 from lynx.deploy import constants as c
-from lynx.deploy.dashboard import dashboard_queries
-from lynx.deploy.prometheus import rule_queries
+from lynx.deploy.dashboard import live_stack_queries
 from lynx.serving.client import StreamedTraffic
 
 SERVICES = ("runtime-1", "router", "controller", "prometheus")
@@ -136,15 +135,10 @@ def check_policy(stack: Stack) -> None:
     say(f"PUT /v1/policy + /v1/mode static: version {version} applied by runtime-1")
 
 
-def panel_queries() -> list[str]:
-    """The queries this stack must answer: the base panels' and the alert rules'. The EP
-    panels stay empty on this single-GPU-topology stack; the EP end-to-end test
-    (`test_e2e_parallel`) checks their metrics on a live ``--ep-size 2`` server."""
-    return dashboard_queries(rate_interval="30s", topology="base") + rule_queries()
-
-
 def check_panels(stack: Stack) -> None:
-    queries = panel_queries()
+    # the EP panels stay empty on this stack; `test_e2e_parallel` checks their metrics on a
+    # live --ep-size 2 server
+    queries = live_stack_queries()
     missing = list(queries)
 
     def all_return_data() -> bool:

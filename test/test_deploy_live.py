@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lynx.deploy import constants as c
-from lynx.deploy.dashboard import dashboard_queries, referenced_metric_names
+from lynx.deploy.dashboard import live_stack_queries, referenced_metric_names
 from lynx.deploy.prometheus import render_prometheus_config, rule_queries
 from lynx.serving.client import StreamedTraffic
 from lynx.serving.metrics_reader import samples
@@ -151,7 +151,7 @@ def test_every_panel_and_rule_returns_data_on_the_live_topology(
             return len(active) == 3 and all(t["health"] == "up" for t in active)
         _wait_for("all three scrape targets up", targets_up, 60)
 
-        queries = dashboard_queries(rate_interval="30s", topology="base") + rule_queries()
+        queries = live_stack_queries()
         missing = list(queries)
 
         def all_return_data() -> bool:

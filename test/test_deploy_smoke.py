@@ -108,10 +108,10 @@ def test_check_script_rejects_a_missing_token_file(tmp_path: Path) -> None:
 def test_check_script_waits_for_the_base_panels_only() -> None:
     # The EP row (topology "ep") stays empty on the CPU compose stack; the check waited for it
     # and failed after 180 s (a fresh clone's make compose-smoke, 2026-12-06), while the live
-    # deploy test had moved to the base topology.
+    # deploy test had moved to the base topology. Both now read one list.
     import importlib.util
 
-    from lynx.deploy.dashboard import dashboard_queries
+    from lynx.deploy import dashboard
     from lynx.deploy.prometheus import rule_queries
 
     spec = importlib.util.spec_from_file_location("compose_smoke_check",
@@ -119,10 +119,11 @@ def test_check_script_waits_for_the_base_panels_only() -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    queries = module.panel_queries()
-    ep = dashboard_queries(rate_interval="30s", topology="ep")
+    assert module.live_stack_queries is dashboard.live_stack_queries
+    queries = dashboard.live_stack_queries()
+    ep = dashboard.dashboard_queries(rate_interval="30s", topology="ep")
     assert ep and not set(ep) & set(queries)
-    assert set(queries) == {*dashboard_queries(rate_interval="30s", topology="base"),
+    assert set(queries) == {*dashboard.dashboard_queries(rate_interval="30s", topology="base"),
                             *rule_queries()}
 
 

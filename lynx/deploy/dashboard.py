@@ -121,6 +121,15 @@ def variable_queries() -> list[str]:
     return [f'up{{job="{c.RUNTIME_JOB}"}}']
 
 
+def live_stack_queries(rate_interval: str = "30s") -> list[str]:
+    """What a live stack without ``--ep-size`` must answer with data: every ``base`` panel's
+    query and every alert-rule query (the ``ep`` row stays empty there). The one list of the
+    compose smoke check and the live deploy test."""
+    from lynx.deploy.prometheus import rule_queries
+
+    return dashboard_queries(rate_interval=rate_interval, topology="base") + rule_queries()
+
+
 def referenced_metric_names(topology: Topology | None = None) -> set[str]:
     """Every metric the dashboard and the alert rules read (``ep``: the EP panels' only;
     ``base``: all but those), minus Prometheus' synthetic ``up``.
