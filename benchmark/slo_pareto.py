@@ -19,7 +19,9 @@ inference trace on the decode-bound testbed.
    API at half time, and a CPU-hog neighbour (one busy process, started and stopped by this
    benchmark) for [25%, 60%) of the replay; adaptive against the first phase's oracle static
    and the tight target's, each request scored against the target in force when it was sent.
-5. Step load (4 -> 48 -> 4 streams) under adaptive at the medium target.
+5. Step load (4 -> 48 -> 4 streams) under adaptive, at a median-ITL target of its own
+   (`benchmark.slo_step`: between `off` and the lowest usable rung at 48 streams).
+   ``--step-load-only`` runs steps 1 and 5 alone (~5 min) and writes only their keys.
 Quality cost of a replay: the controller's ``lynx_controller_expected_quality_cost`` (ladder
 costs of the tables applied, over the steps' batch mix) sampled every second, weighted by the
 tokens generated in that second; routing mass kept from the plugin's counters.
@@ -39,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import slo_pareto_score, trace_replay
 from benchmark.common import OFF, RESULTS_DIR, machine_description, models_dir, rounded, write_json
 from benchmark.serving_pair import ServingPair
-from benchmark.slo_pareto_runs import apply_mode, nonstationary, replay, scored, step_load
+from benchmark.slo_pareto_runs import apply_mode, nonstationary, replay, scored
 from benchmark.slo_ramp import profile
+from benchmark.slo_step import step_load
 
 QUICK_MODEL, QUICK_WIDEN = "qwen3-moe-mini", 16
 
@@ -90,6 +93,9 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
     prof = profile(pair, top_k, max(top_k, experts // 4), args.quick)
     if prof["rc"] != 0:  # adaptive would plan without a latency model
         raise RuntimeError(f"lynx-policy profile failed (exit {prof['rc']}): see its output above")
+    if args.step_load_only:
+        return {"model": args.model, "served": pair.model_path.name, "usable_rungs": usable,
+                "profile": prof, "step_load": step_load(pair, usable[-1], args)}
     rps = capacity_rps(pair, schedule_for(args, 1.0), vocab, args.capacity_s)
     schedule = schedule_for(args, rps)
     print(f"[slo_pareto] {pair.model_path.name}: capacity {rps:.2f} req/s at C=32, replay of "
@@ -134,7 +140,7 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
     ns = nonstationary(pair, schedule, vocab, layers, targets,
                        [first_oracle] if args.quick else [first_oracle, tight_oracle],
                        args.ns_reps)
-    step = step_load(pair, targets["medium"], args) if args.step_high_s > 0 else None
+    step = step_load(pair, usable[-1], args) if args.step_high_s > 0 else None
     return {"model": args.model, "served": pair.model_path.name, "capacity_rps": rounded(rps, 3),
             "load": args.load, "excerpt": {"start_s": args.start_s, "duration_s": args.excerpt_s,
                                            "time_scale": args.time_scale},
@@ -167,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-high-s", type=float, default=None,
                         help="step load's high stage; 0 skips it (default 20, quick 6)")
     parser.add_argument("--step-output-len", type=int, default=32)
+    parser.add_argument("--step-load-only", action="store_true",
+                        help="steps 1 and 5 only (module doc); writes only their keys")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the server's and controller's logs here (default: a "
                         "temporary directory, removed)")
@@ -184,6 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("0 < --load <= 4", 0 < args.load <= 4), ("--excerpt-s > 0", args.excerpt_s > 0),
         ("--time-scale > 0", args.time_scale > 0), ("--capacity-s > 0", args.capacity_s > 0),
         ("--step-high-s >= 0", args.step_high_s >= 0),
+        ("--step-high-s > 0 with --step-load-only",
+         args.step_high_s > 0 or not args.step_load_only),
         ("--widen a power of two", args.widen is None or (
             args.widen >= 1 and not args.widen & (args.widen - 1))))
         if not ok]
@@ -220,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(pair, args)
     result["machine"] = machine_description()
     write_json(args.out, result)
+    if args.step_load_only:
+        print(slo_pareto_report.step_line(result["step_load"]))
+        return 0
     png = slo_pareto_report.plot(result, args.out.with_suffix(".png"))
     print(slo_pareto_report.markdown(result, png.name))
     return 0

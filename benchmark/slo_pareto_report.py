@@ -82,12 +82,22 @@ def markdown(result: dict[str, Any], png: str) -> str:
                       for m in dict.fromkeys(r["mode"] for r in ns["runs"])]) + "\n\n")
     step = result.get("step_load")
     if step:
-        parts.append(f"Step load 4 -> 48 -> 4 streams (adaptive, medium target, windows of "
-                     f"1 s, P90 of the inter-token gaps): SLO met again "
-                     f"{step['time_to_slo_s']} s after the jump; last pruned step "
-                     f"{step['time_to_unprune_s']} s after the drop.\n\n")
+        parts.append(step_line(step) + "\n\n")
     parts.append(f"![SLO Pareto]({png})\n")
     return "".join(parts)
+
+
+def step_line(step: dict[str, Any]) -> str:
+    """The step load's sentence: its target, where it came from, and the two times."""
+    if step.get("target_ms") is None:
+        return (f"Step load 4 -> {step.get('high_streams', 48)} -> 4 streams: no target, "
+                f"the lowest usable rung ({step.get('floor_rung')}) measured "
+                f"{step.get('floor_ms')} ms median ITL against off's {step.get('off_ms')} ms.")
+    return (f"Step load 4 -> {step['high_streams']} -> 4 streams (adaptive; SLO: median ITL "
+            f"<= {step['target_ms']} ms, half-way between off's {step['off_ms']} ms and "
+            f"{step['floor_rung']}'s {step['floor_ms']} ms at {step['high_streams']} streams; "
+            f"windows of 1 s): SLO met again {step['time_to_slo_s']} s after the jump; last "
+            f"pruned step {step['time_to_unprune_s']} s after the drop.")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:

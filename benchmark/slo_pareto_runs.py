@@ -1,11 +1,11 @@
 """The measured pieces of the SLO Pareto experiment (`benchmark/slo_pareto.py`, its module doc
 says what each step does): a mode applied through the controller's admin API, one replay with
-its quality cost sampled, its scored rows, the non-stationary replay and the step load.
+its quality cost sampled, its scored rows and the non-stationary replay (the step load is
+`benchmark/slo_step.py`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import subprocess
@@ -17,7 +17,6 @@ from typing import Any
 from benchmark import slo_load, slo_pareto_score, trace_replay
 from benchmark.common import OFF, rounded
 from benchmark.serving_pair import ServingPair
-from benchmark.slo_ramp import prompts_for_load
 
 
 class Sampler(threading.Thread):
@@ -148,18 +147,3 @@ def nonstationary(pair: ServingPair, schedule: list[trace_replay.ReplayRequest],
     pair.set_policy(OFF)
     return {"switch_s": rounded(switch_s, 2), "hog_s": [rounded(hog_from, 2), rounded(hog_to, 2)],
             "runs": runs}
-
-
-def step_load(pair: ServingPair, target_ms: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Module doc, step 5: windows of 1 s, their P90 inter-token gap against the target."""
-    apply_mode(pair, "adaptive", target_ms)
-    stages = [(4, 4.0 if args.quick else 8.0), (48, args.step_high_s),
-              (4, 6.0 if args.quick else 15.0)]
-    def sample() -> dict[str, Any]:
-        return {"pruned_steps": slo_load.counters(pair.lynx.url)["pruned_decode_steps"]}
-
-    start, timings, timeline = slo_load.run_schedule(
-        pair.lynx.url, prompts_for_load(), stages, args.step_output_len, sample, poll_s=0.5)
-    pair.set_policy(OFF)
-    out = slo_load.step_response(timings, timeline, start, stages, target_ms, quantile=90)
-    return {"interval_s": 1.0, "target_ms": target_ms, **out}

@@ -1,13 +1,15 @@
 """Observe: current latency quantiles for each SLO target.
 
 Two sources, chosen by config:
-- `PrometheusObserver` (``observe.prometheus_url`` set): one instant PromQL query per target,
-  ``histogram_quantile(q, sum by (le) (rate(<histogram>_bucket{<selector>}[<window>s])))``.
+- `PrometheusObserver` (``observe.prometheus_url`` set): instant PromQL queries per target,
+  ``histogram_quantile(q, sum by (le) (rate(<histogram>_bucket{<selector>}[<window>s])))``,
+  the window's count, and (for the bounds) the bucket rates themselves.
 - `ScrapeObserver` (no Prometheus): GETs every runtime ``/metrics`` (configured URLs plus
   those runtimes registered), keeps the scrapes of the last window and computes the quantile
   from the bucket deltas across the window, summed over runtimes.
 
-Both return one `LatencyReading` per target with the window's observation count;
+Both return one `LatencyReading` per target with the window's observation count and its
+confidence bounds at the buckets' edges (`lynx_policy.quantiles.bucket_bounds`);
 ``observed_s`` is None when the window held no traffic, or too few observations above the
 quantile to estimate it (`usable`). Both raise `ObserveError` when the source cannot be read
 at all.
@@ -29,6 +31,7 @@ from lynx_policy.config import SLO_HISTOGRAMS, ObserveConfig, SloTarget
 from lynx_policy.decide import LatencyReading
 from lynx_policy.quantiles import (
     CumulativeBuckets,
+    bucket_bounds,
     bucket_delta,
     confidence_levels,
     histogram_quantile,
@@ -67,10 +70,23 @@ def windows(config: ObserveConfig) -> list[float]:
     return out
 
 
+def reading_bounds(target: SloTarget, samples: float | None, buckets: CumulativeBuckets,
+                   config: ObserveConfig) -> tuple[float | None, float | None]:
+    """(lower, upper) bounds [s] of ``target``'s quantile in a window of ``samples``
+    observations with cumulative ``buckets``: at the bucket edges (`bucket_bounds`), or
+    (None, None), the estimate counting as its own bounds, at confidence 0.5 or an unknown
+    count."""
+    levels = confidence_levels(target.quantile, samples, config.confidence)
+    if levels == (target.quantile, target.quantile):
+        return None, None
+    return bucket_bounds(levels, buckets)
+
+
 def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
-               window_s: float | None = None, quantile: float | None = None) -> str:
-    """Quantile query (``quantile``: another level than the target's; ``count``: the window's
-    observation count instead); matches the histogram under both spellings of its name.
+               window_s: float | None = None, buckets: bool = False) -> str:
+    """The target's quantile query (``count``: the window's observation count instead;
+    ``buckets``: the window's bucket rates by ``le``); matches the histogram under both
+    spellings of its name.
 
     prometheus_client >= 0.22 serves OpenMetrics with ``escaping=underscores`` to scrapers that
     do not ask for UTF-8 names (Prometheus 2.x), so ``sglang:x`` is stored as ``sglang_x``
@@ -86,8 +102,9 @@ def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
                            for name in spellings)
     rates = " or ".join(f"sum by (le) (rate({name}_bucket{selector}[{window}]))"
                         for name in spellings)
-    level = target.quantile if quantile is None else quantile
-    return f"histogram_quantile({level:.6g}, {rates})"
+    if buckets:
+        return rates
+    return f"histogram_quantile({target.quantile:.6g}, {rates})"
 
 
 class PrometheusObserver:
@@ -109,17 +126,29 @@ class PrometheusObserver:
                 reading = usable(value, samples, target, self.config)
                 if reading is not None:
                     break
-            bounds: list[float | None] = [None, None]
+            low = high = None
             if reading is not None:
-                for i, level in enumerate(confidence_levels(target.quantile, samples,
-                                                            self.config.confidence)):
-                    bounds[i] = reading if level == target.quantile else await self._query(
-                        promql_for(target, self.config, window_s=window, quantile=level))
-            readings.append(LatencyReading(target, reading, samples, bounds[0], bounds[1],
-                                           window))
+                rates = await self._buckets(promql_for(target, self.config, window_s=window,
+                                                       buckets=True))
+                low, high = reading_bounds(target, samples, rates, self.config)
+            readings.append(LatencyReading(target, reading, samples, low, high, window))
         return tuple(readings)
 
     async def _query(self, query: str) -> float | None:
+        return _first_finite(await self._data(query))
+
+    async def _buckets(self, query: str) -> CumulativeBuckets:
+        """A ``sum by (le)`` vector as cumulative buckets (rates: their ranks are counts')."""
+        out: CumulativeBuckets = {}
+        result = (await self._data(query)).get("result") or []
+        for sample in result if isinstance(result, list) else []:
+            try:
+                out[float(sample["metric"]["le"])] = float(sample["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+        return out
+
+    async def _data(self, query: str) -> dict:
         try:
             response = await self.client.get(self.url, params={"query": query},
                                              timeout=self.config.timeout_s)
@@ -130,7 +159,8 @@ class PrometheusObserver:
         if response.status_code != 200 or body.get("status") != "success":
             raise ObserveError(f"Prometheus answered {response.status_code}: "
                                f"{body.get('error', '')[:200]}")
-        return _first_finite(body.get("data", {}))
+        data = body.get("data", {})
+        return data if isinstance(data, dict) else {}
 
 
 def _first_finite(data: dict) -> float | None:
@@ -249,9 +279,8 @@ class ScrapeObserver:
                 reading = usable(value, samples, t, self.config)
                 if reading is not None:
                     break
-            low, high = (None, None) if reading is None else (
-                histogram_quantile(level, window)
-                for level in confidence_levels(t.quantile, samples, self.config.confidence))
+            low, high = (None, None) if reading is None else reading_bounds(
+                t, samples, window, self.config)
             readings.append(LatencyReading(t, reading, samples, low, high, window_s))
         return tuple(readings)
 

@@ -7,6 +7,7 @@ import pytest
 from benchmark.loadgen import RequestTiming
 from benchmark.slo_load import quality_of_run, step_response, windows
 from benchmark.slo_ramp import mean_ci, summarize
+from benchmark.slo_step import choose_target, with_experts_kept
 
 
 def stream(start: float, gaps: list[float]) -> RequestTiming:
@@ -52,6 +53,25 @@ def test_step_response_times_the_jump_and_the_drop() -> None:
     assert out["time_to_unprune_s"] == pytest.approx(1.5)  # last increase at t=7.5, drop at 6
     never = step_response([stream(2.0, [0.3] * 20)], [], 0.0, stages, slo_ms=200.0)
     assert never["time_to_slo_s"] is None and never["time_to_unprune_s"] == 0
+
+
+def test_the_step_target_lies_between_off_and_the_floor_rung_or_is_refused() -> None:
+    assert choose_target(200.0, 160.0) == pytest.approx(180.0)
+    assert choose_target(200.0, 160.0, share=0.25) == pytest.approx(190.0)
+    # a floor rung no faster than off leaves nothing a target could separate
+    assert choose_target(200.0, 200.0) is None and choose_target(200.0, 210.0) is None
+    assert choose_target(200.0, 0.0) is None
+
+
+def test_experts_kept_per_sample_interval_counts_only_pruned_layer_steps() -> None:
+    points = [{"t": 0.0, "target": 4, "layer_pruned_steps": 0.0, "experts_kept_total": 0.0},
+              {"t": 0.5, "target": 4, "layer_pruned_steps": 0.0, "experts_kept_total": 0.0},
+              {"t": 1.0, "target": 4, "layer_pruned_steps": 10.0, "experts_kept_total": 480.0},
+              {"t": 1.5, "target": 4, "layer_pruned_steps": 30.0, "experts_kept_total": 1120.0}]
+    kept = [p["experts_kept"] for p in with_experts_kept(points)]
+    assert kept == [None, None, 48.0, 32.0]
+    windowed = windows([], with_experts_kept(points), 0.0, 2.0, 1.0, 100.0)
+    assert [w["experts_kept"] for w in windowed] == [None, 40.0]
 
 
 def test_mean_ci_and_paired_ratios() -> None:

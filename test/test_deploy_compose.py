@@ -3,6 +3,7 @@ reference resolves, and the wiring is right (replicas behind the router, scraped
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import yaml
 
 from lynx.deploy import constants as c
 from lynx.deploy.compose import build_compose, runtime_services
-from lynx.serving.server import CPU_DEFAULT_FLAGS
+from lynx.serving.server import CPU_DEFAULT_FLAGS, LATENCY_BUCKET_FLAGS
 
 STACKS = {"compose.yaml": c.DEFAULT_REPLICAS, "compose.cpu.yaml": c.CPU_REPLICAS}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -132,7 +133,8 @@ def test_gpu_replicas_reserve_distinct_gpus() -> None:
     ids = [wide["services"][f"runtime-{i}"]["deploy"]["resources"]["reservations"]["devices"][0]
            ["device_ids"] for i in (1, 2, 3)]
     assert ids == [["0", "1"], ["2", "3"], ["4", "5"]]
-    assert wide["services"]["runtime-3"]["command"] == ["--tp-size", "2"]
+    assert wide["services"]["runtime-3"]["command"] == ["--tp-size", "2",
+                                                        *LATENCY_BUCKET_FLAGS]
     assert data["services"]["router"]["image"] == c.SGLANG_IMAGE
 
 
@@ -145,8 +147,15 @@ def test_cpu_stack_runs_the_cpu_engine_on_the_reference_model() -> None:
         assert svc["environment"]["MODEL_PATH"] == f"/models/{c.CPU_REFERENCE_MODEL}"
         assert "../models:/models:ro" in svc["volumes"]
         assert svc["build"]["target"] == "runtime-cpu"
-        # The entrypoint adds --enable-metrics; the rest are the project's CPU defaults.
-        assert [*svc["command"], "--enable-metrics"] == list(CPU_DEFAULT_FLAGS)
+        # The entrypoint adds --enable-metrics; the rest are the project's CPU defaults,
+        # the latency buckets the controller needs among them.
+        assert svc["command"] == [*c.CPU_ENGINE_FLAGS, *LATENCY_BUCKET_FLAGS]
+        defaults = (*c.CPU_ENGINE_FLAGS, "--enable-metrics", *LATENCY_BUCKET_FLAGS)
+        assert defaults == CPU_DEFAULT_FLAGS
+    # buckets at most 9.2% apart from 1 ms to 8 s: a quantile the controller can bound
+    edges = [float(v) for v in LATENCY_BUCKET_FLAGS[1:]]
+    assert edges[0] <= 0.001 and edges[-1] >= 8.0 and edges == sorted(edges)
+    assert max(b / a for a, b in itertools.pairwise(edges)) < 1.092
     entrypoint = (c.DOCKER_DIR / "runtime-entrypoint.sh").read_text()
     assert "--enable-metrics" in entrypoint and "sglang.launch_server" in entrypoint
     assert (c.REPO_ROOT / "models").is_dir()

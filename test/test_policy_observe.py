@@ -21,7 +21,7 @@ from lynx_policy.observe import (
     usable,
     windows,
 )
-from lynx_policy.quantiles import confidence_levels
+from lynx_policy.quantiles import histogram_quantile
 
 P99 = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
 P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
@@ -174,8 +174,9 @@ def test_the_prometheus_observer_widens_a_thin_window_too() -> None:
 
 def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
     """Both observers read the bounds at `confidence_levels` from the window the estimate came
-    from: 20 ITLs, 16 fast and 4 slow. The P90 lies in the slow bucket, its lower bound (P81)
-    among the fast ones: a miss the window does not confirm."""
+    from, at the edges of the buckets those ranks fall in: 20 ITLs, 17 fast and 3 slow. The
+    P90 lies in the slow bucket, its lower bound (P81) among the fast ones: a miss the window
+    does not confirm."""
     runtime = Runtime()
     now = [0.0]
     config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
@@ -200,17 +201,26 @@ def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
     now[0] = 0.0
     runtime = Runtime()
     (plain,) = asyncio.run(scrape())
-    assert plain.lower_s == plain.observed_s == plain.upper_s
+    assert plain.observed_s is not None  # at 0.5 the estimate is its own bound
+    assert plain.bounds_s() == (plain.observed_s, plain.observed_s)
 
     asked: list[str] = []
+    # Prometheus holds the same window: 16 fast ITLs and 4 slow, as rates over 8 s
+    rates = {0.01: 0.0, 0.02: 2.0, 0.05: 2.0, 0.1: 2.0, 0.2: 2.0, 0.4: 2.5, math.inf: 2.5}
 
     def prometheus(request: httpx.Request) -> httpx.Response:
         query = parse_qs(urlparse(str(request.url)).query)["query"][0]
         asked.append(query)
-        level = 0.0 if "_count" in query else float(query.split("(")[1].split(",")[0])
-        value = 20.0 if "_count" in query else level  # a quantile answers its own level
+        if "_count" in query:
+            result = [{"metric": {}, "value": [0, "20"]}]
+        elif query.startswith("histogram_quantile("):
+            level = float(query.split("(")[1].split(",")[0])
+            result = [{"metric": {}, "value": [0, str(histogram_quantile(level, rates))]}]
+        else:  # the bucket rates by le
+            result = [{"metric": {"le": "+Inf" if math.isinf(le) else f"{le:g}"},
+                       "value": [0, str(v)]} for le, v in rates.items()]
         return httpx.Response(200, json={"status": "success", "data": {
-            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+            "resultType": "vector", "result": result}})
 
     prom = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=8,
                          min_tail_samples=2.0)
@@ -220,11 +230,11 @@ def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
             return await PrometheusObserver(prom, client).observe([P90])
 
     (reading,) = asyncio.run(query())
-    low, high = confidence_levels(0.9, 20, 0.9)
-    assert reading.observed_s == 0.9 and reading.window_s == 8
-    assert math.isclose(reading.lower_s or 0, low, rel_tol=1e-5)
-    assert math.isclose(reading.upper_s or 0, high, rel_tol=1e-5)
-    assert all("[8s]" in q for q in asked) and len(asked) == 4  # estimate, count, two bounds
+    assert reading.observed_s == pytest.approx(0.3) and reading.window_s == 8
+    # the P81 (rank 16.2 of 20) lies in (0.2, 0.4]: its lower edge; the P99 in the same bucket
+    assert reading.lower_s == 0.2 and reading.upper_s == 0.4
+    assert all("[8s]" in q for q in asked) and len(asked) == 3  # estimate, count, buckets
+    assert asked[-1] == promql_for(P90, prom, window_s=8, buckets=True)
 
 
 def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None:

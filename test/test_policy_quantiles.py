@@ -7,7 +7,14 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from lynx_policy.quantiles import bucket_delta, histogram_quantile, merge, parse_histograms
+from lynx_policy.quantiles import (
+    bucket_bounds,
+    bucket_delta,
+    bucket_edges,
+    histogram_quantile,
+    merge,
+    parse_histograms,
+)
 
 INF = math.inf
 
@@ -27,6 +34,42 @@ def test_quantile_edge_cases_follow_prometheus() -> None:
     assert histogram_quantile(0.99, {0.1: 1.0, 0.2: 2.0, INF: 10.0}) == 0.2
     with pytest.raises(ValueError):
         histogram_quantile(1.5, {INF: 1.0})
+
+
+def test_bucket_edges_hold_the_rank_whatever_the_spread_inside() -> None:
+    buckets = {0.1: 10.0, 0.2: 90.0, INF: 100.0}
+    assert bucket_edges(0.05, buckets) == (0.0, 0.1)  # the lowest bucket starts at 0
+    assert bucket_edges(0.5, buckets) == (0.1, 0.2)
+    assert bucket_edges(0.95, buckets) == (0.2, INF)  # in +Inf: no finite upper edge
+    assert bucket_edges(0.5, {0.1: 0.0, INF: 0.0}) is None
+    assert bucket_edges(0.1, {0.1: 10.0, 0.2: 10.0, 0.4: 20.0, INF: 20.0}) == (0.0, 0.1)
+    assert bucket_edges(0.6, {0.1: 10.0, 0.2: 10.0, 0.4: 20.0, INF: 20.0}) == (0.2, 0.4)
+    assert bucket_bounds((0.4, 0.6), buckets) == (0.1, 0.2)
+    assert bucket_bounds((0.4, 0.6), {INF: 0.0}) == (None, None)
+
+
+def test_sglangs_default_buckets_cannot_resolve_a_median_the_interpolation_reads_tightly() -> None:
+    """What the step-load run showed (benchmark/slo_step.py): 48 streams' gaps at ~175 ms,
+    with ~10% of them below 100 ms, in SGLang's default ITL buckets (100 -> 200 ms). The
+    interpolated median reads ~144 ms, under a 150 ms target; its interpolated P45-P55
+    bounds are 2 ms either side, the bucket's edges 100 ms apart. Buckets 9% apart
+    (lynx.serving.server.LATENCY_BUCKETS_S) put the median within 9% of the truth and the
+    target outside its bounds."""
+    gaps = [0.06] * 100 + [0.17] * 450 + [0.18] * 450
+    default = (0.04, 0.06, 0.08, 0.1, 0.2, 0.4, INF)
+    fine = (*(0.001 * 2 ** (k / 8) for k in range(105)), INF)  # as LATENCY_BUCKETS_S
+
+    def cumulative(bounds: tuple[float, ...]) -> dict[float, float]:
+        return {b: float(sum(g <= b for g in gaps)) for b in bounds}
+
+    coarse = cumulative(default)
+    assert histogram_quantile(0.5, coarse) == pytest.approx(0.1444, abs=1e-3)
+    assert histogram_quantile(0.55, coarse) - histogram_quantile(0.45, coarse) < 0.012
+    assert bucket_bounds((0.45, 0.55), coarse) == (0.1, 0.2)  # cannot confirm 150 ms
+    resolved = cumulative(fine)
+    assert 0.17 <= histogram_quantile(0.5, resolved) <= 0.18 * 1.09
+    low, high = bucket_bounds((0.45, 0.55), resolved)
+    assert low is not None and high is not None and 0.15 < low <= 0.17 and high <= 0.2
 
 
 def test_parse_sums_label_sets_and_accepts_both_name_spellings() -> None:

@@ -6,6 +6,11 @@ CPU default flags and why:
 - ``--max-total-tokens 4096``: without a cap the default KV cache takes ~14.5 GB of RAM.
 - ``--sleep-on-idle``: otherwise the idle scheduler spins a whole core.
 - ``--enable-metrics``: Prometheus ``/metrics`` (latency histograms the controller reads).
+- ``--bucket-inter-token-latency`` (`LATENCY_BUCKET_FLAGS`): buckets 9% apart from 1 ms to
+  8.2 s for the inter-token and per-request TPOT histograms. SGLang's default jumps
+  40 -> 60 -> 80 -> 100 -> 200 ms, so a quantile inside one of those buckets is an
+  interpolation the controller cannot confirm a miss or a meet from
+  (`lynx_policy.quantiles.bucket_bounds`).
 
 Each server runs with its own scratch directory as ``TMPDIR``, removed when it stops: SGLang
 names its IPC sockets with ``NamedTemporaryFile(delete=False)`` and removes its Prometheus
@@ -33,12 +38,21 @@ from pathlib import Path
 
 import httpx
 
+LATENCY_BUCKETS_S: tuple[float, ...] = tuple(float(f"{0.001 * 2 ** (k / 8):.4g}")
+                                             for k in range(105))
+"""Inter-token (and TPOT) histogram buckets [s]: 1 ms x 2^(k/8), k = 0..104 (1 ms to 8.19 s,
+each 9% above the one before; module doc)."""
+LATENCY_BUCKET_FLAGS: tuple[str, ...] = ("--bucket-inter-token-latency",
+                                         *(f"{b:g}" for b in LATENCY_BUCKETS_S))
+"""What every SGLang server Lynx starts or deploys exports its latency histograms with."""
+
 CPU_DEFAULT_FLAGS: tuple[str, ...] = (
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--max-total-tokens", "4096",
     "--sleep-on-idle",
     "--enable-metrics",
+    *LATENCY_BUCKET_FLAGS,
 )
 
 
