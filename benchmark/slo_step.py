@@ -66,16 +66,22 @@ def with_experts_kept(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def controller_tick(pair: ServingPair) -> dict[str, Any] | None:
-    """The controller's last tick (``GET /v1/state``): number, direction, reason and its
-    latency readings, compact; None if the admin API did not answer."""
+    """The controller's last tick (``GET /v1/state``): number, direction, reason, its latency
+    readings, and the high load's bucket plan (``GET /v1/model``'s ``why``: rung, predicted
+    and target ms, reason), compact; None if the admin API did not answer."""
     try:
         tick = pair.controller.admin.get("/v1/state").json()["loop"]["last_tick"]
+        why = pair.controller.admin.get("/v1/model").json().get("why") or []
     except (httpx.HTTPError, ValueError, KeyError):
         return None
     if tick is None:
         return None
+    busy = next((w for w in why if w.get("max_batch", 0) >= HIGH), None)
     return {"tick": tick["tick"], "direction": tick["direction"], "signal": tick["signal"],
             "reason": tick["reason"],
+            "high_bucket": None if busy is None else {
+                k: busy.get(k) for k in ("max_batch", "rung", "budget", "predicted_ms",
+                                         "unpruned_ms", "target_ms", "reason")},
             "readings": [{k: r.get(k) for k in ("metric", "quantile", "observed_ms",
                                                  "bounds_ms", "samples", "window_s")}
                          for r in tick["latencies"]]}
