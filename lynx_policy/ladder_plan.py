@@ -38,10 +38,10 @@ Method:
    only ever prunes more, so goal is monotone in load. When its end (every loaded bucket on
    the lowest usable rung) misses target * (1 - margin), the first table that meets the
    target itself is taken: the margin is a cushion for choosing, not a reason to leave a
-   reachable target missed (at 48 streams on the testbed the lowest rung predicted 129 ms,
-   the planning line of a 142 ms target was 128 ms, and the controller held a 20% miss for
-   the whole 20 s stage: `benchmark/slo_step.py`). When the end misses the target itself,
-   pruning cannot close the gap: the table holds.
+   reachable target missed (in a step load to 48 streams on the testbed the controller held
+   a confirmed 20% miss of a 142 ms median-ITL target for the whole 20 s stage, while the
+   lowest rung, measured alone at that load, gave 118 ms: `benchmark/slo_step.py`). When the
+   end misses the target itself, pruning cannot close the gap: the table holds.
 3. Hysteresis (as `lynx_policy.plan`): tighten at once toward goal(margin) when the applied
    table is predicted to miss target * (1 - margin); relax toward goal(headroom) only after
    ``relax_after_ticks`` ticks that all allow it; hold in between. A bucket moves at most to
