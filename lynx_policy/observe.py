@@ -116,6 +116,7 @@ class PrometheusObserver:
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
         readings = []
         counts: dict[tuple[str, float], float | None] = {}  # one count query per histogram
+        rates: dict[tuple[str, float], CumulativeBuckets] = {}  # and one bucket query
         for target in targets:
             for window in windows(self.config):  # the narrowest window with enough samples
                 value = await self._query(promql_for(target, self.config, window_s=window))
@@ -128,9 +129,11 @@ class PrometheusObserver:
                     break
             low = high = None
             if reading is not None:
-                rates = await self._buckets(promql_for(target, self.config, window_s=window,
-                                                       buckets=True))
-                low, high = reading_bounds(target, samples, rates, self.config)
+                if (target.metric, window) not in rates:
+                    rates[(target.metric, window)] = await self._buckets(
+                        promql_for(target, self.config, window_s=window, buckets=True))
+                low, high = reading_bounds(target, samples, rates[(target.metric, window)],
+                                           self.config)
             readings.append(LatencyReading(target, reading, samples, low, high, window))
         return tuple(readings)
 

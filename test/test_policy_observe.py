@@ -104,6 +104,9 @@ def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> Non
             asked.clear()
             both = await observer.observe([P99, P90])  # one histogram: one count query
             assert [q for q in asked if "_count" in q] == [promql_for(P90, config, count=True)]
+            # and one bucket query (the bounds) for both targets of the histogram and window
+            assert [q for q in asked if q.startswith("sum by (le)")] == [
+                promql_for(P90, config, buckets=True)]
             assert [r.observed_s for r in both] == [0.3, 0.3]
             return thin + full
 
