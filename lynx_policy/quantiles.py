@@ -28,31 +28,24 @@ def histogram_quantile(q: float, buckets: CumulativeBuckets) -> float | None:
     """The ``q`` quantile of a cumulative histogram; None when it holds no observations."""
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
-    bounds = sorted(buckets)
-    if not bounds or not math.isinf(bounds[-1]):
+    found = _holding_bucket(q, buckets)
+    if found is None:
         return None
-    total = buckets[bounds[-1]]
-    if total <= 0:
-        return None
-    rank = q * total
-    previous_bound, previous_count = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank and count > previous_count:
-            if math.isinf(bound):
-                return bounds[-2] if len(bounds) > 1 else None
-            if bound <= 0:
-                return bound
-            start = previous_bound if previous_bound < bound else 0.0
-            return start + (bound - start) * (rank - previous_count) / (count - previous_count)
-        previous_bound, previous_count = bound, count
-    return bounds[-2] if len(bounds) > 1 else None
+    bounds, rank, (previous_bound, previous_count, bound, count) = found
+    if bound is None or math.isinf(bound):
+        return bounds[-2] if len(bounds) > 1 else None
+    if bound <= 0:
+        return bound
+    start = previous_bound if previous_bound < bound else 0.0
+    return start + (bound - start) * (rank - previous_count) / (count - previous_count)
 
 
-def bucket_edges(q: float, buckets: CumulativeBuckets) -> tuple[float, float] | None:
-    """(lower, upper) edge of the bucket holding the rank ``q * total`` (the quantile lies
-    between them whatever the observations inside the bucket look like); the lowest bucket
-    starts at 0 and the ``+Inf`` bucket ends at ``math.inf``. None without observations."""
+def _holding_bucket(q: float, buckets: CumulativeBuckets
+                    ) -> tuple[list[float], float, tuple[float, float, float | None, float]] | None:
+    """(sorted bounds, rank q * total, (previous bound, previous count, bound, count)) of the
+    first bucket whose cumulative count reaches the rank and grows; bound None when none does
+    (the last bound and count then stand as the previous ones). None without a ``+Inf``
+    bucket or without observations."""
     bounds = sorted(buckets)
     if not bounds or not math.isinf(bounds[-1]) or buckets[bounds[-1]] <= 0:
         return None
@@ -61,9 +54,20 @@ def bucket_edges(q: float, buckets: CumulativeBuckets) -> tuple[float, float] | 
     for bound in bounds:
         count = buckets[bound]
         if count >= rank and count > previous_count:
-            return (min(previous_bound, bound), bound)
+            return bounds, rank, (previous_bound, previous_count, bound, count)
         previous_bound, previous_count = bound, count
-    return (previous_bound, math.inf)
+    return bounds, rank, (previous_bound, previous_count, None, previous_count)
+
+
+def bucket_edges(q: float, buckets: CumulativeBuckets) -> tuple[float, float] | None:
+    """(lower, upper) edge of the bucket holding the rank ``q * total`` (the quantile lies
+    between them whatever the observations inside the bucket look like); the lowest bucket
+    starts at 0 and the ``+Inf`` bucket ends at ``math.inf``. None without observations."""
+    found = _holding_bucket(q, buckets)
+    if found is None:
+        return None
+    _, _, (previous_bound, _, bound, _) = found
+    return (previous_bound, math.inf) if bound is None else (min(previous_bound, bound), bound)
 
 
 def bucket_bounds(levels: tuple[float, float], buckets: CumulativeBuckets
