@@ -49,13 +49,16 @@ class Sampler(threading.Thread):
                 weight / total if total else 0.0)
 
 
-def apply_mode(pair: ServingPair, mode: str, target_ms: float | None) -> None:
-    pair.set_policy(OFF)  # every run starts from no pruning, in static mode
+def apply_mode(pair: ServingPair, mode: str, target_ms: float | None,
+               metric: str = "tpot", quantile: float = 0.9) -> None:
+    """``off``, ``static:<rung>`` or ``adaptive`` with the SLO ``metric`` at ``quantile`` <=
+    ``target_ms``; every mode starts from no pruning, in static mode."""
+    pair.set_policy(OFF)
     if mode.startswith("static:"):
         pair.pin_rung(mode.split(":", 1)[1])
     elif mode == "adaptive":
         assert target_ms is not None
-        pair.put("/v1/slo", {"targets": [{"metric": "tpot", "quantile": 0.9,
+        pair.put("/v1/slo", {"targets": [{"metric": metric, "quantile": quantile,
                                           "target_ms": target_ms}]})
         pair.set_mode("adaptive")
 

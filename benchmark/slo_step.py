@@ -9,7 +9,7 @@ The step has its own SLO, chosen so that the question it asks has an answer:
   whether the controller acted.
 - **Target: half-way between what `off` and the lowest usable rung measure at the high load**
   (statically, before the step). `off` misses it and pruning can meet it. The replay's medium
-  target (P90 TPOT at ~2.4 requests/s) is no such target: at 48 streams even the lowest rung
+  target (P90 TPOT at ~1.7-1.9 requests/s) is no such target: at 48 streams even the lowest rung
   could not meet it (stop 33's run: P90 ITL 137-325 ms against 83 ms), so "met again within
   5 s" could not be reached by any controller.
 """
@@ -24,6 +24,7 @@ import httpx
 from benchmark import slo_load
 from benchmark.common import OFF, percentile, rounded
 from benchmark.serving_pair import ServingPair
+from benchmark.slo_pareto_runs import apply_mode
 from benchmark.slo_ramp import prompts_for_load
 
 LOW, HIGH = 4, 48
@@ -96,24 +97,20 @@ def step_load(pair: ServingPair, floor_rung: str, args: argparse.Namespace) -> d
     probe_s, settle_s = (6.0, 2.0) if args.quick else (12.0, 4.0)
     measured = {}
     for name in ("off", floor_rung):
-        pair.set_policy(OFF)
-        if name != "off":
-            pair.pin_rung(name)
+        apply_mode(pair, "off" if name == "off" else f"static:{name}", None)
         measured[name] = static_median_itl_ms(pair, HIGH, probe_s, settle_s,
                                               args.step_output_len)
-    pair.set_policy(OFF)
     off_ms, floor_ms = measured["off"], measured[floor_rung]
     target = choose_target(off_ms, floor_ms) if off_ms and floor_ms else None
     basis = {"interval_s": 1.0, "metric": f"itl p{QUANTILE}", "high_streams": HIGH,
              "off_ms": rounded(off_ms, 2), "floor_rung": floor_rung,
              "floor_ms": rounded(floor_ms, 2), "target_ms": rounded(target, 2)}
-    print(f"[slo_pareto] step load at {HIGH} streams: median ITL off {off_ms} ms, "
-          f"{floor_rung} {floor_ms} ms -> target {target} ms", flush=True)
+    print(f"[slo_pareto] step load at {HIGH} streams: median ITL off {basis['off_ms']} ms, "
+          f"{floor_rung} {basis['floor_ms']} ms -> target {basis['target_ms']} ms", flush=True)
     if target is None:
+        pair.set_policy(OFF)
         return {**basis, "time_to_slo_s": None, "time_to_unprune_s": None}
-    pair.put("/v1/slo", {"targets": [{"metric": "itl", "quantile": QUANTILE / 100,
-                                      "target_ms": target}]})
-    pair.set_mode("adaptive")
+    apply_mode(pair, "adaptive", target, metric="itl", quantile=QUANTILE / 100)
     stages = [(LOW, 4.0 if args.quick else 8.0), (HIGH, args.step_high_s),
               (LOW, 6.0 if args.quick else 15.0)]
 
