@@ -40,6 +40,22 @@ def choose_target(off_ms: float, floor_ms: float, share: float = 0.5) -> float |
     return off_ms - share * (off_ms - floor_ms)
 
 
+def target_basis(off_ms: float | None, floor_rung: str,
+                 floor_ms: float | None) -> dict[str, Any]:
+    """The step's SLO and what it was chosen from, as the JSON records it: median ITLs [ms]
+    at the high load (None where a probe measured no gap) and ``target_ms`` by
+    `choose_target`, rounded to 0.01 ms; ``target_ms`` None where either probe measured
+    nothing or the rung was no faster (a quick run's short probes can give either)."""
+    target = choose_target(off_ms, floor_ms) if off_ms and floor_ms else None
+    return {"interval_s": 1.0, "metric": f"itl p{QUANTILE}", "high_streams": HIGH,
+            "off_ms": _round_or_none(off_ms), "floor_rung": floor_rung,
+            "floor_ms": _round_or_none(floor_ms), "target_ms": _round_or_none(target)}
+
+
+def _round_or_none(value: float | None) -> float | None:
+    return None if value is None else rounded(value, 2)
+
+
 def static_median_itl_ms(pair: ServingPair, streams: int, seconds: float, settle_s: float,
                          output_len: int) -> float | None:
     """Median inter-token gap [ms] of ``streams`` closed-loop clients over ``seconds``, the
@@ -100,11 +116,8 @@ def step_load(pair: ServingPair, floor_rung: str, args: argparse.Namespace) -> d
         apply_mode(pair, "off" if name == "off" else f"static:{name}", None)
         measured[name] = static_median_itl_ms(pair, HIGH, probe_s, settle_s,
                                               args.step_output_len)
-    off_ms, floor_ms = measured["off"], measured[floor_rung]
-    target = choose_target(off_ms, floor_ms) if off_ms and floor_ms else None
-    basis = {"interval_s": 1.0, "metric": f"itl p{QUANTILE}", "high_streams": HIGH,
-             "off_ms": rounded(off_ms, 2), "floor_rung": floor_rung,
-             "floor_ms": rounded(floor_ms, 2), "target_ms": rounded(target, 2)}
+    basis = target_basis(measured["off"], floor_rung, measured[floor_rung])
+    target = basis["target_ms"]
     print(f"[slo_pareto] step load at {HIGH} streams: median ITL off {basis['off_ms']} ms, "
           f"{floor_rung} {basis['floor_ms']} ms -> target {basis['target_ms']} ms", flush=True)
     if target is None:

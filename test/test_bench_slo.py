@@ -7,7 +7,7 @@ import pytest
 from benchmark.loadgen import RequestTiming
 from benchmark.slo_load import quality_of_run, step_response, windows
 from benchmark.slo_ramp import mean_ci, summarize
-from benchmark.slo_step import choose_target, with_experts_kept
+from benchmark.slo_step import choose_target, target_basis, with_experts_kept
 
 
 def stream(start: float, gaps: list[float]) -> RequestTiming:
@@ -61,6 +61,17 @@ def test_the_step_target_lies_between_off_and_the_floor_rung_or_is_refused() -> 
     # a floor rung no faster than off leaves nothing a target could separate
     assert choose_target(200.0, 200.0) is None and choose_target(200.0, 210.0) is None
     assert choose_target(200.0, 0.0) is None
+
+
+def test_step_target_basis_records_a_missing_target_instead_of_failing() -> None:
+    """CI of e9f1f87: a quick run's short probe found the rung no faster than ``off``, and
+    rounding the missing target raised TypeError, failing `run_all.py --quick`."""
+    basis = target_basis(162.346, "m32", 119.871)
+    assert (basis["off_ms"], basis["floor_ms"], basis["target_ms"]) == (162.35, 119.87, 141.11)
+    for off_ms, floor_ms in ((150.0, 151.0), (None, 120.0), (150.0, None), (None, None)):
+        basis = target_basis(off_ms, "m32", floor_ms)
+        assert basis["target_ms"] is None
+        assert (basis["off_ms"], basis["floor_ms"]) == (off_ms, floor_ms)
 
 
 def test_experts_kept_per_sample_interval_counts_only_pruned_layer_steps() -> None:
