@@ -1,17 +1,19 @@
 """Observe: current latency quantiles for each SLO target.
 
 Two sources, chosen by config:
-- `PrometheusObserver` (``observe.prometheus_url`` set): instant PromQL queries per target,
-  ``histogram_quantile(q, sum by (le) (rate(<histogram>_bucket{<selector>}[<window>s])))``,
-  the window's count, and (for the bounds) the bucket rates themselves.
+- `PrometheusObserver` (``observe.prometheus_url`` set): one instant PromQL query per
+  histogram and window, each runtime's bucket rates (`promql_for`).
 - `ScrapeObserver` (no Prometheus): GETs every runtime ``/metrics`` (configured URLs plus
-  those runtimes registered), keeps the scrapes of the last window and computes the quantile
-  from the bucket deltas across the window, summed over runtimes.
+  those runtimes registered), keeps the scrapes of the last window and takes each runtime's
+  bucket deltas across the window.
 
-Both return one `LatencyReading` per target with the window's observation count and its
-confidence bounds at the buckets' edges (`lynx_policy.quantiles.bucket_bounds`);
-``observed_s`` is None when the window held no traffic, or too few observations above the
-quantile to estimate it (`usable`). Both raise `ObserveError` when the source cannot be read
+Both merge the runtimes at the bucket edges all of them export (`quantiles.common_edges`:
+during a rolling restart that changes the layout, the coarser shared one) and compute the
+quantile as Prometheus' ``histogram_quantile`` does. Both return one `LatencyReading` per
+target with the window's observation count and its confidence bounds at the buckets' edges
+(`lynx_policy.quantiles.bucket_bounds`); ``observed_s`` is None when the window held no
+traffic, too few observations above the quantile to estimate it (`usable`), or runtimes
+whose layouts share no finite edge. Both raise `ObserveError` when the source cannot be read
 at all.
 """
 
@@ -29,13 +31,14 @@ import httpx
 
 from lynx_policy.config import SLO_HISTOGRAMS, ObserveConfig, SloTarget
 from lynx_policy.decide import LatencyReading
+from lynx_policy.metrics_hosts import scrape_allowed
 from lynx_policy.quantiles import (
     CumulativeBuckets,
     bucket_bounds,
     bucket_delta,
+    common_edges,
     confidence_levels,
     histogram_quantile,
-    merge,
     parse_histograms,
 )
 from lynx_policy.throttle import RateLimitedLog
@@ -82,11 +85,12 @@ def reading_bounds(target: SloTarget, samples: float | None, buckets: Cumulative
     return bucket_bounds(levels, buckets)
 
 
-def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
-               window_s: float | None = None, buckets: bool = False) -> str:
-    """The target's quantile query (``count``: the window's observation count instead;
-    ``buckets``: the window's bucket rates by ``le``); matches the histogram under both
-    spellings of its name.
+def promql_for(target: SloTarget, config: ObserveConfig, window_s: float | None = None) -> str:
+    """The bucket rates of ``target``'s histogram over the window, by runtime (``instance``)
+    and ``le``, of the series that exist both now and at the window's start: a runtime
+    restarted inside the window with another bucket layout contributes only the edges its two
+    layouts share (each covering the whole window), never a new edge that covers part of it
+    or an old one that went stale. Matches the histogram under both spellings of its name.
 
     prometheus_client >= 0.22 serves OpenMetrics with ``escaping=underscores`` to scrapers that
     do not ask for UTF-8 names (Prometheus 2.x), so ``sglang:x`` is stored as ``sglang_x``
@@ -97,14 +101,28 @@ def promql_for(target: SloTarget, config: ObserveConfig, count: bool = False,
     window = f"{max(1, round(window_s or config.rate_window_s))}s"
     histogram = SLO_HISTOGRAMS[target.metric]
     spellings = dict.fromkeys([histogram, histogram.replace(":", "_")])
-    if count:
-        return " or ".join(f"sum(increase({name}_count{selector}[{window}]))"
-                           for name in spellings)
-    rates = " or ".join(f"sum by (le) (rate({name}_bucket{selector}[{window}]))"
-                        for name in spellings)
-    if buckets:
-        return rates
-    return f"histogram_quantile({target.quantile:.6g}, {rates})"
+    return " or ".join(
+        f"sum by (instance, le) (rate({name}_bucket{selector}[{window}]) "
+        f"and {name}_bucket{selector} and {name}_bucket{selector} offset {window})"
+        for name in spellings)
+
+
+def reading_of(target: SloTarget, histograms: list[CumulativeBuckets], window_s: float,
+               config: ObserveConfig, warnings: RateLimitedLog, per_second: bool = False
+               ) -> tuple[float | None, float, float | None, float | None]:
+    """(quantile, observations, lower, upper) [s] of ``target`` from the runtimes' cumulative
+    bucket counts over ``window_s`` (``per_second``: rates, as Prometheus answers), merged at
+    their shared edges (`common_edges`); the quantile None where `usable` says so, or where
+    the layouts share no finite edge (warned through ``warnings``)."""
+    merged = common_edges(histograms)
+    samples = merged.get(math.inf, 0.0) * (window_s if per_second else 1.0)
+    value = usable(histogram_quantile(target.quantile, merged), samples, target, config)
+    if value is None:
+        if samples and len(merged) == 1:
+            warnings.warning("layouts", "no %s reading: the runtimes' histograms share no "
+                             "finite bucket edge", SLO_HISTOGRAMS[target.metric])
+        return None, samples, None, None
+    return (value, samples, *reading_bounds(target, samples, merged, config))
 
 
 class PrometheusObserver:
@@ -112,44 +130,36 @@ class PrometheusObserver:
         self.config = config
         self.client = client
         self.url = config.prometheus_url.rstrip("/") + "/api/v1/query"
+        self._warnings = RateLimitedLog(log, every_s=60.0)
 
     async def observe(self, targets: list[SloTarget]) -> tuple[LatencyReading, ...]:
+        """One query per histogram and window (`promql_for`), shared by its targets."""
         readings = []
-        counts: dict[tuple[str, float], float | None] = {}  # one count query per histogram
-        rates: dict[tuple[str, float], CumulativeBuckets] = {}  # and one bucket query
+        rates: dict[tuple[str, float], list[CumulativeBuckets]] = {}
         for target in targets:
             for window in windows(self.config):  # the narrowest window with enough samples
-                value = await self._query(promql_for(target, self.config, window_s=window))
-                if (target.metric, window) not in counts:
-                    counts[(target.metric, window)] = await self._query(
-                        promql_for(target, self.config, count=True, window_s=window))
-                samples = counts[(target.metric, window)]
-                reading = usable(value, samples, target, self.config)
-                if reading is not None:
+                key = (target.metric, window)
+                if key not in rates:
+                    rates[key] = await self._buckets(promql_for(target, self.config, window))
+                value, samples, low, high = reading_of(target, rates[key], window, self.config,
+                                                       self._warnings, per_second=True)
+                if value is not None:
                     break
-            low = high = None
-            if reading is not None:
-                if (target.metric, window) not in rates:
-                    rates[(target.metric, window)] = await self._buckets(
-                        promql_for(target, self.config, window_s=window, buckets=True))
-                low, high = reading_bounds(target, samples, rates[(target.metric, window)],
-                                           self.config)
-            readings.append(LatencyReading(target, reading, samples, low, high, window))
+            readings.append(LatencyReading(target, value, samples, low, high, window))
         return tuple(readings)
 
-    async def _query(self, query: str) -> float | None:
-        return _first_finite(await self._data(query))
-
-    async def _buckets(self, query: str) -> CumulativeBuckets:
-        """A ``sum by (le)`` vector as cumulative buckets (rates: their ranks are counts')."""
-        out: CumulativeBuckets = {}
+    async def _buckets(self, query: str) -> list[CumulativeBuckets]:
+        """A ``sum by (instance, le)`` vector as cumulative buckets, one per instance."""
+        out: dict[str, CumulativeBuckets] = {}
         result = (await self._data(query)).get("result") or []
         for sample in result if isinstance(result, list) else []:
             try:
-                out[float(sample["metric"]["le"])] = float(sample["value"][1])
-            except (KeyError, IndexError, TypeError, ValueError):
+                labels = sample["metric"]
+                rate = float(sample["value"][1])
+                out.setdefault(labels.get("instance", ""), {})[float(labels["le"])] = rate
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):
                 continue
-        return out
+        return list(out.values())
 
     async def _data(self, query: str) -> dict:
         try:
@@ -164,51 +174,6 @@ class PrometheusObserver:
                                f"{body.get('error', '')[:200]}")
         data = body.get("data", {})
         return data if isinstance(data, dict) else {}
-
-
-def _first_finite(data: dict) -> float | None:
-    if data.get("resultType") != "vector" or not data.get("result"):
-        return None
-    try:
-        value = float(data["result"][0]["value"][1])
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-async def host_addresses(host: str) -> set[str]:
-    """The IP addresses ``host`` resolves to (empty when it does not)."""
-    import ipaddress
-    import socket
-
-    try:
-        return {str(ipaddress.ip_address(host))}
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None,
-                                                             type=socket.SOCK_STREAM)
-    except OSError:
-        return set()
-    return {str(info[4][0]) for info in infos}
-
-
-async def scrape_allowed(url: str, peer: str, allowed_hosts: list[str]) -> bool:
-    """May the controller fetch a runtime's registered ``metrics_url``? Only http(s) URLs
-    whose host is in ``observe.metrics_hosts`` or resolves to the address the link saw the
-    runtime connect from (``peer``; a local ``ipc://`` runtime: a loopback address). The
-    controller fetches what a runtime names, so an unchecked URL would be a blind SSRF."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    if parts.hostname in allowed_hosts:
-        return True
-    addresses = await host_addresses(parts.hostname)
-    if not peer:
-        return bool(addresses) and all(a.startswith("127.") or a == "::1" for a in addresses)
-    return peer in addresses
 
 
 class ScrapeObserver:
@@ -274,17 +239,12 @@ class ScrapeObserver:
         for t in targets:
             name = SLO_HISTOGRAMS[t.metric]
             for window_s in windows(self.config):  # the narrowest window with enough samples
-                window: CumulativeBuckets = {}
-                for url in fresh:
-                    merge(window, self._window_delta(url, window_s).get(name, {}))
-                samples = window.get(math.inf, 0.0)
-                value = histogram_quantile(t.quantile, window)
-                reading = usable(value, samples, t, self.config)
-                if reading is not None:
+                deltas = [self._window_delta(url, window_s).get(name, {}) for url in fresh]
+                value, samples, low, high = reading_of(t, deltas, window_s, self.config,
+                                                       self._failure_log)
+                if value is not None:
                     break
-            low, high = (None, None) if reading is None else reading_bounds(
-                t, samples, window, self.config)
-            readings.append(LatencyReading(t, reading, samples, low, high, window_s))
+            readings.append(LatencyReading(t, value, samples, low, high, window_s))
         return tuple(readings)
 
     def _remember(self, url: str, histograms: dict[str, CumulativeBuckets]) -> None:

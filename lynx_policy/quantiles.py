@@ -1,4 +1,5 @@
-"""Histogram arithmetic for scraping runtimes directly (no Prometheus server).
+"""Histogram arithmetic for both observers (`lynx_policy.observe`): quantiles, their bounds, and
+the merging of several runtimes' histograms (`common_edges`).
 
 `histogram_quantile` follows Prometheus' function of the same name: find the bucket holding
 the rank ``q * total``, interpolate linearly inside it, answer the highest finite bound if the
@@ -117,14 +118,27 @@ def parse_histograms(text: str, names: set[str]) -> dict[str, CumulativeBuckets]
 
 
 def bucket_delta(newer: CumulativeBuckets, older: CumulativeBuckets | None) -> CumulativeBuckets:
-    """Observations between two scrapes of one target; a counter reset restarts from 0."""
-    if older is None:
+    """Observations between two scrapes of one target. A counter reset, or a bucket layout
+    that changed (only a restart can change it), restarts from 0: ``newer`` itself."""
+    if older is None or newer.keys() != older.keys():
         return dict(newer)
-    if any(newer.get(bound, 0.0) < count for bound, count in older.items()):
+    if any(newer[bound] < count for bound, count in older.items()):
         return dict(newer)  # the runtime restarted between the two scrapes
-    return {bound: count - older.get(bound, 0.0) for bound, count in newer.items()}
+    return {bound: count - older[bound] for bound, count in newer.items()}
 
 
-def merge(into: CumulativeBuckets, other: CumulativeBuckets) -> None:
-    for bound, count in other.items():
-        into[bound] = into.get(bound, 0.0) + count
+def common_edges(histograms: list[CumulativeBuckets]) -> CumulativeBuckets:
+    """The sum of several runtimes' cumulative buckets at the edges (``le``) all of them have
+    (histograms with no buckets are left out).
+
+    A cumulative count at an edge that one runtime lacks is unknown, not 0: summing over the
+    union of layouts (a rolling restart that changes ``--bucket-inter-token-latency``, or
+    replicas configured apart) gives counts that fall between edges and quantiles from the
+    wrong bucket. At the shared edges the sum is exact, at the coarser resolution, which
+    `bucket_bounds` then reports. With no shared finite edge only ``+Inf`` remains, and
+    `histogram_quantile` answers None."""
+    present = [h for h in histograms if h]
+    if not present:
+        return {}
+    shared = set.intersection(*(set(h) for h in present))
+    return {edge: sum(h[edge] for h in present) for edge in sorted(shared)}

@@ -222,14 +222,18 @@ class LatencySource:
 
     BUCKETS = (0.02, 0.04, 0.08, 0.09, 0.15, 0.3, 0.6)
 
-    def __init__(self, latency_s: float, rate_hz: float = 500.0) -> None:
+    def __init__(self, latency_s: float, rate_hz: float = 500.0,
+                 buckets: tuple[float, ...] | None = None, port: int | None = None) -> None:
+        """``buckets``: the histogram's layout (`BUCKETS` by default); ``port``: e.g. a
+        stopped source's, to restart it in place (a free one by default)."""
         from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
         self.latency_s = latency_s
         self.registry = CollectorRegistry()
         self.histogram = Histogram("sglang:inter_token_latency_seconds", "test-controlled ITL",
-                                   ["model_name"], buckets=self.BUCKETS, registry=self.registry)
-        self.port = free_tcp_port()
+                                   ["model_name"], buckets=buckets or self.BUCKETS,
+                                   registry=self.registry)
+        self.port = port or free_tcp_port()
         self._server, _ = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._observe, args=(rate_hz,), daemon=True)
@@ -254,6 +258,7 @@ class LatencySource:
         self._stop.set()
         self._thread.join(5)
         self._server.shutdown()
+        self._server.server_close()  # free the port, e.g. for a restart in place
 
 
 class FakeReplica:

@@ -7,6 +7,7 @@ always stopped, also when an assertion fails while it runs.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -26,7 +27,7 @@ from test_policy_control_loop import running_prometheus
 from lynx.serving.metrics_reader import samples
 from lynx.serving.server import SglangServer, free_port
 from lynx_policy.config import ObserveConfig, SloTarget
-from lynx_policy.observe import promql_for
+from lynx_policy.observe import PrometheusObserver
 from lynx_policy.testing import ControllerProcess, wait_until
 
 LOW, HIGH = 1, 32
@@ -153,17 +154,21 @@ def decode_steps(url: str) -> dict[str, float]:
 
 
 def itl_quantile_s(prometheus: str, window_s: int = 6) -> float:
-    """The controller's own query (both spellings of the histogram's name) over ``window_s``,
-    polled until Prometheus has scraped enough of the load to answer with a number."""
-    query = promql_for(SloTarget(metric="itl", quantile=QUANTILE),
-                       ObserveConfig(rate_window_s=window_s))
+    """The controller's own reading (`PrometheusObserver`, both spellings of the histogram's
+    name) over ``window_s``, polled until Prometheus has scraped enough of the load to give
+    one."""
+    config = ObserveConfig(prometheus_url=prometheus, rate_window_s=window_s)
+    target = SloTarget(metric="itl", quantile=QUANTILE)
     value = [math.nan]
 
+    async def read() -> float | None:
+        async with httpx.AsyncClient() as client:
+            (reading,) = await PrometheusObserver(config, client).observe([target])
+        return reading.observed_s
+
     def answered() -> bool:
-        body = httpx.get(f"{prometheus}/api/v1/query", params={"query": query},
-                         timeout=10).json()
-        result = body["data"]["result"]
-        value[0] = float(result[0]["value"][1]) if result else math.nan
+        observed = asyncio.run(read())
+        value[0] = math.nan if observed is None else observed
         return math.isfinite(value[0])
 
     wait_until("a finite ITL quantile from Prometheus", answered, timeout_s=30)

@@ -3,6 +3,8 @@ reference resolves, and the wiring is right (replicas behind the router, scraped
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import itertools
 import re
 import shutil
@@ -15,7 +17,7 @@ import yaml
 
 from lynx.deploy import constants as c
 from lynx.deploy.compose import build_compose, runtime_services
-from lynx.serving.server import CPU_DEFAULT_FLAGS, LATENCY_BUCKET_FLAGS
+from lynx.serving.server import CPU_DEFAULT_FLAGS, LATENCY_BUCKET_FLAGS, SGLANG_ITL_BUCKETS_S
 
 STACKS = {"compose.yaml": c.DEFAULT_REPLICAS, "compose.cpu.yaml": c.CPU_REPLICAS}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -156,9 +158,28 @@ def test_cpu_stack_runs_the_cpu_engine_on_the_reference_model() -> None:
     edges = [float(v) for v in LATENCY_BUCKET_FLAGS[1:]]
     assert edges[0] <= 0.001 and edges[-1] >= 8.0 and edges == sorted(edges)
     assert max(b / a for a, b in itertools.pairwise(edges)) < 1.092
+    # SGLang's default edges among them, spelled as SGLang's own flag values would be (the
+    # ``le`` labels Prometheus matches on), so that a fleet half on each layout shares them
+    defaults = sglang_default_itl_buckets()
+    assert defaults == list(SGLANG_ITL_BUCKETS_S)
+    assert {f"{b:g}" for b in defaults} <= set(LATENCY_BUCKET_FLAGS[1:])
     entrypoint = (c.DOCKER_DIR / "runtime-entrypoint.sh").read_text()
     assert "--enable-metrics" in entrypoint and "sglang.launch_server" in entrypoint
     assert (c.REPO_ROOT / "models").is_dir()
+
+
+def sglang_default_itl_buckets() -> list[float]:
+    """The list SGLang's tokenizer metrics collector falls back to without
+    ``--bucket-inter-token-latency``, read from the installed source (constructing the
+    collector needs a running server's config)."""
+    spec = importlib.util.find_spec("sglang.srt.observability.metrics_collector")
+    assert spec is not None and spec.origin is not None
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.List)
+                and any(isinstance(t, ast.Name) and t.id == "bucket_inter_token_latency"
+                        for t in node.targets)):
+            return [float(ast.literal_eval(v)) for v in node.value.elts]
+    raise AssertionError("SGLang's default inter-token buckets not found")
 
 
 def test_admin_ports_bound_to_loopback() -> None:

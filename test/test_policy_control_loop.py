@@ -150,18 +150,20 @@ def test_adaptive_loop_by_scraping_the_runtime(tmp_path: Path, source: LatencySo
 
 
 @contextlib.contextmanager
-def running_prometheus(workdir: Path, target_port: int, port: int | None = None
+def running_prometheus(workdir: Path, target_port: int | list[int], port: int | None = None
                        ) -> Iterator[str]:
-    """A real Prometheus on 127.0.0.1 scraping ``target_port`` every second."""
+    """A real Prometheus on 127.0.0.1 scraping ``target_port`` (or each of several) every
+    second."""
     if not Path(PROMETHEUS).exists():
         pytest.skip("Prometheus binary not found (Debian: apt-get install prometheus)")
     port = port or free_tcp_port()
+    ports = target_port if isinstance(target_port, list) else [target_port]
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: runtime\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target_port}']\n")
+        f"      - targets: {[f'127.0.0.1:{p}' for p in ports]}\n")
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -21,10 +21,10 @@ from lynx_policy.observe import (
     usable,
     windows,
 )
-from lynx_policy.quantiles import histogram_quantile
 
 P99 = SloTarget(metric="itl", quantile=0.99, target_ms=100.0)
 P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
+P50 = SloTarget(metric="itl", quantile=0.5, target_ms=100.0)
 
 
 def test_usable_needs_enough_samples_above_the_quantile() -> None:
@@ -41,10 +41,10 @@ def test_usable_needs_enough_samples_above_the_quantile() -> None:
 class Runtime:
     """A runtime's ``/metrics``: one ITL histogram the test observes into."""
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)) -> None:
         self.registry = CollectorRegistry()
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "ITL", buckets=(
-            0.01, 0.02, 0.05, 0.1, 0.2, 0.4), registry=self.registry)
+        self.itl = Histogram("sglang:inter_token_latency_seconds", "ITL", buckets=buckets,
+                             registry=self.registry)
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=generate_latest(self.registry))
@@ -81,16 +81,30 @@ def test_scrape_observer_drops_an_undersampled_quantile(fast: int, outliers: int
         assert reading.observed_s is None
 
 
-def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> None:
+def vector(per_instance: dict[str, dict[float, float]]) -> httpx.Response:
+    """Prometheus' answer to a ``sum by (instance, le)`` query: one sample per instance and
+    edge."""
+    result = [{"metric": {"instance": instance, "le": "+Inf" if math.isinf(le) else f"{le:g}"},
+               "value": [0, str(rate)]}
+              for instance, rates in per_instance.items() for le, rate in rates.items()]
+    return httpx.Response(200, json={"status": "success", "data": {
+        "resultType": "vector", "result": result}})
+
+
+def query_of(request: httpx.Request) -> str:
+    return parse_qs(urlparse(str(request.url)).query)["query"][0]
+
+
+def test_prometheus_observer_counts_from_the_buckets_and_drops_a_thin_window() -> None:
+    """One query per histogram and window: the quantile, the count (the +Inf rate times the
+    window) and the bounds all come from the same bucket rates."""
     asked: list[str] = []
-    counts = {"value": 120.0}
+    per_second = {"value": 4.0}  # 120 ITLs in 30 s: too few above a P99
 
     def prometheus(request: httpx.Request) -> httpx.Response:
-        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
-        asked.append(query)
-        value = counts["value"] if "_count" in query else 0.3
-        return httpx.Response(200, json={"status": "success", "data": {
-            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+        asked.append(query_of(request))
+        total = per_second["value"]
+        return vector({"runtime-0:30000": {0.2: 0.0, 0.4: total, math.inf: total}})
 
     config = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=30,
                            label_selector='job="runtime"')
@@ -99,23 +113,23 @@ def test_prometheus_observer_asks_for_the_count_and_drops_a_thin_window() -> Non
         async with httpx.AsyncClient(transport=httpx.MockTransport(prometheus)) as client:
             observer = PrometheusObserver(config, client)
             thin = await observer.observe([P99])
-            counts["value"] = 5000.0
+            per_second["value"] = 5000.0 / 30
             full = await observer.observe([P99])
             asked.clear()
-            both = await observer.observe([P99, P90])  # one histogram: one count query
-            assert [q for q in asked if "_count" in q] == [promql_for(P90, config, count=True)]
-            # and one bucket query (the bounds) for both targets of the histogram and window
-            assert [q for q in asked if q.startswith("sum by (le)")] == [
-                promql_for(P90, config, buckets=True)]
-            assert [r.observed_s for r in both] == [0.3, 0.3]
+            both = await observer.observe([P99, P90])  # one histogram: one query
+            assert asked == [promql_for(P90, config)]
+            assert [r.observed_s for r in both] == [pytest.approx(0.398),
+                                                    pytest.approx(0.38)]
             return thin + full
 
     thin, full = asyncio.run(run())
-    assert thin.observed_s is None and thin.samples == 120.0
-    assert full.observed_s == 0.3 and full.samples == 5000.0
-    count_query = promql_for(P99, config, count=True)
-    assert 'sglang:inter_token_latency_seconds_count{job="runtime"}[30s]' in count_query
-    assert "sglang_inter_token_latency_seconds_count" in count_query  # both spellings
+    assert thin.observed_s is None and thin.samples == pytest.approx(120.0)
+    assert full.observed_s == pytest.approx(0.398) and full.samples == pytest.approx(5000.0)
+    query = promql_for(P99, config)
+    for name in ("sglang:inter_token_latency_seconds", "sglang_inter_token_latency_seconds"):
+        series = f'{name}_bucket{{job="runtime"}}'
+        assert (f"sum by (instance, le) (rate({series}[30s]) and {series} and {series} "
+                f"offset 30s)") in query  # both spellings, each series present all window
     assert math.isclose(thin.target.quantile, 0.99)
 
 
@@ -157,12 +171,8 @@ def test_at_low_traffic_the_scrape_observer_widens_its_window_instead_of_going_b
 def test_the_prometheus_observer_widens_a_thin_window_too() -> None:
     per_second = 2.5
 
-    def prometheus(request: httpx.Request) -> httpx.Response:
-        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
-        window = float(query.split("[")[1].split("s]")[0])
-        value = per_second * window if "_count" in query else 0.08
-        return httpx.Response(200, json={"status": "success", "data": {
-            "resultType": "vector", "result": [{"metric": {}, "value": [0, str(value)]}]}})
+    def prometheus(request: httpx.Request) -> httpx.Response:  # the same rates in any window
+        return vector({"a:1": {0.05: 0.0, 0.1: per_second, math.inf: per_second}})
 
     config = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=4,
                            max_window_s=64)
@@ -172,7 +182,7 @@ def test_the_prometheus_observer_widens_a_thin_window_too() -> None:
             return await PrometheusObserver(config, client).observe([P90])
 
     (reading,) = asyncio.run(run())
-    assert reading.observed_s == 0.08 and reading.samples == 80.0  # the 32 s window
+    assert reading.observed_s == pytest.approx(0.095) and reading.samples == 80.0  # 32 s
 
 
 def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
@@ -212,18 +222,8 @@ def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
     rates = {0.01: 0.0, 0.02: 2.0, 0.05: 2.0, 0.1: 2.0, 0.2: 2.0, 0.4: 2.5, math.inf: 2.5}
 
     def prometheus(request: httpx.Request) -> httpx.Response:
-        query = parse_qs(urlparse(str(request.url)).query)["query"][0]
-        asked.append(query)
-        if "_count" in query:
-            result = [{"metric": {}, "value": [0, "20"]}]
-        elif query.startswith("histogram_quantile("):
-            level = float(query.split("(")[1].split(",")[0])
-            result = [{"metric": {}, "value": [0, str(histogram_quantile(level, rates))]}]
-        else:  # the bucket rates by le
-            result = [{"metric": {"le": "+Inf" if math.isinf(le) else f"{le:g}"},
-                       "value": [0, str(v)]} for le, v in rates.items()]
-        return httpx.Response(200, json={"status": "success", "data": {
-            "resultType": "vector", "result": result}})
+        asked.append(query_of(request))
+        return vector({"runtime-0:30000": rates})
 
     prom = ObserveConfig(prometheus_url="http://prom:9090", rate_window_s=8,
                          min_tail_samples=2.0)
@@ -236,8 +236,73 @@ def test_readings_carry_the_quantile_bounds_from_the_same_window() -> None:
     assert reading.observed_s == pytest.approx(0.3) and reading.window_s == 8
     # the P81 (rank 16.2 of 20) lies in (0.2, 0.4]: its lower edge; the P99 in the same bucket
     assert reading.lower_s == 0.2 and reading.upper_s == 0.4
-    assert all("[8s]" in q for q in asked) and len(asked) == 3  # estimate, count, buckets
-    assert asked[-1] == promql_for(P90, prom, window_s=8, buckets=True)
+    assert reading.samples == pytest.approx(20.0)  # the +Inf rate over 8 s
+    assert asked == [promql_for(P90, prom, window_s=8)]
+
+
+SGLANG_DEFAULT = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04,
+                  0.06, 0.08, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0)
+FINE = tuple(sorted({round(0.001 * 2 ** (k / 8), 6) for k in range(105)} | set(SGLANG_DEFAULT)))
+
+
+def test_runtimes_with_different_bucket_layouts_merge_at_their_shared_edges() -> None:
+    """A rolling restart half done: one runtime on SGLang's default buckets at 50 ms, one on
+    Lynx's finer ones (its default edges among them) at 150 ms. Summed over the union of
+    edges, a fine edge between 60 and 100 ms holds the slow runtime's 0 but not the fast one's
+    500: the cumulative counts fall and go up again, and the P50 came from the wrong bucket.
+    At the shared edges the reading is exact at the coarse resolution, its bounds hold the
+    true quantile, and a runtime that restarts onto another layout starts its window anew."""
+    urls = {"http://old/metrics": Runtime(SGLANG_DEFAULT), "http://new/metrics": Runtime(FINE)}
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=list(urls), rate_window_s=4.0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return urls[str(request.url)].handler(request)
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            await observer.observe([P90])
+            urls["http://old/metrics"].observe(0.05, 500)
+            urls["http://new/metrics"].observe(0.15, 500)
+            now[0] = 4.0
+            mixed = await observer.observe([P50, P90])
+            urls["http://new/metrics"] = Runtime(SGLANG_DEFAULT)  # restarted onto the default
+            urls["http://new/metrics"].observe(0.15, 100)
+            urls["http://old/metrics"].observe(0.05, 100)
+            now[0] = 8.0
+            return mixed + await observer.observe([P50])
+
+    median, p90, after_restart = asyncio.run(run())
+    assert median.samples == p90.samples == 1000
+    # P50: rank 500 of (0.04, 0.06] holding the fast 500 -> its upper edge; P90: (0.1, 0.2]
+    assert median.observed_s == pytest.approx(0.06)
+    assert p90.observed_s == pytest.approx(0.18)
+    assert p90.lower_s is not None and p90.upper_s is not None
+    assert p90.lower_s <= 0.15 <= p90.upper_s and (p90.lower_s, p90.upper_s) == (0.1, 0.2)
+    # the restarted runtime's counters began again: its 100 new ITLs, not 100 - 500
+    assert after_restart.samples == 200 and after_restart.observed_s == pytest.approx(0.06)
+
+
+def test_layouts_with_no_shared_finite_edge_give_no_reading(caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    urls = {"http://a/metrics": Runtime((0.05, 0.1)), "http://b/metrics": Runtime((0.07, 0.2))}
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=list(urls), rate_window_s=4.0)
+
+    async def run() -> tuple:
+        transport = httpx.MockTransport(lambda r: urls[str(r.url)].handler(r))
+        async with httpx.AsyncClient(transport=transport) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            await observer.observe([P90])
+            for runtime in urls.values():
+                runtime.observe(0.06, 300)
+            now[0] = 4.0
+            return await observer.observe([P90])
+
+    (reading,) = asyncio.run(run())
+    assert reading.observed_s is None and reading.samples == 600
+    assert "share no finite bucket edge" in caplog.text
 
 
 def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None:
@@ -245,7 +310,7 @@ def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None
     local ipc:// runtime: loopback) or a host in observe.metrics_hosts."""
     import asyncio
 
-    from lynx_policy.observe import scrape_allowed
+    from lynx_policy.metrics_hosts import scrape_allowed
 
     def allowed(url: str, peer: str, hosts: list[str] | None = None) -> bool:
         return asyncio.run(scrape_allowed(url, peer, hosts or []))

@@ -11,8 +11,8 @@ from lynx_policy.quantiles import (
     bucket_bounds,
     bucket_delta,
     bucket_edges,
+    common_edges,
     histogram_quantile,
-    merge,
     parse_histograms,
 )
 
@@ -94,6 +94,18 @@ def test_delta_between_scrapes_and_counter_reset() -> None:
     restarted = {0.1: 1.0, 0.2: 2.0, INF: 2.0}
     assert bucket_delta(restarted, older) == restarted
     assert bucket_delta(newer, None) == newer
-    total = dict(older)
-    merge(total, restarted)
-    assert total == {0.1: 11.0, 0.2: 22.0, INF: 22.0}
+    # a restart onto another layout, even with every shared count higher, starts anew: the
+    # new edge 0.15 never counted the older observations, so a difference would go negative
+    relaid = {0.1: 30.0, 0.15: 31.0, 0.2: 40.0, INF: 40.0}
+    assert bucket_delta(relaid, older) == relaid
+    assert bucket_delta(dict(older), relaid) == older  # and back
+
+
+def test_common_edges_sums_runtimes_only_where_every_layout_has_an_edge() -> None:
+    coarse = {0.1: 10.0, 0.2: 20.0, INF: 20.0}
+    fine = {0.1: 1.0, 0.15: 1.0, 0.2: 2.0, INF: 2.0}
+    assert common_edges([coarse, fine]) == {0.1: 11.0, 0.2: 22.0, INF: 22.0}
+    assert common_edges([coarse, {}]) == coarse  # a runtime with no scrape yet: left out
+    assert common_edges([]) == {}
+    disjoint = common_edges([{0.05: 3.0, INF: 5.0}, {0.07: 1.0, INF: 2.0}])
+    assert disjoint == {INF: 7.0} and histogram_quantile(0.5, disjoint) is None

@@ -7,10 +7,10 @@ CPU default flags and why:
 - ``--sleep-on-idle``: otherwise the idle scheduler spins a whole core.
 - ``--enable-metrics``: Prometheus ``/metrics`` (latency histograms the controller reads).
 - ``--bucket-inter-token-latency`` (`LATENCY_BUCKET_FLAGS`): buckets 9% apart from 1 ms to
-  8.2 s for the inter-token and per-request TPOT histograms. SGLang's default jumps
-  40 -> 60 -> 80 -> 100 -> 200 ms, so a quantile inside one of those buckets is an
-  interpolation the controller cannot confirm a miss or a meet from
-  (`lynx_policy.quantiles.bucket_bounds`).
+  8.2 s for the inter-token and per-request TPOT histograms, SGLang's default edges among
+  them. SGLang's default alone jumps 40 -> 60 -> 80 -> 100 -> 200 ms, so a quantile inside
+  one of those buckets is an interpolation the controller cannot confirm a miss or a meet
+  from (`lynx_policy.quantiles.bucket_bounds`).
 
 Each server runs with its own scratch directory as ``TMPDIR``, removed when it stops: SGLang
 names its IPC sockets with ``NamedTemporaryFile(delete=False)`` and removes its Prometheus
@@ -38,10 +38,17 @@ from pathlib import Path
 
 import httpx
 
-LATENCY_BUCKETS_S: tuple[float, ...] = tuple(float(f"{0.001 * 2 ** (k / 8):.4g}")
-                                             for k in range(105))
+SGLANG_ITL_BUCKETS_S: tuple[float, ...] = (
+    0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.06, 0.08, 0.1,
+    0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0)
+"""SGLang 0.5.23's default inter-token (and TPOT) buckets [s]
+(``sglang.srt.observability.metrics_collector``)."""
+LATENCY_BUCKETS_S: tuple[float, ...] = tuple(sorted(
+    {float(f"{0.001 * 2 ** (k / 8):.4g}") for k in range(105)} | set(SGLANG_ITL_BUCKETS_S)))
 """Inter-token (and TPOT) histogram buckets [s]: 1 ms x 2^(k/8), k = 0..104 (1 ms to 8.19 s,
-each 9% above the one before; module doc)."""
+each 9% above the one before; module doc), and SGLang's default edges: a fleet half on each
+layout during a rolling restart shares SGLang's edges, which the controller merges at
+(`lynx_policy.quantiles.common_edges`)."""
 LATENCY_BUCKET_FLAGS: tuple[str, ...] = ("--bucket-inter-token-latency",
                                          *(f"{b:g}" for b in LATENCY_BUCKETS_S))
 """What every SGLang server Lynx starts or deploys exports its latency histograms with."""
