@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,11 +28,13 @@ def _exact_match(url: str) -> tuple[float, list[str]]:
 
 @pytest.mark.parametrize("model", ["mixtral-mini", "qwen3-moe-mini"])
 def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
-    server_factory, model: str
+    server_factory, model: str, tmp_path: Path
 ) -> None:
     # Started side by side, queried one at a time (an idle server costs next to nothing).
-    stock, off, lynx = server_factory.side_by_side(model, [
+    shadow_file = tmp_path / "shadow.json"
+    stock, off, shadow, lynx = server_factory.side_by_side(model, [
         STOCK_WITHOUT_PLUGIN, {"LYNX_ENABLED": "0"},
+        {"LYNX_ENABLED": "1", "LYNX_SHADOW": str(shadow_file), "LYNX_STATS_INTERVAL_S": "0.2"},
         {"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1"}])
     stock_em, stock_texts = _exact_match(stock.url)
     stock.stop()
@@ -39,6 +43,12 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     assert "lynx_" not in httpx.get(f"{off.url}/metrics", timeout=10).text
     off.stop()
     assert off_texts == stock_texts  # plugin installed but off: byte-identical greedy outputs
+
+    _, shadow_texts = _exact_match(shadow.url)
+    _exact_match(shadow.url)  # the file is rewritten between steps, once per interval
+    shadow.stop()
+    assert shadow_texts == stock_texts  # shadow mode serves stock, byte for byte
+    check_shadow_file(json.loads(shadow_file.read_text()))
 
     lynx_em, _ = _exact_match(lynx.url)
     _exact_match(lynx.url)  # a second window so the exporter has flushed the first
@@ -55,6 +65,22 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     # The selection step was compiled before serving; the server pruned through its graph.
     graphs = _wait_for_compiled_graph(lynx.url)
     assert graphs.get("ready", 0) >= 1 and graphs.get("failed", 0) == 0, graphs
+
+
+def check_shadow_file(shadow: dict) -> None:
+    """The decode batches of 128 requests were measured at every layer: more experts at a
+    larger budget, the stock union an upper bound, all rows' top-1 kept (``budget``)."""
+    fields = shadow["fields"]["base"] + shadow["fields"]["per_budget"] * len(shadow["budgets"])
+    busiest = max(shadow["buckets"], key=lambda b: b["layers"][0][1])
+    assert len(busiest["layers"]) == shadow["model"]["num_layers"]
+    for layer in busiest["layers"]:
+        assert len(layer) == len(fields)
+        steps, rows, union, mass = layer[:4]
+        assert steps > 0 and rows >= 16 * steps and mass > 0
+        kept = layer[4::3]
+        assert kept == sorted(kept) and kept[-1] <= union
+        assert all(0 < m <= mass * (1 + 1e-6) for m in layer[5::3])
+        assert all(t == rows for t in layer[6::3])
 
 
 def _wait_for_compiled_graph(url: str, timeout_s: float = 60.0) -> dict[str, float]:

@@ -18,6 +18,7 @@
 | ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (AOTInductor; the start-up policy's graphs before serving, a policy switched to later on its first step; eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
 | ``LYNX_COMPILE_CACHE`` | directory keeping the compiled selection packages between processes (`lynx.selection.compiled`; unwritable: compiled without it, one warning) | ``$XDG_CACHE_HOME/lynx/selection`` or ``~/.cache/lynx/selection`` |
 | ``LYNX_EP_BALANCE`` | under expert parallelism (``--ep-size`` > 1), ``budget`` tables are spent per EP rank at one level so the busiest rank reads fewer experts (`lynx.selection.ep`); ``0``: one global budget per layer, as without EP | ``1`` |
+| ``LYNX_SHADOW`` | shadow mode: serve stock (the start-up policy is ``off`` unless one is set) and measure what each candidate budget would keep, per layer and decode batch bucket, into this JSON file (`lynx.sglang_plugin.shadow`) | none |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 The start-up policy: ``LYNX_POLICY``, ``LYNX_POLICY_FILE`` or ``LYNX_LADDER_RUNG`` if set (one
@@ -169,6 +170,7 @@ class PluginConfig:
     compile_cache: Path | None = None  # LYNX_COMPILE_CACHE (None: the default directory)
     ladder_rung: str = ""  # LYNX_LADDER_RUNG: start on this rung of the checkpoint's ladder
     ep_balance: bool = True  # LYNX_EP_BALANCE: budget per EP rank under expert parallelism
+    shadow: Path | None = None  # LYNX_SHADOW: shadow statistics file (`shadow`)
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -238,6 +240,9 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     cache = Path(env["LYNX_COMPILE_CACHE"]) if env.get("LYNX_COMPILE_CACHE", "").strip() else None
     if cache is not None and cache.exists() and not cache.is_dir():
         raise LynxConfigError(f"LYNX_COMPILE_CACHE={cache}: exists and is not a directory")
+    shadow = Path(env["LYNX_SHADOW"]) if env.get("LYNX_SHADOW", "").strip() else None
+    if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
+        raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -252,5 +257,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         curve_client_key=client_key, curve_server_key=server_key, plaintext_tcp=plaintext,
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
         compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
-        ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True),
+        ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True), shadow=shadow,
     )

@@ -35,7 +35,7 @@ from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_la
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
-from lynx_protocol.policy import PolicyError, validate_policy
+from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
 logger = logging.getLogger("lynx.plugin")
 
@@ -56,6 +56,7 @@ class LynxRuntime:
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
         self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
+        self.shadow: Any = None  # ShadowRecorder when LYNX_SHADOW is set
         self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
                                           cache_dir=config.compile_cache)
         self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
@@ -77,9 +78,12 @@ class LynxRuntime:
         layers, experts, top_k = moe_shape(model_runner.model_config.hf_config)
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
-                   if self.config.ladder_rung else None if self.config.policy else
+                   if self.config.ladder_rung else None
+                   if self.config.policy or self.config.shadow else
                    ladder_rung_policy(model, None, layers, experts) or checkpoint_policy(model))
-        policy = self.config.policy or (shipped[0] if shipped else default_policy(experts, top_k))
+        policy = self.config.policy or (shipped[0] if shipped else PolicySpec(name="off")
+                                        if self.config.shadow else
+                                        default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
                         shipped[1])
@@ -108,6 +112,13 @@ class LynxRuntime:
                 self.compile_selection(policy.name)
             except Exception:  # a warm-up problem must not stop the server: eager until use
                 logger.exception("Lynx: selection warm-up failed; compiling on first use")
+        if self.config.shadow is not None:
+            from lynx.sglang_plugin.shadow import ShadowRecorder, shadow_path
+
+            state.shadow = True
+            self.shadow = ShadowRecorder(
+                state, shadow_path(self.config.shadow, self.ranks.dp_rank, self.ranks.dp_size),
+                self.config.stats_interval_s, write=self.ranks.tp_rank == 0)
         if self.config.time_moe:
             from lynx.sglang_plugin.moe_timer import MoeTimer
 
@@ -174,6 +185,8 @@ class LynxRuntime:
         state = self.state or self.prepare(model_runner)
         if self.exporter is not None:
             self.exporter.before_step(state)
+        if self.shadow is not None:
+            self.shadow.maybe_write()
         layout = layout_from_forward_batch(forward_batch)
         state.begin_step(layout)
         start = time.perf_counter()
@@ -193,9 +206,14 @@ class LynxRuntime:
                             router_logits: torch.Tensor, *args: Any, path: str = "native",
                             **kwargs: Any) -> Any:
         state = self.state
-        if state is None or not (state.step_active or _capturing()):
+        if state is None or not (state.step_active or state.shadow_step or _capturing()):
             return original(topk, hidden_states, router_logits, *args, **kwargs)
         layer = int(topk.layer_id)
+        if not state.step_active and not _capturing():  # served stock, measured (shadow)
+            output = original(topk, hidden_states, router_logits, *args, **kwargs)
+            self.shadow.observe_call(topk, self.plan_for(topk, layer, path), router_logits,
+                                     output, kwargs)
+            return output
         if kwargs.get("dynamic_expert_bias") is not None:  # a per-call [T,E] bias: SGLang's
             self.record_plan(layer, path, LayerPlan("pass", "dynamic_expert_bias"))
             return original(topk, hidden_states, router_logits, *args, **kwargs)
@@ -228,6 +246,10 @@ class LynxRuntime:
                                            selection.rerouted, plan.router.top_k)
         if self.exporter is not None:
             self.exporter.accumulate(layer, selection.stats)
+        if self.shadow is not None and _capturing():  # a replayed graph: measured unpruned
+            self.shadow.observe(layer, router_logits, plan.router, topk.topk_config
+                                .correction_bias if plan.router.has_correction_bias else None,
+                                None, gate=~state.knobs.enabled)
         return output
 
     def plan_for(self, topk: Any, layer: int, path: str) -> LayerPlan:

@@ -141,6 +141,8 @@ class RuntimeState:
         # switch reaches a replayed graph. Eager CPU steps use the named policy (cheaper).
         self.graph_safe = device.type == "cuda"
         self.step_active = False
+        self.shadow = False  # shadow mode: decode steps are measured (`sglang_plugin.shadow`)
+        self.shadow_step = False  # this step is measured
         self.layout = StepLayout("idle", 0, 0)
         self.row_weight: torch.Tensor | None = None  # [rows] verify steps' vote weights
         self.step_index = 0  # forwards seen; equal on every TP rank of a replica
@@ -199,4 +201,5 @@ class RuntimeState:
         self.layout = layout
         self.row_weight = layout.row_weight if prune else None
         self.step_active = prune
+        self.shadow_step = self.shadow and layout.mode == "decode" and layout.n_decode_rows > 0
         return prune

@@ -1,0 +1,102 @@
+"""Shadow statistics: what the ``budget`` policy would keep at each of several budgets, measured
+on a step that is served stock (issue 25: calibration from live traffic).
+
+Shape legend: T rows, E experts, K top_k, M candidate budgets.
+
+One ranking serves every budget: ``budget`` keeps a prefix of one fixed order (must-keep
+first, then batch importance, then lower index; `policies.keep_budget`), so the keep set of
+every candidate is a comparison of that rank with the candidate's limit, followed by the same
+rules every keep set obeys (`keep_rules.finalize_keep`, batched here over M). For a router
+without EP balancing the result equals, budget by budget, what `select_layer_step` with the
+``budget`` policy reports in its statistics (``kept``, ``mass_kept``, ``top1_kept``), up to
+the order of float additions; budgets spent per EP rank (`selection.ep`) are not modelled.
+
+No engine import, no host sync, static shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lynx.selection.keep_rules import RANK_FIRST, BatchRouting, must_keep, row_groups
+from lynx.selection.routers import RouterSpec
+
+SHADOW_BASE: tuple[str, ...] = (
+    "layer_steps",  # 1 if the step had a decode row, else 0
+    "rows",  # decode rows measured
+    "stock_union",  # distinct experts in their stock top-K (what stock computes)
+    "mass_total",  # their stock top-K gate mass
+)
+SHADOW_PER_BUDGET: tuple[str, ...] = (
+    "kept",  # experts the budget policy would compute
+    "mass_kept",  # stock top-K gate mass on those experts
+    "top1_kept",  # rows whose top-1 expert those experts hold
+)
+
+
+def shadow_width(budgets: int) -> int:
+    """Length of one `shadow_statistics` vector for ``budgets`` candidates."""
+    return len(SHADOW_BASE) + budgets * len(SHADOW_PER_BUDGET)
+
+
+def batched_rank(score: torch.Tensor) -> torch.Tensor:
+    """[M,E] int64 rank of each entry of ``score`` [M,E] within its row by descending value,
+    ties to the lower index (`ranking.rank_descending`, row by row)."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def budget_keep_sets(batch: BatchRouting, rows: torch.Tensor, router: RouterSpec,
+                     budgets: torch.Tensor) -> torch.Tensor:
+    """[M,E] bool: the ``budget`` policy's final keep set at each of ``budgets`` [M] int64,
+    for the pruned ``rows`` [T] bool of ``batch`` (`policies.keep_budget`, then
+    `keep_rules.finalize_keep`, each batched over M)."""
+    must = must_keep(batch)  # [E]
+    union = batch.union
+    score = must.to(torch.float32) * RANK_FIRST + batch.importance
+    rank = batched_rank(score[None, :])[0]  # [E]: one order for every budget
+    limit = torch.maximum(budgets.to(torch.int64), must.sum().clamp_min(router.top_k))  # [M]
+    keep = ((rank[None, :] < limit[:, None]) & union[None, :]) | must[None, :]  # [M,E]
+    floor = torch.where(keep, RANK_FIRST, torch.where(union, batch.importance, -1.0)[None, :])
+    keep = keep | (batched_rank(floor) < router.top_k)  # `with_top_k_floor`
+    if router.grouped:  # `with_viable_rows`: rows short of K kept experts in their groups
+        groups = row_groups(batch.stock)  # [T,E]
+        available = (groups[None, :, :] & keep[:, None, :]).sum(dim=-1)  # [M,T]
+        short = rows[None, :] & (available < router.top_k)  # [M,T]
+        member = torch.zeros(groups.shape, dtype=torch.bool, device=keep.device)
+        member.scatter_(1, batch.stock.ids, True)  # [T,E]: each row's stock top-K
+        keep = keep | (short[:, :, None] & member[None, :, :]).any(dim=1)
+    return keep | ~rows.any()
+
+
+def shadow_statistics(batch: BatchRouting, rows: torch.Tensor, router: RouterSpec,
+                      budgets: torch.Tensor) -> torch.Tensor:
+    """[`shadow_width`(M)] fp32: `SHADOW_BASE`, then `SHADOW_PER_BUDGET` for each of
+    ``budgets`` [M] int64 in turn, over the decode ``rows`` [T] bool of ``batch`` (their
+    stock routing and totals, `keep_rules.batch_totals`). Add the vectors of many steps on
+    the device; read them on the host outside the step."""
+    keep = budget_keep_sets(batch, rows, router, budgets)  # [M,E]
+    stock = batch.stock
+    gate = torch.where(rows[:, None], stock.gate.float(), 0.0)  # [T,K]
+    kept_of_stock = keep[:, stock.ids]  # [M,T,K]
+    any_row = rows.any().to(torch.float32)
+    per_budget = torch.stack([
+        keep.sum(dim=-1).to(torch.float32) * any_row,
+        torch.where(kept_of_stock, gate[None], 0.0).sum(dim=(1, 2)),
+        (kept_of_stock[:, :, 0] & rows[None, :]).sum(dim=-1).to(torch.float32),
+    ], dim=1)  # [M,3]
+    base = torch.stack([any_row, rows.sum().to(torch.float32),
+                        batch.union.sum().to(torch.float32), gate.sum()])
+    return torch.cat([base, per_budget.flatten()])
+
+
+def shadow_budgets(num_experts: int, top_k: int) -> list[int]:
+    """The candidate budgets a runtime measures: K, 1.5K, 2K, 3K, 4K, E/8, 3E/16, E/4, 3E/8,
+    E/2, 3E/4 (those in [K, E), deduplicated, ascending): the per-layer candidates of
+    ``lynx-serve calibrate`` (`calibrate.tables.default_candidates`) and the smaller means of
+    its ladders (`calibrate.ladder.default_means`)."""
+    values = {top_k, top_k + top_k // 2, 2 * top_k, 3 * top_k, 4 * top_k, num_experts // 8,
+              3 * num_experts // 16, num_experts // 4, 3 * num_experts // 8,
+              num_experts // 2, 3 * num_experts // 4}
+    return sorted(v for v in values if top_k <= v < num_experts)

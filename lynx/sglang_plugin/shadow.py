@@ -1,0 +1,140 @@
+"""Shadow mode (``LYNX_SHADOW=<file>``): serve stock and measure, per MoE layer and decode
+batch bucket, what the ``budget`` policy would keep at each candidate budget
+(`lynx.selection.shadow`): experts computed, routing mass kept, rows whose top-1 is kept.
+
+The TopK hook adds each decode step's statistics into a device accumulator (no host sync);
+once per ``LYNX_STATS_INTERVAL_S`` the recorder reads it and rewrites the file atomically
+with the sums since start-up (format `SHADOW_FORMAT`, below). TP ranks see the same rows, so
+only TP rank 0 writes; under DP each DP rank writes ``<file>.dp<rank>``.
+
+File (JSON): ``format``, ``model`` {num_layers, num_experts, top_k}, ``budgets`` [M],
+``batch_buckets`` (decode rows, inclusive upper edges; one more bucket above the last),
+``fields`` {base, per_budget}, ``buckets``: one entry per bucket that saw a decode step,
+``{"max_batch": edge or null, "layers": [[base..., per_budget for budget 0..., ...], ...]}``,
+sums over the bucket's decode layer-steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lynx.selection.keep_rules import batch_totals
+from lynx.selection.routers import RouterSpec, engine_routing, stock_routing
+from lynx.selection.shadow import (
+    SHADOW_BASE,
+    SHADOW_PER_BUDGET,
+    shadow_budgets,
+    shadow_statistics,
+    shadow_width,
+)
+from lynx.sglang_plugin.eplb import call_dispatch_info
+from lynx.sglang_plugin.formats import LayerPlan
+from lynx.sglang_plugin.step_state import BATCH_BUCKETS, RuntimeState
+
+SHADOW_FORMAT = "lynx-shadow/1"
+logger = logging.getLogger("lynx.plugin")
+
+
+def shadow_path(path: Path, dp_rank: int, dp_size: int) -> Path:
+    """The file this DP rank writes (``<path>.dp<rank>`` under DP, else ``path``)."""
+    return path.with_name(f"{path.name}.dp{dp_rank}") if dp_size > 1 else path
+
+
+class ShadowRecorder:
+    """Device accumulator [decode buckets, layers, `shadow_width`] and its file."""
+
+    def __init__(self, state: RuntimeState, path: Path, interval_s: float,
+                 write: bool = True) -> None:
+        self.state = state
+        self.path = path
+        self.interval_s = interval_s
+        self.write = write  # TP rank 0 only
+        self.budgets = shadow_budgets(state.num_experts, state.top_k)
+        self._budgets = torch.tensor(self.budgets, dtype=torch.int64, device=state.device)
+        slots = len(BATCH_BUCKETS) + 1
+        self.accumulator = torch.zeros(slots, state.num_layers, shadow_width(len(self.budgets)),
+                                       dtype=torch.float64, device=state.device)
+        self._last_write = time.monotonic()
+        self._failed = False
+
+    def observe(self, layer: int, logits: torch.Tensor, router: RouterSpec,
+                correction_bias: torch.Tensor | None, stock_ids: torch.Tensor | None,
+                gate: torch.Tensor | None = None) -> None:
+        """Add one decode layer-step: ``logits`` [T,E], ``stock_ids`` [T,K] (the engine's
+        own top-K, STANDARD outputs) or None (the library's stock routing). Rows are the
+        step's valid decode rows, read from the device knobs (graph-safe); ``gate`` (0-dim
+        bool): counted only where True (a captured graph: the steps served unpruned)."""
+        knobs = self.state.knobs
+        index = torch.arange(logits.shape[0], device=logits.device)
+        finite = torch.isfinite(logits).all(dim=-1)
+        decode = knobs.stat_slot[0] <= len(BATCH_BUCKETS)  # not a mixed or verify step
+        rows = (index < knobs.n_valid) & (index >= knobs.prunable_start) & finite & decode
+        if gate is not None:
+            rows = rows & gate
+        z = torch.where(rows[:, None], logits.float(), 0.0)
+        stock = (stock_routing(z, router, correction_bias) if stock_ids is None
+                 else engine_routing(z, router, correction_bias, stock_ids))
+        vector = shadow_statistics(batch_totals(stock, rows), rows, router, self._budgets)
+        slot = knobs.stat_slot.clamp_max(len(BATCH_BUCKETS))  # other steps add zeros
+        self.accumulator[:, layer].index_add_(0, slot, vector.to(torch.float64)[None])
+
+    def observe_call(self, topk: Any, plan: LayerPlan, router_logits: torch.Tensor,
+                     output: Any, kwargs: dict[str, Any]) -> None:
+        """Measure one stock ``TopK`` call (its ``output`` already served): from SGLang's own
+        top-K where the output carries it (STANDARD), else from the library's stock routing.
+        Layers Lynx passes through, and calls with a per-call bias or EPLB's physical ids,
+        are not measured."""
+        if plan.mode == "pass" or plan.router is None or kwargs.get(
+                "dynamic_expert_bias") is not None or call_dispatch_info(topk, kwargs) is not None:
+            return
+        router = plan.router
+        ids = None
+        if type(output).__name__ == "StandardTopKOutput" and (
+                output.topk_ids.shape[1] == router.top_k + router.shared_slots):
+            ids = output.topk_ids[:, : router.top_k]
+        bias = topk.topk_config.correction_bias if router.has_correction_bias else None
+        self.observe(int(topk.layer_id), router_logits, router, bias, ids)
+
+    def maybe_write(self) -> None:
+        """Rewrite the file if the interval has passed (between steps)."""
+        if self.write and time.monotonic() - self._last_write >= self.interval_s:
+            self.write_now()
+
+    def write_now(self) -> None:
+        """Read the accumulator (one host sync) and replace the file atomically; a write that
+        fails is logged once and retried next interval, never raised into the scheduler."""
+        self._last_write = time.monotonic()
+        try:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.snapshot()))
+            os.replace(tmp, self.path)
+            self._failed = False
+        except OSError as exc:
+            if not self._failed:
+                logger.warning("Lynx: cannot write shadow statistics to %s: %s", self.path, exc)
+            self._failed = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The file's content (see the module doc)."""
+        sums = self.accumulator.to("cpu")
+        buckets = []
+        for slot in range(sums.shape[0]):
+            if float(sums[slot, :, 0].sum()) == 0.0:
+                continue
+            edge = BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else None
+            buckets.append({"max_batch": edge, "layers": [
+                [round(v, 6) for v in row] for row in sums[slot].tolist()]})
+        state = self.state
+        return {"format": SHADOW_FORMAT, "model": {
+                    "num_layers": state.num_layers, "num_experts": state.num_experts,
+                    "top_k": state.top_k},
+                "budgets": self.budgets, "batch_buckets": list(BATCH_BUCKETS),
+                "fields": {"base": list(SHADOW_BASE), "per_budget": list(SHADOW_PER_BUDGET)},
+                "buckets": buckets}
