@@ -70,7 +70,7 @@ from lynx_policy.plan import (
     quantile_of,
 )
 from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
-from lynx_protocol.ladder import PPL_RISE, Ladder, rung_bucket, table_for
+from lynx_protocol.ladder import Ladder, rung_bucket, table_for
 from lynx_protocol.policy import PolicySpec
 
 SCALE_MIN, SCALE_MAX = 0.05, 20.0
@@ -134,7 +134,7 @@ class _Mix:
             self.by_bucket[i].append((batch, batch * steps))
             self.tokens[i] += batch * steps
             self.steps[i] += steps
-        self.costs = [[(table_for(r, edge).cost(PPL_RISE) or 0.0) if j else 0.0
+        self.costs = [[(table_for(r, edge).cost(ladder.kind) or 0.0) if j else 0.0
                        for j, r in enumerate(self.rungs)] for edge in self.edges]
         self._budgets = [[_SortedBudgets(table_for(r, edge).per_layer) for r in self.rungs]
                          for edge in self.edges]  # [bucket][position]
@@ -335,6 +335,6 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
             predicted_ms=predicted, unpruned_ms=unpruned,
             target_ms=round(tightest.bound_ms * (1 - settings.margin), 3),
             mass_kept=rung_table.mass_kept if j else 1.0, reason=why, rung=rung.name,
-            quality_cost=(rung_table.cost(PPL_RISE) or 0.0) if j else 0.0))
+            quality_cost=(rung_table.cost(ladder.kind) or 0.0) if j else 0.0))
     policy = msgspec.structs.replace(table, budgets=out) if changed else table
     return policy, tuple(plans), (streak_out,) * len(buckets), tuple(changed)

@@ -76,8 +76,9 @@ class LadderStore:
             "origin": self.origin,
             "fits": misfit is None, "misfit": None if ladder is None else misfit,
             "model": None if ladder is None else msgspec.to_builtins(ladder.model),
+            "cost_kind": None if ladder is None else ladder.kind,
             "rungs": [] if ladder is None else [
                 {"name": r.name, "experts_computed": round(r.experts(), 3),
-                 "ppl_rise": r.cost(), "batches": [t.batch for t in r.tables]}
+                 "cost": r.cost(ladder.kind), "batches": [t.batch for t in r.tables]}
                 for r in ladder.rungs],
         }

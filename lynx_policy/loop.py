@@ -32,7 +32,7 @@ from lynx_policy.modelstore import ModelStore
 from lynx_policy.observe import ObserveError, Observer
 from lynx_policy.state import StateKeeper
 from lynx_policy.throttle import Backoff
-from lynx_protocol.ladder import PPL_RISE, Ladder
+from lynx_protocol.ladder import MASS_LOST, PPL_RISE, Ladder
 from lynx_protocol.messages import StepStats
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,11 @@ class ControlLoop:
         m.mass_kept.set(float("nan") if mass is None else mass)
         cost = (expected_quality_cost(ladder, policy, observation.batch_mix) if ladder
                 else 0.0 if policy.name == "off" else None)
-        m.quality_cost.labels(kind=PPL_RISE).set(float("nan") if cost is None else cost)
+        kind = ladder.kind if ladder else PPL_RISE
+        for other in sorted({PPL_RISE, MASS_LOST} - {kind}):  # one series: the ladder's kind
+            with contextlib.suppress(KeyError):
+                m.quality_cost.remove(other)
+        m.quality_cost.labels(kind=kind).set(float("nan") if cost is None else cost)
 
     async def tick(self) -> Decision:
         self.hub.housekeeping()

@@ -132,8 +132,9 @@ class ControllerMetrics:
             self.admin_rejections.labels(reason=reason)
         self.quality_cost = Gauge(
             "lynx_controller_expected_quality_cost", "Expected quality cost of the applied "
-            "table over the recent batch mix, from the ladder's measured rung costs (ppl_rise: "
-            "held-out perplexity rise as a fraction; 0: no pruning; NaN: not a ladder's rung)",
+            "table over the recent batch mix, from the ladder's measured rung costs of its kind "
+            "(ppl_rise: held-out perplexity rise as a fraction; mass_lost: 1 - routing mass "
+            "kept, a shadow-built ladder's proxy; 0: no pruning; NaN: not a ladder's rung)",
             ["kind"], registry=r)
         self.quality_cost.labels(kind="ppl_rise").set(0.0)
         self.model_ready.set(0)

@@ -11,7 +11,6 @@ import math
 from lynx_policy.config import QualityFloor
 from lynx_policy.plan import effective_experts
 from lynx_protocol.ladder import (
-    PPL_RISE,
     Ladder,
     Rung,
     rung_of_bucket,
@@ -62,9 +61,10 @@ def move_toward(experts: list[float], current: int, goal: int, max_step: float) 
 
 
 def expected_quality_cost(ladder: Ladder, policy: PolicySpec,
-                          mix: tuple[tuple[float, int], ...], kind: str = PPL_RISE
+                          mix: tuple[tuple[float, int], ...], kind: str | None = None
                           ) -> float | None:
-    """Token-weighted expected cost (``kind``, e.g. the held-out perplexity rise as a fraction)
+    """Token-weighted expected cost (``kind``, default the ladder's `Ladder.kind`: e.g. the
+    held-out perplexity rise as a fraction)
     of ``policy`` over the batch mix ((mean rows, steps) pairs: a point's tokens are rows x
     steps). 0 for ``off``; None when a step's bucket applies a table that is no rung's, or
     there is no mix."""
@@ -79,7 +79,7 @@ def expected_quality_cost(ladder: Ladder, policy: PolicySpec,
         if bucket is None or index is None:
             return None
         rung = ladder.rungs[index]
-        cost = table_for(rung, bucket.max_batch).cost(kind) if index else 0.0
+        cost = table_for(rung, bucket.max_batch).cost(kind or ladder.kind) if index else 0.0
         weighted += (cost or 0.0) * batch * steps
         total += batch * steps
     return weighted / total if total else None

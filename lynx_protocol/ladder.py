@@ -19,6 +19,10 @@ Format ``lynx-ladder/1`` (JSON, one object):
   (``ppl_rise``: held-out perplexity rise as a fraction, 0.0049 = +0.49 %; the accuracy gate
   adds kinds), ``value`` and ``source`` (what measured it).
 - ``dropped[]``: rungs the Pareto filter or the quality floor removed, with the reason.
+- ``cost_kind`` (optional, encoded only when set; default ``ppl_rise``): the cost kind the
+  rungs are ordered by and the controller minimises. A ladder built from shadow statistics
+  (``lynx-serve calibrate --from-shadow``) sets ``mass_lost`` (1 - routing mass kept: a proxy,
+  no quality measured). Readers from before the field refuse such a ladder, as below.
 - ``threshold`` (optional, encoded only when set): ``kind`` and ``value``, the largest cost of
   that kind a rung may have for a runtime to start on it unattended: a runtime serving a
   checkpoint that ships the ladder starts on `start_rung`, the furthest rung within it.
@@ -55,6 +59,8 @@ MAX_RUNGS = 16
 MAX_TABLES = 4
 MAX_COSTS = 8
 PPL_RISE = "ppl_rise"
+MASS_LOST = "mass_lost"  # 1 - routing mass kept: the proxy cost of a shadow-built ladder
+CostKind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Text = Annotated[str, msgspec.Meta(max_length=512)]
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -69,7 +75,7 @@ class _Plain(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 class RungCost(_Plain, frozen=True):
-    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    kind: CostKind
     value: Annotated[float, msgspec.Meta(ge=-1.0, le=1e6)]
     source: Text = ""
 
@@ -109,7 +115,7 @@ class Threshold(_Plain, frozen=True):
     """The largest cost of ``kind`` a rung may have for a runtime to start on it unattended."""
 
     value: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
-    kind: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = PPL_RISE
+    kind: CostKind = PPL_RISE
 
 
 class LadderModel(_Plain, frozen=True):
@@ -127,6 +133,12 @@ class Ladder(_Plain, frozen=True, omit_defaults=True):
         msgspec.field(default_factory=list)
     source: Text = ""
     threshold: Threshold | None = None
+    cost_kind: CostKind | None = None
+
+    @property
+    def kind(self) -> str:
+        """The cost kind the rungs are ordered by (``cost_kind``, else ``ppl_rise``)."""
+        return self.cost_kind or PPL_RISE
 
     def rung(self, name: str) -> Rung:
         for rung in self.rungs:
@@ -153,9 +165,9 @@ def prunes(table: RungTable, num_experts: int) -> bool:
 def validate_ladder(ladder: Ladder, *, where: str = "ladder", num_layers: int | None = None,
                     num_experts: int | None = None) -> Ladder:
     """Check internal consistency (rung 0 prunes nothing, unique names, the same ascending
-    batches and L entries in every table, Pareto order: fewer experts and more ``ppl_rise``
-    rung after rung) and, when given, the fit to a model. Raises `LadderError` naming
-    ``where``; returns the ladder."""
+    batches and L entries in every table, Pareto order: fewer experts and a higher cost of
+    the ladder's `Ladder.kind` rung after rung) and, when given, the fit to a model. Raises
+    `LadderError` naming ``where``; returns the ladder."""
     shape = ladder.model
 
     def fail(message: str) -> LadderError:
@@ -181,26 +193,31 @@ def validate_ladder(ladder: Ladder, *, where: str = "ladder", num_layers: int | 
                            f"{len(table.per_layer)} entries, the model {shape.num_layers}")
             if not all(math.isfinite(c.value) for c in table.costs):
                 raise fail(f"rung {rung.name} batch {table.batch}: a cost is not finite")
-    first = ladder.rungs[0]
-    if any(prunes(t, shape.num_experts) for t in first.tables) or first.cost() != 0.0:
+    first, kind = ladder.rungs[0], ladder.kind
+    if any(prunes(t, shape.num_experts) for t in first.tables) or first.cost(kind) != 0.0:
         raise fail(f"rung 0 ({first.name}) must prune nothing and cost 0")
     for before, after in zip(ladder.rungs, ladder.rungs[1:], strict=False):
         if not after.experts() < before.experts():
             raise fail(f"rung {after.name} computes no fewer experts than {before.name} "
                        f"({after.experts():.2f} >= {before.experts():.2f}): not Pareto-ordered")
-        if before is not first and not after.cost() > before.cost():
-            raise fail(f"rung {after.name} costs no more than the slower {before.name} "
-                       f"({after.cost():.5f} <= {before.cost():.5f}): {before.name} is "
+        if before is not first and not after.cost(kind) > before.cost(kind):
+            raise fail(f"rung {after.name} costs no more {kind} than the slower {before.name} "
+                       f"({after.cost(kind):.5f} <= {before.cost(kind):.5f}): {before.name} is "
                        "dominated, not Pareto-filtered")
     return ladder
 
 
-def pareto_filter(rungs: list[Rung]) -> tuple[list[Rung], list[DroppedRung]]:
+def pareto_filter(rungs: list[Rung], kind: str = PPL_RISE
+                  ) -> tuple[list[Rung], list[DroppedRung]]:
     """Rung 0 first (no pruning, cost 0 by definition), then the others by descending experts
-    computed; a rung is dropped when another computes no more experts at no more ``ppl_rise``
-    (rung 0 is never dropped, nor does it drop a pruning rung measured at <= 0: noise).
-    Returns (kept, in ladder order; dropped, with the reason)."""
+    computed; a rung is dropped when another computes no more experts at no more cost of
+    ``kind`` (rung 0 is never dropped, nor does it drop a pruning rung measured at <= 0:
+    noise). Returns (kept, in ladder order; dropped, with the reason)."""
     first = rungs[0]
+
+    def cost(rung: Rung) -> float:
+        return rung.cost(kind)
+
     kept, dropped = [first], []
     for rung in sorted(rungs[1:], key=lambda r: -r.experts()):
         top = kept[-1]
@@ -208,14 +225,14 @@ def pareto_filter(rungs: list[Rung]) -> tuple[list[Rung], list[DroppedRung]]:
             dropped.append(DroppedRung(name=rung.name, reason=f"computes no fewer experts "
                                        f"than {first.name} ({rung.experts():.2f})"))
             continue
-        if top is not first and rung.experts() >= top.experts() and rung.cost() >= top.cost():
+        if top is not first and rung.experts() >= top.experts() and cost(rung) >= cost(top):
             dropped.append(DroppedRung(name=rung.name, reason=f"as many experts as {top.name} "
-                                       f"at no lower cost ({rung.cost():.5f})"))
+                                       f"at no lower cost ({cost(rung):.5f})"))
             continue
-        while len(kept) > 1 and rung.cost() <= kept[-1].cost():
+        while len(kept) > 1 and cost(rung) <= cost(kept[-1]):
             gone = kept.pop()
-            dropped.append(DroppedRung(name=gone.name, reason=f"costs {gone.cost():.5f}, no "
-                                       f"less than the faster {rung.name} ({rung.cost():.5f})"))
+            dropped.append(DroppedRung(name=gone.name, reason=f"costs {cost(gone):.5f}, no "
+                                       f"less than the faster {rung.name} ({cost(rung):.5f})"))
         kept.append(rung)
     return kept, dropped
 

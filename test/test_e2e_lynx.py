@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lynx.calibrate.shadow_ladder import ladder_from_shadow, read_shadow
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
 from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import metric_sum, read_layer_gauges, samples
@@ -49,6 +50,7 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     shadow.stop()
     assert shadow_texts == stock_texts  # shadow mode serves stock, byte for byte
     check_shadow_file(json.loads(shadow_file.read_text()))
+    check_shadow_ladder(shadow_file)
 
     lynx_em, _ = _exact_match(lynx.url)
     _exact_match(lynx.url)  # a second window so the exporter has flushed the first
@@ -81,6 +83,13 @@ def check_shadow_file(shadow: dict) -> None:
         assert kept == sorted(kept) and kept[-1] <= union
         assert all(0 < m <= mass * (1 + 1e-6) for m in layer[5::3])
         assert all(t == rows for t in layer[6::3])
+
+
+def check_shadow_ladder(path: Path) -> None:
+    """The runtime's own file builds a valid ladder (``lynx-serve shadow-ladder``)."""
+    ladder, _ = ladder_from_shadow(read_shadow([path]), min_steps=1, max_mass_lost=1.0)
+    assert ladder.cost_kind == "mass_lost" and len(ladder.rungs) >= 2
+    assert ladder.rungs[-1].experts() < ladder.rungs[0].experts()
 
 
 def _wait_for_compiled_graph(url: str, timeout_s: float = 60.0) -> dict[str, float]:

@@ -199,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                      "held out")
     cal.add_argument("--text-field", default="text", help="--corpus: the JSONL / dataset field")
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
+    from lynx.calibrate import shadow_ladder
     from lynx.evaluate.cli import add_parser
 
     add_parser(sub)
+    shadow_ladder.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "shadow-ladder":
+            return shadow_ladder.run(args)
         from lynx.serving.demo import run_demo
 
         return run_demo(args.model, args.port, args.widen)

@@ -1,0 +1,208 @@
+"""A ladder from shadow statistics (``LYNX_SHADOW``, `lynx.sglang_plugin.shadow`): calibration
+from live traffic, with routing mass as the proxy for quality (issue 25).
+
+Per decode batch bucket the runtime measured, per layer and candidate budget, the experts the
+``budget`` policy would compute and the routing mass it would keep. For each mean budget this
+allocates per-layer budgets exactly (`tables.allocate`: least summed mass lost per layer at
+that mean of experts computed) and records the table's measured experts and mass. The cost
+kind is ``mass_lost`` (1 - routing mass kept), not a quality measurement: the ladder says so
+(``cost_kind``, each cost's source) and the controller orders and minimises by it. Check a
+rung's quality with the lm-eval gate (``lynx-serve evaluate --rung``, ``--attach``) before
+relying on it.
+
+Tables: one per bucket with at least ``min_steps`` decode steps (the `MAX_TABLES` busiest),
+at the bucket's smallest batch (its lower edge + 1), so the ladder's batch rule ("nearest
+calibrated batch at or below") applies each table to the batches it was measured at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lynx.calibrate.ladder import STOCK_RUNG, default_means
+from lynx.calibrate.tables import allocate
+from lynx.sglang_plugin.shadow import SHADOW_FORMAT
+from lynx_protocol.ladder import (
+    LADDER_FORMAT,
+    MASS_LOST,
+    MAX_TABLES,
+    DroppedRung,
+    Ladder,
+    LadderModel,
+    Rung,
+    RungCost,
+    RungTable,
+    pareto_filter,
+    validate_ladder,
+)
+
+BASE = 4  # layer_steps, rows, stock_union, mass_total (`lynx.selection.shadow.SHADOW_BASE`)
+
+
+class ShadowError(ValueError):
+    """Unusable shadow statistics; the message is one line naming the file."""
+
+
+def read_shadow(paths: list[Path]) -> dict[str, Any]:
+    """The statistics of one or more files (a DP deployment writes one per DP rank), summed
+    bucket by bucket. Raises `ShadowError` for a missing, damaged or mismatched file."""
+    merged: dict[str, Any] | None = None
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            shape = (data["format"], data["model"], data["budgets"], data["batch_buckets"])
+            buckets = {b["max_batch"]: b["layers"] for b in data["buckets"]}
+        except OSError as exc:
+            raise ShadowError(f"{path}: cannot read: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ShadowError(f"{path}: not shadow statistics ({type(exc).__name__}: {exc})"
+                              ) from None
+        if shape[0] != SHADOW_FORMAT:
+            raise ShadowError(f"{path}: format {shape[0]!r}, expected {SHADOW_FORMAT!r}")
+        if merged is None:
+            merged = {"model": shape[1], "budgets": shape[2], "batch_buckets": shape[3],
+                      "buckets": buckets}
+            continue
+        if (shape[1], shape[2], shape[3]) != (merged["model"], merged["budgets"],
+                                              merged["batch_buckets"]):
+            raise ShadowError(f"{path}: another model or budget grid than {paths[0]}")
+        for edge, layers in buckets.items():
+            have = merged["buckets"].setdefault(edge, [[0.0] * len(r) for r in layers])
+            merged["buckets"][edge] = [[a + b for a, b in zip(x, y, strict=True)]
+                                       for x, y in zip(have, layers, strict=True)]
+    if merged is None:
+        raise ShadowError("no shadow statistics file given")
+    return merged
+
+
+Curve = list[dict[int, float]]  # per layer, {budget: value}
+
+
+def bucket_curves(layers: list[list[float]], budgets: list[int], experts: int
+                  ) -> tuple[Curve, Curve, Curve]:
+    """Per layer, {budget: mass lost [fraction]}, {budget: experts computed per step} and
+    {budget: mass kept [summed gate mass]} at every candidate and at ``experts`` (no pruning:
+    the stock union, nothing lost)."""
+    lost: Curve = []
+    kept: Curve = []
+    mass: Curve = []
+    for row in layers:
+        steps, _, union, total = row[:BASE]
+        per = [row[BASE + 3 * i: BASE + 3 * i + 3] for i in range(len(budgets))]
+        kept.append({**{m: p[0] / steps for m, p in zip(budgets, per, strict=True)},
+                     experts: union / steps})
+        mass.append({**{m: p[1] for m, p in zip(budgets, per, strict=True)}, experts: total})
+        lost.append({m: max(0.0, 1.0 - mass[-1][m] / total) if total else 0.0
+                     for m in kept[-1]})
+    return lost, kept, mass
+
+
+def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
+                       min_steps: int = 200, max_mass_lost: float = 0.1, name: str = ""
+                       ) -> tuple[Ladder, dict[str, Any]]:
+    """The ladder (``cost_kind`` ``mass_lost``) and a report from `read_shadow`'s ``data``.
+    Raises `ShadowError` when no bucket has ``min_steps`` decode steps on every layer."""
+    shape = data["model"]
+    experts, top_k, layers = shape["num_experts"], shape["top_k"], shape["num_layers"]
+    edges = data["batch_buckets"]
+    steps = {edge: min(row[0] for row in rows) for edge, rows in data["buckets"].items()}
+    busy = sorted((e for e in steps if steps[e] >= min_steps), key=lambda e: -steps[e])
+    chosen = sorted(busy[:MAX_TABLES], key=lambda e: edges.index(e) if e in edges else 99)
+    if not chosen:
+        raise ShadowError(f"no decode batch bucket has {min_steps} measured steps yet "
+                          f"(steps by bucket: {steps}); let the runtime serve longer")
+    means = sorted(set(means or default_means(experts, top_k)), reverse=True)
+    tables: dict[str, list[RungTable]] = {}
+    unreachable: dict[str, str] = {}
+    report: dict[str, Any] = {"steps_by_bucket": steps, "tables_from": chosen, "per_batch": []}
+    for edge in chosen:
+        index = edges.index(edge) if edge in edges else len(edges)
+        batch = edges[index - 1] + 1 if index else 1
+        lost, kept, mass = bucket_curves(data["buckets"][edge], data["budgets"], experts)
+        source = (f"shadow statistics: {int(steps[edge])} decode steps of {batch}-"
+                  f"{edge or 'more'} rows; mass_lost is a routing-mass proxy, not quality")
+        total = sum(m[experts] for m in mass)
+        tables.setdefault(STOCK_RUNG, []).append(RungTable(
+            batch=batch, per_layer=[experts] * layers, mass_kept=1.0,
+            experts_computed=round(sum(k[experts] for k in kept) / layers, 4),
+            costs=[RungCost(kind=MASS_LOST, value=0.0, source=source)]))
+        entry: dict[str, Any] = {"batch": batch, "rungs": {}}
+        for mean in means:
+            rung = f"m{mean:g}"
+            try:
+                budgets = allocate(lost, mean, kept)
+            except ValueError as exc:
+                unreachable[rung] = str(exc)
+                continue
+            computed = sum(k[m] for k, m in zip(kept, budgets, strict=True)) / layers
+            share = sum(m[b] for m, b in zip(mass, budgets, strict=True)) / total if total else 1.0
+            tables.setdefault(rung, []).append(RungTable(
+                batch=batch, per_layer=budgets, experts_computed=round(computed, 4),
+                mass_kept=round(min(share, 1.0), 6), costs=[RungCost(
+                    kind=MASS_LOST, value=round(max(0.0, 1.0 - share), 6), source=source)]))
+            entry["rungs"][rung] = {"budgets": budgets, "experts_computed": computed,
+                                    "mass_lost": 1.0 - share}
+        report["per_batch"].append(entry)
+    complete = [Rung(name=n, tables=t) for n, t in tables.items()
+                if len(t) == len(chosen) and n not in unreachable]
+    kept_rungs, dropped = pareto_filter(complete, MASS_LOST)
+    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
+                for n, why in unreachable.items()]
+    within = [r for r in kept_rungs if r.cost(MASS_LOST) <= max_mass_lost]
+    dropped += [DroppedRung(name=r.name, reason=f"mass_lost {r.cost(MASS_LOST):.5f} beyond "
+                            f"the floor {max_mass_lost:g}") for r in kept_rungs if r not in within]
+    ladder = Ladder(
+        format=LADDER_FORMAT, cost_kind=MASS_LOST,
+        model=LadderModel(num_layers=layers, num_experts=experts, top_k=top_k, name=name),
+        rungs=within, dropped=dropped,
+        source=(f"lynx-serve shadow-ladder: routing mass from live decode steps (proxy cost "
+                f"mass_lost, floor {max_mass_lost:g}); buckets with >= {min_steps} steps"))
+    return validate_ladder(ladder, where="shadow ladder"), report
+
+
+def add_parser(sub: Any) -> None:
+    """``lynx-serve shadow-ladder``: the subcommand's arguments."""
+    cmd = sub.add_parser("shadow-ladder", help="a ladder from shadow statistics (LYNX_SHADOW "
+                         "files): routing mass as the quality proxy; review it, then PUT "
+                         "/v1/ladder")
+    cmd.add_argument("files", nargs="+", type=Path,
+                     help="LYNX_SHADOW files (one per DP rank: <file>.dp<rank>)")
+    cmd.add_argument("--means", help="comma-separated mean budgets (default: 3/4 of E down "
+                     "to 1/8 of E, those >= 1.5 top_k)")
+    cmd.add_argument("--min-steps", type=int, default=200,
+                     help="decode steps a batch bucket needs to get a table")
+    cmd.add_argument("--max-mass-lost", type=float, default=0.1,
+                     help="floor: rungs losing more routing mass (a fraction) are dropped")
+    cmd.add_argument("--name", default="", help="the model's name in the ladder")
+    cmd.add_argument("--out", type=Path, help="write the ladder here (default: stdout)")
+
+
+def run(args: Any) -> int:
+    """Build, print a summary on stderr, write the ladder; exit 2 with one line on bad input."""
+    import sys
+
+    from lynx_protocol.ladder import encode_ladder
+
+    try:
+        means = [float(m) for m in args.means.split(",")] if args.means else None
+        if args.min_steps < 1 or not 0 < args.max_mass_lost <= 1:
+            raise ShadowError("need --min-steps >= 1 and 0 < --max-mass-lost <= 1")
+        ladder, _ = ladder_from_shadow(read_shadow(args.files), means, args.min_steps,
+                                       args.max_mass_lost, args.name)
+    except (ShadowError, ValueError) as exc:
+        print(f"lynx-serve: error: shadow-ladder: {exc}", file=sys.stderr)
+        return 2
+    for rung in ladder.rungs:
+        print(f"  {rung.name}: {rung.experts():.2f} experts per layer-step, mass lost "
+              f"{rung.cost(MASS_LOST):.4f}", file=sys.stderr)
+    for gone in ladder.dropped:
+        print(f"  dropped {gone.name}: {gone.reason}", file=sys.stderr)
+    text = encode_ladder(ladder).decode()
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,91 @@
+"""A ladder from shadow statistics (`lynx.calibrate.shadow_ladder`): the recorder measures live
+decode steps of a real checkpoint's router (Qwen3-30B-A3B's values), the builder allocates
+per-layer tables at each mean and orders them by routing mass lost; the controller reads the
+ladder's cost kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conformance_configs import BY_NAME, draw_inputs
+
+from lynx.calibrate.shadow_ladder import ShadowError, ladder_from_shadow, read_shadow
+from lynx.serving.cli import main
+from lynx.sglang_plugin.shadow import ShadowRecorder
+from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+from lynx_policy.rungs import expected_quality_cost
+from lynx_protocol.ladder import MASS_LOST, PPL_RISE, decode_ladder, encode_ladder, rung_policy
+from lynx_protocol.policy import PolicySpec
+
+MODEL = BY_NAME["Qwen3-30B-A3B"]
+LAYERS = 3
+SKEW = (4.0, 1.5, 0.5)  # layer 0 routes most concentrated, layer 2 flattest
+
+
+def record(path: Path, steps: int, seed: int = 0) -> Path:
+    """``steps`` decode steps at 24 and at 48 rows through the recorder, three layers whose
+    routers concentrate differently."""
+    state = RuntimeState(LAYERS, MODEL.experts, MODEL.top_k, torch.device("cpu"),
+                         PolicySpec(name="off"))
+    state.shadow = True
+    recorder = ShadowRecorder(state, path, 3600.0)
+    for step in range(steps):
+        for rows in (24, 48):
+            state.begin_step(StepLayout("decode", rows, 0))
+            for layer, skew in enumerate(SKEW):
+                logits, _ = draw_inputs(MODEL, rows, seed * 100_000 + step * 10 + layer, skew)
+                recorder.observe(layer, logits, MODEL.spec(), None, None)
+    recorder.write_now()
+    return path
+
+
+def test_a_shadow_ladder_orders_rungs_by_mass_lost_and_spends_experts_where_it_pays(
+        tmp_path: Path) -> None:
+    data = read_shadow([record(tmp_path / "shadow.json", 40)])
+    ladder, report = ladder_from_shadow(data, min_steps=40, max_mass_lost=0.5, name="q3")
+    assert ladder.cost_kind == MASS_LOST == ladder.kind
+    assert report["tables_from"] == [32, 64]
+    assert [t.batch for t in ladder.rungs[0].tables] == [17, 33]  # lower edge + 1
+    experts = [r.experts() for r in ladder.rungs]
+    lost = [r.cost(MASS_LOST) for r in ladder.rungs]
+    assert len(ladder.rungs) >= 4 and experts == sorted(experts, reverse=True)
+    assert lost[0] == 0.0 and lost[1:] == sorted(lost[1:]) and lost[-1] > 0.01
+    assert all(r.cost(PPL_RISE) == 0.0 for r in ladder.rungs)  # no quality was measured
+    middle = ladder.rungs[len(ladder.rungs) // 2].tables[-1]
+    assert middle.per_layer[0] < middle.per_layer[2]  # concentrated layer: fewer experts
+    assert all(MODEL.top_k <= b <= MODEL.experts for b in middle.per_layer)
+    assert "proxy" in middle.costs[0].source
+    again = decode_ladder(encode_ladder(ladder), where="round trip")
+    assert again == ladder
+    # the controller's expected cost of a pinned rung is its mass lost, of the ladder's kind
+    pinned = rung_policy(ladder, ladder.rungs[-1].name, [16, 32, 1 << 20], min_batch=4)
+    cost = expected_quality_cost(ladder, pinned, ((48.0, 10),))
+    assert cost == pytest.approx(ladder.rungs[-1].tables[-1].cost(MASS_LOST))
+
+
+def test_dp_files_add_up_and_bad_statistics_are_refused_in_one_line(tmp_path: Path,
+                                                                    capsys) -> None:
+    one = read_shadow([record(tmp_path / "a.json", 6, seed=1)])
+    both = read_shadow([tmp_path / "a.json", record(tmp_path / "b.json", 6, seed=2)])
+    assert both["buckets"][32][0][0] == 2 * one["buckets"][32][0][0] == 12  # layer-steps
+    with pytest.raises(ShadowError, match="has 40 measured steps"):
+        ladder_from_shadow(both, min_steps=40)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"format": "lynx-shadow/1"}')
+    other = json.loads((tmp_path / "a.json").read_text())
+    other["budgets"] = other["budgets"][:-1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for files, match in (([tmp_path / "missing.json"], "cannot read"),
+                         ([damaged], "not shadow statistics"),
+                         ([tmp_path / "a.json", tmp_path / "other.json"], "another model")):
+        with pytest.raises(ShadowError, match=match):
+            read_shadow(files)
+    assert main(["shadow-ladder", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    out = tmp_path / "ladder.json"
+    assert main(["shadow-ladder", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--min-steps", "10", "--max-mass-lost", "0.5", "--out", str(out)]) == 0
+    assert decode_ladder(out.read_bytes()).cost_kind == MASS_LOST
