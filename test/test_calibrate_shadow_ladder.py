@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from conformance_configs import BY_NAME, draw_inputs
@@ -59,7 +60,9 @@ def test_a_shadow_ladder_orders_rungs_by_mass_lost_and_spends_experts_where_it_p
     assert all(MODEL.top_k <= b <= MODEL.experts for b in middle.per_layer)
     assert "proxy" in middle.costs[0].source
     again = decode_ladder(encode_ladder(ladder), where="round trip")
-    assert again == ladder
+    assert again == ladder and b'"cost_kind": "mass_lost"' in encode_ladder(ladder)
+    # optional and encoded only when set: a ppl_rise ladder's bytes are as before the field
+    assert b"cost_kind" not in encode_ladder(msgspec.structs.replace(ladder, cost_kind=None))
     # the controller's expected cost of a pinned rung is its mass lost, of the ladder's kind
     pinned = rung_policy(ladder, ladder.rungs[-1].name, [16, 32, 1 << 20], min_batch=4)
     cost = expected_quality_cost(ladder, pinned, ((48.0, 10),))
@@ -89,3 +92,12 @@ def test_dp_files_add_up_and_bad_statistics_are_refused_in_one_line(tmp_path: Pa
     assert main(["shadow-ladder", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                  "--min-steps", "10", "--max-mass-lost", "0.5", "--out", str(out)]) == 0
     assert decode_ladder(out.read_bytes()).cost_kind == MASS_LOST
+
+
+def test_the_benchmark_compares_at_equal_experts_only_inside_the_calibrated_range() -> None:
+    from benchmark.shadow_ladder import at_experts
+
+    curve = [{"experts_computed": 64.0, "ppl_rise": 0.0}, {"experts_computed": 32.0,
+                                                           "ppl_rise": 0.02}]
+    assert at_experts(curve, 48.0) == pytest.approx(0.01)
+    assert at_experts(curve, 64.0) == 0.0 and at_experts(curve, 24.0) is None
