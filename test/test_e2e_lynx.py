@@ -35,7 +35,8 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
     shadow_file = tmp_path / "shadow.json"
     stock, off, shadow, lynx = server_factory.side_by_side(model, [
         STOCK_WITHOUT_PLUGIN, {"LYNX_ENABLED": "0"},
-        {"LYNX_ENABLED": "1", "LYNX_SHADOW": str(shadow_file), "LYNX_STATS_INTERVAL_S": "0.2"},
+        {"LYNX_ENABLED": "1", "LYNX_SHADOW": str(shadow_file), "LYNX_SHADOW_EVERY": "1",
+         "LYNX_STATS_INTERVAL_S": "0.2"},
         {"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1"}])
     stock_em, stock_texts = _exact_match(stock.url)
     stock.stop()

@@ -76,9 +76,34 @@ def test_shadow_serves_stock_and_records_the_library_replay(name: str, tmp_path:
         got[batch_slot(24)].tolist(), rel=1e-5)
 
 
-def test_shadow_config_starts_stock_and_refuses_a_bad_path(tmp_path: Path) -> None:
+def test_shadow_config_refuses_a_bad_path_or_sampling_rate(tmp_path: Path) -> None:
     config = load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": str(tmp_path / "s.json")})
-    assert config.shadow == tmp_path / "s.json"
+    assert config.shadow == tmp_path / "s.json" and config.shadow_every == 16
     for bad in (tmp_path, tmp_path / "missing" / "s.json"):
         with pytest.raises(LynxConfigError, match="LYNX_SHADOW"):
             load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": str(bad)})
+    for every in ("0", "-3", "x", "2.5"):
+        with pytest.raises(LynxConfigError, match="LYNX_SHADOW_EVERY"):
+            load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW_EVERY": every})
+
+
+def test_shadow_measures_one_decode_step_in_every(tmp_path: Path) -> None:
+    """Sampling: with every = 4, decode steps 4 and 8 of 9 are measured, prefill steps
+    count towards the step index but are never measured."""
+    model = BY_NAME["Mixtral-8x7B"]
+    with sglang_topology():
+        runtime = make_runtime(PolicySpec(name="off"), model.experts, model.top_k, layers=1)
+        state = runtime.state
+        assert state is not None
+        state.shadow, state.shadow_every = True, 4
+        runtime.shadow = ShadowRecorder(state, tmp_path / "shadow.json", 3600.0)
+        topk = topk_for(model.name, None)
+        measured = []
+        for step in range(1, 10):
+            mode = "prefill" if step == 4 else "decode"
+            logits, _ = draw_inputs(model, 8, step)
+            call(runtime, topk, logits, StepLayout(mode, 8, 8 if mode == "prefill" else 0))
+            measured.append(state.shadow_step)
+        assert measured == [step == 8 for step in range(1, 10)]
+        assert float(runtime.shadow.accumulator[:, 0, 0].sum()) == 1.0  # one layer-step
+        assert runtime.shadow.snapshot()["every"] == 4

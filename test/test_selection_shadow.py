@@ -31,13 +31,18 @@ def shadow_dict(vector: torch.Tensor, budgets: list[int]) -> dict[str, float | d
 
 @pytest.mark.parametrize("model", ROUTERS, ids=lambda m: m.name)
 @pytest.mark.parametrize("rows", [1, 16, 64])
-def test_shadow_equals_the_budget_policy_at_every_candidate(model: ModelRouter, rows: int
-                                                            ) -> None:
+@pytest.mark.parametrize("ties", [False, True])
+def test_shadow_equals_the_budget_policy_at_every_candidate(model: ModelRouter, rows: int,
+                                                            ties: bool) -> None:
+    """``ties``: logits rounded to steps of 2 (many exact ties in importance and in the
+    top-K, as bf16 logits give): the order's tie rule (lower index) decides."""
     spec = model.spec()
     budgets = shadow_budgets(model.experts, model.top_k)
     assert budgets and budgets[0] == model.top_k and budgets[-1] < model.experts
     for seed in range(3):
         logits, bias = draw_inputs(model, rows + 2, seed)
+        if ties:
+            logits = (logits / 2).round() * 2
         valid = torch.arange(rows + 2) < rows + 1
         decode = torch.arange(rows + 2) >= 1  # row 0: a prefill row, never measured
         measured = valid & decode

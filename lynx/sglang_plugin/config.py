@@ -19,6 +19,7 @@
 | ``LYNX_COMPILE_CACHE`` | directory keeping the compiled selection packages between processes (`lynx.selection.compiled`; unwritable: compiled without it, one warning) | ``$XDG_CACHE_HOME/lynx/selection`` or ``~/.cache/lynx/selection`` |
 | ``LYNX_EP_BALANCE`` | under expert parallelism (``--ep-size`` > 1), ``budget`` tables are spent per EP rank at one level so the busiest rank reads fewer experts (`lynx.selection.ep`); ``0``: one global budget per layer, as without EP | ``1`` |
 | ``LYNX_SHADOW`` | shadow mode: serve stock (the start-up policy is ``off`` unless one is set) and measure what each candidate budget would keep, per layer and decode batch bucket, into this JSON file (`lynx.sglang_plugin.shadow`) | none |
+| ``LYNX_SHADOW_EVERY`` | shadow mode measures one decode step in this many (the recorder costs ~0.6 ms per layer-step in eager torch on this CPU: 10-25% of a qwen3-moe-128 decode step measured every step) | 16 |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 The start-up policy: ``LYNX_POLICY``, ``LYNX_POLICY_FILE`` or ``LYNX_LADDER_RUNG`` if set (one
@@ -171,6 +172,7 @@ class PluginConfig:
     ladder_rung: str = ""  # LYNX_LADDER_RUNG: start on this rung of the checkpoint's ladder
     ep_balance: bool = True  # LYNX_EP_BALANCE: budget per EP rank under expert parallelism
     shadow: Path | None = None  # LYNX_SHADOW: shadow statistics file (`shadow`)
+    shadow_every: int = 16  # LYNX_SHADOW_EVERY: one decode step measured in this many
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -243,6 +245,10 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     shadow = Path(env["LYNX_SHADOW"]) if env.get("LYNX_SHADOW", "").strip() else None
     if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
         raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
+    every = env.get("LYNX_SHADOW_EVERY", "16").strip()
+    if not every.isdigit() or not 1 <= int(every) <= 1_000_000:
+        raise LynxConfigError(f"LYNX_SHADOW_EVERY={every!r}: expected an integer in "
+                              "[1, 1000000] (measure one decode step in this many)")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -258,4 +264,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
         compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
         ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True), shadow=shadow,
+        shadow_every=int(every),
     )

@@ -115,7 +115,7 @@ class LynxRuntime:
         if self.config.shadow is not None:
             from lynx.sglang_plugin.shadow import ShadowRecorder, shadow_path
 
-            state.shadow = True
+            state.shadow, state.shadow_every = True, self.config.shadow_every
             self.shadow = ShadowRecorder(
                 state, shadow_path(self.config.shadow, self.ranks.dp_rank, self.ranks.dp_size),
                 self.config.stats_interval_s, write=self.ranks.tp_rank == 0)
@@ -249,7 +249,7 @@ class LynxRuntime:
         if self.shadow is not None and _capturing():  # a replayed graph: measured unpruned
             self.shadow.observe(layer, router_logits, plan.router, topk.topk_config
                                 .correction_bias if plan.router.has_correction_bias else None,
-                                None, gate=~state.knobs.enabled)
+                                None, gate=~state.knobs.enabled & state.knobs.shadow_on)
         return output
 
     def plan_for(self, topk: Any, layer: int, path: str) -> LayerPlan:

@@ -110,6 +110,7 @@ class DeviceKnobs:
         # index into lynx.selection's POLICY_NAMES, the table ``by_code`` reads
         self.policy_code = scalar(0, torch.int64)
         self.coverage = scalar(0.9, torch.float32)
+        self.shadow_on = scalar(False, torch.bool)  # shadow mode measures this step
         # statistics slot of this step (batch-size bucket, or MIXED_SLOT): a device index, so
         # a captured graph accumulates each step's statistics into the right bucket
         self.stat_slot = torch.zeros(1, dtype=torch.int64, device=device)
@@ -142,6 +143,7 @@ class RuntimeState:
         self.graph_safe = device.type == "cuda"
         self.step_active = False
         self.shadow = False  # shadow mode: decode steps are measured (`sglang_plugin.shadow`)
+        self.shadow_every = 1  # one decode step in this many
         self.shadow_step = False  # this step is measured
         self.layout = StepLayout("idle", 0, 0)
         self.row_weight: torch.Tensor | None = None  # [rows] verify steps' vote weights
@@ -201,5 +203,8 @@ class RuntimeState:
         self.layout = layout
         self.row_weight = layout.row_weight if prune else None
         self.step_active = prune
-        self.shadow_step = self.shadow and layout.mode == "decode" and layout.n_decode_rows > 0
+        self.shadow_step = (self.shadow and layout.mode == "decode" and layout.n_decode_rows > 0
+                            and self.step_index % self.shadow_every == 0)
+        if self.shadow:
+            self.knobs.shadow_on.fill_(self.shadow_step)
         return prune
