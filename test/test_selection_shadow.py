@@ -77,3 +77,25 @@ def test_a_step_without_decode_rows_counts_nothing() -> None:
     batch = torch_batch_routing(logits, model.spec(), None, none)
     vector = shadow_statistics(batch, none, model.spec(), torch.tensor([8, 16, 32]))
     assert torch.count_nonzero(vector) == 0
+
+
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B", "DeepSeek-V3"])
+def test_shadow_statistics_trace_as_one_graph(name: str) -> None:
+    """CUDA-graph safety without a GPU: the recorder's math traces as one graph
+    (``fullgraph``: no host sync, no branch on a tensor value), equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = next(m for m in ROUTERS if m.name == name)
+    spec = model.spec()
+    budgets = torch.tensor(shadow_budgets(model.experts, model.top_k))
+    logits, bias = draw_inputs(model, 24, 5)
+    rows = torch.arange(24) < 20
+
+    def step(z: torch.Tensor) -> torch.Tensor:
+        return shadow_statistics(torch_batch_routing(z, spec, bias, rows), rows, spec, budgets)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    assert torch.allclose(compiled(logits), step(logits), rtol=1e-5)
+    assert counter.frame_count == 1

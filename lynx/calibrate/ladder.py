@@ -62,6 +62,23 @@ def table_policy(per_layer: Sequence[int]) -> PolicySpec:
                                                            per_layer=list(per_layer))])
 
 
+def assemble_rungs(tables: dict[str, list[RungTable]], batches: int,
+                   unreachable: dict[str, str], kind: str, floor: float
+                   ) -> tuple[list[Rung], list[DroppedRung]]:
+    """The rungs with a table at every one of ``batches`` calibration batches, Pareto-filtered
+    by cost ``kind`` and cut at ``floor`` (the largest cost kept); the dropped ones, each with
+    its reason (``unreachable``: rung -> why its allocation failed)."""
+    complete = [Rung(name=name, tables=t) for name, t in tables.items()
+                if len(t) == batches and name not in unreachable]
+    kept, dropped = pareto_filter(complete, kind)
+    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
+                for n, why in unreachable.items()]
+    within = [r for r in kept if r.cost(kind) <= floor]
+    dropped += [DroppedRung(name=r.name, reason=f"{kind} {r.cost(kind):.5f} beyond the "
+                            f"floor {floor:g}") for r in kept if r not in within]
+    return within, dropped
+
+
 @torch.no_grad()
 def measure_table(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int
                   ) -> tuple[float, float, float]:
@@ -136,14 +153,7 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
             entry["rungs"][name] = {"budgets": budgets, "experts_computed": computed,
                                     "mass_kept": mass, "ppl_rise": rise}
         report["per_batch"].append(entry)
-    complete = [Rung(name=name, tables=t) for name, t in tables.items()
-                if len(t) == len(batches) and name not in unreachable]
-    kept_rungs, dropped = pareto_filter(complete)
-    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
-                for n, why in unreachable.items()]
-    within = [r for r in kept_rungs if r.cost() <= max_ppl_rise]
-    dropped += [DroppedRung(name=r.name, reason=f"ppl_rise {r.cost():.5f} beyond the quality "
-                            f"floor {max_ppl_rise:g}") for r in kept_rungs if r not in within]
+    within, dropped = assemble_rungs(tables, len(batches), unreachable, PPL_RISE, max_ppl_rise)
     ladder = Ladder(
         format=LADDER_FORMAT,
         model=LadderModel(num_layers=layers, num_experts=experts, top_k=top_k,

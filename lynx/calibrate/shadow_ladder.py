@@ -21,20 +21,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lynx.calibrate.ladder import STOCK_RUNG, default_means
+from lynx.calibrate.ladder import STOCK_RUNG, assemble_rungs, default_means
 from lynx.calibrate.tables import allocate
 from lynx.sglang_plugin.shadow import SHADOW_FORMAT
 from lynx_protocol.ladder import (
     LADDER_FORMAT,
     MASS_LOST,
     MAX_TABLES,
-    DroppedRung,
     Ladder,
     LadderModel,
-    Rung,
     RungCost,
     RungTable,
-    pareto_filter,
     validate_ladder,
 )
 
@@ -145,14 +142,7 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
             entry["rungs"][rung] = {"budgets": budgets, "experts_computed": computed,
                                     "mass_lost": 1.0 - share}
         report["per_batch"].append(entry)
-    complete = [Rung(name=n, tables=t) for n, t in tables.items()
-                if len(t) == len(chosen) and n not in unreachable]
-    kept_rungs, dropped = pareto_filter(complete, MASS_LOST)
-    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
-                for n, why in unreachable.items()]
-    within = [r for r in kept_rungs if r.cost(MASS_LOST) <= max_mass_lost]
-    dropped += [DroppedRung(name=r.name, reason=f"mass_lost {r.cost(MASS_LOST):.5f} beyond "
-                            f"the floor {max_mass_lost:g}") for r in kept_rungs if r not in within]
+    within, dropped = assemble_rungs(tables, len(chosen), unreachable, MASS_LOST, max_mass_lost)
     ladder = Ladder(
         format=LADDER_FORMAT, cost_kind=MASS_LOST,
         model=LadderModel(num_layers=layers, num_experts=experts, top_k=top_k, name=name),
