@@ -101,3 +101,36 @@ def test_the_benchmark_compares_at_equal_experts_only_inside_the_calibrated_rang
                                                            "ppl_rise": 0.02}]
     assert at_experts(curve, 48.0) == pytest.approx(0.01)
     assert at_experts(curve, 64.0) == 0.0 and at_experts(curve, 24.0) is None
+
+
+def test_the_controller_takes_a_shadow_ladder_and_plans_by_its_kind(tmp_path: Path) -> None:
+    """The operator's review step: ``PUT /v1/ladder`` on a real controller process with a
+    runtime of the ladder's shape registered; the controller reports the ladder's cost kind
+    and pins a rung of it as a per-layer budget policy."""
+    from test_policy_admin import LiveReplica
+
+    from lynx_policy.testing import ControllerProcess
+    from lynx_protocol.messages import Register
+
+    data = read_shadow([record(tmp_path / "shadow.json", 20)])
+    ladder, _ = ladder_from_shadow(data, min_steps=20, max_mass_lost=0.5)
+    assert len(ladder.rungs) >= 3
+    shape = Register(replica_id="shadow-0", model="m", num_layers=LAYERS,
+                     num_experts=MODEL.experts, top_k=MODEL.top_k, policies=["off", "budget"])
+    with ControllerProcess.launch(tmp_path / "ctl", {"mode": "static"}) as ctl:
+        live = LiveReplica(ctl.endpoint, shape)
+        try:
+            live.wait("replica did not register", lambda: live.link.registered)
+            put = ctl.admin.put("/v1/ladder", content=encode_ladder(ladder))
+            assert put.status_code == 200, put.text
+            view = ctl.admin.get("/v1/ladder").json()
+            assert view["cost_kind"] == MASS_LOST and view["fits"]
+            assert [r["cost"] for r in view["rungs"]] == [
+                r.cost(MASS_LOST) for r in ladder.rungs]
+            last = ladder.rungs[-1]
+            pinned = ctl.admin.put("/v1/mode", json={"mode": "static", "rung": last.name})
+            assert pinned.status_code == 200, pinned.text
+            live.wait("the pinned rung never arrived", lambda: live.update is not None and any(
+                b.per_layer == last.tables[-1].per_layer for b in live.update.policy.budgets))
+        finally:
+            live.close()
