@@ -115,11 +115,13 @@ smoke_base_image() {  # $1: the tag the Dockerfiles build FROM
     # Like python:*-slim: pip may install into the system interpreter.
     rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
     # The host's extra CAs (TLS-intercepting proxies): Debian's pip and apt use the system store.
+    # Commands in the chroot get its own TMPDIR: the host's (e.g. a CI job's own temp
+    # folder) does not exist in there, and update-ca-certificates' mktemp failed on it.
     if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
       cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
-      chroot "$rootfs" update-ca-certificates >/dev/null
+      chroot "$rootfs" env TMPDIR=/tmp update-ca-certificates >/dev/null
     fi
-    chroot "$rootfs" apt-get clean
+    chroot "$rootfs" env TMPDIR=/tmp apt-get clean
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
     tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$rootfs"
