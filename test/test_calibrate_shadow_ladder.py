@@ -26,10 +26,11 @@ LAYERS = 3
 SKEW = (4.0, 1.5, 0.5)  # layer 0 routes most concentrated, layer 2 flattest
 
 
-def record(path: Path, steps: int, seed: int = 0) -> Path:
-    """``steps`` decode steps at 24 and at 48 rows through the recorder, three layers whose
-    routers concentrate differently."""
-    state = RuntimeState(LAYERS, MODEL.experts, MODEL.top_k, torch.device("cpu"),
+def record(path: Path, steps: int, seed: int = 0, dense: int = 0) -> Path:
+    """``steps`` decode steps at 24 and at 48 rows through the recorder, three MoE layers
+    whose routers concentrate differently, after ``dense`` layers with no router (as
+    DeepSeek-V3's first three: the hook never sees them)."""
+    state = RuntimeState(dense + LAYERS, MODEL.experts, MODEL.top_k, torch.device("cpu"),
                          PolicySpec(name="off"))
     state.shadow = True
     recorder = ShadowRecorder(state, path, 3600.0)
@@ -38,7 +39,7 @@ def record(path: Path, steps: int, seed: int = 0) -> Path:
             state.begin_step(StepLayout("decode", rows, 0))
             for layer, skew in enumerate(SKEW):
                 logits, _ = draw_inputs(MODEL, rows, seed * 100_000 + step * 10 + layer, skew)
-                recorder.observe(layer, logits, MODEL.spec(), None, None)
+                recorder.observe(dense + layer, logits, MODEL.spec(), None, None)
     recorder.write_now()
     return path
 
@@ -134,3 +135,23 @@ def test_the_controller_takes_a_shadow_ladder_and_plans_by_its_kind(tmp_path: Pa
                 b.per_layer == last.tables[-1].per_layer for b in live.update.policy.budgets))
         finally:
             live.close()
+
+
+def test_layers_without_a_router_get_no_pruning_and_count_in_no_mean(tmp_path: Path) -> None:
+    """DeepSeek-V3, Kimi-K2 and GLM-4.5 start with dense layers: the runtime's layer index
+    covers them, the recorder never sees them. They used to make every bucket read 0 steps
+    (no ladder) and divide by zero; now they keep every table unpruned and the means are
+    over the MoE layers only, equal to the same traffic recorded without them."""
+    plain, _ = ladder_from_shadow(read_shadow([record(tmp_path / "moe.json", 20)]),
+                                  min_steps=20, max_mass_lost=0.5)
+    dense, _ = ladder_from_shadow(read_shadow([record(tmp_path / "dense.json", 20, dense=2)]),
+                                  min_steps=20, max_mass_lost=0.5)
+    assert dense.model.num_layers == LAYERS + 2
+    assert [r.name for r in dense.rungs] == [r.name for r in plain.rungs]
+    for with_dense, without in zip(dense.rungs, plain.rungs, strict=True):
+        for a, b in zip(with_dense.tables, without.tables, strict=True):
+            assert a.per_layer == [MODEL.experts] * 2 + b.per_layer
+            assert a.experts_computed == b.experts_computed and a.mass_kept == b.mass_kept
+    empty = read_shadow([record(tmp_path / "none.json", 0)])
+    with pytest.raises(ShadowError, match="no MoE layer was measured"):
+        ladder_from_shadow(empty, min_steps=1)

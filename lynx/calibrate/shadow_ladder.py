@@ -100,11 +100,19 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
                        min_steps: int = 200, max_mass_lost: float = 0.1, name: str = ""
                        ) -> tuple[Ladder, dict[str, Any]]:
     """The ladder (``cost_kind`` ``mass_lost``) and a report from `read_shadow`'s ``data``.
-    Raises `ShadowError` when no bucket has ``min_steps`` decode steps on every layer."""
+    Layers never measured (dense layers such as DeepSeek-V3's first three, or layers Lynx
+    passes through) get no pruning in every table and count in no mean. Raises `ShadowError`
+    when no layer was measured, or no bucket has ``min_steps`` decode steps on every measured
+    layer."""
     shape = data["model"]
     experts, top_k, layers = shape["num_experts"], shape["top_k"], shape["num_layers"]
     edges = data["batch_buckets"]
-    steps = {edge: min(row[0] for row in rows) for edge, rows in data["buckets"].items()}
+    measured = [layer for layer in range(layers)
+                if any(rows[layer][0] > 0 for rows in data["buckets"].values())]
+    if not measured:
+        raise ShadowError("no MoE layer was measured: serve decode traffic with LYNX_SHADOW")
+    steps = {edge: min(rows[layer][0] for layer in measured)
+             for edge, rows in data["buckets"].items()}
     busy = sorted((e for e in steps if steps[e] >= min_steps), key=lambda e: -steps[e])
     chosen = sorted(busy[:MAX_TABLES], key=lambda e: edges.index(e) if e in edges else 99)
     if not chosen:
@@ -117,13 +125,15 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
     for edge in chosen:
         index = edges.index(edge) if edge in edges else len(edges)
         batch = edges[index - 1] + 1 if index else 1
-        lost, kept, mass = bucket_curves(data["buckets"][edge], data["budgets"], experts)
+        rows = data["buckets"][edge]
+        lost, kept, mass = bucket_curves([rows[layer] for layer in measured], data["budgets"],
+                                         experts)
         source = (f"shadow statistics: {int(steps[edge])} decode steps of {batch}-"
                   f"{edge or 'more'} rows; mass_lost is a routing-mass proxy, not quality")
         total = sum(m[experts] for m in mass)
         tables.setdefault(STOCK_RUNG, []).append(RungTable(
             batch=batch, per_layer=[experts] * layers, mass_kept=1.0,
-            experts_computed=round(sum(k[experts] for k in kept) / layers, 4),
+            experts_computed=round(sum(k[experts] for k in kept) / len(measured), 4),
             costs=[RungCost(kind=MASS_LOST, value=0.0, source=source)]))
         entry: dict[str, Any] = {"batch": batch, "rungs": {}}
         for mean in means:
@@ -133,13 +143,16 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
             except ValueError as exc:
                 unreachable[rung] = str(exc)
                 continue
-            computed = sum(k[m] for k, m in zip(kept, budgets, strict=True)) / layers
+            computed = sum(k[m] for k, m in zip(kept, budgets, strict=True)) / len(measured)
             share = sum(m[b] for m, b in zip(mass, budgets, strict=True)) / total if total else 1.0
+            per_layer = [experts] * layers
+            for layer, budget in zip(measured, budgets, strict=True):
+                per_layer[layer] = budget
             tables.setdefault(rung, []).append(RungTable(
-                batch=batch, per_layer=budgets, experts_computed=round(computed, 4),
+                batch=batch, per_layer=per_layer, experts_computed=round(computed, 4),
                 mass_kept=round(min(share, 1.0), 6), costs=[RungCost(
                     kind=MASS_LOST, value=round(max(0.0, 1.0 - share), 6), source=source)]))
-            entry["rungs"][rung] = {"budgets": budgets, "experts_computed": computed,
+            entry["rungs"][rung] = {"budgets": per_layer, "experts_computed": computed,
                                     "mass_lost": 1.0 - share}
         report["per_batch"].append(entry)
     within, dropped = assemble_rungs(tables, len(chosen), unreachable, MASS_LOST, max_mass_lost)
