@@ -21,7 +21,7 @@ Format ``lynx-ladder/1`` (JSON, one object):
 - ``dropped[]``: rungs the Pareto filter or the quality floor removed, with the reason.
 - ``cost_kind`` (optional, encoded only when set; default ``ppl_rise``): the cost kind the
   rungs are ordered by and the controller minimises. A ladder built from shadow statistics
-  (``lynx-serve calibrate --from-shadow``) sets ``mass_lost`` (1 - routing mass kept: a proxy,
+  (``lynx-serve shadow-ladder``) sets ``mass_lost`` (1 - routing mass kept: a proxy,
   no quality measured). Readers from before the field refuse such a ladder, as below.
 - ``threshold`` (optional, encoded only when set): ``kind`` and ``value``, the largest cost of
   that kind a rung may have for a runtime to start on it unattended: a runtime serving a

@@ -80,7 +80,7 @@ def test_dp_files_add_up_and_bad_statistics_are_refused_in_one_line(tmp_path: Pa
     damaged = tmp_path / "damaged.json"
     damaged.write_text('{"format": "lynx-shadow/1"}')
     other = json.loads((tmp_path / "a.json").read_text())
-    other["budgets"] = other["budgets"][:-1]
+    other["every"] = 4
     (tmp_path / "other.json").write_text(json.dumps(other))
     for files, match in (([tmp_path / "missing.json"], "cannot read"),
                          ([damaged], "not shadow statistics"),
@@ -155,3 +155,62 @@ def test_layers_without_a_router_get_no_pruning_and_count_in_no_mean(tmp_path: P
     empty = read_shadow([record(tmp_path / "none.json", 0)])
     with pytest.raises(ShadowError, match="no MoE layer was measured"):
         ladder_from_shadow(empty, min_steps=1)
+
+
+def _mutations(good: dict) -> list[tuple[str, dict, str]]:
+    """Files a newcomer's fuzzing broke the builder with (tracebacks, or ladders written from
+    nonsense): each must be refused in one line naming the file."""
+    import copy
+
+    def changed(path: str, value: object) -> dict:
+        data = copy.deepcopy(good)
+        *keys, last = path.split(".")
+        node = data
+        for key in keys:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[int(last) if last.isdigit() else last] = value
+        return data
+
+    rows = good["buckets"][0]["layers"]
+    return [
+        ("layers", changed("model.num_layers", 5), "layer rows"),
+        ("rows", changed("buckets.0.layers", rows[:2]), "layer rows"),
+        ("row length", changed("buckets.0.layers.0", rows[0][:10]), "layer rows"),
+        ("model type", changed("model", None), "not shadow statistics"),
+        ("model key", changed("model", {"num_layers": 3, "num_experts": 128}),
+         "not shadow statistics"),
+        ("experts string", changed("model.num_experts", "128"), "not shadow statistics"),
+        ("layers string", changed("buckets.0.layers", "abc"), "not shadow statistics"),
+        ("budgets string", changed("budgets", "8,16"), "not shadow statistics"),
+        ("edge not a bucket", changed("buckets.0.max_batch", 33), "not one of batch_buckets"),
+        ("edge string", changed("buckets.0.max_batch", "32"), "not shadow statistics"),
+        ("no experts", changed("model.num_experts", 0), "not shadow statistics"),
+        ("top_k above E", changed("model.top_k", 500), "top_k"),
+        ("budgets unsorted", changed("budgets", list(reversed(good["budgets"]))), "ascending"),
+        ("budget above E", changed("budgets", [*good["budgets"][:-1], 999]), "ascending"),
+        ("negative", changed("buckets.0.layers.0.3", -1.0), "not shadow statistics"),
+        ("bucket twice", changed("buckets.1.max_batch", good["buckets"][0]["max_batch"]),
+         "twice"),
+    ]
+
+
+def test_every_malformed_file_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    good = json.loads(record(tmp_path / "good.json", 2).read_text())
+    for name, data, match in _mutations(good):
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ShadowError, match=match):
+            read_shadow([path])
+        assert main(["shadow-ladder", str(path), "--min-steps", "1"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    huge = tmp_path / "huge.json"
+    marked = json.loads(json.dumps(good))
+    marked["buckets"][0]["layers"][0][3] = 12345.678
+    huge.write_text(json.dumps(marked).replace("12345.678", "1e400"))  # inf once parsed
+    with pytest.raises(ShadowError, match=r"finite|not shadow statistics"):
+        read_shadow([huge])
+    for argv in (["--means", "inf"], ["--means", "0"], ["--out", str(tmp_path / "no" / "x")]):
+        assert main(["shadow-ladder", str(tmp_path / "good.json"), "--min-steps", "1",
+                     *argv]) == 2, argv
+        assert "Traceback" not in capsys.readouterr().err

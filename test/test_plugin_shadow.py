@@ -82,14 +82,16 @@ def test_shadow_config_refuses_a_bad_path_or_sampling_rate(tmp_path: Path) -> No
     for bad in (tmp_path, tmp_path / "missing" / "s.json"):
         with pytest.raises(LynxConfigError, match="LYNX_SHADOW"):
             load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": str(bad)})
-    for every in ("0", "-3", "x", "2.5"):
+    for every in ("0", "-3", "x", "2.5", "\u00b2"):  # "²" passes str.isdigit
         with pytest.raises(LynxConfigError, match="LYNX_SHADOW_EVERY"):
             load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW_EVERY": every})
 
 
 def test_shadow_measures_one_decode_step_in_every(tmp_path: Path) -> None:
-    """Sampling: with every = 4, decode steps 4 and 8 of 9 are measured, prefill steps
-    count towards the step index but are never measured."""
+    """Sampling: with every = 4, the 4th and 8th decode steps are measured (forwards 5 and
+    9: the prefill at forward 4 is not counted), and a schedule that alternates prefill and
+    decode forwards still has half its decode steps measured at every = 2 (counting forwards
+    measured none of them: a newcomer's aliasing find)."""
     model = BY_NAME["Mixtral-8x7B"]
     with sglang_topology():
         runtime = make_runtime(PolicySpec(name="off"), model.experts, model.top_k, layers=1)
@@ -104,6 +106,15 @@ def test_shadow_measures_one_decode_step_in_every(tmp_path: Path) -> None:
             logits, _ = draw_inputs(model, 8, step)
             call(runtime, topk, logits, StepLayout(mode, 8, 8 if mode == "prefill" else 0))
             measured.append(state.shadow_step)
-        assert measured == [step == 8 for step in range(1, 10)]
-        assert float(runtime.shadow.accumulator[:, 0, 0].sum()) == 1.0  # one layer-step
+        assert measured == [step in (5, 9) for step in range(1, 10)]
+        assert float(runtime.shadow.accumulator[:, 0, 0].sum()) == 2.0  # layer-steps
         assert runtime.shadow.snapshot()["every"] == 4
+        state.shadow_every, state.decode_steps = 2, 0
+        alternating = []
+        for step in range(12):
+            prefill = step % 2 == 0
+            state.begin_step(StepLayout("prefill" if prefill else "decode", 8,
+                                        8 if prefill else 0))
+            alternating.append(state.shadow_step)
+            state.step_active = False
+        assert sum(alternating) == 3  # of 6 decode steps

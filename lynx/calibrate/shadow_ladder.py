@@ -17,9 +17,11 @@ calibrated batch at or below") applies each table to the batches it was measured
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from lynx.calibrate.ladder import STOCK_RUNG, assemble_rungs, default_means
 from lynx.calibrate.tables import allocate
@@ -34,6 +36,7 @@ from lynx_protocol.ladder import (
     RungTable,
     validate_ladder,
 )
+from lynx_protocol.policy import MAX_EXPERTS, MAX_LAYERS
 
 BASE = 4  # layer_steps, rows, stock_union, mass_total (`lynx.selection.shadow.SHADOW_BASE`)
 
@@ -42,30 +45,79 @@ class ShadowError(ValueError):
     """Unusable shadow statistics; the message is one line naming the file."""
 
 
+class _Model(msgspec.Struct, forbid_unknown_fields=True):
+    num_layers: Annotated[int, msgspec.Meta(ge=1, le=MAX_LAYERS)]
+    num_experts: Annotated[int, msgspec.Meta(ge=2, le=MAX_EXPERTS)]
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_EXPERTS)]
+
+
+class _Bucket(msgspec.Struct, forbid_unknown_fields=True):
+    max_batch: Annotated[int, msgspec.Meta(ge=1)] | None
+    layers: list[list[Annotated[float, msgspec.Meta(ge=0.0)]]]
+
+
+class _ShadowFile(msgspec.Struct, forbid_unknown_fields=True):
+    """`lynx.sglang_plugin.shadow`'s file, as read at this trust boundary."""
+
+    format: str
+    model: _Model
+    budgets: list[int]
+    batch_buckets: list[Annotated[int, msgspec.Meta(ge=1)]]
+    buckets: list[_Bucket]
+    every: Annotated[int, msgspec.Meta(ge=1)] = 1
+    fields: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
+def load_shadow_file(path: Path) -> dict[str, Any]:
+    """One file, checked: the documented types, budgets ascending in [top_k, E), every layer
+    row as long as the budgets make it, every count finite, each bucket once and one of
+    ``batch_buckets`` (or null: above the last). Raises `ShadowError` (one line, the file)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ShadowError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = msgspec.json.decode(raw, type=_ShadowFile)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ShadowError(f"{path}: not shadow statistics: {exc}".replace("\n", " ")) from None
+    shape, budgets, edges = data.model, data.budgets, data.batch_buckets
+    width = 4 + 3 * len(budgets)
+    problems = [
+        (data.format != SHADOW_FORMAT, f"format {data.format!r}, expected {SHADOW_FORMAT!r}"),
+        (shape.top_k >= shape.num_experts, f"top_k {shape.top_k} >= {shape.num_experts} experts"),
+        (not budgets or budgets != sorted(set(budgets)) or budgets[0] < shape.top_k
+         or budgets[-1] >= shape.num_experts,
+         f"budgets {budgets} are not ascending within [top_k, experts)"),
+        (edges != sorted(set(edges)), f"batch_buckets {edges} are not ascending"),
+        (len({b.max_batch for b in data.buckets}) != len(data.buckets), "a bucket twice"),
+        (any(b.max_batch is not None and b.max_batch not in edges for b in data.buckets),
+         "a bucket's max_batch is not one of batch_buckets"),
+        (any(len(b.layers) != shape.num_layers or any(len(r) != width for r in b.layers)
+             for b in data.buckets),
+         f"layer rows are not {shape.num_layers} x {width} values"),
+        (any(not math.isfinite(v) for b in data.buckets for r in b.layers for v in r),
+         "a count is not finite"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise ShadowError(f"{path}: {why}")
+    return {"model": msgspec.to_builtins(shape), "budgets": budgets, "batch_buckets": edges,
+            "every": data.every, "buckets": {b.max_batch: b.layers for b in data.buckets}}
+
+
 def read_shadow(paths: list[Path]) -> dict[str, Any]:
     """The statistics of one or more files (a DP deployment writes one per DP rank), summed
-    bucket by bucket. Raises `ShadowError` for a missing, damaged or mismatched file."""
+    bucket by bucket (`load_shadow_file` checks each). Raises `ShadowError` for a missing,
+    damaged or mismatched file."""
     merged: dict[str, Any] | None = None
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-            shape = (data["format"], data["model"], data["budgets"], data["batch_buckets"])
-            buckets = {b["max_batch"]: b["layers"] for b in data["buckets"]}
-        except OSError as exc:
-            raise ShadowError(f"{path}: cannot read: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ShadowError(f"{path}: not shadow statistics ({type(exc).__name__}: {exc})"
-                              ) from None
-        if shape[0] != SHADOW_FORMAT:
-            raise ShadowError(f"{path}: format {shape[0]!r}, expected {SHADOW_FORMAT!r}")
+        data = load_shadow_file(path)
         if merged is None:
-            merged = {"model": shape[1], "budgets": shape[2], "batch_buckets": shape[3],
-                      "buckets": buckets}
+            merged = data
             continue
-        if (shape[1], shape[2], shape[3]) != (merged["model"], merged["budgets"],
-                                              merged["batch_buckets"]):
-            raise ShadowError(f"{path}: another model or budget grid than {paths[0]}")
-        for edge, layers in buckets.items():
+        if any(data[k] != merged[k] for k in ("model", "budgets", "batch_buckets", "every")):
+            raise ShadowError(f"{path}: another model, budget grid or sampling than {paths[0]}")
+        for edge, layers in data["buckets"].items():
             have = merged["buckets"].setdefault(edge, [[0.0] * len(r) for r in layers])
             merged["buckets"][edge] = [[a + b for a, b in zip(x, y, strict=True)]
                                        for x, y in zip(have, layers, strict=True)]
@@ -128,8 +180,9 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
         rows = data["buckets"][edge]
         lost, kept, mass = bucket_curves([rows[layer] for layer in measured], data["budgets"],
                                          experts)
-        source = (f"shadow statistics: {int(steps[edge])} decode steps of {batch}-"
-                  f"{edge or 'more'} rows; mass_lost is a routing-mass proxy, not quality")
+        source = (f"shadow statistics: {int(steps[edge])} measured decode steps (1 in "
+                  f"{data.get('every', 1)}) of {batch}-{edge or 'more'} rows; mass_lost is a "
+                  "routing-mass proxy, not quality")
         total = sum(m[experts] for m in mass)
         tables.setdefault(STOCK_RUNG, []).append(RungTable(
             batch=batch, per_layer=[experts] * layers, mass_kept=1.0,
@@ -175,7 +228,8 @@ def add_parser(sub: Any) -> None:
     cmd.add_argument("--means", help="comma-separated mean budgets (default: 3/4 of E down "
                      "to 1/8 of E, those >= 1.5 top_k)")
     cmd.add_argument("--min-steps", type=int, default=200,
-                     help="decode steps a batch bucket needs to get a table")
+                     help="measured decode steps (one in LYNX_SHADOW_EVERY) a batch bucket "
+                     "needs to get a table")
     cmd.add_argument("--max-mass-lost", type=float, default=0.1,
                      help="floor: rungs losing more routing mass (a fraction) are dropped")
     cmd.add_argument("--name", default="", help="the model's name in the ladder")
@@ -190,12 +244,16 @@ def run(args: Any) -> int:
 
     try:
         means = [float(m) for m in args.means.split(",")] if args.means else None
+        if means is not None and not all(math.isfinite(m) and m >= 1 for m in means):
+            raise ShadowError(f"--means {args.means!r}: need finite means >= 1")
         if args.min_steps < 1 or not 0 < args.max_mass_lost <= 1:
             raise ShadowError("need --min-steps >= 1 and 0 < --max-mass-lost <= 1")
+        if args.out is not None and not args.out.parent.is_dir():
+            raise ShadowError(f"--out {args.out}: no such directory")
         ladder, _ = ladder_from_shadow(read_shadow(args.files), means, args.min_steps,
                                        args.max_mass_lost, args.name)
     except (ShadowError, ValueError) as exc:
-        print(f"lynx-serve: error: shadow-ladder: {exc}", file=sys.stderr)
+        print(f"lynx-serve: error: shadow-ladder: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     for rung in ladder.rungs:
         print(f"  {rung.name}: {rung.experts():.2f} experts per layer-step, mass lost "

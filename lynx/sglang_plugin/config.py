@@ -36,6 +36,7 @@ than silently serving a policy nobody asked for.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,8 +246,8 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     shadow = Path(env["LYNX_SHADOW"]) if env.get("LYNX_SHADOW", "").strip() else None
     if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
         raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
-    every = env.get("LYNX_SHADOW_EVERY", "16").strip()
-    if not every.isdigit() or not 1 <= int(every) <= 1_000_000:
+    every = env.get("LYNX_SHADOW_EVERY", "").strip() or "16"
+    if not re.fullmatch(r"[0-9]{1,7}", every) or not 1 <= int(every) <= 1_000_000:
         raise LynxConfigError(f"LYNX_SHADOW_EVERY={every!r}: expected an integer in "
                               "[1, 1000000] (measure one decode step in this many)")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')

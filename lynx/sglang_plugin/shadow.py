@@ -93,15 +93,17 @@ class ShadowRecorder:
     def observe_call(self, topk: Any, plan: LayerPlan, router_logits: torch.Tensor,
                      output: Any, kwargs: dict[str, Any]) -> None:
         """Measure one stock ``TopK`` call (its ``output`` already served): from SGLang's own
-        top-K where the output carries it (STANDARD), else from the library's stock routing.
-        Layers Lynx passes through, and calls with a per-call bias or EPLB's physical ids,
-        are not measured."""
+        top-K where the output carries it (STANDARD, logical ids), else from the library's
+        stock routing of the logits (also under EPLB, whose ids are physical: as a captured
+        graph measures). Layers Lynx passes through, and calls with a per-call bias, are not
+        measured."""
         if plan.mode == "pass" or plan.router is None or kwargs.get(
-                "dynamic_expert_bias") is not None or call_dispatch_info(topk, kwargs) is not None:
+                "dynamic_expert_bias") is not None:
             return
         router = plan.router
         ids = None
-        if type(output).__name__ == "StandardTopKOutput" and (
+        if call_dispatch_info(topk, kwargs) is None and type(  # logical ids
+                output).__name__ == "StandardTopKOutput" and (
                 output.topk_ids.shape[1] == router.top_k + router.shared_slots):
             ids = output.topk_ids[:, : router.top_k]
         bias = topk.topk_config.correction_bias if router.has_correction_bias else None

@@ -144,6 +144,7 @@ class RuntimeState:
         self.step_active = False
         self.shadow = False  # shadow mode: decode steps are measured (`sglang_plugin.shadow`)
         self.shadow_every = 1  # one decode step in this many
+        self.decode_steps = 0  # decode forwards seen (what shadow mode samples from)
         self.shadow_step = False  # this step is measured
         self.layout = StepLayout("idle", 0, 0)
         self.row_weight: torch.Tensor | None = None  # [rows] verify steps' vote weights
@@ -203,8 +204,12 @@ class RuntimeState:
         self.layout = layout
         self.row_weight = layout.row_weight if prune else None
         self.step_active = prune
-        self.shadow_step = (self.shadow and layout.mode == "decode" and layout.n_decode_rows > 0
-                            and self.step_index % self.shadow_every == 0)
+        decode = layout.mode == "decode" and layout.n_decode_rows > 0
+        self.decode_steps += decode
+        # counted in decode steps, not forwards: a schedule alternating prefill and decode
+        # forwards would otherwise put every decode step between the samples
+        self.shadow_step = (self.shadow and decode
+                            and self.decode_steps % self.shadow_every == 0)
         if self.shadow:
             self.knobs.shadow_on.fill_(self.shadow_step)
         return prune
