@@ -25,6 +25,7 @@ import msgspec
 
 from lynx.calibrate.ladder import STOCK_RUNG, assemble_rungs, default_means
 from lynx.calibrate.tables import allocate
+from lynx.selection.shadow import SHADOW_BASE, SHADOW_PER_BUDGET, shadow_width
 from lynx.sglang_plugin.shadow import SHADOW_FORMAT
 from lynx_protocol.ladder import (
     LADDER_FORMAT,
@@ -38,7 +39,7 @@ from lynx_protocol.ladder import (
 )
 from lynx_protocol.policy import MAX_EXPERTS, MAX_LAYERS
 
-BASE = 4  # layer_steps, rows, stock_union, mass_total (`lynx.selection.shadow.SHADOW_BASE`)
+BASE, PER = len(SHADOW_BASE), len(SHADOW_PER_BUDGET)  # the file's row layout
 
 
 class ShadowError(ValueError):
@@ -81,7 +82,7 @@ def load_shadow_file(path: Path) -> dict[str, Any]:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ShadowError(f"{path}: not shadow statistics: {exc}".replace("\n", " ")) from None
     shape, budgets, edges = data.model, data.budgets, data.batch_buckets
-    width = 4 + 3 * len(budgets)
+    width = shadow_width(len(budgets))
     problems = [
         (data.format != SHADOW_FORMAT, f"format {data.format!r}, expected {SHADOW_FORMAT!r}"),
         (shape.top_k >= shape.num_experts, f"top_k {shape.top_k} >= {shape.num_experts} experts"),
@@ -139,7 +140,7 @@ def bucket_curves(layers: list[list[float]], budgets: list[int], experts: int
     mass: Curve = []
     for row in layers:
         steps, _, union, total = row[:BASE]
-        per = [row[BASE + 3 * i: BASE + 3 * i + 3] for i in range(len(budgets))]
+        per = [row[BASE + PER * i: BASE + PER * (i + 1)] for i in range(len(budgets))]
         kept.append({**{m: p[0] / steps for m, p in zip(budgets, per, strict=True)},
                      experts: union / steps})
         mass.append({**{m: p[1] for m, p in zip(budgets, per, strict=True)}, experts: total})
