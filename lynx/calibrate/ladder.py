@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from lynx.calibrate.tables import (
-    allocate,
     default_candidates,
     layer_sensitivity,
     model_shape,
@@ -34,49 +33,23 @@ from lynx.calibrate.tables import (
 from lynx_protocol.ladder import (
     LADDER_FORMAT,
     PPL_RISE,
-    DroppedRung,
     Ladder,
     LadderModel,
-    Rung,
     RungCost,
     RungTable,
-    pareto_filter,
     validate_ladder,
 )
+from lynx_protocol.ladder_build import STOCK_RUNG, allocate, assemble_rungs, default_means
 from lynx_protocol.policy import BudgetBucket, PolicySpec
 
-STOCK_RUNG = "none"
-
-
-def default_means(num_experts: int, top_k: int) -> list[float]:
-    """Mean budgets tried: 3/4, 5/8, 1/2, 3/8, 5/16, 1/4, 3/16 and 1/8 of E, those >= 1.5 K
-    (a step computes at least K experts), descending."""
-    fractions = (0.75, 0.625, 0.5, 0.375, 0.3125, 0.25, 0.1875, 0.125)
-    means = sorted({round(num_experts * f, 2) for f in fractions}, reverse=True)
-    return [m for m in means if m >= 1.5 * top_k]
+__all__ = ["STOCK_RUNG", "assemble_rungs", "build_ladder", "default_means", "measure_table",
+           "table_policy"]
 
 
 def table_policy(per_layer: Sequence[int]) -> PolicySpec:
     """One per-layer table for every batch size."""
     return PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=1_000_000,
                                                            per_layer=list(per_layer))])
-
-
-def assemble_rungs(tables: dict[str, list[RungTable]], batches: int,
-                   unreachable: dict[str, str], kind: str, floor: float
-                   ) -> tuple[list[Rung], list[DroppedRung]]:
-    """The rungs with a table at every one of ``batches`` calibration batches, Pareto-filtered
-    by cost ``kind`` and cut at ``floor`` (the largest cost kept); the dropped ones, each with
-    its reason (``unreachable``: rung -> why its allocation failed)."""
-    complete = [Rung(name=name, tables=t) for name, t in tables.items()
-                if len(t) == batches and name not in unreachable]
-    kept, dropped = pareto_filter(complete, kind)
-    dropped += [DroppedRung(name=n, reason=f"unreachable: {why}"[:500])
-                for n, why in unreachable.items()]
-    within = [r for r in kept if r.cost(kind) <= floor]
-    dropped += [DroppedRung(name=r.name, reason=f"{kind} {r.cost(kind):.5f} beyond the "
-                            f"floor {floor:g}") for r in kept if r not in within]
-    return within, dropped
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 
 from lynx.selection import NO_BUDGET_LIMIT, RouterSpec, SelectionKnobs, make_knobs
 from lynx.selection.statistics import STAT_FIELDS
+from lynx_protocol.ladder_build import allocate
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 NO_PRUNING_BELOW = 4  # decode rows, as the default policy
@@ -182,51 +183,6 @@ def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates:
                                      single_layer_policy(layer, m, layers, experts), batch)
             rise[layer][m], kept[layer][m] = max(0.0, nll - stock), computed[layer]
     return rise, kept
-
-
-def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float,
-             cost: Sequence[dict[int, float]] | None = None) -> list[int]:
-    """Per-layer budgets minimising the summed loss rise subject to a mean cost per layer
-    <= ``target_mean``; among equally good tables the cheapest. Exact: dynamic programming
-    over layers on whole experts (costs rounded up).
-
-    ``sensitivity``: per layer, {budget: loss rise}, the same candidates for every layer;
-    ``cost``: per layer, {budget: experts computed per step} (default: the budget itself).
-    Raises ValueError if even the cheapest table exceeds the target."""
-    candidates = sorted(sensitivity[0])
-    per_layer = cost or [{m: float(m) for m in candidates}] * len(sensitivity)
-    costs = [[math.ceil(table[m] - 1e-6) for m in candidates] for table in per_layer]
-    limit = math.floor(target_mean * len(sensitivity) + 1e-9)
-    cheapest = sum(min(c) for c in costs)
-    if cheapest > limit:
-        raise ValueError(f"target mean {target_mean} is below the cheapest table (every layer "
-                         f"at the smallest candidate {candidates[0]}: mean "
-                         f"{cheapest / len(costs):.1f})")
-    inf = math.inf
-    best = torch.zeros(limit + 1, dtype=torch.float64)  # best[t]: least loss with cost <= t
-    choices = []
-    for layer, table in enumerate(sensitivity):
-        new = torch.full((limit + 1,), inf, dtype=torch.float64)
-        pick = torch.zeros(limit + 1, dtype=torch.long)
-        for index, m in enumerate(candidates):
-            c = costs[layer][index]
-            if c > limit:
-                continue
-            shifted = torch.full((limit + 1,), inf, dtype=torch.float64)
-            shifted[c:] = best[:limit + 1 - c] + table[m]
-            better = shifted < new - 1e-12
-            new = torch.where(better, shifted, new)
-            pick = torch.where(better, torch.full_like(pick, index), pick)
-        best = new
-        choices.append(pick)
-    least = float(best[limit])
-    t = int(torch.nonzero(best <= least + 1e-12)[0])  # the cheapest table as good as any
-    budgets = [0] * len(sensitivity)
-    for layer in reversed(range(len(sensitivity))):
-        index = int(choices[layer][t])
-        budgets[layer] = candidates[index]
-        t -= costs[layer][index]
-    return budgets
 
 
 def calibrated_policy(tables: Sequence[tuple[int, Sequence[int]]], num_experts: int

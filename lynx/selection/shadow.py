@@ -20,24 +20,15 @@ import torch
 
 from lynx.selection.keep_rules import RANK_FIRST, BatchRouting, must_keep, row_groups
 from lynx.selection.routers import RouterSpec
-
-SHADOW_BASE: tuple[str, ...] = (
-    "layer_steps",  # 1 if the step had a decode row, else 0
-    "rows",  # decode rows measured
-    "stock_union",  # distinct experts in their stock top-K (what stock computes)
-    "mass_total",  # their stock top-K gate mass
-)
-SHADOW_PER_BUDGET: tuple[str, ...] = (
-    "kept",  # experts the budget policy would compute
-    "mass_kept",  # stock top-K gate mass on those experts
-    "top1_kept",  # rows whose top-1 expert those experts hold
+from lynx_protocol.shadow import (  # the layout, shared with the readers
+    SHADOW_BASE,
+    SHADOW_PER_BUDGET,
+    shadow_budgets,
+    shadow_width,
 )
 
-
-def shadow_width(budgets: int) -> int:
-    """Length of one `shadow_statistics` vector for ``budgets`` candidates."""
-    return len(SHADOW_BASE) + budgets * len(SHADOW_PER_BUDGET)
-
+__all__ = ["SHADOW_BASE", "SHADOW_PER_BUDGET", "budget_keep_sets", "shadow_budgets",
+           "shadow_statistics", "shadow_width"]
 
 def budget_keep_sets(batch: BatchRouting, rows: torch.Tensor, router: RouterSpec,
                      budgets: torch.Tensor) -> torch.Tensor:
@@ -88,14 +79,3 @@ def shadow_statistics(batch: BatchRouting, rows: torch.Tensor, router: RouterSpe
     base = torch.stack([any_row, rows.sum().to(torch.float32),
                         batch.union.sum().to(torch.float32), gate.sum()])
     return torch.cat([base, per_budget.flatten()])
-
-
-def shadow_budgets(num_experts: int, top_k: int) -> list[int]:
-    """The candidate budgets a runtime measures: K, 1.5K, 2K, 3K, 4K, E/8, 3E/16, E/4, 3E/8,
-    E/2, 3E/4 (those in [K, E), deduplicated, ascending): the per-layer candidates of
-    ``lynx-serve calibrate`` (`calibrate.tables.default_candidates`) and the smaller means of
-    its ladders (`calibrate.ladder.default_means`)."""
-    values = {top_k, top_k + top_k // 2, 2 * top_k, 3 * top_k, 4 * top_k, num_experts // 8,
-              3 * num_experts // 16, num_experts // 4, 3 * num_experts // 8,
-              num_experts // 2, 3 * num_experts // 4}
-    return sorted(v for v in values if top_k <= v < num_experts)

@@ -42,8 +42,8 @@ from lynx.selection.shadow import (
 from lynx.sglang_plugin.eplb import call_dispatch_info
 from lynx.sglang_plugin.formats import LayerPlan
 from lynx.sglang_plugin.step_state import BATCH_BUCKETS, RuntimeState
+from lynx_protocol.shadow import SHADOW_FORMAT
 
-SHADOW_FORMAT = "lynx-shadow/1"
 logger = logging.getLogger("lynx.plugin")
 
 
