@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lynx_policy.admin_ladder import add_ladder_routes, pinned_rung_policy
 from lynx_policy.admin_replicas import add_replica_routes
+from lynx_policy.admin_shadow import add_shadow_routes
 from lynx_policy.config import (
     Mode,
     QualityFloor,
@@ -354,6 +355,7 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
         return app.openapi_schema
 
     add_ladder_routes(app, controller, Authorized, read_body, reject, record)
+    add_shadow_routes(app, controller, Authorized, read_body, reject, record)
     add_replica_routes(app, controller, Authorized, record)
     app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -4,6 +4,7 @@
     lynx-policy check-config --config controller.toml
     lynx-policy keys generate --dir keys/ --name controller   # CURVE key pair (.key, .key_secret)
     lynx-policy profile --server-url http://127.0.0.1:30000   # seed the latency model
+    lynx-policy ladder --from-shadow state/shadow.json --out ladder.json  # review, then PUT
 
 Exit codes: 0 clean stop, 2 bad configuration or state (one line on stderr), 1 crash.
 """
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="'controller', or a runtime's name (its .key goes into the "
                            "controller's link.curve_clients_dir)")
     keys.add_argument("--log-level", default="INFO")
+    ladder = commands.add_parser("ladder", help="a mass_lost ladder from shadow statistics "
+                                 "(the controller's shadow.json or LYNX_SHADOW files); review "
+                                 "it, then PUT /v1/ladder")
+    from lynx_protocol.shadow_cli import add_arguments
+
+    add_arguments(ladder, "--from-shadow")
+    ladder.add_argument("--log-level", default="WARNING")
     from lynx_policy import profile
 
     profile.add_parser(commands)
@@ -48,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "ladder":
+        from lynx_protocol.shadow_cli import run
+
+        return run(args, args.from_shadow, "lynx-policy: ladder", "lynx-policy ladder")
     if args.command == "profile":
         from lynx_policy import profile
 

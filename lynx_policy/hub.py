@@ -22,6 +22,7 @@ from lynx_policy.config import LinkConfig
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.owners import ReplicaOwners
 from lynx_policy.replica import STATS_BYTES_PER_REPLICA, Replica, decoded_size
+from lynx_policy.shadow_store import ShadowStore
 from lynx_policy.throttle import RateLimitedLog
 from lynx_protocol.messages import (
     TO_CONTROLLER,
@@ -31,6 +32,7 @@ from lynx_protocol.messages import (
     PolicyUpdate,
     ProtocolError,
     Register,
+    ShadowStats,
     StepStats,
     decode,
     encode,
@@ -43,8 +45,10 @@ log = logging.getLogger(__name__)
 class Hub:
     def __init__(self, config: LinkConfig, metrics: ControllerMetrics,
                  current_update: Callable[[], PolicyUpdate],
-                 clock: Callable[[], float] = time.monotonic, state_dir: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, state_dir: str = "",
+                 shadow: ShadowStore | None = None) -> None:
         self.config = config
+        self.shadow = shadow  # None: ShadowStats are received and dropped
         self.metrics = metrics
         self.current_update = current_update
         self.clock = clock
@@ -151,7 +155,7 @@ class Hub:
         now = self.clock()
         self.received += 1
         self.metrics.messages_received.labels(type=_TAGS[type(msg)]).inc()
-        assert isinstance(msg, Register | StepStats | Heartbeat)  # accept=TO_CONTROLLER
+        assert isinstance(msg, Register | StepStats | Heartbeat | ShadowStats)  # TO_CONTROLLER
         if self.owners is not None and not self.owners.check(
                 msg.replica_id, key, registering=isinstance(msg, Register)):
             self.metrics.replica_key_refusals.inc()
@@ -162,7 +166,6 @@ class Hub:
         if isinstance(msg, Register):
             self._on_register(identity, msg, now, peer)
             return
-        assert isinstance(msg, StepStats | Heartbeat)  # decode(accept=TO_CONTROLLER) guarantees
         replica = self.replicas.get(msg.replica_id)
         if replica is None:
             self._send(identity, Ack(registered=False, policy_version=self._version(),
@@ -171,6 +174,9 @@ class Hub:
         replica.identity = identity
         replica.last_seen = now
         replica.messages += 1
+        if isinstance(msg, ShadowStats):
+            self._on_shadow(replica, msg)
+            return
         replica.note_versions(msg.applied_policy_version, msg.acknowledged_policy_version)
         if isinstance(msg, Heartbeat):
             replica.refused_version = msg.rejected_policy_version
@@ -215,6 +221,19 @@ class Hub:
         self._send(identity, Ack(registered=True, policy_version=update.version,
                                  controller_id=update.controller_id))
         self._send_update(self.replicas[msg.replica_id], update, now)
+
+    def _on_shadow(self, replica: Replica, msg: ShadowStats) -> None:
+        if self.shadow is None:
+            return
+        why = self.shadow.add(replica.registration, msg)
+        if why is not None:
+            self.metrics.shadow_refused.inc()
+            self._reject_log.warning("shadow", "shadow statistics from %s not added: %s",
+                                     msg.replica_id, why)
+            return
+        edge = msg.max_batch or None
+        self.metrics.shadow_steps.labels(max_batch=str(edge or "inf")).set(
+            self.shadow.steps(edge))
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected += 1
@@ -327,4 +346,5 @@ def _property(frame: zmq.Frame, name: str) -> str:
         return ""
 
 
-_TAGS: dict[type, str] = {Register: "register", StepStats: "step_stats", Heartbeat: "heartbeat"}
+_TAGS: dict[type, str] = {Register: "register", StepStats: "step_stats", Heartbeat: "heartbeat",
+                          ShadowStats: "shadow_stats"}

@@ -86,6 +86,14 @@ class ControllerMetrics:
         self.registrations_refused = Counter(
             "lynx_controller_registrations_refused",
             "Register messages refused because link.max_replicas replicas are known", registry=r)
+        self.shadow_refused = Counter(
+            "lynx_controller_shadow_refused",
+            "ShadowStats not added (another model shape, budget grid or sampling than the "
+            "statistics held, or layers/budgets that do not fit the replica)", registry=r)
+        self.shadow_steps = Gauge(
+            "lynx_controller_shadow_steps",
+            "Measured decode steps in the fleet's shadow statistics, per decode batch bucket "
+            "(max_batch: inclusive upper edge, 'inf' above the last)", ["max_batch"], registry=r)
         self.updates_sent = Counter("lynx_controller_policy_updates_sent",
                                     "PolicyUpdate messages handed to ZMQ", registry=r)
         self.updates_dropped = Counter("lynx_controller_policy_updates_dropped",

@@ -23,6 +23,7 @@ from lynx_policy.ladders import LadderStore
 from lynx_policy.loop import ControlLoop
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.observe import make_observer
+from lynx_policy.shadow_store import ShadowStore
 from lynx_policy.state import PersistedState, StateKeeper
 from lynx_policy.tables import mean_budgets
 from lynx_protocol.messages import PolicyUpdate
@@ -42,8 +43,9 @@ class Controller:
         self.keeper = StateKeeper(config)
         self.ladders = LadderStore(config.state.dir, config.ladder)
         self._update = self.keeper.state.update_message()
+        self.shadow = ShadowStore(config.state.dir)
         self.hub = Hub(config.link, self.metrics, self.current_update,
-                       state_dir=config.state.dir)
+                       state_dir=config.state.dir, shadow=self.shadow)
         self.http = httpx.AsyncClient()
         self.observer = make_observer(config.observe, self.http, self._registered_metrics_urls)
         self.loop = ControlLoop(config, self.keeper, self.hub, self.metrics, self.observer,
@@ -120,6 +122,8 @@ class Controller:
                     await task
             await self.http.aclose()
             self.hub.close()
+            with contextlib.suppress(OSError):  # a full disk loses the last seconds only
+                self.shadow.persist()
             log.info("lynx-policy stopped at policy version %d", self.keeper.state.version)
 
 

@@ -54,7 +54,7 @@ from lynx_protocol.policy import (
     PolicySpec,
 )
 
-LADDER_FORMAT = "lynx-ladder/1"
+LADDER_FORMAT: Literal["lynx-ladder/1"] = "lynx-ladder/1"
 MAX_RUNGS = 16
 MAX_TABLES = 4
 MAX_COSTS = 8

@@ -4,7 +4,8 @@ Every message is a msgspec Struct encoded as one msgpack map with two envelope k
 ``v`` (the protocol version, `PROTOCOL_VERSION`) and ``type`` (the tag). A ZMQ message carries
 exactly one encoded message in one frame.
 
-Runtime → controller: `Register`, `StepStats`, `Heartbeat`.
+Runtime → controller: `Register`, `StepStats`, `Heartbeat`, `ShadowStats` (shadow mode only;
+a controller from before it rejects it as ``unknown_type`` and keeps everything else).
 Controller → runtime: `PolicyUpdate`, `Ack`.
 
 `decode` never raises anything but `ProtocolError`, whose ``reason`` is one of
@@ -21,6 +22,7 @@ from typing import Annotated, cast
 import msgspec
 
 from lynx_protocol.policy import MAX_BUCKETS, MAX_LAYERS, PolicyName, PolicySpec
+from lynx_protocol.shadow import MAX_SHADOW_BUDGETS, shadow_width
 
 PROTOCOL_VERSION = 2
 """Version 2 (one bump for the control-plane, controller and frontier work): bounded policies
@@ -168,6 +170,40 @@ class StepStats(_Message, tag="step_stats", frozen=True):
                 raise ValueError("non-finite float")
 
 
+class ShadowStats(_Message, tag="shadow_stats", frozen=True):
+    """Shadow statistics (`lynx_protocol.shadow`) of one decode batch bucket, summed since this
+    runtime's previous ShadowStats for the bucket: a dropped message loses a sample of steps,
+    never a ratio. The model shape is the replica's `Register`; at most ~480 KiB (1024 layers
+    x 52 values)."""
+
+    replica_id: ReplicaId
+    max_batch: Count
+    """The bucket: one of ``batch_buckets``, or 0 for the steps above the last edge."""
+    batch_buckets: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
+                             msgspec.Meta(max_length=MAX_BUCKETS)]
+    budgets: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
+                       msgspec.Meta(min_length=1, max_length=MAX_SHADOW_BUDGETS)]
+    every: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+    """One decode step measured in this many (``LYNX_SHADOW_EVERY``)."""
+    layers: Annotated[list[Annotated[list[NonNegFloat], msgspec.Meta(
+        max_length=shadow_width(MAX_SHADOW_BUDGETS))]], msgspec.Meta(max_length=MAX_LAYERS)]
+    """[L][W]: `SHADOW_BASE` then `SHADOW_PER_BUDGET` per budget, summed over layer-steps."""
+
+    def __post_init__(self) -> None:
+        edges = self.batch_buckets
+        if any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError("batch_buckets must be strictly increasing")
+        if self.max_batch and self.max_batch not in edges:
+            raise ValueError(f"max_batch {self.max_batch} is not one of batch_buckets or 0")
+        if any(b <= a for a, b in itertools.pairwise(self.budgets)):
+            raise ValueError("budgets must be strictly increasing")
+        width = shadow_width(len(self.budgets))
+        if any(len(row) != width for row in self.layers):
+            raise ValueError(f"every layer needs {width} values for {len(self.budgets)} budgets")
+        if not all(math.isfinite(v) for row in self.layers for v in row):
+            raise ValueError("non-finite float")
+
+
 class Heartbeat(_Message, tag="heartbeat", frozen=True):
     """Liveness every ``heartbeat_s``; the controller answers with an `Ack`."""
 
@@ -203,15 +239,16 @@ class Ack(_Message, tag="ack", frozen=True):
     controller_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
-RuntimeMessage = Register | StepStats | Heartbeat
+RuntimeMessage = Register | StepStats | Heartbeat | ShadowStats
 ControllerMessage = PolicyUpdate | Ack
 Message = RuntimeMessage | ControllerMessage
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     "register": Register, "step_stats": StepStats, "heartbeat": Heartbeat,
-    "policy_update": PolicyUpdate, "ack": Ack,
+    "shadow_stats": ShadowStats, "policy_update": PolicyUpdate, "ack": Ack,
 }
-TO_CONTROLLER: frozenset[str] = frozenset({"register", "step_stats", "heartbeat"})
+TO_CONTROLLER: frozenset[str] = frozenset({"register", "step_stats", "heartbeat",
+                                           "shadow_stats"})
 TO_RUNTIME: frozenset[str] = frozenset({"policy_update", "ack"})
 
 

@@ -82,6 +82,14 @@ def test_shadow_config_refuses_a_bad_path_or_sampling_rate(tmp_path: Path) -> No
     for bad in (tmp_path, tmp_path / "missing" / "s.json"):
         with pytest.raises(LynxConfigError, match="LYNX_SHADOW"):
             load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": str(bad)})
+    # LYNX_SHADOW=1: the controller link only, which it needs; 0 is off (no file named "0")
+    link = load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": "1",
+                        "LYNX_CONTROLLER": f"ipc://{tmp_path}/c.sock"})
+    assert link.shadow is None and link.shadow_link and link.shadow_on
+    with pytest.raises(LynxConfigError, match="LYNX_SHADOW=1: sends shadow statistics"):
+        load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": "1"})
+    off = load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW": "0"})
+    assert off.shadow is None and not off.shadow_on
     for every in ("0", "-3", "x", "2.5", "\u00b2"):  # "²" passes str.isdigit
         with pytest.raises(LynxConfigError, match="LYNX_SHADOW_EVERY"):
             load_config({"LYNX_ENABLED": "1", "LYNX_SHADOW_EVERY": every})

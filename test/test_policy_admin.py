@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import threading
 import time
@@ -33,12 +34,14 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerP
 class LiveReplica:
     """A registered runtime link kept alive by its own thread for the whole module (heartbeats
     every 0.2 s, as the plugin's scheduler loop would), so a slow machine cannot let it go stale
-    between tests; the newest policy update it received is `update`."""
+    between tests; the newest policy update it received is `update`; `send` queues a message
+    for that thread to send."""
 
     def __init__(self, endpoint: str, registration: Register = REGISTER) -> None:
         self.link = RuntimeLink(registration, LinkSettings(endpoint=endpoint, heartbeat_s=0.2,
                                                        staleness_s=5.0))
         self.update: PolicyUpdate | None = None
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -48,6 +51,8 @@ class LiveReplica:
             update = self.link.poll_update()
             if update is not None:
                 self.update = update
+            while not self.outbox.empty():
+                self.link.send(self.outbox.get())
             time.sleep(0.01)
         self.link.close()
 
@@ -56,6 +61,9 @@ class LiveReplica:
         while not ready():
             assert time.monotonic() < deadline, what
             time.sleep(0.01)
+
+    def send(self, msg: object) -> None:
+        self.outbox.put(msg)
 
     def close(self) -> None:
         self._stop.set()
@@ -75,6 +83,9 @@ def test_auth_is_required_on_every_v1_route(controller: ControllerProcess) -> No
     routes = [("GET", p) for p in ("/v1/state", "/v1/replicas", "/v1/policy", "/v1/mode",
                                    "/v1/slo", "/v1/floor")]
     routes += [("PUT", p) for p in ("/v1/policy", "/v1/mode", "/v1/slo", "/v1/floor")]
+    routes += [("GET", "/v1/ladder"), ("PUT", "/v1/ladder"), ("DELETE", "/v1/ladder"),
+               ("GET", "/v1/shadow"), ("DELETE", "/v1/shadow"), ("GET", "/v1/ladder/proposal"),
+               ("POST", "/v1/ladder/proposal"), ("POST", "/v1/ladder/proposal/accept")]
     with httpx.Client(base_url=controller.admin_url) as anonymous:
         for method, path in routes:
             missing = anonymous.request(method, path, json={})

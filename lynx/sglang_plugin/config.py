@@ -18,7 +18,7 @@
 | ``LYNX_COMPILE`` | ``1``: compile the selection step on the CPU (AOTInductor; the start-up policy's graphs before serving, a policy switched to later on its first step; eager with one warning where no C++ compiler exists); ``0``: always eager | ``1`` |
 | ``LYNX_COMPILE_CACHE`` | directory keeping the compiled selection packages between processes (`lynx.selection.compiled`; unwritable: compiled without it, one warning) | ``$XDG_CACHE_HOME/lynx/selection`` or ``~/.cache/lynx/selection`` |
 | ``LYNX_EP_BALANCE`` | under expert parallelism (``--ep-size`` > 1), ``budget`` tables are spent per EP rank at one level so the busiest rank reads fewer experts (`lynx.selection.ep`); ``0``: one global budget per layer, as without EP | ``1`` |
-| ``LYNX_SHADOW`` | shadow mode: serve stock (the start-up policy is ``off`` unless one is set) and measure what each candidate budget would keep, per layer and decode batch bucket, into this JSON file (`lynx.sglang_plugin.shadow`) | none |
+| ``LYNX_SHADOW`` | shadow mode: serve stock (the start-up policy is ``off`` unless one is set) and measure what each candidate budget would keep, per layer and decode batch bucket (`lynx.sglang_plugin.shadow`): a path writes the sums into that JSON file, and also sends them to the controller when ``LYNX_CONTROLLER`` is set; ``1`` sends them to the controller only (needs ``LYNX_CONTROLLER``); ``0``: off | none |
 | ``LYNX_SHADOW_EVERY`` | shadow mode measures one decode step in this many (the recorder costs ~0.6 ms per layer-step in eager torch on this CPU: 10-25% of a qwen3-moe-128 decode step measured every step) | 16 |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
@@ -172,8 +172,14 @@ class PluginConfig:
     compile_cache: Path | None = None  # LYNX_COMPILE_CACHE (None: the default directory)
     ladder_rung: str = ""  # LYNX_LADDER_RUNG: start on this rung of the checkpoint's ladder
     ep_balance: bool = True  # LYNX_EP_BALANCE: budget per EP rank under expert parallelism
-    shadow: Path | None = None  # LYNX_SHADOW: shadow statistics file (`shadow`)
+    shadow: Path | None = None  # LYNX_SHADOW=<file>: shadow statistics file (`shadow`)
+    shadow_link: bool = False  # LYNX_SHADOW=1: shadow mode, statistics to the controller only
     shadow_every: int = 16  # LYNX_SHADOW_EVERY: one decode step measured in this many
+
+    @property
+    def shadow_on(self) -> bool:
+        """Shadow mode, with a file, to the controller, or both."""
+        return self.shadow is not None or self.shadow_link
 
 
 def plugin_enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -243,7 +249,13 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     cache = Path(env["LYNX_COMPILE_CACHE"]) if env.get("LYNX_COMPILE_CACHE", "").strip() else None
     if cache is not None and cache.exists() and not cache.is_dir():
         raise LynxConfigError(f"LYNX_COMPILE_CACHE={cache}: exists and is not a directory")
-    shadow = Path(env["LYNX_SHADOW"]) if env.get("LYNX_SHADOW", "").strip() else None
+    shadow_raw = env.get("LYNX_SHADOW", "").strip()
+    shadow_link = shadow_raw.lower() in TRUE_VALUES
+    if shadow_link and controller is None:
+        raise LynxConfigError(f"LYNX_SHADOW={shadow_raw}: sends shadow statistics to the "
+                              "controller; set LYNX_CONTROLLER, or give a file to write them to")
+    shadow = (None if shadow_link or shadow_raw.lower() in ("", "0", "false", "no", "off")
+              else Path(shadow_raw))
     if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
         raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
     every = env.get("LYNX_SHADOW_EVERY", "").strip() or "16"
@@ -265,5 +277,6 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
         compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
         ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True), shadow=shadow,
+        shadow_link=shadow_link,
         shadow_every=int(every),
     )

@@ -94,7 +94,20 @@ class ControllerGlue:
             link.mark_acknowledged(update.version)  # applied at the next forward step
         link.mark_applied(state.policy_version)
         self._send_stats(link)
+        self._send_shadow(link)
         return out
+
+    def _send_shadow(self, link: Any) -> None:
+        """Shadow mode: the sums since the last send, one `ShadowStats` per bucket."""
+        recorder = self.runtime.shadow
+        if recorder is None:
+            return
+        from lynx_protocol.messages import ShadowStats
+
+        for edge, layers in recorder.deltas():
+            link.send(ShadowStats(replica_id=self.replica_id, max_batch=edge,
+                                  batch_buckets=list(BATCH_BUCKETS), budgets=recorder.budgets,
+                                  every=recorder.state.shadow_every, layers=layers))
 
     def _on_transition(self, transition: Any, out: list[PolicyMessage]) -> None:
         exporter = self.runtime.exporter

@@ -79,10 +79,10 @@ class LynxRuntime:
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
                    if self.config.ladder_rung else None
-                   if self.config.policy or self.config.shadow else
+                   if self.config.policy or self.config.shadow_on else
                    ladder_rung_policy(model, None, layers, experts) or checkpoint_policy(model))
         policy = self.config.policy or (shipped[0] if shipped else PolicySpec(name="off")
-                                        if self.config.shadow else
+                                        if self.config.shadow_on else
                                         default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
@@ -112,12 +112,13 @@ class LynxRuntime:
                 self.compile_selection(policy.name)
             except Exception:  # a warm-up problem must not stop the server: eager until use
                 logger.exception("Lynx: selection warm-up failed; compiling on first use")
-        if self.config.shadow is not None:
+        if self.config.shadow_on:
             from lynx.sglang_plugin.shadow import ShadowRecorder, shadow_path
 
             state.shadow, state.shadow_every = True, self.config.shadow_every
+            file = self.config.shadow
             self.shadow = ShadowRecorder(
-                state, shadow_path(self.config.shadow, self.ranks.dp_rank, self.ranks.dp_size),
+                state, file and shadow_path(file, self.ranks.dp_rank, self.ranks.dp_size),
                 self.config.stats_interval_s, write=self.ranks.tp_rank == 0)
         if self.config.time_moe:
             from lynx.sglang_plugin.moe_timer import MoeTimer

@@ -5,7 +5,10 @@ batch bucket, what the ``budget`` policy would keep at each candidate budget
 The TopK hook adds each decode step's statistics into a device accumulator (no host sync);
 once per ``LYNX_STATS_INTERVAL_S`` the recorder reads it and rewrites the file atomically
 with the sums since start-up (format `SHADOW_FORMAT`, below). TP ranks see the same rows, so
-only TP rank 0 writes; under DP each DP rank writes ``<file>.dp<rank>``.
+only TP rank 0 writes; under DP each DP rank writes ``<file>.dp<rank>``. With a controller
+link, the link's owner also sends the sums since its previous send as `ShadowStats`, one
+message per bucket, at most once per ``LYNX_STATS_INTERVAL_S`` (`deltas`); ``LYNX_SHADOW=1``
+sends them without a file.
 
 Measuring costs about 0.6 ms per layer-step in eager torch on this CPU (~100 small ops), so
 by default one decode step in ``LYNX_SHADOW_EVERY`` (16) is measured: the sums are a
@@ -55,10 +58,10 @@ def shadow_path(path: Path, dp_rank: int, dp_size: int) -> Path:
 class ShadowRecorder:
     """Device accumulator [decode buckets, layers, `shadow_width`] and its file."""
 
-    def __init__(self, state: RuntimeState, path: Path, interval_s: float,
+    def __init__(self, state: RuntimeState, path: Path | None, interval_s: float,
                  write: bool = True) -> None:
         self.state = state
-        self.path = path
+        self.path = path  # None: no file (LYNX_SHADOW=1, the controller link only)
         self.interval_s = interval_s
         self.write = write  # TP rank 0 only
         self.budgets = shadow_budgets(state.num_experts, state.top_k)
@@ -66,7 +69,8 @@ class ShadowRecorder:
         slots = len(BATCH_BUCKETS) + 1
         self.accumulator = torch.zeros(slots, state.num_layers, shadow_width(len(self.budgets)),
                                        dtype=torch.float64, device=state.device)
-        self._last_write = time.monotonic()
+        self._last_write = self._last_sent = time.monotonic()
+        self._sent = torch.zeros(self.accumulator.shape, dtype=torch.float64)  # host copy
         self._failed = False
 
     def observe(self, layer: int, logits: torch.Tensor, router: RouterSpec,
@@ -111,13 +115,16 @@ class ShadowRecorder:
 
     def maybe_write(self) -> None:
         """Rewrite the file if the interval has passed (between steps)."""
-        if self.write and time.monotonic() - self._last_write >= self.interval_s:
+        if (self.write and self.path is not None
+                and time.monotonic() - self._last_write >= self.interval_s):
             self.write_now()
 
     def write_now(self) -> None:
         """Read the accumulator (one host sync) and replace the file atomically; a write that
         fails is logged once and retried next interval, never raised into the scheduler."""
         self._last_write = time.monotonic()
+        if self.path is None:
+            return
         try:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(self.snapshot()))
@@ -127,6 +134,22 @@ class ShadowRecorder:
             if not self._failed:
                 logger.warning("Lynx: cannot write shadow statistics to %s: %s", self.path, exc)
             self._failed = True
+
+    def deltas(self, force: bool = False) -> list[tuple[int, list[list[float]]]]:
+        """The sums since the previous call, per bucket that measured a step since: (its
+        upper edge, 0 above the last; [L][W] sums); [] until ``interval_s`` has passed since
+        the previous call (``force``: now). One host sync; between steps only."""
+        if not force and time.monotonic() - self._last_sent < self.interval_s:
+            return []
+        self._last_sent = time.monotonic()
+        now = self.accumulator.to("cpu", copy=True)  # on a CPU device .to() would alias
+        delta, self._sent = now - self._sent, now
+        out = []
+        for slot in range(delta.shape[0]):
+            if float(delta[slot, :, 0].sum()) > 0.0:
+                edge = BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else 0
+                out.append((edge, delta[slot].clamp_min(0.0).tolist()))
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         """The file's content (see the module doc)."""
