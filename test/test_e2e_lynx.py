@@ -27,16 +27,25 @@ def _exact_match(url: str) -> tuple[float, list[str]]:
     return correct / len(problems), texts
 
 
+@pytest.fixture
+def ctl(tmp_path: Path):
+    """A controller in mode off (the shadow server's link: it must keep serving stock)."""
+    from lynx_policy.testing import ControllerProcess
+
+    with ControllerProcess.launch(tmp_path / "ctl", {"mode": "off"}) as controller:
+        yield controller
+
+
 @pytest.mark.parametrize("model", ["mixtral-mini", "qwen3-moe-mini"])
 def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
-    server_factory, model: str, tmp_path: Path
+    server_factory, model: str, tmp_path: Path, ctl
 ) -> None:
     # Started side by side, queried one at a time (an idle server costs next to nothing).
     shadow_file = tmp_path / "shadow.json"
     stock, off, shadow, lynx = server_factory.side_by_side(model, [
         STOCK_WITHOUT_PLUGIN, {"LYNX_ENABLED": "0"},
         {"LYNX_ENABLED": "1", "LYNX_SHADOW": str(shadow_file), "LYNX_SHADOW_EVERY": "1",
-         "LYNX_STATS_INTERVAL_S": "0.2"},
+         "LYNX_STATS_INTERVAL_S": "0.2", **ctl.runtime_env()},
         {"LYNX_ENABLED": "1", "LYNX_STATS_INTERVAL_S": "0.2", "LYNX_COMPILE": "1"}])
     stock_em, stock_texts = _exact_match(stock.url)
     stock.stop()
@@ -48,6 +57,7 @@ def test_lynx_off_is_stock_and_default_policy_prunes_without_accuracy_loss(
 
     _, shadow_texts = _exact_match(shadow.url)
     _exact_match(shadow.url)  # the file is rewritten between steps, once per interval
+    check_shadow_link(ctl, json.loads(shadow_file.read_text()))
     shadow.stop()
     assert shadow_texts == stock_texts  # shadow mode serves stock, byte for byte
     check_shadow_file(json.loads(shadow_file.read_text()))
@@ -84,6 +94,24 @@ def check_shadow_file(shadow: dict) -> None:
         assert kept == sorted(kept) and kept[-1] <= union
         assert all(0 < m <= mass * (1 + 1e-6) for m in layer[5::3])
         assert all(t == rows for t in layer[6::3])
+
+
+def check_shadow_link(ctl, file: dict) -> None:
+    """The same statistics reached the controller over the link (sent when due, also while
+    idle; the file is rewritten only between steps, so it may hold fewer), and the
+    controller's proposal is a ladder of the served model's shape."""
+    from lynx_policy.testing import wait_until
+
+    def steps() -> dict[str, float]:
+        return ctl.admin.get("/v1/shadow").json()["steps_by_bucket"]
+
+    in_file = {str(b["max_batch"] or "inf"): b["layers"][0][0] for b in file["buckets"]}
+    wait_until("the controller never held the file's shadow steps", lambda: all(
+        steps().get(edge, 0) >= count for edge, count in in_file.items()), 30)
+    proposal = ctl.admin.post("/v1/ladder/proposal", json={"min_steps": 1,
+                                                            "max_mass_lost": 1.0})
+    assert proposal.status_code == 200, proposal.text
+    assert proposal.json()["ladder"]["model"]["num_layers"] == file["model"]["num_layers"]
 
 
 def check_shadow_ladder(path: Path) -> None:
