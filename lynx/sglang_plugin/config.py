@@ -20,6 +20,7 @@
 | ``LYNX_EP_BALANCE`` | under expert parallelism (``--ep-size`` > 1), ``budget`` tables are spent per EP rank at one level so the busiest rank reads fewer experts (`lynx.selection.ep`); ``0``: one global budget per layer, as without EP | ``1`` |
 | ``LYNX_SHADOW`` | shadow mode: serve stock (the start-up policy is ``off`` unless one is set) and measure what each candidate budget would keep, per layer and decode batch bucket (`lynx.sglang_plugin.shadow`): a path writes the sums into that JSON file, and also sends them to the controller when ``LYNX_CONTROLLER`` is set; ``1`` sends them to the controller only (needs ``LYNX_CONTROLLER``); ``0``: off | none |
 | ``LYNX_SHADOW_EVERY`` | shadow mode measures one decode step in this many (the recorder costs ~0.6 ms per layer-step in eager torch on this CPU: 10-25% of a qwen3-moe-128 decode step measured every step) | 16 |
+| ``LYNX_EVALUATION`` | ``prefill-as-decode``: evaluation mode, never for serving: prefill rows are pruned in groups by token position as decode steps of that many rows, so prompt logprobs measure the policy (`lynx.sglang_plugin.evaluation`; needs ``--disable-radix-cache``; ``lynx-serve calibrate --server`` uses it) | off |
 | ``LYNX_APPLY_LOG`` | file every scheduler process appends a JSON line to per policy applied (``tp_rank``, ``dp_rank``, ``version``, ``step``): the TP ranks' same-step evidence | none |
 
 The start-up policy: ``LYNX_POLICY``, ``LYNX_POLICY_FILE`` or ``LYNX_LADDER_RUNG`` if set (one
@@ -175,6 +176,7 @@ class PluginConfig:
     shadow: Path | None = None  # LYNX_SHADOW=<file>: shadow statistics file (`shadow`)
     shadow_link: bool = False  # LYNX_SHADOW=1: shadow mode, statistics to the controller only
     shadow_every: int = 16  # LYNX_SHADOW_EVERY: one decode step measured in this many
+    evaluation: bool = False  # LYNX_EVALUATION=prefill-as-decode (`evaluation`)
 
     @property
     def shadow_on(self) -> bool:
@@ -262,6 +264,10 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     if not re.fullmatch(r"[0-9]{1,7}", every) or not 1 <= int(every) <= 1_000_000:
         raise LynxConfigError(f"LYNX_SHADOW_EVERY={every!r}: expected an integer in "
                               "[1, 1000000] (measure one decode step in this many)")
+    evaluation = env.get("LYNX_EVALUATION", "").strip()
+    if evaluation not in ("", "prefill-as-decode"):
+        raise LynxConfigError(f"LYNX_EVALUATION={evaluation!r}: the only evaluation mode is "
+                              "'prefill-as-decode' (never for serving)")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -277,6 +283,6 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         time_moe=time_moe, compile=_switch(env, "LYNX_COMPILE", default=True),
         compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
         ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True), shadow=shadow,
-        shadow_link=shadow_link,
+        shadow_link=shadow_link, evaluation=bool(evaluation),
         shadow_every=int(every),
     )

@@ -39,7 +39,7 @@ from lynx.selection import RouterSpec, merge_rerouted
 PASS_THROUGH_REASONS: tuple[str, ...] = (
     "custom_routing", "scoring", "expert_remapping", "waterfill", "packed_ids",
     "dynamic_expert_bias", "draft", "bypassed_shared_bias", "bypassed_unnormalized",
-    "triton_kernel_router", "unexpected_output", "eplb_dispatch",
+    "triton_kernel_router", "unexpected_output", "eplb_dispatch", "evaluation_format",
 )
 
 Mode = Literal["standard", "logits", "pass"]

@@ -60,6 +60,11 @@ class LynxRuntime:
         self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
                                           cache_dir=config.compile_cache)
         self._graph_keys: list[Any] = []  # the model's selection graphs (`compile_selection`)
+        self.evaluation: Any = None  # PrefillAsDecode under LYNX_EVALUATION (never serving)
+        if config.evaluation:
+            from lynx.sglang_plugin.evaluation import PrefillAsDecode
+
+            self.evaluation = PrefillAsDecode()
 
     @property
     def ep_layout(self) -> tuple[int, bool]:
@@ -79,14 +84,22 @@ class LynxRuntime:
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
                    if self.config.ladder_rung else None
-                   if self.config.policy or self.config.shadow_on else
+                   if self.config.policy or self.config.shadow_on or self.evaluation else
                    ladder_rung_policy(model, None, layers, experts) or checkpoint_policy(model))
         policy = self.config.policy or (shipped[0] if shipped else PolicySpec(name="off")
-                                        if self.config.shadow_on else
+                                        if self.config.shadow_on or self.evaluation else
                                         default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
                         shipped[1])
+        if self.evaluation is not None:
+            from lynx.sglang_plugin.evaluation import check_server_args
+
+            refused = check_server_args(getattr(model_runner, "server_args", None))
+            if refused:
+                raise LynxConfigError(refused)
+            logger.warning("Lynx: EVALUATION MODE (LYNX_EVALUATION): prefill rows are pruned "
+                           "by position groups; do not serve traffic with this server")
         device = torch.device(model_runner.device)
         state = RuntimeState(layers, experts, top_k, device, policy)
         try:
@@ -190,12 +203,17 @@ class LynxRuntime:
             self.shadow.maybe_write()
         layout = layout_from_forward_batch(forward_batch)
         state.begin_step(layout)
+        evaluation = self.evaluation
+        if evaluation is not None:
+            evaluation.begin(state, forward_batch, layout)
         start = time.perf_counter()
         try:
             return original(model_runner, forward_batch, *args, **kwargs)
         finally:
             if self.exporter is not None:
                 self.exporter.after_step(state, layout, time.perf_counter() - start)
+                if evaluation is not None and evaluation.groups is not None:
+                    self.exporter.flush(state)  # /metrics complete when the response returns
             state.step_active = False
 
     # -- per layer --------------------------------------------------------------------------
@@ -207,6 +225,9 @@ class LynxRuntime:
                             router_logits: torch.Tensor, *args: Any, path: str = "native",
                             **kwargs: Any) -> Any:
         state = self.state
+        if state is not None and self.evaluation is not None and self.evaluation.groups:
+            return self.evaluation.around_topk(self, original, topk, hidden_states,
+                                               router_logits, args, kwargs, path)
         if state is None or not (state.step_active or state.shadow_step or _capturing()):
             return original(topk, hidden_states, router_logits, *args, **kwargs)
         layer = int(topk.layer_id)

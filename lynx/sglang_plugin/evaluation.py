@@ -1,0 +1,111 @@
+"""Evaluation mode (``LYNX_EVALUATION=prefill-as-decode``): prune *prefill* rows, grouped by
+token position, as if each group were one decode step, so that prompt log-likelihoods (SGLang's
+``input_token_logprobs``, lm-eval's loglikelihood tasks) measure a policy. Never for serving:
+Lynx leaves every prefill row stock otherwise, so through a normal server a prompt's logprobs
+are stock's under every policy.
+
+A prefill forward of R requests holds their prompt tokens; the rows at one position p (one
+per request long enough) form one group, as `lynx.calibrate.tables.RouterHook` groups B
+calibration windows in transformers: the same request count at the same position, a batch of
+B "decode rows". Each group is selected on its own with the policy's table for its size
+(`calibrate.tables.policy_knobs`), judged on SGLang's own top-K (STANDARD output), and its
+statistics are added to the exporter, which is flushed after every evaluated forward so that
+``/metrics`` holds them when the response returns (`lynx.calibrate.server_path` reads them).
+
+Shape legend: T prefill rows, E experts, K top_k, G groups (distinct positions).
+
+Refused at start-up unless SGLang runs with ``--disable-radix-cache``: a cached prefix would
+carry KV computed under another policy. Layers whose output is not STANDARD (packed ids,
+logits-routing kernels) are passed through and counted (``evaluation_format``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lynx.calibrate.tables import policy_knobs
+from lynx.selection import select_layer_step
+from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output
+from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
+
+EVALUATION_MODE = "prefill-as-decode"
+logger = logging.getLogger("lynx.plugin")
+
+
+def position_groups(positions: torch.Tensor) -> list[torch.Tensor]:
+    """Row indices [B_g] int64 per distinct position of ``positions`` [T] (ascending position;
+    rows in their order within a group): the "decode steps" of one prefill forward."""
+    order = torch.argsort(positions, stable=True)
+    _, counts = torch.unique_consecutive(positions[order], return_counts=True)
+    return list(torch.split(order, counts.tolist()))
+
+
+class PrefillAsDecode:
+    """The runtime's evaluation mode: groups of the current prefill forward, and their routing."""
+
+    def __init__(self) -> None:
+        self.groups: list[torch.Tensor] | None = None  # this forward's, when it is evaluated
+
+    def begin(self, state: RuntimeState, forward_batch: Any, layout: StepLayout) -> None:
+        """Group a pure prefill forward's rows by position (one host copy of the positions);
+        any other forward, or policy ``off``, is served as usual."""
+        self.groups = None
+        positions = getattr(forward_batch, "positions", None)
+        if layout.mode != "prefill" or state.policy.name == "off" or positions is None:
+            return
+        self.groups = position_groups(positions[: layout.n_valid].to("cpu"))
+
+    def around_topk(self, runtime: Any, original: Any, topk: Any, hidden_states: torch.Tensor,
+                    router_logits: torch.Tensor, args: tuple, kwargs: dict, path: str) -> Any:
+        """``TopK.forward_*`` in an evaluated forward: SGLang routes, then `route`; a layer
+        that is not STANDARD-routed passes through (counted)."""
+        layer = int(topk.layer_id)
+        output = original(topk, hidden_states, router_logits, *args, **kwargs)
+        plan = runtime.plan_for(topk, layer, path)
+        if plan.mode == "pass":
+            return output
+        if plan.mode == "logits" or type(output).__name__ != "StandardTopKOutput" or (
+                output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots) or (
+                kwargs.get("dynamic_expert_bias") is not None):
+            runtime.record_plan(layer, path, LayerPlan("pass", "evaluation_format"))
+            return output
+        return self.route(runtime.state, plan, topk, router_logits, output, layer,
+                          runtime.exporter)
+
+    def route(self, state: RuntimeState, plan: LayerPlan, topk: Any,
+              router_logits: torch.Tensor, output: Any, layer: int, exporter: Any) -> Any:
+        """SGLang's STANDARD ``output`` for ``router_logits`` [T,E] with every group's rows
+        rerouted as the policy would at a decode step of that many rows; rows with nothing
+        dropped stay SGLang's own. The groups' statistics go to ``exporter`` (if any)."""
+        assert self.groups is not None and plan.router is not None
+        router = plan.router
+        own_ids = output.topk_ids[:, : router.top_k]
+        ids = own_ids.clone()
+        weights = output.topk_weights[:, : router.top_k].clone()
+        rerouted = torch.zeros(own_ids.shape[0], dtype=torch.bool, device=own_ids.device)
+        bias = topk.topk_config.correction_bias if router.has_correction_bias else None
+        for group in self.groups:
+            knobs = policy_knobs(state.policy, group.numel(), layer, state.num_experts)
+            if not bool(knobs.enabled):
+                continue
+            index = group.to(router_logits.device)
+            rows = torch.ones(index.numel(), dtype=torch.bool, device=router_logits.device)
+            step = select_layer_step(state.policy.name, router_logits[index], router, knobs,
+                                     rows, rows, bias, stock_ids=own_ids[index])
+            ids[index] = step.topk_ids.to(ids.dtype)
+            weights[index] = step.topk_weights.to(weights.dtype)
+            rerouted[index] = step.rerouted
+            if exporter is not None:
+                exporter.accumulate(layer, step.stats)
+        return merge_standard_output(output, weights, ids, rerouted, router.top_k)
+
+
+def check_server_args(server_args: Any) -> str | None:
+    """Why SGLang's ``server_args`` cannot run evaluation mode (None: they can)."""
+    if server_args is not None and not getattr(server_args, "disable_radix_cache", False):
+        return ("LYNX_EVALUATION needs --disable-radix-cache: a cached prefix would carry KV "
+                "computed under another policy")
+    return None
