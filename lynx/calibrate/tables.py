@@ -208,20 +208,38 @@ def default_candidates(num_experts: int, top_k: int) -> list[int]:
 
 def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32, 64),
               windows: int = 64, window_len: int = 96, seed: int = 11,
-              documents: list[str] | None = None) -> dict[str, Any]:
+              documents: list[str] | None = None,
+              server: tuple[str, str, str] | None = None) -> dict[str, Any]:
     """Sensitivities, allocations and policy for the checkpoint in ``folder``, one per-layer
     table per calibration batch size (how many rows share a step changes how much a budget
     prunes; see the module doc). ``target_mean``: experts computed per layer and decode step,
     averaged over the layers, at each calibration batch (what the MoE layers read; a budget
     at or above a step's union costs the union). ``windows`` is rounded down to a multiple of
     each batch. ``documents``: the user's corpus (`lynx.calibrate.corpus`; default: the
-    reference models' training code). Raises ValueError when the target is below the
-    cheapest table, `CorpusError` when the corpus is too small."""
+    reference models' training code). ``server``: (SGLang URL, controller admin URL, admin
+    token) to measure through a running server in evaluation mode (`server_path`) instead of
+    transformers: only the tokenizer and config are read here. Raises ValueError when the
+    target is below the cheapest table, `CorpusError` when the corpus is too small,
+    `server_path.ServerPathError` when the server path cannot measure."""
     from lynx.calibrate.corpus import calibration_streams, corpus_windows
-    from lynx.reference.loading import load_reference
 
-    model, tok = load_reference(folder, dtype=torch.float32)
-    experts, top_k, _ = model_shape(model)
+    if server is None:
+        from lynx.reference.loading import load_reference
+
+        model, tok = load_reference(folder, dtype=torch.float32)
+        experts, top_k, _ = model_shape(model)
+
+        def sensitivity_of(data: torch.Tensor, batch: int, candidates: list[int]) -> Any:
+            return layer_sensitivity(model, data, batch, candidates)
+    else:
+        from lynx.calibrate.server_path import open_server_path
+
+        path, tok, experts, top_k = open_server_path(folder, *server)
+
+        def sensitivity_of(data: torch.Tensor, batch: int, candidates: list[int]) -> Any:
+            from lynx.calibrate.server_path import server_layer_sensitivity
+
+            return server_layer_sensitivity(path, data, batch, candidates, experts)
     if target_mean < top_k:  # every step computes at least its rows' top-k distinct experts
         raise ValueError(f"target mean {target_mean} is below the cheapest table: a step "
                          f"computes at least top_k = {top_k} experts")
@@ -231,12 +249,13 @@ def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32
     for batch in sorted(batches):
         data = corpus_windows(stream, windows - windows % batch, window_len,
                               torch.Generator().manual_seed(seed), f"the calibration {what}")
-        sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
+        sensitivity, kept = sensitivity_of(data, batch, candidates)
         budgets = allocate(sensitivity, target_mean, kept)
         per_batch.append({"batch": batch, "sensitivity_nats": sensitivity, "kept": kept,
                           "budgets": budgets, "mean_kept": sum(
                               k[m] for k, m in zip(kept, budgets, strict=True)) / len(budgets)})
     return {"model": str(folder), "data": what, "target_mean": target_mean, "windows": windows,
+            "path": "transformers" if server is None else f"server {server[0]}",
             "window_len": window_len, "candidates": candidates, "per_batch": per_batch,
             "policy": calibrated_policy([(b["batch"], b["budgets"]) for b in per_batch],
                                         experts)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -79,11 +80,23 @@ def _calibrate(args: argparse.Namespace) -> int:
             f", {len(skipped)} files skipped (not UTF-8 text; first: {skipped[0]})"
             if skipped else ""), file=sys.stderr)
     if args.ladder:
+        if args.server:
+            raise ServeError("calibrate: --server measures one policy (--target-mean); a "
+                             "ladder through a server is not built yet")
         return _calibrate_ladder(args, folder, batches, documents)
+    server = None
+    if args.server:
+        token = os.environ.get("LYNX_ADMIN_TOKEN", "")
+        if not args.controller_admin or not token:
+            raise ServeError("calibrate: --server needs --controller-admin URL and "
+                             "LYNX_ADMIN_TOKEN (the calibration's own controller)")
+        server = (args.server, args.controller_admin, token)
+    from lynx.calibrate.server_path import ServerPathError
+
     try:
         result = calibrate(folder, args.target_mean, batches, args.windows, args.window_len,
-                           documents=documents)
-    except ValueError as exc:
+                           documents=documents, server=server)
+    except (ValueError, ServerPathError) as exc:
         raise ServeError(f"calibrate: {exc}") from None
     for entry in result["per_batch"]:
         print(f"per-layer NLL rise [nats] on the calibration {result['data']} when only that "
@@ -199,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                      "held out")
     cal.add_argument("--text-field", default="text", help="--corpus: the JSONL / dataset field")
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
+    cal.add_argument("--server", help="measure through this SGLang server (started with "
+                     "LYNX_EVALUATION=prefill-as-decode, --disable-radix-cache and "
+                     "LYNX_CONTROLLER) instead of transformers; needs --controller-admin")
+    cal.add_argument("--controller-admin", help="--server: the admin URL of the controller "
+                     "the server's LYNX_CONTROLLER names, used only for this calibration "
+                     "(token: LYNX_ADMIN_TOKEN)")
     from lynx.calibrate import shadow_ladder
     from lynx.evaluate.cli import add_parser
 

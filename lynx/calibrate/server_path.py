@@ -1,0 +1,177 @@
+"""Calibration through a running SGLang server (``lynx-serve calibrate --server``): per-layer
+loss of each candidate budget measured from SGLang's own prompt logprobs, so a checkpoint is
+calibrated on the machine and engine that serve it, whatever its size or router kind.
+
+The server runs the plugin in evaluation mode (``LYNX_EVALUATION=prefill-as-decode``,
+``--disable-radix-cache``; `lynx.sglang_plugin.evaluation`): B calibration windows sent as one
+batch are prefilled together and their rows at each position pruned as one decode step of B
+rows, as the transformers path prunes them (`calibrate.tables.RouterHook`). Each measured
+policy is set through a controller dedicated to the calibration (its admin API, mode
+``static``): the client waits until every replica acknowledged it, then sends the windows.
+Experts computed per step come from the plugin's counters (``lynx_experts_kept_total``,
+``lynx_layer_pruned_steps_total`` per layer; flushed after every evaluated forward).
+
+Shape legend: N windows, P tokens per window, L MoE layers, C candidate budgets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import msgspec
+import torch
+
+from lynx.calibrate.tables import single_layer_policy
+from lynx.serving.metrics_reader import samples
+from lynx_protocol.policy import PolicySpec
+
+
+class ServerPathError(RuntimeError):
+    """The server or its controller cannot run the calibration; one line."""
+
+
+class ServerPath:
+    """One SGLang server in evaluation mode and its calibration controller."""
+
+    def __init__(self, server_url: str, admin_url: str, token: str, num_layers: int,
+                 timeout_s: float = 600.0) -> None:
+        self.server = server_url.rstrip("/")
+        self.num_layers = num_layers
+        self.http = httpx.Client(timeout=timeout_s)
+        self.admin = httpx.Client(base_url=admin_url.rstrip("/"), timeout=30.0,
+                                  headers={"Authorization": f"Bearer {token}"})
+        self._static = False
+
+    def close(self) -> None:
+        self.http.close()
+        self.admin.close()
+
+    def _admin(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        try:
+            reply = self.admin.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServerPathError(f"controller {self.admin.base_url}: {exc}") from None
+        if reply.status_code != 200:
+            raise ServerPathError(f"controller {method} {path}: {reply.status_code} "
+                                  f"{reply.text[:300]}".replace("\n", " "))
+        result: dict[str, Any] = reply.json()
+        return result
+
+    def apply(self, spec: PolicySpec, timeout_s: float = 60.0) -> None:
+        """Make ``spec`` the policy of every replica (acknowledged: applied at its next step).
+        Raises `ServerPathError` when no replica is connected or one does not acknowledge."""
+        if not self._static:
+            self._admin("PUT", "/v1/mode", {"mode": "static"})
+            self._static = True
+        version = self._admin("PUT", "/v1/policy", msgspec.to_builtins(spec))["version"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            replicas = [r for r in self._admin("GET", "/v1/replicas")["replicas"]
+                        if r["connected"]]
+            if replicas and all(r["acknowledged_policy_version"] >= version for r in replicas):
+                return
+            if time.monotonic() > deadline:
+                raise ServerPathError(f"no replica acknowledged policy version {version} within "
+                                      f"{timeout_s:.0f}s (is the server's LYNX_CONTROLLER this "
+                                      "controller?)")
+            time.sleep(0.05)
+
+    def counters(self) -> tuple[list[float], list[float], list[float]]:
+        """Per layer [L]: pruned layer-steps, experts kept and stock union, summed so far."""
+        text = self.http.get(f"{self.server}/metrics").text
+        out = []
+        for name in ("lynx_layer_pruned_steps_total", "lynx_experts_kept_total",
+                     "lynx_experts_stock_union_total"):
+            values = [0.0] * self.num_layers
+            for labels, value in samples(text, name):
+                if "layer" in labels and int(labels["layer"]) < self.num_layers:
+                    values[int(labels["layer"])] += value
+            out.append(values)
+        return out[0], out[1], out[2]
+
+    def nll(self, chunk: torch.Tensor) -> tuple[float, int]:
+        """(summed next-token NLL [nats], tokens scored) of ``chunk`` [B,P] token ids, sent as
+        one batch (prefilled together), from SGLang's ``input_token_logprobs``."""
+        body = {"input_ids": chunk.tolist(), "return_logprob": True, "logprob_start_len": 0,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+        reply = self.http.post(f"{self.server}/generate", json=body)
+        if reply.status_code != 200:
+            raise ServerPathError(f"server /generate: {reply.status_code} {reply.text[:300]}"
+                                  .replace("\n", " "))
+        total, count = 0.0, 0
+        for item in reply.json():
+            logprobs = [entry[0] for entry in item["meta_info"]["input_token_logprobs"][1:]]
+            total -= sum(logprobs)
+            count += len(logprobs)
+        return total, count
+
+    def measure(self, windows: torch.Tensor, spec: PolicySpec, batch: int
+                ) -> tuple[float, list[float | None], list[float | None]]:
+        """(mean next-token NLL [nats] of ``windows`` [N,P] under ``spec``, per layer the mean
+        experts kept and the mean stock union per pruned position group, None where the layer
+        was not pruned)."""
+        self.apply(spec)
+        steps0, kept0, union0 = self.counters()
+        total, count = 0.0, 0
+        for chunk in windows.split(batch):
+            nll, tokens = self.nll(chunk)
+            total, count = total + nll, count + tokens
+        steps1, kept1, union1 = self.counters()
+        steps = [b - a for a, b in zip(steps0, steps1, strict=True)]
+        kept = [(b - a) / s if s else None for a, b, s in zip(kept0, kept1, steps, strict=True)]
+        union = [(b - a) / s if s else None
+                 for a, b, s in zip(union0, union1, steps, strict=True)]
+        return total / max(count, 1), kept, union
+
+
+def server_layer_sensitivity(path: ServerPath, windows: torch.Tensor, batch: int,
+                             candidates: Sequence[int], num_experts: int
+                             ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
+    """`calibrate.tables.layer_sensitivity` through the server: per layer, {budget: mean NLL
+    rise [nats] with only that layer pruned to it} and {budget: mean distinct experts that
+    layer computes per step under it} (the unpruned candidate E: the measured stock union).
+    Raises `ServerPathError` when a pruned layer records no step (the server is not in
+    evaluation mode, or its TopK passes the layer through)."""
+    layers = path.num_layers
+    stock, _, _ = path.measure(windows, PolicySpec(name="off"), batch)
+    rise: list[dict[int, float]] = [{} for _ in range(layers)]
+    kept: list[dict[int, float]] = [{} for _ in range(layers)]
+    for layer in range(layers):
+        union: float | None = None
+        for m in sorted(candidates):
+            if m >= num_experts:
+                continue
+            nll, computed, unions = path.measure(
+                windows, single_layer_policy(layer, m, layers, num_experts), batch)
+            if computed[layer] is None:
+                raise ServerPathError(f"layer {layer} recorded no pruned step at budget {m}: "
+                                      "is the server in evaluation mode "
+                                      "(LYNX_EVALUATION=prefill-as-decode)?")
+            rise[layer][m], kept[layer][m] = max(0.0, nll - stock), float(computed[layer])
+            union = unions[layer]
+        if num_experts in candidates:
+            rise[layer][num_experts] = 0.0
+            kept[layer][num_experts] = float(union if union is not None else num_experts)
+    return rise, kept
+
+
+def open_server_path(folder: Any, server_url: str, admin_url: str, token: str
+                     ) -> tuple[ServerPath, Any, int, int]:
+    """(the `ServerPath`, the checkpoint's tokenizer, E, K) for the checkpoint in ``folder``:
+    only its config and tokenizer are read (the server holds the weights); the layer count
+    is the runtime's (`sglang_plugin.config.moe_shape`). Raises ValueError (one line) for a
+    folder with no routed experts or no tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lynx.sglang_plugin.config import moe_shape
+
+    try:
+        layers, experts, top_k = moe_shape(AutoConfig.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{folder}: cannot read its config and tokenizer "
+                         f"({str(exc).splitlines()[0]})") from None
+    return ServerPath(server_url, admin_url, token, layers), tokenizer, experts, top_k
