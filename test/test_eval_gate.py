@@ -23,24 +23,33 @@ from lynx_protocol.ladder import PPL_RISE
 def test_the_task_files_hold_the_heldout_problems_and_lm_eval_loads_them(tmp_path: Path
                                                                          ) -> None:
     names = write_tasks(tmp_path, limit=8)
-    assert names == task_names() == ["lynx_add3", "lynx_add4"]
+    assert names == task_names() == ["lynx_add3", "lynx_add3_choice", "lynx_add4",
+                                     "lynx_add4_choice"]
     rows = [json.loads(line) for line in (tmp_path / "lynx_add4.jsonl").read_text().splitlines()]
     a, b = TASKS["add4"].heldout_problems(8)[3]
     assert rows[3] == {"prompt": arithmetic_prompt(a, b), "answer": answer_text(a, b)}
     config = yaml.safe_load((tmp_path / "lynx_add3.yaml").read_text())
     assert config["output_type"] == "generate_until" and config["tag"] == ["lynx_heldout"]
     # the group expands to both tasks, read from the files (offline)
-    assert check_tasks(["lynx_heldout"], [tmp_path]) == ["lynx_add3", "lynx_add4"]
+    assert check_tasks(["lynx_heldout"], [tmp_path]) == (["lynx_add3", "lynx_add4"], False)
+    # the log-likelihood twins: the answer among three near misses, scored in prefill
+    assert check_tasks(["lynx_heldout_choice"], [tmp_path]) == (
+        ["lynx_add3_choice", "lynx_add4_choice"], True)
+    choice = json.loads((tmp_path / "lynx_add4_choice.jsonl").read_text().splitlines()[3])
+    assert choice["choices"][choice["gold"]] == answer_text(a, b)
+    assert sorted(choice["choices"]) == sorted(
+        [answer_text(a, b), *(str(a + b + d)[::-1] for d in (1, 10, 100))])
     with pytest.raises(ValueError, match="limit"):
         write_tasks(tmp_path, limit=0)
 
 
-def test_tasks_that_cannot_reach_lynx_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_generation_and_prefill_scored_tasks_cannot_share_a_run(tmp_path: Path) -> None:
     write_tasks(tmp_path, limit=4)
     scored = {**yaml.safe_load((tmp_path / "lynx_add3.yaml").read_text()),
               "task": "prefill_scored", "output_type": "loglikelihood", "tag": []}
     (tmp_path / "prefill_scored.yaml").write_text(yaml.safe_dump(scored))
-    for tasks, message in ((["prefill_scored"], "only generate_until"),
+    assert check_tasks(["prefill_scored"], [tmp_path]) == (["prefill_scored"], True)
+    for tasks, message in ((["prefill_scored", "lynx_add3"], "run them in separate"),
                            (["no_such_task"], "unknown lm-eval task")):
         with pytest.raises(GateError, match=message) as info:
             check_tasks(tasks, [tmp_path])
@@ -108,15 +117,22 @@ def test_a_drop_beyond_the_threshold_fails_the_gate_with_exit_1(tmp_path: Path, 
 @pytest.mark.slow  # two CPU servers (one stock, one Lynx) and lm-eval
 def test_the_gate_passes_the_default_with_real_pruning(tmp_path: Path) -> None:
     """The default policy through the gate on real servers: the Lynx server pruned (its
-    counters say so) and the held-out additions did not drop. (Budget 1 on this top-4 model
-    does not break it at 16 rows in flight either: every row keeps its top-1 expert and the
-    batch's top-1 union holds ~half the stock union; measured 100 vs 100.)"""
+    counters say so) and the held-out additions did not drop; their log-likelihood twin at
+    budget K runs against a Lynx server in evaluation mode, which prunes prefill rows.
+    (Budget 1 on this top-4 model does not break the additions at 16 rows in flight either:
+    every row keeps its top-1 expert and the batch's top-1 union holds ~half the stock
+    union; measured 100 vs 100.)"""
     from lynx.serving.models import resolve_model
     from lynx.serving.server import SglangServer, free_port
 
     with SglangServer(resolve_model("qwen3-moe-mini"), free_port(),
                       env={"LYNX_ENABLED": "0"}) as stock:
         passed = _evaluate("--stock-url", stock.url, "--out", str(tmp_path / "default.json"))
+        # a log-likelihood task: the Lynx server runs in evaluation mode and prunes prefill
+        # rows (budget K: every row keeps its top-1; the answer among near misses still wins)
+        scored = _evaluate("--stock-url", stock.url, "--tasks", "lynx_add3_choice",
+                           "--policy", '{"name": "budget", "budgets": [{"max_batch": 4096, '
+                           '"all_layers": 4}]}', "--out", str(tmp_path / "choice.json"))
     assert passed.returncode == 0, passed.stdout + passed.stderr[-3000:]
     good = json.loads((tmp_path / "default.json").read_text())
     lynx = good["lynx_server"]
@@ -124,7 +140,14 @@ def test_the_gate_passes_the_default_with_real_pruning(tmp_path: Path) -> None:
     assert lynx["kept_over_stock_union"] < 1.0  # it did prune
     (task,) = good["tasks"]
     assert task["task"] == "lynx_add3" and task["n"] == 64 and task["stock"] > 90
-    assert "gate: PASS" in passed.stdout
+    assert "gate: PASS" in passed.stdout and not good["evaluation_mode"]
+    assert scored.returncode == 0, scored.stdout + scored.stderr[-3000:]
+    choice = json.loads((tmp_path / "choice.json").read_text())
+    assert choice["evaluation_mode"] and choice["passed"]
+    assert choice["lynx_server"]["pruned_layer_steps"] > 0
+    assert choice["lynx_server"]["kept_over_stock_union"] < 0.9  # prefill rows were pruned
+    (task,) = choice["tasks"]
+    assert task["task"] == "lynx_add3_choice" and task["n"] == 64 and task["stock"] > 90
 
 
 def test_attach_writes_each_task_drop_into_every_table_of_the_rung(tmp_path: Path) -> None:
@@ -183,7 +206,7 @@ def test_the_gate_attaches_its_drops_to_the_rung_it_ran(tmp_path: Path, monkeypa
     assert main([*base, "--attach", str(path)]) == 1  # a 10-point drop fails the 1-point gate
     assert "attached to rung m16" in capsys.readouterr().out
     assert load_ladder(path).rung("m16").cost("acc_drop_lynx_add3") == pytest.approx(0.1)
-    pruned["pruned_decode_steps"] = 0.0
+    pruned.update(pruned_decode_steps=0.0, pruned_rows=0.0)  # a server that pruned nothing
     scores["lynx"][9] = 1.0
     assert main([*base, "--attach", str(path)]) == 0
     assert "not attached" in capsys.readouterr().out

@@ -39,7 +39,9 @@ def add_parser(sub: Any) -> None:
     what.add_argument("--policy-file", type=Path, help="the policy under test (JSON file)")
     what.add_argument("--rung", help="a rung of the checkpoint's lynx_ladder.json")
     ev.add_argument("--tasks", default="lynx_heldout",
-                    help="comma-separated lm-eval tasks or groups (generate_until only)")
+                    help="comma-separated lm-eval tasks or groups: generation tasks, or "
+                    "log-likelihood ones (e.g. lynx_heldout_choice; the Lynx server then runs "
+                    "in evaluation mode), not both")
     ev.add_argument("--include-path", type=Path, action="append", default=[],
                     help="a folder of your own lm-eval task YAMLs (repeatable)")
     ev.add_argument("--limit", type=int, default=256, help="documents per task")
@@ -70,8 +72,10 @@ def _lynx_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _server(model: Path, env: dict[str, str], work: Path, name: str) -> Iterator[str]:
-    server = SglangServer(model, free_port(), env=env, log_path=work / f"{name}.log")
+def _server(model: Path, env: dict[str, str], work: Path, name: str,
+            extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    server = SglangServer(model, free_port(), env=env, log_path=work / f"{name}.log",
+                          extra_args=extra_args)
     print(f"[evaluate] starting the {name} server ({model.name})", file=sys.stderr, flush=True)
     with server:
         yield server.url
@@ -98,6 +102,7 @@ def _pruning(url: str, model: str) -> dict[str, float]:
     union = metric_sum(text, "lynx_experts_stock_union_total")
     decode = sum(steps.values())
     return {"pruned_decode_steps": steps.get("true", 0.0), "decode_steps": decode,
+            "pruned_layer_steps": metric_sum(text, "lynx_layer_pruned_steps_total"),
             "pruned_rows": metric_sum(text, "lynx_pruned_rows_total"),
             "kept_over_stock_union": round(kept / union, 4) if union else 1.0}
 
@@ -129,7 +134,7 @@ def _attach(path: Path, args: argparse.Namespace, deltas: list[Any],
 
     from lynx.evaluate.attach import attach_to_file, cost_kind
 
-    if not pruning["pruned_decode_steps"]:
+    if not pruning["pruned_rows"]:
         print(f"not attached to {path}: the Lynx server pruned nothing, so the drops are "
               "stock's")
         return
@@ -157,26 +162,37 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="lynx-evaluate-"))
     write_tasks(work / "tasks")
     include = [work / "tasks", *args.include_path]
-    tasks = gate.check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], include)
+    tasks, in_prefill = gate.check_tasks([t.strip() for t in args.tasks.split(",")
+                                          if t.strip()], include)
+    extra: tuple[str, ...] = ()
+    if in_prefill:  # log-likelihood: only evaluation mode prunes prefill rows
+        env = {**env, "LYNX_EVALUATION": "prefill-as-decode"}
+        extra = ("--disable-radix-cache",)
+    tokenizer = model if in_prefill else None
     cache = work / "datasets"
     with contextlib.ExitStack() as stack:
         stock_url = args.stock_url or stack.enter_context(
             _server(model, {"LYNX_ENABLED": "0"}, work, "stock"))
-        stock = gate.run_tasks(stock_url, tasks, include, args.concurrency, args.limit, cache)
-    with _server(model, env, work, "lynx") as url:
-        lynx = gate.run_tasks(url, tasks, include, args.concurrency, args.limit, cache)
+        stock = gate.run_tasks(stock_url, tasks, include, args.concurrency, args.limit, cache,
+                               tokenizer)
+    with _server(model, env, work, "lynx", extra) as url:
+        lynx = gate.run_tasks(url, tasks, include, args.concurrency, args.limit, cache,
+                              tokenizer)
         pruning = _pruning(url, gate.served_model(url))
     deltas = gate.compare(stock, lynx, args.threshold)
     policy = {k: v for k, v in env.items() if k != "LYNX_ENABLED"} or {"policy": "checkpoint"}
     out = gate.report(deltas, args.threshold, {
         "model": str(model), "policy": policy, "concurrency": args.concurrency,
-        "limit": args.limit, "lynx_server": pruning, "harness": "lm-eval local-completions"})
+        "limit": args.limit, "lynx_server": pruning, "harness": "lm-eval local-completions",
+        "evaluation_mode": in_prefill})
     print(gate.table(deltas))
-    print(f"Lynx server: {pruning['pruned_decode_steps']:.0f} of {pruning['decode_steps']:.0f} "
-          f"decode steps pruned ({pruning['pruned_rows']:.0f} rows), experts kept / stock "
+    steps = (f"{pruning['pruned_layer_steps']:.0f} prefill position groups x layers pruned "
+             "(evaluation mode)" if in_prefill else f"{pruning['pruned_decode_steps']:.0f} of "
+             f"{pruning['decode_steps']:.0f} decode steps pruned")
+    print(f"Lynx server: {steps} ({pruning['pruned_rows']:.0f} rows), experts kept / stock "
           f"union {pruning['kept_over_stock_union']:.3f}"
           + ("  (nothing was pruned: the gate measured stock)"
-             if not pruning["pruned_decode_steps"] else ""))
+             if not pruning["pruned_rows"] else ""))
     if ladder_path is not None:
         _attach(ladder_path, args, deltas, pruning)
     print("gate: " + ("PASS" if out["passed"] else "FAIL")

@@ -3,10 +3,13 @@ paired deltas with standard errors, pass or fail against the user's threshold.
 
 lm-eval talks to each server through SGLang's OpenAI-compatible ``/v1/completions``
 (``local-completions``, string prompts, greedy) with ``concurrency`` requests in flight, so
-the Lynx server decodes real batches and prunes them. Only ``generate_until`` tasks are
-accepted: a log-likelihood task is scored entirely in prefill, which Lynx never prunes, so
-through a serving endpoint it would measure stock for every policy (refused with
-`GateError`).
+the Lynx server decodes real batches and prunes them. A log-likelihood task
+(``loglikelihood``, ``multiple_choice``, ``loglikelihood_rolling``) is scored entirely in
+prefill, which a serving Lynx never prunes: such tasks run against a Lynx server in evaluation
+mode (`lynx.sglang_plugin.evaluation`: prefill rows pruned by position groups across the
+requests in flight, as decode steps of that many rows), with the checkpoint's tokenizer
+(lm-eval needs it to split context from continuation). Generation and log-likelihood tasks
+cannot share a run (one server cannot serve both ways; `GateError`).
 
 Paired delta of a task (the same documents on both servers): d_i = lynx_i - stock_i of the
 task's primary metric per document, delta = mean(d) and its standard error
@@ -73,9 +76,13 @@ def _offline_env(cache: Path) -> None:
     os.environ.setdefault("HF_DATASETS_CACHE", str(cache))
 
 
-def check_tasks(tasks: Sequence[str], include_path: Sequence[Path]) -> list[str]:
-    """The leaf task names ``tasks`` (names or groups) expand to; GateError for an unknown
-    name or a task that is not ``generate_until``."""
+PREFILL_SCORED = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+
+
+def check_tasks(tasks: Sequence[str], include_path: Sequence[Path]) -> tuple[list[str], bool]:
+    """(the leaf task names ``tasks`` (names or groups) expand to, whether they are scored in
+    prefill); GateError for an unknown name, an unknown output type, or generation and
+    log-likelihood tasks mixed."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=[str(p) for p in include_path] or None)
@@ -89,17 +96,24 @@ def check_tasks(tasks: Sequence[str], include_path: Sequence[Path]) -> list[str]
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GateError(f"cannot load lm-eval task(s) {list(tasks)} offline: {first}"
                         ) from None
-    wrong = {name: task.OUTPUT_TYPE for name, task in leaves.items()
-             if task.OUTPUT_TYPE != "generate_until"}
-    if wrong:
-        raise GateError(f"{wrong}: only generate_until tasks reach Lynx through a server "
-                        "(log-likelihood is scored in prefill, which Lynx never prunes)")
-    return sorted(leaves)
+    kinds = {name: task.OUTPUT_TYPE for name, task in leaves.items()}
+    unknown_kind = {n: k for n, k in kinds.items()
+                    if k != "generate_until" and k not in PREFILL_SCORED}
+    if unknown_kind:
+        raise GateError(f"{unknown_kind}: output types the gate cannot run")
+    prefill = {n for n, k in kinds.items() if k in PREFILL_SCORED}
+    if prefill and len(prefill) != len(kinds):
+        raise GateError(f"{sorted(prefill)} are scored in prefill (evaluation mode) and "
+                        f"{sorted(set(kinds) - prefill)} by generation (serving): run them "
+                        "in separate evaluations")
+    return sorted(leaves), bool(prefill)
 
 
 def run_tasks(url: str, tasks: Sequence[str], include_path: Sequence[Path],
-              concurrency: int, limit: int | None, cache: Path) -> dict[str, TaskScores]:
-    """lm-eval's per-document scores of ``tasks`` on the server at ``url``."""
+              concurrency: int, limit: int | None, cache: Path,
+              tokenizer: Path | None = None) -> dict[str, TaskScores]:
+    """lm-eval's per-document scores of ``tasks`` on the server at ``url``; ``tokenizer``:
+    the checkpoint folder, for tasks scored in prefill (token ids on the wire)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -108,6 +122,9 @@ def run_tasks(url: str, tasks: Sequence[str], include_path: Sequence[Path],
     args = {"base_url": f"{url}/v1/completions", "model": served_model(url),
             "num_concurrent": concurrency, "tokenizer_backend": None,
             "tokenized_requests": False, "max_retries": 3, "timeout": 600}
+    if tokenizer is not None:
+        args.update(tokenizer_backend="huggingface", tokenizer=str(tokenizer),
+                    tokenized_requests=True)
     result = simple_evaluate(model="local-completions", model_args=args, tasks=list(tasks),
                              task_manager=manager, limit=limit, log_samples=True,
                              bootstrap_iters=0, verbosity="WARNING")

@@ -84,10 +84,10 @@ class LynxRuntime:
         model = str(getattr(model_runner.model_config, "model_path", "") or "")
         shipped = (ladder_rung_policy(model, self.config.ladder_rung, layers, experts)
                    if self.config.ladder_rung else None
-                   if self.config.policy or self.config.shadow_on or self.evaluation else
+                   if self.config.policy or self.config.shadow_on else
                    ladder_rung_policy(model, None, layers, experts) or checkpoint_policy(model))
         policy = self.config.policy or (shipped[0] if shipped else PolicySpec(name="off")
-                                        if self.config.shadow_on or self.evaluation else
+                                        if self.config.shadow_on else
                                         default_policy(experts, top_k))
         if shipped:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
