@@ -49,6 +49,17 @@ class PrefillAsDecode:
     def __init__(self) -> None:
         self.groups: list[torch.Tensor] | None = None  # this forward's, when it is evaluated
 
+    def check(self, model_runner: Any) -> None:
+        """At start-up: refuse SGLang's settings that cannot evaluate (`LynxConfigError`);
+        otherwise say loudly, once, that this server is not for serving."""
+        from lynx.sglang_plugin.config import LynxConfigError
+
+        refused = check_server_args(getattr(model_runner, "server_args", None))
+        if refused:
+            raise LynxConfigError(refused)
+        logger.warning("Lynx: EVALUATION MODE (LYNX_EVALUATION): prefill rows are pruned by "
+                       "position groups; do not serve traffic with this server")
+
     def begin(self, state: RuntimeState, forward_batch: Any, layout: StepLayout) -> None:
         """Group a pure prefill forward's rows by position (one host copy of the positions);
         any other forward, or policy ``off``, is served as usual."""

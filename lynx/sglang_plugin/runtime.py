@@ -10,9 +10,7 @@ is passed through unchanged and counted.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from functools import partial
 from typing import Any
@@ -34,6 +32,7 @@ from lynx.sglang_plugin.config import (
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
+from lynx.sglang_plugin.startup import apply_logger, selection_graph_keys
 from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
 from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
@@ -93,13 +92,7 @@ class LynxRuntime:
             logger.info("Lynx: start-up policy from %s (the checkpoint's calibration)",
                         shipped[1])
         if self.evaluation is not None:
-            from lynx.sglang_plugin.evaluation import check_server_args
-
-            refused = check_server_args(getattr(model_runner, "server_args", None))
-            if refused:
-                raise LynxConfigError(refused)
-            logger.warning("Lynx: EVALUATION MODE (LYNX_EVALUATION): prefill rows are pruned "
-                           "by position groups; do not serve traffic with this server")
+            self.evaluation.check(model_runner)
         device = torch.device(model_runner.device)
         state = RuntimeState(layers, experts, top_k, device, policy)
         try:
@@ -112,8 +105,8 @@ class LynxRuntime:
 
         self.state = state
         if self.config.apply_log is not None:
-            state.on_apply = self._log_apply
-            self._log_apply(state.policy, state.policy_version, state.step_index)
+            state.on_apply = apply_logger(self.config.apply_log, self.ranks.labels())
+            state.on_apply(state.policy, state.policy_version, state.step_index)
         self.exporter = StatsExporter(state, self.config, tp_rank=self.ranks.tp_rank,
                                       ep_ranks=self.ranks.ep_size)
         self.exporter.selection_graphs = self.compiled.counts
@@ -121,7 +114,7 @@ class LynxRuntime:
             self.exporter.idle_default = IdleDefaultWatch(policy, layers)
         if device.type == "cpu" and self.compiled.enabled:
             try:
-                self._graph_keys = self.selection_graph_keys(model_runner, state)
+                self._graph_keys = selection_graph_keys(model_runner, state, self.ep_layout)
                 self.compile_selection(policy.name)
             except Exception:  # a warm-up problem must not stop the server: eager until use
                 logger.exception("Lynx: selection warm-up failed; compiling on first use")
@@ -149,23 +142,6 @@ class LynxRuntime:
                     self.ranks.dp_rank, self.ranks.dp_size, *self.ep_layout)
         return state
 
-    def selection_graph_keys(self, model_runner: Any, state: RuntimeState) -> list[Any]:
-        """One `GraphKey` per distinct router of the model's TopK layers, in the model's
-        dtype (the policy field is filled in by `compile_selection`)."""
-        from sglang.srt.layers.moe.topk import TopK
-
-        from lynx.selection.compiled import GraphKey
-
-        dtype = getattr(model_runner.model_config, "dtype", torch.float32)
-        keys = []
-        for module in model_runner.model.modules():
-            if isinstance(module, TopK):
-                plan = plan_layer(module, "native", *self.ep_layout)
-                if plan.router is not None:  # CPU paths are STANDARD: SGLang's ids go in
-                    keys.append(GraphKey("", plan.router, state.num_experts, dtype,
-                                         plan.router.has_correction_bias, False, True))
-        return list(dict.fromkeys(keys))
-
     def compile_selection(self, policy: str, *, background: bool = False) -> None:
         """Make ``policy``'s selection graphs ready: before serving (the start-up policy),
         compiled now; with ``background`` (a policy the controller sends while serving), a
@@ -177,14 +153,6 @@ class LynxRuntime:
                 self.compiled.prefetch(keys)
             else:
                 self.compiled.warm_up(keys)
-
-    def _log_apply(self, policy: Any, version: int, step: int) -> None:
-        """Append this rank's policy application to ``LYNX_APPLY_LOG`` (one JSON line)."""
-        assert self.config.apply_log is not None
-        record = {**self.ranks.labels(), "pid": os.getpid(), "version": version,
-                  "step": step, "policy": policy.name}
-        with self.config.apply_log.open("a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
 
     def before_init_cuda_graphs(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         if not getattr(model_runner, "is_draft_worker", False):
