@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastapi import FastAPI, Request
 
 from lynx_policy.config import validate_floor_fits
+from lynx_policy.ladders import misfit_of
 from lynx_protocol.ladder import Ladder, LadderError, rung_policy, validate_ladder
 from lynx_protocol.policy import PolicyError, PolicySpec
 
@@ -57,12 +58,11 @@ def add_ladder_routes(app: FastAPI, controller: "Controller", authorized: Any,
         ladder = await read_body(request, Ladder, "put_ladder")
         try:
             validate_ladder(ladder, where="ladder")
-            for replica in controller.hub.connected():
-                reg = replica.registration
-                validate_ladder(ladder, where=f"replica {reg.replica_id}",
-                                num_layers=reg.num_layers, num_experts=reg.num_experts)
         except LadderError as exc:
             reject(request, "put_ladder", 422, str(exc))
+        misfit = misfit_of(ladder, (r.registration for r in controller.hub.connected()))
+        if misfit is not None:
+            reject(request, "put_ladder", 422, misfit)
         controller.ladders.replace(ladder, "PUT /v1/ladder")
         record(request, "put_ladder", rungs=[r.name for r in ladder.rungs])
         return view()

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import msgspec
 from fastapi import FastAPI, Request
 
+from lynx_policy.ladders import misfit_of
 from lynx_policy.shadow_store import build_proposal
-from lynx_protocol.ladder import LadderError, validate_ladder
 from lynx_protocol.shadow import ShadowError
 
 if TYPE_CHECKING:
@@ -124,13 +124,9 @@ def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
             reject(request, "accept_ladder_proposal", 404, str(exc.args[0]))
         except ValueError as exc:
             reject(request, "accept_ladder_proposal", 409, str(exc))
-        try:
-            for replica in controller.hub.connected():
-                reg = replica.registration
-                validate_ladder(ladder, where=f"replica {reg.replica_id}",
-                                num_layers=reg.num_layers, num_experts=reg.num_experts)
-        except LadderError as exc:
-            reject(request, "accept_ladder_proposal", 422, str(exc))
+        misfit = misfit_of(ladder, (r.registration for r in controller.hub.connected()))
+        if misfit is not None:
+            reject(request, "accept_ladder_proposal", 422, misfit)
         controller.ladders.replace(ladder, f"shadow proposal {body.id}")
         record(request, "accept_ladder_proposal", id=body.id,
                rungs=[r.name for r in ladder.rungs])

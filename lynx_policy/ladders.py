@@ -24,6 +24,17 @@ log = logging.getLogger(__name__)
 LADDER_FILE = "ladder.json"
 
 
+def misfit_of(ladder: Ladder, replicas: Iterable[Register]) -> str | None:
+    """Why ``ladder`` does not fit one of ``replicas`` (one line; None: it fits every one)."""
+    for reg in replicas:
+        try:
+            validate_ladder(ladder, where=f"replica {reg.replica_id}",
+                            num_layers=reg.num_layers, num_experts=reg.num_experts)
+        except LadderError as exc:
+            return str(exc)
+    return None
+
+
 class LadderStore:
     """The current ladder (or none); ``replace`` persists before it returns."""
 
@@ -54,15 +65,7 @@ class LadderStore:
 
     def misfit(self, replicas: Iterable[Register]) -> str | None:
         """Why the ladder fits no plan for these replicas (None: it fits every one)."""
-        if self.ladder is None:
-            return "no ladder"
-        for reg in replicas:
-            try:
-                validate_ladder(self.ladder, where=f"replica {reg.replica_id}",
-                                num_layers=reg.num_layers, num_experts=reg.num_experts)
-            except LadderError as exc:
-                return str(exc)
-        return None
+        return "no ladder" if self.ladder is None else misfit_of(self.ladder, replicas)
 
     def for_planning(self, replicas: Iterable[Register]) -> Ladder | None:
         """The ladder when it fits every connected replica, else None (uniform budgets)."""
