@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from lynx_protocol.ladder import DroppedRung, Rung, RungTable, pareto_filter
+from lynx_protocol.policy import BudgetBucket, PolicySpec
 
 STOCK_RUNG = "none"
 """The rung that prunes nothing (every table at E experts, cost 0)."""
@@ -84,3 +85,12 @@ def assemble_rungs(tables: dict[str, list[RungTable]], batches: int,
     dropped += [DroppedRung(name=r.name, reason=f"{kind} {r.cost(kind):.5f} beyond the "
                             f"floor {floor:g}") for r in kept if r not in within]
     return within, dropped
+
+
+def single_layer_policy(layer: int, budget: int, num_layers: int, num_experts: int
+                        ) -> PolicySpec:
+    """``budget`` experts in ``layer`` only, every other layer unpruned."""
+    table = [num_experts] * num_layers
+    table[layer] = budget
+    return PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=1_000_000,
+                                                           per_layer=table)])

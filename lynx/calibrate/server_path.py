@@ -24,8 +24,8 @@ import httpx
 import msgspec
 import torch
 
-from lynx.calibrate.tables import single_layer_policy
 from lynx.serving.metrics_reader import samples
+from lynx_protocol.ladder_build import single_layer_policy
 from lynx_protocol.policy import PolicySpec
 
 

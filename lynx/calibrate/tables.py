@@ -34,7 +34,7 @@ import torch
 
 from lynx.selection import NO_BUDGET_LIMIT, RouterSpec, SelectionKnobs, make_knobs
 from lynx.selection.statistics import STAT_FIELDS
-from lynx_protocol.ladder_build import allocate
+from lynx_protocol.ladder_build import allocate, single_layer_policy
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 NO_PRUNING_BELOW = 4  # decode rows, as the default policy
@@ -157,15 +157,6 @@ def window_nll(model: Any, chunk: torch.Tensor) -> tuple[float, int, torch.Tenso
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
     return nll, target.numel(), logits
-
-
-def single_layer_policy(layer: int, budget: int, num_layers: int, num_experts: int
-                        ) -> PolicySpec:
-    """``budget`` experts in ``layer`` only, every other layer unpruned."""
-    table = [num_experts] * num_layers
-    table[layer] = budget
-    return PolicySpec(name="budget", budgets=[BudgetBucket(max_batch=1_000_000,
-                                                           per_layer=table)])
 
 
 def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates: Sequence[int]
