@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 
 from lynx_policy.ladders import misfit_of
 from lynx_policy.shadow_store import build_proposal
+from lynx_protocol.policy import MAX_EXPERTS
 from lynx_protocol.shadow import ShadowError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class ProposalRequest(msgspec.Struct, forbid_unknown_fields=True):
-    means: Annotated[list[Annotated[float, msgspec.Meta(ge=1.0)]],
+    means: Annotated[list[Annotated[float, msgspec.Meta(ge=1.0, le=MAX_EXPERTS)]],
                      msgspec.Meta(max_length=16)] | None = None
     min_steps: Annotated[int, msgspec.Meta(ge=1)] = 200
     max_mass_lost: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.1
@@ -84,6 +85,7 @@ def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
     @app.delete("/v1/shadow", tags=["policy"], summary="Forget the shadow statistics")
     def delete_shadow(request: Request, _: authorized) -> dict[str, Any]:
         store.reset()
+        controller.metrics.shadow_steps.clear()
         record(request, "delete_shadow")
         return {"steps_by_bucket": {}}
 
@@ -96,13 +98,17 @@ def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
         if building.locked():
             reject(request, "ladder_proposal", 409, "a proposal is being built")
         async with building:
+            generation = store.generation
             try:
                 proposal = await asyncio.to_thread(  # a snapshot: the hub keeps adding
                     build_proposal, store.data(), sorted(store.contributors)[:64],
                     body.means, body.min_steps, body.max_mass_lost, body.name)
             except ShadowError as exc:
                 reject(request, "ladder_proposal", 422, str(exc))
-        store.proposal = proposal
+            if store.generation != generation:  # DELETE /v1/shadow while it was built
+                reject(request, "ladder_proposal", 409, "the shadow statistics were reset "
+                       "while the proposal was built: build it again")
+            store.proposal = proposal
         record(request, "ladder_proposal", id=proposal["id"],
                rungs=[r.name for r in proposal["ladder"].rungs])
         return proposal_view(proposal)

@@ -44,6 +44,8 @@ class Controller:
         self.ladders = LadderStore(config.state.dir, config.ladder)
         self._update = self.keeper.state.update_message()
         self.shadow = ShadowStore(config.state.dir)
+        for edge, steps in self.shadow.steps_by_bucket().items():  # persisted: resumed
+            self.metrics.shadow_steps.labels(max_batch=str(edge or "inf")).set(steps)
         self.hub = Hub(config.link, self.metrics, self.current_update,
                        state_dir=config.state.dir, shadow=self.shadow)
         self.http = httpx.AsyncClient()

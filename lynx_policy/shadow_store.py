@@ -35,6 +35,7 @@ from lynx_protocol.shadow import (
     ShadowError,
     check_shadow,
     ladder_from_shadow,
+    rows_problem,
 )
 
 SHADOW_FILE = "shadow.json"
@@ -53,6 +54,7 @@ class ShadowStore:
         self.contributors: dict[str, int] = {}
         self.refused = 0
         self.proposal: dict[str, Any] | None = None
+        self.generation = 0  # bumped by `reset`: a proposal built before it is not kept
         self._dirty = False
         self._persisted_at = clock()
         if self.path is not None and self.path.exists():
@@ -73,9 +75,31 @@ class ShadowStore:
         """Add one message from the registered replica ``reg``; returns why it was refused
         (None: added). Refused: layers other than the replica's, budgets outside [top_k, E),
         or another shape, grid or sampling than the statistics held."""
+        why = self._misfit(reg, msg)
+        if why is not None:
+            self.refused += 1
+            return why
+        self.grid = (reg.num_layers, reg.num_experts, reg.top_k, tuple(msg.budgets), msg.every,
+                     tuple(msg.batch_buckets))
+        edge = msg.max_batch or None
+        flat = [v for row in msg.layers for v in row]
+        total = self.sums.setdefault(edge, array("d", bytes(8 * len(flat))))
+        for i, value in enumerate(flat):  # at most 1e15 a message: no overflow in 1e290 of them
+            total[i] += value
+        if msg.replica_id in self.contributors or len(self.contributors) < MAX_CONTRIBUTORS:
+            self.contributors[msg.replica_id] = self.contributors.get(msg.replica_id, 0) + 1
+        self._dirty = True
+        if self.clock() - self._persisted_at >= PERSIST_S:
+            self.persist()
+        return None
+
+    def _misfit(self, reg: Register, msg: ShadowStats) -> str | None:
         budgets = tuple(msg.budgets)
         if len(msg.layers) != reg.num_layers:
             return f"{len(msg.layers)} layers, the replica registered {reg.num_layers}"
+        inconsistent = rows_problem(msg.layers, reg.num_layers, len(budgets), reg.num_experts)
+        if inconsistent is not None:
+            return inconsistent
         if budgets[0] < reg.top_k or budgets[-1] >= reg.num_experts:
             return f"budgets {list(budgets)} not within [top_k, experts)"
         grid = (reg.num_layers, reg.num_experts, reg.top_k, budgets, msg.every,
@@ -83,17 +107,6 @@ class ShadowStore:
         if self.grid is not None and grid != self.grid and self.sums:
             return ("another model shape, budget grid or sampling than the statistics held "
                     "(DELETE /v1/shadow to start over)")
-        self.grid = grid
-        edge = msg.max_batch or None
-        flat = [v for row in msg.layers for v in row]
-        total = self.sums.setdefault(edge, array("d", bytes(8 * len(flat))))
-        for i, value in enumerate(flat):
-            total[i] += value
-        if msg.replica_id in self.contributors or len(self.contributors) < MAX_CONTRIBUTORS:
-            self.contributors[msg.replica_id] = self.contributors.get(msg.replica_id, 0) + 1
-        self._dirty = True
-        if self.clock() - self._persisted_at >= PERSIST_S:
-            self.persist()
         return None
 
     def data(self) -> dict[str, Any] | None:
@@ -112,7 +125,7 @@ class ShadowStore:
         data = self.data()
         if data is None:
             return None
-        return json.dumps({
+        return json.dumps(allow_nan=False, obj={
             "format": SHADOW_FORMAT, "model": data["model"], "budgets": data["budgets"],
             "batch_buckets": data["batch_buckets"], "every": data["every"],
             "fields": {"base": list(SHADOW_BASE), "per_budget": list(SHADOW_PER_BUDGET)},
@@ -135,6 +148,7 @@ class ShadowStore:
     def reset(self) -> None:
         """Forget the statistics and the proposal (persisted at once)."""
         self.grid, self.sums, self.contributors, self.proposal = None, {}, {}, None
+        self.generation += 1
         self._dirty = True
         self.persist()
 

@@ -38,8 +38,9 @@ def allocate(sensitivity: Sequence[dict[int, float]], target_mean: float,
     candidates = sorted(sensitivity[0])
     per_layer = cost or [{m: float(m) for m in candidates}] * len(sensitivity)
     costs = [[math.ceil(table[m] - 1e-6) for m in candidates] for table in per_layer]
-    limit = math.floor(target_mean * len(sensitivity) + 1e-9)
-    cheapest = sum(min(c) for c in costs)
+    cheapest, dearest = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    # no table costs more than ``dearest``: a larger limit changes nothing but the work
+    limit = min(math.floor(target_mean * len(sensitivity) + 1e-9), dearest)
     if cheapest > limit:
         raise ValueError(f"target mean {target_mean} is below the cheapest table (every layer "
                          f"at the smallest candidate {candidates[0]}: mean "

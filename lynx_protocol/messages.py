@@ -22,7 +22,7 @@ from typing import Annotated, cast
 import msgspec
 
 from lynx_protocol.policy import MAX_BUCKETS, MAX_LAYERS, PolicyName, PolicySpec
-from lynx_protocol.shadow import MAX_SHADOW_BUDGETS, shadow_width
+from lynx_protocol.shadow import MAX_SHADOW_BUDGETS, Edge, Value, shadow_width
 
 PROTOCOL_VERSION = 2
 """Version 2 (one bump for the control-plane, controller and frontier work): bounded policies
@@ -179,15 +179,15 @@ class ShadowStats(_Message, tag="shadow_stats", frozen=True):
     replica_id: ReplicaId
     max_batch: Count
     """The bucket: one of ``batch_buckets``, or 0 for the steps above the last edge."""
-    batch_buckets: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
-                             msgspec.Meta(max_length=MAX_BUCKETS)]
+    batch_buckets: Annotated[list[Edge], msgspec.Meta(max_length=MAX_BUCKETS)]
     budgets: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]],
                        msgspec.Meta(min_length=1, max_length=MAX_SHADOW_BUDGETS)]
     every: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
     """One decode step measured in this many (``LYNX_SHADOW_EVERY``)."""
-    layers: Annotated[list[Annotated[list[NonNegFloat], msgspec.Meta(
+    layers: Annotated[list[Annotated[list[Value], msgspec.Meta(
         max_length=shadow_width(MAX_SHADOW_BUDGETS))]], msgspec.Meta(max_length=MAX_LAYERS)]
-    """[L][W]: `SHADOW_BASE` then `SHADOW_PER_BUDGET` per budget, summed over layer-steps."""
+    """[L][W]: `SHADOW_BASE` then `SHADOW_PER_BUDGET` per budget, summed over layer-steps
+    (each in [0, `MAX_SUM`]; the controller checks them against the replica's shape)."""
 
     def __post_init__(self) -> None:
         edges = self.batch_buckets

@@ -34,13 +34,15 @@ from lynx_protocol.ladder import (
     MASS_LOST,
     MAX_TABLES,
     Ladder,
+    LadderError,
     LadderModel,
     RungCost,
     RungTable,
-    validate_ladder,
+    decode_ladder,
+    encode_ladder,
 )
 from lynx_protocol.ladder_build import STOCK_RUNG, allocate, assemble_rungs, default_means
-from lynx_protocol.policy import MAX_EXPERTS, MAX_LAYERS
+from lynx_protocol.policy import MAX_BATCH, MAX_BUCKETS, MAX_EXPERTS, MAX_LAYERS
 
 SHADOW_FORMAT = "lynx-shadow/1"
 SHADOW_BASE: tuple[str, ...] = (
@@ -55,7 +57,12 @@ SHADOW_PER_BUDGET: tuple[str, ...] = (
     "top1_kept",  # rows whose top-1 expert those experts hold
 )
 MAX_SHADOW_BUDGETS = 16
+MAX_SUM = 1e15
+"""Largest value a sum may hold (a runtime measuring 1e6 rows a second for 30 years stays
+below it): bounds every value on the wire and in a file, so sums never overflow to inf."""
 BASE, PER = len(SHADOW_BASE), len(SHADOW_PER_BUDGET)
+Edge = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)]
+Value = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_SUM)]
 
 
 def shadow_width(budgets: int) -> int:
@@ -85,8 +92,8 @@ class ShadowModel(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Bucket(msgspec.Struct, forbid_unknown_fields=True):
-    max_batch: Annotated[int, msgspec.Meta(ge=1)] | None
-    layers: list[list[Annotated[float, msgspec.Meta(ge=0.0)]]]
+    max_batch: Edge | None
+    layers: Annotated[list[list[Value]], msgspec.Meta(max_length=MAX_LAYERS)]
 
 
 class _ShadowFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,9 +101,9 @@ class _ShadowFile(msgspec.Struct, forbid_unknown_fields=True):
 
     format: str
     model: ShadowModel
-    budgets: list[int]
-    batch_buckets: list[Annotated[int, msgspec.Meta(ge=1)]]
-    buckets: list[_Bucket]
+    budgets: Annotated[list[int], msgspec.Meta(max_length=MAX_SHADOW_BUDGETS)]
+    batch_buckets: Annotated[list[Edge], msgspec.Meta(max_length=MAX_BUCKETS)]
+    buckets: Annotated[list[_Bucket], msgspec.Meta(max_length=MAX_BUCKETS + 1)]
     every: Annotated[int, msgspec.Meta(ge=1)] = 1
     fields: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
@@ -113,13 +120,25 @@ def grid_problem(shape: ShadowModel, budgets: list[int], edges: list[int]) -> st
     return None
 
 
-def rows_problem(layers: list[list[float]], num_layers: int, budgets: int) -> str | None:
-    """Why one bucket's ``layers`` are not [L][W] finite non-negative sums (None: they are)."""
+def rows_problem(layers: list[list[float]], num_layers: int, budgets: int,
+                 num_experts: int) -> str | None:
+    """Why one bucket's ``layers`` are not [L][W] sums a runtime could have measured (None:
+    they are): finite, in [0, `MAX_SUM`], and consistent per layer (experts at most E per
+    step, mass kept at most the mass, top-1 rows at most the rows)."""
     width = shadow_width(budgets)
     if len(layers) != num_layers or any(len(row) != width for row in layers):
         return f"layer rows are not {num_layers} x {width} values"
-    if any(not (math.isfinite(v) and v >= 0.0) for row in layers for v in row):
-        return "a count is not finite and non-negative"
+    if any(not (math.isfinite(v) and 0.0 <= v <= MAX_SUM) for row in layers for v in row):
+        return f"a count is not finite and within [0, {MAX_SUM:g}]"
+    slack = 1e-6
+    for layer, row in enumerate(layers):
+        steps, rows, union, mass = row[:BASE]
+        per = [row[BASE + PER * i: BASE + PER * (i + 1)] for i in range(budgets)]
+        if (union > num_experts * steps + slack or rows < steps - slack
+                or any(kept > num_experts * steps + slack or kept_mass > mass * (1 + slack)
+                       + slack or top1 > rows + slack for kept, kept_mass, top1 in per)):
+            return (f"layer {layer}: inconsistent sums (experts above {num_experts} per step, "
+                    "mass kept above the mass, or top-1 rows above the rows)")
     return None
 
 
@@ -139,7 +158,8 @@ def check_shadow(raw: bytes, where: str) -> dict[str, Any]:
         (len({b.max_batch for b in data.buckets}) != len(data.buckets), "a bucket twice"),
         (any(b.max_batch is not None and b.max_batch not in edges for b in data.buckets),
          "a bucket's max_batch is not one of batch_buckets"),
-        *((True, rows_problem(b.layers, shape.num_layers, len(budgets))) for b in data.buckets),
+        *((True, rows_problem(b.layers, shape.num_layers, len(budgets), shape.num_experts))
+          for b in data.buckets),
     ]
     for bad, why in problems:
         if bad and why:
@@ -216,6 +236,8 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
         raise ShadowError(f"no decode batch bucket has {min_steps} measured steps yet "
                           f"(steps by bucket: {steps}); let the runtime serve longer")
     means = sorted(set(means or default_means(experts, top_k)), reverse=True)
+    if not all(1.0 <= m <= experts for m in means):
+        raise ShadowError(f"mean budgets {means} must be within [1, {experts}] experts")
     tables: dict[str, list[RungTable]] = {}
     unreachable: dict[str, str] = {}
     report: dict[str, Any] = {"steps_by_bucket": steps, "tables_from": chosen, "per_batch": []}
@@ -260,4 +282,8 @@ def ladder_from_shadow(data: dict[str, Any], means: list[float] | None = None,
         rungs=within, dropped=dropped,
         source=(f"{built_by}: routing mass from live decode steps (proxy cost mass_lost, "
                 f"floor {max_mass_lost:g}); buckets with >= {min_steps} steps"))
-    return validate_ladder(ladder, where="shadow ladder"), report
+    try:  # structs built in code skip their field limits: check them as a reader would
+        checked = decode_ladder(encode_ladder(ladder), where="shadow ladder")
+    except LadderError as exc:
+        raise ShadowError(str(exc)) from None
+    return checked, report

@@ -63,8 +63,8 @@ def run(args: Any, files: list[Path], prog: str, built_by: str) -> int:
             raise ShadowError(f"--means {args.means!r}: need finite means >= 1")
         if args.min_steps < 1 or not 0 < args.max_mass_lost <= 1:
             raise ShadowError("need --min-steps >= 1 and 0 < --max-mass-lost <= 1")
-        if args.out is not None and not args.out.parent.is_dir():
-            raise ShadowError(f"--out {args.out}: no such directory")
+        if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+            raise ShadowError(f"--out {args.out}: expected a file in an existing directory")
         ladder, _ = ladder_from_shadow(read_shadow(files), means, args.min_steps,
                                        args.max_mass_lost, args.name, built_by)
     except (ShadowError, ValueError) as exc:

@@ -32,6 +32,8 @@ from lynx_protocol.messages import (
 from lynx_protocol.policy import MAX_LAYERS, PolicySpec
 from lynx_protocol.shadow import (
     MAX_SHADOW_BUDGETS,
+    ShadowError,
+    check_shadow,
     ladder_from_shadow,
     merge_shadow,
     shadow_width,
@@ -108,9 +110,13 @@ def test_the_links_deltas_add_up_to_the_file_and_fit_the_protocol(tmp_path: Path
     ({"layers": [[1.0] * 5]}, "values for"),
     ({"budgets": [8, 4]}, "strictly increasing"),
     ({"max_batch": 3}, "not one of batch_buckets"),
-    ({"layers": [[float("inf")] * shadow_width(2)]}, "non-finite"),
+    ({"layers": [[float("inf")] * shadow_width(2)]}, r"<= 1000000000000000\.0"),
     ({"layers": [[float("nan")] * shadow_width(2)]}, ">= 0.0"),
     ({"layers": [[-1.0] * shadow_width(2)]}, ">= 0.0"),
+    # sums of finite values overflowed to inf, and a persisted Infinity stopped a restart
+    ({"layers": [[1e308] * shadow_width(2)]}, r"<= 1000000000000000\.0"),
+    # an edge beyond the ladder format's batch limit made an accepted ladder unloadable
+    ({"batch_buckets": [1, 2**21]}, "<= 1048576"),
 ])
 def test_a_malformed_shadow_message_is_rejected_as_invalid(change: dict, match: str) -> None:
     good = {"type": "shadow_stats", "v": 2, "replica_id": "r", "max_batch": 0,
@@ -131,7 +137,13 @@ def test_the_store_refuses_another_grid_persists_and_will_not_guess(tmp_path: Pa
     assert "another model shape" in (store.add(register("r1"), other) or "")
     shallow = msgspec.structs.replace(message("r1", recorder, edge, layers[:2]))
     assert "2 layers" in (store.add(register("r1"), shallow) or "")
-    assert store.contributors == {"r0": 1}
+    boasting = [list(row) for row in layers]
+    boasting[1][2] = (MODEL.experts + 1) * boasting[1][0]  # more experts a step than exist
+    assert "inconsistent" in (store.add(register("r1"), message(
+        "r1", recorder, edge, boasting)) or "")
+    assert store.contributors == {"r0": 1} and store.refused == 3
+    with pytest.raises(ShadowError, match="within"):  # a mean of 1e300 asked for 48 GB
+        ladder_from_shadow(store.data() or {}, means=[1e300], min_steps=1)
     store.persist()
     again = ShadowStore(str(tmp_path / "state"))  # a restarted controller
     assert again.data() == store.data() and again.steps(edge) == 10
@@ -208,6 +220,38 @@ def test_the_controller_proposes_a_ladder_and_applies_only_the_one_reviewed(
         ctl.start()
         assert ctl.admin.get("/v1/shadow").json()["steps_by_bucket"] == {"32": 40.0,
                                                                          "64": 40.0}
+        assert ctl.metric("lynx_controller_shadow_steps", {"max_batch": "64"}) == 40.0
+        huge = ctl.admin.post("/v1/ladder/proposal", json={"means": [1e300]})
+        assert huge.status_code == 422, huge.text
         assert ctl.admin.delete("/v1/shadow").status_code == 200
         assert not saved.exists()
+        assert "lynx_controller_shadow_steps{" not in ctl.admin.get("/metrics").text
         assert json.loads(ctl.admin.get("/v1/ladder").text)["origin"].startswith("/")
+
+
+def test_a_file_a_runtime_could_not_have_written_is_refused_in_one_line(tmp_path: Path
+                                                                         ) -> None:
+    recorded(tmp_path / "a.json", seed=1, halves=1)
+    good = json.loads((tmp_path / "a.json").read_text())
+    boasting = json.loads(json.dumps(good))
+    boasting["buckets"][0]["layers"][0][2] = 100.0 * boasting["buckets"][0]["layers"][0][0] * 9
+    edges = json.loads(json.dumps(good))
+    edges["batch_buckets"] = list(range(1, 200))
+    for data, match in ((boasting, "inconsistent"), (edges, "batch_buckets")):
+        with pytest.raises(ShadowError, match=match) as bad:
+            check_shadow(json.dumps(data).encode(), "f.json")
+        assert "\n" not in str(bad.value)
+
+
+def test_the_server_path_and_the_builder_cli_fail_in_one_line(tmp_path: Path, capsys) -> None:
+    from lynx.calibrate.server_path import ServerPath, ServerPathError
+    from lynx_policy.cli import main
+
+    path = ServerPath("http://127.0.0.1:1", "http://127.0.0.1:1", "t", 2, timeout_s=2)
+    with pytest.raises(ServerPathError, match=r"127\.0\.0\.1:1"):
+        path.counters()
+    path.close()
+    recorded(tmp_path / "a.json", seed=1, halves=1)
+    assert main(["ladder", "--from-shadow", str(tmp_path / "a.json"), "--out",
+                 str(tmp_path)]) == 2  # --out names a folder
+    assert "expected a file" in capsys.readouterr().err

@@ -60,6 +60,13 @@ class ServerPath:
         result: dict[str, Any] = reply.json()
         return result
 
+    def _get(self, url: str, body: Any = None) -> httpx.Response:
+        """GET ``url`` (POST with a JSON ``body``); `ServerPathError` when unreachable."""
+        try:
+            return (self.http.get(url) if body is None else self.http.post(url, json=body))
+        except httpx.HTTPError as exc:
+            raise ServerPathError(f"server {url}: {exc}".replace("\n", " ")) from None
+
     def apply(self, spec: PolicySpec, timeout_s: float = 60.0) -> None:
         """Make ``spec`` the policy of every replica (acknowledged: applied at its next step).
         Raises `ServerPathError` when no replica is connected or one does not acknowledge."""
@@ -81,7 +88,7 @@ class ServerPath:
 
     def counters(self) -> tuple[list[float], list[float], list[float]]:
         """Per layer [L]: pruned layer-steps, experts kept and stock union, summed so far."""
-        text = self.http.get(f"{self.server}/metrics").text
+        text = self._get(f"{self.server}/metrics").text
         out = []
         for name in ("lynx_layer_pruned_steps_total", "lynx_experts_kept_total",
                      "lynx_experts_stock_union_total"):
@@ -97,7 +104,7 @@ class ServerPath:
         one batch (prefilled together), from SGLang's ``input_token_logprobs``."""
         body = {"input_ids": chunk.tolist(), "return_logprob": True, "logprob_start_len": 0,
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
-        reply = self.http.post(f"{self.server}/generate", json=body)
+        reply = self._get(f"{self.server}/generate", body)
         if reply.status_code != 200:
             raise ServerPathError(f"server /generate: {reply.status_code} {reply.text[:300]}"
                                   .replace("\n", " "))

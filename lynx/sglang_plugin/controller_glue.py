@@ -94,7 +94,10 @@ class ControllerGlue:
             link.mark_acknowledged(update.version)  # applied at the next forward step
         link.mark_applied(state.policy_version)
         self._send_stats(link)
-        self._send_shadow(link)
+        try:  # the update above is acknowledged already: never lose it to a statistic
+            self._send_shadow(link)
+        except Exception:
+            logger.exception("Lynx: sending shadow statistics failed; serving goes on")
         return out
 
     def _send_shadow(self, link: Any) -> None:

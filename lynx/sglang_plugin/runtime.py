@@ -182,6 +182,8 @@ class LynxRuntime:
                 self.exporter.after_step(state, layout, time.perf_counter() - start)
                 if evaluation is not None and evaluation.groups is not None:
                     self.exporter.flush(state)  # /metrics complete when the response returns
+            if evaluation is not None:
+                evaluation.groups = None  # never left for another forward (a draft model's)
             state.step_active = False
 
     # -- per layer --------------------------------------------------------------------------
