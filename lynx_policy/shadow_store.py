@@ -97,11 +97,11 @@ class ShadowStore:
         budgets = tuple(msg.budgets)
         if len(msg.layers) != reg.num_layers:
             return f"{len(msg.layers)} layers, the replica registered {reg.num_layers}"
+        if budgets[0] < reg.top_k or budgets[-1] >= reg.num_experts:
+            return f"budgets {list(budgets)} not within [top_k, experts)"
         inconsistent = rows_problem(msg.layers, reg.num_layers, len(budgets), reg.num_experts)
         if inconsistent is not None:
             return inconsistent
-        if budgets[0] < reg.top_k or budgets[-1] >= reg.num_experts:
-            return f"budgets {list(budgets)} not within [top_k, experts)"
         grid = (reg.num_layers, reg.num_experts, reg.top_k, budgets, msg.every,
                 tuple(msg.batch_buckets))
         if self.grid is not None and grid != self.grid and self.sums:

@@ -71,22 +71,45 @@ def measure_table(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: in
 def build_ladder(folder: Path, means: Sequence[float] | None = None,
                  batches: Sequence[int] = (16, 32, 64), windows: int = 64,
                  window_len: int = 96, heldout_windows: int = 64, seed: int = 11,
-                 max_ppl_rise: float = 0.05, documents: list[str] | None = None
-                 ) -> tuple[Ladder, dict[str, Any]]:
+                 max_ppl_rise: float = 0.05, documents: list[str] | None = None,
+                 server: tuple[str, str, str] | None = None) -> tuple[Ladder, dict[str, Any]]:
     """The ladder of the checkpoint in ``folder`` and a report (sensitivities, every measured
     rung before filtering). ``means``: mean budgets [experts per layer] of the candidate
     rungs (default `default_means`); ``max_ppl_rise``: the quality floor, as a fraction.
     ``documents``: the user's corpus, split into calibration and held-out documents
     (`lynx.calibrate.corpus`; default: the reference models' code splits). Deterministic for
-    a seed. Raises ValueError when no mean is at or above top_k, `CorpusError` when the
-    corpus is too small."""
+    a seed. ``server``: (SGLang URL, controller admin URL, admin token) to measure through a
+    running server in evaluation mode (`server_path`) instead of transformers. Raises
+    ValueError when no mean is at or above top_k, `CorpusError` when the corpus is too small,
+    `server_path.ServerPathError` when the server path cannot measure."""
     from lynx.calibrate.corpus import calibration_streams, corpus_windows
-    from lynx.reference.loading import load_reference
 
     torch.manual_seed(seed)
-    model, tok = load_reference(folder, dtype=torch.float32)
-    experts, top_k, _ = model_shape(model)
-    layers = model.config.num_hidden_layers
+    unions: list[float] = []
+    if server is None:
+        from lynx.reference.loading import load_reference
+
+        model, tok = load_reference(folder, dtype=torch.float32)
+        experts, top_k, _ = model_shape(model)
+        layers = model.config.num_hidden_layers
+
+        def sensitivity_of(data: torch.Tensor, batch: int) -> Any:
+            return layer_sensitivity(model, data, batch, candidates)
+
+        def table_of(held: torch.Tensor, spec: PolicySpec, batch: int) -> Any:
+            return measure_table(model, held, spec, batch)
+    else:
+        from lynx.calibrate.server_path import open_server_path, server_layer_sensitivity
+
+        path, tok, experts, top_k = open_server_path(folder, *server)
+        layers = path.num_layers
+
+        def sensitivity_of(data: torch.Tensor, batch: int) -> Any:
+            unions.clear()
+            return server_layer_sensitivity(path, data, batch, candidates, experts, unions)
+
+        def table_of(held: torch.Tensor, spec: PolicySpec, batch: int) -> Any:
+            return path.measure_table(held, spec, batch, unions)
     means = sorted(set(means or default_means(experts, top_k)), reverse=True)
     if not means or means[-1] < top_k:
         raise ValueError(f"mean budgets {means} must be >= top_k = {top_k} (a step computes "
@@ -101,8 +124,8 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
                               torch.Generator().manual_seed(seed), f"the calibration {what}")
         held = corpus_windows(heldout, heldout_windows - heldout_windows % batch, window_len,
                               torch.Generator().manual_seed(seed + 1), f"the heldout {what}")
-        sensitivity, kept = layer_sensitivity(model, data, batch, candidates)
-        stock_nll, stock_experts, _ = measure_table(model, held, PolicySpec(name="off"), batch)
+        sensitivity, kept = sensitivity_of(data, batch)
+        stock_nll, stock_experts, _ = table_of(held, PolicySpec(name="off"), batch)
         source = (f"heldout {what}, {held.shape[0]} windows x {window_len} tokens decoded "
                   f"{batch} at a time, vs no pruning (stock NLL {stock_nll:.4f} nats)")
         tables.setdefault(STOCK_RUNG, []).append(RungTable(
@@ -117,7 +140,7 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
             except ValueError as exc:
                 unreachable[name] = str(exc)
                 continue
-            nll, computed, mass = measure_table(model, held, table_policy(budgets), batch)
+            nll, computed, mass = table_of(held, table_policy(budgets), batch)
             rise = math.expm1(nll - stock_nll)
             tables.setdefault(name, []).append(RungTable(
                 batch=batch, per_layer=budgets, experts_computed=round(computed, 4),

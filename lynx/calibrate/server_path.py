@@ -86,8 +86,9 @@ class ServerPath:
                                       "controller?)")
             time.sleep(0.05)
 
-    def counters(self) -> tuple[list[float], list[float], list[float]]:
-        """Per layer [L]: pruned layer-steps, experts kept and stock union, summed so far."""
+    def counters(self) -> tuple[list[float], list[float], list[float], tuple[float, float]]:
+        """Per layer [L]: pruned layer-steps, experts kept and stock union, summed so far;
+        and (routing mass kept, routing mass) of the pruned rows."""
         text = self._get(f"{self.server}/metrics").text
         out = []
         for name in ("lynx_layer_pruned_steps_total", "lynx_experts_kept_total",
@@ -97,7 +98,9 @@ class ServerPath:
                 if "layer" in labels and int(labels["layer"]) < self.num_layers:
                     values[int(labels["layer"])] += value
             out.append(values)
-        return out[0], out[1], out[2]
+        mass = tuple(sum(v for _, v in samples(text, name)) for name in (
+            "lynx_routing_mass_kept_total", "lynx_routing_mass_total"))
+        return out[0], out[1], out[2], (mass[0], mass[1])
 
     def nll(self, chunk: torch.Tensor) -> tuple[float, int]:
         """(summed next-token NLL [nats], tokens scored) of ``chunk`` [B,P] token ids, sent as
@@ -116,52 +119,72 @@ class ServerPath:
         return total, count
 
     def measure(self, windows: torch.Tensor, spec: PolicySpec, batch: int
-                ) -> tuple[float, list[float | None], list[float | None]]:
+                ) -> tuple[float, list[float | None], list[float | None], float]:
         """(mean next-token NLL [nats] of ``windows`` [N,P] under ``spec``, per layer the mean
-        experts kept and the mean stock union per pruned position group, None where the layer
-        was not pruned)."""
+        experts kept and the mean stock union per pruned position group (None where the layer
+        was not pruned), routing mass kept of the pruned rows [fraction; 1.0: none])."""
         self.apply(spec)
-        steps0, kept0, union0 = self.counters()
+        steps0, kept0, union0, mass0 = self.counters()
         total, count = 0.0, 0
         for chunk in windows.split(batch):
             nll, tokens = self.nll(chunk)
             total, count = total + nll, count + tokens
-        steps1, kept1, union1 = self.counters()
+        steps1, kept1, union1, mass1 = self.counters()
         steps = [b - a for a, b in zip(steps0, steps1, strict=True)]
         kept = [(b - a) / s if s else None for a, b, s in zip(kept0, kept1, steps, strict=True)]
         union = [(b - a) / s if s else None
                  for a, b, s in zip(union0, union1, steps, strict=True)]
-        return total / max(count, 1), kept, union
+        mass_total = mass1[1] - mass0[1]
+        mass = (mass1[0] - mass0[0]) / mass_total if mass_total > 0 else 1.0
+        return total / max(count, 1), kept, union, min(max(mass, 0.0), 1.0)
+
+    def measure_table(self, windows: torch.Tensor, spec: PolicySpec, batch: int,
+                      unions: list[float]) -> tuple[float, float, float]:
+        """`calibrate.ladder.measure_table` through the server: (mean NLL [nats], mean experts
+        computed per layer and step, routing mass kept); a layer the table leaves unpruned
+        computes its stock union (``unions`` [L], from `server_layer_sensitivity`)."""
+        nll, kept, _, mass = self.measure(windows, spec, batch)
+        experts = [k if k is not None else u for k, u in zip(kept, unions, strict=True)]
+        return nll, sum(experts) / len(experts), mass
 
 
 def server_layer_sensitivity(path: ServerPath, windows: torch.Tensor, batch: int,
-                             candidates: Sequence[int], num_experts: int
+                             candidates: Sequence[int], num_experts: int,
+                             unions: list[float] | None = None
                              ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
     """`calibrate.tables.layer_sensitivity` through the server: per layer, {budget: mean NLL
     rise [nats] with only that layer pruned to it} and {budget: mean distinct experts that
-    layer computes per step under it} (the unpruned candidate E: the measured stock union).
-    Raises `ServerPathError` when a pruned layer records no step (the server is not in
-    evaluation mode, or its TopK passes the layer through)."""
+    layer computes per step under it} (the unpruned candidate E: the measured stock union,
+    also appended per layer to ``unions`` when given). A layer that records no pruned step
+    (a dense layer such as DeepSeek-V3's first three, or one Lynx passes through) costs
+    nothing and computes E at every budget: it is never pruned. Raises `ServerPathError`
+    when no layer records a step (the server is not in evaluation mode)."""
     layers = path.num_layers
-    stock, _, _ = path.measure(windows, PolicySpec(name="off"), batch)
+    stock = path.measure(windows, PolicySpec(name="off"), batch)[0]
     rise: list[dict[int, float]] = [{} for _ in range(layers)]
     kept: list[dict[int, float]] = [{} for _ in range(layers)]
+    measured = False
     for layer in range(layers):
         union: float | None = None
         for m in sorted(candidates):
             if m >= num_experts:
                 continue
-            nll, computed, unions = path.measure(
+            nll, computed, stock_unions, _ = path.measure(
                 windows, single_layer_policy(layer, m, layers, num_experts), batch)
-            if computed[layer] is None:
-                raise ServerPathError(f"layer {layer} recorded no pruned step at budget {m}: "
-                                      "is the server in evaluation mode "
-                                      "(LYNX_EVALUATION=prefill-as-decode)?")
+            if computed[layer] is None:  # not a routed layer here: no pruning to measure
+                rise[layer] = dict.fromkeys(candidates, 0.0)
+                kept[layer] = dict.fromkeys(candidates, float(num_experts))
+                break
             rise[layer][m], kept[layer][m] = max(0.0, nll - stock), float(computed[layer])
-            union = unions[layer]
+            union, measured = stock_unions[layer], True
+        if unions is not None:
+            unions.append(float(union if union is not None else num_experts))
         if num_experts in candidates:
             rise[layer][num_experts] = 0.0
             kept[layer][num_experts] = float(union if union is not None else num_experts)
+    if not measured:
+        raise ServerPathError("no layer recorded a pruned step: is the server in evaluation "
+                              "mode (LYNX_EVALUATION=prefill-as-decode)?")
     return rise, kept
 
 

@@ -79,11 +79,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"corpus: {len(documents)} documents" + (
             f", {len(skipped)} files skipped (not UTF-8 text; first: {skipped[0]})"
             if skipped else ""), file=sys.stderr)
-    if args.ladder:
-        if args.server:
-            raise ServeError("calibrate: --server measures one policy (--target-mean); a "
-                             "ladder through a server is not built yet")
-        return _calibrate_ladder(args, folder, batches, documents)
     server = None
     if args.server:
         token = os.environ.get("LYNX_ADMIN_TOKEN", "")
@@ -91,6 +86,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise ServeError("calibrate: --server needs --controller-admin URL and "
                              "LYNX_ADMIN_TOKEN (the calibration's own controller)")
         server = (args.server, args.controller_admin, token)
+    if args.ladder:
+        return _calibrate_ladder(args, folder, batches, documents, server)
     from lynx.calibrate.server_path import ServerPathError
 
     try:
@@ -113,10 +110,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int],
-                      documents: list[str] | None) -> int:
+                      documents: list[str] | None, server: tuple[str, str, str] | None
+                      ) -> int:
     import msgspec
 
     from lynx.calibrate.ladder import build_ladder
+    from lynx.calibrate.server_path import ServerPathError
     from lynx_protocol.ladder import PPL_RISE, Threshold, encode_ladder, start_rung
 
     try:
@@ -133,8 +132,8 @@ def _calibrate_ladder(args: argparse.Namespace, folder: Path, batches: list[int]
     try:
         ladder, _ = build_ladder(folder, means, batches, args.windows, args.window_len,
                                  args.heldout_windows, max_ppl_rise=args.max_ppl_rise,
-                                 documents=documents)
-    except ValueError as exc:
+                                 documents=documents, server=server)
+    except (ValueError, ServerPathError) as exc:
         raise ServeError(f"calibrate: {exc}") from None
     print("rung      " + "".join(f"  B={t.batch}: experts  mass   ppl" for t in
                                   ladder.rungs[0].tables), file=sys.stderr)
@@ -214,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--out", type=Path, help="write the policy JSON here (default: stdout)")
     cal.add_argument("--server", help="measure through this SGLang server (started with "
                      "LYNX_EVALUATION=prefill-as-decode, --disable-radix-cache and "
-                     "LYNX_CONTROLLER) instead of transformers; needs --controller-admin")
+                     "LYNX_CONTROLLER) instead of transformers, one policy or --ladder; needs "
+                     "--controller-admin")
     cal.add_argument("--controller-admin", help="--server: the admin URL of the controller "
                      "the server's LYNX_CONTROLLER names, used only for this calibration "
                      "(token: LYNX_ADMIN_TOKEN)")
