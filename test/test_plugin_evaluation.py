@@ -78,6 +78,14 @@ def test_prefill_groups_are_pruned_as_the_transformers_calibration_prunes_window
         other = build_topk(experts=e, top_k=k, layer=1 - layer, renormalize=MODEL.renormalize)
         assert torch.equal(evaluated(runtime, other, logits, positions).topk_ids,
                            standard(stock_call(other, logits)).topk_ids)
+        # ...but counts its experts (the stock union), and no row, mass or rerouting
+        from lynx.selection.statistics import STAT_FIELDS
+
+        counted = dict(zip(STAT_FIELDS, runtime.exporter.layer_totals()[1 - layer].tolist(),
+                           strict=True))
+        assert counted["layer_steps"] == length and counted["kept"] == counted["stock_union"]
+        assert counted["stock_union"] >= length * k and counted["rows"] == 0
+        assert counted["mass_total"] == 0 and counted["rerouted_rows"] == 0
         plain = make_runtime(policy, e, k, layers=2)  # no evaluation mode: prefill is stock
         assert torch.equal(evaluated(plain, topk, logits, positions).topk_ids, stock.topk_ids)
 

@@ -26,7 +26,7 @@ import torch
 
 from lynx.serving.metrics_reader import samples
 from lynx_protocol.ladder_build import single_layer_policy
-from lynx_protocol.policy import PolicySpec
+from lynx_protocol.policy import MAX_BATCH, BudgetBucket, PolicySpec
 
 
 class ServerPathError(RuntimeError):
@@ -37,9 +37,10 @@ class ServerPath:
     """One SGLang server in evaluation mode and its calibration controller."""
 
     def __init__(self, server_url: str, admin_url: str, token: str, num_layers: int,
-                 timeout_s: float = 600.0) -> None:
+                 num_experts: int = 0, timeout_s: float = 600.0) -> None:
         self.server = server_url.rstrip("/")
         self.num_layers = num_layers
+        self.num_experts = num_experts
         self.http = httpx.Client(timeout=timeout_s)
         self.admin = httpx.Client(base_url=admin_url.rstrip("/"), timeout=30.0,
                                   headers={"Authorization": f"Bearer {token}"})
@@ -143,6 +144,9 @@ class ServerPath:
         """`calibrate.ladder.measure_table` through the server: (mean NLL [nats], mean experts
         computed per layer and step, routing mass kept); a layer the table leaves unpruned
         computes its stock union (``unions`` [L], from `server_layer_sensitivity`)."""
+        if spec.name == "off":  # the same routing, but evaluated: experts are counted
+            spec = PolicySpec(name="budget", budgets=[BudgetBucket(
+                max_batch=MAX_BATCH, all_layers=self.num_experts)])
         nll, kept, _, mass = self.measure(windows, spec, batch)
         experts = [k if k is not None else u for k, u in zip(kept, unions, strict=True)]
         return nll, sum(experts) / len(experts), mass
@@ -204,4 +208,4 @@ def open_server_path(folder: Any, server_url: str, admin_url: str, token: str
     except (OSError, KeyError) as exc:
         raise ValueError(f"{folder}: cannot read its config and tokenizer "
                          f"({str(exc).splitlines()[0]})") from None
-    return ServerPath(server_url, admin_url, token, layers), tokenizer, experts, top_k
+    return ServerPath(server_url, admin_url, token, layers, experts), tokenizer, experts, top_k

@@ -9,8 +9,12 @@ per request long enough) form one group, as `lynx.calibrate.tables.RouterHook` g
 calibration windows in transformers: the same request count at the same position, a batch of
 B "decode rows". Each group is selected on its own with the policy's table for its size
 (`calibrate.tables.policy_knobs`), judged on SGLang's own top-K (STANDARD output), and its
-statistics are added to the exporter, which is flushed after every evaluated forward so that
-``/metrics`` holds them when the response returns (`lynx.calibrate.server_path` reads them).
+statistics are added to the exporter (a group the table leaves unpruned adds its layer-step and
+its stock union as experts computed, nothing else: so ``lynx_layer_pruned_steps_total`` counts
+evaluated layer-steps here, and experts cover every layer as the transformers path counts
+them; under policy ``off`` nothing is evaluated), which is flushed after every evaluated
+forward so that ``/metrics`` holds them when the response returns
+(`lynx.calibrate.server_path` reads them).
 
 Shape legend: T prefill rows, E experts, K top_k, G groups (distinct positions).
 
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 
 from lynx.calibrate.tables import policy_knobs
-from lynx.selection import select_layer_step
+from lynx.selection import NO_BUDGET_LIMIT, make_knobs, select_layer_step
+from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output
 from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
 
@@ -48,6 +53,12 @@ class PrefillAsDecode:
 
     def __init__(self) -> None:
         self.groups: list[torch.Tensor] | None = None  # this forward's, when it is evaluated
+        # a group a layer leaves unpruned still counts its layer-step, experts and union (a
+        # table's experts computed covers every layer), but no row, mass or rerouting
+        self._count_only = make_knobs("cpu", enabled=True, budget=NO_BUDGET_LIMIT,
+                                      policy="budget")
+        self._experts_only = torch.tensor(
+            [float(f in ("layer_steps", "kept", "stock_union")) for f in STAT_FIELDS])
 
     def check(self, model_runner: Any) -> None:
         """At start-up: refuse SGLang's settings that cannot evaluate (`LynxConfigError`);
@@ -100,10 +111,15 @@ class PrefillAsDecode:
         bias = topk.topk_config.correction_bias if router.has_correction_bias else None
         for group in self.groups:
             knobs = policy_knobs(state.policy, group.numel(), layer, state.num_experts)
-            if not bool(knobs.enabled):
-                continue
             index = group.to(router_logits.device)
             rows = torch.ones(index.numel(), dtype=torch.bool, device=router_logits.device)
+            if not bool(knobs.enabled):  # unpruned here: count its experts (the stock union)
+                if exporter is not None:
+                    step = select_layer_step("budget", router_logits[index], router,
+                                             self._count_only, rows, rows, bias,
+                                             stock_ids=own_ids[index])
+                    exporter.accumulate(layer, step.stats * self._experts_only)
+                continue
             step = select_layer_step(state.policy.name, router_logits[index], router, knobs,
                                      rows, rows, bias, stock_ids=own_ids[index])
             ids[index] = step.topk_ids.to(ids.dtype)
