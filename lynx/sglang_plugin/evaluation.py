@@ -33,7 +33,7 @@ import torch
 from lynx.calibrate.tables import policy_knobs
 from lynx.selection import NO_BUDGET_LIMIT, make_knobs, select_layer_step
 from lynx.selection.statistics import STAT_FIELDS
-from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output
+from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, standard_routed
 from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
 
 EVALUATION_MODE = "prefill-as-decode"
@@ -89,8 +89,7 @@ class PrefillAsDecode:
         plan = runtime.plan_for(topk, layer, path)
         if plan.mode == "pass":
             return output
-        if plan.mode == "logits" or type(output).__name__ != "StandardTopKOutput" or (
-                output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots) or (
+        if plan.mode == "logits" or not standard_routed(output, plan.router) or (
                 kwargs.get("dynamic_expert_bias") is not None):
             runtime.record_plan(layer, path, LayerPlan("pass", "evaluation_format"))
             return output

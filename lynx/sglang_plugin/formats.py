@@ -151,6 +151,13 @@ def plan_layer(topk: Any, path: str, ep_ranks: int = 1, ep_balance: bool = True
     return _pass("unexpected_output")
 
 
+def standard_routed(output: Any, router: RouterSpec) -> bool:
+    """Whether a TopK ``output`` is SGLang's STANDARD format with the router's K routed (+ S
+    shared) columns: the only output whose ids Lynx judges on and rewrites."""
+    return type(output).__name__ == "StandardTopKOutput" and (
+        output.topk_ids.shape[1] == router.top_k + router.shared_slots)
+
+
 def merge_standard_output(output: Any, routed_weights: Any, routed_ids: Any,
                           rerouted: Any, top_k: int) -> Any:
     """SGLang's STANDARD output with the first ``top_k`` (routed) columns replaced by

@@ -29,7 +29,12 @@ from lynx.sglang_plugin.config import (
     ladder_rung_policy,
     moe_shape,
 )
-from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, plan_layer
+from lynx.sglang_plugin.formats import (
+    LayerPlan,
+    merge_standard_output,
+    plan_layer,
+    standard_routed,
+)
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.startup import apply_logger, selection_graph_keys
@@ -223,8 +228,7 @@ class LynxRuntime:
                 self.record_plan(layer, path, LayerPlan("pass", "eplb_dispatch"))
                 return original(topk, hidden_states, router_logits, *args, **kwargs)
             output = original(topk, hidden_states, router_logits, *args, **kwargs)
-            if type(output).__name__ != "StandardTopKOutput" or (
-                    output.topk_ids.shape[1] != plan.router.top_k + plan.router.shared_slots):
+            if not standard_routed(output, plan.router):
                 self.record_plan(layer, path, LayerPlan("pass", "packed_ids" if hasattr(
                     output, "packed_topk_ids") else "unexpected_output"))
                 return output

@@ -43,7 +43,7 @@ from lynx.selection.shadow import (
     shadow_width,
 )
 from lynx.sglang_plugin.eplb import call_dispatch_info
-from lynx.sglang_plugin.formats import LayerPlan
+from lynx.sglang_plugin.formats import LayerPlan, standard_routed
 from lynx.sglang_plugin.step_state import BATCH_BUCKETS, RuntimeState
 from lynx_protocol.shadow import SHADOW_FORMAT
 
@@ -106,9 +106,8 @@ class ShadowRecorder:
             return
         router = plan.router
         ids = None
-        if call_dispatch_info(topk, kwargs) is None and type(  # logical ids
-                output).__name__ == "StandardTopKOutput" and (
-                output.topk_ids.shape[1] == router.top_k + router.shared_slots):
+        if call_dispatch_info(topk, kwargs) is None and standard_routed(  # logical ids
+                output, router):
             ids = output.topk_ids[:, : router.top_k]
         bias = topk.topk_config.correction_bias if router.has_correction_bias else None
         self.observe(int(topk.layer_id), router_logits, router, bias, ids)
