@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
                                           if t.strip()], include)
     extra: tuple[str, ...] = ()
     if in_prefill:  # log-likelihood: only evaluation mode prunes prefill rows
-        env = {**env, "LYNX_EVALUATION": "prefill-as-decode"}
+        from lynx.sglang_plugin.config import EVALUATION_MODE
+
+        env = {**env, "LYNX_EVALUATION": EVALUATION_MODE}
         extra = ("--disable-radix-cache",)
     tokenizer = model if in_prefill else None
     cache = work / "datasets"

@@ -47,6 +47,8 @@ from typing import Any
 from lynx_protocol.policy import BudgetBucket, PolicyError, PolicySpec, decode_policy_json
 
 TRUE_VALUES = ("1", "true", "yes", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
+EVALUATION_MODE = "prefill-as-decode"  # LYNX_EVALUATION's one value (`evaluation`)
 
 
 def default_policy(num_experts: int, top_k: int) -> PolicySpec:
@@ -212,7 +214,7 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
         return default
-    if raw not in {*TRUE_VALUES, "0", "false", "no", "off"}:
+    if raw not in {*TRUE_VALUES, *FALSE_VALUES}:
         raise LynxConfigError(f"{name}={raw!r}: expected 1 or 0")
     return raw in TRUE_VALUES
 
@@ -256,7 +258,7 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     if shadow_link and controller is None:
         raise LynxConfigError(f"LYNX_SHADOW={shadow_raw}: sends shadow statistics to the "
                               "controller; set LYNX_CONTROLLER, or give a file to write them to")
-    shadow = (None if shadow_link or shadow_raw.lower() in ("", "0", "false", "no", "off")
+    shadow = (None if shadow_link or shadow_raw.lower() in ("", *FALSE_VALUES)
               else Path(shadow_raw))
     if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
         raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
@@ -265,9 +267,9 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         raise LynxConfigError(f"LYNX_SHADOW_EVERY={every!r}: expected an integer in "
                               "[1, 1000000] (measure one decode step in this many)")
     evaluation = env.get("LYNX_EVALUATION", "").strip()
-    if evaluation not in ("", "prefill-as-decode"):
+    if evaluation not in ("", EVALUATION_MODE):
         raise LynxConfigError(f"LYNX_EVALUATION={evaluation!r}: the only evaluation mode is "
-                              "'prefill-as-decode' (never for serving)")
+                              f"{EVALUATION_MODE!r} (never for serving)")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(

@@ -36,7 +36,6 @@ from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, standard_routed
 from lynx.sglang_plugin.step_state import RuntimeState, StepLayout
 
-EVALUATION_MODE = "prefill-as-decode"
 logger = logging.getLogger("lynx.plugin")
 
 
