@@ -29,13 +29,11 @@ from lynx_policy.state import StateError, write_atomically
 from lynx_protocol.ladder import Ladder, encode_ladder
 from lynx_protocol.messages import Register, ShadowStats
 from lynx_protocol.shadow import (
-    SHADOW_BASE,
-    SHADOW_FORMAT,
-    SHADOW_PER_BUDGET,
     ShadowError,
     check_shadow,
     ladder_from_shadow,
     rows_problem,
+    shadow_document,
 )
 
 SHADOW_FILE = "shadow.json"
@@ -125,12 +123,9 @@ class ShadowStore:
         data = self.data()
         if data is None:
             return None
-        return json.dumps(allow_nan=False, obj={
-            "format": SHADOW_FORMAT, "model": data["model"], "budgets": data["budgets"],
-            "batch_buckets": data["batch_buckets"], "every": data["every"],
-            "fields": {"base": list(SHADOW_BASE), "per_budget": list(SHADOW_PER_BUDGET)},
-            "buckets": [{"max_batch": edge, "layers": rows}
-                        for edge, rows in data["buckets"].items()]}).encode()
+        return json.dumps(shadow_document(
+            data["model"], data["budgets"], data["batch_buckets"], data["every"],
+            data["buckets"]), allow_nan=False).encode()
 
     def persist(self) -> None:
         """Write ``shadow.json`` if anything changed (or remove it after a reset)."""

@@ -168,6 +168,16 @@ def check_shadow(raw: bytes, where: str) -> dict[str, Any]:
             "every": data.every, "buckets": {b.max_batch: b.layers for b in data.buckets}}
 
 
+def shadow_document(model: dict[str, int], budgets: list[int], edges: list[int], every: int,
+                    buckets: dict[int | None, list[list[float]]]) -> dict[str, Any]:
+    """The file's content (JSON-ready) for statistics as data: what `check_shadow` reads
+    back. ``buckets``: edge (None above the last) -> [L][W] sums."""
+    return {"format": SHADOW_FORMAT, "model": model, "budgets": budgets,
+            "batch_buckets": edges, "every": every,
+            "fields": {"base": list(SHADOW_BASE), "per_budget": list(SHADOW_PER_BUDGET)},
+            "buckets": [{"max_batch": edge, "layers": rows} for edge, rows in buckets.items()]}
+
+
 def merge_shadow(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Statistics of several sources (``(where, data)``; a DP deployment writes one file per
     DP rank) summed bucket by bucket. Raises `ShadowError` when there are none, or a source

@@ -36,8 +36,6 @@ import torch
 from lynx.selection.keep_rules import batch_totals
 from lynx.selection.routers import RouterSpec, engine_routing, stock_routing
 from lynx.selection.shadow import (
-    SHADOW_BASE,
-    SHADOW_PER_BUDGET,
     shadow_budgets,
     shadow_statistics,
     shadow_width,
@@ -45,8 +43,9 @@ from lynx.selection.shadow import (
 from lynx.sglang_plugin.eplb import call_dispatch_info
 from lynx.sglang_plugin.formats import LayerPlan, standard_routed
 from lynx.sglang_plugin.step_state import BATCH_BUCKETS, RuntimeState
-from lynx_protocol.shadow import SHADOW_FORMAT
+from lynx_protocol.shadow import SHADOW_FORMAT, shadow_document
 
+__all__ = ["SHADOW_FORMAT", "ShadowRecorder", "shadow_path"]
 logger = logging.getLogger("lynx.plugin")
 
 
@@ -153,18 +152,13 @@ class ShadowRecorder:
     def snapshot(self) -> dict[str, Any]:
         """The file's content (see the module doc)."""
         sums = self.accumulator.to("cpu")
-        buckets = []
+        buckets = {}
         for slot in range(sums.shape[0]):
             if float(sums[slot, :, 0].sum()) == 0.0:
                 continue
             edge = BATCH_BUCKETS[slot] if slot < len(BATCH_BUCKETS) else None
-            buckets.append({"max_batch": edge, "layers": [
-                [round(v, 6) for v in row] for row in sums[slot].tolist()]})
+            buckets[edge] = [[round(v, 6) for v in row] for row in sums[slot].tolist()]
         state = self.state
-        return {"format": SHADOW_FORMAT, "model": {
-                    "num_layers": state.num_layers, "num_experts": state.num_experts,
-                    "top_k": state.top_k},
-                "budgets": self.budgets, "batch_buckets": list(BATCH_BUCKETS),
-                "every": state.shadow_every,
-                "fields": {"base": list(SHADOW_BASE), "per_budget": list(SHADOW_PER_BUDGET)},
-                "buckets": buckets}
+        return shadow_document({"num_layers": state.num_layers, "num_experts": state.num_experts,
+                                "top_k": state.top_k}, self.budgets, list(BATCH_BUCKETS),
+                               state.shadow_every, buckets)
