@@ -43,10 +43,10 @@ class AcceptRequest(msgspec.Struct, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(max_length=64)]
 
 
-def proposal_view(proposal: dict[str, Any], full: bool = True) -> dict[str, Any]:
-    """What ``GET /v1/ladder/proposal`` shows (``full``: with the ladder itself)."""
+def proposal_view(proposal: dict[str, Any]) -> dict[str, Any]:
+    """What ``GET /v1/ladder/proposal`` shows: a summary, and the ladder itself."""
     ladder = proposal["ladder"]
-    view = {
+    return {
         "id": proposal["id"], "built_at": proposal["built_at"], "cost_kind": ladder.kind,
         "replicas": proposal["replicas"],
         "rungs": [{"name": r.name, "experts_computed": round(r.experts(), 3),
@@ -55,10 +55,8 @@ def proposal_view(proposal: dict[str, Any], full: bool = True) -> dict[str, Any]
         "dropped": [{"name": d.name, "reason": d.reason} for d in ladder.dropped],
         "steps_by_bucket": {str(k or "inf"): v
                             for k, v in proposal["report"]["steps_by_bucket"].items()},
+        "ladder": msgspec.to_builtins(ladder),
     }
-    if full:
-        view["ladder"] = msgspec.to_builtins(ladder)
-    return view
 
 
 def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
@@ -71,13 +69,12 @@ def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
 
     @app.get("/v1/shadow", tags=["policy"], summary="The fleet's shadow statistics")
     def get_shadow(_: authorized) -> dict[str, Any]:
-        data = store.data()
+        shape = store.shape() or {}
         return {
-            "model": None if data is None else data["model"],
-            "budgets": None if data is None else data["budgets"],
-            "every": None if data is None else data["every"],
+            "model": shape.get("model"), "budgets": shape.get("budgets"),
+            "every": shape.get("every"),
             "steps_by_bucket": {str(k or "inf"): v for k, v in store.steps_by_bucket().items()},
-            "replicas": dict(sorted(store.contributors.items())[:64]),
+            "replicas": store.replicas(),
             "refused": store.refused,
             "proposal": None if store.proposal is None else store.proposal["id"],
         }
@@ -101,7 +98,7 @@ def add_shadow_routes(app: FastAPI, controller: "Controller", authorized: Any,
             generation = store.generation
             try:
                 proposal = await asyncio.to_thread(  # a snapshot: the hub keeps adding
-                    build_proposal, store.data(), sorted(store.contributors)[:64],
+                    build_proposal, store.data(), list(store.replicas()),
                     body.means, body.min_steps, body.max_mass_lost, body.name)
             except ShadowError as exc:
                 reject(request, "ladder_proposal", 422, str(exc))

@@ -73,12 +73,13 @@ class ShadowStore:
         """Add one message from the registered replica ``reg``; returns why it was refused
         (None: added). Refused: layers other than the replica's, budgets outside [top_k, E),
         or another shape, grid or sampling than the statistics held."""
-        why = self._misfit(reg, msg)
+        grid = (reg.num_layers, reg.num_experts, reg.top_k, tuple(msg.budgets), msg.every,
+                tuple(msg.batch_buckets))
+        why = self._misfit(reg, msg, grid)
         if why is not None:
             self.refused += 1
             return why
-        self.grid = (reg.num_layers, reg.num_experts, reg.top_k, tuple(msg.budgets), msg.every,
-                     tuple(msg.batch_buckets))
+        self.grid = grid
         edge = msg.max_batch or None
         flat = [v for row in msg.layers for v in row]
         total = self.sums.setdefault(edge, array("d", bytes(8 * len(flat))))
@@ -91,7 +92,7 @@ class ShadowStore:
             self.persist()
         return None
 
-    def _misfit(self, reg: Register, msg: ShadowStats) -> str | None:
+    def _misfit(self, reg: Register, msg: ShadowStats, grid: tuple[Any, ...]) -> str | None:
         budgets = tuple(msg.budgets)
         if len(msg.layers) != reg.num_layers:
             return f"{len(msg.layers)} layers, the replica registered {reg.num_layers}"
@@ -100,23 +101,35 @@ class ShadowStore:
         inconsistent = rows_problem(msg.layers, reg.num_layers, len(budgets), reg.num_experts)
         if inconsistent is not None:
             return inconsistent
-        grid = (reg.num_layers, reg.num_experts, reg.top_k, budgets, msg.every,
-                tuple(msg.batch_buckets))
         if self.grid is not None and grid != self.grid and self.sums:
             return ("another model shape, budget grid or sampling than the statistics held "
                     "(DELETE /v1/shadow to start over)")
         return None
 
-    def data(self) -> dict[str, Any] | None:
-        """The statistics as data (`lynx_protocol.shadow`), or None before any arrived."""
+    def shape(self) -> dict[str, Any] | None:
+        """The statistics' ``model``, ``budgets``, ``batch_buckets`` and ``every`` (None before
+        any arrived), without copying the sums."""
         if self.grid is None or not self.sums:
             return None
         layers, experts, top_k, budgets, every, edges = self.grid
-        width = len(self.sums[next(iter(self.sums))]) // layers
         return {"model": {"num_layers": layers, "num_experts": experts, "top_k": top_k},
-                "budgets": list(budgets), "batch_buckets": list(edges), "every": every,
-                "buckets": {edge: [list(flat[i * width:(i + 1) * width]) for i in range(layers)]
-                            for edge, flat in self.sums.items()}}
+                "budgets": list(budgets), "batch_buckets": list(edges), "every": every}
+
+    def data(self) -> dict[str, Any] | None:
+        """The statistics as data (`lynx_protocol.shadow`; a copy), or None before any
+        arrived."""
+        shape = self.shape()
+        if shape is None:
+            return None
+        layers = shape["model"]["num_layers"]
+        width = len(self.sums[next(iter(self.sums))]) // layers
+        return {**shape, "buckets": {
+            edge: [list(flat[i * width:(i + 1) * width]) for i in range(layers)]
+            for edge, flat in self.sums.items()}}
+
+    def replicas(self, limit: int = 64) -> dict[str, int]:
+        """Messages added per contributing replica (the first ``limit`` ids, sorted)."""
+        return dict(sorted(self.contributors.items())[:limit])
 
     def file_bytes(self) -> bytes | None:
         """The statistics in the runtimes' file format (None: none held)."""
@@ -159,13 +172,6 @@ class ShadowStore:
     def steps_by_bucket(self) -> dict[int | None, float]:
         """Measured decode steps per bucket."""
         return {edge: self.steps(edge) for edge in self.sums}
-
-    def propose(self, means: list[float] | None, min_steps: int, max_mass_lost: float,
-                name: str = "") -> dict[str, Any]:
-        """`build_proposal` from the statistics held now, kept for review."""
-        self.proposal = build_proposal(self.data(), sorted(self.contributors)[:64], means,
-                                       min_steps, max_mass_lost, name)
-        return self.proposal
 
     def accepted(self, proposal_id: str) -> Ladder:
         """The proposal's ladder if ``proposal_id`` names it. Raises LookupError (none) or
