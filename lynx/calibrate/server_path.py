@@ -61,7 +61,7 @@ class ServerPath:
         result: dict[str, Any] = reply.json()
         return result
 
-    def _get(self, url: str, body: Any = None) -> httpx.Response:
+    def _server_call(self, url: str, body: Any = None) -> httpx.Response:
         """GET ``url`` (POST with a JSON ``body``); `ServerPathError` when unreachable."""
         try:
             return (self.http.get(url) if body is None else self.http.post(url, json=body))
@@ -90,7 +90,7 @@ class ServerPath:
     def counters(self) -> tuple[list[float], list[float], list[float], tuple[float, float]]:
         """Per layer [L]: pruned layer-steps, experts kept and stock union, summed so far;
         and (routing mass kept, routing mass) of the pruned rows."""
-        text = self._get(f"{self.server}/metrics").text
+        text = self._server_call(f"{self.server}/metrics").text
         out = []
         for name in ("lynx_layer_pruned_steps_total", "lynx_experts_kept_total",
                      "lynx_experts_stock_union_total"):
@@ -108,7 +108,7 @@ class ServerPath:
         one batch (prefilled together), from SGLang's ``input_token_logprobs``."""
         body = {"input_ids": chunk.tolist(), "return_logprob": True, "logprob_start_len": 0,
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
-        reply = self._get(f"{self.server}/generate", body)
+        reply = self._server_call(f"{self.server}/generate", body)
         if reply.status_code != 200:
             raise ServerPathError(f"server /generate: {reply.status_code} {reply.text[:300]}"
                                   .replace("\n", " "))
