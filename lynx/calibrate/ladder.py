@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lynx.calibrate.tables import (
+    allocate_routed,
     default_candidates,
     layer_sensitivity,
     model_shape,
@@ -39,7 +40,7 @@ from lynx_protocol.ladder import (
     RungTable,
     validate_ladder,
 )
-from lynx_protocol.ladder_build import STOCK_RUNG, allocate, assemble_rungs, default_means
+from lynx_protocol.ladder_build import STOCK_RUNG, assemble_rungs, default_means
 from lynx_protocol.policy import BudgetBucket, PolicySpec
 
 __all__ = ["STOCK_RUNG", "assemble_rungs", "build_ladder", "default_means", "measure_table",
@@ -85,7 +86,7 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
     from lynx.calibrate.corpus import calibration_streams, corpus_windows
 
     torch.manual_seed(seed)
-    unions: list[float] = []
+    unions: list[float | None] = []  # server path: per layer, None where nothing routes
     if server is None:
         from lynx.reference.loading import load_reference
 
@@ -135,8 +136,8 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
                                  "sensitivity_nats": sensitivity, "kept": kept, "rungs": {}}
         for mean in means:
             name = f"m{mean:g}"
-            try:
-                budgets = allocate(sensitivity, mean, kept)
+            try:  # over the routed layers; a dense one is never pruned and in no mean
+                budgets = allocate_routed(sensitivity, mean, kept, experts)
             except ValueError as exc:
                 unreachable[name] = str(exc)
                 continue

@@ -140,7 +140,7 @@ class ServerPath:
         return total / max(count, 1), kept, union, min(max(mass, 0.0), 1.0)
 
     def measure_table(self, windows: torch.Tensor, spec: PolicySpec, batch: int,
-                      unions: list[float]) -> tuple[float, float, float]:
+                      unions: list[float | None]) -> tuple[float, float, float]:
         """`calibrate.ladder.measure_table` through the server: (mean NLL [nats], mean experts
         computed per layer and step, routing mass kept); a layer the table leaves unpruned
         computes its stock union (``unions`` [L], from `server_layer_sensitivity`)."""
@@ -148,21 +148,23 @@ class ServerPath:
             spec = PolicySpec(name="budget", budgets=[BudgetBucket(
                 max_batch=MAX_BATCH, all_layers=self.num_experts)])
         nll, kept, _, mass = self.measure(windows, spec, batch)
-        experts = [k if k is not None else u for k, u in zip(kept, unions, strict=True)]
-        return nll, sum(experts) / len(experts), mass
+        experts = [k if k is not None else u for k, u in zip(kept, unions, strict=True)
+                   if k is not None or u is not None]  # dense layers count in no mean
+        return nll, sum(experts) / len(experts) if experts else 0.0, mass
 
 
 def server_layer_sensitivity(path: ServerPath, windows: torch.Tensor, batch: int,
                              candidates: Sequence[int], num_experts: int,
-                             unions: list[float] | None = None
+                             unions: list[float | None] | None = None
                              ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
     """`calibrate.tables.layer_sensitivity` through the server: per layer, {budget: mean NLL
     rise [nats] with only that layer pruned to it} and {budget: mean distinct experts that
     layer computes per step under it} (the unpruned candidate E: the measured stock union,
-    also appended per layer to ``unions`` when given). A layer that records no pruned step
-    (a dense layer such as DeepSeek-V3's first three, or one Lynx passes through) costs
-    nothing and computes E at every budget: it is never pruned. Raises `ServerPathError`
-    when no layer records a step (the server is not in evaluation mode)."""
+    also appended per layer to ``unions`` when given, None for a layer without). A layer
+    that records no pruned step (a dense layer such as DeepSeek-V3's first three, or one Lynx
+    passes through) gets empty curves, as in `layer_sensitivity`: never pruned, in no mean
+    (`tables.allocate_routed`). Raises `ServerPathError` when no layer records a step (the
+    server is not in evaluation mode)."""
     layers = path.num_layers
     stock = path.measure(windows, PolicySpec(name="off"), batch)[0]
     rise: list[dict[int, float]] = [{} for _ in range(layers)]
@@ -176,16 +178,14 @@ def server_layer_sensitivity(path: ServerPath, windows: torch.Tensor, batch: int
             nll, computed, stock_unions, _ = path.measure(
                 windows, single_layer_policy(layer, m, layers, num_experts), batch)
             if computed[layer] is None:  # not a routed layer here: no pruning to measure
-                rise[layer] = dict.fromkeys(candidates, 0.0)
-                kept[layer] = dict.fromkeys(candidates, float(num_experts))
                 break
             rise[layer][m], kept[layer][m] = max(0.0, nll - stock), float(computed[layer])
             union, measured = stock_unions[layer], True
         if unions is not None:
-            unions.append(float(union if union is not None else num_experts))
-        if num_experts in candidates:
+            unions.append(None if union is None else float(union))
+        if num_experts in candidates and union is not None:
             rise[layer][num_experts] = 0.0
-            kept[layer][num_experts] = float(union if union is not None else num_experts)
+            kept[layer][num_experts] = float(union)
     if not measured:
         raise ServerPathError("no layer recorded a pruned step: is the server in evaluation "
                               "mode (LYNX_EVALUATION=prefill-as-decode)?")

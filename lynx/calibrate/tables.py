@@ -25,6 +25,7 @@ the server, only rerouted rows change (`lynx.selection.merge_rerouted`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,10 +109,15 @@ class RouterHook:
         return router_logits, weights, ids
 
 
-def moe_routers(model: Any) -> list[Any]:
-    """The MoE router modules of a transformers Mixtral / Qwen3-MoE model, in layer order."""
-    return [m for name, m in model.named_modules()
-            if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+def moe_routers(model: Any) -> dict[int, Any]:
+    """{decoder layer index: MoE router module} of a transformers Mixtral / Qwen3-MoE model,
+    in layer order; a dense layer (Qwen3-MoE's ``mlp_only_layers``) has none."""
+    routers = {}
+    for name, module in model.named_modules():
+        found = re.search(r"layers\.(\d+)\.mlp\.gate$", name)
+        if found and hasattr(module, "top_k"):
+            routers[int(found.group(1))] = module
+    return dict(sorted(routers.items()))
 
 
 def model_shape(model: Any) -> tuple[int, int, bool]:
@@ -127,8 +133,8 @@ def router_hooks(model: Any, spec: PolicySpec, batch: int,
     """``spec`` applied to every router of ``model`` while the context is open."""
     experts, top_k, renormalize = model_shape(model)
     routers = moe_routers(model)
-    hooks = [factory(spec, batch, i, experts, top_k, renormalize) for i in range(len(routers))]
-    handles = [r.register_forward_hook(h) for r, h in zip(routers, hooks, strict=True)]
+    hooks = [factory(spec, batch, layer, experts, top_k, renormalize) for layer in routers]
+    handles = [r.register_forward_hook(h) for r, h in zip(routers.values(), hooks, strict=True)]
     try:
         yield hooks
     finally:
@@ -140,7 +146,7 @@ def router_hooks(model: Any, spec: PolicySpec, batch: int,
 def mean_nll(model: Any, windows: torch.Tensor, spec: PolicySpec, batch: int
              ) -> tuple[float, list[float]]:
     """(mean next-token negative log-likelihood [nats] of ``windows`` [N,P] under ``spec``,
-    mean distinct experts computed per step in each MoE layer [L])."""
+    mean distinct experts computed per step in each MoE layer, in layer order)."""
     total, count = 0.0, 0
     with router_hooks(model, spec, batch) as hooks:
         for chunk in windows.split(batch):
@@ -161,19 +167,35 @@ def window_nll(model: Any, chunk: torch.Tensor) -> tuple[float, int, torch.Tenso
 
 def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates: Sequence[int]
                       ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
-    """Per layer, {budget: mean NLL rise [nats] with only that layer pruned to it} and
-    {budget: mean distinct experts that layer computes per step under it}."""
+    """Per decoder layer [L], {budget: mean NLL rise [nats] with only that layer pruned to
+    it} and {budget: mean distinct experts that layer computes per step under it}; both
+    empty for a dense layer (no router: never pruned, see `allocate_routed`)."""
     experts, _, _ = model_shape(model)
-    layers = len(moe_routers(model))
+    layers = model.config.num_hidden_layers
     stock, _ = mean_nll(model, windows, PolicySpec(name="off"), batch)
     rise: list[dict[int, float]] = [{} for _ in range(layers)]
     kept: list[dict[int, float]] = [{} for _ in range(layers)]
-    for layer in range(layers):
+    for position, layer in enumerate(moe_routers(model)):
         for m in candidates:
             nll, computed = mean_nll(model, windows,
                                      single_layer_policy(layer, m, layers, experts), batch)
-            rise[layer][m], kept[layer][m] = max(0.0, nll - stock), computed[layer]
+            rise[layer][m], kept[layer][m] = max(0.0, nll - stock), computed[position]
     return rise, kept
+
+
+def allocate_routed(sensitivity: Sequence[dict[int, float]], target_mean: float,
+                    kept: Sequence[dict[int, float]], num_experts: int) -> list[int]:
+    """`allocate` over the layers with routed experts (a non-empty ``kept`` curve): per
+    decoder layer [L] budgets [experts], E for a dense layer (never pruned, in no mean).
+    Raises ValueError as `allocate` does, or when no layer is routed."""
+    routed = [i for i, curve in enumerate(kept) if curve]
+    if not routed:
+        raise ValueError("no layer has routed experts to prune")
+    chosen = allocate([sensitivity[i] for i in routed], target_mean, [kept[i] for i in routed])
+    budgets = [num_experts] * len(kept)
+    for layer, budget in zip(routed, chosen, strict=True):
+        budgets[layer] = budget
+    return budgets
 
 
 def calibrated_policy(tables: Sequence[tuple[int, Sequence[int]]], num_experts: int
@@ -241,10 +263,10 @@ def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32
         data = corpus_windows(stream, windows - windows % batch, window_len,
                               torch.Generator().manual_seed(seed), f"the calibration {what}")
         sensitivity, kept = sensitivity_of(data, batch, candidates)
-        budgets = allocate(sensitivity, target_mean, kept)
+        budgets = allocate_routed(sensitivity, target_mean, kept, experts)
+        computed = [k[m] for k, m in zip(kept, budgets, strict=True) if k]
         per_batch.append({"batch": batch, "sensitivity_nats": sensitivity, "kept": kept,
-                          "budgets": budgets, "mean_kept": sum(
-                              k[m] for k, m in zip(kept, budgets, strict=True)) / len(budgets)})
+                          "budgets": budgets, "mean_kept": sum(computed) / len(computed)})
     return {"model": str(folder), "data": what, "target_mean": target_mean, "windows": windows,
             "path": "transformers" if server is None else f"server {server[0]}",
             "window_len": window_len, "candidates": candidates, "per_batch": per_batch,
