@@ -10,7 +10,10 @@
    verify steps (``benchmark/verify_steps.py``), goodput (``benchmark/goodput.py``),
    the testbed's f, S and TPOT ratio (``benchmark/testbed.py``) and the speed/perplexity
    frontier of every policy, calibrated per-layer tables included, on the production-ratio
-   model (``benchmark/frontier.py``);
+   model (``benchmark/frontier.py``), and issue 25's: calibration through a server against
+   transformers (``benchmark/calibrate_paths.py``), the shadow-built ladder and shadow mode's
+   cost (``benchmark/shadow_ladder.py``, ``benchmark/shadow_overhead.py``) and the lm-eval
+   gate on every reference model (``benchmark/eval_gate.py``);
 4. ``benchmark/results/summary.json`` (the issue's schema), the PNGs under
    ``benchmark/results/`` and ``benchmark/RESULTS.md``.
 """
@@ -28,14 +31,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmark import (
+    calibrate_paths,
+    calibration_report,
     e2e_decode,
     ep_serving,
+    eval_gate,
     frontier,
     goodput,
     moe_layer,
     plugin_overhead,
     report,
     results_md,
+    shadow_ladder,
+    shadow_overhead,
     slo_pareto,
     slo_pareto_report,
     testbed,
@@ -65,6 +73,10 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         frontier.main(["--out", str(out_dir / "frontier.json")])
         testbed.main(["--out", str(out_dir / "testbed.json")])
         ep_serving.main(["--out", str(out_dir / "ep_serving.json")])
+        calibrate_paths.main(["--out", str(out_dir / "calibrate_paths.json")])
+        shadow_ladder.main(["--out", str(out_dir / "shadow_ladder.json")])
+        shadow_overhead.main(["--out", str(out_dir / "shadow_overhead.json")])
+        eval_gate.main(["--out", str(out_dir / "eval_gate.json")])
     info = {"quick": quick, "elapsed_s": round(time.time() - started, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
@@ -111,7 +123,8 @@ def render(out_dir: Path) -> dict[str, Any]:
             json.loads(good.read_text())) if good.exists() else "") + (
         frontier.markdown(layer_frontier) if layer_frontier else "") + (
         testbed.markdown(bed_data) if bed_data else "") + (
-        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else ""))
+        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else "")
+        + calibration_report.markdown(out_dir))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary
 

@@ -41,15 +41,17 @@ from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 NO_PRUNING_BELOW = 4  # decode rows, as the default policy
 
 
-def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int) -> SelectionKnobs:
+def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int,
+                 device: torch.device | str = "cpu") -> SelectionKnobs:
     """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
-    ``layer`` (``enabled`` False where it would not prune: policy off, or a budget >= E)."""
+    ``layer`` (``enabled`` False where it would not prune: policy off, or a budget >= E), on
+    ``device`` (the router logits')."""
     budget = NO_BUDGET_LIMIT
     if spec.name == "budget":
         bucket = bucket_for(spec, batch)
         budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
     enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
-    return make_knobs("cpu", enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
+    return make_knobs(device, enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
                       alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name,
                       coverage=spec.coverage)
 

@@ -54,10 +54,17 @@ class PrefillAsDecode:
         self.groups: list[torch.Tensor] | None = None  # this forward's, when it is evaluated
         # a group a layer leaves unpruned still counts its layer-step, experts and union (a
         # table's experts computed covers every layer), but no row, mass or rerouting
-        self._count_only = make_knobs("cpu", enabled=True, budget=NO_BUDGET_LIMIT,
-                                      policy="budget")
-        self._experts_only = torch.tensor(
-            [float(f in ("layer_steps", "kept", "stock_union")) for f in STAT_FIELDS])
+        self._counting: dict[torch.device, tuple[Any, torch.Tensor]] = {}  # per device
+
+    def _count_only(self, device: torch.device) -> tuple[Any, torch.Tensor]:
+        """(knobs that prune nothing, the [S] mask of the statistics such a group counts), on
+        the router logits' device (made once per device, outside any graph)."""
+        if device not in self._counting:
+            self._counting[device] = (
+                make_knobs(device, enabled=True, budget=NO_BUDGET_LIMIT, policy="budget"),
+                torch.tensor([float(f in ("layer_steps", "kept", "stock_union"))
+                              for f in STAT_FIELDS], device=device))
+        return self._counting[device]
 
     def check(self, model_runner: Any) -> None:
         """At start-up: refuse SGLang's settings that cannot evaluate (`LynxConfigError`);
@@ -108,15 +115,17 @@ class PrefillAsDecode:
         rerouted = torch.zeros(own_ids.shape[0], dtype=torch.bool, device=own_ids.device)
         bias = topk.topk_config.correction_bias if router.has_correction_bias else None
         for group in self.groups:
-            knobs = policy_knobs(state.policy, group.numel(), layer, state.num_experts)
-            index = group.to(router_logits.device)
-            rows = torch.ones(index.numel(), dtype=torch.bool, device=router_logits.device)
+            device = router_logits.device
+            knobs = policy_knobs(state.policy, group.numel(), layer, state.num_experts, device)
+            index = group.to(device)
+            rows = torch.ones(index.numel(), dtype=torch.bool, device=device)
             if not bool(knobs.enabled):  # unpruned here: count its experts (the stock union)
                 if exporter is not None:
+                    count_knobs, mask = self._count_only(device)
                     step = select_layer_step("budget", router_logits[index], router,
-                                             self._count_only, rows, rows, bias,
+                                             count_knobs, rows, rows, bias,
                                              stock_ids=own_ids[index])
-                    exporter.accumulate(layer, step.stats * self._experts_only)
+                    exporter.accumulate(layer, step.stats * mask)
                 continue
             step = select_layer_step(state.policy.name, router_logits[index], router, knobs,
                                      rows, rows, bias, stock_ids=own_ids[index])
