@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": args.model, "batch": args.batch,
               "calibration": f"{args.windows} windows x {args.window_len} tokens, held-out "
                              f"{args.heldout_windows} windows, seed {args.seed}",
-              "unseen": f"{unseen.name} ({unseen})",
+              "unseen": f"{unseen.parent.name}/{unseen.name}",
               "wall_s": {k: round(v, 1) for k, v in wall.items()},
               "server_startup_s": round(startup, 1),
               "comparison": compare(reports, ladders), "rungs": rows,

@@ -91,7 +91,8 @@ through SGLang's completions endpoint, {d['limit']} documents per task, {d['conc
 requests in flight; the `_choice` tasks are log-likelihood twins scored in evaluation mode.
 Delta = Lynx - stock [points] with its paired standard error; threshold
 {d['threshold_points']:g} point; kept/union = experts kept over the stock union in the Lynx
-server's pruned steps (1.000: nothing was pruned, the gate measured stock).
+server's pruned steps (1.000: nothing was pruned, the gate measured stock).{
+    chr(10) + d['note'] + '.' if d.get('note') else ''}
 
 {markdown_table(["model", "policy", "task", "stock", "lynx", "delta", "kept/union",
                  "verdict"], table)}

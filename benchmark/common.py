@@ -121,7 +121,7 @@ def policy_grid(num_experts: int, top_k: int, quick: bool) -> list[Variant]:
 
 
 def default_variant(num_experts: int, top_k: int) -> Variant:
-    """The plugin's default policy (``budget`` m = max(2k, E/2), no pruning below 4 rows)."""
+    """The plugin's default policy (``budget`` m = max(2k + 1, E/2), no pruning below 4 rows)."""
     from lynx.sglang_plugin.config import default_policy
 
     return Variant("budget", default_budget(num_experts, top_k),

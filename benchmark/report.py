@@ -97,7 +97,8 @@ def _moe_tables(moe: dict[str, Any]) -> str:
     header = ["shape", "B", "stock ms", "Lynx ms", "speedup", "experts stock→kept", "bound",
               "speedup/bound", "gain frac.", "overhead"]
     rows = [r for r in moe["rows"] if r["default"]]
-    parts.append("Default policy (budget m = max(2k, E/2); no pruning below 4 rows):\n")
+    parts.append("Default policy of the run (budget m = max(2k, E/2) until 2026-12-07, "
+                 "max(2k + 1, E/2) since; no pruning below 4 rows):\n")
     parts.append(markdown_table(header, [
         [r["shape"], r["batch"], r["stock_ms"], r["lynx_ms"], r["speedup"],
          f"{r['experts_stock']:.1f}→{r['experts_kept']:.1f}", r["bound"],

@@ -1,6 +1,6 @@
 """Say plainly, once, when the built-in default policy cuts (almost) nothing on this router.
 
-The default `budget` max(2k, E/2) is conservative for any checkpoint; on production-scale
+The default `budget` max(2k + 1, E/2) is conservative for any checkpoint; on production-scale
 fine-grained routers the stock union of an everyday decode batch stays below it (DeepSeek-V3
 at B = 16-64: 81 -> 81 experts), so Lynx then runs its selection for nothing. After
 `MIN_STEPS` decode steps under the default that cut less than `MAX_CUT` of the experts the
