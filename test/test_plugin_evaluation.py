@@ -11,11 +11,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conformance_configs import BY_NAME, draw_inputs
-from topk_harness import build_topk, make_runtime, sglang_topology, standard
+from conformance_configs import BY_NAME, MODELS, draw_inputs
+from topk_harness import (
+    build_topk,
+    call,
+    make_runtime,
+    policy_spec,
+    sglang_topology,
+    standard,
+)
 from topk_harness import stock as stock_call
 
 from lynx.calibrate.tables import RouterHook, single_layer_policy
+from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.config import LynxConfigError, load_config
 from lynx.sglang_plugin.evaluation import (
     PrefillAsDecode,
@@ -79,8 +87,6 @@ def test_prefill_groups_are_pruned_as_the_transformers_calibration_prunes_window
         assert torch.equal(evaluated(runtime, other, logits, positions).topk_ids,
                            standard(stock_call(other, logits)).topk_ids)
         # ...but counts its experts (the stock union), and no row, mass or rerouting
-        from lynx.selection.statistics import STAT_FIELDS
-
         counted = dict(zip(STAT_FIELDS, runtime.exporter.layer_totals()[1 - layer].tolist(),
                            strict=True))
         assert counted["layer_steps"] == length and counted["kept"] == counted["stock_union"]
@@ -100,3 +106,48 @@ def test_evaluation_mode_is_asked_for_by_name_and_needs_the_radix_cache_off() ->
     assert "disable-radix-cache" in (check_server_args(
         SimpleNamespace(disable_radix_cache=False)) or "")
     assert check_server_args(SimpleNamespace(disable_radix_cache=True)) is None
+
+
+def _topk_of(model, bias: torch.Tensor | None, shared: int):
+    """SGLang's ``TopK`` as the checkpoint's model file builds it (`test_conformance_topk`)."""
+    kwargs: dict = {"renormalize": model.renormalize, "scoring_func": model.scoring,
+                    "correction_bias": bias,
+                    "routed_scaling_factor": model.routed_scaling_factor}
+    if model.grouped:
+        kwargs.update(use_grouped_topk=True, num_expert_group=model.groups,
+                      topk_group=model.topk_group)
+    return build_topk(experts=model.experts, top_k=model.top_k, shared=shared, **kwargs)
+
+
+@pytest.mark.parametrize("name", [m.name for m in MODELS if not m.custom_routing])
+def test_every_pruned_router_kind_evaluates_each_position_as_its_decode_step(name: str
+                                                                             ) -> None:
+    """The server calibration path (issue 25) on every router kind the support table prunes
+    (grouped, biased, sigmoid, unnormalised, fused shared slots): each position group of an
+    evaluated prefill forward gets exactly what the plugin's decode path gives a decode step
+    of those rows, and the layer is counted as pruned, not passed through."""
+    model = BY_NAME[name]
+    batch, length, e, k = 6, 4, model.experts, model.top_k
+    policy = policy_spec("budget", budget=max(k, 2 * k if e > 4 * k else k + 1))
+    logits, bias = draw_inputs(model, batch * length, seed=3)
+    positions = torch.arange(length).repeat(batch)
+    for shared in sorted({0, min(model.shared_experts, 1)}):
+        with sglang_topology():
+            topk = _topk_of(model, bias, shared)
+            runtime = make_runtime(policy, e, k, layers=1)
+            runtime.evaluation = PrefillAsDecode()
+            torch.manual_seed(0)
+            served = evaluated(runtime, topk, logits, positions)
+            stock = standard(stock_call(topk, logits))
+            decode = make_runtime(policy, e, k, layers=1)
+            for group in position_groups(positions):
+                torch.manual_seed(0)
+                step = standard(call(decode, topk, logits[group],
+                                     StepLayout("decode", group.numel(), 0)))
+                assert torch.equal(served.topk_ids[group], step.topk_ids), (name, shared)
+                torch.testing.assert_close(served.topk_weights[group], step.topk_weights)
+            assert not torch.equal(served.topk_ids, stock.topk_ids), (name, shared)
+            counted = dict(zip(STAT_FIELDS, runtime.exporter.layer_totals()[0].tolist(),
+                               strict=True))
+            assert counted["layer_steps"] == length and counted["rows"] == batch * length
+            assert counted["kept"] < counted["stock_union"]
