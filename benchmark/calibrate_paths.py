@@ -114,15 +114,15 @@ def compare(reports: dict[str, dict[str, Any]], ladders: dict[str, Any]) -> dict
     """Largest sensitivity difference per layer [nats] and, per rung present in both ladders,
     whether the tables are equal."""
     (mine,), (theirs,) = reports["server"]["per_batch"], reports["transformers"]["per_batch"]
-    diff = [max(abs(a[m] - b[m]) for m in b)
+    diff = [max((abs(a[m] - b[m]) for m in b), default=0.0)  # a dense layer: no curve
             for a, b in zip(mine["sensitivity_nats"], theirs["sensitivity_nats"], strict=True)]
     server = {r.name: r for r in ladders["server"].rungs}
     same = {r.name: [list(t.per_layer) for t in r.tables] ==
             [list(t.per_layer) for t in server[r.name].tables]
             for r in ladders["transformers"].rungs if r.name in server}
     return {"max_sensitivity_diff_nats": [round(d, 6) for d in diff],
-            "largest_sensitivity_nats": round(max(v for row in theirs["sensitivity_nats"]
-                                                  for v in row.values()), 6),
+            "largest_sensitivity_nats": round(max((v for row in theirs["sensitivity_nats"]
+                                                   for v in row.values()), default=0.0), 6),
             "same_table": same,
             "rungs": {p: [r.name for r in ladder.rungs] for p, ladder in ladders.items()}}
 

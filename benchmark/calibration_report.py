@@ -28,7 +28,8 @@ def paths_section(d: dict[str, Any]) -> str:
     wall = d["wall_s"]
     return f"""
 ### Calibration through a server against transformers (`benchmark/calibrate_paths.py`)
-{d['model']}, batch {d['batch']}, {d['calibration']}; both paths calibrate the same mean
+{d['model']}, batch {d['batch']}, {d['calibration']}; {d['machine']}. Both paths calibrate
+the same mean
 budgets. Wall time: transformers {wall['transformers']:.0f} s, server {wall['server']:.0f} s
 (+{d['server_startup_s']:.0f} s server start-up; HTTP, a policy switch through the controller
 per measurement, eager per-position selection). Largest single-layer sensitivity difference
@@ -44,17 +45,25 @@ per layer: {cmp['max_sensitivity_diff_nats']} nats (largest sensitivity
 def shadow_section(lad: dict[str, Any] | None, over: dict[str, Any] | None) -> str:
     out = ""
     if lad:
+        rows = [r for r in lad["shadow"] if r["rung"] != "none"]
         table = [[r["rung"], str(r["per_layer"]), f"{r['experts_computed']:.2f}",
                   f"{r['mass_kept']:.3f}", _pct(r["ppl_rise"]),
                   _pct(r.get("calibrated_ppl_rise_at_same_experts")),
                   _pct(r.get("uniform_ppl_rise_at_same_mean"))] for r in lad["shadow"]]
+        compared = [r for r in rows if r.get("calibrated_ppl_rise_at_same_experts") is not None]
+        worse = sum(r["ppl_rise"] > r["calibrated_ppl_rise_at_same_experts"] for r in compared)
+        uniform = [r for r in rows if r.get("uniform_ppl_rise_at_same_mean") is not None]
+        better = sum(r["ppl_rise"] < r["uniform_ppl_rise_at_same_mean"] - 1e-5 for r in uniform)
+        same = sum(r["per_layer"] == [r["per_layer"][0]] * len(r["per_layer"]) for r in rows)
         out += f"""
 ### The shadow-built ladder against the calibrated one (`benchmark/shadow_ladder.py`)
 {lad['model']}: {lad['requests']} greedy requests of {lad['tokens']} tokens served in shadow
 mode at batch {lad['batch']} ({lad['shadow_steps_by_bucket']} measured steps by bucket); every
-rung measured on held-out code ({lad['heldout']}) at batch {lad['batch']}. The routing-mass
-proxy gives up quality against the perplexity-calibrated ladder at the same experts computed,
-and beats a uniform budget at the same mean.
+rung measured on held-out code ({lad['heldout']}) at batch {lad['batch']}; {lad['machine']}.
+The routing-mass proxy costs more perplexity than the calibrated ladder at the same experts
+computed at {worse} of the {len(compared)} rungs inside the calibrated range; it beats a
+uniform budget at the same mean at {better} of {len(uniform)} rungs, and {same} of its
+{len(rows)} pruning rungs are a uniform table (equal budgets in every layer).
 
 {markdown_table(["shadow rung", "per-layer budgets", "experts/step", "mass kept",
                  "held-out ppl", "calibrated at same experts", "uniform at same mean"], table)}
@@ -65,7 +74,8 @@ and beats a uniform budget at the same mean.
                   f"{100 * r['recorder_share_of_off_step']:.2f}%"] for r in over["rows"]]
         out += f"""
 ### Shadow mode's cost per decode step (`benchmark/shadow_overhead.py`)
-{over['model']}, one step in {over['every']} measured, {over['reps']} interleaved repetitions,
+{over['model']}, {over['machine']}; one step in {over['every']} measured, {over['reps']}
+interleaved repetitions,
 medians (target: <= 2% of a decode step at B >= 16; served ratios move by several % on this
 shared machine, the recorder's own share is the stable number).
 
@@ -75,6 +85,18 @@ shared machine, the recorder's own share is the stable number).
     return out
 
 
+def informative(row: dict[str, Any]) -> str:
+    """Why a gate row cannot show a drop ("" when it can): nothing pruned, or stock at the
+    floor (0) or the ceiling (100) of the score."""
+    if row["lynx_server"]["kept_over_stock_union"] >= 0.999:
+        return "nothing pruned"
+    if row["stock"] <= 0.0:
+        return "stock at 0"
+    if row["stock"] >= 100.0 and row["lynx"] >= 100.0:
+        return "both at 100"
+    return ""
+
+
 def gate_section(d: dict[str, Any]) -> str:
     table = []
     for r in d["rows"]:
@@ -82,7 +104,8 @@ def gate_section(d: dict[str, Any]) -> str:
         table.append([r["model"], r["policy"], r["task"], f"{r['stock']:.1f}",
                       f"{r['lynx']:.1f}", f"{r['delta']:+.1f} ± {r['stderr']:.1f}",
                       f"{pruned['kept_over_stock_union']:.3f}",
-                      "pass" if r["passed"] else "FAIL"])
+                      "pass" if r["passed"] else "FAIL", informative(r) or "yes"])
+    shown = sum(not informative(r) for r in d["rows"])
     return f"""
 ### The lm-eval gate on every reference model (`benchmark/eval_gate.py`)
 `lynx-serve evaluate` against one stock server per model: the default policy, and the
@@ -91,11 +114,13 @@ through SGLang's completions endpoint, {d['limit']} documents per task, {d['conc
 requests in flight; the `_choice` tasks are log-likelihood twins scored in evaluation mode.
 Delta = Lynx - stock [points] with its paired standard error; threshold
 {d['threshold_points']:g} point; kept/union = experts kept over the stock union in the Lynx
-server's pruned steps (1.000: nothing was pruned, the gate measured stock).{
+server's pruned steps (1.000: nothing was pruned, the gate measured stock); {d['machine']}.
+Only {shown} of the {len(d['rows'])} rows can show a drop ("informative"): the others pruned
+nothing or sit at the score's floor or ceiling, so their pass says little.{
     chr(10) + d['note'] + '.' if d.get('note') else ''}
 
 {markdown_table(["model", "policy", "task", "stock", "lynx", "delta", "kept/union",
-                 "verdict"], table)}
+                 "verdict", "informative"], table)}
 """
 
 

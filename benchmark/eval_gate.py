@@ -33,14 +33,18 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def fastest_rung(folder: Path, max_rise: float) -> tuple[str, float, float]:
-    """(name, held-out perplexity rise, experts computed) of the furthest rung within
-    ``max_rise``; ValueError when the checkpoint ships no ladder."""
+    """(name, largest held-out perplexity rise over its tables, experts computed) of the
+    furthest rung whose every table is within ``max_rise`` (rung 0 at worst); `LadderError`
+    for a damaged ladder."""
     from lynx_protocol.ladder import load_ladder
 
     ladder = load_ladder(folder / "lynx_ladder.json")
-    within = [r for r in ladder.rungs if r.cost(ladder.kind) <= max_rise]
-    rung = within[-1]
-    return rung.name, rung.cost(ladder.kind), rung.experts()
+
+    def worst(rung: Any) -> float:
+        return max((t.cost(ladder.kind) or 0.0) for t in rung.tables)
+
+    rung = [r for r in ladder.rungs if worst(r) <= max_rise][-1]
+    return rung.name, worst(rung), rung.experts()
 
 
 def run_gate(model: str, stock_url: str, flags: list[str], tasks: str, args: argparse.Namespace,
@@ -67,8 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=1.0)
     parser.add_argument("--max-ppl-rise", type=float, default=0.01)
+    parser.add_argument("--policy", action="append", default=[], metavar="LABEL=JSON",
+                        help="also gate this policy (repeatable), e.g. "
+                        "'budget4={\"name\":\"budget\",...}'")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "eval_gate.json")
     args = parser.parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for item in args.policy:
+        label, sep, spec = item.partition("=")
+        if not sep or not label or not spec.strip().startswith("{"):
+            parser.error(f"--policy {item!r}: expected LABEL=JSON")
+        extra[label] = ["--policy", spec]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if not (MODELS / m / "lynx_ladder.json").is_file():
@@ -84,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lynx-evalgate-"))
     for model in models:
         rung, rise, experts = fastest_rung(MODELS / model, args.max_ppl_rise)
-        policies = {"default": ([], None, None), f"rung:{rung}": (["--rung", rung], rise, experts)}
+        policies = {"default": ([], None, None), f"rung:{rung}": (["--rung", rung], rise, experts),
+                    **{label: (flags, None, None) for label, flags in extra.items()}}
         with SglangServer(MODELS / model, free_port(), env={"LYNX_ENABLED": "0"},
                           log_path=work / f"stock-{model}.log") as stock:
             for label, (flags, ladder_rise, ladder_experts) in policies.items():

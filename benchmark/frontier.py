@@ -52,7 +52,8 @@ def calibrated_variants(model: str, batch: int, means: list[float]) -> tuple[lis
                                                                                dict[str, Any]]:
     """One `budget` table per target mean of experts computed per layer and step, from one
     sensitivity measurement at ``batch``."""
-    from lynx.calibrate import allocate, calibrate, calibrated_policy
+    from lynx.calibrate import calibrate, calibrated_policy
+    from lynx.calibrate.tables import allocate_routed
 
     fitted = calibrate(models_dir() / model, means[0], [batch])
     sensitivity = fitted["per_batch"][0]["sensitivity_nats"]
@@ -60,7 +61,7 @@ def calibrated_variants(model: str, batch: int, means: list[float]) -> tuple[lis
     experts = max(fitted["candidates"])
     variants, tables = [], {}
     for mean in means:
-        budgets = allocate(sensitivity, mean, kept)
+        budgets = allocate_routed(sensitivity, mean, kept, experts)
         tables[f"{mean:g}"] = budgets
         variants.append(Variant("calibrated", f"{mean:g}",
                                 calibrated_policy([(batch, budgets)], experts)))

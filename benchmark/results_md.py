@@ -166,7 +166,7 @@ Raw results: `benchmark/results/{{moe_layer,e2e,slo_pareto,plugin_overhead,summa
   applied to the router by a forward hook, B windows decoded together (every position of the B
   windows is one decode batch).
 - `*` marks the default operating point of the run (`budget`, m = max(2k, E/2), no pruning below
-  4 rows; since 2026-12-07 max(2k + 1, E/2), which differs only where E <= 4k: mixtral's
+  4 rows; since 2026-12-07 max(2k + 1, E/2), which differs only where E <= 4k + 1: mixtral's
   shapes, 4 -> 5 of 8).
 
 ## Targets

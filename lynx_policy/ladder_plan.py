@@ -101,14 +101,18 @@ def mix_statistic(points: list[tuple[float, float]], metric: str, quantile: floa
 
 
 class _SortedBudgets:
-    """A table's per-layer budgets, sorted with prefix sums: the mean over layers of
-    min(budget, union) in O(log L) (`rung_experts` without the scan)."""
+    """A table's per-layer budgets below E, sorted with prefix sums: the mean over those layers
+    of min(budget, union) in O(log L). Layers at E (dense layers, or routed ones the table
+    leaves alone) count in no mean, as in the runtime's ``experts_kept_mean``, which averages
+    the layer-steps that ran selection and is what the latency model was fitted on."""
 
-    def __init__(self, per_layer: list[int]) -> None:
-        self.values = sorted(per_layer)
+    def __init__(self, per_layer: list[int], num_experts: int) -> None:
+        self.values = sorted(b for b in per_layer if b < num_experts)
         self.prefix = [0, *itertools.accumulate(self.values)]
 
     def mean_capped(self, union: float) -> float:
+        if not self.values:  # prunes no layer: every step computes its union
+            return union
         below = bisect.bisect_left(self.values, union)
         capped = self.prefix[below] + union * (len(self.values) - below)
         return capped / len(self.values)
@@ -136,7 +140,8 @@ class _Mix:
             self.steps[i] += steps
         self.costs = [[(table_for(r, edge).cost(ladder.kind) or 0.0) if j else 0.0
                        for j, r in enumerate(self.rungs)] for edge in self.edges]
-        self._budgets = [[_SortedBudgets(table_for(r, edge).per_layer) for r in self.rungs]
+        self._budgets = [[_SortedBudgets(table_for(r, edge).per_layer, ladder.model.num_experts)
+                          for r in self.rungs]
                          for edge in self.edges]  # [bucket][position]
         self.total = sum(self.tokens)
         self._unions: dict[float, float] = {}
@@ -256,8 +261,8 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
               if mixed.tokens[i] > 0 and b.max_batch >= settings.min_batch]
     rows = [mixed.tokens[i] / mixed.steps[i] if mixed.steps[i]
             else planning_batch(buckets, i, model.largest_batch) for i in range(len(buckets))]
-    experts = [[rung_experts(r, b.max_batch, model.union(rows[i])) for r in rungs]
-               for i, b in enumerate(buckets)]
+    experts = [[rung_experts(r, b.max_batch, model.union(rows[i]), ladder.model.num_experts)
+                for r in rungs] for i, b in enumerate(buckets)]
     current = [current_position(ladder, b, usable, experts[i], model.union(rows[i]))
                for i, b in enumerate(buckets)]
     positions = [p for p, _ in current]

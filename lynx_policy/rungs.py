@@ -19,11 +19,13 @@ from lynx_protocol.ladder import (
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 
-def rung_experts(rung: Rung, batch: float, union: float) -> float:
-    """Experts per layer a step of ``batch`` rows computes under ``rung`` (stock union
-    ``union`` caps every layer's budget)."""
-    table = table_for(rung, batch)
-    return sum(min(b, union) for b in table.per_layer) / len(table.per_layer)
+def rung_experts(rung: Rung, batch: float, union: float, num_experts: int) -> float:
+    """Experts per layer a step of ``batch`` rows computes under ``rung``: the mean of
+    min(budget, ``union``) over the layers it prunes (budget < E), as the runtime's
+    ``experts_kept_mean`` averages the layer-steps that ran selection; ``union`` when it
+    prunes no layer. A layer at E (dense, or left alone) counts in no mean."""
+    pruned = [b for b in table_for(rung, batch).per_layer if b < num_experts]
+    return sum(min(b, union) for b in pruned) / len(pruned) if pruned else union
 
 
 def usable_rungs(ladder: Ladder, floor: QualityFloor) -> list[int]:

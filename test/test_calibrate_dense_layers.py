@@ -74,3 +74,53 @@ def test_allocate_routed_needs_a_routed_layer() -> None:
         allocate_routed([{}, {}], 8.0, [{}, {}], E)
     curve = {4: 0.5, 8: 0.1, E: 0.0}
     assert allocate_routed([{}, curve], 8.0, [{}, {4: 4.0, 8: 8.0, E: 20.0}], E) == [E, 8]
+
+
+def test_the_command_line_names_a_dense_layer_instead_of_failing(dense_first: Path,
+                                                                 tmp_path: Path,
+                                                                 capsys) -> None:
+    import json
+
+    from lynx.serving.cli import main
+
+    out = tmp_path / "policy.json"
+    assert main(["calibrate", str(dense_first), "--target-mean", "12", "--batches", "16",
+                 "--windows", "16", "--window-len", "48", "--out", str(out)]) == 0
+    assert "dense (no routed experts): never pruned" in capsys.readouterr().err
+    (bucket,) = [b for b in json.loads(out.read_text())["budgets"] if b.get("per_layer")]
+    assert bucket["per_layer"][0] == E
+
+
+class _DenseFirstServer:
+    """What `ServerPath.measure` reads back from a server whose layer 0 is dense: that layer
+    records no step under any policy; layers 1-2 record, in evaluation mode, min(budget, 6)
+    experts kept of a stock union of 6 (a budget-E layer is counted at its union). No SGLang
+    server here runs a dense-first checkpoint (0.5.23's qwen3_moe has no mlp_only_layers),
+    so this stands in for the counters only; the route itself is `test_plugin_evaluation`."""
+
+    num_layers, num_experts, union = 3, 8, 6.0
+
+    def measure(self, windows, spec, batch):
+        bucket = spec.budgets[-1] if spec.budgets else None  # policy off: no table
+        budgets = ([self.num_experts] * self.num_layers if bucket is None
+                   else bucket.per_layer or [bucket.all_layers] * self.num_layers)
+        kept = [None] + [float(min(b, self.union)) for b in budgets[1:]]
+        unions = [None, self.union, self.union]
+        nll = 1.0 + sum(0.01 * (self.num_experts - b) for b in budgets[1:])
+        return nll, kept, unions, 1.0
+
+
+def test_the_server_path_leaves_a_dense_layer_out_of_every_curve_and_mean() -> None:
+    from lynx.calibrate.server_path import ServerPath, server_layer_sensitivity
+
+    path = _DenseFirstServer()
+    unions: list = []
+    rise, kept = server_layer_sensitivity(path, torch.zeros(4, 8, dtype=torch.long), 4,
+                                          [2, 4, E // 4], E // 4, unions)
+    assert rise[0] == {} and kept[0] == {} and unions == [None, 6.0, 6.0]
+    assert kept[1] == {2: 2.0, 4: 4.0, 8: 6.0} and rise[1][2] > rise[1][4] > 0
+    budgets = allocate_routed(rise, 4.0, kept, E // 4)
+    assert budgets[0] == E // 4
+    spec = single_layer_policy(1, 2, 3, E // 4)
+    _, experts, _ = ServerPath.measure_table(path, None, spec, 4, unions)
+    assert experts == (2.0 + 6.0) / 2  # layers 1 and 2 only; the dense layer is in no mean

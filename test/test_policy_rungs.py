@@ -102,7 +102,7 @@ def test_never_a_costlier_rung_when_a_cheaper_one_meets_the_prediction(ladder, k
         plan = decision.plans[i]
         union = FLEET.union(batch)
         for cheaper in range(chosen[i]):  # every less-pruning rung misses the planning bound
-            experts = rung_experts(ladder.rungs[cheaper], plan.max_batch, union) \
+            experts = rung_experts(ladder.rungs[cheaper], plan.max_batch, union, EXPERTS) \
                 if cheaper else union
             assert raw * FIT.predict(batch, experts) > TARGET.target_ms * (1 - 0.1) - 1e-9
 
@@ -136,7 +136,7 @@ def test_change_per_tick_is_bounded(ladder, kappas, mix) -> None:
             if before == after or index not in loaded(decision.plans):
                 continue  # buckets no step used follow the loaded ones
             union = FLEET.union(plan.batch)
-            e = [rung_experts(ladder.rungs[i], plan.max_batch, union) for i in usable]
+            e = [rung_experts(ladder.rungs[i], plan.max_batch, union, EXPERTS) for i in usable]
             i, j = usable.index(before), usable.index(after)
             assert abs(i - j) == 1 or abs(e[i] - e[j]) <= SETTINGS.max_step_experts + 1e-9
         policy, memory = decision.policy, decision.memory
@@ -154,7 +154,7 @@ def test_kappa_fitted_at_the_mix_is_applied_at_the_mix() -> None:
     observed, best = (3.0 * mix_statistic(predicted_steps(fleet, p, mix, by_tokens=True),
                                           "tpot", 0.9) for p in (OFF, lowest))
     target_ms = (observed + best) / 2 / 0.9
-    at_bound = fit.predict(16, rung_experts(ladder.rungs[-1], 16, fleet.union(16)))
+    at_bound = fit.predict(16, rung_experts(ladder.rungs[-1], 16, fleet.union(16), EXPERTS))
     assert 3.0 * at_bound > target_ms * 0.9  # infeasible at the bucket's bound
     tpot = SloTarget(metric="tpot", quantile=0.9, target_ms=target_ms)
     obs = Observation(latencies=(LatencyReading(tpot, observed / 1000.0),), batch_steps=None,
@@ -305,13 +305,13 @@ def test_open_arrivals_shrink_the_batches_and_the_planner_counts_on_it() -> None
                 bucket = next(b for b in policy.budgets if math.ceil(batch) <= b.max_batch)
                 index = rung_of_bucket(ladder, bucket) or 0
                 if index:
-                    experts = rung_experts(ladder.rungs[index], bucket.max_batch, experts)
+                    experts = rung_experts(ladder.rungs[index], bucket.max_batch, experts, EXPERTS)
             tpot = fit.predict(batch, experts)
         return tpot, batch
 
     off_ms, off_rows = tpot_and_batch(OFF)
     lowest_ms, _ = tpot_and_batch(rung_policy(ladder, "m8", SETTINGS.buckets, SETTINGS.min_batch))
-    lowest = rung_experts(ladder.rungs[-1], 32, fleet.union(off_rows))
+    lowest = rung_experts(ladder.rungs[-1], 32, fleet.union(off_rows), EXPERTS)
     fixed_batch_ms = fit.predict(off_rows, lowest)
     target_ms = (lowest_ms + fixed_batch_ms) / 2 / 0.9  # reachable open, not with fixed batches
     assert lowest_ms < target_ms * 0.9 < fixed_batch_ms and off_ms > target_ms
@@ -332,3 +332,18 @@ def test_open_arrivals_shrink_the_batches_and_the_planner_counts_on_it() -> None
         else:
             assert policy == OFF and any("cannot close the gap" in p.reason
                                          for p in decision.plans)
+
+
+def test_a_layer_at_e_counts_in_no_mean_as_in_the_runtime_statistics() -> None:
+    """The runtime's ``experts_kept_mean`` averages the layer-steps that ran selection (budget
+    < E): a dense layer, or one a table leaves at E, is in no mean, so the planner's experts
+    per step for a rung leave it out too (it averaged it in at the stock union before)."""
+    from lynx_policy.ladder_plan import _SortedBudgets
+
+    dense_first = rung("m12", [EXPERTS, 8, 16], 0.01)
+    assert rung_experts(dense_first, 16, 20.0, EXPERTS) == 12.0
+    assert rung_experts(dense_first, 16, 10.0, EXPERTS) == 9.0  # capped by the union
+    assert _SortedBudgets([EXPERTS, 8, 16], EXPERTS).mean_capped(10.0) == 9.0
+    unpruned = rung("none", [EXPERTS] * 3, 0.0)
+    assert rung_experts(unpruned, 16, 20.0, EXPERTS) == 20.0
+    assert _SortedBudgets([EXPERTS] * 3, EXPERTS).mean_capped(20.0) == 20.0

@@ -41,18 +41,25 @@ from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 NO_PRUNING_BELOW = 4  # decode rows, as the default policy
 
 
-def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int,
-                 device: torch.device | str = "cpu") -> SelectionKnobs:
-    """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
-    ``layer`` (``enabled`` False where it would not prune: policy off, or a budget >= E), on
-    ``device`` (the router logits')."""
+def knob_values(spec: PolicySpec, batch: int, layer: int, num_experts: int
+                ) -> tuple[bool, int]:
+    """(whether the plugin would prune, the budget [experts]) for ``spec`` at a pure-decode
+    step of ``batch`` rows in ``layer``, on the host: not for policy off, or a budget >= E."""
     budget = NO_BUDGET_LIMIT
     if spec.name == "budget":
         bucket = bucket_for(spec, batch)
         budget = bucket.budget_for_layer(layer) if bucket is not None else NO_BUDGET_LIMIT
     enabled = spec.name != "off" and not (spec.name == "budget" and budget >= num_experts)
-    return make_knobs(device, enabled=enabled, budget=min(budget, NO_BUDGET_LIMIT),
-                      alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0, policy=spec.name,
+    return enabled, min(budget, NO_BUDGET_LIMIT)
+
+
+def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int,
+                 device: torch.device | str = "cpu") -> SelectionKnobs:
+    """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
+    ``layer`` (``enabled`` False where it would not prune: `knob_values`), on ``device``."""
+    enabled, budget = knob_values(spec, batch, layer, num_experts)
+    return make_knobs(device, enabled=enabled, budget=budget, alpha=spec.alpha,
+                      beta=float(spec.beta), k0=spec.k0, policy=spec.name,
                       coverage=spec.coverage)
 
 

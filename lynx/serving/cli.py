@@ -104,6 +104,9 @@ def _calibrate(args: argparse.Namespace) -> int:
               + "   budget (experts computed)", file=sys.stderr)
         for layer, (row, budget) in enumerate(zip(entry["sensitivity_nats"], entry["budgets"],
                                                   strict=True)):
+            if not row:  # no routed experts here: never pruned, in no mean
+                print(f"{layer:>5}  dense (no routed experts): never pruned", file=sys.stderr)
+                continue
             print(f"{layer:>5}  " + " ".join(f"{row[m]:7.4f}" for m in result["candidates"])
                   + f"   {budget:>6} ({entry['kept'][layer][budget]:.1f})", file=sys.stderr)
     return _emit(msgspec.json.encode(result["policy"]).decode(), args.out)

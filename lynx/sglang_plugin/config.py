@@ -59,7 +59,7 @@ def default_policy(num_experts: int, top_k: int) -> PolicySpec:
     on top of that. E/2 is what keeps every reference model within 2% held-out perplexity and
     1 point exact match at batch 4..64 (`test/test_default_quality.py`): E/4, the earlier
     default, cost +2.4..4.5% on qwen3-moe-128 (E=128, k=8) and +3.3% on qwen3-moe-mini at
-    batch 16. The floor 2k + 1 (was 2k) matters only where E <= 4k (Mixtral's 8 experts, top
+    batch 16. The floor 2k + 1 (was 2k) matters only where E <= 4k + 1 (Mixtral's 8 experts, top
     2: 5 instead of 4): through bf16 servers at 32 requests in flight, the lm-eval gate
     measured -1.17 +/- 0.67 points on mixtral-mini's 3-digit additions at 4 of 8 (a fail at 1
     point; policy off against stock: identical) and +0.00 at 5 (`benchmark/eval_gate.py`).

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lynx.calibrate.tables import policy_knobs
+from lynx.calibrate.tables import knob_values
 from lynx.selection import NO_BUDGET_LIMIT, make_knobs, select_layer_step
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, standard_routed
@@ -55,6 +55,19 @@ class PrefillAsDecode:
         # a group a layer leaves unpruned still counts its layer-step, experts and union (a
         # table's experts computed covers every layer), but no row, mass or rerouting
         self._counting: dict[torch.device, tuple[Any, torch.Tensor]] = {}  # per device
+        self._knobs: dict[tuple, Any] = {}  # (device, policy knob values): made once each
+
+    def _knobs_for(self, device: torch.device, spec: Any, budget: int) -> Any:
+        """The selection knobs of ``spec`` at ``budget`` on ``device``, made once per value
+        set (not per position group and layer: no allocation, no device sync per group)."""
+        key = (device, spec.name, budget, spec.alpha, spec.beta, spec.k0, spec.coverage)
+        if key not in self._knobs:
+            if len(self._knobs) >= 1024:  # a long calibration: many policies, few at a time
+                self._knobs.clear()
+            self._knobs[key] = make_knobs(device, enabled=True, budget=budget,
+                                          alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0,
+                                          policy=spec.name, coverage=spec.coverage)
+        return self._knobs[key]
 
     def _count_only(self, device: torch.device) -> tuple[Any, torch.Tensor]:
         """(knobs that prune nothing, the [S] mask of the statistics such a group counts), on
@@ -116,10 +129,11 @@ class PrefillAsDecode:
         bias = topk.topk_config.correction_bias if router.has_correction_bias else None
         for group in self.groups:
             device = router_logits.device
-            knobs = policy_knobs(state.policy, group.numel(), layer, state.num_experts, device)
+            enabled, budget = knob_values(state.policy, group.numel(), layer,
+                                          state.num_experts)
             index = group.to(device)
             rows = torch.ones(index.numel(), dtype=torch.bool, device=device)
-            if not bool(knobs.enabled):  # unpruned here: count its experts (the stock union)
+            if not enabled:  # unpruned here: count its experts (the stock union)
                 if exporter is not None:
                     count_knobs, mask = self._count_only(device)
                     step = select_layer_step("budget", router_logits[index], router,
@@ -127,6 +141,7 @@ class PrefillAsDecode:
                                              stock_ids=own_ids[index])
                     exporter.accumulate(layer, step.stats * mask)
                 continue
+            knobs = self._knobs_for(device, state.policy, budget)
             step = select_layer_step(state.policy.name, router_logits[index], router, knobs,
                                      rows, rows, bias, stock_ids=own_ids[index])
             ids[index] = step.topk_ids.to(ids.dtype)
