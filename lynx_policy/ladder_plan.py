@@ -54,8 +54,6 @@ Method:
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -69,7 +67,13 @@ from lynx_policy.plan import (
     planning_batch,
     quantile_of,
 )
-from lynx_policy.rungs import current_position, move_toward, rung_experts, usable_rungs
+from lynx_policy.rungs import (
+    SortedBudgets,
+    current_position,
+    move_toward,
+    rung_experts,
+    usable_rungs,
+)
 from lynx_protocol.ladder import Ladder, rung_bucket, table_for
 from lynx_protocol.policy import PolicySpec
 
@@ -100,24 +104,6 @@ def mix_statistic(points: list[tuple[float, float]], metric: str, quantile: floa
     return quantile_of(points, quantile)
 
 
-class _SortedBudgets:
-    """A table's per-layer budgets below E, sorted with prefix sums: the mean over those layers
-    of min(budget, union) in O(log L). Layers at E (dense layers, or routed ones the table
-    leaves alone) count in no mean, as in the runtime's ``experts_kept_mean``, which averages
-    the layer-steps that ran selection and is what the latency model was fitted on."""
-
-    def __init__(self, per_layer: list[int], num_experts: int) -> None:
-        self.values = sorted(b for b in per_layer if b < num_experts)
-        self.prefix = [0, *itertools.accumulate(self.values)]
-
-    def mean_capped(self, union: float) -> float:
-        if not self.values:  # prunes no layer: every step computes its union
-            return union
-        below = bisect.bisect_left(self.values, union)
-        capped = self.prefix[below] + union * (len(self.values) - below)
-        return capped / len(self.values)
-
-
 class _Mix:
     """The mix split by bucket; predicts any table's statistic, batches scaled by Little's law
     under open arrivals (module docstring, 1)."""
@@ -140,7 +126,7 @@ class _Mix:
             self.steps[i] += steps
         self.costs = [[(table_for(r, edge).cost(ladder.kind) or 0.0) if j else 0.0
                        for j, r in enumerate(self.rungs)] for edge in self.edges]
-        self._budgets = [[_SortedBudgets(table_for(r, edge).per_layer, ladder.model.num_experts)
+        self._budgets = [[SortedBudgets(table_for(r, edge).per_layer, ladder.model.num_experts)
                           for r in self.rungs]
                          for edge in self.edges]  # [bucket][position]
         self.total = sum(self.tokens)

@@ -6,6 +6,8 @@ planner over rungs is `lynx_policy.ladder_plan`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 from lynx_policy.config import QualityFloor
@@ -19,13 +21,30 @@ from lynx_protocol.ladder import (
 from lynx_protocol.policy import BudgetBucket, PolicySpec, bucket_for
 
 
+class SortedBudgets:
+    """A table's per-layer budgets below E, sorted with prefix sums: the mean over those layers
+    of min(budget, union) in O(log L). Layers at E (dense layers, or routed ones the table
+    leaves alone) count in no mean, as in the runtime's ``experts_kept_mean``, which averages
+    the layer-steps that ran selection and is what the latency model was fitted on."""
+
+    def __init__(self, per_layer: list[int], num_experts: int) -> None:
+        self.values = sorted(b for b in per_layer if b < num_experts)
+        self.prefix = [0, *itertools.accumulate(self.values)]
+
+    def mean_capped(self, union: float) -> float:
+        if not self.values:  # prunes no layer: every step computes its union
+            return union
+        below = bisect.bisect_left(self.values, union)
+        capped = self.prefix[below] + union * (len(self.values) - below)
+        return capped / len(self.values)
+
+
 def rung_experts(rung: Rung, batch: float, union: float, num_experts: int) -> float:
     """Experts per layer a step of ``batch`` rows computes under ``rung``: the mean of
     min(budget, ``union``) over the layers it prunes (budget < E), as the runtime's
     ``experts_kept_mean`` averages the layer-steps that ran selection; ``union`` when it
     prunes no layer. A layer at E (dense, or left alone) counts in no mean."""
-    pruned = [b for b in table_for(rung, batch).per_layer if b < num_experts]
-    return sum(min(b, union) for b in pruned) / len(pruned) if pruned else union
+    return SortedBudgets(table_for(rung, batch).per_layer, num_experts).mean_capped(union)
 
 
 def usable_rungs(ladder: Ladder, floor: QualityFloor) -> list[int]:

@@ -19,7 +19,12 @@ from lynx_policy.decide import LatencyReading, Memory, Observation, decide
 from lynx_policy.ladder_plan import mix_statistic
 from lynx_policy.model import FleetModel, LatencyFit, expected_union
 from lynx_policy.plan import predicted_steps
-from lynx_policy.rungs import expected_quality_cost, rung_experts, usable_rungs
+from lynx_policy.rungs import (
+    SortedBudgets,
+    expected_quality_cost,
+    rung_experts,
+    usable_rungs,
+)
 from lynx_protocol.ladder import (
     LADDER_FORMAT,
     Ladder,
@@ -338,12 +343,10 @@ def test_a_layer_at_e_counts_in_no_mean_as_in_the_runtime_statistics() -> None:
     """The runtime's ``experts_kept_mean`` averages the layer-steps that ran selection (budget
     < E): a dense layer, or one a table leaves at E, is in no mean, so the planner's experts
     per step for a rung leave it out too (it averaged it in at the stock union before)."""
-    from lynx_policy.ladder_plan import _SortedBudgets
-
     dense_first = rung("m12", [EXPERTS, 8, 16], 0.01)
     assert rung_experts(dense_first, 16, 20.0, EXPERTS) == 12.0
     assert rung_experts(dense_first, 16, 10.0, EXPERTS) == 9.0  # capped by the union
-    assert _SortedBudgets([EXPERTS, 8, 16], EXPERTS).mean_capped(10.0) == 9.0
+    assert SortedBudgets([EXPERTS, 8, 16], EXPERTS).mean_capped(10.0) == 9.0
     unpruned = rung("none", [EXPERTS] * 3, 0.0)
     assert rung_experts(unpruned, 16, 20.0, EXPERTS) == 20.0
-    assert _SortedBudgets([EXPERTS] * 3, EXPERTS).mean_capped(20.0) == 20.0
+    assert SortedBudgets([EXPERTS] * 3, EXPERTS).mean_capped(20.0) == 20.0
