@@ -53,14 +53,18 @@ def knob_values(spec: PolicySpec, batch: int, layer: int, num_experts: int
     return enabled, min(budget, NO_BUDGET_LIMIT)
 
 
-def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int,
-                 device: torch.device | str = "cpu") -> SelectionKnobs:
-    """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
-    ``layer`` (``enabled`` False where it would not prune: `knob_values`), on ``device``."""
-    enabled, budget = knob_values(spec, batch, layer, num_experts)
+def spec_knobs(spec: PolicySpec, enabled: bool, budget: int,
+               device: torch.device | str = "cpu") -> SelectionKnobs:
+    """``spec``'s selection knobs at ``budget`` [experts] on ``device`` (new tensors)."""
     return make_knobs(device, enabled=enabled, budget=budget, alpha=spec.alpha,
                       beta=float(spec.beta), k0=spec.k0, policy=spec.name,
                       coverage=spec.coverage)
+
+
+def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int) -> SelectionKnobs:
+    """The knobs the plugin would set for ``spec`` at a pure-decode step of ``batch`` rows in
+    ``layer`` (``enabled`` False where it would not prune: `knob_values`), on the CPU."""
+    return spec_knobs(spec, *knob_values(spec, batch, layer, num_experts))
 
 
 class RouterHook:

@@ -8,7 +8,7 @@ A prefill forward of R requests holds their prompt tokens; the rows at one posit
 per request long enough) form one group, as `lynx.calibrate.tables.RouterHook` groups B
 calibration windows in transformers: the same request count at the same position, a batch of
 B "decode rows". Each group is selected on its own with the policy's table for its size
-(`calibrate.tables.policy_knobs`), judged on SGLang's own top-K (STANDARD output), and its
+(`calibrate.tables.knob_values`), judged on SGLang's own top-K (STANDARD output), and its
 statistics are added to the exporter (a group the table leaves unpruned adds its layer-step and
 its stock union as experts computed, nothing else: so ``lynx_layer_pruned_steps_total`` counts
 evaluated layer-steps here, and experts cover every layer as the transformers path counts
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lynx.calibrate.tables import knob_values
+from lynx.calibrate.tables import knob_values, spec_knobs
 from lynx.selection import NO_BUDGET_LIMIT, make_knobs, select_layer_step
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.formats import LayerPlan, merge_standard_output, standard_routed
@@ -64,9 +64,7 @@ class PrefillAsDecode:
         if key not in self._knobs:
             if len(self._knobs) >= 1024:  # a long calibration: many policies, few at a time
                 self._knobs.clear()
-            self._knobs[key] = make_knobs(device, enabled=True, budget=budget,
-                                          alpha=spec.alpha, beta=float(spec.beta), k0=spec.k0,
-                                          policy=spec.name, coverage=spec.coverage)
+            self._knobs[key] = spec_knobs(spec, True, budget, device)
         return self._knobs[key]
 
     def _count_only(self, device: torch.device) -> tuple[Any, torch.Tensor]:
