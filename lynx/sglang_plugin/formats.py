@@ -80,15 +80,20 @@ def output_format_of(topk: Any, path: str) -> str:
 
 def router_spec(config: Any, *, raw_logits: bool = False, ep_ranks: int = 1,
                 ep_balance: bool = True) -> RouterSpec:
-    """The library's description of an SGLang ``TopKConfig`` (routed experts only);
-    ``ep_ranks``: the EP layout (statistics per rank); ``ep_balance``: spend budgets per EP
-    rank (`lynx.selection.ep`) instead of one global budget."""
+    """The library's description of an SGLang ``TopKConfig`` (routed experts only), read from
+    what SGLang's ``select_experts`` executes rather than from the config fields alone: a
+    grouped router with a correction bias runs ``biased_grouped_topk``, which scores by
+    sigmoid whatever ``scoring_func`` says (GLM-4.5's model file leaves it at the default
+    "softmax"; DeepSeek's passes "sigmoid"). ``ep_ranks``: the EP layout (statistics per
+    rank); ``ep_balance``: spend budgets per EP rank (`lynx.selection.ep`) instead of one
+    global budget."""
     grouped = bool(config.use_grouped_topk and config.num_expert_group
                    and config.num_expert_group > 1)
+    biased_grouped = bool(config.use_grouped_topk) and config.correction_bias is not None
     shared = int(config.num_shared_topk_slots)
     return RouterSpec(
         top_k=int(config.top_k) - shared, renormalize=bool(config.renormalize),
-        scoring=config.scoring_func,
+        scoring="sigmoid" if biased_grouped else config.scoring_func,
         num_expert_group=int(config.num_expert_group) if grouped else None,
         topk_group=int(config.topk_group or 1) if grouped else None,
         has_correction_bias=config.correction_bias is not None,

@@ -1,0 +1,73 @@
+"""``TopK`` built with exactly the arguments SGLang 0.5.23's model files pass, not the
+checkpoint's config values: a router whose model file leaves a field at its default must still
+be pruned by the rule SGLang executes.
+
+Found with a tiny GLM-4.5 checkpoint served on the CPU engine: ``glm4_moe.py`` builds a grouped
+``TopK`` with a correction bias and no ``scoring_func`` (default "softmax"), and SGLang then
+runs ``biased_grouped_topk``, which scores by sigmoid whatever ``scoring_func`` says. The plugin
+read "softmax" from the config and rerouted pruned rows by softmax gates: other experts and
+other weights than SGLang's own routing restricted to the kept experts.
+
+Shape legend: T rows, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conformance_configs import BY_NAME, draw_inputs
+from topk_harness import build_topk, call, make_runtime, policy_spec, sglang_topology, standard
+from topk_harness import stock as stock_call
+
+from lynx.sglang_plugin.formats import router_spec
+from lynx.sglang_plugin.step_state import StepLayout
+
+pytest.importorskip("sglang.srt.layers.moe.topk")
+
+# The TopK arguments of each model file (sglang/srt/models/*.py, CPU: no fused scaling).
+MODEL_FILES = {
+    "glm4_moe.py (GLM-4.5-Air)": ("GLM-4.5-Air", {
+        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 1,
+        "topk_group": 1, "routed_scaling_factor": 1.0}),
+    "glm4_moe.py (GLM-4.5, DeepSeek-V3's groups)": ("DeepSeek-V3", {
+        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 8,
+        "topk_group": 4, "routed_scaling_factor": 2.5}),
+    "deepseek_v2.py (DeepSeek-V3)": ("DeepSeek-V3", {
+        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 8,
+        "topk_group": 4, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid"}),
+}
+
+
+@pytest.mark.parametrize("model_file", sorted(MODEL_FILES))
+def test_pruned_rows_follow_the_rule_sglang_executes(model_file: str) -> None:
+    name, kwargs = MODEL_FILES[model_file]
+    model = BY_NAME[name]
+    e, k, rows = model.experts, model.top_k, 32
+    logits, bias = draw_inputs(model, rows, seed=5)
+    assert bias is not None
+    with sglang_topology():
+        topk = build_topk(experts=e, top_k=k, correction_bias=bias, **kwargs)
+        assert router_spec(topk.topk_config).scoring == "sigmoid"
+        runtime = make_runtime(policy_spec("budget", budget=2 * k), e, k, layers=1)
+        torch.manual_seed(0)
+        out = standard(call(runtime, topk, logits, StepLayout("decode", rows, 0)))
+        ref = standard(stock_call(topk, logits))
+    ids, weights = out.topk_ids.long(), out.topk_weights.float()
+    rerouted = (ids.sort(1).values != ref.topk_ids.long().sort(1).values).any(-1)
+    assert int(rerouted.sum()) >= rows // 4  # budget 2K prunes a random batch hard
+    gate = torch.sigmoid(logits.float())  # biased_grouped_topk's scores
+    used = torch.zeros(e, dtype=torch.bool)
+    used[ids.flatten()] = True
+    groups = kwargs["num_expert_group"]
+    size = e // groups
+    for row in rerouted.nonzero().flatten().tolist():
+        # the weights: SGLang's sigmoid gates at the chosen ids, renormalised
+        want = gate[row, ids[row]] / gate[row, ids[row]].sum()
+        torch.testing.assert_close(weights[row], want, rtol=1e-5, atol=1e-6)
+        # the ids: the best K by sigmoid + bias among the experts in use, inside the row's
+        # stock groups (groups never change under Lynx)
+        stock_groups = torch.zeros(groups, dtype=torch.bool)
+        stock_groups[ref.topk_ids[row].long() // size] = True
+        allowed = used & stock_groups.repeat_interleave(size)
+        choice = torch.where(allowed, gate[row] + bias, -torch.inf)
+        assert set(ids[row].tolist()) == set(choice.topk(k).indices.tolist()), row
