@@ -24,6 +24,7 @@ import torch
 from benchmark.common import Variant
 from lynx.calibrate import RouterHook, router_hooks, window_nll
 from lynx.reference.tasks import arithmetic_prompt, heldout_problems, parse_answer
+from lynx.selection import RouterSpec
 from lynx.serving.client import generate_greedy
 
 MAX_NEW_TOKENS = 6
@@ -47,9 +48,9 @@ class SelectionHook(RouterHook):
     """`lynx.calibrate.RouterHook` for a benchmark `Variant` (keeps ``variant`` for subclasses
     such as `benchmark.verify_steps.VerifyHook`)."""
 
-    def __init__(self, variant: Variant, batch: int, layer: int, num_experts: int, top_k: int,
-                 renormalize: bool) -> None:
-        super().__init__(variant.spec, batch, layer, num_experts, top_k, renormalize)
+    def __init__(self, variant: Variant, batch: int, layer: int, num_experts: int,
+                 router: RouterSpec, correction_bias: torch.Tensor | None = None) -> None:
+        super().__init__(variant.spec, batch, layer, num_experts, router, correction_bias)
         self.variant = variant
 
 

@@ -188,6 +188,7 @@ class VerifyHook(SelectionHook):
             depth = torch.arange(width).repeat(self.batch)
             step = select_layer_step(self.variant.policy, block.reshape(-1, experts),
                                      self.router, self.knobs, rows, rows,
+                                     self.correction_bias,
                                      row_weight=verify_row_weights(depth, width),
                                      stock_ids=own[:, start:start + n].reshape(-1, top_k))
             weights[:, start:start + width] = step.topk_weights.view(self.batch, width, -1)

@@ -30,18 +30,20 @@ def model_card_scores(name: str) -> dict:
     return json.loads((reference_model(name) / "eval.json").read_text())
 
 
-def start_server(tmp_path: Path, model: str, env: dict[str, str] | None = None,
+def start_server(tmp_path: Path, model: str | Path, env: dict[str, str] | None = None,
                  extra_args: tuple[str, ...] = ()) -> SglangServer:
     """One server, started and ready (the plugin off unless ``env`` says otherwise)."""
     return wait_all_ready(spawn_servers(tmp_path, model, [
         (env or {"LYNX_ENABLED": "0"}, extra_args)]))[0]
 
 
-def spawn_servers(tmp_path: Path, model: str,
+def spawn_servers(tmp_path: Path, model: str | Path,
                   specs: list[tuple[dict[str, str], tuple[str, ...]]]) -> list[SglangServer]:
     """One server per (env, extra_args), launched without waiting (distinct ports); pair
-    with `wait_all_ready`. Start-up dominates the end-to-end tests, and it overlaps. If a
-    launch fails, the servers already launched are stopped."""
+    with `wait_all_ready`. ``model``: a reference model's name or a checkpoint folder.
+    Start-up dominates the end-to-end tests, and it overlaps. If a launch fails, the servers
+    already launched are stopped."""
+    path = model if isinstance(model, Path) else reference_model(model)
     ports: list[int] = []
     while len(ports) < len(specs):
         port = free_port()
@@ -50,8 +52,8 @@ def spawn_servers(tmp_path: Path, model: str,
     servers: list[SglangServer] = []
     try:
         for port, (env, extra_args) in zip(ports, specs, strict=True):
-            server = SglangServer(reference_model(model), port, env=env, extra_args=extra_args,
-                                  log_path=tmp_path / f"sglang-{model}-{port}.log")
+            server = SglangServer(path, port, env=env, extra_args=extra_args,
+                                  log_path=tmp_path / f"sglang-{path.name}-{port}.log")
             server.ready_timeout_s *= len(specs)  # they share the CPUs while they start
             servers.append(server.spawn())
     except BaseException:
@@ -77,13 +79,13 @@ def wait_all_ready(servers: list[SglangServer]) -> list[SglangServer]:
 def server_factory(tmp_path: Path) -> Iterator:
     started: list[SglangServer] = []
 
-    def factory(model: str, env: dict[str, str] | None = None,
+    def factory(model: str | Path, env: dict[str, str] | None = None,
                 extra_args: tuple[str, ...] = ()) -> SglangServer:
         server = start_server(tmp_path, model, env, extra_args)
         started.append(server)
         return server
 
-    def side_by_side(model: str, envs: list[dict[str, str]]) -> list[SglangServer]:
+    def side_by_side(model: str | Path, envs: list[dict[str, str]]) -> list[SglangServer]:
         """One server per env, launched together (start-up dominates these tests)."""
         servers = spawn_servers(tmp_path, model, [(env, ()) for env in envs])
         started.extend(servers)

@@ -87,8 +87,9 @@ def test_entry_point_is_installed() -> None:
 
 @pytest.mark.parametrize("engine", ["0", "1"])
 def test_cpu_compat_hooks_register_on_the_cpu_engine_only(engine: str) -> None:
-    """Verify attention, both native MoE paths (EP's -1 ids) and batched decode attention on
-    the CPU engine, nothing elsewhere; a second install adds nothing."""
+    """Verify attention, both native MoE paths (EP's -1 ids), batched decode attention and
+    Qwen2-MoE's shared-expert gate on the CPU engine, nothing elsewhere; a second install adds
+    nothing."""
     code = ("from lynx.cpu_compat.hooks import install\n"
             "from sglang.srt.plugins.hook_registry import HookRegistry\n"
             "install(); install(); print(sorted((k, len(v)) for k, v in "
@@ -102,7 +103,8 @@ def test_cpu_compat_hooks_register_on_the_cpu_engine_only(engine: str) -> None:
             "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend."
             "forward_extend": 1,
             "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend."
-            "_run_sdpa_forward_decode": 1}
+            "_run_sdpa_forward_decode": 1,
+            "sglang.kernels.ops.elementwise.elementwise.fused_gate_sigmoid_mul_add": 1}
     assert hooks == (want if engine == "1" else {}), out.stderr[-2000:]
 
 

@@ -23,6 +23,7 @@ from topk_harness import (
 from topk_harness import stock as stock_call
 
 from lynx.calibrate.tables import RouterHook, single_layer_policy
+from lynx.selection import RouterSpec
 from lynx.selection.statistics import STAT_FIELDS
 from lynx.sglang_plugin.config import LynxConfigError, load_config
 from lynx.sglang_plugin.evaluation import (
@@ -75,7 +76,8 @@ def test_prefill_groups_are_pruned_as_the_transformers_calibration_prunes_window
         served = evaluated(runtime, topk, logits, positions)
         stock = standard(stock_call(topk, logits))
         # the transformers hook on the same logits: [B*P, E] in (window, position) order
-        hook = RouterHook(policy, batch, layer, e, k, MODEL.renormalize)
+        hook = RouterHook(policy, batch, layer, e,
+                          RouterSpec(top_k=k, renormalize=MODEL.renormalize))
         _, weights, ids = hook(None, None, (logits, stock.topk_weights, stock.topk_ids))
         assert torch.equal(served.topk_ids, ids)
         torch.testing.assert_close(served.topk_weights, weights.to(served.topk_weights.dtype))

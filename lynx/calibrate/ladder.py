@@ -91,7 +91,7 @@ def build_ladder(folder: Path, means: Sequence[float] | None = None,
         from lynx.reference.loading import load_reference
 
         model, tok = load_reference(folder, dtype=torch.float32)
-        experts, top_k, _ = model_shape(model)
+        experts, top_k = model_shape(model)
         layers = model.config.num_hidden_layers
 
         def sensitivity_of(data: torch.Tensor, batch: int) -> Any:

@@ -25,7 +25,6 @@ the server, only rerouted rows change (`lynx.selection.merge_rerouted`).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from lynx.calibrate.hf_routers import model_shape, moe_routers, router_spec
 from lynx.selection import NO_BUDGET_LIMIT, RouterSpec, SelectionKnobs, make_knobs
 from lynx.selection.statistics import STAT_FIELDS
 from lynx_protocol.ladder_build import allocate, single_layer_policy
@@ -69,12 +69,14 @@ def policy_knobs(spec: PolicySpec, batch: int, layer: int, num_experts: int) -> 
 
 class RouterHook:
     """Forward hook on a transformers MoE router (output ``(logits, scores, ids)``): the
-    selection step per position, every row of the B windows' position one decode batch."""
+    selection step per position, every row of the B windows' position one decode batch.
+    ``router``: the module's routing rule, ``correction_bias`` [E] its bias where it has one
+    (`hf_routers.router_spec`)."""
 
     def __init__(self, spec: PolicySpec, batch: int, layer: int, num_experts: int,
-                 top_k: int, renormalize: bool) -> None:
+                 router: RouterSpec, correction_bias: torch.Tensor | None = None) -> None:
         self.spec, self.batch = spec, batch
-        self.router = RouterSpec(top_k=top_k, renormalize=renormalize)
+        self.router, self.correction_bias = router, correction_bias
         self.knobs = policy_knobs(spec, batch, layer, num_experts)
         self.rows = 0  # rows routed through the hook
         self.top1_kept = 0  # of which kept their stock top-1 expert
@@ -104,7 +106,7 @@ class RouterHook:
         rows = torch.ones(self.batch, dtype=torch.bool)
         own = stock_ids.view(self.batch, -1, stock_ids.shape[-1])  # transformers' own top-K
         steps = [select_layer_step(self.spec.name, per_pos[:, t], self.router, self.knobs,
-                                   rows, rows, stock_ids=own[:, t])
+                                   rows, rows, self.correction_bias, stock_ids=own[:, t])
                  for t in range(per_pos.shape[1])]
         top_k = self.router.top_k  # [B, P, K] -> rows ordered like router_logits
         weights = torch.stack([s.topk_weights for s in steps], dim=1).reshape(-1, top_k)
@@ -122,31 +124,14 @@ class RouterHook:
         return router_logits, weights, ids
 
 
-def moe_routers(model: Any) -> dict[int, Any]:
-    """{decoder layer index: MoE router module} of a transformers Mixtral / Qwen3-MoE model,
-    in layer order; a dense layer (Qwen3-MoE's ``mlp_only_layers``) has none."""
-    routers = {}
-    for name, module in model.named_modules():
-        found = re.search(r"layers\.(\d+)\.mlp\.gate$", name)
-        if found and hasattr(module, "top_k"):
-            routers[int(found.group(1))] = module
-    return dict(sorted(routers.items()))
-
-
-def model_shape(model: Any) -> tuple[int, int, bool]:
-    """(E, K, renormalize) of a transformers MoE config."""
-    config = model.config
-    experts = int(getattr(config, "num_local_experts", None) or config.num_experts)
-    return experts, int(config.num_experts_per_tok), bool(getattr(config, "norm_topk_prob", True))
-
-
 @contextmanager
 def router_hooks(model: Any, spec: PolicySpec, batch: int,
                  factory: Callable[..., RouterHook] = RouterHook) -> Iterator[list[RouterHook]]:
     """``spec`` applied to every router of ``model`` while the context is open."""
-    experts, top_k, renormalize = model_shape(model)
+    experts, _ = model_shape(model)
     routers = moe_routers(model)
-    hooks = [factory(spec, batch, layer, experts, top_k, renormalize) for layer in routers]
+    hooks = [factory(spec, batch, layer, experts, *router_spec(module))
+             for layer, module in routers.items()]
     handles = [r.register_forward_hook(h) for r, h in zip(routers.values(), hooks, strict=True)]
     try:
         yield hooks
@@ -183,7 +168,7 @@ def layer_sensitivity(model: Any, windows: torch.Tensor, batch: int, candidates:
     """Per decoder layer [L], {budget: mean NLL rise [nats] with only that layer pruned to
     it} and {budget: mean distinct experts that layer computes per step under it}; both
     empty for a dense layer (no router: never pruned, see `allocate_routed`)."""
-    experts, _, _ = model_shape(model)
+    experts, _ = model_shape(model)
     layers = model.config.num_hidden_layers
     stock, _ = mean_nll(model, windows, PolicySpec(name="off"), batch)
     rise: list[dict[int, float]] = [{} for _ in range(layers)]
@@ -253,7 +238,7 @@ def calibrate(folder: Path, target_mean: float, batches: Sequence[int] = (16, 32
         from lynx.reference.loading import load_reference
 
         model, tok = load_reference(folder, dtype=torch.float32)
-        experts, top_k, _ = model_shape(model)
+        experts, top_k = model_shape(model)
 
         def sensitivity_of(data: torch.Tensor, batch: int, candidates: list[int]) -> Any:
             return layer_sensitivity(model, data, batch, candidates)

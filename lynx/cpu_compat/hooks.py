@@ -5,7 +5,8 @@ Active only with ``SGLANG_USE_CPU_ENGINE=1`` (and ``LYNX_CPU_COMPAT`` not 0), in
 - `verify_attention`: tree attention for speculative (NGRAM) verify steps;
 - `moe_native`: the native MoE paths with non-local (-1) expert ids, so ``--ep-size`` serves;
 - `decode_attention`: the torch-native backend's decode attention in one batched call instead
-  of a loop over the requests.
+  of a loop over the requests;
+- `shared_gate`: Qwen2-MoE's gated shared expert in torch (SGLang calls a Triton kernel).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def install() -> None:
     if os.environ.get("SGLANG_USE_CPU_ENGINE", "0") != "1" or \
             os.environ.get("LYNX_CPU_COMPAT", "1") == "0":
         return
-    from lynx.cpu_compat import decode_attention, moe_native, verify_attention
+    from lynx.cpu_compat import decode_attention, moe_native, shared_gate, verify_attention
 
     verify_attention.register()
     moe_native.register()
     decode_attention.register()
+    shared_gate.register()
     logger.info("Lynx CPU compat: speculative verify attention, expert-parallel native MoE "
-                "(-1 expert ids) and batched decode attention registered")
+                "(-1 expert ids), batched decode attention and Qwen2-MoE's shared-expert gate "
+                "registered")

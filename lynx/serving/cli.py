@@ -66,7 +66,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             args.window_len < 2):
         raise ServeError(f"calibrate: need batches >= {NO_PRUNING_BELOW}, --windows >= the "
                          "largest batch, --window-len >= 2")
-    folder = resolve_model(args.model)
+    folder = resolve_model(args.model, cpu_serving=False)
     if not args.ladder and args.target_mean is None:
         raise ServeError("calibrate: give --target-mean (one policy) or --ladder")
     skipped: list[Path] = []

@@ -14,17 +14,24 @@ REFERENCE_MODELS: dict[str, Path] = {
     "qwen3-moe-mini": MODELS_DIR / "qwen3-moe-mini",
     "qwen3-moe-128": MODELS_DIR / "qwen3-moe-128",
 }
-# Architectures SGLang 0.5.23 serves on the CPU with the torch-native paths (Qwen2-MoE does not:
-# its shared-expert gate runs a Triton kernel, which finds no driver on a CPU).
-CPU_SERVABLE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+# Architectures SGLang 0.5.23 serves on the CPU engine with the torch-native paths, each
+# served here with Lynx pruning from a tiny checkpoint of the real router values
+# (`lynx.reference.tiny`). Qwen2-MoE needs `lynx.cpu_compat.shared_gate` (SGLang's shared-expert
+# gate is a Triton kernel). Not GPT-OSS: SGLang requires an attention backend with sinks
+# (triton, fa3, trtllm_mha, intel_amx, ...), none of which runs on this CPU.
+CPU_SERVABLE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM",
+                              "OlmoeForCausalLM", "Glm4MoeForCausalLM", "DeepseekV2ForCausalLM",
+                              "DeepseekV3ForCausalLM")
 
 
 class ModelError(ValueError):
     """A model name or folder that cannot be served; the message is one line."""
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """Map a reference-model name or a folder path to a validated checkpoint folder."""
+def resolve_model(name_or_path: str | Path, *, cpu_serving: bool = True) -> Path:
+    """Map a reference-model name or a folder path to a validated checkpoint folder;
+    ``cpu_serving`` False: any architecture (calibration reads the model itself or goes through
+    a server that may run elsewhere), else one this CPU serves."""
     text = str(name_or_path)
     if text in REFERENCE_MODELS:
         path = REFERENCE_MODELS[text]
@@ -33,7 +40,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     else:
         known = ", ".join(sorted(REFERENCE_MODELS))
         raise ModelError(f"unknown model {text!r}: use one of {known} or a checkpoint folder path")
-    validate_checkpoint(path)
+    validate_checkpoint(path, cpu_serving=cpu_serving)
     return path
 
 
@@ -50,13 +57,14 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def validate_checkpoint(path: Path) -> dict:
-    """Check that a folder holds a loadable MoE checkpoint SGLang can serve on the CPU."""
+def validate_checkpoint(path: Path, *, cpu_serving: bool = True) -> dict:
+    """Check that a folder holds a loadable MoE checkpoint (``cpu_serving``: one SGLang can
+    serve on the CPU)."""
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist")
     config = read_config(path)
     archs = config.get("architectures") or []
-    if not any(a in CPU_SERVABLE_ARCHITECTURES for a in archs):
+    if cpu_serving and not any(a in CPU_SERVABLE_ARCHITECTURES for a in archs):
         raise ModelError(
             f"{path}: architectures {archs} not servable on the CPU default "
             f"(supported: {', '.join(CPU_SERVABLE_ARCHITECTURES)})"
