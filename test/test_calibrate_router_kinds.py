@@ -21,7 +21,18 @@ from lynx.reference.tiny import ROUTERS, tiny_model
 from lynx.selection.routers import stock_routing
 from lynx.selection.routing import route_restricted
 
-DENSE_FIRST = {"DeepSeek-V3", "DeepSeek-V2-Lite", "GLM-4.5-Air", "GLM-4.5-DSV3-router"}
+DENSE_FIRST = {"DeepSeek-V3", "DeepSeek-V2", "DeepSeek-V2-Lite", "GLM-4.5-Air",
+               "GLM-4.5-DSV3-router"}
+REFERENCE = ("mixtral-mini", "qwen3-moe-mini")  # the trained reference models
+
+
+def _model(name: str):
+    if name in REFERENCE:
+        from lynx.reference.loading import load_reference
+        from lynx.serving.models import REFERENCE_MODELS
+
+        return load_reference(REFERENCE_MODELS[name], dtype=torch.float32)[0]
+    return tiny_model(name)
 
 
 def _routed(model, rows: int = 64) -> dict[int, tuple]:
@@ -43,15 +54,18 @@ def _routed(model, rows: int = 64) -> dict[int, tuple]:
     return seen
 
 
-@pytest.mark.parametrize("name", sorted(ROUTERS))
+@pytest.mark.parametrize("name", [*sorted(ROUTERS), *REFERENCE])
 def test_the_rule_read_from_each_router_reproduces_its_own_routing(name: str) -> None:
-    model = tiny_model(name)
+    model = _model(name)
     routed = _routed(model)
-    assert sorted(routed) == ([1, 2] if name in DENSE_FIRST else [0, 1, 2])
+    layers = model.config.num_hidden_layers
+    assert sorted(routed) == list(range(1 if name in DENSE_FIRST else 0, layers))
     for layer, (module, _, (logits, weights, ids)) in routed.items():
         spec, bias = router_spec(module)
         if name in ("DeepSeek-V3", "GLM-4.5-DSV3-router"):
             assert spec.grouped and spec.scoring == "sigmoid" and bias is not None
+        if name == "DeepSeek-V2":  # group_limited_greedy, no renormalisation, rsf 16
+            assert spec.grouped and spec.output_scale == 16.0 and not spec.renormalize
         stock = stock_routing(logits.float(), spec, bias)
         everything = torch.ones_like(logits, dtype=torch.bool)
         ours_w, ours_ids = route_restricted(logits.float(), spec, stock, everything)

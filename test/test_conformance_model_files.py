@@ -6,7 +6,8 @@ Found with a tiny GLM-4.5 checkpoint served on the CPU engine: ``glm4_moe.py`` b
 ``TopK`` with a correction bias and no ``scoring_func`` (default "softmax"), and SGLang then
 runs ``biased_grouped_topk``, which scores by sigmoid whatever ``scoring_func`` says. The plugin
 read "softmax" from the config and rerouted pruned rows by softmax gates: other experts and
-other weights than SGLang's own routing restricted to the kept experts.
+other weights than SGLang's own routing restricted to the kept experts. Its neighbour: an
+ungrouped softmax router with a bias (ERNIE-4.5) is biased only where SGLang's path adds it.
 
 Shape legend: T rows, E experts, K top_k.
 """
@@ -71,3 +72,46 @@ def test_pruned_rows_follow_the_rule_sglang_executes(model_file: str) -> None:
         allowed = used & stock_groups.repeat_interleave(size)
         choice = torch.where(allowed, gate[row] + bias, -torch.inf)
         assert set(ids[row].tolist()) == set(choice.topk(k).indices.tolist()), row
+
+
+def _topk_softmax(weights: torch.Tensor, ids: torch.Tensor, gating: torch.Tensor,
+                  renormalize: bool) -> None:
+    """The CUDA kernel ``topk_softmax`` SGLang's ``fused_topk`` calls (it takes no bias; no
+    CUDA here): softmax, top-K, renormalised, written in place."""
+    top = torch.softmax(gating.float(), -1).topk(ids.shape[1], dim=-1)
+    values = top.values / top.values.sum(-1, keepdim=True) if renormalize else top.values
+    weights.copy_(values)
+    ids.copy_(top.indices)
+
+
+def test_an_ungrouped_softmax_bias_is_followed_only_where_sglang_uses_it(monkeypatch) -> None:
+    """ERNIE-4.5's model file (``ernie4.py``) builds an ungrouped softmax ``TopK`` with a
+    correction bias. SGLang's torch-native router adds the bias to the choice scores; its CUDA
+    path (``fused_topk``: ``topk_softmax``) ignores it. Pruned rows follow the rule of the
+    path that ran: on ``cuda`` the bias-free softmax top-K among the experts in use."""
+    import sglang.srt.layers.moe.topk as sglang_topk
+
+    monkeypatch.setattr(sglang_topk, "topk_softmax", _topk_softmax, raising=False)
+    e, k, rows = 64, 8, 32
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(rows, e, generator=gen) * 1.5
+    bias = torch.randn(e, generator=gen) * 0.02  # the softmax gates are ~1/E
+    kwargs = {"renormalize": True, "correction_bias": bias}
+    for path, with_bias in (("native", True), ("cuda", False)):
+        with sglang_topology():
+            topk = build_topk(experts=e, top_k=k, **kwargs)
+            if path == "cuda":
+                topk.topk_config.torch_native = False
+            runtime = make_runtime(policy_spec("budget", budget=2 * k), e, k, layers=1)
+            torch.manual_seed(0)
+            out = standard(call(runtime, topk, logits, StepLayout("decode", rows, 0), path))
+            ref = standard(stock_call(topk, logits, path))
+        ids = out.topk_ids.long()
+        rerouted = (ids.sort(1).values != ref.topk_ids.long().sort(1).values).any(-1)
+        assert int(rerouted.sum()) >= rows // 4, path
+        used = torch.zeros(e, dtype=torch.bool)
+        used[ids.flatten()] = True
+        choice = torch.softmax(logits, -1) + (bias if with_bias else 0.0)
+        for row in rerouted.nonzero().flatten().tolist():
+            best = torch.where(used, choice[row], -torch.inf).topk(k).indices
+            assert set(ids[row].tolist()) == set(best.tolist()), (path, row)

@@ -9,7 +9,7 @@ checkpoint): tiny randomly initialised checkpoints with the real checkpoints' ro
   GLM's body, whose forward the two compute alike.) This is the test that found GLM-4.5's
   routing rule misread (`test_conformance_model_files`).
 - Qwen2-MoE (gated shared expert, `lynx.cpu_compat.shared_gate`) and DeepSeek-V3 itself serve,
-  and prune: Qwen2-MoE's prompt log-probabilities equal transformers'.
+  and prune: Qwen2-MoE's mean prompt log-probability equals transformers'.
 """
 
 from __future__ import annotations

@@ -47,6 +47,11 @@ ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
         "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
         "norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_shared_experts": 1,
         "first_k_dense_replace": 1}),
+    "DeepSeek-V2": ("DeepseekV2Config", {  # DeepSeek-V2-236B's router: E160 top-6, 8/3
+        **_MLA, "q_lora_rank": 48, "n_routed_experts": 160, "num_experts_per_tok": 6,
+        "n_group": 8, "topk_group": 3, "topk_method": "group_limited_greedy",
+        "scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 16.0,
+        "n_shared_experts": 2, "first_k_dense_replace": 1}),
     "DeepSeek-V2-Lite": ("DeepseekV2Config", {
         **_MLA, "q_lora_rank": None, "n_routed_experts": 64, "num_experts_per_tok": 6,
         "n_group": 1, "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax",

@@ -78,25 +78,45 @@ def output_format_of(topk: Any, path: str) -> str:
     return "STANDARD" if fmt is None else fmt.name
 
 
+def _softmax_bias_used(path: str) -> bool:
+    """Whether SGLang's plain (ungrouped) softmax top-K on ``path`` adds the correction bias:
+    its torch-native router does (``forward_native``; and ``fused_topk_cpu`` on an AMX CPU);
+    ``fused_topk``'s kernels (``topk_softmax`` on CUDA, ROCm and a CPU without AMX) take none."""
+    if path == "native":
+        return True
+    if path == "cpu":
+        from sglang.srt.layers.moe import topk as sglang_topk
+
+        return bool(getattr(sglang_topk, "_is_cpu_amx_available", False))
+    return False
+
+
 def router_spec(config: Any, *, raw_logits: bool = False, ep_ranks: int = 1,
-                ep_balance: bool = True) -> RouterSpec:
+                ep_balance: bool = True, path: str = "native") -> RouterSpec:
     """The library's description of an SGLang ``TopKConfig`` (routed experts only), read from
-    what SGLang's ``select_experts`` executes rather than from the config fields alone: a
-    grouped router with a correction bias runs ``biased_grouped_topk``, which scores by
-    sigmoid whatever ``scoring_func`` says (GLM-4.5's model file leaves it at the default
-    "softmax"; DeepSeek's passes "sigmoid"). ``ep_ranks``: the EP layout (statistics per
-    rank); ``ep_balance``: spend budgets per EP rank (`lynx.selection.ep`) instead of one
-    global budget."""
+    what SGLang's ``select_experts`` executes on ``path`` rather than from the config fields
+    alone:
+    - a grouped router with a correction bias runs ``biased_grouped_topk``, which scores by
+      sigmoid whatever ``scoring_func`` says (GLM-4.5's model file leaves it at the default
+      "softmax"; DeepSeek's passes "sigmoid");
+    - an ungrouped softmax router with a bias (ERNIE-4.5) has it added only on the paths of
+      `_softmax_bias_used`; elsewhere SGLang routes it without, and so does Lynx.
+    ``ep_ranks``: the EP layout (statistics per rank); ``ep_balance``: spend budgets per EP
+    rank (`lynx.selection.ep`) instead of one global budget."""
     grouped = bool(config.use_grouped_topk and config.num_expert_group
                    and config.num_expert_group > 1)
-    biased_grouped = bool(config.use_grouped_topk) and config.correction_bias is not None
+    has_bias = config.correction_bias is not None
+    biased_grouped = bool(config.use_grouped_topk) and has_bias
+    scoring = "sigmoid" if biased_grouped else config.scoring_func
+    if has_bias and not config.use_grouped_topk and scoring == "softmax":
+        has_bias = _softmax_bias_used(path)
     shared = int(config.num_shared_topk_slots)
     return RouterSpec(
         top_k=int(config.top_k) - shared, renormalize=bool(config.renormalize),
-        scoring="sigmoid" if biased_grouped else config.scoring_func,
+        scoring=scoring,
         num_expert_group=int(config.num_expert_group) if grouped else None,
         topk_group=int(config.topk_group or 1) if grouped else None,
-        has_correction_bias=config.correction_bias is not None,
+        has_correction_bias=has_bias,
         weights="raw_logits" if raw_logits else "gate",
         routed_scaling_factor=(float(config.routed_scaling_factor)
                                if config.routed_scaling_factor is not None else None),
@@ -137,7 +157,7 @@ def plan_layer(topk: Any, path: str, ep_ranks: int = 1, ep_balance: bool = True
     if fmt == "STANDARD":
         return LayerPlan("standard", router=router_spec(
             config, raw_logits=_raw_logit_runner(config, path), ep_ranks=ep_ranks,
-            ep_balance=ep_balance))
+            ep_balance=ep_balance, path=path))
     if fmt == "BYPASSED":
         if config.correction_bias is not None:
             return _pass("bypassed_shared_bias")
