@@ -1,6 +1,7 @@
-"""``TopK`` built with exactly the arguments SGLang 0.5.23's model files pass, not the
-checkpoint's config values: a router whose model file leaves a field at its default must still
-be pruned by the rule SGLang executes.
+"""``TopK`` built by SGLang 0.5.23's own MoE block classes (``Glm4MoeSparseMoeBlock``,
+``DeepseekV2MoE``) from the checkpoints' config values, so with exactly the arguments the model
+files pass: a router whose model file leaves a field at its default must still be pruned by the
+rule SGLang executes.
 
 Found with a tiny GLM-4.5 checkpoint served on the CPU engine: ``glm4_moe.py`` builds a grouped
 ``TopK`` with a correction bias and no ``scoring_func`` (default "softmax"), and SGLang then
@@ -25,31 +26,49 @@ from lynx.sglang_plugin.step_state import StepLayout
 
 pytest.importorskip("sglang.srt.layers.moe.topk")
 
-# The TopK arguments of each model file (sglang/srt/models/*.py, CPU: no fused scaling).
+# Checkpoint -> (the SGLang model file's MoE block, the router values of `lynx.reference.tiny`
+# or the conformance configs): the TopK is the one that block builds, so a later SGLang that
+# changes what its model file passes is tested as it is.
 MODEL_FILES = {
-    "glm4_moe.py (GLM-4.5-Air)": ("GLM-4.5-Air", {
-        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 1,
-        "topk_group": 1, "routed_scaling_factor": 1.0}),
-    "glm4_moe.py (GLM-4.5, DeepSeek-V3's groups)": ("DeepSeek-V3", {
-        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 8,
-        "topk_group": 4, "routed_scaling_factor": 2.5}),
-    "deepseek_v2.py (DeepSeek-V3)": ("DeepSeek-V3", {
-        "renormalize": True, "use_grouped_topk": True, "num_expert_group": 8,
-        "topk_group": 4, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid"}),
+    "glm4_moe.py (GLM-4.5-Air)": ("GLM-4.5-Air", "glm4_moe", "Glm4MoeSparseMoeBlock"),
+    "glm4_moe.py (GLM-4.5, DeepSeek-V3's groups)": ("GLM-4.5-DSV3-router", "glm4_moe",
+                                                    "Glm4MoeSparseMoeBlock"),
+    "deepseek_v2.py (DeepSeek-V3)": ("DeepSeek-V3", "deepseek_v2", "DeepseekV2MoE"),
 }
+
+
+def model_file_topk(checkpoint: str, module: str, block: str, bias: torch.Tensor) -> object:
+    """The ``TopK`` of SGLang's own MoE ``block`` class built from ``checkpoint``'s router
+    values (inside `sglang_topology`), its correction bias set to ``bias`` [E]."""
+    import importlib
+
+    import transformers
+
+    from lynx.reference import tiny
+
+    class_name, values = tiny.ROUTERS[checkpoint]
+    config = getattr(transformers, class_name)(**{**tiny._COMMON, **values})
+    for key in ("moe_layer_freq", "topk_method", "scoring_func"):
+        if key in values:
+            setattr(config, key, values[key])
+    layer = getattr(importlib.import_module(f"sglang.srt.models.{module}"), block)(config, 1)
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.copy_(bias)  # the TopK holds the same tensor
+    return layer.topk
 
 
 @pytest.mark.parametrize("model_file", sorted(MODEL_FILES))
 def test_pruned_rows_follow_the_rule_sglang_executes(model_file: str) -> None:
-    name, kwargs = MODEL_FILES[model_file]
-    model = BY_NAME[name]
+    checkpoint, module, block = MODEL_FILES[model_file]
+    model = BY_NAME["DeepSeek-V3" if "DSV3" in checkpoint else checkpoint]
     e, k, rows = model.experts, model.top_k, 32
     logits, bias = draw_inputs(model, rows, seed=5)
     assert bias is not None
     with sglang_topology():
-        topk = build_topk(experts=e, top_k=k, correction_bias=bias, **kwargs)
+        topk = model_file_topk(checkpoint, module, block, bias)
+        topk.topk_config.torch_native = True
         assert router_spec(topk.topk_config).scoring == "sigmoid"
-        runtime = make_runtime(policy_spec("budget", budget=2 * k), e, k, layers=1)
+        runtime = make_runtime(policy_spec("budget", budget=2 * k), e, k, layers=2)
         torch.manual_seed(0)
         out = standard(call(runtime, topk, logits, StepLayout("decode", rows, 0)))
         ref = standard(stock_call(topk, logits))
@@ -59,7 +78,7 @@ def test_pruned_rows_follow_the_rule_sglang_executes(model_file: str) -> None:
     gate = torch.sigmoid(logits.float())  # biased_grouped_topk's scores
     used = torch.zeros(e, dtype=torch.bool)
     used[ids.flatten()] = True
-    groups = kwargs["num_expert_group"]
+    groups = model.groups or 1
     size = e // groups
     for row in rerouted.nonzero().flatten().tolist():
         # the weights: SGLang's sigmoid gates at the chosen ids, renormalised
