@@ -28,10 +28,11 @@ REFERENCE = ("mixtral-mini", "qwen3-moe-mini")  # the trained reference models
 
 def _model(name: str):
     if name in REFERENCE:
-        from lynx.reference.loading import load_reference
-        from lynx.serving.models import REFERENCE_MODELS
+        from conftest import reference_model
 
-        return load_reference(REFERENCE_MODELS[name], dtype=torch.float32)[0]
+        from lynx.reference.loading import load_reference
+
+        return load_reference(reference_model(name), dtype=torch.float32)[0]
     return tiny_model(name)
 
 

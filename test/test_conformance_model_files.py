@@ -42,16 +42,10 @@ def model_file_topk(checkpoint: str, module: str, block: str, bias: torch.Tensor
     values (inside `sglang_topology`), its correction bias set to ``bias`` [E]."""
     import importlib
 
-    import transformers
+    from lynx.reference.tiny import tiny_config
 
-    from lynx.reference import tiny
-
-    class_name, values = tiny.ROUTERS[checkpoint]
-    config = getattr(transformers, class_name)(**{**tiny._COMMON, **values})
-    for key in ("moe_layer_freq", "topk_method", "scoring_func"):
-        if key in values:
-            setattr(config, key, values[key])
-    layer = getattr(importlib.import_module(f"sglang.srt.models.{module}"), block)(config, 1)
+    layer = getattr(importlib.import_module(f"sglang.srt.models.{module}"), block)(
+        tiny_config(checkpoint), 1)
     with torch.no_grad():
         layer.gate.e_score_correction_bias.copy_(bias)  # the TopK holds the same tensor
     return layer.topk

@@ -99,16 +99,27 @@ def _widen_routing(model: torch.nn.Module) -> None:
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.1)
 
+
+def tiny_config(name: str) -> Any:
+    """The transformers config of checkpoint ``name`` (a key of `ROUTERS`), with the fields
+    SGLang reads that not every transformers config keeps. Raises KeyError for an unknown
+    name."""
+    import transformers
+
+    class_name, values = ROUTERS[name]
+    config = getattr(transformers, class_name)(**{**_COMMON, **values})
+    for key in ("moe_layer_freq", "topk_method", "scoring_func"):
+        if key in values:
+            setattr(config, key, values[key])
+    return config
+
+
 def tiny_model(name: str, seed: int = 0) -> Any:
     """The transformers model of checkpoint ``name`` (a key of `ROUTERS`), fp32, eval mode.
     Raises KeyError for an unknown name."""
     import transformers
 
-    class_name, values = ROUTERS[name]
-    config = getattr(transformers, class_name)(**{**_COMMON, **values})
-    for key in ("moe_layer_freq", "topk_method", "scoring_func"):  # read by SGLang, not
-        if key in values:  # every transformers config keeps them
-            setattr(config, key, values[key])
+    config = tiny_config(name)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _widen_routing(model)
