@@ -47,6 +47,8 @@ def test_disabled_by_default_and_enabled_by_env() -> None:
     ({"LYNX_POLICY": '{"name": "off", "prune_verify": "yes"}'}, "invalid policy"),
     ({"LYNX_COMPILE_CACHE": "/etc/hostname"}, "exists and is not a directory"),
     ({"LYNX_EP_BALANCE": "per-rank"}, "LYNX_EP_BALANCE='per-rank': expected 1 or 0"),
+    ({"LYNX_STEP_TRACE": "/nonexistent/steps.jsonl"}, "expected a file in an existing directory"),
+    ({"LYNX_STEP_TRACE": "/tmp"}, "LYNX_STEP_TRACE=/tmp: expected a file"),
     ({"LYNX_POLICY": '{"name": "off"}', "LYNX_LADDER_RUNG": "m12"},
      "not LYNX_POLICY and LYNX_LADDER_RUNG"),
 ])
@@ -73,6 +75,8 @@ def test_plugin_registers_nothing_when_disabled_and_everything_when_enabled() ->
     assert "sglang.srt.layers.moe.topk.TopK.forward_cuda" in targets
     assert "sglang.srt.layers.moe.topk.TopK.forward_cpu" in targets
     assert "sglang.srt.model_executor.model_runner.ModelRunner.forward" in targets
+    # a mixed step's decode rows as SGLang counted them
+    assert "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new" in targets
     # EP: SGLang's batch-1 compiled MoE path, -1 ids safe on every device
     assert "sglang.srt.layers.moe.fused_moe_native.fused_moe_forward_native" in targets
 

@@ -35,6 +35,7 @@ TOPK_TARGETS = {
     "sglang.srt.layers.moe.topk.TopK.forward_cpu": "cpu",
 }
 MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+FORWARD_BATCH_INIT = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 RECEIVER_PULL = ("sglang.srt.managers.scheduler_components.request_receiver."
                  "SchedulerRequestReceiver._pull_raw_reqs")
 SCHEDULER_INPUT = "sglang.srt.managers.scheduler.Scheduler.process_input_requests"
@@ -66,6 +67,8 @@ def install() -> LynxRuntime | None:
                           HookType.AROUND)
     HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", runtime.before_init_cuda_graphs,
                           HookType.BEFORE)
+    HookRegistry.register(FORWARD_BATCH_INIT, runtime.around_forward_batch_init,
+                          HookType.AROUND)  # a mixed step's decode rows, as SGLang counted them
     from lynx.cpu_compat.moe_native import register_compile_path
 
     register_compile_path()  # EP: SGLang's batch-1 compiled MoE would wrap -1 ids silently

@@ -183,6 +183,7 @@ class PluginConfig:
     shadow_link: bool = False  # LYNX_SHADOW=1: shadow mode, statistics to the controller only
     shadow_every: int = 16  # LYNX_SHADOW_EVERY: one decode step measured in this many
     evaluation: bool = False  # LYNX_EVALUATION=prefill-as-decode (`evaluation`)
+    step_trace: Path | None = None  # LYNX_STEP_TRACE=<file>: benchmark instrument (`step_trace`)
 
     @property
     def shadow_on(self) -> bool:
@@ -274,6 +275,11 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     if evaluation not in ("", EVALUATION_MODE):
         raise LynxConfigError(f"LYNX_EVALUATION={evaluation!r}: the only evaluation mode is "
                               f"{EVALUATION_MODE!r} (never for serving)")
+    trace_raw = env.get("LYNX_STEP_TRACE", "").strip()
+    step_trace = Path(trace_raw) if trace_raw else None
+    if step_trace is not None and (step_trace.is_dir() or not step_trace.parent.is_dir()):
+        raise LynxConfigError(f"LYNX_STEP_TRACE={step_trace}: expected a file in an existing "
+                              "directory")
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(
@@ -290,5 +296,5 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
         compile_cache=cache, ladder_rung=env.get("LYNX_LADDER_RUNG", "").strip(),
         ep_balance=_switch(env, "LYNX_EP_BALANCE", default=True), shadow=shadow,
         shadow_link=shadow_link, evaluation=bool(evaluation),
-        shadow_every=int(every),
+        shadow_every=int(every), step_trace=step_trace,
     )

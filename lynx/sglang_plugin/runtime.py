@@ -38,7 +38,11 @@ from lynx.sglang_plugin.formats import (
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.startup import apply_logger, selection_graph_keys
-from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
+from lynx.sglang_plugin.step_state import (
+    MIXED_DECODE_ROWS,
+    RuntimeState,
+    layout_from_forward_batch,
+)
 from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
 logger = logging.getLogger("lynx.plugin")
@@ -60,6 +64,7 @@ class LynxRuntime:
         self.plans: dict[tuple[int, str], LayerPlan] = {}  # (layer, call path) -> plan
         self._reasons_logged: set[str] = set()
         self.moe_timer: Any = None  # MoeTimer when LYNX_TIME_MOE=1
+        self.step_trace: Any = None  # StepTrace when LYNX_STEP_TRACE is set (TP rank 0)
         self.shadow: Any = None  # ShadowRecorder when LYNX_SHADOW is set
         self.compiled = CompiledSelection(enabled=config.compile,  # CPU steps (AOTInductor)
                                           cache_dir=config.compile_cache)
@@ -137,6 +142,11 @@ class LynxRuntime:
             self.moe_timer = MoeTimer(model_runner.model, lambda: state.layout.mode,
                                       export=self.ranks.tp_rank == 0,
                                       tp_rank=self.ranks.tp_rank)
+        if self.config.step_trace is not None and self.ranks.exports:
+            from lynx.sglang_plugin.step_trace import StepTrace, trace_path
+
+            self.step_trace = StepTrace(trace_path(self.config.step_trace, self.ranks.dp_rank,
+                                                   self.ranks.dp_size))
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 
@@ -183,13 +193,28 @@ class LynxRuntime:
         try:
             return original(model_runner, forward_batch, *args, **kwargs)
         finally:
+            end = time.perf_counter()
             if self.exporter is not None:
-                self.exporter.after_step(state, layout, time.perf_counter() - start)
+                self.exporter.after_step(state, layout, end - start)
                 if evaluation is not None and evaluation.groups is not None:
                     self.exporter.flush(state)  # /metrics complete when the response returns
+            if self.step_trace is not None:
+                self.step_trace.record(end, end - start, layout, state.step_active)
             if evaluation is not None:
                 evaluation.groups = None  # never left for another forward (a draft model's)
             state.step_active = False
+
+    @staticmethod
+    def around_forward_batch_init(original: Any, cls: Any, batch: Any, *args: Any,
+                                  **kwargs: Any) -> Any:
+        """``ForwardBatch.init_new``: a mixed step's ForwardBatch gets the number of running
+        decode requests SGLang mixed in (`step_state.MIXED_DECODE_ROWS`); its row lengths
+        alone cannot tell a one-token prefill chunk from a decode row."""
+        forward_batch = original(cls, batch, *args, **kwargs)
+        decoding = getattr(batch, "decoding_reqs", None)
+        if decoding is not None and forward_batch.forward_mode.is_mixed():
+            setattr(forward_batch, MIXED_DECODE_ROWS, len(decoding))
+        return forward_batch
 
     # -- per layer --------------------------------------------------------------------------
     def topk_hook(self, path: str) -> Any:

@@ -26,6 +26,11 @@ MIXED_SLOT = STAT_SLOTS - 2
 VERIFY_SLOT = STAT_SLOTS - 1
 
 
+MIXED_DECODE_ROWS = "lynx_mixed_decode_rows"
+"""Attribute the plugin sets on a mixed step's ForwardBatch: SGLang's running decode requests
+mixed into it (``len(batch.decoding_reqs)``)."""
+
+
 def batch_slot(n_decode_rows: int) -> int:
     """Index of the decode batch-size bucket (len(BATCH_BUCKETS): above the last edge)."""
     return next((i for i, b in enumerate(BATCH_BUCKETS) if n_decode_rows <= b),
@@ -65,12 +70,19 @@ def layout_from_forward_batch(forward_batch: object) -> StepLayout:
     lens = getattr(forward_batch, "extend_seq_lens_cpu", None) or []
     total = int(sum(lens))
     if mode.is_mixed():
-        # mix_with_running appends the running decode requests last, one token each.
-        n_decode = 0
-        for length in reversed(lens):
-            if length != 1:
-                break
-            n_decode += 1
+        # mix_with_running appends the running decode requests last, one token each; how
+        # many, SGLang's batch says (`LynxRuntime.around_forward_batch_init`). Without it, the
+        # trailing one-token rows, which also take in a prefill chunk of one token that
+        # precedes them (one prompt token of 152 read as a decode row, and pruned, in
+        # test_e2e_step_trace): kept as the fallback of a ForwardBatch built elsewhere.
+        n_decode = getattr(forward_batch, MIXED_DECODE_ROWS, None)
+        if n_decode is None:
+            n_decode = 0
+            for length in reversed(lens):
+                if length != 1:
+                    break
+                n_decode += 1
+        n_decode = min(int(n_decode), len(lens))
         return StepLayout("mixed", total, total - n_decode)
     return StepLayout("prefill", total, total)
 
