@@ -77,7 +77,9 @@ class PrefillTime:
         self.spans = spans  # (start, end, prefill seconds), sorted by end (steps never overlap)
         self._ends = [e for _, e, _ in spans]
         self.steps = len(steps)
-        self.prefill_steps = sum(1 for s in steps if s.mode == "prefill")
+        prefill = [s.ms for s in steps if s.mode == "prefill"]
+        self.prefill_median_ms = statistics.median(prefill) if prefill else 0.0
+        self.prefill_steps = len(prefill)
         self.mixed_steps = sum(1 for s in steps if s.mode == "mixed")
 
     def within(self, lo: float, hi: float) -> float:
@@ -98,7 +100,7 @@ def attribute(timings: Iterable[Timing], prefill: PrefillTime, tpot_ms: float,
     done = [t for t in timings if t.ok and t.tokens >= 2]
     if not done:
         raise ValueError("attribute: no finished request with two tokens")
-    tpot_miss = tpot_prefill = gaps = itl_miss = itl_prefill = 0
+    tpot_miss = tpot_prefill = gaps = itl_miss = itl_prefill = with_prefill = 0
     for t in done:
         first, last = t.start_s + t.ttft_s, t.start_s + t.e2e_s
         tpot = (last - first) / (t.tokens - 1) * 1e3
@@ -108,13 +110,17 @@ def attribute(timings: Iterable[Timing], prefill: PrefillTime, tpot_ms: float,
             tpot_prefill += without <= tpot_ms
         for gap, at in zip(t.itl_s, t.itl_at_s, strict=True):
             gaps += 1
+            inside = prefill.within(at - gap, at)
+            with_prefill += inside > 0
             if gap * 1e3 > itl_ms:
                 itl_miss += 1
-                itl_prefill += (gap - prefill.within(at - gap, at)) * 1e3 <= itl_ms
+                itl_prefill += (gap - inside) * 1e3 <= itl_ms
     return {"requests": len(done), "tpot_target_ms": tpot_ms, "tpot_misses": tpot_miss,
             "tpot_miss_share_prefill": round(tpot_prefill / tpot_miss, 4) if tpot_miss else None,
             "itl_target_ms": itl_ms, "gaps": gaps, "itl_misses": itl_miss,
             "itl_miss_share_prefill": round(itl_prefill / itl_miss, 4) if itl_miss else None,
-            "steps": prefill.steps, "prefill_steps": prefill.prefill_steps,
+            "gaps_with_prefill": with_prefill, "steps": prefill.steps,
+            "prefill_steps": prefill.prefill_steps,
+            "prefill_step_median_ms": round(prefill.prefill_median_ms, 3),
             "mixed_steps": prefill.mixed_steps,
             "decode_step_median_ms": round(prefill.decode_median_ms, 3)}

@@ -14,7 +14,8 @@ Schedules (one server each: Lynx with the controller, policy switched live, ``LY
 Each replays the excerpt of `benchmark/slo_pareto.py` (same arguments, same offered rate:
 ``--load`` x the ``default`` server's closed-loop capacity) ``--reps`` times with pruning off
 and at ``--rung``, interleaved. Misses of the per-request TPOT target and of a per-token ITL
-target of the same bound (default: the Pareto's medium target from ``slo_pareto.json``) are
+target of the same bound (default: the medium target of the last Pareto on the same checkpoint,
+``results/slo_pareto.json``; its oracle rung is the default ``--rung``) are
 attributed to prefill (`benchmark.miss_attribution`). Writes ``results/prefill_share.json``.
 """
 
@@ -37,8 +38,33 @@ from benchmark.serving_pair import ServingPair
 from benchmark.slo_pareto_runs import apply_mode, replay
 
 SCHEDULES = {"default": (), "mixed": ("--enable-mixed-chunk",)}
-FALLBACK_TARGET_MS = 63.1
-"""The medium target of the 2026-12-06 Pareto, used when no ``slo_pareto.json`` says one."""
+
+
+def pareto_defaults(served: str) -> tuple[float | None, str | None]:
+    """The medium target [ms] and its oracle rung of the last full SLO Pareto on the same
+    served checkpoint (``results/slo_pareto.json``), else (None, None)."""
+    path = RESULTS_DIR / "slo_pareto.json"
+    if not path.exists():
+        return None, None
+    pareto = json.loads(path.read_text())
+    if pareto.get("served") != served:
+        return None, None
+    oracle = pareto["summary"]["medium"]["oracle"]["mode"]
+    return pareto["targets_ms"]["medium"], oracle.split(":", 1)[1] if ":" in oracle else None
+
+
+def middle_rung(folder: Path, model: str) -> str:
+    """The middle pruning rung within the floor (top_k experts) of the served ladder."""
+    from lynx.serving.models import moe_shape, read_config
+    from lynx_policy.config import QualityFloor
+    from lynx_policy.rungs import usable_rungs
+    from lynx_protocol.ladder import load_ladder
+
+    ladder = load_ladder(folder / "lynx_ladder.json")
+    top_k = moe_shape(read_config(models_dir() / model))[2]
+    pruning = [ladder.rungs[i].name for i in usable_rungs(ladder, QualityFloor(min_budget=top_k))
+               if ladder.rungs[i].name != "none"]
+    return pruning[len(pruning) // 2]
 
 
 def itl_percentile(timings: list[Any], q: float) -> float:
@@ -55,10 +81,12 @@ def served_folder(args: argparse.Namespace) -> Path:
             else testbed.build(args.model, args.widen))
 
 
-def one_schedule(name: str, args: argparse.Namespace, rps: float | None, target_ms: float,
-                 workdir: Path) -> tuple[float, list[dict[str, Any]]]:
+def one_schedule(name: str, args: argparse.Namespace, rps: float | None,
+                 target_ms: float | None, workdir: Path
+                 ) -> tuple[float, float, list[dict[str, Any]]]:
     """Launch the ``name`` schedule's server, replay ``--reps`` x (off, rung); returns the
-    capacity used (measured here when ``rps`` is None) and one row per replay."""
+    capacity used (measured here when ``rps`` is None), the target (when None: 1.25 x the
+    warm-up replay's median decode step) and one row per replay."""
     from benchmark import testbed
     from lynx.serving.models import moe_shape, read_config
 
@@ -80,7 +108,11 @@ def one_schedule(name: str, args: argparse.Namespace, rps: float | None, target_
                                           args.capacity_s)
         schedule = slo_pareto.schedule_for(args, rps)
         apply_mode(pair, "off", None)
-        replay(pair, schedule, vocab, layers)  # warm-up, discarded (as the Pareto's)
+        warm = replay(pair, schedule, vocab, layers)  # warm-up, discarded (as the Pareto's)
+        if target_ms is None:  # 1.25 decode steps: the first replay's TPOTs run ~2x slow
+            decode = [st.ms for st in miss_attribution.load_steps(trace) if st.mode == "decode"
+                      and warm["start"] <= st.end_s <= warm["start"] + warm["duration_s"]]
+            target_ms = round(1.25 * statistics.median(decode), 2)
         for rep in range(args.reps):
             modes = ["off", f"static:{args.rung}"]
             for mode in modes if rep % 2 == 0 else modes[::-1]:
@@ -103,8 +135,8 @@ def one_schedule(name: str, args: argparse.Namespace, rps: float | None, target_
                       f"(prefill {row['tpot_miss_share_prefill']}), ITL misses "
                       f"{row['itl_misses']} (prefill {row['itl_miss_share_prefill']})",
                       flush=True)
-    assert rps is not None
-    return rps, rows
+    assert rps is not None and target_ms is not None
+    return rps, target_ms, rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,6 +175,18 @@ def markdown(result: dict[str, Any]) -> str:
         "| schedule | mode | P90 TPOT ms | attainment | TPOT misses from prefill | P90 ITL ms "
         "| P99 ITL ms | ITL misses from prefill | prefill / mixed steps |",
         "|---|---|---|---|---|---|---|---|---|"]
+    by = {(s["schedule"], s["mode"]): s for s in result["summary"]}
+    off, rung = "off", f"static:{result['rung']}"
+    if all((k, m) in by for k in SCHEDULES for m in (off, rung)):
+        d, m = by[("default", off)], by[("mixed", off)]
+        lines.insert(2, (
+            f"With SGLang's default schedule, {d['tpot_miss_share_prefill']} of `off`'s TPOT "
+            f"misses and {d['itl_miss_share_prefill']} of its ITL misses come from prefill "
+            f"({by[('default', rung)]['tpot_miss_share_prefill']} and "
+            f"{by[('default', rung)]['itl_miss_share_prefill']} at {rung}, whose shorter "
+            "decode steps leave prefill a larger part): the misses are decode-bound, which "
+            "pruning moves. Mixed chunks change `off`'s P90 TPOT from "
+            f"{d['p90_tpot_ms']} to {m['p90_tpot_ms']} ms.\n"))
     for s in result["summary"]:
         lines.append(f"| {s['schedule']} | {s['mode']} | {s['p90_tpot_ms']} | "
                      f"{s['attainment']} | {s['tpot_miss_share_prefill']} | {s['p90_itl_ms']} | "
@@ -155,31 +199,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--rung", default="m40", help="the pruned mode's ladder rung")
+    parser.add_argument("--rung", default=None, help="the pruned mode's ladder rung (default: "
+                        "the last Pareto's medium oracle, else the middle usable rung)")
     parser.add_argument("--chunk", type=int, default=64, help="mixed: --chunked-prefill-size")
     parser.add_argument("--target-ms", type=float, default=None,
-                        help="default: slo_pareto.json's medium target")
+                        help="default: the last Pareto's medium target on this checkpoint "
+                        "(results/slo_pareto.json), else 1.25 x the warm-up's median decode step")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "prefill_share.json")
     ours, rest = parser.parse_known_args(argv)
     args = slo_pareto.parse_args(rest)  # the replay's arguments: --quick, --model, --load, ...
     for key, value in vars(ours).items():
         setattr(args, key, value)
-    if args.reps < 1 or args.chunk < 1:
-        parser.error("need --reps >= 1 and --chunk >= 1")
+    if args.reps < 1 or args.chunk < 1 or (args.target_ms is not None and args.target_ms <= 0):
+        parser.error("need --reps >= 1, --chunk >= 1 and --target-ms > 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    target = args.target_ms
-    if target is None:
-        pareto = RESULTS_DIR / "slo_pareto.json"
-        target = (json.loads(pareto.read_text())["targets_ms"]["medium"] if pareto.exists()
-                  else FALLBACK_TARGET_MS)
+    if not (models_dir() / args.model / "config.json").is_file():
+        print(f"prefill_share: no checkpoint {args.model} under {models_dir()}", file=sys.stderr)
+        return 2
+    folder = served_folder(args)
+    target, rung = pareto_defaults(folder.name)
+    target = args.target_ms if args.target_ms is not None else target
+    args.rung = args.rung or rung or middle_rung(folder, args.model)
+    names = [r["name"] for r in json.loads((folder / "lynx_ladder.json").read_text())["rungs"]]
+    if args.rung not in names:
+        print(f"prefill_share: --rung {args.rung} is not a rung of {folder.name}'s ladder "
+              f"({', '.join(names)})", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="lynx-prefill-") as tmp:
-        rps, rows = one_schedule("default", args, None, target, Path(tmp))
-        _, more = one_schedule("mixed", args, rps, target, Path(tmp))
+        rps, target, rows = one_schedule("default", args, None, target, Path(tmp))
+        _, _, more = one_schedule("mixed", args, rps, target, Path(tmp))
     rows += more
     result = {"model": args.model, "served": served_folder(args).name,
               "offered_rps": rounded(args.load * rps, 3), "load": args.load,

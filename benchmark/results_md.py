@@ -133,13 +133,14 @@ make bench-quick    # python benchmark/run_all.py --quick  (< 5 minutes, CI smok
 python benchmark/moe_layer.py [--quick] [--shapes ...] [--batches ...] [--dtypes ...]
 python benchmark/e2e_decode.py [--quick] [--models ...] [--concurrency ...]
 python benchmark/slo_pareto.py [--quick] [--reps 5] [--load 0.9]
+python benchmark/prefill_share.py           # SLO misses from prefill, two schedules
 python benchmark/plugin_overhead.py         # the hooks' host cost per step, policy off
 python benchmark/calibrate_paths.py         # calibration through a server vs transformers
 python benchmark/eval_gate.py               # the lm-eval gate on every reference model
 python benchmark/run_all.py --render-only   # plots, summary.json, RESULTS.md from the JSONs
 ```
 Raw results: `benchmark/results/{{moe_layer,e2e,slo_pareto,plugin_overhead,summary}}.json`, and
-`{{calibrate_paths,eval_gate,shadow_ladder,shadow_overhead}}.json` (issue 25).
+`{{calibrate_paths,eval_gate,shadow_ladder,shadow_overhead}}.json` (issue 25), `prefill_share.json`.
 
 ## How to read the numbers
 - Every stock-vs-Lynx comparison is measured in the same run, interleaved (shuffled order per

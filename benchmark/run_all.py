@@ -10,7 +10,8 @@
    verify steps (``benchmark/verify_steps.py``), goodput (``benchmark/goodput.py``),
    the testbed's f, S and TPOT ratio (``benchmark/testbed.py``) and the speed/perplexity
    frontier of every policy, calibrated per-layer tables included, on the production-ratio
-   model (``benchmark/frontier.py``), and issue 25's: calibration through a server against
+   model (``benchmark/frontier.py``), the share of SLO misses that come from prefill on the
+   testbed (``benchmark/prefill_share.py``), and issue 25's: calibration through a server against
    transformers (``benchmark/calibrate_paths.py``), the shadow-built ladder and shadow mode's
    cost (``benchmark/shadow_ladder.py``, ``benchmark/shadow_overhead.py``) and the lm-eval
    gate on every reference model (``benchmark/eval_gate.py``);
@@ -40,6 +41,7 @@ from benchmark import (
     goodput,
     moe_layer,
     plugin_overhead,
+    prefill_share,
     report,
     results_md,
     shadow_ladder,
@@ -73,6 +75,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         frontier.main(["--out", str(out_dir / "frontier.json")])
         testbed.main(["--out", str(out_dir / "testbed.json")])
         ep_serving.main(["--out", str(out_dir / "ep_serving.json")])
+        prefill_share.main(["--out", str(out_dir / "prefill_share.json")])
         calibrate_paths.main(["--out", str(out_dir / "calibrate_paths.json")])
         shadow_ladder.main(["--out", str(out_dir / "shadow_ladder.json")])
         shadow_overhead.main(["--out", str(out_dir / "shadow_overhead.json")])
@@ -115,6 +118,7 @@ def render(out_dir: Path) -> dict[str, Any]:
     good = out_dir / "goodput.json"
     front = out_dir / "frontier.json"
     ep = out_dir / "ep_serving.json"
+    share = out_dir / "prefill_share.json"
     layer_frontier = json.loads(front.read_text()) if front.exists() else None
     md_path.write_text(results_md.results_markdown(moe, e2e, pareto, info, images, hook_cost,
                                         layer_frontier) + (
@@ -123,7 +127,8 @@ def render(out_dir: Path) -> dict[str, Any]:
             json.loads(good.read_text())) if good.exists() else "") + (
         frontier.markdown(layer_frontier) if layer_frontier else "") + (
         testbed.markdown(bed_data) if bed_data else "") + (
-        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else "")
+        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else "") + (
+        prefill_share.markdown(json.loads(share.read_text())) if share.exists() else "")
         + calibration_report.markdown(out_dir))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
     return summary

@@ -18,6 +18,8 @@ process compiles it while the steps run eagerly, and the server then serves from
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import start_server
 
@@ -91,7 +93,8 @@ def test_a_budget_that_drops_nothing_serves_stock_answers(tmp_path, model: str) 
                    lambda: _applied(server.url) == version)  # on the request path
         before = _counters(server.url)
         lynx = _answers(server.url)
-        _answers(server.url)  # steps after the measured ones flush its last window
+        time.sleep(0.3)  # a statistics window (0.2 s) closes; the next step flushes it
+        _applied(server.url)
         after = _counters(server.url)
         # the table's package was compiled by a worker process while steps ran eagerly
         wait_until("the compiled selection step is served", lambda: _graphs(server.url).get(

@@ -28,7 +28,9 @@ LATE, LATE_PROMPT, LATE_OUTPUT = 3, 40, 6
 def _generate(url: str, ids: list[int], tokens: int, out: list[dict]) -> None:
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": tokens, "temperature": 0,
                                                   "ignore_eos": True}}
-    out.append(httpx.post(f"{url}/generate", json=body, timeout=600).json())
+    sent = time.perf_counter()
+    reply = httpx.post(f"{url}/generate", json=body, timeout=600).json()
+    out.append({**reply, "sent": sent, "received": time.perf_counter()})
 
 
 def test_mixed_steps_split_into_prefill_and_decode_rows_as_sglang_ran_them(
@@ -64,3 +66,11 @@ def test_mixed_steps_split_into_prefill_and_decode_rows_as_sglang_ran_them(
     assert prefill_rows == RUNNERS * RUNNER_PROMPT + LATE * LATE_PROMPT
     decode_rows = sum(s.decode_rows for s in steps if s.mode in ("decode", "mixed"))
     assert decode_rows == sum(c - 1 for c in completions)  # the first token ends a prefill
+    # the server's step clock is the client's (CLOCK_MONOTONIC): every step of these requests
+    # ended while one of them was in flight, and each saw its own steps
+    first, last = min(r["sent"] for r in results), max(r["received"] for r in results)
+    assert all(first < s.end_s < last for s in steps)
+    for r in results:
+        during = [s for s in steps if r["sent"] < s.end_s < r["received"]]
+        assert sum(s.mode in ("decode", "mixed") for s in during) >= \
+            r["meta_info"]["completion_tokens"] - 1

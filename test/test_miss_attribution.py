@@ -87,6 +87,7 @@ def test_a_miss_comes_from_prefill_only_when_the_prefill_time_puts_it_over() -> 
     assert result["itl_misses"] == 5  # waited's 150 ms gap and slow's four 90 ms gaps
     # slow's gap (1.18, 1.27] holds the prefill step: 90 - 100 <= 60 -> counted; the rest not
     assert result["itl_miss_share_prefill"] == pytest.approx(2 / 5)
+    assert result["gaps_with_prefill"] == 2 and result["prefill_step_median_ms"] == 100.0
     none = attribute([request(0.9, 1.0, [0.05] * 3)], prefill, tpot_ms=60.0, itl_ms=60.0)
     assert none["tpot_miss_share_prefill"] is None and none["itl_misses"] == 0
     with pytest.raises(ValueError, match="no finished request"):
@@ -125,3 +126,27 @@ def test_a_one_token_prefill_chunk_before_the_decode_rows_stays_a_prefill_row() 
     plain = LynxRuntime.around_forward_batch_init(
         lambda cls, b: batch(), None, SimpleNamespace(decoding_reqs=None))
     assert not hasattr(plain, MIXED_DECODE_ROWS)
+
+
+def test_the_benchmark_pools_misses_over_repetitions_and_states_the_split() -> None:
+    from benchmark.prefill_share import markdown, summarize
+
+    def row(schedule: str, mode: str, rep: int, misses: int, share: float | None) -> dict:
+        return {"schedule": schedule, "mode": mode, "rep": rep, "p90_tpot_ms": 60.0 + rep,
+                "p90_itl_ms": 70.0, "p99_itl_ms": 90.0, "attainment": 0.8,
+                "decode_step_median_ms": 50.0, "tpot_misses": misses,
+                "tpot_miss_share_prefill": share, "itl_misses": 0,
+                "itl_miss_share_prefill": None, "prefill_steps": 80, "mixed_steps": 0}
+
+    rows = [row(s, m, rep, misses, share) for s in ("default", "mixed")
+            for m in ("off", "static:m40")
+            for rep, misses, share in ((0, 10, 0.5), (1, 30, 0.1))]
+    summary = summarize(rows)
+    assert len(summary) == 4 and summary[0]["reps"] == 2
+    assert summary[0]["tpot_miss_share_prefill"] == 0.2  # (5 + 3) / 40, not the mean 0.3
+    assert summary[0]["itl_miss_share_prefill"] is None  # no miss: no share
+    assert summary[0]["p90_tpot_ms"] == 60.5
+    text = markdown({"served": "m", "requests": 90, "offered_rps": 1.5, "target_ms": 63.1,
+                     "reps": 2, "rung": "m40", "summary": summary,
+                     "flags": {"mixed": ["--enable-mixed-chunk"]}})
+    assert "0.2 of `off`'s TPOT misses" in text and text.count("\n| ") == 5
