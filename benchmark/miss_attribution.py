@@ -2,15 +2,20 @@
 server's forward steps (`lynx.sglang_plugin.step_trace`, ``LYNX_STEP_TRACE``). Pure.
 
 Both sides read CLOCK_MONOTONIC (``time.perf_counter`` on Linux), so a token gap (t - g, t]
-seen by the client contains the server steps that ended inside it. The *prefill time* of a
-gap: the whole of every pure prefill step in it (the decode rows waited for it), and the
-excess of every mixed step over the median pure decode step (decode rows ride along in a
-mixed step; only its prefill part is extra). A miss *comes from prefill* when removing that
-time would meet the target:
+seen by the client contains the server steps that ended inside it (the trace's step times are
+the host's: exact where a forward is synchronous, as on the CPU engine, which runs without
+SGLang's overlap scheduler). The *prefill time* of a gap: the whole of every pure prefill step
+in it (the decode rows waited for it), and the excess of every mixed step over the median
+pure decode step of its decode batch-size bucket (decode rows ride along in a mixed step;
+only its prefill part is extra; the median over all decode steps where its bucket has none,
+0 where the trace has none). A miss *comes from prefill* when removing that time would meet
+the target:
 - an ITL miss: a gap above the target whose gap minus its prefill time is within it;
 - a TPOT miss: a request above the target whose TPOT, with the prefill time inside its
   decode window (first token to last) removed, is within it.
-Pruning shortens decode steps only, so these are the misses no policy can fix.
+These are the misses prefill puts over the target, which pruning decode steps does not fix;
+a miss that decode steps alone put over it counts as decode-bound even where prefill added to
+it. One replica's trace: under DP each replica has its own file and its own requests.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from lynx.sglang_plugin.step_state import batch_slot
 
 
 class Timing(Protocol):
@@ -65,12 +72,18 @@ class PrefillTime:
         steps = list(steps)
         decode = [s.ms for s in steps if s.mode == "decode"]
         self.decode_median_ms = statistics.median(decode) if decode else 0.0
+        by_bucket: dict[int, list[float]] = {}
+        for s in steps:
+            if s.mode == "decode":
+                by_bucket.setdefault(batch_slot(s.decode_rows), []).append(s.ms)
+        medians = {k: statistics.median(v) for k, v in by_bucket.items()}
         spans = []
         for s in steps:
             if s.mode == "prefill":
                 extra = s.ms
             elif s.mode == "mixed":
-                extra = max(0.0, s.ms - self.decode_median_ms)
+                base = medians.get(batch_slot(s.decode_rows), self.decode_median_ms)
+                extra = max(0.0, s.ms - base)
             else:
                 continue
             spans.append((s.end_s - s.ms / 1e3, s.end_s, extra / 1e3))

@@ -71,6 +71,10 @@ def test_prefill_time_counts_prefill_steps_whole_and_mixed_steps_above_a_decode_
     assert prefill.within(1.15, 1.33) == pytest.approx(0.030)  # the mixed step's excess only
     assert prefill.within(0.0, 2.0) == pytest.approx(0.130)
     assert prefill.within(1.16, 1.27) == 0.0
+    # a mixed step is measured against decode steps of its own batch size
+    sized = PrefillTime([Step(1.0, 30.0, "decode", 4), Step(1.1, 30.0, "decode", 4),
+                         Step(1.2, 60.0, "decode", 32), Step(1.3, 70.0, "mixed", 32, 16)])
+    assert sized.within(1.25, 1.3) == pytest.approx(0.010)  # 70 - 60, not 70 - 30
 
 
 def test_a_miss_comes_from_prefill_only_when_the_prefill_time_puts_it_over() -> None:
@@ -120,12 +124,22 @@ def test_a_one_token_prefill_chunk_before_the_decode_rows_stays_a_prefill_row() 
     told = layout_from_forward_batch(batch(**{MIXED_DECODE_ROWS: 3}))
     assert (told.n_valid, told.n_decode_rows, told.prunable_start) == (20, 3, 17)
     # the hook reads SGLang's decoding_reqs off the batch it builds the ForwardBatch from
+    running = [object() for _ in range(3)]
+    prompts = [object(), object()]
     built = LynxRuntime.around_forward_batch_init(
-        lambda cls, b: batch(), None, SimpleNamespace(decoding_reqs=["a", "b", "c"]))
+        lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts + running,
+                                                      decoding_reqs=running))
     assert getattr(built, MIXED_DECODE_ROWS) == 3
     plain = LynxRuntime.around_forward_batch_init(
-        lambda cls, b: batch(), None, SimpleNamespace(decoding_reqs=None))
+        lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts, decoding_reqs=None))
     assert not hasattr(plain, MIXED_DECODE_ROWS)
+    # a copy of a mixed batch holding other rows (SGLang's encoder-SWA replay): nothing
+    # is a decode row, so nothing is pruned
+    replayed = LynxRuntime.around_forward_batch_init(
+        lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts + [object()] * 3,
+                                                      decoding_reqs=running))
+    assert getattr(replayed, MIXED_DECODE_ROWS) == 0
+    assert layout_from_forward_batch(batch(**{MIXED_DECODE_ROWS: 0})).n_decode_rows == 0
 
 
 def test_the_benchmark_pools_misses_over_repetitions_and_states_the_split() -> None:

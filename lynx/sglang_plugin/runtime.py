@@ -209,11 +209,18 @@ class LynxRuntime:
                                   **kwargs: Any) -> Any:
         """``ForwardBatch.init_new``: a mixed step's ForwardBatch gets the number of running
         decode requests SGLang mixed in (`step_state.MIXED_DECODE_ROWS`); its row lengths
-        alone cannot tell a one-token prefill chunk from a decode row."""
+        alone cannot tell a one-token prefill chunk from a decode row. Only when they are
+        the batch's last requests, as ``mix_with_running`` appends them; else 0 (nothing
+        pruned): a copy of a mixed batch with other rows (SGLang's encoder-SWA replay keeps
+        the mode and ``decoding_reqs`` but holds prompt rows only) must not prune those."""
         forward_batch = original(cls, batch, *args, **kwargs)
         decoding = getattr(batch, "decoding_reqs", None)
         if decoding is not None and forward_batch.forward_mode.is_mixed():
-            setattr(forward_batch, MIXED_DECODE_ROWS, len(decoding))
+            reqs = list(getattr(batch, "reqs", None) or ())
+            n = len(decoding)
+            last = reqs[len(reqs) - n:] if 0 < n <= len(reqs) else []
+            ours = len(last) == n and all(a is b for a, b in zip(last, decoding, strict=True))
+            setattr(forward_batch, MIXED_DECODE_ROWS, n if ours else 0)
         return forward_batch
 
     # -- per layer --------------------------------------------------------------------------

@@ -8,8 +8,11 @@ step (idle steps left out) to ``<file>`` (``<file>.dp<rank>`` when ``dp_size > 1
 
 ``end_s`` is ``time.perf_counter()`` when the forward returned: CLOCK_MONOTONIC on Linux, the
 same clock in every process of the machine, so a client's token arrival times can be matched
-to the steps that produced them (`benchmark.prefill_share`). ``prefill_tokens`` counts the
-rows of a prefill or mixed step that are not decode rows (extend tokens). Off by default; a
+to the steps that produced them (`benchmark.prefill_share`). Times are the host's, with no
+device sync: exact where a forward is synchronous (the CPU engine, which SGLang runs without
+its overlap scheduler); on a GPU they are launch times unless the step syncs.
+``prefill_tokens`` counts the rows of a prefill or mixed step that are not decode rows (extend
+tokens). Off by default; a
 line costs one line-buffered write (a few microseconds against steps of milliseconds), so a
 reader sees every finished step at once.
 """
