@@ -112,8 +112,11 @@ def test_a_one_token_prefill_chunk_before_the_decode_rows_stays_a_prefill_row() 
     the decode rows; without it (a ForwardBatch built elsewhere) the trailing-ones rule."""
     from types import SimpleNamespace
 
-    from lynx.sglang_plugin.runtime import LynxRuntime
-    from lynx.sglang_plugin.step_state import MIXED_DECODE_ROWS, layout_from_forward_batch
+    from lynx.sglang_plugin.step_state import (
+        MIXED_DECODE_ROWS,
+        around_forward_batch_init,
+        layout_from_forward_batch,
+    )
 
     def batch(**extra: int) -> SimpleNamespace:
         return SimpleNamespace(forward_mode=_Mode("mixed"), extend_seq_lens_cpu=[16, 1, 1, 1, 1],
@@ -126,16 +129,16 @@ def test_a_one_token_prefill_chunk_before_the_decode_rows_stays_a_prefill_row() 
     # the hook reads SGLang's decoding_reqs off the batch it builds the ForwardBatch from
     running = [object() for _ in range(3)]
     prompts = [object(), object()]
-    built = LynxRuntime.around_forward_batch_init(
+    built = around_forward_batch_init(
         lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts + running,
                                                       decoding_reqs=running))
     assert getattr(built, MIXED_DECODE_ROWS) == 3
-    plain = LynxRuntime.around_forward_batch_init(
+    plain = around_forward_batch_init(
         lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts, decoding_reqs=None))
     assert not hasattr(plain, MIXED_DECODE_ROWS)
     # a copy of a mixed batch holding other rows (SGLang's encoder-SWA replay): nothing
     # is a decode row, so nothing is pruned
-    replayed = LynxRuntime.around_forward_batch_init(
+    replayed = around_forward_batch_init(
         lambda cls, b: batch(), None, SimpleNamespace(reqs=prompts + [object()] * 3,
                                                       decoding_reqs=running))
     assert getattr(replayed, MIXED_DECODE_ROWS) == 0

@@ -56,6 +56,7 @@ def install() -> LynxRuntime | None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from lynx.sglang_plugin.runtime import LynxRuntime
+    from lynx.sglang_plugin.step_state import around_forward_batch_init
 
     existing = registered_runtime()
     if existing is not None:
@@ -67,7 +68,7 @@ def install() -> LynxRuntime | None:
                           HookType.AROUND)
     HookRegistry.register(f"{MODEL_RUNNER}.init_cuda_graphs", runtime.before_init_cuda_graphs,
                           HookType.BEFORE)
-    HookRegistry.register(FORWARD_BATCH_INIT, runtime.around_forward_batch_init,
+    HookRegistry.register(FORWARD_BATCH_INIT, around_forward_batch_init,
                           HookType.AROUND)  # a mixed step's decode rows, as SGLang counted them
     from lynx.cpu_compat.moe_native import register_compile_path
 

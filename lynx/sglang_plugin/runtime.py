@@ -38,11 +38,7 @@ from lynx.sglang_plugin.formats import (
 from lynx.sglang_plugin.idle_default import IdleDefaultWatch
 from lynx.sglang_plugin.ranks import ParallelRanks, ranks_from_sglang
 from lynx.sglang_plugin.startup import apply_logger, selection_graph_keys
-from lynx.sglang_plugin.step_state import (
-    MIXED_DECODE_ROWS,
-    RuntimeState,
-    layout_from_forward_batch,
-)
+from lynx.sglang_plugin.step_state import RuntimeState, layout_from_forward_batch
 from lynx_protocol.policy import PolicyError, PolicySpec, validate_policy
 
 logger = logging.getLogger("lynx.plugin")
@@ -203,25 +199,6 @@ class LynxRuntime:
             if evaluation is not None:
                 evaluation.groups = None  # never left for another forward (a draft model's)
             state.step_active = False
-
-    @staticmethod
-    def around_forward_batch_init(original: Any, cls: Any, batch: Any, *args: Any,
-                                  **kwargs: Any) -> Any:
-        """``ForwardBatch.init_new``: a mixed step's ForwardBatch gets the number of running
-        decode requests SGLang mixed in (`step_state.MIXED_DECODE_ROWS`); its row lengths
-        alone cannot tell a one-token prefill chunk from a decode row. Only when they are
-        the batch's last requests, as ``mix_with_running`` appends them; else 0 (nothing
-        pruned): a copy of a mixed batch with other rows (SGLang's encoder-SWA replay keeps
-        the mode and ``decoding_reqs`` but holds prompt rows only) must not prune those."""
-        forward_batch = original(cls, batch, *args, **kwargs)
-        decoding = getattr(batch, "decoding_reqs", None)
-        if decoding is not None and forward_batch.forward_mode.is_mixed():
-            reqs = list(getattr(batch, "reqs", None) or ())
-            n = len(decoding)
-            last = reqs[len(reqs) - n:] if 0 < n <= len(reqs) else []
-            ours = len(last) == n and all(a is b for a, b in zip(last, decoding, strict=True))
-            setattr(forward_batch, MIXED_DECODE_ROWS, n if ours else 0)
-        return forward_batch
 
     # -- per layer --------------------------------------------------------------------------
     def topk_hook(self, path: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ def layout_from_forward_batch(forward_batch: object) -> StepLayout:
     total = int(sum(lens))
     if mode.is_mixed():
         # mix_with_running appends the running decode requests last, one token each; how
-        # many, SGLang's batch says (`LynxRuntime.around_forward_batch_init`). Without it, the
+        # many, SGLang's batch says (`around_forward_batch_init`). Without it, the
         # trailing one-token rows, which also take in a prefill chunk of one token that
         # precedes them (one prompt token of 152 read as a decode row, and pruned, in
         # test_e2e_step_trace): kept as the fallback of a ForwardBatch built elsewhere.
@@ -85,6 +86,26 @@ def layout_from_forward_batch(forward_batch: object) -> StepLayout:
         n_decode = min(int(n_decode), len(lens))
         return StepLayout("mixed", total, total - n_decode)
     return StepLayout("prefill", total, total)
+
+
+def around_forward_batch_init(original: Any, cls: Any, batch: Any, *args: Any,
+                              **kwargs: Any) -> Any:
+    """``ForwardBatch.init_new``: a mixed step's ForwardBatch gets the number of running
+    decode requests SGLang mixed in (`MIXED_DECODE_ROWS`; SGLang's AROUND hook on the
+    classmethod: ``original(cls, batch, model_runner, ...)``); its row lengths
+    alone cannot tell a one-token prefill chunk from a decode row. Only when they are
+    the batch's last requests, as ``mix_with_running`` appends them; else 0 (nothing
+    pruned): a copy of a mixed batch with other rows (SGLang's encoder-SWA replay keeps
+    the mode and ``decoding_reqs`` but holds prompt rows only) must not prune those."""
+    forward_batch = original(cls, batch, *args, **kwargs)
+    decoding = getattr(batch, "decoding_reqs", None)
+    if decoding is not None and forward_batch.forward_mode.is_mixed():
+        reqs = list(getattr(batch, "reqs", None) or ())
+        n = len(decoding)
+        last = reqs[len(reqs) - n:] if 0 < n <= len(reqs) else []
+        ours = len(last) == n and all(a is b for a, b in zip(last, decoding, strict=True))
+        setattr(forward_batch, MIXED_DECODE_ROWS, n if ours else 0)
+    return forward_batch
 
 
 def verify_layout(forward_batch: object) -> StepLayout:
