@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lynx.serving.models import REFERENCE_MODELS
-from lynx.serving.server import SglangServer, free_port
+from lynx.serving.server import PortTaken, SglangServer, free_port
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test servers select eagerly (compiling adds ~10 s to every server start); the compiled step
@@ -64,10 +64,19 @@ def spawn_servers(tmp_path: Path, model: str | Path,
 
 
 def wait_all_ready(servers: list[SglangServer]) -> list[SglangServer]:
-    """Wait for every server of `spawn_servers`; on a failure all of them are stopped."""
+    """Wait for every server of `spawn_servers`; on a failure all of them are stopped. A
+    server whose port another process took while it started (a controller started just
+    before picks its ports the same way) is started again once on a fresh port."""
     try:
         for server in servers:
-            server.wait_ready()
+            try:
+                server.wait_ready()
+            except PortTaken:
+                server.stop()
+                server.port = free_port()
+                assert server.log_path is not None
+                server.log_path = server.log_path.with_name(f"{server.log_path.stem}-retry.log")
+                server.spawn().wait_ready()
     except BaseException:
         for server in servers:
             server.stop()

@@ -112,3 +112,28 @@ def test_an_operators_own_dirs_are_used_and_kept(
     assert (own / "counter_1.db").exists()
     assert list(scratch.iterdir()) == []
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)  # this process's env untouched
+
+
+def test_a_port_taken_while_sglang_starts_is_reported_at_once(tmp_path: Path) -> None:
+    """SGLang's HTTP server logs the bind error and its scheduler keeps running: the wait
+    reads the log and stops with PortTaken instead of waiting out the ready timeout (240 s;
+    a CI run lost a test to it: a controller started just before took the port)."""
+    import time
+
+    from lynx.serving.server import BIND_FAILED, PortTaken
+
+    class Running:
+        returncode = None
+
+        def poll(self) -> None:
+            return None
+
+    log = tmp_path / "sglang.log"
+    log.write_text(f"INFO: Application startup complete.\nERROR: [Errno 98] {BIND_FAILED} "
+                   "('127.0.0.1', 1): address already in use\n")
+    server = SglangServer(tmp_path, free_port(), log_path=log, process=Running())  # type: ignore[arg-type]
+    start = time.monotonic()
+    with pytest.raises(PortTaken, match="was taken by another process"):
+        server.wait_ready()
+    assert time.monotonic() - start < 10
+    assert issubclass(PortTaken, ServeError)  # callers that catch ServeError still do

@@ -73,6 +73,15 @@ class ServeError(RuntimeError):
     """The server could not be started or did not become ready; the message is one line."""
 
 
+class PortTaken(ServeError):
+    """Another process bound the server's port between the check and SGLang's bind: SGLang
+    logs the bind error and keeps its scheduler running, so only its log tells."""
+
+
+BIND_FAILED = "error while attempting to bind on address"
+"""What SGLang's HTTP server (uvicorn) logs when its port is taken."""
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -178,6 +187,10 @@ class SglangServer:
                     return
             except httpx.HTTPError:
                 pass
+            if self.log_path is not None and self.log_path.exists() and \
+                    BIND_FAILED in self.log_path.read_text(errors="replace"):
+                raise PortTaken(f"port {self.port} on {self.host} was taken by another process "
+                                f"while sglang started; see {self.log_path}")
             time.sleep(0.5)
         raise ServeError(f"sglang not ready after {self.ready_timeout_s:.0f}s; see {self.log_path}")
 
