@@ -12,8 +12,9 @@ import pytest
 
 from benchmark.miss_attribution import PrefillTime, Step, attribute, load_steps
 from lynx.sglang_plugin.config import load_config
+from lynx.sglang_plugin.ranks import ParallelRanks
 from lynx.sglang_plugin.step_state import StepLayout
-from lynx.sglang_plugin.step_trace import StepTrace, trace_path
+from lynx.sglang_plugin.step_trace import StepTrace
 
 
 @dataclass
@@ -50,7 +51,8 @@ def test_the_trace_records_every_non_idle_step_with_its_rows(tmp_path: Path) -> 
     assert lines[0]["ms"] == 50.0 and lines[1]["end_s"] == 10.2
     trace.close()
     assert [s.mode for s in load_steps(path)] == ["decode", "mixed", "prefill"]
-    assert trace_path(path, 1, 2).name == "steps.jsonl.dp1" and trace_path(path, 0, 1) == path
+    assert ParallelRanks(0, 1, 1, 2).replica_file(path).name == "steps.jsonl.dp1"
+    assert ParallelRanks(0, 1, 0, 1).replica_file(path) == path
     env = {"LYNX_ENABLED": "1", "LYNX_STEP_TRACE": str(path)}
     assert load_config(env).step_trace == path
     assert load_config({"LYNX_ENABLED": "1"}).step_trace is None

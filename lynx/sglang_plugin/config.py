@@ -224,6 +224,12 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     return raw in TRUE_VALUES
 
 
+def _check_file_in_a_directory(name: str, path: Path | None) -> None:
+    """LynxConfigError unless ``path`` (when set) can be a file the plugin writes."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        raise LynxConfigError(f"{name}={path}: expected a file in an existing directory")
+
+
 def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
     enabled = plugin_enabled(env)
     chosen = [n for n in ("LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_LADDER_RUNG") if env.get(n)]
@@ -265,8 +271,7 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
                               "controller; set LYNX_CONTROLLER, or give a file to write them to")
     shadow = (None if shadow_link or shadow_raw.lower() in ("", *FALSE_VALUES)
               else Path(shadow_raw))
-    if shadow is not None and (shadow.is_dir() or not shadow.parent.is_dir()):
-        raise LynxConfigError(f"LYNX_SHADOW={shadow}: expected a file in an existing directory")
+    _check_file_in_a_directory("LYNX_SHADOW", shadow)
     every = env.get("LYNX_SHADOW_EVERY", "").strip() or "16"
     if not re.fullmatch(r"[0-9]{1,7}", every) or not 1 <= int(every) <= 1_000_000:
         raise LynxConfigError(f"LYNX_SHADOW_EVERY={every!r}: expected an integer in "
@@ -277,9 +282,7 @@ def load_config(env: Mapping[str, str] = os.environ) -> PluginConfig:
                               f"{EVALUATION_MODE!r} (never for serving)")
     trace_raw = env.get("LYNX_STEP_TRACE", "").strip()
     step_trace = Path(trace_raw) if trace_raw else None
-    if step_trace is not None and (step_trace.is_dir() or not step_trace.parent.is_dir()):
-        raise LynxConfigError(f"LYNX_STEP_TRACE={step_trace}: expected a file in an existing "
-                              "directory")
+    _check_file_in_a_directory("LYNX_STEP_TRACE", step_trace)
     safe_raw = env.get("LYNX_SAFE_POLICY", '{"name": "off"}')
     safe_policy = None if safe_raw.strip() == "keep" else _policy_from("LYNX_SAFE_POLICY", safe_raw)
     return PluginConfig(

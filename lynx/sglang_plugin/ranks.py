@@ -22,6 +22,7 @@ layout is not modelled here and is refused at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class RankError(RuntimeError):
@@ -44,6 +45,10 @@ class ParallelRanks:
     def replica_id(self, base: str) -> str:
         """The controller-side replica name of this rank's DP replica."""
         return f"{base}/dp{self.dp_rank}" if self.dp_size > 1 else base
+
+    def replica_file(self, path: Path) -> Path:
+        """The file this DP replica writes: ``<path>.dp<rank>`` under DP, else ``path``."""
+        return path.with_name(f"{path.name}.dp{self.dp_rank}") if self.dp_size > 1 else path
 
     def labels(self) -> dict[str, str]:
         return {"tp_rank": str(self.tp_rank), "dp_rank": str(self.dp_rank)}

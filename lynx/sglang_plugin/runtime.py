@@ -125,12 +125,12 @@ class LynxRuntime:
             except Exception:  # a warm-up problem must not stop the server: eager until use
                 logger.exception("Lynx: selection warm-up failed; compiling on first use")
         if self.config.shadow_on:
-            from lynx.sglang_plugin.shadow import ShadowRecorder, shadow_path
+            from lynx.sglang_plugin.shadow import ShadowRecorder
 
             state.shadow, state.shadow_every = True, self.config.shadow_every
             file = self.config.shadow
             self.shadow = ShadowRecorder(
-                state, file and shadow_path(file, self.ranks.dp_rank, self.ranks.dp_size),
+                state, file and self.ranks.replica_file(file),
                 self.config.stats_interval_s, write=self.ranks.tp_rank == 0)
         if self.config.time_moe:
             from lynx.sglang_plugin.moe_timer import MoeTimer
@@ -139,10 +139,9 @@ class LynxRuntime:
                                       export=self.ranks.tp_rank == 0,
                                       tp_rank=self.ranks.tp_rank)
         if self.config.step_trace is not None and self.ranks.exports:
-            from lynx.sglang_plugin.step_trace import StepTrace, trace_path
+            from lynx.sglang_plugin.step_trace import StepTrace
 
-            self.step_trace = StepTrace(trace_path(self.config.step_trace, self.ranks.dp_rank,
-                                                   self.ranks.dp_size))
+            self.step_trace = StepTrace(self.ranks.replica_file(self.config.step_trace))
         if self.config.controller:
             from lynx.sglang_plugin.controller_glue import ControllerGlue
 

@@ -45,13 +45,8 @@ from lynx.sglang_plugin.formats import LayerPlan, standard_routed
 from lynx.sglang_plugin.step_state import BATCH_BUCKETS, RuntimeState
 from lynx_protocol.shadow import SHADOW_FORMAT, shadow_document
 
-__all__ = ["SHADOW_FORMAT", "ShadowRecorder", "shadow_path"]
+__all__ = ["SHADOW_FORMAT", "ShadowRecorder"]
 logger = logging.getLogger("lynx.plugin")
-
-
-def shadow_path(path: Path, dp_rank: int, dp_size: int) -> Path:
-    """The file this DP rank writes (``<path>.dp<rank>`` under DP, else ``path``)."""
-    return path.with_name(f"{path.name}.dp{dp_rank}") if dp_size > 1 else path
 
 
 class ShadowRecorder:

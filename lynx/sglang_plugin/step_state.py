@@ -102,8 +102,7 @@ def around_forward_batch_init(original: Any, cls: Any, batch: Any, *args: Any,
     if decoding is not None and forward_batch.forward_mode.is_mixed():
         reqs = list(getattr(batch, "reqs", None) or ())
         n = len(decoding)
-        last = reqs[len(reqs) - n:] if 0 < n <= len(reqs) else []
-        ours = len(last) == n and all(a is b for a, b in zip(last, decoding, strict=True))
+        ours = 0 < n <= len(reqs) and all(a is b for a, b in zip(reqs[-n:], decoding, strict=True))
         setattr(forward_batch, MIXED_DECODE_ROWS, n if ours else 0)
     return forward_batch
 

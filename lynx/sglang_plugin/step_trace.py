@@ -26,11 +26,6 @@ from typing import IO
 from lynx.sglang_plugin.step_state import StepLayout
 
 
-def trace_path(path: Path, dp_rank: int, dp_size: int) -> Path:
-    """This DP replica's trace file: ``path`` itself without data parallelism."""
-    return path if dp_size <= 1 else path.with_name(f"{path.name}.dp{dp_rank}")
-
-
 class StepTrace:
     """Appends one JSON line per non-idle forward step to ``path`` (module docstring)."""
 
