@@ -25,6 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
@@ -176,6 +177,16 @@ class PrometheusObserver:
         return data if isinstance(data, dict) else {}
 
 
+@dataclass(frozen=True)
+class Scrape:
+    """One runtime ``/metrics`` scrape: when [clock s], which histograms it asked for, and
+    the cumulative buckets of those the runtime had."""
+
+    at: float
+    asked: frozenset[str]
+    histograms: dict[str, CumulativeBuckets]
+
+
 class ScrapeObserver:
     def __init__(self, config: ObserveConfig, client: httpx.AsyncClient,
                  registered_urls: Callable[[], list[tuple[str, str]]],
@@ -184,7 +195,7 @@ class ScrapeObserver:
         self.client = client
         self.registered_urls = registered_urls
         self.clock = clock
-        self._scrapes: dict[str, deque[tuple[float, dict[str, CumulativeBuckets]]]] = {}
+        self._scrapes: dict[str, deque[Scrape]] = {}
         self._failure_log = RateLimitedLog(log, every_s=60.0)
 
     async def urls(self) -> list[str]:
@@ -229,7 +240,7 @@ class ScrapeObserver:
                 failures += 1
                 self._failure_log.warning(url, "scrape of %s failed: %s", url, error)
                 continue
-            self._remember(url, task.result())
+            self._remember(url, Scrape(self.clock(), frozenset(names), task.result()))
             fresh.append(url)
         for gone in set(self._scrapes) - set(urls):
             del self._scrapes[gone]
@@ -239,7 +250,7 @@ class ScrapeObserver:
         for t in targets:
             name = SLO_HISTOGRAMS[t.metric]
             for window_s in windows(self.config):  # the narrowest window with enough samples
-                deltas = [self._window_delta(url, window_s).get(name, {}) for url in fresh]
+                deltas = [self._window_delta(url, window_s, name) for url in fresh]
                 value, samples, low, high = reading_of(t, deltas, window_s, self.config,
                                                        self._failure_log)
                 if value is not None:
@@ -247,29 +258,31 @@ class ScrapeObserver:
             readings.append(LatencyReading(t, value, samples, low, high, window_s))
         return tuple(readings)
 
-    def _remember(self, url: str, histograms: dict[str, CumulativeBuckets]) -> None:
+    def _remember(self, url: str, scrape: Scrape) -> None:
         """Keep this scrape, and the scrapes back to the widest window."""
-        now = self.clock()
         history = self._scrapes.setdefault(url, deque())
-        history.append((now, histograms))
-        horizon = now - windows(self.config)[-1]
-        while len(history) > 2 and history[1][0] <= horizon:
+        history.append(scrape)
+        horizon = scrape.at - windows(self.config)[-1]
+        while len(history) > 2 and history[1].at <= horizon:
             history.popleft()
 
-    def _window_delta(self, url: str, window_s: float) -> dict[str, CumulativeBuckets]:
-        """Bucket deltas between the newest scrape and the newest one at or before the
-        window's start (the oldest kept when none is)."""
-        history = self._scrapes.get(url)
-        if not history or len(history) < 2:
+    def _window_delta(self, url: str, window_s: float, name: str) -> CumulativeBuckets:
+        """Bucket deltas of histogram ``name`` between the newest scrape and the newest one
+        at or before the window's start (the oldest kept when none is), among the scrapes that
+        asked for ``name``: one that did not ask holds nothing of it, and reading that as 0
+        made the window the runtime's whole history. A scrape that asked and found no series
+        counts as 0 (the runtime had observed nothing yet). Empty: no such base."""
+        history = [s for s in self._scrapes.get(url, ()) if name in s.asked]
+        if len(history) < 2:
             return {}
-        now, newest = history[-1]
-        base = history[0][1]
-        for at, histograms in history:
-            if at > now - window_s:
+        newest = history[-1]
+        base = history[0]
+        for scrape in history:
+            if scrape.at > newest.at - window_s:
                 break
-            base = histograms
-        return {name: bucket_delta(buckets, base.get(name)) for name, buckets in
-                newest.items()}
+            base = scrape
+        buckets = newest.histograms.get(name)
+        return {} if buckets is None else bucket_delta(buckets, base.histograms.get(name))
 
 
 def make_observer(config: ObserveConfig, client: httpx.AsyncClient,

@@ -353,3 +353,39 @@ def test_a_tarpit_cannot_hold_a_tick_past_the_deadline() -> None:
         assert asyncio.run(tick()) < 1.5
     finally:
         tarpit.close()
+
+
+def test_a_target_set_later_reads_only_the_traffic_since_its_histogram_was_first_scraped(
+        ) -> None:
+    """Scrapes taken before a target asked for its histogram (static mode, no SLO yet) hold no
+    buckets of it: that is unknown, not zero. Read as zero, the first windows after the SLO is
+    set were the runtime's whole history (on the SLO Pareto testbed: a 4 s window of 431
+    requests, the profile's 48-stream TPOTs of ~220 ms, while the replay ran at ~85 ms; the
+    planner's correction came out 6.5x and it held unpruned for 17 s)."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                           max_window_s=32.0, min_tail_samples=2)
+
+    async def run() -> list:
+        out = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            for second in range(10):  # no SLO yet: the loop observes no histogram
+                now[0] = float(second)
+                runtime.observe(0.35, 40)  # a heavy, slow past
+                assert await observer.observe([]) == ()
+            for second in range(10, 50):
+                now[0] = float(second)
+                out.append(await observer.observe([P90]))
+                runtime.observe(0.03, 3)  # the traffic the SLO is about
+        return out
+
+    readings = [r for (r,) in asyncio.run(run())]
+    assert readings[0].observed_s is None and not readings[0].samples  # one scrape of it
+    read = [r for r in readings if r.observed_s is not None]
+    assert read, "the observer never read the new traffic"
+    assert all(r.observed_s <= 0.05 for r in read)  # never the slow past
+    assert all(r.samples is not None and r.samples <= 3 * 40 for r in readings)
+    last = readings[-1]  # a P90 needs 20: the 4 s window (12) is too thin, the 8 s one is not
+    assert last.observed_s is not None and last.samples == 3 * 8 and last.window_s == 8.0
