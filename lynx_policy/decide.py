@@ -33,7 +33,7 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
-from lynx_policy.evidence import evidence_veto, observed_buckets, window_tables
+from lynx_policy.evidence import evidence_veto, observed_buckets, window_mix, window_tables
 from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import (
@@ -117,6 +117,11 @@ class Observation:
     history: tuple[tuple[float, PolicySpec], ...] = ()
     """The applied tables of the recent past as (seconds since it took effect, table), newest
     first (`lynx_policy.evidence.window_tables`); empty: only the current one is known."""
+    mix_history: tuple[tuple[float, tuple[tuple[float, int], ...]], ...] = ()
+    """The decode steps of the recent past as (seconds since their statistics arrived, their
+    (mean decode rows, steps) pairs), one entry per StepStats message of any replica: the
+    batch mix of a latency reading's own window (`lynx_policy.evidence.window_mix`); empty:
+    only ``batch_mix`` is known."""
 
 
 @dataclass(frozen=True)
@@ -238,13 +243,15 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
             continue
         kappa = previous.get((target.metric, target.quantile))
         if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
-            # the model's statistic over the tables the window saw (`evidence.window_tables`):
-            # at the mix, as the ladder planner predicts (ladder_plan, 1), else step-weighted
+            # the model's statistic over the tables and the batch mix the window saw
+            # (`evidence.window_tables`, `evidence.window_mix`): at the mix, as the ladder
+            # planner predicts (ladder_plan, 1), else step-weighted
+            seen = window_mix(reading, observation.mix_history, mix, settings)
             parts = [(share, mix_statistic(points, target.metric, target.quantile) if at_mix
                       else quantile_of(points, target.quantile))
                      for share, table in window_tables(reading, observation.history, policy,
                                                        settings)
-                     if (points := predicted_steps(model, table, mix, by_tokens=at_mix))]
+                     if (points := predicted_steps(model, table, seen, by_tokens=at_mix))]
             reference = sum(share * value for share, value in parts) / max(
                 sum(share for share, _ in parts), 1e-12)
             if parts and reference > 0:

@@ -83,6 +83,27 @@ def window_tables(reading: LatencyReading, history: tuple[tuple[float, PolicySpe
     return out
 
 
+def window_mix(reading: LatencyReading,
+               mix_history: tuple[tuple[float, tuple[tuple[float, int], ...]], ...],
+               current: tuple[tuple[float, int], ...], settings: AdaptiveConfig
+               ) -> tuple[tuple[float, int], ...]:
+    """The (mean decode rows, steps) pairs of the decode steps behind ``reading``: those of
+    ``mix_history`` ((seconds since the statistics arrived, pairs), any order) within its
+    `window_lag_s`; ``current`` (the loop's statistics window) when settling is off, the
+    window is unknown or no history falls inside it.
+
+    kappa = observed / S compares a latency window with a batch mix; fitted against the last
+    few seconds' mix while the window reached back 16-64 s, a load that changed inside the
+    window (the SLO Pareto replay's shape changes every 6 s; any replay's start) biased
+    kappa by the ratio of the two loads' step times: 2.4x at a replay's start, so the planner
+    predicted that even the lowest rung missed and held unpruned."""
+    lag = window_lag_s(reading)
+    if not settings.settle or lag is None or not mix_history:
+        return current
+    seen = tuple(point for age, points in mix_history if age <= lag for point in points)
+    return seen or current
+
+
 def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],
                   settings: AdaptiveConfig) -> str | None:
     """Why the planner's ``direction`` (``tighten``/``relax``/``hold``) must not be taken this

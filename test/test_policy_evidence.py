@@ -10,6 +10,7 @@ ticks' requests (20 per-request TPOTs, as on the SLO Pareto replay)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import deque
@@ -20,7 +21,7 @@ from ladders import EXPERTS, TOP_K, mini_ladder
 
 from lynx_policy.config import AdaptiveConfig, QualityFloor, SloTarget
 from lynx_policy.decide import LatencyReading, Memory, Observation, decide
-from lynx_policy.evidence import evidence_veto, observed_buckets, window_tables
+from lynx_policy.evidence import evidence_veto, observed_buckets, window_mix, window_tables
 from lynx_policy.ladder_plan import mix_statistic
 from lynx_policy.model import FleetModel, LatencyFit
 from lynx_policy.plan import predicted_steps
@@ -231,3 +232,32 @@ def test_kappa_is_fitted_at_once_after_a_change_against_the_tables_the_window_sa
     applied_only = decide(obs, pruned, Memory(), mode="adaptive", settings=EVERY_READING,
                           floor=NO_FLOOR, ladder=ladder)
     assert applied_only.memory.corrections[0][2] > 1.5 * 1.05  # biased high: the ratchet
+
+
+def test_kappa_is_fitted_against_the_batch_mix_of_the_readings_own_window() -> None:
+    """A replay's first seconds: the P90 TPOT read over 16 s (its requests decoded through
+    the 32 s before) is the 24-row load that ran then, while the loop's last few seconds
+    saw 3-row steps. kappa = observed / S of the mix those steps had (1.5 here); against the
+    3-row mix it came out 2.2x too high, and on the SLO Pareto testbed such a kappa predicted
+    that even the lowest rung missed, so the planner held unpruned."""
+    ladder = mini_ladder()
+    light = ((3.0, 20),)
+    target = SloTarget(metric="tpot", quantile=0.9, target_ms=1000.0)
+    reading = LatencyReading(target, 1.5 * mean_tpot(PolicySpec()) / 1000.0, 20.0,
+                             window_s=16.0)
+    history = tuple((age, MIX if age > 4.0 else light) for age in (1.0, 3.0, 6.0, 20.0, 31.0))
+    obs = Observation(latencies=(reading,), batch_steps=None, num_experts=EXPERTS,
+                      model=FLEET, batch_mix=light, mix_history=history)
+    kappa = decide(obs, PolicySpec(), Memory(), mode="adaptive", settings=EVIDENCE,
+                   floor=NO_FLOOR, ladder=ladder).memory.corrections[0][2]
+    seen = window_mix(reading, history, light, EVIDENCE)
+    assert sorted(seen) == sorted(MIX * 3 + light * 2)  # the five messages within 32 s
+    expected = 1.5 * mean_tpot(PolicySpec()) / mix_statistic(
+        predicted_steps(FLEET, PolicySpec(), seen, by_tokens=True), "tpot", 0.9)
+    assert math.isclose(kappa, expected, rel_tol=1e-6) and 1.3 < kappa < 1.6
+    last_seconds = decide(dataclasses.replace(obs, mix_history=()), PolicySpec(), Memory(),
+                          mode="adaptive", settings=EVIDENCE, floor=NO_FLOOR, ladder=ladder)
+    assert last_seconds.memory.corrections[0][2] > 2.0 * kappa  # the bias this removes
+    old = tuple((age + 40.0, points) for age, points in history)  # all before the window
+    assert window_mix(reading, old, light, EVIDENCE) == light
+    assert window_mix(reading, history, light, EVERY_READING) == light  # settle off
