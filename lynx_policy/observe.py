@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol
 
 import httpx
@@ -268,21 +269,44 @@ class ScrapeObserver:
 
     def _window_delta(self, url: str, window_s: float, name: str) -> CumulativeBuckets:
         """Bucket deltas of histogram ``name`` between the newest scrape and the newest one
-        at or before the window's start (the oldest kept when none is), among the scrapes that
-        asked for ``name``: one that did not ask holds nothing of it, and reading that as 0
-        made the window the runtime's whole history. A scrape that asked and found no series
-        counts as 0 (the runtime had observed nothing yet). Empty: no such base."""
-        history = [s for s in self._scrapes.get(url, ()) if name in s.asked]
-        if len(history) < 2:
+        at or before the window's start (the oldest kept when none is), among the newest
+        unbroken run of scrapes that asked for ``name``: one that did not ask holds nothing
+        of it (read as 0, the first windows after ``PUT /v1/slo`` were the runtime's whole
+        history), and a base from before such a gap (a target removed and set again) would
+        make the delta span the gap. A scrape that asked and found no series counts as 0
+        (the runtime had observed nothing yet). A count that falls between two scrapes of the
+        run (the runtime restarted inside the window) gives the newest counts, those since
+        the restart. Empty: no base."""
+        run: list[Scrape] = []
+        for scrape in reversed(self._scrapes.get(url, ())):
+            if name not in scrape.asked:
+                break
+            run.append(scrape)
+        run.reverse()
+        if len(run) < 2:
             return {}
-        newest = history[-1]
-        base = history[0]
-        for scrape in history:
+        newest = run[-1]
+        start = 0
+        for i, scrape in enumerate(run):
             if scrape.at > newest.at - window_s:
                 break
-            base = scrape
+            start = i
         buckets = newest.histograms.get(name)
-        return {} if buckets is None else bucket_delta(buckets, base.histograms.get(name))
+        if buckets is None:
+            return {}
+        for older, newer in pairwise(run[start:]):
+            if restarted(older.histograms.get(name), newer.histograms.get(name)):
+                return dict(buckets)
+        return bucket_delta(buckets, run[start].histograms.get(name))
+
+
+def restarted(older: CumulativeBuckets | None, newer: CumulativeBuckets | None) -> bool:
+    """Did the runtime restart between two scrapes of one histogram: a series that went away,
+    a bucket layout that changed or a count that fell?"""
+    if older is None:
+        return False
+    return (newer is None or newer.keys() != older.keys()
+            or any(newer[bound] < count for bound, count in older.items()))
 
 
 def make_observer(config: ObserveConfig, client: httpx.AsyncClient,

@@ -389,3 +389,57 @@ def test_a_target_set_later_reads_only_the_traffic_since_its_histogram_was_first
     assert all(r.samples is not None and r.samples <= 3 * 40 for r in readings)
     last = readings[-1]  # a P90 needs 20: the 4 s window (12) is too thin, the 8 s one is not
     assert last.observed_s is not None and last.samples == 3 * 8 and last.window_s == 8.0
+
+
+def test_a_target_set_again_after_a_gap_reads_no_window_across_the_gap() -> None:
+    """Asked for, then not (the target removed), then asked again: the scrapes from before
+    the gap are no base for the new windows, or a "4 s" window would span the gap."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                           max_window_s=32.0, min_tail_samples=2)
+
+    async def run() -> list:
+        out = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            for second in range(30):
+                now[0] = float(second)
+                asked = second < 10 or second >= 20  # removed for [10, 20)
+                runtime.observe(0.35 if 10 <= second < 20 else 0.03, 20)
+                out.append(await observer.observe([P90] if asked else []))
+        return out
+
+    readings = [r for (r,) in (x for x in asyncio.run(run()) if x)]
+    after = readings[10:]  # from t = 20
+    assert after[0].observed_s is None  # one scrape since the gap: no base yet
+    assert all(r.observed_s is not None and r.observed_s <= 0.05 for r in after[1:])
+    assert after[1].samples == 20  # t=20 -> 21 only, not the gap's 200 slow ones
+
+
+def test_a_restart_inside_the_window_that_caught_up_is_still_a_restart() -> None:
+    """The runtime restarted inside the window and has since observed more than it had at
+    the window's start: the two ends alone look like a plain increase; the scrapes between
+    show the fall, and the window reads the counts since the restart."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=8.0,
+                           min_tail_samples=0)
+
+    async def run() -> tuple:
+        async with httpx.AsyncClient(
+                transport=httpx.MockTransport(lambda r: runtime.handler(r))) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            runtime.observe(0.03, 100)
+            await observer.observe([P90])  # t = 0, the window's base: 100 fast
+            now[0] = 2.0
+            runtime.__init__()  # type: ignore[misc]  # a restart: counts from zero
+            runtime.observe(0.35, 50)
+            await observer.observe([P90])
+            now[0] = 8.0
+            runtime.observe(0.03, 110)  # every bucket now at or above the base's
+            return await observer.observe([P90])
+
+    (reading,) = asyncio.run(run())
+    assert reading.samples == 160  # since the restart; the two ends alone: 160 - 100
+    assert reading.observed_s is not None and reading.observed_s > 0.2
