@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from lynx_policy.config import LinkConfig
 from lynx_policy.metrics import ControllerMetrics
+from lynx_policy.model import batch_mix
 from lynx_policy.owners import ReplicaOwners
 from lynx_policy.replica import STATS_BYTES_PER_REPLICA, Replica, decoded_size
 from lynx_policy.shadow_store import ShadowStore
@@ -191,6 +192,7 @@ class Hub:
                 if msg.seq > previous.seq + 1:
                     replica.stats_gaps += msg.seq - previous.seq - 1
             replica.recent_stats.append((now, msg))
+            replica.recent_mix.append((now, batch_mix((msg,))))
             replica.stats_bytes.append(decoded_size(msg))
             while len(replica.stats_bytes) > len(replica.recent_stats):  # deque maxlen dropped
                 replica.stats_bytes.popleft()

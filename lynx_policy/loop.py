@@ -219,8 +219,7 @@ class ControlLoop:
             num_experts=self.hub.num_experts() or self.config.adaptive.default_num_experts,
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
             stalls=stall_steps(stats for _, stats in recent), history=history,
-            mix_history=tuple((now - at, batch_mix((stats,))) for r in connected
-                              for at, stats in r.recent_stats),
+            mix_history=tuple((now - at, mix) for r in connected for at, mix in r.recent_mix),
         )
         ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,

@@ -24,6 +24,11 @@ def decoded_size(stats: StepStats) -> int:
     return 700 + 33 * entries + 700 * len(stats.decode_buckets)
 
 
+MIX_HISTORY = 1024
+"""StepStats mixes kept per replica (~100 bytes each): 512 s at the runtime's default 0.5 s
+interval, 205 s at 0.2 s."""
+
+
 @dataclass
 class Replica:
     registration: Register
@@ -42,6 +47,12 @@ class Replica:
     recent_stats: deque[tuple[float, StepStats]] = field(default_factory=lambda: deque(maxlen=64))
     """The latest StepStats (at most 64 and `STATS_BYTES_PER_REPLICA` decoded bytes)."""
     stats_bytes: deque[int] = field(default_factory=deque)
+    recent_mix: deque[tuple[float, tuple[tuple[float, int], ...]]] = field(
+        default_factory=lambda: deque(maxlen=MIX_HISTORY))
+    """(monotonic arrival [s], (mean decode rows, steps) pairs) of the latest StepStats: the
+    batch mix behind a latency window (`lynx_policy.evidence.window_mix`), kept longer than
+    ``recent_stats`` (whose byte cap holds ~35 s of a 48-layer model's statistics at 1 s,
+    while a ``tpot`` reading reaches back 2 x ``observe.max_window_s``)."""
     stats_gaps: int = 0
     """StepStats lost in transit (from ``seq`` gaps)."""
     messages: int = 0

@@ -71,7 +71,13 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
     from lynx_policy.hub import Hub
     from lynx_policy.metrics import ControllerMetrics
     from lynx_policy.replica import STATS_BYTES_PER_REPLICA, decoded_size
-    from lynx_protocol.messages import PolicyUpdate, StepStats, encode
+    from lynx_protocol.messages import (
+        LATENCY_EDGES_MS,
+        DecodeBucket,
+        PolicyUpdate,
+        StepStats,
+        encode,
+    )
     from lynx_protocol.policy import PolicySpec
 
     update = PolicyUpdate(version=1, policy=PolicySpec())
@@ -90,13 +96,21 @@ def test_a_replicas_statistics_are_bounded_in_bytes(tmp_path: Path) -> None:
                               mixed_steps=0, experts_kept_mean=[12.5 + seq] * 1024,
                               stock_union_mean=[33.25 + seq] * 1024, routing_mass_kept=0.9,
                               step_latency_p50_ms=1.0, step_latency_p99_ms=2.0,
-                              applied_policy_version=1)
+                              applied_policy_version=1, decode_buckets=[DecodeBucket(
+                                  max_batch=0, steps=2, latency_sum_ms=4.0,
+                                  latency_counts=[2] + [0] * len(LATENCY_EDGES_MS),
+                                  pruned_steps=0, experts_kept_mean=0.0, stock_union_mean=0.0,
+                                  routing_mass_kept=1.0, decode_rows_sum=8 + seq)])
             payload = encode(stats)
             sizes.append(decoded_size(stats))
             hub.handle([b"id", payload])
         kept = hub.replicas["big"].recent_stats
         assert sum(sizes[-len(kept):]) <= STATS_BYTES_PER_REPLICA < sum(sizes)
         assert kept[-1][1].seq == 40 and len(kept) < 40
+        # the batch mix behind a latency window outlives the byte cap: all 40, each the
+        # message's own (seq s: 8 + s rows over 2 steps in the bucket above 8)
+        mixes = hub.replicas["big"].recent_mix
+        assert [m for _, m in mixes] == [((4.0 + s / 2, 2),) for s in range(1, 41)]
     finally:
         hub.close()
         asyncio.set_event_loop(None)
