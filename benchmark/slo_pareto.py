@@ -14,7 +14,9 @@ inference trace on the decode-bound testbed.
 3. ``--reps`` repetitions, modes rotated in each: ``off`` and every ``static:<rung>`` once,
    scored against every target; ``adaptive`` once per target (SLO: P90 TPOT <= target).
    After the first repetition's statics the three targets are chosen from their P90 TPOTs
-   (`benchmark.slo_pareto_score.choose_targets`).
+   (`benchmark.slo_pareto_score.choose_targets`), medians over a pilot (`pilot_passes`):
+   those statics, ``off`` once more, and, while the pilot does not separate pruning from
+   none, up to ``--pilot-passes`` more passes (unscored).
 4. Non-stationary replay: the medium target, tightened to the tight one through the admin
    API at half time, and a CPU-hog neighbour (one busy process, started and stopped by this
    benchmark) for [25%, 60%) of the replay; adaptive against the first phase's oracle static
@@ -76,6 +78,27 @@ def schedule_for(args: argparse.Namespace, rps: float) -> list[trace_replay.Repl
         output_scale=args.output_scale)
 
 
+def pilot_passes(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,
+                 layers: int, statics: list[str], first: dict[str, dict[str, Any]],
+                 usable: list[str], passes: int) -> dict[str, list[float]]:
+    """P90 TPOTs [ms] the targets are chosen from: rep 0's statics (``first``), ``off`` once
+    more after them (linear drift then weighs on ``off`` as on the rungs between its two
+    replays), and, while the medians do not separate pruning from none
+    (`slo_pareto_score.separated`), up to ``passes`` more passes of the statics in reverse
+    order and ``off`` (discarded: not scored)."""
+    samples = {m: [slo_pareto_score.p90_tpot_ms(r["timings"])] for m, r in first.items()}
+    extra: list[list[str]] = [["off"]] + [[*reversed(statics[1:]), "off"]] * passes
+    for number, modes in enumerate(extra):
+        if number and slo_pareto_score.separated(slo_pareto_score.medians(samples), usable):
+            break
+        for mode in modes:
+            apply_mode(pair, mode, None)
+            p90 = slo_pareto_score.p90_tpot_ms(replay(pair, schedule, vocab, layers)["timings"])
+            samples.setdefault(mode, []).append(p90)
+            print(f"[slo_pareto] pilot {mode}: P90 TPOT {p90:.1f} ms", flush=True)
+    return samples
+
+
 def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
     """Steps 1-5 of the module doc on a launched server and controller."""
     from lynx.serving.models import moe_shape, read_config
@@ -106,6 +129,7 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
     adaptive = [f"adaptive:{t}" for t in slo_pareto_score.TARGETS]
     runs: list[dict[str, Any]] = []
     targets: dict[str, float] = {}
+    pilot_p90: dict[str, list[float]] = {}
     for rep in range(args.reps):
         # rep 0: the statics first (the targets come from them); later: every mode rotated
         modes = statics + adaptive
@@ -115,9 +139,11 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
         for mode in order:
             target = mode.split(":", 1)[1] if mode in adaptive else None
             if target and not targets:
+                pilot_p90 = pilot_passes(pair, schedule, vocab, layers, statics, pilot,
+                                         usable, args.pilot_passes)
                 targets = slo_pareto_score.choose_targets(
-                    {m: slo_pareto_score.p90_tpot_ms(r["timings"]) for m, r in pilot.items()},
-                    [r.name for r in ladder.rungs], usable)
+                    slo_pareto_score.medians(pilot_p90), [r.name for r in ladder.rungs],
+                    usable)
                 print(f"[slo_pareto] targets (P90 TPOT, ms): {targets}", flush=True)
                 runs += [row for m, r in pilot.items() for row in scored(m, rep, r, targets)]
             apply_mode(pair, "adaptive" if target else mode,
@@ -145,7 +171,9 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
             "load": args.load, "excerpt": {"start_s": args.start_s, "duration_s": args.excerpt_s,
                                            "time_scale": args.time_scale},
             "requests": len(schedule), "attribution": trace_replay.ATTRIBUTION,
-            "targets_ms": targets, "usable_rungs": usable, "reps": args.reps,
+            "targets_ms": targets, "pilot_p90_tpot_ms": {m: [rounded(v, 2) for v in vs]
+                                                          for m, vs in pilot_p90.items()},
+            "usable_rungs": usable, "reps": args.reps,
             "rung_costs": {r.name: rounded(r.cost(), 6) for r in ladder.rungs},
             "profile": prof, "runs": runs, "summary": summary, "nonstationary": ns,
             "step_load": step}
@@ -159,6 +187,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--widen", type=int, default=None, help="default: the testbed's")
     parser.add_argument("--reps", type=int, default=None, help="default 5 (quick 1)")
     parser.add_argument("--ns-reps", type=int, default=None, help="non-stationary: 2 (quick 1)")
+    parser.add_argument("--pilot-passes", type=int, default=None,
+                        help="extra pilot passes of the statics while the pilot does not "
+                        "separate pruning from none (default 2, quick 0)")
     parser.add_argument("--load", type=float, default=0.9, help="offered / capacity")
     parser.add_argument("--start-s", type=float, default=2400.0)
     parser.add_argument("--excerpt-s", type=float, default=600.0)
@@ -182,13 +213,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     q = args.quick
     for name, quick, full in (("model", QUICK_MODEL, "qwen3-moe-128"), ("reps", 1, 5),
-                              ("ns_reps", 1, 2), ("time_scale", 60.0, 10.0),
+                              ("ns_reps", 1, 2), ("pilot_passes", 0, 2),
+                              ("time_scale", 60.0, 10.0),
                               ("max_output", 16, 64), ("output_scale", 0.1, 0.25),
                               ("capacity_s", 6.0, 20.0), ("step_high_s", 6.0, 20.0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     bad = [name for name, ok in (
         ("--reps >= 1", args.reps >= 1), ("--ns-reps >= 1", args.ns_reps >= 1),
+        ("--pilot-passes >= 0", args.pilot_passes >= 0),
         ("0 < --load <= 4", 0 < args.load <= 4), ("--excerpt-s > 0", args.excerpt_s > 0),
         ("--time-scale > 0", args.time_scale > 0), ("--capacity-s > 0", args.capacity_s > 0),
         ("--step-high-s >= 0", args.step_high_s >= 0),

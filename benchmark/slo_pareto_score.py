@@ -73,6 +73,20 @@ def choose_targets(p90: dict[str, float], ladder_order: Sequence[str], usable: S
             "tight": rounded(tight, 2)}
 
 
+def separated(p90: dict[str, float], usable: Sequence[str], slack: float = 1.03) -> bool:
+    """Does a pilot tell pruning from none: the fastest usable pruning rung's P90 TPOT times
+    ``slack`` below ``off``'s? When not (drift or one noisy replay put ``off`` at or below
+    every rung: the 2026-12-07 pilot read off 73.7 ms, m40 76.4 ms, the others 82-94 ms), the
+    three targets would collapse to one (`choose_targets` keeps loose >= medium >= tight)."""
+    rungs = [p90[f"static:{r}"] for r in usable if r != "none" and f"static:{r}" in p90]
+    return bool(rungs) and slack * min(rungs) < p90["off"]
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Each mode's median over its pilot replays (P90 TPOT [ms])."""
+    return {mode: statistics.median(values) for mode, values in samples.items() if values}
+
+
 def oracle_static(runs: Sequence[dict[str, Any]], target: str) -> dict[str, Any]:
     """In hindsight, the least-cost static mode (``off`` or ``static:<rung>``) whose mean
     attainment at ``target`` is >= `MEETS`; when none is, the one with the highest

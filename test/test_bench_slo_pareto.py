@@ -13,10 +13,12 @@ from benchmark.common import REPO_ROOT
 from benchmark.loadgen import RequestTiming
 from benchmark.slo_pareto_score import (
     choose_targets,
+    medians,
     oracle_static,
     p90_tpot_ms,
     paired,
     score,
+    separated,
     summarize,
 )
 
@@ -59,6 +61,29 @@ def test_targets_follow_the_measured_curve() -> None:
         "loose": 100.0, "medium": 100.0, "tight": 100.0}
     with pytest.raises(ValueError, match="no usable pruning rung"):
         choose_targets(p90, order, usable=["none"])
+
+
+def test_a_pilot_that_does_not_separate_pruning_from_none_is_detected_and_medians_decide(
+        ) -> None:
+    """The 2026-12-07 pilot: off 73.7 ms, then every rung slower (drift): not separated, and
+    the targets it would give collapse to one. Medians over more passes decide instead."""
+    usable = ["none", "m96", "m64", "m48", "m40", "m32"]
+    first = {"off": 73.7, "static:m96": 82.3, "static:m64": 94.2, "static:m48": 91.3,
+             "static:m40": 76.4, "static:m32": 85.7}
+    assert not separated(first, usable)
+    assert len(set(choose_targets(first, usable, usable).values())) == 1
+    samples = {m: [v] for m, v in first.items()}
+    for mode, more in (("off", [88.0, 86.0]), ("static:m40", [70.0, 71.0]),
+                       ("static:m32", [72.0, 73.0]), ("static:m48", [80.0, 81.0]),
+                       ("static:m64", [84.0, 85.0]), ("static:m96", [86.0, 87.0])):
+        samples[mode] += more
+    pilot = medians(samples)
+    assert pilot["off"] == 86.0 and pilot["static:m40"] == 71.0
+    assert separated(pilot, usable)
+    targets = choose_targets(pilot, usable, usable)
+    assert targets["loose"] > targets["medium"] > targets["tight"]
+    assert not separated({"off": 100.0, "static:m96": 99.0}, ["none", "m96"])  # within slack
+    assert not separated({"off": 100.0}, ["none"])  # no pruning rung
 
 
 def rows(mode: str, target: str, attainment: list[float], cost: float,
