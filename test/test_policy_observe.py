@@ -355,6 +355,28 @@ def test_a_tarpit_cannot_hold_a_tick_past_the_deadline() -> None:
         tarpit.close()
 
 
+def scraped_each_second(plan: list[tuple[bool, float, int]]) -> list[tuple]:
+    """Second by second from t = 0: the runtime observes ``count`` latencies of ``value`` [s],
+    then the observer scrapes, asking for the P90 ITL target when ``asked`` (the loop asks
+    only for its targets' histograms). Windows 4 s doubling to 32 s, a P90 needs 20 samples."""
+    runtime = Runtime()
+    now = [0.0]
+    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
+                           max_window_s=32.0, min_tail_samples=2)
+
+    async def run() -> list[tuple]:
+        out = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
+            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
+            for second, (asked, value, count) in enumerate(plan):
+                now[0] = float(second)
+                runtime.observe(value, count)
+                out.append(await observer.observe([P90] if asked else []))
+        return out
+
+    return asyncio.run(run())
+
+
 def test_a_target_set_later_reads_only_the_traffic_since_its_histogram_was_first_scraped(
         ) -> None:
     """Scrapes taken before a target asked for its histogram (static mode, no SLO yet) hold no
@@ -362,26 +384,9 @@ def test_a_target_set_later_reads_only_the_traffic_since_its_histogram_was_first
     set were the runtime's whole history (on the SLO Pareto testbed: a 4 s window of 431
     requests, the profile's 48-stream TPOTs of ~220 ms, while the replay ran at ~85 ms; the
     planner's correction came out 6.5x and it held unpruned for 17 s)."""
-    runtime = Runtime()
-    now = [0.0]
-    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
-                           max_window_s=32.0, min_tail_samples=2)
-
-    async def run() -> list:
-        out = []
-        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
-            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
-            for second in range(10):  # no SLO yet: the loop observes no histogram
-                now[0] = float(second)
-                runtime.observe(0.35, 40)  # a heavy, slow past
-                assert await observer.observe([]) == ()
-            for second in range(10, 50):
-                now[0] = float(second)
-                out.append(await observer.observe([P90]))
-                runtime.observe(0.03, 3)  # the traffic the SLO is about
-        return out
-
-    readings = [r for (r,) in asyncio.run(run())]
+    out = scraped_each_second([(False, 0.35, 40)] * 10 + [(True, 0.03, 3)] * 40)
+    assert out[:10] == [()] * 10  # no SLO yet: nothing read
+    readings = [r for (r,) in out[10:]]
     assert readings[0].observed_s is None and not readings[0].samples  # one scrape of it
     read = [r for r in readings if r.observed_s is not None]
     assert read, "the observer never read the new traffic"
@@ -394,24 +399,9 @@ def test_a_target_set_later_reads_only_the_traffic_since_its_histogram_was_first
 def test_a_target_set_again_after_a_gap_reads_no_window_across_the_gap() -> None:
     """Asked for, then not (the target removed), then asked again: the scrapes from before
     the gap are no base for the new windows, or a "4 s" window would span the gap."""
-    runtime = Runtime()
-    now = [0.0]
-    config = ObserveConfig(scrape_urls=["http://runtime/metrics"], rate_window_s=4.0,
-                           max_window_s=32.0, min_tail_samples=2)
-
-    async def run() -> list:
-        out = []
-        async with httpx.AsyncClient(transport=httpx.MockTransport(runtime.handler)) as client:
-            observer = ScrapeObserver(config, client, lambda: [], clock=lambda: now[0])
-            for second in range(30):
-                now[0] = float(second)
-                asked = second < 10 or second >= 20  # removed for [10, 20)
-                runtime.observe(0.35 if 10 <= second < 20 else 0.03, 20)
-                out.append(await observer.observe([P90] if asked else []))
-        return out
-
-    readings = [r for (r,) in (x for x in asyncio.run(run()) if x)]
-    after = readings[10:]  # from t = 20
+    out = scraped_each_second([(True, 0.03, 20)] * 10 + [(False, 0.35, 20)] * 10
+                              + [(True, 0.03, 20)] * 10)
+    after = [r for (r,) in out[20:]]  # from t = 20
     assert after[0].observed_s is None  # one scrape since the gap: no base yet
     assert all(r.observed_s is not None and r.observed_s <= 0.05 for r in after[1:])
     assert after[1].samples == 20  # t=20 -> 21 only, not the gap's 200 slow ones
