@@ -42,6 +42,7 @@ from lynx_policy.quantiles import (
     confidence_levels,
     histogram_quantile,
     parse_histograms,
+    restarted,
 )
 from lynx_policy.throttle import RateLimitedLog
 
@@ -298,15 +299,6 @@ class ScrapeObserver:
             if restarted(older.histograms.get(name), newer.histograms.get(name)):
                 return dict(buckets)
         return bucket_delta(buckets, run[start].histograms.get(name))
-
-
-def restarted(older: CumulativeBuckets | None, newer: CumulativeBuckets | None) -> bool:
-    """Did the runtime restart between two scrapes of one histogram: a series that went away,
-    a bucket layout that changed or a count that fell?"""
-    if older is None:
-        return False
-    return (newer is None or newer.keys() != older.keys()
-            or any(newer[bound] < count for bound, count in older.items()))
 
 
 def make_observer(config: ObserveConfig, client: httpx.AsyncClient,

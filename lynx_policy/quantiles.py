@@ -117,13 +117,21 @@ def parse_histograms(text: str, names: set[str]) -> dict[str, CumulativeBuckets]
     return found
 
 
+def restarted(older: CumulativeBuckets | None, newer: CumulativeBuckets | None) -> bool:
+    """Did the runtime restart between two scrapes of one histogram: a series that went away,
+    a bucket layout that changed (only a restart can change it) or a count that fell? A
+    series not there before (``older`` None) is a new one, not a restart."""
+    if older is None:
+        return False
+    return (newer is None or newer.keys() != older.keys()
+            or any(newer[bound] < count for bound, count in older.items()))
+
+
 def bucket_delta(newer: CumulativeBuckets, older: CumulativeBuckets | None) -> CumulativeBuckets:
-    """Observations between two scrapes of one target. A counter reset, or a bucket layout
-    that changed (only a restart can change it), restarts from 0: ``newer`` itself."""
-    if older is None or newer.keys() != older.keys():
+    """Observations between two scrapes of one target: ``newer`` itself (counted from 0)
+    when ``older`` had no series or the runtime `restarted` between them."""
+    if older is None or restarted(older, newer):
         return dict(newer)
-    if any(newer[bound] < count for bound, count in older.items()):
-        return dict(newer)  # the runtime restarted between the two scrapes
     return {bound: count - older[bound] for bound, count in newer.items()}
 
 
