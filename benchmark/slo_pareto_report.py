@@ -38,6 +38,19 @@ def _mean(runs: list[dict[str, Any]], mode: str, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def unfixable_line(runs: list[dict[str, Any]], target: str) -> str:
+    """Adaptive's ticks at ``target`` that held a miss pruning cannot fix, summed over its
+    replays (runs without the count, from before it existed: "")."""
+    counts = [r["unfixable_ticks"] for r in runs
+              if r["mode"] == "adaptive" and r["target"] == target and r.get("unfixable_ticks")]
+    if not counts:
+        return ""
+    total = {cause: sum(c.get(cause, 0) for c in counts) for cause in counts[0]}
+    return ("- adaptive ticks holding a miss pruning cannot fix, over its "
+            f"{len(counts)} replays: " + ", ".join(f"{n} {cause.replace('_', ' ')}"
+                                                     for cause, n in total.items()) + "\n\n")
+
+
 def markdown(result: dict[str, Any], png: str) -> str:
     """The RESULTS.md section."""
     ex = result["excerpt"]
@@ -72,6 +85,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
                 f"adaptive / oracle: {_ci(entry['adaptive_cost_over_oracle'])}; cost "
                 f"adaptive - oracle: {_ci(entry['adaptive_cost_minus_oracle'], 100, 3)}% ppl; "
                 f"goodput adaptive / off: {_ci(entry['adaptive_goodput_over_off'])}x\n\n")
+            parts.append(unfixable_line(result["runs"], target))
     ns = result["nonstationary"]
     parts.append(f"Non-stationary replay (medium target, tightened to tight at "
                  f"{ns['switch_s']} s; a CPU hog during {ns['hog_s']} s):\n\n" + markdown_table(
@@ -79,7 +93,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
                      [[m, f"{_mean(ns['runs'], m, 'attainment'):.3f}",
                        f"{100 * (_mean(ns['runs'], m, 'quality_cost_ppl') or 0):.3f}",
                        f"{_mean(ns['runs'], m, 'mass_kept') or 1:.4f}"]
-                      for m in dict.fromkeys(r["mode"] for r in ns["runs"])]) + "\n\n")
+                      for m in dict.fromkeys(r["mode"] for r in ns["runs"])]) + "\n\n"
+                 + unfixable_line(ns["runs"], "medium->tight"))
     step = result.get("step_load")
     if step:
         parts.append(step_line(step) + "\n\n")

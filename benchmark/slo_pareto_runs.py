@@ -14,9 +14,12 @@ import threading
 import time
 from typing import Any
 
+import httpx
+
 from benchmark import slo_load, slo_pareto_score, trace_replay
 from benchmark.common import OFF, rounded
 from benchmark.serving_pair import ServingPair
+from lynx_policy.decide import UNFIXABLE
 
 
 class Sampler(threading.Thread):
@@ -63,10 +66,22 @@ def apply_mode(pair: ServingPair, mode: str, target_ms: float | None,
         pair.set_mode("adaptive")
 
 
+def unfixable_holds(pair: ServingPair) -> dict[str, float]:
+    """The controller's ``lynx_controller_unfixable_holds_total`` per cause ({} if the scrape
+    fails: a diagnostic count never ends an hour-long run)."""
+    try:
+        return {cause: pair.controller.metric("lynx_controller_unfixable_holds_total",
+                                              {"cause": cause}) for cause in UNFIXABLE}
+    except (KeyError, httpx.HTTPError):
+        return {}
+
+
 def replay(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,
            layers: int, during: Any = None) -> dict[str, Any]:
-    """One replay; ``during(start_perf)`` runs in a thread alongside it (non-stationary)."""
+    """One replay; ``during(start_perf)`` runs in a thread alongside it (non-stationary).
+    ``unfixable_ticks``: the controller's ticks in it that held a miss pruning cannot fix."""
     before = slo_load.counters(pair.lynx.url)
+    held_before = unfixable_holds(pair)
     sampler = Sampler(pair)
     sampler.start()
     start = time.perf_counter()
@@ -82,13 +97,15 @@ def replay(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab:
             side.join(120)
     duration = time.perf_counter() - start
     quality = slo_load.quality_of_run(before, slo_load.counters(pair.lynx.url), layers)
+    held = {cause: int(n - held_before[cause]) for cause, n in unfixable_holds(pair).items()
+            if cause in held_before}
     cost, known = sampler.cost()
     timings = [t for _, t in timed]
     return {"timings": timings, "start": start, "duration_s": duration,
             "quality_cost_ppl": None if cost is None else rounded(cost, 6),
             "cost_known_share": rounded(known, 3),
             "mass_kept": quality["routing_mass_kept"],
-            "failed": sum(1 for t in timings if not t.ok)}
+            "failed": sum(1 for t in timings if not t.ok), "unfixable_ticks": held}
 
 
 def scored(mode: str, rep: int, run: dict[str, Any], targets: dict[str, float],
@@ -99,7 +116,7 @@ def scored(mode: str, rep: int, run: dict[str, Any], targets: dict[str, float],
              "quality_cost_ppl": run["quality_cost_ppl"], "mass_kept": run["mass_kept"],
              "cost_known_share": run["cost_known_share"],
              "p90_tpot_ms": rounded(slo_pareto_score.p90_tpot_ms(run["timings"]), 2),
-             "failed": run["failed"]}
+             "failed": run["failed"], "unfixable_ticks": run.get("unfixable_ticks", {})}
             for name, ms in targets.items() if only in (None, name)]
 
 
@@ -144,7 +161,8 @@ def nonstationary(pair: ServingPair, schedule: list[trace_replay.ReplayRequest],
             runs.append({"mode": mode, "target": "medium->tight", "rep": rep,
                          **slo_pareto_score.score(run["timings"], target_at, run["duration_s"]),
                          "quality_cost_ppl": run["quality_cost_ppl"],
-                         "mass_kept": run["mass_kept"], "failed": run["failed"]})
+                         "mass_kept": run["mass_kept"], "failed": run["failed"],
+                         "unfixable_ticks": run["unfixable_ticks"]})
             print(f"[slo_pareto] non-stationary rep {rep} {mode}: attainment "
                   f"{runs[-1]['attainment']}, cost {run['quality_cost_ppl']}", flush=True)
     pair.set_policy(OFF)

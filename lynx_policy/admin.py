@@ -240,7 +240,8 @@ def create_admin_app(controller: "Controller", token: str) -> FastAPI:
                      "last_tick": None if report is None else report.__dict__,
                      "recent_ticks": [  # oldest first, without the latency detail
                          {"tick": r.tick, "at": r.at, "signal": r.signal,
-                          "direction": r.direction, "version": r.version}
+                          "direction": r.direction, "version": r.version,
+                          "unfixable": r.unfixable}
                          for r in controller.loop.reports]},
         }
 

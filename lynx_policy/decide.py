@@ -33,8 +33,17 @@ from typing import Literal
 import msgspec
 
 from lynx_policy.config import AdaptiveConfig, Mode, QualityFloor, SloTarget
-from lynx_policy.evidence import evidence_veto, observed_buckets, window_mix, window_tables
-from lynx_policy.ladder_plan import MixTarget, mix_statistic, plan_ladder
+from lynx_policy.evidence import (
+    StallCounts,
+    StallSteps,
+    evidence_veto,
+    observed_buckets,
+    stall_owned,
+    window_mix,
+    window_stalls,
+    window_tables,
+)
+from lynx_policy.ladder_plan import CANNOT_CLOSE, MixTarget, mix_statistic, plan_ladder
 from lynx_policy.model import FleetModel
 from lynx_policy.plan import (
     STEP_METRICS,
@@ -51,6 +60,9 @@ from lynx_protocol.policy import PolicySpec
 Signal = Literal["violated", "within", "headroom", "no_data"]
 Direction = Literal["tighten", "relax", "hold"]
 DIRECTIONS: tuple[str, ...] = ("tighten", "relax", "hold")
+UNFIXABLE: tuple[str, ...] = ("cannot_close_gap", "prefill_stalls")
+"""Why a hold leaves a miss alone: the model says even the lowest rung misses the target
+(`ladder_plan.CANNOT_CLOSE`), or the misses come from steps pruning does not shorten."""
 
 
 @dataclass(frozen=True)
@@ -80,28 +92,6 @@ class LatencyReading:
 
 
 @dataclass(frozen=True)
-class StallSteps:
-    """Recent forward steps that pruning does not shorten (prefill and mixed steps: their time
-    is the prompt's), over all replicas' StepStats."""
-
-    share: float
-    """Their share of all forward steps [0, 1]."""
-    mean_ms: float
-    """Their mean forward latency [ms]."""
-
-
-def stall_owned(reading: LatencyReading, stalls: StallSteps | None) -> bool:
-    """Does this reading miss its target because of steps pruning does not shorten? True for
-    an ``itl`` quantile q above its target when the prefill/mixed steps alone can fill its tail
-    (share >= 1 - q) and take longer than the target on average: every such step is a gap
-    above the target however few experts the decode steps compute."""
-    target = reading.target
-    return (target.metric == "itl" and stalls is not None and reading.observed_s is not None
-            and reading.observed_s * 1000.0 > target.target_ms
-            and stalls.share >= 1.0 - target.quantile and stalls.mean_ms > target.target_ms)
-
-
-@dataclass(frozen=True)
 class Observation:
     latencies: tuple[LatencyReading, ...]
     batch_steps: dict[int, int] | None
@@ -114,6 +104,16 @@ class Observation:
     """Recent pure decode steps as (mean decode rows, steps) pairs over all replicas."""
     stalls: StallSteps | None = None
     """Recent prefill/mixed steps (None: unknown)."""
+    stall_history: tuple[tuple[float, StallCounts], ...] = ()
+    """The forward steps of the recent past as (seconds since their statistics arrived,
+    (steps, prefill/mixed steps, their latency sum [ms])), one entry per StepStats message:
+    the stalls of a latency reading's own window (`lynx_policy.evidence.window_stalls`);
+    empty: only ``stalls`` is known."""
+
+    def stalls_behind(self, reading: LatencyReading, settings: AdaptiveConfig
+                      ) -> StallSteps | None:
+        """The prefill/mixed steps of ``reading``'s own window (`evidence.window_stalls`)."""
+        return window_stalls(reading, self.stall_history, self.stalls, settings)
     history: tuple[tuple[float, PolicySpec], ...] = ()
     """The applied tables of the recent past as (seconds since it took effect, table), newest
     first (`lynx_policy.evidence.window_tables`); empty: only the current one is known."""
@@ -153,6 +153,8 @@ class Decision:
     """``model`` or ``reactive``: which rules made this decision."""
     plans: tuple[BucketPlan, ...] = ()
     """Model planner: why each bucket has its budget."""
+    unfixable: str = ""
+    """A hold that leaves a miss pruning cannot fix: one of `UNFIXABLE` ("" otherwise)."""
 
 
 def classify(latencies: tuple[LatencyReading, ...], headroom: float) -> Signal:
@@ -180,16 +182,18 @@ def decide(
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
     missed = [r for r in observation.latencies if r.observed_s is not None
               and r.observed_s * 1000.0 > r.target.target_ms]
-    if missed and all(stall_owned(r, observation.stalls) for r in missed):
-        stalls = observation.stalls
-        assert stalls is not None
-        reason = (f"misses come from prefill/mixed steps ({100 * stalls.share:.1f}% of steps, "
-                  f"mean {stalls.mean_ms:.1f} ms): pruning cannot fix them; holds (shorten "
-                  "prefill chunks instead)")
+    if missed and all(stall_owned(r, observation.stalls_behind(r, settings)) for r in missed):
+        owners = "; ".join(
+            f"{r.target.metric} p{r.target.quantile * 100:g}: {100 * s.share:.1f}% of steps, "
+            f"mean {s.mean_ms:.1f} ms" for r in missed
+            if (s := observation.stalls_behind(r, settings)) is not None)
+        reason = (f"misses come from prefill/mixed steps ({owners}): pruning cannot fix them; "
+                  "holds (shorten prefill chunks instead)")
         held = (tuple(replace(p, reason=reason) for p in memory.plans)
                 if memory.planned == policy else ())
         return Decision(policy, memory, signal, "hold", reason,
-                        planner="model" if memory.corrections else "reactive", plans=held)
+                        planner="model" if memory.corrections else "reactive", plans=held,
+                        unfixable="prefill_stalls")
     model = observation.model
     if (settings.use_model and model is not None and model.ready
             and any(r.target.metric in STEP_METRICS for r in observation.latencies)):
@@ -242,7 +246,8 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
         if target.metric not in STEP_METRICS:
             continue
         kappa = previous.get((target.metric, target.quantile))
-        if reading.observed_s is not None and not stall_owned(reading, observation.stalls):
+        if reading.observed_s is not None and not stall_owned(
+                reading, observation.stalls_behind(reading, settings)):
             # the model's statistic over the tables and the batch mix the window saw
             # (`evidence.window_tables`, `evidence.window_mix`): at the mix, as the ladder
             # planner predicts (ladder_plan, 1), else step-weighted
@@ -273,8 +278,12 @@ def decide_from_model(observation: Observation, model: FleetModel, policy: Polic
                     planned=new_policy if changed else policy)
     kappas = ", ".join(f"{m} p{q * 100:g} kappa {k:.2f}" for m, q, k in corrections)
     if not changed:
+        # counted as a miss left alone only when a reading missed: the planner's "cannot
+        # close" is a prediction, which a smoothed kappa can still make on a met tick
+        gap = signal == "violated" and any(p.reason.startswith(CANNOT_CLOSE) for p in plans)
         return Decision(policy, memory, signal, "hold", f"model: table holds ({kappas})",
-                        planner="model", plans=plans)
+                        planner="model", plans=plans,
+                        unfixable="cannot_close_gap" if gap else "")
     direction = _direction(table, new_policy, changed, observation.num_experts)
     veto = evidence_veto(direction, observation.latencies, settings)
     if veto is not None:  # the readings speak for the buckets recent steps ran in: they hold

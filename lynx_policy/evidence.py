@@ -29,6 +29,7 @@ Two causes, two rules:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lynx_protocol.policy import PolicySpec, bucket_for
@@ -36,6 +37,48 @@ from lynx_protocol.policy import PolicySpec, bucket_for
 if TYPE_CHECKING:
     from lynx_policy.config import AdaptiveConfig
     from lynx_policy.decide import LatencyReading
+    from lynx_protocol.messages import StepStats
+
+StallCounts = tuple[int, int, float]
+"""One StepStats window's forward steps: (all, prefill and mixed, their latency sum [ms])."""
+
+
+@dataclass(frozen=True)
+class StallSteps:
+    """Forward steps that pruning does not shorten (prefill and mixed steps: their time is
+    the prompt's), over all replicas' StepStats of some period."""
+
+    share: float
+    """Their share of all forward steps [0, 1]."""
+    mean_ms: float
+    """Their mean forward latency [ms]."""
+
+
+def stall_owned(reading: LatencyReading, stalls: StallSteps | None) -> bool:
+    """Does this reading miss its target because of steps pruning does not shorten? True for
+    an ``itl`` quantile q above its target when the prefill/mixed steps alone can fill its tail
+    (share >= 1 - q) and take longer than the target on average: every such step is a gap
+    above the target however few experts the decode steps compute."""
+    target = reading.target
+    return (target.metric == "itl" and stalls is not None and reading.observed_s is not None
+            and reading.observed_s * 1000.0 > target.target_ms
+            and stalls.share >= 1.0 - target.quantile and stalls.mean_ms > target.target_ms)
+
+
+def stall_counts(stats: StepStats) -> StallCounts:
+    """The forward steps of one StepStats message (`StallCounts`)."""
+    stalled = stats.prefill_steps + stats.mixed_steps
+    return (stats.decode_steps + stalled, stalled,
+            stats.prefill_latency_sum_ms + stats.mixed_latency_sum_ms)
+
+
+def stalls_over(counts: list[StallCounts]) -> StallSteps | None:
+    """Share and mean latency of the prefill/mixed steps in these counts (None: no steps)."""
+    steps, stalled = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if steps == 0:
+        return None
+    return StallSteps(share=stalled / steps,
+                      mean_ms=sum(c[2] for c in counts) / stalled if stalled else 0.0)
 
 
 def observed_buckets(table: PolicySpec, mix: tuple[tuple[float, int], ...], min_batch: int
@@ -102,6 +145,23 @@ def window_mix(reading: LatencyReading,
         return current
     seen = tuple(point for age, points in mix_history if age <= lag for point in points)
     return seen or current
+
+
+def window_stalls(reading: LatencyReading,
+                  stall_history: tuple[tuple[float, StallCounts], ...],
+                  current: StallSteps | None, settings: AdaptiveConfig) -> StallSteps | None:
+    """The prefill/mixed steps behind ``reading``: those of ``stall_history`` ((seconds since
+    the statistics arrived, `StallCounts`), any order) within its `window_lag_s`; ``current``
+    (the loop's statistics window) when settling is off, the window is unknown or no history
+    falls inside it. Whether a miss is the stalls' (`stall_owned`) is a question about
+    the steps of the reading's window, as kappa's batch mix is (`window_mix`): judged on the
+    loop's last seconds, a burst of prompts that had ended (or had not yet reached the
+    window) decided it."""
+    lag = window_lag_s(reading)
+    if not settings.settle or lag is None or not stall_history:
+        return current
+    seen = [counts for age, counts in stall_history if age <= lag]
+    return stalls_over(seen) or current
 
 
 def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from lynx_policy.config import LinkConfig
+from lynx_policy.evidence import stall_counts
 from lynx_policy.metrics import ControllerMetrics
 from lynx_policy.model import batch_mix
 from lynx_policy.owners import ReplicaOwners
@@ -193,6 +194,7 @@ class Hub:
                     replica.stats_gaps += msg.seq - previous.seq - 1
             replica.recent_stats.append((now, msg))
             replica.recent_mix.append((now, batch_mix((msg,))))
+            replica.recent_stalls.append((now, stall_counts(msg)))
             replica.stats_bytes.append(decoded_size(msg))
             while len(replica.stats_bytes) > len(replica.recent_stats):  # deque maxlen dropped
                 replica.stats_bytes.popleft()

@@ -77,6 +77,9 @@ from lynx_policy.rungs import (
 from lynx_protocol.ladder import Ladder, rung_bucket, table_for
 from lynx_protocol.policy import PolicySpec
 
+CANNOT_CLOSE = "cannot close the gap"
+"""How a bucket's reason starts when even the lowest usable rung misses (docstring, 2)."""
+
 SCALE_MIN, SCALE_MAX = 0.05, 20.0
 """Bounds of the open-arrivals batch scale."""
 
@@ -267,7 +270,7 @@ def plan_ladder(model: FleetModel, ladder: Ladder, table: PolicySpec,
         if goal is None:
             lowest = [top if i in loaded else 0 for i in range(len(buckets))]
             worst = max(mixed.predict(lowest, t) for t in targets)
-            reason = (f"cannot close the gap: the lowest usable rung {rungs[-1].name} predicts "
+            reason = (f"{CANNOT_CLOSE}: the lowest usable rung {rungs[-1].name} predicts "
                       f"{worst:.1f} ms at the mix, above the target; holds")
         else:
             for i in loaded:

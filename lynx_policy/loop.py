@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lynx_policy.config import ControllerConfig
-from lynx_policy.decide import Decision, Memory, Observation, StallSteps, decide
+from lynx_policy.decide import Decision, Memory, Observation, decide
+from lynx_policy.evidence import StallSteps, stall_counts, stalls_over
 from lynx_policy.hub import Hub
 from lynx_policy.ladders import LadderStore
 from lynx_policy.metrics import ControllerMetrics, replace_series, target_labels
@@ -53,19 +54,13 @@ class TickReport:
     reason: str
     latencies: list[dict[str, Any]]
     version: int
+    unfixable: str = ""
+    """A hold leaving a miss pruning cannot fix: `decide.UNFIXABLE`'s cause ("" otherwise)."""
 
 
 def stall_steps(stats: Iterable[StepStats]) -> StallSteps | None:
     """Share and mean latency of the prefill/mixed steps in these StepStats (None: no steps)."""
-    steps = stalled = 0
-    stalled_ms = 0.0
-    for s in stats:
-        steps += s.decode_steps + s.prefill_steps + s.mixed_steps
-        stalled += s.prefill_steps + s.mixed_steps
-        stalled_ms += s.prefill_latency_sum_ms + s.mixed_latency_sum_ms
-    if steps == 0:
-        return None
-    return StallSteps(share=stalled / steps, mean_ms=stalled_ms / stalled if stalled else 0.0)
+    return stalls_over([stall_counts(s) for s in stats])
 
 
 class ControlLoop:
@@ -220,6 +215,8 @@ class ControlLoop:
             model=fleet, batch_mix=batch_mix(stats for _, stats in recent),
             stalls=stall_steps(stats for _, stats in recent), history=history,
             mix_history=tuple((now - at, mix) for r in connected for at, mix in r.recent_mix),
+            stall_history=tuple((now - at, counts) for r in connected
+                                for at, counts in r.recent_stalls),
         )
         ladder = self.ladders.for_planning(r.registration for r in connected)
         decision = decide(observation, state.policy, self.memory, mode=state.mode,
@@ -230,6 +227,8 @@ class ControlLoop:
         self._model_metrics(observation, decision, recent, ladder)
         self.ticks += 1
         self.metrics.decisions.labels(direction=decision.direction).inc()
+        if decision.unfixable:
+            self.metrics.unfixable_holds.labels(cause=decision.unfixable).inc()
         replace_series(self.metrics.slo_target, {
             target_labels(r.target): r.target.target_ms / 1000.0 for r in readings})
         replace_series(self.metrics.latency, {
@@ -247,7 +246,7 @@ class ControlLoop:
             self.on_change()
         self.reports.append(TickReport(
             tick=self.ticks, at=time.time(), signal=decision.signal,
-            direction=decision.direction,
+            direction=decision.direction, unfixable=decision.unfixable,
             reason=decision.reason, version=self.keeper.state.version,
             latencies=[{"metric": r.target.metric, "quantile": r.target.quantile,
                         "target_ms": r.target.target_ms,

@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 
 from lynx_policy.config import MODES, SloTarget
-from lynx_policy.decide import DIRECTIONS
+from lynx_policy.decide import DIRECTIONS, UNFIXABLE
 from lynx_protocol.messages import REJECT_REASONS, TO_CONTROLLER
 
 SLO_ATTAINMENT_TICKS = 120
@@ -55,6 +55,11 @@ class ControllerMetrics:
                                     "Version of the policy the controller sends", registry=r)
         self.decisions = Counter("lynx_controller_decisions", "Control decisions by direction",
                                  ["direction"], registry=r)
+        self.unfixable_holds = Counter(
+            "lynx_controller_unfixable_holds",
+            "Adaptive ticks that held with the SLO missed because pruning cannot fix the miss: "
+            "cannot_close_gap (even the lowest usable rung is predicted above the target) or "
+            "prefill_stalls (the misses come from prefill/mixed steps)", ["cause"], registry=r)
         self.slo_attainment = Gauge(
             "lynx_controller_slo_attainment_ratio",
             f"Share of the last {SLO_ATTAINMENT_TICKS} ticks with data where every SLO was met",
@@ -152,6 +157,8 @@ class ControllerMetrics:
             self.mode.labels(mode=mode)
         for direction in DIRECTIONS:
             self.decisions.labels(direction=direction)
+        for cause in UNFIXABLE:
+            self.unfixable_holds.labels(cause=cause)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason=reason)
         for kind in sorted(TO_CONTROLLER):

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from lynx_policy.evidence import StallCounts
 from lynx_protocol.messages import Register, StepStats
 
 STATS_BYTES_PER_REPLICA = 256 * 1024
@@ -53,6 +54,11 @@ class Replica:
     batch mix behind a latency window (`lynx_policy.evidence.window_mix`), kept longer than
     ``recent_stats`` (whose byte cap holds ~35 s of a 48-layer model's statistics at 1 s,
     while a ``tpot`` reading reaches back 2 x ``observe.max_window_s``)."""
+    recent_stalls: deque[tuple[float, StallCounts]] = field(
+        default_factory=lambda: deque(maxlen=MIX_HISTORY))
+    """(monotonic arrival [s], `StallCounts`) of the latest StepStats, kept as long as
+    ``recent_mix``: the prefill/mixed steps behind a latency window
+    (`lynx_policy.evidence.window_stalls`)."""
     stats_gaps: int = 0
     """StepStats lost in transit (from ``seq`` gaps)."""
     messages: int = 0

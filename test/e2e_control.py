@@ -43,7 +43,7 @@ here ~2 requests start per decode step, and the P90 ITL is a prefill-stall tail 
 across 4 s windows against an ~18 ms decode step at x16), so the controller's evidence rule
 rarely confirmed a miss of a target set ~10% under it and whether it acted in time depended
 on one lucky tick (CI failed both tests, 2026-12-06); where prefill/mixed steps fill the tail
-it rightly holds (`lynx_policy.decide.stall_owned`). The median moves with the step, its
+it rightly holds (`lynx_policy.evidence.stall_owned`). The median moves with the step, its
 bounds at ``observe.confidence`` are within 0.2-1.5 ms, and it is a real SLO (a typical
 gap)."""
 

@@ -121,3 +121,20 @@ def test_bad_arguments_get_one_line_and_exit_2(args: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(("slo_pareto", "usage", "slo_pareto.py"))
+
+
+def test_the_report_sums_adaptives_unfixable_holds_per_target() -> None:
+    """The controller's lynx_controller_unfixable_holds_total per adaptive replay (a hold
+    'cannot close the gap' explained a 0.59-attainment replay only by guess before)."""
+    from benchmark.slo_pareto_report import unfixable_line
+
+    held = {"cannot_close_gap": 7, "prefill_stalls": 0}
+    runs = [{"mode": "adaptive", "target": "medium", "unfixable_ticks": held},
+            {"mode": "adaptive", "target": "medium",
+             "unfixable_ticks": {"cannot_close_gap": 2, "prefill_stalls": 1}},
+            {"mode": "adaptive", "target": "tight", "unfixable_ticks": held},
+            {"mode": "static:m40", "target": "medium",
+             "unfixable_ticks": {"cannot_close_gap": 0, "prefill_stalls": 0}}]
+    line = unfixable_line(runs, "medium")
+    assert "over its 2 replays: 9 cannot close gap, 1 prefill stalls" in line
+    assert unfixable_line([{"mode": "adaptive", "target": "medium"}], "medium") == ""

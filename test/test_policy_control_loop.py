@@ -66,6 +66,9 @@ def ticks_to_react(ctl: ControllerProcess, since_tick: int, signal: str, directi
     sampler stalled on a busy machine can neither hide nor add a tick."""
     ticks = [t for t in ctl.admin.get("/v1/state").json()["loop"]["recent_ticks"]
              if t["tick"] > since_tick]
+    # the runtime's steps carry no prefill statistics here and no ladder plans: no tick held
+    # a miss as one pruning cannot fix
+    assert ticks and all(t["unfixable"] == "" for t in ticks)
     first_signal = next(t["tick"] for t in ticks if t["signal"] == signal)
     first_move = next(t["tick"] for t in ticks
                       if t["tick"] >= first_signal and t["direction"] == direction)

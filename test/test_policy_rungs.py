@@ -181,6 +181,16 @@ def test_no_tightening_for_a_miss_the_lowest_rung_cannot_fix() -> None:
     assert decision.direction == "hold" and decision.policy == OFF
     assert all("cannot close the gap" in decision.plans[i].reason
                for i in loaded(decision.plans))
+    assert decision.unfixable == "cannot_close_gap"  # counted: lynx_controller_unfixable_holds
+    # a plain hold (the target met unpruned) is not one
+    met = step(ladder, OFF, 0.5 * plant(ladder, OFF, mix, 1.0), mix, Memory())
+    assert met.direction == "hold" and met.unfixable == ""
+    # nor is a met tick on which the smoothed kappa still predicts that no rung closes the
+    # gap: no miss was left alone
+    after = step(ladder, OFF, 0.9 * TARGET.target_ms, mix, decision.memory)
+    assert after.signal != "violated"
+    assert any(p.reason.startswith("cannot close the gap") for p in after.plans)
+    assert after.unfixable == ""
 
 
 def test_a_target_the_lowest_rung_meets_only_without_the_margin_is_still_met() -> None:
@@ -254,6 +264,7 @@ def test_misses_that_prefill_steps_own_do_not_tighten_nor_inflate_the_correction
                   floor=NO_FLOOR, ladder=ladder)
     assert held.direction == "hold" and held.policy == calm.policy
     assert "prefill/mixed steps" in held.reason and held.memory.corrections[0][2] == kappa
+    assert held.unfixable == "prefill_stalls" and calm.unfixable == ""
     # GET /v1/model still says why each bucket has its rung: the last plan, with the hold
     assert [(p.max_batch, p.rung) for p in held.plans] == [
         (p.max_batch, p.rung) for p in calm.plans] and calm.plans
@@ -272,6 +283,7 @@ def test_misses_that_prefill_steps_own_do_not_tighten_nor_inflate_the_correction
                        calm.policy, calm.memory, mode="adaptive", settings=SETTINGS,
                        floor=NO_FLOOR, ladder=ladder)
         assert moved.direction == "tighten", (other, moved.reason)
+        assert moved.unfixable == ""
 
 
 def test_stall_steps_are_summed_over_the_replicas_statistics() -> None:
@@ -350,3 +362,61 @@ def test_a_layer_at_e_counts_in_no_mean_as_in_the_runtime_statistics() -> None:
     unpruned = rung("none", [EXPERTS] * 3, 0.0)
     assert rung_experts(unpruned, 16, 20.0, EXPERTS) == 20.0
     assert SortedBudgets([EXPERTS] * 3, EXPERTS).mean_capped(20.0) == 20.0
+
+
+def test_whether_prefill_steps_own_a_miss_is_judged_on_the_readings_own_window() -> None:
+    """A p99 ITL read over 8 s: a burst of 150 ms prefills 3 s ago (inside the window) owns
+    its miss even when the loop's last seconds held none, and one 20 s ago (before the
+    window) does not, whatever the last seconds held."""
+    from lynx_policy.evidence import StallSteps
+
+    ladder, mix = mini_ladder(), ((48.0, 100),)
+    calm = step(ladder, OFF, plant(ladder, OFF, mix, 0.6), mix, Memory())
+    burst = (100, 5, 750.0)  # 100 steps, 5 of them prefills of 150 ms
+    quiet = (100, 0, 0.0)
+
+    def decided(history, current: StallSteps | None, settle: bool = True):
+        reading = LatencyReading(TARGET, 0.150, window_s=8.0)
+        obs = Observation(latencies=(reading,), batch_steps=None, num_experts=EXPERTS,
+                          model=FLEET, batch_mix=mix, stalls=current, stall_history=history)
+        settings = msgspec.structs.replace(SETTINGS, settle=settle)
+        return decide(obs, calm.policy, calm.memory, mode="adaptive", settings=settings,
+                      floor=NO_FLOOR, ladder=ladder)
+
+    recent_burst = ((3.0, burst), (1.0, quiet), (6.0, quiet))
+    held = decided(recent_burst, StallSteps(share=0.0, mean_ms=0.0))
+    assert held.direction == "hold" and held.unfixable == "prefill_stalls"
+    assert "itl p99: 1.7% of steps, mean 150.0 ms" in held.reason  # 5 of the window's 300
+    old_burst = ((20.0, burst), (1.0, quiet), (6.0, quiet))
+    moved = decided(old_burst, StallSteps(share=0.05, mean_ms=150.0))
+    assert moved.direction == "tighten" and moved.unfixable == ""
+    # adaptive.settle = false: the loop's last seconds decide, as before
+    assert decided(old_burst, StallSteps(share=0.05, mean_ms=150.0), settle=False
+                   ).unfixable == "prefill_stalls"
+
+
+def test_kappa_leaves_out_an_itl_reading_whose_own_window_prefill_steps_own() -> None:
+    """A missed tpot reading (the decode steps') moves the planner; a missed p99 ITL whose
+    8 s window held 150 ms prefills in 1.7% of steps is the stalls': its kappa keeps its
+    previous value even though the loop's last seconds held no prefill at all."""
+    from lynx_policy.evidence import StallSteps
+
+    ladder, mix = mini_ladder(), ((48.0, 100),)
+    tpot = SloTarget(metric="tpot", quantile=0.9, target_ms=100.0)
+    history = ((3.0, (100, 5, 750.0)), (1.0, (100, 0, 0.0)), (6.0, (100, 0, 0.0)))
+
+    def decided(itl_ms: float, tpot_ms: float, memory: Memory):
+        obs = Observation(latencies=(LatencyReading(TARGET, itl_ms / 1000.0, window_s=8.0),
+                                     LatencyReading(tpot, tpot_ms / 1000.0, window_s=8.0)),
+                          batch_steps=None, num_experts=EXPERTS, model=FLEET, batch_mix=mix,
+                          stalls=StallSteps(share=0.0, mean_ms=0.0), stall_history=history)
+        return decide(obs, OFF, memory, mode="adaptive", settings=SETTINGS, floor=NO_FLOOR,
+                      ladder=ladder)
+
+    calm = decided(60.0, 60.0, Memory())
+    before = {m: k for m, _, k in calm.memory.corrections}
+    later = decided(150.0, 130.0, calm.memory)
+    after = {m: k for m, _, k in later.memory.corrections}
+    assert later.unfixable == ""  # the tpot miss is the decode steps': not all misses stall
+    assert after["itl"] == before["itl"]
+    assert after["tpot"] > before["tpot"]

@@ -105,6 +105,7 @@ EP_RUNTIME_METRICS = (
 dashboard's ``ep`` panels."""
 CONTROLLER_METRICS = (
     "lynx_controller_mode", "lynx_controller_policy_version", "lynx_controller_decisions_total",
+    "lynx_controller_unfixable_holds_total",
     "lynx_controller_slo_attainment_ratio", "lynx_controller_replicas_connected",
     "lynx_controller_messages_received_total", "lynx_controller_messages_rejected_total",
     "lynx_controller_loop_degraded",

@@ -90,9 +90,14 @@ ROWS: tuple[RowSpec, ...] = (
                    _q("lynx_controller_replicas_connected", "replicas connected (controller)"),
                    _q(f'up{{job="{c.CONTROLLER_JOB}"}}', "controller up")), width=12),
         PanelSpec("Controller decisions", "Control-loop decisions per interval by direction: "
-                  "tighten (SLO violated, fewer experts), relax (headroom, more experts), hold.",
+                  "tighten (SLO violated, fewer experts), relax (headroom, more experts), hold; "
+                  "and the holds that leave a miss pruning cannot fix, by cause "
+                  "(cannot_close_gap: even the lowest rung is predicted above the target; "
+                  "prefill_stalls: the misses come from prefill/mixed steps).",
                   (_q(f"sum by (direction) (increase(lynx_controller_decisions_total[{R}]))",
-                      "{{direction}}"),), bars=True, width=12),
+                      "{{direction}}"),
+                   _q(f"sum by (cause) (increase(lynx_controller_unfixable_holds_total[{R}]))",
+                      "hold, pruning cannot fix: {{cause}}")), bars=True, width=12),
         PanelSpec("Budget per batch-size bucket", "Mean experts per layer the current policy "
                   "allows, per batch-size bucket (max decode rows); adaptive mode moves these.",
                   (_q("lynx_controller_budget_experts", "batch <= {{max_batch}}"),), width=12),
