@@ -1,7 +1,7 @@
 """Expert parallelism served on this CPU: four arms, interleaved.
 
     python benchmark/ep_serving.py [--model qwen3-moe-128] [--widen 64] [--reps 3]
-        [--budget 32] [--concurrency 16] [--quick]
+        [--budget 32] [--aware-budget 36] [--concurrency 16] [--quick]
 
 Arms, each its own SGLang server (``--tp-size 2``, one core per rank), started once; every
 repetition times them in a shuffled order:
@@ -11,7 +11,12 @@ repetition times them in a shuffled order:
   must be on: SGLang 0.5.23's CPU MoE cannot skip the other rank's -1 ids and crashes at the
   first prefill without `lynx.cpu_compat.moe_native`;
 - ``ep2-global``: EP with a ``budget`` policy spent globally (``LYNX_EP_BALANCE=0``);
-- ``ep2-aware``: the same budget spent per EP rank (``LYNX_EP_BALANCE=1``, the default).
+- ``ep2-aware``: a budget spent per EP rank (``LYNX_EP_BALANCE=1``, the default), at
+  ``--aware-budget`` (default: ``--budget``). At the same m the per-rank level keeps a little
+  less routing mass than the global budget (a rank with fewer union experts than the level
+  cannot fill up: 0.874 vs 0.897 at m = 32), so the comparison at equal routing mass runs it
+  at a higher m; `mass_matched` says whether it kept at least the global arm's mass. Four
+  servers of the x64 testbed fill this machine's memory (a fifth was OOM-killed).
 
 Per arm and repetition:
 - quality: greedy answers to held-out additions, batched ``--concurrency`` at a time: the share
@@ -53,8 +58,11 @@ GAUGES = ("lynx_ep_rank_experts_max", "lynx_ep_rank_experts_mean", "lynx_ep_rank
           "lynx_ep_rank_pairs_mean")
 
 
-def arm_server(arm: str, model: Path, budget: int, work: Path) -> SglangServer:
-    """The server of one arm (not started)."""
+def arm_server(arm: str, model: Path, budget: int, work: Path,
+               aware_budget: int | None = None) -> SglangServer:
+    """The server of one arm (not started); ``ep2-aware`` at ``aware_budget`` if given."""
+    if arm == "ep2-aware" and aware_budget is not None:
+        budget = aware_budget
     env = {"OMP_NUM_THREADS": "1", "SGLANG_CPU_OMP_THREADS_BIND": "0|1",
            "SGLANG_NCCL_SO_PATH": str(work / "no-nccl" / "libnccl.so.2")}
     args = ("--tp-size", "2", *DECODE_BOUND_FLAGS)
@@ -165,6 +173,15 @@ def one_run(arm: str, server: SglangServer, args: argparse.Namespace, work: Path
     return run, texts
 
 
+def mass_matched(summary: dict[str, dict[str, Any]]) -> bool | None:
+    """Did the per-rank arm keep at least the global budget's median routing mass (then the
+    two compare at equal routing mass)? None when either arm is missing."""
+    glob, aware = summary.get("ep2-global", {}), summary.get("ep2-aware", {})
+    if "mass_kept" not in glob or "mass_kept" not in aware:
+        return None
+    return bool(aware["mass_kept"] >= glob["mass_kept"])
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for arm in ARMS:
@@ -185,54 +202,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    """RESULTS.md section of a finished run."""
-    rows, base = payload["summary"], payload["summary"].get("ep2", {})
-    header = ["arm", "TPOT ms", "vs ep2", "busiest rank ms/step", "vs ep2",
-              "busiest rank experts lynx / stock", "busiest rank pairs lynx / stock",
-              "mass kept", "EM", "same as tp2"]
-
-    def ratio(key: str, value: float | None) -> str:
-        return f"{base[key] / value:.2f}x" if value and base.get(key) else "-"
-
-    def pair(row: dict[str, Any], name: str) -> str:
-        lynx, stock = row.get(f"{name}:lynx"), row.get(f"{name}:stock")
-        return f"{lynx:.1f} / {stock:.1f}" if lynx is not None and stock else "-"
-
-    lines = []
-    for arm, row in rows.items():
-        tpot, busiest = row.get("median_tpot_ms"), row.get("busiest_rank_ms")
-        lines.append([arm, f"{tpot:.1f}", ratio("median_tpot_ms", tpot),
-                      "-" if busiest is None else f"{busiest:.1f}",
-                      ratio("busiest_rank_ms", busiest), pair(row, "experts_max"),
-                      pair(row, "pairs_max"), f"{row.get('mass_kept', 1.0):.3f}",
-                      f"{row['exact_match']:.3f}", f"{row['same_as_tp2']:.3f}"])
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                      + ["| " + " | ".join(r) + " |" for r in lines])
-    return f"""
-## Expert parallelism on this CPU (four arms)
-`python benchmark/ep_serving.py` -- {payload['model']}, `--tp-size 2` (one core per rank),
-budget {payload['budget']} experts per layer in the pruned arms, SGLang's serving benchmark at
-C={payload['concurrency']} ({payload['input_len']} prompt / {payload['output_len']} output
-tokens), {payload['reps']} interleaved repetitions, medians. `ep2` is EP with policy off (stock
-routing; the plugin's CPU fix for the other rank's -1 ids is what lets SGLang serve EP here).
-Busiest rank ms/step: the slowest rank's own expert time per decode step, before the combine
-(`LYNX_TIME_MOE=1`). Experts and pairs: `lynx_ep_rank_experts_max` / `lynx_ep_rank_pairs_max`
-sampled every second during the timed run (stock = what the batch's stock top-k needed). EM and
-"same as tp2": greedy answers to {payload.get('problems', 64)} held-out additions, batched
-{payload['concurrency']} at a time. Perplexity is not measured through the servers (Lynx
-prunes decode steps; a prompt's log-probabilities come from an unpruned prefill).
-
-{table}
-"""
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen3-moe-128")
     parser.add_argument("--widen", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--budget", type=int, default=32, help="experts per layer (global m)")
+    parser.add_argument("--aware-budget", type=int, default=None,
+                        help="experts per layer of the per-rank arm (default: --budget; "
+                        "higher to compare at the global arm's routing mass)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--problems", type=int, default=64)
@@ -243,8 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.prompts, args.problems, args.output_len = 1, 16, 16, 16
-    for name in ("reps", "budget", "concurrency", "prompts", "problems", "input_len",
-                 "output_len", "widen"):
+    if args.aware_budget is None:
+        args.aware_budget = args.budget
+    for name in ("reps", "budget", "aware_budget", "concurrency", "prompts", "problems",
+                 "input_len", "output_len", "widen"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     from benchmark.testbed import build
@@ -254,13 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="lynx-ep-serving-") as tmp:
         work = Path(tmp)
-        servers = {arm: arm_server(arm, args.model_path, args.budget, work) for arm in ARMS}
+        servers = {arm: arm_server(arm, args.model_path, args.budget, work, args.aware_budget)
+                   for arm in ARMS}
         try:
             for server in servers.values():  # one at a time: loading peaks stay apart
                 server.start()
             reference = answers(servers["tp2"].url, args.problems, args.concurrency)
             for rep in range(args.reps):
-                order = list(ARMS)
+                order = list(servers)
                 rng.shuffle(order)
                 for arm in order:
                     run, _ = one_run(arm, servers[arm], args, work, rep, reference)
@@ -274,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
                 server.stop()
     summary = summarise(runs)
     payload = {"machine": machine_description(), "model": f"{args.model}-wide{args.widen}-f32",
-               "budget": args.budget, "concurrency": args.concurrency, "reps": args.reps,
+               "budget": args.budget, "aware_budget": args.aware_budget,
+               "mass_matched": mass_matched(summary), "concurrency": args.concurrency,
+               "reps": args.reps,
                "input_len": args.input_len, "output_len": args.output_len,
                "problems": args.problems,
                "summary": summary, "runs": runs}

@@ -36,6 +36,7 @@ from benchmark import (
     calibration_report,
     e2e_decode,
     ep_serving,
+    ep_serving_report,
     eval_gate,
     frontier,
     goodput,
@@ -74,7 +75,7 @@ def run(quick: bool, out_dir: Path) -> dict[str, Any]:
         goodput.main(["--out", str(out_dir / "goodput.json")])
         frontier.main(["--out", str(out_dir / "frontier.json")])
         testbed.main(["--out", str(out_dir / "testbed.json")])
-        ep_serving.main(["--out", str(out_dir / "ep_serving.json")])
+        ep_serving.main(["--aware-budget", "36", "--out", str(out_dir / "ep_serving.json")])
         prefill_share.main(["--out", str(out_dir / "prefill_share.json")])
         calibrate_paths.main(["--out", str(out_dir / "calibrate_paths.json")])
         shadow_ladder.main(["--out", str(out_dir / "shadow_ladder.json")])
@@ -127,7 +128,7 @@ def render(out_dir: Path) -> dict[str, Any]:
             json.loads(good.read_text())) if good.exists() else "") + (
         frontier.markdown(layer_frontier) if layer_frontier else "") + (
         testbed.markdown(bed_data) if bed_data else "") + (
-        ep_serving.markdown(json.loads(ep.read_text())) if ep.exists() else "") + (
+        ep_serving_report.markdown(json.loads(ep.read_text())) if ep.exists() else "") + (
         prefill_share.markdown(json.loads(share.read_text())) if share.exists() else "")
         + calibration_report.markdown(out_dir))
     print(f"[run_all] wrote {out_dir}/{{summary.json,*.png}} and {md_path}", flush=True)
