@@ -80,7 +80,8 @@ def schedule_for(args: argparse.Namespace, rps: float) -> list[trace_replay.Repl
 
 def pilot_passes(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,
                  layers: int, statics: list[str], first: dict[str, dict[str, Any]],
-                 usable: list[str], passes: int) -> dict[str, list[float]]:
+                 ladder_order: list[str], usable: list[str], passes: int
+                 ) -> dict[str, list[float]]:
     """P90 TPOTs [ms] the targets are chosen from: rep 0's statics (``first``), ``off`` once
     more after them (linear drift then weighs on ``off`` as on the rungs between its two
     replays), and, while the medians do not separate pruning from none
@@ -89,7 +90,8 @@ def pilot_passes(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], 
     samples = {m: [slo_pareto_score.p90_tpot_ms(r["timings"])] for m, r in first.items()}
     extra: list[list[str]] = [["off"]] + [[*reversed(statics[1:]), "off"]] * passes
     for number, modes in enumerate(extra):
-        if number and slo_pareto_score.separated(slo_pareto_score.medians(samples), usable):
+        if number and slo_pareto_score.separated(slo_pareto_score.medians(samples),
+                                                 ladder_order, usable):
             break
         for mode in modes:
             apply_mode(pair, mode, None)
@@ -129,6 +131,7 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
     adaptive = [f"adaptive:{t}" for t in slo_pareto_score.TARGETS]
     runs: list[dict[str, Any]] = []
     targets: dict[str, float] = {}
+    apart = False
     pilot_p90: dict[str, list[float]] = {}
     for rep in range(args.reps):
         # rep 0: the statics first (the targets come from them); later: every mode rotated
@@ -139,12 +142,15 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
         for mode in order:
             target = mode.split(":", 1)[1] if mode in adaptive else None
             if target and not targets:
+                order_names = [r.name for r in ladder.rungs]
                 pilot_p90 = pilot_passes(pair, schedule, vocab, layers, statics, pilot,
-                                         usable, args.pilot_passes)
-                targets = slo_pareto_score.choose_targets(
-                    slo_pareto_score.medians(pilot_p90), [r.name for r in ladder.rungs],
-                    usable)
-                print(f"[slo_pareto] targets (P90 TPOT, ms): {targets}", flush=True)
+                                         order_names, usable, args.pilot_passes)
+                pilot_medians = slo_pareto_score.medians(pilot_p90)
+                targets = slo_pareto_score.choose_targets(pilot_medians, order_names, usable)
+                apart = slo_pareto_score.separated(pilot_medians, order_names, usable)
+                print(f"[slo_pareto] targets (P90 TPOT, ms): {targets}"
+                      + ("" if apart else " -- NOT SEPARATED: the pilot did not tell the "
+                         "targets apart; this run cannot rank the modes"), flush=True)
                 runs += [row for m, r in pilot.items() for row in scored(m, rep, r, targets)]
             apply_mode(pair, "adaptive" if target else mode,
                        targets[target] if target else None)
@@ -171,8 +177,8 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
             "load": args.load, "excerpt": {"start_s": args.start_s, "duration_s": args.excerpt_s,
                                            "time_scale": args.time_scale},
             "requests": len(schedule), "attribution": trace_replay.ATTRIBUTION,
-            "targets_ms": targets, "pilot_p90_tpot_ms": {m: [rounded(v, 2) for v in vs]
-                                                          for m, vs in pilot_p90.items()},
+            "targets_ms": targets, "targets_separated": apart,
+            "pilot_p90_tpot_ms": {m: [rounded(v, 2) for v in vs] for m, vs in pilot_p90.items()},
             "usable_rungs": usable, "reps": args.reps,
             "rung_costs": {r.name: rounded(r.cost(), 6) for r in ladder.rungs},
             "profile": prof, "runs": runs, "summary": summary, "nonstationary": ns,

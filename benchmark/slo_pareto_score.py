@@ -75,13 +75,21 @@ def choose_targets(p90: dict[str, float], ladder_order: Sequence[str], usable: S
             "tight": rounded(tight, 2)}
 
 
-def separated(p90: dict[str, float], usable: Sequence[str], slack: float = SLACK) -> bool:
-    """Does a pilot tell pruning from none: the fastest usable pruning rung's P90 TPOT times
-    ``slack`` below ``off``'s? When not (drift or one noisy replay put ``off`` at or below
-    every rung: the 2026-12-07 pilot read off 73.7 ms, m40 76.4 ms, the others 82-94 ms), the
-    three targets would collapse to one (`choose_targets` keeps loose >= medium >= tight)."""
-    rungs = [p90[f"static:{r}"] for r in usable if r != "none" and f"static:{r}" in p90]
-    return bool(rungs) and slack * min(rungs) < p90["off"]
+def separated(p90: dict[str, float], ladder_order: Sequence[str], usable: Sequence[str],
+              slack: float = SLACK) -> bool:
+    """Does a pilot tell the three targets apart: loose > medium > tight, as `choose_targets`
+    gives them from these P90 TPOTs, with ``off`` itself missing the tight one (pruning is
+    needed there)? One rule for both: a first version asked only whether the fastest rung
+    beat ``off``, while the tight target is set by the second-fastest, and
+    the 2026-12-07 20:59 pilot (off 143.2 ms median, m32 130.3, every other rung 165-202 ms)
+    passed it with all three targets at 147.51 ms. Drift or one noisy replay that puts ``off``
+    at or below the rungs collapses them the same way."""
+    try:
+        targets = choose_targets(p90, ladder_order, usable, slack)
+    except (ValueError, KeyError):
+        return False
+    return targets["loose"] > targets["medium"] > targets["tight"] and \
+        targets["tight"] < p90["off"]
 
 
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
