@@ -185,7 +185,10 @@ def test_bench_quick_writes_every_result(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmark" / "run_all.py"), "--quick",
                            "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=1800)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    # the latency profile's verdict first ("NOT ready: <reason>" when the SLO Pareto's quick
+    # profile left no model: 2 of 4 runs on a slow 2026-12-07 machine, reason not captured)
+    profile = [line for line in (done.stdout + done.stderr).splitlines() if "profile:" in line]
+    assert done.returncode == 0, ("\n".join(profile), done.stdout[-3000:], done.stderr[-3000:])
     check_summary(json.loads((tmp_path / "summary.json").read_text()))
     check_moe_layer_rows(json.loads((tmp_path / "moe_layer.json").read_text())["rows"])
     for name in ("moe_layer.png", "slo_pareto.png", "frontier.png"):
