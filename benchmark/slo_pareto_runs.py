@@ -19,6 +19,7 @@ import httpx
 from benchmark import slo_load, slo_pareto_score, trace_replay
 from benchmark.common import OFF, rounded
 from benchmark.serving_pair import ServingPair
+from lynx.serving.metrics_reader import samples
 from lynx_policy.decide import UNFIXABLE
 
 
@@ -70,10 +71,12 @@ def unfixable_holds(pair: ServingPair) -> dict[str, float]:
     """The controller's ``lynx_controller_unfixable_holds_total`` per cause ({} if the scrape
     fails: a diagnostic count never ends an hour-long run)."""
     try:
-        return {cause: pair.controller.metric("lynx_controller_unfixable_holds_total",
-                                              {"cause": cause}) for cause in UNFIXABLE}
-    except (KeyError, httpx.HTTPError):
+        text = pair.controller.admin.get("/metrics", timeout=5.0).text
+    except httpx.HTTPError:
         return {}
+    found = {labels.get("cause"): value
+             for labels, value in samples(text, "lynx_controller_unfixable_holds_total")}
+    return {cause: found[cause] for cause in UNFIXABLE if cause in found}
 
 
 def replay(pair: ServingPair, schedule: list[trace_replay.ReplayRequest], vocab: int,

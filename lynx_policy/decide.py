@@ -109,11 +109,6 @@ class Observation:
     (steps, prefill/mixed steps, their latency sum [ms])), one entry per StepStats message:
     the stalls of a latency reading's own window (`lynx_policy.evidence.window_stalls`);
     empty: only ``stalls`` is known."""
-
-    def stalls_behind(self, reading: LatencyReading, settings: AdaptiveConfig
-                      ) -> StallSteps | None:
-        """The prefill/mixed steps of ``reading``'s own window (`evidence.window_stalls`)."""
-        return window_stalls(reading, self.stall_history, self.stalls, settings)
     history: tuple[tuple[float, PolicySpec], ...] = ()
     """The applied tables of the recent past as (seconds since it took effect, table), newest
     first (`lynx_policy.evidence.window_tables`); empty: only the current one is known."""
@@ -122,6 +117,11 @@ class Observation:
     (mean decode rows, steps) pairs), one entry per StepStats message of any replica: the
     batch mix of a latency reading's own window (`lynx_policy.evidence.window_mix`); empty:
     only ``batch_mix`` is known."""
+
+    def stalls_behind(self, reading: LatencyReading, settings: AdaptiveConfig
+                      ) -> StallSteps | None:
+        """The prefill/mixed steps of ``reading``'s own window (`evidence.window_stalls`)."""
+        return window_stalls(reading, self.stall_history, self.stalls, settings)
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,11 @@ def decide(
         return Decision(policy, Memory(), signal, "hold", f"mode is {mode}")
     missed = [r for r in observation.latencies if r.observed_s is not None
               and r.observed_s * 1000.0 > r.target.target_ms]
-    if missed and all(stall_owned(r, observation.stalls_behind(r, settings)) for r in missed):
+    behind = [(r, observation.stalls_behind(r, settings)) for r in missed]
+    if behind and all(stall_owned(r, s) for r, s in behind):
         owners = "; ".join(
             f"{r.target.metric} p{r.target.quantile * 100:g}: {100 * s.share:.1f}% of steps, "
-            f"mean {s.mean_ms:.1f} ms" for r in missed
-            if (s := observation.stalls_behind(r, settings)) is not None)
+            f"mean {s.mean_ms:.1f} ms" for r, s in behind if s is not None)
         reason = (f"misses come from prefill/mixed steps ({owners}): pruning cannot fix them; "
                   "holds (shorten prefill chunks instead)")
         held = (tuple(replace(p, reason=reason) for p in memory.plans)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from lynx_protocol.policy import PolicySpec, bucket_for
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from lynx_policy.decide import LatencyReading
     from lynx_protocol.messages import StepStats
 
+T = TypeVar("T")
 StallCounts = tuple[int, int, float]
 """One StepStats window's forward steps: (all, prefill and mixed, their latency sum [ms])."""
 
@@ -126,6 +127,16 @@ def window_tables(reading: LatencyReading, history: tuple[tuple[float, PolicySpe
     return out
 
 
+def in_window(reading: LatencyReading, history: tuple[tuple[float, T], ...],
+                 settings: AdaptiveConfig) -> list[T] | None:
+    """The entries of ``history`` ((seconds since their statistics arrived, entry)) within
+    ``reading``'s `window_lag_s`; None when settling is off or the window is unknown."""
+    lag = window_lag_s(reading)
+    if not settings.settle or lag is None:
+        return None
+    return [entry for age, entry in history if age <= lag]
+
+
 def window_mix(reading: LatencyReading,
                mix_history: tuple[tuple[float, tuple[tuple[float, int], ...]], ...],
                current: tuple[tuple[float, int], ...], settings: AdaptiveConfig
@@ -140,11 +151,8 @@ def window_mix(reading: LatencyReading,
     window (the SLO Pareto replay's shape changes every 6 s; any replay's start) biased
     kappa by the ratio of the two loads' step times: 2.4x at a replay's start, so the planner
     predicted that even the lowest rung missed and held unpruned."""
-    lag = window_lag_s(reading)
-    if not settings.settle or lag is None or not mix_history:
-        return current
-    seen = tuple(point for age, points in mix_history if age <= lag for point in points)
-    return seen or current
+    seen = in_window(reading, mix_history, settings)
+    return tuple(point for points in seen or () for point in points) or current
 
 
 def window_stalls(reading: LatencyReading,
@@ -157,11 +165,8 @@ def window_stalls(reading: LatencyReading,
     the steps of the reading's window, as kappa's batch mix is (`window_mix`): judged on the
     loop's last seconds, a burst of prompts that had ended (or had not yet reached the
     window) decided it."""
-    lag = window_lag_s(reading)
-    if not settings.settle or lag is None or not stall_history:
-        return current
-    seen = [counts for age, counts in stall_history if age <= lag]
-    return stalls_over(seen) or current
+    seen = in_window(reading, stall_history, settings)
+    return (stalls_over(seen) if seen else None) or current
 
 
 def evidence_veto(direction: str, readings: tuple[LatencyReading, ...],
