@@ -22,8 +22,14 @@ demo: setup
 	$(PY) -m lynx.serving.demo
 
 # --timeout: no test may hang CI (one that runs 15 minutes fails; PYTEST_ARGS may override).
+# Two parts: every test but the `serial` ones on TEST_WORKERS pytest-xdist workers (the
+# tests that start several servers at once form one unit, `SERVER_GROUP` in test/conftest.py:
+# one at a time, for memory), then the `serial` ones alone (their assertions rest on measured
+# latency or wall-clock bounds).
+TEST_WORKERS ?= 2
 test: setup prometheus
-	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout=900 -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout=900 -m serial $(PYTEST_ARGS)
 
 # Python 3.12 / 3.13 (SGLang's image and the GPU machine run 3.12): the built wheel's
 # torch-free tests, its resolution next to sglang==0.5.23, its entry point, the selection tests.

@@ -69,7 +69,10 @@ def markdown(result: dict[str, Any], png: str) -> str:
             "\n\n**The pilot did not tell the three targets apart** (loose > medium > tight "
             "failed after every pilot pass: the rungs' P90 TPOTs were not ordered beyond this "
             "machine's run-to-run noise), so this run cannot rank the modes."
-            if result.get("targets_separated") is False else "") + "\n\n"]
+            if result.get("targets_separated") is False else "") + (
+            "\n\n**The latency profile left no model** (`lynx-policy profile` exit "
+            f"{result['profile']['rc']}): adaptive ran on the controller's reactive rules."
+            if result.get("profile", {}).get("rc", 0) != 0 else "") + "\n\n"]
     for target in TARGETS:
         entry = result["summary"].get(target)
         if not entry:

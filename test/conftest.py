@@ -19,6 +19,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LYNX_COMPILE", "0")
 
 
+# Tests that start several servers at once (~3 GB each): `make test`'s pytest-xdist workers run
+# them one at a time, as one scheduling unit (`pytest_xdist_make_scheduler`). xdist's own
+# `--dist loadgroup` cannot do it under pytest 9 (it rewrites `Item._nodeid`, which pytest 9
+# no longer reads). Node-id prefixes, relative to the repository.
+SERVER_GROUP = (
+    "test/test_e2e_lynx.py::",  # stock, off, shadow and Lynx side by side
+    "test/test_e2e_parallel.py::",  # TP=2 / EP=2 / DP=2 next to a single process
+    "test/test_e2e_speculative.py::",  # NGRAM stock and Lynx
+    "test/test_eval_gate.py::test_the_gate_passes_the_default_with_real_pruning",
+    "test/test_e2e_calibrate_kinds.py::test_qwen2_moe_and_deepseek_v3_serve_and_prune",
+)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # type: ignore[no-untyped-def]
+    """``-n N`` (``--dist load``): per-test load balancing, except that `SERVER_GROUP`'s tests
+    form one unit. Any other ``--dist`` keeps xdist's own scheduler."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServerGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "servers" if nodeid.startswith(SERVER_GROUP) else nodeid
+
+    return ServerGroupScheduling(config, log)
+
+
 def reference_model(name: str) -> Path:
     path = REFERENCE_MODELS[name]
     if not (path / "config.json").is_file():

@@ -145,3 +145,18 @@ def test_the_report_sums_adaptives_unfixable_holds_per_target() -> None:
     line = unfixable_line(runs, "medium")
     assert "over its 2 replays: 9 cannot close gap, 1 prefill stalls" in line
     assert unfixable_line([{"mode": "adaptive", "target": "medium"}], "medium") == ""
+
+
+def test_a_quick_run_whose_profile_left_no_model_says_so() -> None:
+    """The quick smoke run goes on when `lynx-policy profile` leaves no model (noise on a
+    2-core machine); its RESULTS section must say that adaptive ran without one."""
+    from benchmark.slo_pareto_report import markdown
+
+    result = {"excerpt": {"duration_s": 10.0, "start_s": 2400.0, "time_scale": 60.0},
+              "served": "m", "requests": 5, "load": 0.9, "capacity_rps": 1.0,
+              "attribution": "", "reps": 1, "summary": {}, "targets_separated": True,
+              "targets_ms": {"loose": 3.0, "medium": 2.0, "tight": 1.0}, "profile": {"rc": 1},
+              "nonstationary": {"switch_s": 5.0, "hog_s": [2.5, 6.0], "runs": []}}
+    assert "The latency profile left no model" in markdown(result, "p.png")
+    result["profile"]["rc"] = 0
+    assert "left no model" not in markdown(result, "p.png")

@@ -181,14 +181,20 @@ def test_plugin_overhead_times_the_real_hooks_and_restores_them(tmp_path: Path) 
 
 
 @pytest.mark.slow  # ~5 min: `make bench-quick`, every benchmark end to end (CI runs it)
+@pytest.mark.serial  # it profiles latency and plans from it: a neighbour's load would skew it
 def test_bench_quick_writes_every_result(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmark" / "run_all.py"), "--quick",
                            "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=1800)
-    # the latency profile's verdict first ("NOT ready: <reason>" when the SLO Pareto's quick
-    # profile left no model: 2 of 4 runs on a slow 2026-12-07 machine, reason not captured)
-    profile = [line for line in (done.stdout + done.stderr).splitlines() if "profile:" in line]
-    assert done.returncode == 0, ("\n".join(profile), done.stdout[-3000:], done.stderr[-3000:])
+    # A quick profile that leaves no latency model (noise on a 2-core machine: 3 of 5 runs on
+    # 2026-12-07, 1 of 2 on 12-08) no longer ends the run; it is reported (below). On a failure,
+    # the whole text (pytest.fail: an assert's message would be cut to a few lines).
+    if done.returncode != 0:
+        pytest.fail(f"run_all --quick exit {done.returncode}\n--- stdout\n{done.stdout[-6000:]}"
+                    f"\n--- stderr\n{done.stderr[-4000:]}", pytrace=False)
+    pareto = json.loads((tmp_path / "slo_pareto.json").read_text())
+    if pareto["profile"]["rc"] != 0:
+        assert "The latency profile left no model" in (tmp_path / "RESULTS.md").read_text()
     check_summary(json.loads((tmp_path / "summary.json").read_text()))
     check_moe_layer_rows(json.loads((tmp_path / "moe_layer.json").read_text())["rows"])
     for name in ("moe_layer.png", "slo_pareto.png", "frontier.png"):

@@ -13,7 +13,8 @@ from lynx.serving.client import generate_greedy
 from lynx.serving.metrics_reader import metric_sum, samples
 from lynx_policy.testing import ControllerProcess, wait_until
 
-pytestmark = pytest.mark.slow
+# serial: waits of 20-30 s for the runtime's fallback after the controller is killed
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 BUDGET_POLICY = {"name": "budget", "budgets": [{"max_batch": 100000, "all_layers": 2}]}
 
 

@@ -26,7 +26,8 @@ from e2e_control import (
     under_load,
 )
 
-pytestmark = pytest.mark.slow
+# serial: the latency model is profiled and the SLO set from measured latency
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def test_profile_then_load_step_prunes_only_while_needed(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ import pytest
 from lynx_policy.config import MAX_SLO_TARGETS, ConfigError, load_config
 from lynx_policy.testing import ControllerProcess, wait_until
 
+# serial: wall-clock bounds (healthz answered within 1 s under a flood)
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]:

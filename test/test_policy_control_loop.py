@@ -25,6 +25,9 @@ import pytest
 from lynx_policy.testing import ControllerProcess, FakeReplica, LatencySource, free_tcp_port
 from lynx_protocol.messages import Register
 
+# serial: the adaptive loop reads latencies over wall-clock windows against 15-25 s deadlines
+pytestmark = pytest.mark.serial
+
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TIGHTEN_AFTER, RELAX_AFTER = 2, 2
 

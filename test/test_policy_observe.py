@@ -325,6 +325,7 @@ def test_a_registered_metrics_url_is_fetched_only_from_an_allowed_host() -> None
     assert not allowed("http://no-such-host.invalid/metrics", "10.0.0.7")
 
 
+@pytest.mark.serial  # a wall-clock bound (the tick ends within 1.5 s)
 def test_a_tarpit_cannot_hold_a_tick_past_the_deadline() -> None:
     """Twelve endpoints that accept and never answer: all are scraped at once under one
     deadline (sequential scrapes took 12 x the timeout and stalled /healthz)."""

@@ -20,6 +20,9 @@ from lynx_policy.observe import PrometheusObserver, promql_for
 from lynx_policy.quantiles import CumulativeBuckets
 from lynx_policy.testing import LatencySource
 
+# serial: Prometheus scrapes against wall-clock waits
+pytestmark = pytest.mark.serial
+
 P90 = SloTarget(metric="itl", quantile=0.9, target_ms=100.0)
 WINDOW_S = 6
 

@@ -9,9 +9,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from lynx_policy.testing import ControllerProcess
 from lynx_protocol.link import LinkSettings, RuntimeLink
 from lynx_protocol.messages import Register
+
+# serial: a 1 s acknowledgement timeout decides the health it asserts
+pytestmark = pytest.mark.serial
 
 POLICY = {"name": "budget", "budgets": [{"max_batch": 64, "all_layers": 4}]}
 

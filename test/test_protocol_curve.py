@@ -22,6 +22,9 @@ from lynx_protocol.link import LinkSettings, RuntimeLink
 from lynx_protocol.messages import Register
 from lynx_protocol.security import generate_keypair
 
+# serial: ZMQ handshakes pumped against wall-clock deadlines
+pytestmark = pytest.mark.serial
+
 
 def _register(name: str) -> Register:
     return Register(replica_id=name, model="m", num_layers=2, num_experts=8, top_k=2,
