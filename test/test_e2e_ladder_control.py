@@ -45,24 +45,38 @@ def test_a_load_step_moves_the_applied_rung_up_and_back(tmp_path: Path) -> None:
         def step_ms(experts: float) -> float:
             return fit["a_ms"] + fit["b_ms_per_row"] * HIGH + fit["c_ms_per_expert"] * experts
 
-        with under_load(server.url, HIGH, 14):
-            observed_ms = 1000 * itl_quantile_s(bed.prometheus, window_s=12)
         union = expected_union(32, 4, HIGH)
         lowest = rung_experts(ladder.rungs[-1], HIGH, union, ladder.model.num_experts)
         ratio = step_ms(lowest) / step_ms(union)
         assert ratio < 0.97, ratio  # the ladder's lowest rung shortens the step
-        target_ms = 0.98 * observed_ms / 0.9
-        slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
-        ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
-        ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
 
-        with under_load(server.url, HIGH, 2):
-            before = decode_steps(server.url)
-            bed.trace.wait_until("decode steps pruned under the high load",
-                                 lambda: decode_steps(server.url)["true"] > before["true"] + 20,
-                                 timeout_s=90)
-            view = ctl.admin.get("/v1/model").json()
-            cost = ctl.metric("lynx_controller_expected_quality_cost", {"kind": "ppl_rise"})
+        # A second try with a target from a fresh reading when the first one's unpruned steps
+        # met it: this machine's speed drifts by more than the 2% the target sits below (on
+        # 2026-12-08 a reading of 164 ms, then 107-157 ms under the same load, every tick
+        # "none meets the SLO unpruned"). A controller that never prunes fails both tries.
+        for attempt in (1, 2):
+            with under_load(server.url, HIGH, 14):
+                observed_ms = 1000 * itl_quantile_s(bed.prometheus, window_s=12)
+            target_ms = 0.98 * observed_ms / 0.9
+            slo = {"metric": "itl", "quantile": QUANTILE, "target_ms": target_ms}
+            ctl.admin.put("/v1/slo", json={"targets": [slo]}).raise_for_status()
+            ctl.admin.put("/v1/mode", json={"mode": "adaptive"}).raise_for_status()
+            with under_load(server.url, HIGH, 2):
+                pruned_before = decode_steps(server.url)["true"]
+                try:
+                    bed.trace.wait_until(
+                        "decode steps pruned under the high load",
+                        lambda start=pruned_before: decode_steps(server.url)["true"] > start + 20,
+                        timeout_s=90)
+                except AssertionError:
+                    met = "none meets the SLO unpruned" in ctl.admin.get("/v1/model").text
+                    if attempt == 2 or not met:
+                        raise
+                    ctl.admin.put("/v1/mode", json={"mode": "static"}).raise_for_status()
+                    continue
+                view = ctl.admin.get("/v1/model").json()
+                cost = ctl.metric("lynx_controller_expected_quality_cost", {"kind": "ppl_rise"})
+            break
         assert view["planner"] == "model", view["reason"]
         # 32 streams of 16 tokens fill the buckets from 16 rows up (requests come and go); the
         # top one may hold at none when the model says no rung closes its gap at 32 rows
