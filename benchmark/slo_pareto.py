@@ -116,9 +116,11 @@ def run(pair: ServingPair, args: argparse.Namespace) -> dict[str, Any]:
         pair.model_path / "lynx_ladder.json").read_bytes()).raise_for_status()
     usable = [ladder.rungs[i].name for i in usable_rungs(ladder, QualityFloor(min_budget=top_k))]
     prof = profile(pair, top_k, max(top_k, experts // 4), args.quick)
-    if prof["rc"] != 0 and not args.quick:  # adaptive would plan without a latency model
-        raise RuntimeError(f"lynx-policy profile failed (exit {prof['rc']}): see its output above")
-    if prof["rc"] != 0:  # the smoke run goes on: a 2-core machine's noise can leave no model
+    if prof["rc"] != 0:  # adaptive would plan without a latency model
+        if not args.quick:
+            raise RuntimeError(f"lynx-policy profile failed (exit {prof['rc']}): see its output "
+                               "above")
+        # the smoke run goes on: a 2-core machine's noise can leave no model
         print("[slo_pareto] quick: the latency model is NOT ready (see the profile's reason "
               "above); adaptive runs on the controller's reactive rules", flush=True)
     if args.step_load_only:
